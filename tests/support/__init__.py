@@ -1,0 +1,1 @@
+"""Test-only helpers: a throwaway PKI and real aiosmtpd servers on port 0."""

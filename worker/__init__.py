@@ -1,0 +1,1 @@
+"""Postroom: an outbound mail queue."""

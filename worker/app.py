@@ -1,0 +1,76 @@
+"""The Celery application, configured per DESIGN §4.
+
+``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged
+only after its task finished, and a worker that dies mid-task gives the message
+back (attempts are counted in the job record, so a poison message still ends
+in the dead letters). Prefetch 1 so a slow account cannot hoard messages.
+soft < hard time limit < visibility timeout, and retry countdowns are capped
+well below the visibility timeout: kombu's Redis transport redelivers any
+unacknowledged message older than it, ETA or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+
+from worker import settings as settings_module
+from worker.payload import QUEUE, TASK_NAME
+
+settings = settings_module.load_settings()
+broker_url = settings_module.broker_url()
+transport_options = {
+    "visibility_timeout": settings.visibility_timeout,
+    "socket_timeout": 15,
+    "socket_connect_timeout": 10,
+    "retry_on_timeout": True,
+    "health_check_interval": 30,
+}
+
+app = Celery("postroom", include=["worker.tasks"])
+app.conf.update(
+    broker_url=broker_url,
+    broker_transport_options=transport_options,
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,  # job state lives in Postroom's own records (postroom job ID)
+    task_serializer="json",
+    accept_content=["json"],
+    task_default_queue=QUEUE,
+    task_routes={TASK_NAME: {"queue": QUEUE}},
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_acks_on_failure_or_timeout=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.soft_time_limit,
+    task_time_limit=settings.time_limit,
+    task_publish_retry=True,
+    task_publish_retry_policy={
+        "max_retries": 3,
+        "interval_start": 0.2,
+        "interval_step": 0.5,
+        "interval_max": 2,
+    },
+    worker_send_task_events=True,  # Flower works unchanged
+    task_send_sent_event=True,
+    worker_concurrency=settings.worker_concurrency,
+    worker_hijack_root_logger=False,
+    enable_utc=True,
+)
+
+
+@worker_process_init.connect
+def _start_runtime(**_: Any) -> None:
+    """A fresh loop in each pool process, created after the fork."""
+    from worker.runtime import get_runtime
+
+    get_runtime()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop_runtime(**_: Any) -> None:
+    from worker.runtime import shutdown_runtime
+
+    shutdown_runtime()

@@ -1,0 +1,227 @@
+"""The Python producer helper: validate, assign a Message-ID, enqueue, return the job id.
+
+Producers in other languages call ``send_task("postroom.send", kwargs=PAYLOAD,
+queue="postroom")`` directly (see the README); this helper adds the checks a
+producer wants *before* anything is enqueued: the payload is valid, the
+account exists and its record is sound, the idempotency key is new.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+
+from worker.errors import ConfigurationError, PostroomError
+from worker.jobs import Job, JobStore, new_job_id
+from worker.message import make_message_id
+from worker.payload import QUEUE, TASK_NAME, SendPayload
+from worker.records import Records
+from worker.settings import broker_url, redis_url
+
+
+class PayloadError(PostroomError, ValueError):
+    """The payload was refused at enqueue; nothing was enqueued."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid payload: " + "; ".join(problems))
+
+
+class EnqueueError(PostroomError):
+    """The broker could not take the job; nothing was enqueued (safe to retry)."""
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        where = "".join(
+            f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(item["loc"])
+        )
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{where or 'payload'}: {message}")
+    return problems
+
+
+class Producer:
+    """Enqueues jobs; one per application is enough (it holds a broker connection pool)."""
+
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        records: Records | None = None,
+        app: Celery | None = None,
+    ) -> None:
+        self.broker = broker or broker_url()
+        self._records = records
+        if app is None:
+            app = Celery("postroom-producer", broker=self.broker, set_as_current=False)
+            app.conf.update(
+                task_serializer="json",
+                broker_connection_retry_on_startup=True,
+                task_publish_retry=True,
+                task_publish_retry_policy={
+                    "max_retries": 3,
+                    "interval_start": 0.2,
+                    "interval_step": 0.5,
+                    "interval_max": 2,
+                },
+                broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 10},
+            )
+        self.app = app
+        self.store = JobStore.from_url(redis_url(self.broker))
+
+    def records(self) -> Records:
+        return self._records or Records.load()
+
+    def validate(self, payload: SendPayload | Mapping[str, Any]) -> SendPayload:
+        """The payload as it will be enqueued, or PayloadError with every reason."""
+        try:
+            model = payload if isinstance(payload, SendPayload) else SendPayload.model_validate(dict(payload))
+        except ValidationError as exc:
+            raise PayloadError(describe_validation_error(exc)) from None
+        try:
+            account = self.records().account(model.account)
+        except ConfigurationError as exc:
+            raise PayloadError([f"account: {exc}"]) from None
+        limit = account.limits.max_recipients_per_message
+        count = len(model.to) + len(model.cc) + len(model.bcc)
+        if limit and count > limit:
+            raise PayloadError([f"recipients: {count} recipients, over {account.name}'s limit of {limit}"])
+        return model.model_copy(
+            update={
+                "message_id": model.message_id or make_message_id(account.from_address),
+                "enqueued_at": model.enqueued_at or time.time(),
+            }
+        )
+
+    def enqueue(self, payload: SendPayload | Mapping[str, Any]) -> str:
+        """Validate and enqueue; returns the job id (an existing one for a reused idempotency key)."""
+        model = self.validate(payload)
+        job_id = new_job_id()
+        kwargs = model.to_task_kwargs()
+        try:
+            if model.idempotency_key:
+                owner = self.store.claim_idempotency_key(model.account, model.idempotency_key, job_id)
+                if owner is not None:
+                    return owner
+            self.store.create(job_id, kwargs)
+            self.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
+        except Exception as exc:
+            self._undo(model, job_id)
+            raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
+        return job_id
+
+    def _undo(self, model: SendPayload, job_id: str) -> None:
+        try:
+            self.store.delete(job_id)
+            if model.idempotency_key:
+                self.store.release_idempotency_key(model.account, model.idempotency_key, job_id)
+        except Exception:  # noqa: S110 - the broker is down; the original error is what matters
+            pass
+
+    def job(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    def wait(self, job_id: str, timeout: float, *, poll: float = 0.1) -> Job | None:
+        """Wait until the job is sent, dead or suppressed (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        job = self.store.get(job_id)
+        while time.monotonic() < deadline:
+            job = self.store.get(job_id)
+            if job is not None and job.state in ("sent", "dead", "suppressed"):
+                return job
+            time.sleep(poll)
+        return job
+
+    def send_notification(
+        self,
+        account: str,
+        to: Sequence[str] = (),
+        subject: str = "",
+        text: str | None = None,
+        html: str | None = None,
+        *,
+        cc: Sequence[str] = (),
+        bcc: Sequence[str] = (),
+        attachments: Iterable[Mapping[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        return self.enqueue(
+            {
+                "account": account,
+                "kind": "notification",
+                "to": list(to),
+                "cc": list(cc),
+                "bcc": list(bcc),
+                "subject": subject,
+                "text": text,
+                "html": html,
+                "attachments": [dict(a) for a in attachments],
+                "headers": dict(headers or {}),
+                "idempotency_key": idempotency_key,
+                "message_id": message_id,
+            }
+        )
+
+    def send_auto_reply(
+        self,
+        account: str,
+        original: Mapping[str, Any],
+        text: str | None = None,
+        html: str | None = None,
+        *,
+        subject: str = "",
+        to: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        return self.enqueue(
+            {
+                "account": account,
+                "kind": "auto-reply",
+                "original": dict(original),
+                "to": list(to),
+                "subject": subject,
+                "text": text,
+                "html": html,
+                "headers": dict(headers or {}),
+                "idempotency_key": idempotency_key,
+            }
+        )
+
+
+def _safe_url(url: str) -> str:
+    """The broker URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+_default: Producer | None = None
+
+
+def default_producer() -> Producer:
+    global _default
+    if _default is None:
+        _default = Producer()
+    return _default
+
+
+def send_notification(
+    account: str, to: Sequence[str] = (), subject: str = "", text: str | None = None, **kwargs: Any
+) -> str:
+    """Enqueue a notification on the default broker; returns the job id."""
+    return default_producer().send_notification(account, to, subject, text, **kwargs)
+
+
+def send_auto_reply(account: str, original: Mapping[str, Any], text: str | None = None, **kwargs: Any) -> str:
+    """Enqueue an auto-reply to ``original`` on the default broker; returns the job id."""
+    return default_producer().send_auto_reply(account, original, text, **kwargs)

@@ -1,0 +1,24 @@
+"""``postroom test-connectivity``: connect, secure, log in, NOOP, QUIT — never send."""
+
+from __future__ import annotations
+
+from worker.errors import ConfigurationError
+from worker.records import Records
+from worker.transports import ConnectivityReport, build_transport
+
+
+async def check_connectivity(records: Records, name: str) -> ConnectivityReport:
+    """Check one account; configuration problems are reported, not raised."""
+    try:
+        account = records.account(name)
+    except ConfigurationError as exc:
+        return ConnectivityReport(name, ok=False, result="configuration", error=str(exc))
+    label = account.smtp.security_label if account.smtp else "Graph"
+    try:
+        transport = build_transport(account, records)
+    except ConfigurationError as exc:
+        return ConnectivityReport(name, ok=False, result=label, error=str(exc))
+    try:
+        return await transport.check()
+    finally:
+        await transport.aclose()

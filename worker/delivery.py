@@ -1,0 +1,241 @@
+"""The one delivery pipeline: resolve account → build MIME → send → classify → record.
+
+Runs in the Celery task's thread; only the network part runs on the process
+loop (``Runtime.run``), so Redis round-trips never block other tasks' I/O.
+
+Duplicate suppression (DESIGN §4): before talking to a server the attempt
+claims the Message-ID; recipients the server accepted are written to
+``delivered:<message_id>`` right after its 250, and every later attempt (a
+retry, a redelivery after a crash, a retried dead letter) sends only to the
+recipients not in there. The one remaining window is a crash between the
+server's 250 and that write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from worker import autoreply
+from worker.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    DeliveryError,
+    PermanentError,
+    RecipientStatus,
+    TransientError,
+)
+from worker.jobs import JobStore
+from worker.message import Attachment, MessageSpec, build_message
+from worker.payload import SendPayload
+from worker.runtime import Runtime
+from worker.settings import Settings
+from worker.transports import OutgoingMessage
+
+log = logging.getLogger("postroom.delivery")
+
+State = Literal["sent", "suppressed", "retry", "dead"]
+
+
+@dataclass
+class Outcome:
+    state: State
+    reason: str | None = None
+    retry_after: float | None = None
+    recipients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transport: str | None = None
+    security: str | None = None
+    code: int | None = None
+
+
+def stable_message_id(job_id: str, from_address: str) -> str:
+    """A Message-ID derived from the job id, for producers that did not send one."""
+    domain = from_address.rsplit("@", 1)[-1]
+    return f"<{job_id}@{domain}>"
+
+
+class Delivery:
+    def __init__(self, store: JobStore, runtime: Runtime, settings: Settings) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.settings = settings
+
+    def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
+        started = time.monotonic()
+        outcome = self._run(job_id, payload, attempt)
+        log.info(
+            "delivery job=%s account=%s attempt=%d transport=%s security=%s outcome=%s code=%s "
+            "duration_ms=%d%s",
+            job_id,
+            payload.account,
+            attempt,
+            outcome.transport or "-",
+            outcome.security or "-",
+            outcome.state,
+            outcome.code if outcome.code is not None else "-",
+            round((time.monotonic() - started) * 1000),
+            f" reason={outcome.reason!r}" if outcome.reason else "",
+        )
+        return outcome
+
+    def _run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
+        try:
+            records = self.runtime.records()
+            if payload.account not in records.account_names:
+                records = self.runtime.records(fresh=True)  # a record added a moment ago
+            account = records.account(payload.account)
+        except ConfigurationError as exc:
+            return Outcome("dead", reason=f"configuration: {exc}")
+
+        headers = dict(payload.headers)
+        to, cc, bcc, subject = list(payload.to), list(payload.cc), list(payload.bcc), payload.subject
+        reply_to_sender: str | None = None
+        if payload.kind == "auto-reply":
+            assert payload.original is not None
+            reason = autoreply.suppression_reason(payload.original)
+            if reason:
+                return Outcome("suppressed", reason=reason)
+            reply_to_sender = autoreply.reply_recipient(payload)
+            to, cc, bcc = [reply_to_sender], [], []
+            subject = autoreply.reply_subject(payload)
+            headers.update(autoreply.threading_headers(payload.original))
+            owner = self.store.claim_auto_reply(
+                account.name, reply_to_sender, self.settings.auto_reply_window, job_id
+            )
+            if owner is not None:
+                return Outcome(
+                    "suppressed",
+                    reason=f"{account.name} already auto-replied to {reply_to_sender} within the window",
+                )
+
+        message_id = payload.message_id or stable_message_id(job_id, account.from_address)
+        try:
+            built = build_message(
+                MessageSpec(
+                    from_address=account.from_address,
+                    display_name=account.display_name,
+                    reply_to=account.reply_to,
+                    to=to,
+                    cc=cc,
+                    bcc=bcc,
+                    subject=subject,
+                    text=payload.text,
+                    html=payload.html,
+                    attachments=[
+                        Attachment(a.filename, a.content_type, a.content()) for a in payload.attachments
+                    ],
+                    headers=headers,
+                    message_id=message_id,
+                    date=payload.enqueued_at,
+                )
+            )
+        except ValueError as exc:
+            return self._give_up(account.name, reply_to_sender, job_id, f"invalid message: {exc}")
+
+        already = self.store.delivered(message_id)
+        remaining = tuple(r for r in built.recipients if r not in already)
+        if not remaining:
+            return Outcome("sent", reason="already delivered (duplicate suppressed)", recipients=already)
+
+        token = f"{job_id}:{attempt}:{time.time()}"
+        claim_ttl = self.settings.time_limit + 60
+        if not self.store.claim_send(message_id, token, claim_ttl):
+            return Outcome(
+                "retry",
+                reason="another attempt is delivering this Message-ID right now",
+                retry_after=min(claim_ttl, self.settings.retry.max_delay),
+                recipients=already,
+            )
+        try:
+            return self._send(
+                job_id,
+                account.name,
+                account.smtp.envelope_from if account.smtp else None,
+                account.from_address,
+                message_id,
+                remaining,
+                built.data,
+                already,
+                reply_to_sender,
+            )
+        finally:
+            self.store.release_send(message_id, token)
+
+    def _send(
+        self,
+        job_id: str,
+        account_name: str,
+        envelope_from: str | None,
+        from_address: str,
+        message_id: str,
+        remaining: tuple[str, ...],
+        data: bytes,
+        already: dict[str, dict[str, Any]],
+        reply_to_sender: str | None,
+    ) -> Outcome:
+        records = self.runtime.records()
+        try:
+            account = records.account(account_name)
+            transport = self.runtime.transport(account)
+        except ConfigurationError as exc:
+            return self._give_up(account_name, reply_to_sender, job_id, f"configuration: {exc}")
+        outgoing = OutgoingMessage(message_id, envelope_from or from_address, remaining, data)
+        try:
+            result = self.runtime.run(transport.send(outgoing), timeout=self.settings.soft_time_limit)
+        except DeliveryError as exc:
+            recipients = {**already, **{a: r.as_dict() for a, r in exc.recipients.items()}}
+            for rcpt in remaining:
+                recipients.setdefault(
+                    rcpt,
+                    RecipientStatus(
+                        "deferred" if exc.transient else "failed", exc.code, exc.server_text or exc.reason
+                    ).as_dict(),
+                )
+            common = {
+                "recipients": recipients,
+                "transport": exc.transport or transport.name,
+                "code": exc.code,
+            }
+            if isinstance(exc, TransientError):
+                return Outcome("retry", reason=str(exc), retry_after=exc.retry_after, **common)  # type: ignore[arg-type]
+            if isinstance(exc, AuthenticationFailed):
+                self.store.redis.set(f"postroom:account-flag:{account_name}", str(exc))
+            assert isinstance(exc, PermanentError)
+            self._release_window(account_name, reply_to_sender, job_id)
+            return Outcome("dead", reason=str(exc), **common)  # type: ignore[arg-type]
+        except ConfigurationError as exc:
+            return self._give_up(account_name, reply_to_sender, job_id, f"configuration: {exc}")
+        except TimeoutError:
+            return Outcome("retry", reason="delivery timed out", transport=transport.name)
+
+        accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
+        self.store.mark_delivered(message_id, accepted)  # right after the 250: the duplicate guard
+        recipients = {**already, **{a: r.as_dict() for a, r in result.recipients.items()}}
+        common = {"recipients": recipients, "transport": result.transport, "security": result.security}
+        if result.deferred:
+            first = result.recipients[result.deferred[0]]
+            return Outcome(
+                "retry",
+                reason=f"{len(result.deferred)} recipient(s) deferred: {first.code} {first.message}",
+                code=first.code,
+                **common,  # type: ignore[arg-type]
+            )
+        if result.failed:
+            first = result.recipients[result.failed[0]]
+            return Outcome(
+                "sent",
+                reason=f"{len(result.failed)} recipient(s) refused: {first.code} {first.message}",
+                code=first.code,
+                **common,  # type: ignore[arg-type]
+            )
+        return Outcome("sent", code=250, **common)  # type: ignore[arg-type]
+
+    def _give_up(self, account: str, reply_to_sender: str | None, job_id: str, reason: str) -> Outcome:
+        self._release_window(account, reply_to_sender, job_id)
+        return Outcome("dead", reason=reason)
+
+    def _release_window(self, account: str, reply_to_sender: str | None, job_id: str) -> None:
+        if reply_to_sender is not None:
+            self.store.release_auto_reply(account, reply_to_sender, job_id)

@@ -1,0 +1,98 @@
+"""Provider presets: what a user would otherwise look up in a help page.
+
+Explicit record fields always win over a preset; the provider itself is
+inferred from the address's domain when the record does not name one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Provider = Literal["gmail", "office365", "outlook", "yahoo", "icloud", "zoho", "other"]
+PROVIDERS: tuple[Provider, ...] = (
+    "gmail",
+    "office365",
+    "outlook",
+    "yahoo",
+    "icloud",
+    "zoho",
+    "other",
+)
+Protocol = Literal["none", "starttls", "smtps"]
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    rate: str | None = None  # "30/minute"
+    max_connections: int = 4
+    daily_recipients: int | None = None
+    max_recipients_per_message: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    host: str | None
+    port: int
+    protocol: Protocol
+    limits: ProviderLimits
+
+
+PRESETS: dict[Provider, Preset] = {
+    "gmail": Preset(
+        "smtp.gmail.com",
+        587,
+        "starttls",
+        ProviderLimits(max_connections=3, daily_recipients=2000, max_recipients_per_message=100),
+    ),
+    # Exchange Online SMTP AUTH: 30 msgs/min, 10,000 recipients/day, 3 connections (DESIGN §5)
+    "office365": Preset(
+        "smtp.office365.com",
+        587,
+        "starttls",
+        ProviderLimits(rate="30/minute", max_connections=3, daily_recipients=10000),
+    ),
+    "outlook": Preset(
+        "smtp-mail.outlook.com",
+        587,
+        "starttls",
+        ProviderLimits(rate="30/minute", max_connections=3, daily_recipients=300),
+    ),
+    "yahoo": Preset("smtp.mail.yahoo.com", 465, "smtps", ProviderLimits(max_connections=3)),
+    "icloud": Preset("smtp.mail.me.com", 587, "starttls", ProviderLimits(max_connections=3)),
+    "zoho": Preset("smtp.zoho.com", 465, "smtps", ProviderLimits(max_connections=3)),
+    "other": Preset(None, 587, "starttls", ProviderLimits()),
+}
+
+_DOMAINS: dict[str, Provider] = {
+    "gmail.com": "gmail",
+    "googlemail.com": "gmail",
+    "outlook.com": "outlook",
+    "hotmail.com": "outlook",
+    "live.com": "outlook",
+    "msn.com": "outlook",
+    "yahoo.com": "yahoo",
+    "ymail.com": "yahoo",
+    "rocketmail.com": "yahoo",
+    "icloud.com": "icloud",
+    "me.com": "icloud",
+    "mac.com": "icloud",
+    "zoho.com": "zoho",
+    "zohomail.com": "zoho",
+}
+
+DEFAULT_PORTS: dict[Protocol, int] = {"none": 25, "starttls": 587, "smtps": 465}
+
+
+def infer_provider(address: str | None) -> Provider:
+    """gmail.com → gmail, outlook.com/hotmail.com → outlook, …; anything else → other."""
+    if not address or "@" not in address:
+        return "other"
+    domain = address.rsplit("@", 1)[1].lower()
+    if domain in _DOMAINS:
+        return _DOMAINS[domain]
+    # regional variants: yahoo.co.uk, hotmail.fr, outlook.de, …
+    label = domain.split(".", 1)[0]
+    return {"yahoo": "yahoo", "hotmail": "outlook", "outlook": "outlook", "live": "outlook"}.get(
+        label, "other"
+    )  # type: ignore[return-value]

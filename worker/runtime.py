@@ -1,0 +1,146 @@
+"""One asyncio loop per worker process, and the per-account transports living on it.
+
+Celery task bodies are synchronous and may run on several threads of one
+process at once. The loop runs in its own daemon thread, created lazily in the
+process that uses it (so after the prefork pool forks: a loop never crosses a
+fork), and tasks hand it coroutines with ``run_coroutine_threadsafe``. The
+account pools are bound to that loop and shared by every task of the process;
+``asyncio.run()`` per task would throw the pools away each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from worker.accounts import EmailAccount
+from worker.records import Records
+from worker.transports import Transport, build_transport
+
+T = TypeVar("T")
+RECORDS_RECHECK_SECONDS = 2.0
+
+
+class Runtime:
+    """The process's event loop thread, record cache and transports."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="postroom-loop", daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._records: Records | None = None
+        self._records_stamp: tuple[tuple[str, float], ...] = ()
+        self._records_checked = 0.0
+        self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the process loop from a task thread and wait for it."""
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    # ---- records: re-read only when a file changed ---------------------------------
+
+    def _stamp(self, records: Records) -> tuple[tuple[str, float], ...]:
+        paths = []
+        for folder in (
+            records.accounts_dir,
+            records.config_dir / "auth-profiles",
+            records.config_dir / "keystores",
+        ):
+            if folder.is_dir():
+                paths += [p for p in folder.iterdir() if p.suffix in (".yaml", ".yml")]
+        stamp = []
+        for path in sorted(paths):
+            try:
+                stamp.append((str(path), path.stat().st_mtime))
+            except OSError:
+                continue
+        return tuple(stamp)
+
+    def records(self, *, fresh: bool = False) -> Records:
+        """The cached records, re-read when a file changed (checked every few seconds,
+        or now with ``fresh``, used when a job names an account the cache lacks)."""
+        with self._lock:
+            now = time.monotonic()
+            recent = now - self._records_checked < RECORDS_RECHECK_SECONDS
+            if self._records is not None and recent and not fresh:
+                return self._records
+            self._records_checked = now
+            if self._records is None:
+                self._records = Records.load()
+                self._records_stamp = self._stamp(self._records)
+                return self._records
+            stamp = self._stamp(self._records)
+            if stamp != self._records_stamp:
+                self._records = Records.load()
+                self._records_stamp = self._stamp(self._records)
+            return self._records
+
+    def transport(self, account: EmailAccount) -> Transport:
+        """The pooled transport for ``account``; replaced when its record changed."""
+        with self._lock:
+            cached = self._transports.get(account.name)
+            if cached is not None and cached[0] == account:
+                return cached[1]
+            records = self._records or Records.load()
+            transport = build_transport(account, records)
+            self._transports[account.name] = (account, transport)
+        if cached is not None:
+            self.submit(cached[1].aclose())
+        return transport
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            transports = [t for _, t in self._transports.values()]
+            self._transports.clear()
+
+        async def close_all() -> None:
+            await asyncio.gather(*(t.aclose() for t in transports), return_exceptions=True)
+
+        if self.loop.is_running():
+            with contextlib.suppress(TimeoutError):
+                self.run(close_all(), timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created on first use (and anew in a forked child)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = Runtime()
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None and runtime.pid == os.getpid():
+        runtime.close()

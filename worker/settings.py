@@ -1,0 +1,166 @@
+"""Where records live, and the small typed settings every process reads.
+
+``config/settings.yaml`` holds the defaults an operator edits; each value can
+be overridden by environment (``POSTROOM_RETRY_BASE_DELAY=5``). The broker URL
+comes from ``POSTROOM_BROKER_URL``; without it, the embedded broker that
+``postroom up`` started (its URL is kept in ``var/broker-url``) or a local
+Redis on 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import yaml
+
+from worker.errors import ConfigurationError
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+def accounts_dir() -> Path:
+    return Path(os.environ.get("POSTROOM_ACCOUNTS_DIR", "accounts"))
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("POSTROOM_CONFIG_DIR", "config"))
+
+
+def var_dir() -> Path:
+    """Runtime state of ``postroom up`` (embedded Redis data, dev mail)."""
+    return Path(os.environ.get("POSTROOM_VAR_DIR", "var"))
+
+
+def broker_url() -> str:
+    url = os.environ.get("POSTROOM_BROKER_URL")
+    if url:
+        return url
+    marker = var_dir() / "broker-url"
+    if marker.is_file():
+        embedded = marker.read_text().strip()
+        socket_path = urlparse(embedded).path
+        if embedded and (not socket_path or Path(socket_path).exists()):
+            return embedded
+    return DEFAULT_BROKER_URL
+
+
+def redis_url(broker: str) -> str:
+    """The redis-py URL for a kombu broker URL (``redis+socket://`` → ``unix://``)."""
+    parsed = urlparse(broker)
+    if parsed.scheme == "redis+socket":
+        query = parse_qs(parsed.query)
+        db = query.get("virtual_host", query.get("db", ["0"]))[0]
+        return f"unix://{parsed.path}?db={db}"
+    return broker
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_delay: float = 10.0
+    max_delay: float = 900.0
+    max_age: float = 86400.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Exponential backoff with jitter after ``attempt`` failed attempts.
+
+        The server's Retry-After wins when it asks for longer (capped by max_delay).
+        """
+        ceiling = min(self.max_delay, self.base_delay * (2 ** max(attempt - 1, 0)))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_delay))
+        return delay
+
+
+@dataclass(frozen=True)
+class Settings:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    auto_reply_window: float = 7 * 86400.0  # RFC 3834: not more than once per sender in days
+    job_ttl: float = 14 * 86400.0  # how long job records are kept after the last change
+    dead_letter_ttl: float = 30 * 86400.0
+    visibility_timeout: float = 3600.0  # kombu redelivers unacked messages older than this
+    soft_time_limit: float = 300.0
+    time_limit: float = 360.0
+    worker_concurrency: int = 4
+
+    def check(self) -> None:
+        """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
+        if not self.soft_time_limit < self.time_limit < self.visibility_timeout:
+            raise ConfigurationError(
+                "settings: need soft_time_limit < time_limit < visibility_timeout, got "
+                f"{self.soft_time_limit} / {self.time_limit} / {self.visibility_timeout}"
+            )
+        if self.retry.max_delay > self.visibility_timeout / 2:
+            raise ConfigurationError(
+                f"settings: retry.max_delay ({self.retry.max_delay}) must stay below half the "
+                f"visibility_timeout ({self.visibility_timeout}): kombu would redeliver the ETA message"
+            )
+        if self.retry.max_attempts < 1:
+            raise ConfigurationError("settings: retry.max_attempts must be at least 1")
+
+
+_ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
+    "POSTROOM_RETRY_MAX_ATTEMPTS": ("max_attempts", "retry"),
+    "POSTROOM_RETRY_BASE_DELAY": ("base_delay", "retry"),
+    "POSTROOM_RETRY_MAX_DELAY": ("max_delay", "retry"),
+    "POSTROOM_RETRY_MAX_AGE": ("max_age", "retry"),
+    "POSTROOM_AUTO_REPLY_WINDOW": ("auto_reply_window", None),
+    "POSTROOM_JOB_TTL": ("job_ttl", None),
+    "POSTROOM_VISIBILITY_TIMEOUT": ("visibility_timeout", None),
+    "POSTROOM_SOFT_TIME_LIMIT": ("soft_time_limit", None),
+    "POSTROOM_TIME_LIMIT": ("time_limit", None),
+    "POSTROOM_WORKER_CONCURRENCY": ("worker_concurrency", None),
+}
+
+
+def _number(name: str, value: Any, integer: bool) -> float | int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name}: expected a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigurationError(f"{name}: must not be negative")
+    return int(number) if integer else number
+
+
+def load_settings() -> Settings:
+    path = config_dir() / "settings.yaml"
+    data: dict[str, Any] = {}
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigurationError(f"{path}: must be a mapping")
+        data = loaded
+    retry_data = data.get("retry") or {}
+    retry_fields = {"max_attempts", "base_delay", "max_delay", "max_age"}
+    unknown = set(retry_data) - retry_fields
+    if unknown:
+        raise ConfigurationError(f"{path}: retry: unknown keys {sorted(unknown)}")
+    retry = RetryPolicy(
+        **{k: _number(f"{path}: retry.{k}", v, k == "max_attempts") for k, v in retry_data.items()}  # type: ignore[arg-type]
+    )
+    top = {k: v for k, v in data.items() if k != "retry"}
+    settings_fields = set(Settings.__dataclass_fields__) - {"retry"}
+    unknown = set(top) - settings_fields
+    if unknown:
+        raise ConfigurationError(f"{path}: unknown keys {sorted(unknown)}")
+    settings = Settings(
+        retry=retry,
+        **{k: _number(f"{path}: {k}", v, k == "worker_concurrency") for k, v in top.items()},  # type: ignore[arg-type]
+    )
+    for env, (name, group) in _ENV_NUMBERS.items():
+        if env in os.environ:
+            value = _number(env, os.environ[env], name in ("max_attempts", "worker_concurrency"))
+            if group == "retry":
+                retry = replace(settings.retry, **{name: value})  # type: ignore[arg-type]
+                settings = replace(settings, retry=retry)
+            else:
+                settings = replace(settings, **{name: value})  # type: ignore[arg-type]
+    settings.check()
+    return settings

@@ -1,0 +1,131 @@
+"""``postroom up``: the whole service on one machine, in the foreground.
+
+Starts the broker (the embedded Redis unless ``POSTROOM_BROKER_URL`` is set),
+the development mail catcher (when an account points at it), one Celery worker
+and exactly one beat, each in its own session so that a Ctrl-C reaches only
+this supervisor. It then stops them in order: worker first (a warm shutdown
+that finishes running tasks and hands unacknowledged messages back), then beat
+and the catcher, and the broker last (Redis flushes its AOF on SIGTERM), so
+nothing that was enqueued is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from worker.devsmtp import DEFAULT_PORT
+from worker.embedded import EmbeddedRedis
+from worker.records import Records
+from worker.settings import load_settings, var_dir
+
+
+def _say(text: str) -> None:
+    print(f"postroom up: {text}", flush=True)
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _wants_catcher(records: Records) -> bool:
+    return any(
+        a.smtp is not None and a.smtp.host in ("127.0.0.1", "localhost") and a.smtp.port == DEFAULT_PORT
+        for a in records.accounts.values()
+    )
+
+
+def run_up(*, concurrency: int | None = None, dev_smtp: bool = True) -> int:
+    settings = load_settings()
+    var = var_dir()
+    var.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    embedded: EmbeddedRedis | None = None
+    marker = var / "broker-url"
+    if not env.get("POSTROOM_BROKER_URL"):
+        embedded = EmbeddedRedis(var)
+        embedded.start()
+        env["POSTROOM_BROKER_URL"] = embedded.url
+        marker.write_text(embedded.url + "\n")
+        _say(f"embedded Redis on {embedded.socket_path} (data in {embedded.data_dir}, AOF on)")
+    else:
+        _say("broker from POSTROOM_BROKER_URL")
+
+    children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, args: list[str]) -> None:
+        children[name] = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: S603
+
+    try:
+        if dev_smtp and _wants_catcher(Records.load()):
+            if _port_in_use("127.0.0.1", DEFAULT_PORT):
+                _say(f"something already listens on 127.0.0.1:{DEFAULT_PORT}; not starting dev-smtp")
+            else:
+                start("dev-smtp", [sys.executable, "-m", "worker.cli", "dev-smtp"])
+        celery = [sys.executable, "-m", "celery", "-A", "worker.app"]
+        start(
+            "worker",
+            [*celery, "worker", "-Q", "postroom", "-l", "INFO", "-n", "postroom@%h",
+             "-c", str(concurrency or settings.worker_concurrency)],
+        )  # fmt: skip
+        start("beat", [*celery, "beat", "-l", "INFO", "-s", str(Path(var, "celerybeat-schedule"))])
+        _say(
+            "ready. Try: postroom send --account dev --to you@example.com --subject Hello "
+            "--text 'It works' --wait 15"
+        )
+        failed = None
+        while not stopping:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    failed = f"{name} exited with {proc.returncode}"
+                    stopping = True
+                    break
+            time.sleep(0.2)
+        if failed:
+            _say(f"{failed}; stopping")
+        return _stop(children, embedded, marker, settings.time_limit, failed)
+    except BaseException:
+        _stop(children, embedded, marker, settings.time_limit, "error")
+        raise
+
+
+def _stop(
+    children: dict[str, subprocess.Popen[bytes]],
+    embedded: EmbeddedRedis | None,
+    marker: Path,
+    worker_grace: float,
+    failed: str | None,
+) -> int:
+    _say("stopping (worker first, broker last)")
+    for name in ("worker", "beat", "dev-smtp"):
+        proc = children.get(name)
+        if proc is None or proc.poll() is not None:
+            continue
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(worker_grace + 5 if name == "worker" else 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if embedded is not None:
+        embedded.stop()
+        marker.unlink(missing_ok=True)
+    _say("stopped")
+    return 1 if failed else 0

@@ -1,0 +1,92 @@
+"""The one interface every delivery transport implements.
+
+The delivery pipeline only ever talks to a :class:`Transport`; SMTP and Graph
+differ behind it. Transports raise only :mod:`worker.errors` delivery errors
+(library exceptions are translated at this boundary).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.errors import RecipientStatus
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A rendered message and its envelope."""
+
+    message_id: str
+    sender: str  # envelope sender (MAIL FROM)
+    recipients: tuple[str, ...]  # envelope recipients: to + cc + bcc
+    data: bytes  # the RFC 5322 message, CRLF line endings
+
+    def __repr__(self) -> str:
+        return (
+            f"OutgoingMessage(message_id={self.message_id!r}, sender={self.sender!r}, "
+            f"recipients={len(self.recipients)}, size={len(self.data)})"
+        )
+
+
+@dataclass
+class SendResult:
+    """Per-recipient outcome of one delivery attempt that reached the server."""
+
+    transport: str
+    security: str  # e.g. "STARTTLS TLSv1.3", "SMTPS TLSv1.3", "none"
+    recipients: dict[str, RecipientStatus] = field(default_factory=dict)
+
+    def by_status(self, status: str) -> list[str]:
+        return [addr for addr, r in self.recipients.items() if r.status == status]
+
+    @property
+    def accepted(self) -> list[str]:
+        return self.by_status("sent")
+
+    @property
+    def deferred(self) -> list[str]:
+        return self.by_status("deferred")
+
+    @property
+    def failed(self) -> list[str]:
+        return self.by_status("failed")
+
+
+@dataclass
+class ConnectivityReport:
+    """What ``postroom test-connectivity`` prints and the health check stores."""
+
+    account: str
+    ok: bool
+    result: str  # the DESIGN §6 line, e.g. "SMTP (Connect using STARTTLS)"
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    checked_at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "account": self.account,
+            "ok": self.ok,
+            "result": self.result,
+            "checked_at": self.checked_at,
+            "detail": self.detail,
+            "error": self.error,
+        }
+
+
+class Transport(Protocol):
+    name: str
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        """Deliver once; raise a DeliveryError when no recipient was accepted."""
+        ...
+
+    async def check(self) -> ConnectivityReport:
+        """Connect and authenticate without sending anything."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close every connection this transport holds."""
+        ...

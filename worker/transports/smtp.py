@@ -1,0 +1,651 @@
+"""SMTP delivery on aiosmtplib: one connection class, one per-account pool.
+
+:class:`SmtpConnection` owns one TCP connection and enforces the account's
+security rules while opening it (STARTTLS required when ``secure``, minimum
+TLS version, verified certificate, chosen AUTH mechanism). :class:`SmtpTransport`
+is the per-account pool that the delivery pipeline uses: bounded, reusing
+connections, checking idle ones with NOOP, retiring them by age and message
+count, and retrying a message once on a fresh connection when a reused one was
+dropped or answered 421 before anything was accepted.
+
+aiosmtplib exceptions never leave this module: they are translated into
+:mod:`worker.errors` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPConnectResponseError,
+    SMTPDataError,
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from worker.accounts import EmailAccount, SmtpEndpoint
+from worker.errors import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    DeliveryError,
+    PermanentError,
+    RecipientStatus,
+    SecurityPolicyError,
+    ServerBusy,
+    TransientError,
+    classify_smtp_reply,
+)
+from worker.tls import client_context, describe_handshake_error, version_at_least
+from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
+
+log = logging.getLogger("postroom.smtp")
+
+TokenProvider = Callable[[bool], Awaitable[str]]  # (force_refresh) -> access token
+
+_CLOSE_WAIT = 2.0  # seconds to wait for a closed connection's socket to go away
+_PROTOCOL_NAMES = {"none": "none", "starttls": "STARTTLS", "smtps": "SMTPS"}
+_ehlo_name_cache: str | None = None
+
+
+def default_ehlo_name() -> str:
+    """This host's FQDN, or an address literal when it has none (RFC 5321 §4.1.4)."""
+    global _ehlo_name_cache
+    if _ehlo_name_cache is None:
+        name = socket.gethostname()
+        _ehlo_name_cache = name if "." in name else "[127.0.0.1]"
+    return _ehlo_name_cache
+
+
+class _RetryOnFresh(Exception):
+    """The connection failed before the server accepted anything: try a new one."""
+
+    def __init__(self, error: DeliveryError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@dataclass
+class SmtpConnection:
+    """One authenticated SMTP connection. Not shared between concurrent sends."""
+
+    account: str
+    endpoint: SmtpEndpoint
+    client: aiosmtplib.SMTP
+    created_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    messages: int = 0
+    tls_version: str | None = None
+    cipher: str | None = None
+    peer_certificate: dict[str, Any] | None = None
+    auth_mechanism: str | None = None
+    offered_mechanisms: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = ()
+    protocol: Any = None  # aiosmtplib's protocol: outlives client.close() so closing can be awaited
+
+    @property
+    def security(self) -> str:
+        name = _PROTOCOL_NAMES[self.endpoint.protocol]
+        return f"{name} {self.tls_version}" if self.tls_version else name
+
+    @property
+    def usable(self) -> bool:
+        return self.client.is_connected
+
+    # ---- opening ---------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        account: str,
+        endpoint: SmtpEndpoint,
+        *,
+        cadata: str | None,
+        token_provider: TokenProvider | None = None,
+    ) -> SmtpConnection:
+        """Connect, secure, authenticate. Raises a DeliveryError; nothing is ever sent here."""
+        ep = endpoint
+        context = None
+        if ep.protocol != "none":
+            context = client_context(
+                cadata=cadata,
+                min_version=ep.min_tls_version,
+                max_version=ep.max_tls_version,
+                check_hostname=ep.check_hostname,
+            )
+        client = aiosmtplib.SMTP(
+            hostname=ep.host,
+            port=ep.port,
+            use_tls=ep.protocol == "smtps",
+            start_tls=False,
+            tls_context=context,
+            local_hostname=ep.ehlo_name or default_ehlo_name(),
+            timeout=ep.connect_timeout,
+        )
+        conn = cls(account, ep, client)
+        try:
+            await conn._connect()
+            await conn._secure(context)
+            await conn._authenticate(token_provider)
+        except BaseException:
+            await conn.close(polite=False)
+            raise
+        return conn
+
+    def _error(self, error: DeliveryError) -> DeliveryError:
+        return error.with_context(account=self.account, transport="smtp")
+
+    async def _connect(self) -> None:
+        ep = self.endpoint
+        where = f"{ep.host}:{ep.port}"
+        try:
+            await self.client.connect()
+        except SMTPConnectResponseError as exc:
+            self.protocol = self.client.protocol
+            raise self._error(classify_smtp_reply(exc.code, exc.message, stage="greeting")) from None
+        except (SMTPTimeoutError, TimeoutError):
+            raise self._error(ConnectionFailed(f"timed out connecting to {where}")) from None
+        except (SMTPException, OSError) as exc:
+            raise self._handshake_or_io(exc, f"cannot connect to {where}") from None
+        self.protocol = self.client.protocol
+        self.client.timeout = ep.command_timeout
+        await self._ehlo()
+
+    def _handshake_or_io(self, exc: BaseException, what: str) -> DeliveryError:
+        ssl_error = _ssl_cause(exc)
+        if ssl_error is not None:
+            reason, policy = describe_handshake_error(ssl_error)
+            if policy:
+                return self._error(SecurityPolicyError(f"{reason}; nothing was sent"))
+            return self._error(ConnectionFailed(f"{what}: {reason}"))
+        cause = exc.__cause__ or exc
+        detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        return self._error(ConnectionFailed(f"{what}: {detail}"))
+
+    async def _ehlo(self) -> None:
+        try:
+            response = await self.client.ehlo()
+        except SMTPResponseException as exc:
+            raise self._error(classify_smtp_reply(exc.code, exc.message, stage="EHLO")) from None
+        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+            raise self._error(ConnectionFailed("connection lost during EHLO")) from None
+        del response
+        self.extensions = tuple(sorted(self.client.esmtp_extensions))
+        self.offered_mechanisms = tuple(m.upper() for m in self.client.server_auth_methods)
+
+    async def _secure(self, context: ssl.SSLContext | None) -> None:
+        ep = self.endpoint
+        if ep.protocol == "starttls":
+            if not self.client.supports_extension("starttls"):
+                raise self._error(
+                    SecurityPolicyError(
+                        "server does not offer STARTTLS and the account requires a secure "
+                        "connection (secure: true); nothing was sent"
+                    )
+                )
+            try:
+                await self.client.starttls(server_hostname=ep.host, tls_context=context)
+            except SMTPResponseException as exc:
+                raise self._error(classify_smtp_reply(exc.code, exc.message, stage="STARTTLS")) from None
+            except (SMTPTimeoutError, TimeoutError):
+                raise self._error(ConnectionFailed("timed out during the TLS handshake")) from None
+            except (SMTPException, OSError) as exc:
+                raise self._handshake_or_io(exc, "STARTTLS failed") from None
+            await self._ehlo()
+        if ep.protocol != "none":
+            ssl_object = self.client.get_transport_info("ssl_object")
+            if ssl_object is None:  # pragma: no cover - aiosmtplib guarantees it after TLS
+                raise self._error(SecurityPolicyError("connection is not encrypted; nothing was sent"))
+            self.tls_version = ssl_object.version()
+            cipher = ssl_object.cipher()
+            self.cipher = cipher[0] if cipher else None
+            self.peer_certificate = ssl_object.getpeercert()
+            if not version_at_least(self.tls_version, ep.min_tls_version):
+                raise self._error(
+                    SecurityPolicyError(
+                        f"negotiated {self.tls_version}, below min_tls_version {ep.min_tls_version}; "
+                        "nothing was sent"
+                    )
+                )
+
+    async def _authenticate(self, token_provider: TokenProvider | None) -> None:
+        ep = self.endpoint
+        if ep.auth == "none":
+            return
+        if not self.client.supports_extension("auth"):
+            raise self._error(
+                SecurityPolicyError(
+                    "server offers no AUTH but the account is configured to log in"
+                    + ("" if ep.protocol != "none" else " (some servers only offer AUTH over TLS)")
+                )
+            )
+        usable = [m for m in ep.mechanisms if m in self.offered_mechanisms]
+        if not usable:
+            raise self._error(
+                SecurityPolicyError(
+                    f"no usable AUTH mechanism: server offers {' '.join(self.offered_mechanisms) or 'none'}, "
+                    f"account allows {' '.join(ep.mechanisms) or 'none'}"
+                )
+            )
+        mechanism = usable[0]
+        assert ep.username is not None
+        try:
+            if mechanism == "XOAUTH2":
+                if token_provider is None:
+                    raise self._error(SecurityPolicyError("XOAUTH2 needs an OAuth token provider"))
+                token = await token_provider(False)
+                try:
+                    await self.client.auth_xoauth2(ep.username, token)
+                except SMTPAuthenticationError:
+                    # the token may have been revoked early: refresh once, then give up
+                    token = await token_provider(True)
+                    await self.client.auth_xoauth2(ep.username, token)
+            else:
+                if ep.password is None:
+                    raise self._error(SecurityPolicyError("no password configured"))
+                secret = ep.password.reveal()
+                method = {
+                    "PLAIN": self.client.auth_plain,
+                    "LOGIN": self.client.auth_login,
+                    "CRAM-MD5": self.client.auth_crammd5,
+                }[mechanism]
+                await method(ep.username, secret)
+        except SMTPAuthenticationError as exc:
+            error = classify_smtp_reply(exc.code, exc.message, stage=f"AUTH {mechanism}")
+            if isinstance(error, PermanentError) and not isinstance(error, AuthenticationFailed):
+                error = AuthenticationFailed(
+                    f"AUTH {mechanism} refused", code=exc.code, server_text=exc.message
+                )
+            raise self._error(error) from None
+        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+            raise self._error(ConnectionFailed("connection lost during AUTH")) from None
+        self.auth_mechanism = mechanism
+
+    # ---- using -----------------------------------------------------------
+
+    async def noop(self) -> bool:
+        """True when the server still answers; used on connections that sat idle."""
+        try:
+            response = await self.client.noop(timeout=min(self.endpoint.command_timeout, 10.0))
+        except (SMTPException, OSError, TimeoutError):
+            return False
+        return response.code == 250
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        """One SMTP transaction. Raises _RetryOnFresh when nothing was accepted and the
+        connection is gone, a DeliveryError when no recipient was accepted."""
+        self.last_used = time.monotonic()
+        client, ep = self.client, self.endpoint
+        sender = ep.envelope_from or message.sender
+        needs_utf8 = not (sender + "".join(message.recipients)).isascii()
+        mail_options: list[str] = []
+        if client.supports_extension("size"):
+            mail_options.append(f"SIZE={len(message.data)}")
+        if client.supports_extension("8bitmime") and not message.data.isascii():
+            mail_options.append("BODY=8BITMIME")
+        if needs_utf8:
+            if not client.supports_extension("smtputf8"):
+                raise self._error(
+                    PermanentError("an address is not ASCII and the server does not support SMTPUTF8")
+                )
+            mail_options.append("SMTPUTF8")
+        dsn = client.supports_extension("dsn")
+        if dsn and ep.dsn_ret:
+            mail_options.append(f"RET={ep.dsn_ret}")
+        rcpt_options = [f"NOTIFY={ep.dsn_notify}"] if dsn and ep.dsn_notify else []
+        encoding = "utf-8" if needs_utf8 else "ascii"
+
+        try:
+            await client.mail(sender, options=mail_options, encoding=encoding)
+        except SMTPSenderRefused as exc:
+            raise await self._refused(exc.code, exc.message, "MAIL FROM") from None
+        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+            raise _RetryOnFresh(self._error(ConnectionFailed("connection lost at MAIL FROM"))) from None
+
+        results: dict[str, RecipientStatus] = {}
+        accepted: list[str] = []
+        for rcpt in message.recipients:
+            try:
+                await client.rcpt(rcpt, options=rcpt_options, encoding=encoding)
+            except SMTPRecipientRefused as exc:
+                if exc.code in (421, 432) or not client.is_connected:
+                    raise _RetryOnFresh(
+                        self._error(classify_smtp_reply(exc.code, exc.message, stage="RCPT TO"))
+                    ) from None
+                status = "deferred" if 400 <= exc.code < 500 else "failed"
+                results[rcpt] = RecipientStatus(status, exc.code, exc.message)
+                continue
+            except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+                raise _RetryOnFresh(self._error(ConnectionFailed("connection lost at RCPT TO"))) from None
+            accepted.append(rcpt)
+
+        if not accepted:
+            await self._reset()
+            raise self._all_refused(results)
+
+        try:
+            response = await client.data(message.data, timeout=ep.data_timeout)
+        except SMTPDataError as exc:
+            error = classify_smtp_reply(exc.code, exc.message, stage="DATA")
+            if isinstance(error, ServerBusy):
+                client.close()
+                raise _RetryOnFresh(self._error(error)) from None
+            status = "deferred" if error.transient else "failed"
+            for rcpt in accepted:
+                results[rcpt] = RecipientStatus(status, exc.code, exc.message)
+            error.recipients = results
+            await self._reset()
+            raise self._error(error) from None
+        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
+            # the server may or may not have taken the message: never retried here
+            client.close()
+            error = ConnectionFailed("connection lost during DATA; the server may have accepted the message")
+            raise self._error(error) from None
+
+        self.messages += 1
+        for rcpt in accepted:
+            results[rcpt] = RecipientStatus("sent", response.code, response.message)
+        return SendResult(transport="smtp", security=self.security, recipients=results)
+
+    async def _refused(self, code: int, text: str, stage: str) -> DeliveryError | _RetryOnFresh:
+        error = self._error(classify_smtp_reply(code, text, stage=stage))
+        if isinstance(error, ServerBusy) or not self.client.is_connected:
+            self.client.close()
+            return _RetryOnFresh(error)
+        await self._reset()
+        return error
+
+    def _all_refused(self, results: dict[str, RecipientStatus]) -> DeliveryError:
+        deferred = {a: r for a, r in results.items() if r.status == "deferred"}
+        first = next(iter(deferred.values() or results.values()))
+        error: DeliveryError
+        if deferred:
+            error = TransientError(
+                "every recipient was refused (some temporarily)",
+                code=first.code,
+                server_text=first.message,
+                recipients=results,
+            )
+        else:
+            error = classify_smtp_reply(first.code or 550, first.message, stage="RCPT TO")
+            error.reason = "every recipient was refused"
+            error.recipients = results
+        return self._error(error)
+
+    async def _reset(self) -> None:
+        try:
+            await self.client.rset()
+        except (SMTPException, OSError, TimeoutError):
+            self.client.close()
+
+    async def close(self, *, polite: bool = True) -> None:
+        """QUIT (bounded) when ``polite``, then close and wait until the socket is gone.
+
+        Waiting matters for TLS: closing starts a close_notify exchange, and a
+        socket abandoned half-way (say, by a loop that is shutting down) leaks.
+        """
+        if polite and self.client.is_connected:
+            with contextlib.suppress(SMTPException, OSError, TimeoutError):
+                await self.client.quit(timeout=5.0)
+        self.client.close()
+        protocol, self.protocol = self.protocol, None
+        deadline = time.monotonic() + _CLOSE_WAIT
+        while protocol is not None and protocol.transport is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    def describe(self) -> dict[str, Any]:
+        cert = self.peer_certificate or {}
+        subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+        not_after = cert.get("notAfter")
+        expires = (
+            datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), UTC).isoformat()
+            if not_after
+            else None
+        )
+        return {
+            "host": self.endpoint.host,
+            "port": self.endpoint.port,
+            "security": self.security,
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+            "certificate_subject": subject or None,
+            "certificate_expires": expires,
+            "auth_mechanisms_offered": list(self.offered_mechanisms),
+            "auth_mechanism": self.auth_mechanism,
+            "login": (
+                "not configured"
+                if self.endpoint.auth == "none"
+                else ("succeeded" if self.auth_mechanism else "not attempted")
+            ),
+        }
+
+
+class SmtpTransport:
+    """The per-account SMTP connection pool (one per account per worker process)."""
+
+    name = "smtp"
+
+    def __init__(
+        self,
+        account: EmailAccount,
+        *,
+        cadata: str | None = None,
+        token_provider: TokenProvider | None = None,
+        max_connections: int | None = None,
+        max_messages_per_connection: int = 100,
+        max_connection_age: float = 300.0,
+        idle_check_after: float = 10.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        if account.smtp is None:
+            raise ValueError(f"account {account.name} has no SMTP settings")
+        self.account = account
+        self.endpoint = account.smtp
+        self._cadata = cadata
+        self._token_provider = token_provider
+        self.max_connections = max_connections or account.limits.max_connections
+        self.max_messages_per_connection = max_messages_per_connection
+        self.max_connection_age = max_connection_age
+        self.idle_check_after = idle_check_after
+        self.idle_timeout = idle_timeout
+        self._idle: list[SmtpConnection] = []
+        self._count = 0  # open + opening connections
+        self._cond: asyncio.Condition | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._reaping: list[SmtpConnection] = []
+        self._closed = False
+        self.connections_opened = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"SmtpTransport(account={self.account.name!r}, host={self.endpoint.host!r}, "
+            f"port={self.endpoint.port}, open={self._count}/{self.max_connections})"
+        )
+
+    @property
+    def open_connections(self) -> int:
+        return self._count
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def _open(self) -> SmtpConnection:
+        conn = await SmtpConnection.open(
+            self.account.name, self.endpoint, cadata=self._cadata, token_provider=self._token_provider
+        )
+        self.connections_opened += 1
+        return conn
+
+    def _expired(self, conn: SmtpConnection, now: float) -> bool:
+        return (
+            not conn.usable
+            or now - conn.created_at > self.max_connection_age
+            or conn.messages >= self.max_messages_per_connection
+            or now - conn.last_used > self.idle_timeout
+        )
+
+    async def _acquire(self, *, fresh: bool = False) -> SmtpConnection:
+        """A connection for one transaction; ``fresh`` skips idle ones (used for the retry)."""
+        if self._closed:
+            raise ConnectionFailed("transport is closed", account=self.account.name, transport="smtp")
+        cond = self._condition()
+        while True:
+            to_close: list[SmtpConnection] = []
+            reuse: SmtpConnection | None = None
+            async with cond:
+                while True:
+                    now = time.monotonic()
+                    if not fresh:
+                        while self._idle and reuse is None:
+                            conn = self._idle.pop()  # most recently used first
+                            if self._expired(conn, now):
+                                to_close.append(conn)
+                                self._count -= 1
+                            else:
+                                reuse = conn
+                        if reuse is not None:
+                            break
+                    if self._count < self.max_connections:
+                        self._count += 1  # reserve a slot for a new connection
+                        break
+                    if fresh and self._idle:
+                        to_close.append(self._idle.pop(0))  # make room: close the oldest idle
+                        self._count -= 1
+                        continue
+                    await cond.wait()
+            for conn in to_close:
+                await conn.close()
+            if reuse is None:
+                try:
+                    return await self._open()
+                except BaseException:
+                    await self._forget()
+                    raise
+            if time.monotonic() - reuse.last_used <= self.idle_check_after or await reuse.noop():
+                return reuse
+            log.debug("account %s: idle connection did not answer NOOP; replacing it", self.account.name)
+            await reuse.close()
+            await self._forget()
+
+    async def _forget(self) -> None:
+        cond = self._condition()
+        async with cond:
+            self._count -= 1
+            cond.notify()
+
+    async def _release(self, conn: SmtpConnection) -> None:
+        if self._closed or self._expired(conn, time.monotonic()):
+            await conn.close()
+            await self._forget()
+            return
+        cond = self._condition()
+        async with cond:
+            self._idle.append(conn)
+            cond.notify()
+        self._ensure_reaper()
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Close idle connections after ``idle_timeout``; ends when none are idle.
+
+        Expired connections leave the idle list at once (nobody can pick them)
+        but keep their pool slot until their QUIT is done.
+        """
+        cond = self._condition()
+        while self._idle and not self._closed:
+            await asyncio.sleep(min(self.idle_timeout, 5.0))
+            now = time.monotonic()
+            async with cond:
+                self._reaping = [c for c in self._idle if self._expired(c, now)]
+                self._idle = [c for c in self._idle if c not in self._reaping]
+            try:
+                for conn in self._reaping:
+                    await conn.close()
+            finally:
+                async with cond:
+                    self._count -= len(self._reaping)
+                    self._reaping = []
+                    cond.notify_all()
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        for attempt in (1, 2):
+            conn = await self._acquire(fresh=attempt == 2)
+            try:
+                result = await conn.send(message)
+            except _RetryOnFresh as retry:
+                await conn.close()
+                await self._forget()
+                if attempt == 2:
+                    raise retry.error from None
+                log.info(
+                    "account %s: %s; retrying once on a fresh connection", self.account.name, retry.error
+                )
+                continue
+            except BaseException:
+                await self._release(conn)
+                raise
+            await self._release(conn)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def check(self) -> ConnectivityReport:
+        """Connect, secure, authenticate, NOOP, QUIT — nothing is sent."""
+        report = ConnectivityReport(self.account.name, ok=False, result=self.endpoint.security_label)
+        started = time.monotonic()
+        report.detail = {"host": self.endpoint.host, "port": self.endpoint.port}
+        try:
+            conn = await self._open()
+        except DeliveryError as exc:
+            report.error = str(exc)
+            report.detail["error_class"] = type(exc).__name__
+            report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
+            return report
+        try:
+            report.ok = await conn.noop()
+            if not report.ok:
+                report.error = "server did not answer NOOP"
+            report.detail = conn.describe()
+        finally:
+            await conn.close()
+        report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
+        return report
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._reaper is not None:
+            if not self._reaping:  # asleep: wake it to end; closing: let it finish its QUITs
+                self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        idle, self._idle = self._idle, []
+        self._count -= len(idle)
+        for conn in idle:
+            await conn.close()
