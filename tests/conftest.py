@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from support.pki import Pki
+from support.queue import QueueEnv, Worker, claim_database
 from support.smtpd import SmtpServer
+from worker.client import Producer
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,26 @@ def smtp_server(pki: Pki) -> Iterator[Callable[..., SmtpServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def queue_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueEnv]:
+    """Records folders and a Redis database of this session's own (flushed after)."""
+    env = QueueEnv(tmp_path_factory.mktemp("queue"), claim_database())
+    yield env
+    env.release()
+
+
+@pytest.fixture(scope="session")
+def worker(queue_env: QueueEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One real Celery worker (prefork, 2 processes) shared by the queue tests."""
+    running = Worker(queue_env, tmp_path_factory.mktemp("logs") / "worker.log").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def producer(queue_env: QueueEnv) -> Iterator[Producer]:
+    made = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
+    yield made
+    made.close()

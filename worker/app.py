@@ -23,6 +23,10 @@ settings = settings_module.load_settings()
 broker_url = settings_module.broker_url()
 transport_options = {
     "visibility_timeout": settings.visibility_timeout,
+    # how often a worker looks for messages a dead worker left unacknowledged
+    # (kombu's default, interval x throttle, is ~100 s on top of the timeout)
+    "unacked_restore_interval": max(1, min(60, round(settings.visibility_timeout / 10))),
+    "unacked_restore_throttle": 1,
     "socket_timeout": 15,
     "socket_connect_timeout": 10,
     "retry_on_timeout": True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -55,9 +56,13 @@ class Producer:
         *,
         records: Records | None = None,
         app: Celery | None = None,
+        accounts_dir: Path | None = None,
+        config_dir: Path | None = None,
     ) -> None:
         self.broker = broker or broker_url()
         self._records = records
+        self.accounts_dir = accounts_dir
+        self.config_dir = config_dir
         if app is None:
             app = Celery("postroom-producer", broker=self.broker, set_as_current=False)
             app.conf.update(
@@ -75,8 +80,14 @@ class Producer:
         self.app = app
         self.store = JobStore.from_url(redis_url(self.broker))
 
+    def close(self) -> None:
+        """Release the broker and Redis connections."""
+        self.app.close()
+        self.store.redis.close()
+
     def records(self) -> Records:
-        return self._records or Records.load()
+        """Fixed records if given, else read afresh (an account added a moment ago counts)."""
+        return self._records or Records.load(self.accounts_dir, self.config_dir)
 
     def validate(self, payload: SendPayload | Mapping[str, Any]) -> SendPayload:
         """The payload as it will be enqueued, or PayloadError with every reason."""

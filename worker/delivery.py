@@ -48,6 +48,7 @@ class Outcome:
     transport: str | None = None
     security: str | None = None
     code: int | None = None
+    counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
 
 
 def stable_message_id(job_id: str, from_address: str) -> str:
@@ -110,7 +111,10 @@ class Delivery:
                     reason=f"{account.name} already auto-replied to {reply_to_sender} within the window",
                 )
 
-        message_id = payload.message_id or stable_message_id(job_id, account.from_address)
+        message_id = payload.message_id
+        if message_id is None:  # a producer that called send_task without the helper
+            message_id = stable_message_id(job_id, account.from_address)
+            self.store.note_message_id(job_id, message_id)
         try:
             built = build_message(
                 MessageSpec(
@@ -140,13 +144,15 @@ class Delivery:
             return Outcome("sent", reason="already delivered (duplicate suppressed)", recipients=already)
 
         token = f"{job_id}:{attempt}:{time.time()}"
-        claim_ttl = self.settings.time_limit + 60
+        # outlives any live attempt (the hard time limit kills it) and expires soon after a crash
+        claim_ttl = self.settings.time_limit + 5
         if not self.store.claim_send(message_id, token, claim_ttl):
             return Outcome(
                 "retry",
                 reason="another attempt is delivering this Message-ID right now",
-                retry_after=min(claim_ttl, self.settings.retry.max_delay),
+                retry_after=self.store.claim_remaining(message_id),
                 recipients=already,
+                counts=False,
             )
         try:
             return self._send(

@@ -162,9 +162,9 @@ class JobStore:
 
     # ---- execution side -----------------------------------------------------------
 
-    def begin_attempt(self, job_id: str, payload: Mapping[str, Any]) -> int:
+    def begin_attempt(self, job_id: str, payload: Mapping[str, Any]) -> tuple[int, float]:
         """Mark the job ``sending`` and count the attempt; creates the record if a
-        producer enqueued without the helper. Returns the attempt number."""
+        producer enqueued without the helper. Returns (attempt number, enqueued at)."""
         key = _key("job", job_id)
         if not self.redis.exists(key):
             self.create(job_id, payload)
@@ -172,8 +172,12 @@ class JobStore:
             pipe.hincrby(key, "attempts", 1)
             pipe.hset(key, mapping={"state": "sending", "updated_at": time.time()})
             pipe.expire(key, self.job_ttl)
-            attempts, _, _ = pipe.execute()
-        return int(attempts)
+            pipe.hget(key, "enqueued_at")
+            attempts, _, _, enqueued_at = pipe.execute()
+        return int(attempts), float(enqueued_at or time.time())
+
+    def note_message_id(self, job_id: str, message_id: str) -> None:
+        self.redis.hset(_key("job", job_id), "message_id", message_id)
 
     def delivered(self, message_id: str) -> dict[str, dict[str, Any]]:
         """Recipients a server already accepted for this Message-ID (never sent again)."""
@@ -183,6 +187,15 @@ class JobStore:
     def claim_send(self, message_id: str, token: str, ttl: float) -> bool:
         """Only one attempt at a time may talk to a server about one Message-ID."""
         return bool(self.redis.set(_key("claim", message_id), token, nx=True, ex=max(int(ttl), 1)))
+
+    def claim_remaining(self, message_id: str) -> float:
+        """Seconds until the current claim on ``message_id`` expires (0 when there is none)."""
+        ttl = int(self.redis.pttl(_key("claim", message_id)))
+        return max(ttl, 0) / 1000.0
+
+    def uncount_attempt(self, job_id: str) -> None:
+        """Take back an attempt that never reached a server (see Outcome.counts)."""
+        self.redis.hincrby(_key("job", job_id), "attempts", -1)
 
     def release_send(self, message_id: str, token: str) -> None:
         key = _key("claim", message_id)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
@@ -52,8 +54,8 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
         store.bury(job_id, reason)
         return {"state": "dead", "reason": reason}
 
-    attempt = store.begin_attempt(job_id, payload.to_task_kwargs())
-    age = time.time() - (payload.enqueued_at or time.time())
+    attempt, enqueued_at = store.begin_attempt(job_id, payload.to_task_kwargs())
+    age = time.time() - enqueued_at
     if attempt > policy.max_attempts or age > policy.max_age:
         why = (
             f"{attempt - 1} attempts"
@@ -71,28 +73,11 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
         outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
 
     if outcome.state == "retry":
-        delay = policy.delay(attempt, outcome.retry_after)
-        if attempt >= policy.max_attempts:
-            outcome = Outcome(
-                "dead",
-                reason=f"retries exhausted ({attempt} attempts): {outcome.reason}",
-                recipients=outcome.recipients,
-                transport=outcome.transport,
-                security=outcome.security,
-                code=outcome.code,
-            )
-        elif age + delay > policy.max_age:
-            outcome = Outcome(
-                "dead",
-                reason=f"retries exhausted (max_age {policy.max_age:.0f}s): {outcome.reason}",
-                recipients=outcome.recipients,
-                transport=outcome.transport,
-                security=outcome.security,
-                code=outcome.code,
-            )
-        else:
+        outcome, delay = _retry_plan(store, job_id, attempt, age, outcome)
+        if outcome.state == "retry":
             _record(store, job_id, attempt, outcome, state="retrying", retry_in=delay)
-            store.count(payload.account, "retried")
+            if outcome.counts:
+                store.count(payload.account, "retried")
             try:
                 raise self.retry(countdown=delay, kwargs=kwargs)
             except Retry:
@@ -100,6 +85,32 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
             except Exception as exc:  # could not publish the retry: give the message back
                 raise Reject(f"retry could not be scheduled: {exc}", requeue=True) from exc
     return _finish(store, job_id, payload, attempt, outcome)
+
+
+def _retry_plan(
+    store: JobStore, job_id: str, attempt: int, age: float, outcome: Outcome
+) -> tuple[Outcome, float]:
+    """When to try again, or the dead-letter outcome when attempts or age run out.
+
+    An attempt that never reached a server (``counts=False``: another attempt
+    held the Message-ID) is not counted against max_attempts; it waits for that
+    claim to expire, and only max_age bounds it.
+    """
+    policy = settings.retry
+    if outcome.counts:
+        delay = policy.delay(attempt, outcome.retry_after)
+    else:
+        store.uncount_attempt(job_id)
+        delay = min((outcome.retry_after or 0) + random.uniform(0.1, 1.0), settings.visibility_timeout / 2)
+    why = None
+    if outcome.counts and attempt >= policy.max_attempts:
+        why = f"{attempt} attempts"
+    elif age + delay > policy.max_age:
+        why = f"max_age {policy.max_age:.0f}s"
+    if why is None:
+        return outcome, delay
+    dead = replace(outcome, state="dead", reason=f"retries exhausted ({why}): {outcome.reason}")
+    return dead, 0.0
 
 
 def _safe(kwargs: dict[str, Any]) -> dict[str, Any]:

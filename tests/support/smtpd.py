@@ -3,7 +3,7 @@
 One :class:`SmtpServer` speaks plain SMTP, STARTTLS or SMTPS with the test
 PKI, may require AUTH (PLAIN/LOGIN, advertised in a chosen order), and can be
 told to misbehave the ways real servers do: answer a rule's code at MAIL, RCPT
-or DATA, greet with 421, hang up after N messages, not advertise STARTTLS, or
+or DATA, greet with 421, hang up after N messages, stall once at MAIL, not advertise STARTTLS, or
 speak only old TLS. It records what a test wants to assert: every command
 verb, every connection, every AUTH attempt and every accepted message with the
 TLS version and login it arrived under.
@@ -93,6 +93,14 @@ class _Handler:
     async def handle_MAIL(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.server.mail_commands += 1
+        if (
+            self.server.stall_mail_after is not None
+            and self.server.mail_commands > self.server.stall_mail_after
+        ):
+            self.server.stall_mail_after = None
+            self.server.stalled.set()
+            await asyncio.sleep(self.server.stall_seconds)  # a client that dies meanwhile cancels this
         rule = self.server.rule("MAIL", address)
         if rule is not None:
             return rule.reply
@@ -235,6 +243,8 @@ class SmtpServer:
         banner_code: int | None = None,
         drop_after: int | None = None,
         dsn: bool = False,
+        stall_mail_after: int | None = None,
+        stall_seconds: float = 5.0,
         username: str = USERNAME,
         password: str = PASSWORD,
     ) -> None:
@@ -245,6 +255,10 @@ class SmtpServer:
         self.banner_code = banner_code
         self.drop_after = drop_after
         self.dsn = dsn
+        self.stall_mail_after = stall_mail_after  # the next MAIL after this many stalls once
+        self.stall_seconds = stall_seconds
+        self.stalled = threading.Event()
+        self.mail_commands = 0
         self.username = username
         self.password = password
         self.received: list[Received] = []

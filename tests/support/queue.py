@@ -1,0 +1,157 @@
+"""A real Celery worker (a subprocess) on the real Redis, and the records it reads.
+
+Every test session gets its own Redis database number on 127.0.0.1:6379 (an
+empty one, flushed again at the end) and its own ``accounts/`` and ``config/``
+folders; workers see them through the same environment variables an operator
+would set. Retry and time limits are shrunk so that retries and redeliveries
+happen in seconds, keeping DESIGN §4's ordering (soft < hard < visibility).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from support.smtpd import SmtpServer
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+
+# Fast retries for tests: first retry after ~0.2-0.4 s, redelivery after 10 s.
+FAST_SETTINGS = {
+    "POSTROOM_RETRY_MAX_ATTEMPTS": "3",
+    "POSTROOM_RETRY_BASE_DELAY": "0.4",
+    "POSTROOM_RETRY_MAX_DELAY": "1",
+    "POSTROOM_RETRY_MAX_AGE": "120",
+    "POSTROOM_SOFT_TIME_LIMIT": "4",
+    "POSTROOM_TIME_LIMIT": "5",
+    "POSTROOM_VISIBILITY_TIMEOUT": "10",
+}
+
+
+def claim_database() -> int:
+    """An empty Redis database number (1-15), marked as taken; 0 is left to others."""
+    for db in range(15, 0, -1):
+        client = redis.Redis(REDIS_HOST, REDIS_PORT, db=db)
+        try:
+            if client.dbsize() == 0 and client.set("postroom-test:claimed", os.getpid(), nx=True):
+                return db
+        finally:
+            client.close()
+    raise RuntimeError("no empty Redis database on 127.0.0.1:6379 (FLUSHDB one of 1-15)")
+
+
+class QueueEnv:
+    """The folders and environment one test session's workers and producers share."""
+
+    def __init__(self, root: Path, db: int) -> None:
+        self.root = root
+        self.db = db
+        self.accounts = root / "accounts"
+        self.config = root / "config"
+        for folder in (self.accounts, self.config / "auth-profiles", self.config / "keystores"):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.broker_url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+        self.redis = redis.Redis(REDIS_HOST, REDIS_PORT, db=db, decode_responses=True)
+        self.env = {
+            "POSTROOM_BROKER_URL": self.broker_url,
+            "POSTROOM_ACCOUNTS_DIR": str(self.accounts),
+            "POSTROOM_CONFIG_DIR": str(self.config),
+            "POSTROOM_VAR_DIR": str(root / "var"),
+            **FAST_SETTINGS,
+        }
+
+    def account(self, name: str, server: SmtpServer, **smtp: Any) -> str:
+        """Write ``accounts/NAME.yaml`` pointing at ``server`` (plain SMTP unless told)."""
+        fields: dict[str, Any] = {
+            "address": f"{name}@example.com",
+            "host": "127.0.0.1",
+            "port": server.port,
+            "secure": False,
+            "auth": "none",
+            **smtp,
+        }
+        lines = ["provider: other", "smtp:"]
+        for key, value in fields.items():
+            text = ("true" if value else "false") if isinstance(value, bool) else f'"{value}"'
+            lines.append(f"  {key}: {text}")
+        (self.accounts / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+        return name
+
+    def queue_length(self) -> int:
+        return int(self.redis.llen("postroom"))
+
+    def release(self) -> None:
+        self.redis.flushdb()
+        self.redis.close()
+
+
+class Worker:
+    """``celery -A worker.app worker`` as a process group we can stop or SIGKILL."""
+
+    def __init__(self, env: QueueEnv, log: Path, *, concurrency: int = 2) -> None:
+        self.env = env
+        self.log_path = log
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Worker:
+        args = [
+            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+            "-Q", "postroom", "-c", str(self.concurrency), "-l", "INFO",
+            "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+            "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                args,
+                env={**os.environ, **self.env.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        wait_for(lambda: b" ready." in self.log_path.read_bytes(), timeout, "worker to start", self)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, main process and pool children, at once."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, worker: Worker | None = None
+) -> None:
+    """Poll ``condition`` until it is true; fail with the worker's log tail otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if worker is not None and worker.process is not None and worker.process.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = "\n".join(worker.log().splitlines()[-40:]) if worker is not None else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")

@@ -1,0 +1,340 @@
+"""The queue end to end: producer → real Redis → real Celery worker → real SMTP server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from support.queue import QueueEnv, Worker, wait_for
+from support.smtpd import Rule, SmtpServer
+from worker.client import PayloadError, Producer
+from worker.jobs import Job
+
+ServerFactory = Callable[..., SmtpServer]
+POSTROOM = str(Path(sys.executable).with_name("postroom"))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def finished(producer: Producer, job_id: str, timeout: float = 30) -> Job:
+    job = producer.wait(job_id, timeout)
+    assert job is not None and job.state in ("sent", "dead", "suppressed"), job
+    return job
+
+
+def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [POSTROOM, *args],
+        env={**os.environ, **env.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+# ---- delivery -------------------------------------------------------------------------
+
+
+def test_notification_is_delivered_with_every_field(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("notify"), server, display_name="Example Notices")
+    job_id = producer.send_notification(
+        account,
+        to=["to@example.net"],
+        cc=["cc@example.net"],
+        bcc=["hidden@example.net"],
+        subject="Your order shipped",
+        text="Plain body\n",
+        html="<p>HTML body</p>",
+        attachments=[
+            {
+                "filename": "invoice.txt",
+                "content_type": "text/plain",
+                "content_base64": base64.b64encode(b"invoice 42").decode(),
+            }
+        ],
+        headers={"X-Order": "42"},
+    )
+    job = finished(producer, job_id)
+    assert job.state == "sent" and job.attempts == 1
+    assert job.transport == "smtp" and job.security == "none"
+    assert set(job.recipients) == {"to@example.net", "cc@example.net", "hidden@example.net"}
+    assert all(r["status"] == "sent" and r["code"] == 250 for r in job.recipients.values())
+    (got,) = server.received
+    assert sorted(got.rcpt_tos) == ["cc@example.net", "hidden@example.net", "to@example.net"]
+    msg = got.message
+    assert msg["Message-ID"] == job.message_id
+    assert msg["From"] == f"Example Notices <{account}@example.com>"
+    assert msg["Subject"] == "Your order shipped" and msg["X-Order"] == "42"
+    assert msg["Bcc"] is None and "hidden@example.net" not in got.data.decode()
+    assert [p.get_filename() for p in msg.iter_attachments()] == ["invoice.txt"]
+    as_json = json.loads(cli(queue_env, "job", job_id, "--json").stdout)
+    for key in ("id", "state", "attempts", "account", "transport", "security", "message_id"):
+        assert key in as_json
+    assert as_json["recipients"]["to@example.net"]["status"] == "sent" and as_json["last_error"] is None
+
+
+def test_a_producer_without_the_helper_uses_send_task(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    """The documented interface for producers in any language: the task name, the queue, JSON kwargs."""
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("raw"), server)
+    app = Celery("some-other-app", broker=queue_env.broker_url, set_as_current=False)
+    try:
+        result = app.send_task(
+            "postroom.send",
+            kwargs={"account": account, "to": ["x@example.net"], "subject": "Raw", "text": "hi"},
+            queue="postroom",
+        )
+    finally:
+        app.close()
+    job = finished(producer, str(result.id))
+    assert job.state == "sent"
+    (got,) = server.received
+    assert got.message["Message-ID"] == f"<{result.id}@example.com>" == job.message_id
+
+
+def test_451_then_accept_is_delivered_once_on_the_second_attempt(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("MAIL", 451, "4.3.0 Try again later", times=1)])
+    account = queue_env.account(unique("retry"), server)
+    job = finished(producer, producer.send_notification(account, ["a@example.net"], "Hi", "x"))
+    assert job.state == "sent" and job.attempts == 2
+    assert [h["outcome"] for h in job.history or []] == ["retry", "sent"]
+    assert "451" in (job.history or [])[0]["error"]
+    assert len(server.received) == 1
+
+
+def test_550_is_dead_lettered_after_exactly_one_attempt_and_can_be_retried(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    account = queue_env.account(unique("dead"), server)
+    job_id = producer.send_notification(account, ["gone@example.net"], "Hi", "x")
+    job = finished(producer, job_id)
+    assert job.state == "dead" and job.attempts == 1
+    assert job.last_error is not None and "550 5.1.1 No such user" in job.last_error
+    assert job.recipients["gone@example.net"]["status"] == "failed"
+    time.sleep(1.5)  # long enough for a (wrong) retry to have happened
+    again = producer.job(job_id)
+    assert again is not None and again.attempts == 1 and server.commands.count("MAIL") == 1
+
+    listed = json.loads(cli(queue_env, "dead-letters", "list", "--json").stdout)
+    (row,) = [r for r in listed if r["id"] == job_id]
+    assert set(row) >= {"id", "account", "message_id", "error", "attempts", "failed_at"}
+    assert row["account"] == account and row["attempts"] == 1 and "550" in row["error"]
+    shown = json.loads(cli(queue_env, "dead-letters", "show", job_id, "--json").stdout)
+    assert shown["payload"]["to"] == ["gone@example.net"]
+
+    server.rules.clear()  # the mailbox exists now
+    retried = cli(queue_env, "dead-letters", "retry", job_id)
+    assert retried.returncode == 0, retried.stderr
+    wait_for(lambda: len(server.received) == 1, 20, "the retried dead letter", worker)
+    job = finished(producer, job_id)
+    assert job.state == "sent"
+    assert server.received[0].message["Message-ID"] == job.message_id == row["message_id"]
+    assert job_id not in [
+        r["id"] for r in json.loads(cli(queue_env, "dead-letters", "list", "--json").stdout)
+    ]
+
+
+def test_dead_letters_purge(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("DATA", 554, "5.7.1 Spam")])
+    account = queue_env.account(unique("purge"), server)
+    job_id = producer.send_notification(account, ["a@example.net"], "Hi", "x")
+    assert finished(producer, job_id).state == "dead"
+    purged = cli(queue_env, "dead-letters", "purge", job_id, "--json")
+    assert json.loads(purged.stdout) == {"purged": 1}
+    assert producer.job(job_id) is None
+    assert cli(queue_env, "dead-letters", "show", job_id).returncode == 1
+
+
+def test_partial_refusal_retries_only_the_deferred_recipient(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    rules = [
+        Rule("RCPT", 550, "5.1.1 No such user", match="bad"),
+        Rule("RCPT", 452, "4.2.2 Mailbox full", match="later", times=1),
+    ]
+    server = smtp_server(mode="plain", rules=rules)
+    account = queue_env.account(unique("partial"), server)
+    to = ["good@example.net", "bad@example.net", "later@example.net"]
+    job = finished(producer, producer.send_notification(account, to, "Hi", "x"))
+    assert job.state == "sent" and job.attempts == 2
+    assert {a: r["status"] for a, r in job.recipients.items()} == {
+        "good@example.net": "sent",
+        "bad@example.net": "failed",
+        "later@example.net": "sent",
+    }
+    assert [r.rcpt_tos for r in server.received] == [["good@example.net"], ["later@example.net"]]
+    assert len({r.message["Message-ID"] for r in server.received}) == 1
+
+
+def test_the_same_idempotency_key_sends_once(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("idem"), server)
+    first = producer.send_notification(account, ["a@example.net"], "Hi", "x", idempotency_key="order-42")
+    second = producer.send_notification(account, ["a@example.net"], "Hi", "x", idempotency_key="order-42")
+    assert first == second
+    assert finished(producer, first).state == "sent"
+    third = producer.send_notification(account, ["a@example.net"], "Hi", "x", idempotency_key="order-42")
+    assert third == first
+    time.sleep(1)
+    assert len(server.received) == 1
+
+
+# ---- auto-replies ----------------------------------------------------------------------
+
+
+def test_auto_reply_threads_and_is_sent_once_per_sender_within_the_window(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("reply"), server)
+    original = {
+        "message_id": "<q1@example.net>",
+        "from": "alice@example.net",
+        "subject": "Question about my order",
+        "headers": {"References": "<q0@example.net>"},
+    }
+    job = finished(producer, producer.send_auto_reply(account, original, "We got your message."))
+    assert job.state == "sent"
+    (got,) = server.received
+    msg = got.message
+    assert got.rcpt_tos == ["alice@example.net"] and msg["To"] == "alice@example.net"
+    assert msg["Subject"] == "Re: Question about my order"
+    assert msg["In-Reply-To"] == "<q1@example.net>"
+    assert msg["References"] == "<q0@example.net> <q1@example.net>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+
+    again = {**original, "message_id": "<q2@example.net>"}
+    second = finished(producer, producer.send_auto_reply(account, again, "We got your message."))
+    assert second.state == "suppressed" and "already auto-replied" in (second.last_error or "")
+    time.sleep(0.5)
+    assert len(server.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("original", "why"),
+    [
+        ({"headers": {"Auto-Submitted": "auto-generated"}}, "Auto-Submitted"),
+        ({"headers": {"Precedence": "bulk"}}, "Precedence"),
+        ({"headers": {"List-Id": "<news.example.net>"}}, "List-Id"),
+        ({"return_path": "<>"}, "empty return path"),
+        ({"from": "MAILER-DAEMON@example.net"}, "MAILER-DAEMON"),
+    ],
+)
+def test_auto_replies_to_automatic_mail_are_suppressed(
+    queue_env: QueueEnv,
+    worker: Worker,
+    producer: Producer,
+    smtp_server: ServerFactory,
+    original: dict[str, Any],
+    why: str,
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("supp"), server)
+    full = {"from": "bob@example.net", "subject": "Hello", "message_id": "<m@example.net>", **original}
+    job = finished(producer, producer.send_auto_reply(account, full, "Out of office"))
+    assert job.state == "suppressed" and why in (job.last_error or "")
+    assert server.received == [] and "MAIL" not in server.commands
+
+
+# ---- refused at enqueue ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"account": "no-such-account"}, "account: unknown account 'no-such-account'"),
+        ({"to": ["not-an-address"]}, "to[0]"),
+        ({"to": ["a@example.net\r\nBcc: victim@example.net"]}, "to[0]"),
+        ({"headers": {"X-Evil": "a\r\nBcc: victim@example.net"}}, "CR/LF"),
+        ({"subject": "Hi\nBcc: victim@example.net"}, "subject: CR/LF"),
+        ({"headers": {"Bad Name": "x"}}, "headers"),
+        ({"to": []}, "at least one recipient"),
+        ({"kind": "auto-reply"}, "needs original"),
+        ({"message_id": "no-angle-brackets"}, "message_id"),
+        ({"attachments": [{"filename": "a.bin", "content_base64": "%%%"}]}, "not valid base64"),
+        ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_payloads_are_refused_at_enqueue_and_nothing_is_enqueued(
+    queue_env: QueueEnv, producer: Producer, smtp_server: ServerFactory, change: dict[str, Any], reason: str
+) -> None:
+    account = queue_env.account(unique("valid"), smtp_server(mode="plain"))
+    payload = {"account": account, "to": ["a@example.net"], "subject": "Hi", "text": "x", **change}
+    jobs_before = len(queue_env.redis.keys("postroom:job:*"))
+    with pytest.raises(PayloadError) as refused:
+        producer.enqueue(payload)
+    assert reason in str(refused.value)
+    assert len(queue_env.redis.keys("postroom:job:*")) == jobs_before
+
+
+def test_oversized_attachments_are_refused(
+    queue_env: QueueEnv, producer: Producer, smtp_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTROOM_MAX_ATTACHMENT_BYTES", "1000")
+    account = queue_env.account(unique("big"), smtp_server(mode="plain"))
+    attachment = {"filename": "big.bin", "content_base64": base64.b64encode(b"x" * 1001).decode()}
+    with pytest.raises(PayloadError, match="attachments total 1001 bytes, over the 1000 byte limit"):
+        producer.send_notification(account, ["a@example.net"], "Hi", "x", attachments=[attachment])
+
+
+def test_a_bad_payload_that_skipped_validation_is_dead_lettered_with_the_reason(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("skip"), server)
+    app = Celery("careless-producer", broker=queue_env.broker_url, set_as_current=False)
+    try:
+        kwargs = {"account": account, "to": ["a@example.net"], "headers": {"X-A": "1\r\nBcc: v@example.net"}}
+        result = app.send_task("postroom.send", kwargs=kwargs, queue="postroom")
+    finally:
+        app.close()
+    job = finished(producer, str(result.id))
+    assert job.state == "dead" and "invalid payload" in (job.last_error or "")
+    assert server.received == []
+
+
+def test_cli_send_refuses_clearly_and_delivers_with_wait(
+    queue_env: QueueEnv, worker: Worker, smtp_server: ServerFactory
+) -> None:
+    refused = cli(queue_env, "send", "--account", "nope", "--to", "a@example.net", "--text", "x")
+    assert refused.returncode == 2
+    assert "refused: invalid payload: account: unknown account 'nope'" in refused.stderr
+    bad = cli(queue_env, "send", "--account", "nope", "--to", "a@example.net", "--header", "X-A: 1\nBcc: b")
+    assert bad.returncode == 2 and "CR/LF" in bad.stderr
+
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("cli"), server)
+    done = cli(
+        queue_env, "send", "--account", account, "--to", "a@example.net", "--subject", "CLI",
+        "--text", "from the shell", "--wait", "30", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = json.loads(done.stdout)
+    assert job["state"] == "sent" and job["recipients"]["a@example.net"]["status"] == "sent"
+    assert server.received[0].message["Subject"] == "CLI"
