@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv test lint typecheck pytest run clean
+.PHONY: venv tools test lint typecheck pytest run clean
 
 $(BIN)/postroom: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,17 @@ $(BIN)/postroom: pyproject.toml
 
 venv: $(BIN)/postroom
 
-pytest: venv
+# Debian's docker-compose validates docker-compose.yml in the tests (no Docker engine needed).
+tools:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's docker-compose (the tests validate docker-compose.yml with it)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	  else \
+	    echo "note: install Debian's docker-compose package: tests/test_deploy.py needs it" >&2; \
+	  fi; }
+
+pytest: venv tools
 	$(BIN)/pytest -q
 
 LINTED := worker tests $(wildcard bench)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from support.pki import Pki
-from support.queue import QueueEnv, Worker, claim_database
+from support.queue import QueueEnv, Worker, claim_database, ensure_redis
 from support.smtpd import SmtpServer
 from worker.client import Producer
 
@@ -36,7 +36,17 @@ def smtp_server(pki: Pki) -> Iterator[Callable[..., SmtpServer]]:
 
 
 @pytest.fixture(scope="session")
-def queue_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueEnv]:
+def real_redis() -> Iterator[None]:
+    """The Redis on 127.0.0.1:6379 (started from the bundled server when none is running)."""
+    started = ensure_redis()
+    yield
+    if started is not None:
+        started.terminate()
+        started.wait(10)
+
+
+@pytest.fixture(scope="session")
+def queue_env(real_redis: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueEnv]:
     """Records folders and a Redis database of this session's own (flushed after)."""
     env = QueueEnv(tmp_path_factory.mktemp("queue"), claim_database())
     yield env

@@ -18,7 +18,7 @@ KILL_AFTER = 300
 
 
 @pytest.fixture
-def crash_env(tmp_path: Path) -> Iterator[QueueEnv]:
+def crash_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
     """A queue of its own: the shared session worker must not take these jobs."""
     env = QueueEnv(tmp_path, claim_database())
     yield env

@@ -37,6 +37,44 @@ FAST_SETTINGS = {
 }
 
 
+def ensure_redis() -> subprocess.Popen[bytes] | None:
+    """Start the Redis bundled with the embedded default on 127.0.0.1:6379 if none listens there."""
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, socket_connect_timeout=1)
+    try:
+        client.ping()
+        return None
+    except redis.ConnectionError:
+        pass
+    finally:
+        client.close()
+    from worker.embedded import redis_server_binary
+
+    args = [
+        redis_server_binary(),
+        "--bind",
+        REDIS_HOST,
+        "--port",
+        str(REDIS_PORT),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    wait_for(_answers, 15, "the test Redis to start")
+    return process
+
+
+def _answers() -> bool:
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
 def claim_database() -> int:
     """An empty Redis database number (1-15), marked as taken; 0 is left to others."""
     for db in range(15, 0, -1):

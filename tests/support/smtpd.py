@@ -233,6 +233,7 @@ class SmtpServer:
         self,
         *,
         mode: Mode = "plain",
+        port: int = 0,
         cert: Path,
         key: Path,
         auth_required: bool = False,
@@ -269,6 +270,7 @@ class SmtpServer:
         self.protocols: list[_Protocol] = []
         self._tls = self._context(cert, key, tls_max_version) if mode != "plain" else None
         self._advertise_starttls = advertise_starttls
+        self._port = port
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
@@ -323,7 +325,7 @@ class SmtpServer:
         asyncio.set_event_loop(self._loop)
         ssl_context = self._tls if self.mode == "smtps" else None
         self._server = self._loop.run_until_complete(
-            self._loop.create_server(self._protocol, "127.0.0.1", 0, ssl=ssl_context)
+            self._loop.create_server(self._protocol, "127.0.0.1", self._port, ssl=ssl_context)
         )
         self._ready.set()
         self._loop.run_forever()

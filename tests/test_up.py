@@ -1,0 +1,138 @@
+"""``postroom up`` as a newcomer runs it: embedded Redis, worker, beat, dev mail catcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from support.queue import FAST_SETTINGS
+from support.smtpd import SmtpServer
+from worker.devsmtp import DEFAULT_PORT
+
+REPO = Path(__file__).resolve().parent.parent
+POSTROOM = str(Path(sys.executable).with_name("postroom"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class Up:
+    """A ``postroom up`` in its own folder, with no POSTROOM_BROKER_URL (the embedded default)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        self.env.update(FAST_SETTINGS)
+        self.log = root / "up.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [POSTROOM, "up", "--concurrency", "1"],
+                cwd=self.root,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_for_output("postroom up: ready.", self.output().count("postroom up: ready.") + 1)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            assert time.monotonic() < deadline, f"postroom up never printed {text!r}:\n{self.output()}"
+            assert self.process is not None and self.process.poll() is None, self.output()
+            time.sleep(0.1)
+
+    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [POSTROOM, *args], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a terminal sends it to the foreground process."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(60)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    shutil.copytree(REPO / "accounts", tmp_path / "accounts", ignore=shutil.ignore_patterns("examples"))
+    shutil.copytree(REPO / "config", tmp_path / "config", ignore=shutil.ignore_patterns("examples"))
+    running = Up(tmp_path)
+    yield running
+    running.kill()
+
+
+def test_readme_flow_up_then_send_shows_the_message_in_the_dev_catcher(up: Up) -> None:
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", DEFAULT_PORT)) == 0:
+            pytest.fail(f"port {DEFAULT_PORT} is taken; the shipped dev account delivers there")
+    up.start()
+    assert "embedded Redis" in up.output()
+    sent = up.run(
+        "send", "--account", "dev", "--to", "you@example.com", "--subject", "Hello",
+        "--text", "It works", "--wait", "30",
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "state: sent" in sent.stdout
+    caught = json.loads(up.run("dev-smtp", "--list", "--json").stdout)
+    assert [(m["subject"], m["rcpt_tos"]) for m in caught] == [("Hello", ["you@example.com"])]
+    assert up.interrupt() == 0
+    assert "postroom up: stopped" in up.output()
+    assert (up.root / "var" / "redis" / "appendonly.aof").exists() or (
+        up.root / "var" / "redis" / "appendonlydir"
+    ).is_dir()
+
+
+def test_ctrl_c_loses_nothing_that_was_enqueued(up: Up, smtp_server: Callable[..., SmtpServer]) -> None:
+    port = free_port()  # nothing listens there yet: the job keeps retrying
+    (up.root / "accounts" / "later.yaml").write_text(
+        f"smtp:\n  address: later@example.com\n  host: 127.0.0.1\n  port: {port}\n"
+        "  secure: false\n  auth: none\n"
+    )
+    up.env["POSTROOM_RETRY_MAX_ATTEMPTS"] = "50"
+    up.start()
+    sent = up.run("send", "--account", "later", "--to", "a@example.net", "--text", "x", "--json")
+    assert sent.returncode == 0, sent.stderr
+    job_id = json.loads(sent.stdout)["id"]
+    deadline = time.monotonic() + 30
+    while json.loads(up.run("job", job_id, "--json").stdout)["state"] != "retrying":
+        assert time.monotonic() < deadline, up.output()
+        time.sleep(0.2)
+    assert up.interrupt() == 0
+
+    server = smtp_server(mode="plain", port=port)
+    up.start()  # same var/: the embedded Redis reads its AOF back
+    deadline = time.monotonic() + 60
+    while not server.received:
+        assert time.monotonic() < deadline, up.output()
+        time.sleep(0.2)
+    job = json.loads(up.run("job", job_id, "--json").stdout)
+    assert job["state"] == "sent" and job["attempts"] >= 2
+    assert len(server.received) == 1
+    assert up.interrupt() == 0
