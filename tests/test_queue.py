@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from support.queue import QueueEnv, Worker, wait_for
-from support.smtpd import Rule, SmtpServer
+from support.pki import Pki
+from support.queue import WRONG_PASSWORD, QueueEnv, Worker, wait_for
+from support.smtpd import PASSWORD, Rule, SmtpServer
 from worker.client import PayloadError, Producer
 from worker.jobs import Job
 
@@ -338,3 +339,47 @@ def test_cli_send_refuses_clearly_and_delivers_with_wait(
     job = json.loads(done.stdout)
     assert job["state"] == "sent" and job["recipients"]["a@example.net"]["status"] == "sent"
     assert server.received[0].message["Subject"] == "CLI"
+
+
+# ---- secrets --------------------------------------------------------------------------------
+
+
+def test_secrets_never_reach_payloads_records_results_or_logs(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory, pki: Pki
+) -> None:
+    (queue_env.config / "keystores" / "queue-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
+    server = smtp_server(mode="starttls", auth_required=True)
+    tls = {"secure": True, "auth": "password", "truststore": "queue-ca", "user_id": "user@example.com"}
+    good = queue_env.account(unique("secret"), server, password="${QUEUE_TEST_PASSWORD}", **tls)
+    bad = queue_env.account(unique("wrongpw"), server, password="${QUEUE_TEST_WRONG_PASSWORD}", **tls)
+
+    sent = finished(producer, producer.send_notification(good, ["a@example.net"], "Hi", "x"))
+    assert sent.state == "sent" and sent.security is not None and sent.security.startswith("STARTTLS TLSv1.")
+    assert server.received[0].auth_user == "user@example.com"
+    dead = finished(producer, producer.send_notification(bad, ["a@example.net"], "Hi", "x"))
+    assert dead.state == "dead" and dead.attempts == 1
+    assert dead.last_error is not None and "535" in dead.last_error
+
+    shown = [
+        json.dumps(sent.as_dict(with_payload=True)),
+        json.dumps(dead.as_dict(with_payload=True)),
+        cli(queue_env, "job", dead.id, "--json").stdout,
+        cli(queue_env, "dead-letters", "show", dead.id, "--json").stdout,
+        "\n".join(str(v) for k in queue_env.redis.keys("*") for v in _redis_values(queue_env, str(k))),
+        worker.log(),
+    ]
+    for text in shown:
+        assert PASSWORD not in text and WRONG_PASSWORD not in text
+
+
+def _redis_values(env: QueueEnv, key: str) -> list[Any]:
+    kind = env.redis.type(key)
+    if kind == "hash":
+        return list(env.redis.hgetall(key).items())
+    if kind == "string":
+        return [env.redis.get(key)]
+    if kind == "zset":
+        return list(env.redis.zrange(key, 0, -1))
+    if kind == "list":
+        return list(env.redis.lrange(key, 0, -1))
+    return []

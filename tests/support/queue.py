@@ -20,10 +20,11 @@ from typing import Any
 
 import redis
 
-from support.smtpd import SmtpServer
+from support.smtpd import PASSWORD, SmtpServer
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
+WRONG_PASSWORD = "wrong-pass-91c3"
 
 # Fast retries for tests: first retry after ~0.2-0.4 s, redelivery after 10 s.
 FAST_SETTINGS = {
@@ -104,6 +105,9 @@ class QueueEnv:
             "POSTROOM_ACCOUNTS_DIR": str(self.accounts),
             "POSTROOM_CONFIG_DIR": str(self.config),
             "POSTROOM_VAR_DIR": str(root / "var"),
+            # secrets the workers resolve from their environment; tests look for them in every output
+            "QUEUE_TEST_PASSWORD": PASSWORD,
+            "QUEUE_TEST_WRONG_PASSWORD": WRONG_PASSWORD,
             **FAST_SETTINGS,
         }
 
