@@ -383,3 +383,64 @@ def _redis_values(env: QueueEnv, key: str) -> list[Any]:
     if kind == "list":
         return list(env.redis.lrange(key, 0, -1))
     return []
+
+
+# ---- batch jobs -----------------------------------------------------------------------------
+
+
+def test_a_batch_gives_every_message_its_own_fate(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    rules = [
+        Rule("RCPT", 550, "5.1.1 No such user", match="bad"),
+        Rule("RCPT", 451, "4.3.0 Try later", match="later", times=1),
+    ]
+    server = smtp_server(mode="plain", rules=rules)
+    account = queue_env.account(unique("batch"), server)
+    to = ["good@example.net", "bad@example.net", "later@example.net", "also-good@example.net"]
+    job_ids = producer.send_batch(
+        [{"account": account, "to": [rcpt], "subject": f"to {rcpt}", "text": "x"} for rcpt in to]
+    )
+    assert len(set(job_ids)) == 4
+    jobs = dict(zip(to, (finished(producer, j) for j in job_ids), strict=True))
+    assert {rcpt: (job.state, job.attempts) for rcpt, job in jobs.items()} == {
+        "good@example.net": ("sent", 1),
+        "bad@example.net": ("dead", 1),
+        "later@example.net": ("sent", 2),
+        "also-good@example.net": ("sent", 1),
+    }
+    assert len({job.message_id for job in jobs.values()}) == 4
+    time.sleep(0.5)
+    got = sorted(r.rcpt_tos[0] for r in server.received)
+    assert got == ["also-good@example.net", "good@example.net", "later@example.net"]  # each exactly once
+    dead_ids = [r["id"] for r in json.loads(cli(queue_env, "dead-letters", "list", "--json").stdout)]
+    assert jobs["bad@example.net"].id in dead_ids and jobs["good@example.net"].id not in dead_ids
+
+
+def test_a_batch_with_one_bad_message_is_refused_whole(
+    queue_env: QueueEnv, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    account = queue_env.account(unique("badbatch"), smtp_server(mode="plain"))
+    jobs_before = len(queue_env.redis.keys("postroom:job:*"))
+    ok = {"account": account, "to": ["a@example.net"], "text": "x"}
+    with pytest.raises(PayloadError, match=r"messages\[1\]\.to\[0\]"):
+        producer.send_batch([ok, {**ok, "to": ["nope"]}])
+    assert len(queue_env.redis.keys("postroom:job:*")) == jobs_before
+
+
+def test_a_raw_batch_without_job_ids_is_delivered(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("rawbatch"), server)
+    app = Celery("another-producer", broker=queue_env.broker_url, set_as_current=False)
+    try:
+        messages = [{"account": account, "to": [f"r{i}@example.net"], "text": "x"} for i in range(3)]
+        result = app.send_task("postroom.send_batch", kwargs={"messages": messages}, queue="postroom")
+    finally:
+        app.close()
+    jobs = [finished(producer, f"{result.id}-{i}") for i in range(3)]
+    assert [job.state for job in jobs] == ["sent"] * 3
+    assert sorted(r.message["Message-ID"] for r in server.received) == sorted(
+        j.message_id or "" for j in jobs
+    )

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from worker.errors import ConfigurationError, PostroomError
 from worker.jobs import Job, JobStore, new_job_id
 from worker.message import make_message_id
-from worker.payload import QUEUE, TASK_NAME, SendPayload
+from worker.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload
 from worker.records import Records
+from worker.runtime import RECORDS_RECHECK_SECONDS
 from worker.settings import broker_url, redis_url
 
 
@@ -63,6 +64,8 @@ class Producer:
         self._records = records
         self.accounts_dir = accounts_dir
         self.config_dir = config_dir
+        self._loaded: Records | None = None
+        self._loaded_at = 0.0
         if app is None:
             app = Celery("postroom-producer", broker=self.broker, set_as_current=False)
             app.conf.update(
@@ -85,24 +88,35 @@ class Producer:
         self.app.close()
         self.store.redis.close()
 
-    def records(self) -> Records:
-        """Fixed records if given, else read afresh (an account added a moment ago counts)."""
-        return self._records or Records.load(self.accounts_dir, self.config_dir)
+    def records(self, *, fresh: bool = False) -> Records:
+        """Fixed records if given; else read from disk, again after a couple of seconds
+        (or at once with ``fresh``), so an account added a moment ago counts."""
+        if self._records is not None:
+            return self._records
+        now = time.monotonic()
+        if fresh or self._loaded is None or now - self._loaded_at > RECORDS_RECHECK_SECONDS:
+            self._loaded, self._loaded_at = Records.load(self.accounts_dir, self.config_dir), now
+        return self._loaded
 
-    def validate(self, payload: SendPayload | Mapping[str, Any]) -> SendPayload:
+    def validate(self, payload: SendPayload | Mapping[str, Any], *, where: str = "") -> SendPayload:
         """The payload as it will be enqueued, or PayloadError with every reason."""
         try:
             model = payload if isinstance(payload, SendPayload) else SendPayload.model_validate(dict(payload))
         except ValidationError as exc:
-            raise PayloadError(describe_validation_error(exc)) from None
+            raise PayloadError([where + p for p in describe_validation_error(exc)]) from None
+        records = self.records()
+        if model.account not in records.account_names:
+            records = self.records(fresh=True)
         try:
-            account = self.records().account(model.account)
+            account = records.account(model.account)
         except ConfigurationError as exc:
-            raise PayloadError([f"account: {exc}"]) from None
+            raise PayloadError([f"{where}account: {exc}"]) from None
         limit = account.limits.max_recipients_per_message
         count = len(model.to) + len(model.cc) + len(model.bcc)
         if limit and count > limit:
-            raise PayloadError([f"recipients: {count} recipients, over {account.name}'s limit of {limit}"])
+            raise PayloadError(
+                [f"{where}recipients: {count} recipients, over {account.name}'s limit of {limit}"]
+            )
         return model.model_copy(
             update={
                 "message_id": model.message_id or make_message_id(account.from_address),
@@ -126,6 +140,51 @@ class Producer:
             self._undo(model, job_id)
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
         return job_id
+
+    def send_batch(self, payloads: Sequence[SendPayload | Mapping[str, Any]]) -> list[str]:
+        """Validate every payload, then enqueue them as one ``postroom.send_batch`` job.
+
+        Each message still gets a job id of its own (returned in order), its own
+        Message-ID, state, retries and dead-letter entry. One invalid payload
+        refuses the whole batch (PayloadError names it as ``messages[i].field``)
+        and nothing is enqueued. A reused idempotency key returns the job that
+        owns it and that message is left out of the batch.
+        """
+        if not payloads:
+            raise PayloadError(["messages: a batch needs at least one message"])
+        if len(payloads) > MAX_BATCH:
+            raise PayloadError([f"messages: at most {MAX_BATCH} messages per batch, got {len(payloads)}"])
+        problems: list[str] = []
+        models: list[SendPayload] = []
+        for i, payload in enumerate(payloads):
+            try:
+                models.append(self.validate(payload, where=f"messages[{i}]."))
+            except PayloadError as exc:
+                problems += exc.problems
+        if problems:
+            raise PayloadError(problems)
+        job_ids = [new_job_id() for _ in models]
+        result = list(job_ids)
+        fresh: list[tuple[str, SendPayload]] = []
+        try:
+            for i, (job_id, model) in enumerate(zip(job_ids, models, strict=True)):
+                if model.idempotency_key:
+                    owner = self.store.claim_idempotency_key(model.account, model.idempotency_key, job_id)
+                    if owner is not None:
+                        result[i] = owner
+                        continue
+                fresh.append((job_id, model))
+            if fresh:
+                messages = [model.to_task_kwargs() for _, model in fresh]
+                ids = [job_id for job_id, _ in fresh]
+                self.store.create_many(zip(ids, messages, strict=True))
+                kwargs = {"messages": messages, "job_ids": ids}
+                self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
+        except Exception as exc:
+            for job_id, model in fresh:
+                self._undo(model, job_id)
+            raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
+        return result
 
     def _undo(self, model: SendPayload, job_id: str) -> None:
         try:
@@ -236,3 +295,8 @@ def send_notification(
 def send_auto_reply(account: str, original: Mapping[str, Any], text: str | None = None, **kwargs: Any) -> str:
     """Enqueue an auto-reply to ``original`` on the default broker; returns the job id."""
     return default_producer().send_auto_reply(account, original, text, **kwargs)
+
+
+def send_batch(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Enqueue many messages as one batch job on the default broker; returns their job ids."""
+    return default_producer().send_batch(messages)

@@ -138,15 +138,11 @@ class Delivery:
         except ValueError as exc:
             return self._give_up(account.name, reply_to_sender, job_id, f"invalid message: {exc}")
 
-        already = self.store.delivered(message_id)
-        remaining = tuple(r for r in built.recipients if r not in already)
-        if not remaining:
-            return Outcome("sent", reason="already delivered (duplicate suppressed)", recipients=already)
-
         token = f"{job_id}:{attempt}:{time.time()}"
         # outlives any live attempt (the hard time limit kills it) and expires soon after a crash
         claim_ttl = self.settings.time_limit + 5
-        if not self.store.claim_send(message_id, token, claim_ttl):
+        claimed, already = self.store.claim_send(message_id, token, claim_ttl)
+        if not claimed:
             return Outcome(
                 "retry",
                 reason="another attempt is delivering this Message-ID right now",
@@ -154,8 +150,13 @@ class Delivery:
                 recipients=already,
                 counts=False,
             )
+        claim = {"token": token}  # _send gives it up together with the sent mark
+        remaining = tuple(r for r in built.recipients if r not in already)
         try:
+            if not remaining:
+                return Outcome("sent", reason="already delivered (duplicate suppressed)", recipients=already)
             return self._send(
+                claim,
                 job_id,
                 account.name,
                 account.smtp.envelope_from if account.smtp else None,
@@ -167,10 +168,12 @@ class Delivery:
                 reply_to_sender,
             )
         finally:
-            self.store.release_send(message_id, token)
+            if "token" in claim:
+                self.store.release_send(message_id, claim["token"])
 
     def _send(
         self,
+        claim: dict[str, str],
         job_id: str,
         account_name: str,
         envelope_from: str | None,
@@ -217,7 +220,8 @@ class Delivery:
             return Outcome("retry", reason="delivery timed out", transport=transport.name)
 
         accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
-        self.store.mark_delivered(message_id, accepted)  # right after the 250: the duplicate guard
+        # right after the 250: the duplicate guard (and the claim given up, one round trip)
+        self.store.mark_delivered(message_id, accepted, release=claim.pop("token"))
         recipients = {**already, **{a: r.as_dict() for a, r in result.recipients.items()}}
         common = {"recipients": recipients, "transport": result.transport, "security": result.security}
         if result.deferred:

@@ -3,6 +3,7 @@
 Keys (all under ``postroom:``)::
 
     job:<id>                 hash: state, attempts, account, message_id, recipients, last_error, …
+    history:<id>             list: one JSON entry per attempt (newest last, capped)
     delivered:<message_id>   hash: recipient -> JSON result, written right after the server's 250
     claim:<message_id>       the attempt currently talking to a server (expires on its own)
     idem:<account>:<key>     job id that owns an idempotency key
@@ -38,6 +39,39 @@ def _key(*parts: str) -> str:
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
+
+
+def _record_fields(job_id: str, payload: Mapping[str, Any], state: str) -> dict[Any, str | int | float]:
+    now = time.time()
+    return {
+        "id": job_id,
+        "state": state,
+        "attempts": 0,
+        "account": str(payload.get("account", "")),
+        "kind": str(payload.get("kind", "notification")),
+        "message_id": str(payload.get("message_id") or ""),
+        "idempotency_key": str(payload.get("idempotency_key") or ""),
+        "payload": json.dumps(dict(payload)),
+        "recipients": "{}",
+        "created_at": now,
+        "updated_at": now,
+        "enqueued_at": float(payload.get("enqueued_at") or now),
+    }
+
+
+# KEYS[1] job hash; ARGV: now, ttl, JSON of the fields to create the record with when missing.
+_BEGIN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'sent' or state == 'dead' or state == 'suppressed' then return {-1, false} end
+if not state then
+  for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'sending', 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
+"""
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -89,6 +123,8 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
+        self._begin = client.register_script(_BEGIN)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
@@ -110,35 +146,33 @@ class JobStore:
             self.redis.delete(idem)
 
     def create(self, job_id: str, payload: Mapping[str, Any], *, state: str = "queued") -> None:
-        now = time.time()
-        fields: dict[Any, str | int | float] = {
-            "id": job_id,
-            "state": state,
-            "attempts": 0,
-            "account": payload["account"],
-            "kind": payload.get("kind", "notification"),
-            "message_id": payload.get("message_id") or "",
-            "idempotency_key": payload.get("idempotency_key") or "",
-            "payload": json.dumps(dict(payload)),
-            "recipients": "{}",
-            "created_at": now,
-            "updated_at": now,
-            "enqueued_at": payload.get("enqueued_at") or now,
-            "history": "[]",
-        }
-        key = _key("job", job_id)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.job_ttl)
+        self.create_many([(job_id, payload)], state=state)
+
+    def create_many(self, jobs: Iterable[tuple[str, Mapping[str, Any]]], *, state: str = "queued") -> None:
+        """Job records for many jobs in one round trip (batches)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, payload in jobs:
+                key = _key("job", job_id)
+                pipe.hset(key, mapping=_record_fields(job_id, payload, state))
+                pipe.expire(key, self.job_ttl)
             pipe.execute()
 
     def delete(self, job_id: str) -> None:
-        self.redis.delete(_key("job", job_id))
+        self.redis.delete(_key("job", job_id), _key("history", job_id))
+
+    def delete_many(self, job_ids: Iterable[str]) -> None:
+        keys = [k for j in job_ids for k in (_key("job", j), _key("history", j))]
+        if keys:
+            self.redis.delete(*keys)
 
     # ---- reading ---------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        data = cast(dict[str, str], self.redis.hgetall(_key("job", job_id)))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(_key("job", job_id))
+            pipe.lrange(_key("history", job_id), 0, -1)
+            raw, history = pipe.execute()
+        data = cast(dict[str, str], raw)
         if not data:
             return None
         return Job(
@@ -156,37 +190,47 @@ class JobStore:
             updated_at=float(data["updated_at"]) if data.get("updated_at") else None,
             enqueued_at=float(data["enqueued_at"]) if data.get("enqueued_at") else None,
             idempotency_key=data.get("idempotency_key") or None,
-            history=json.loads(data.get("history") or "[]"),
+            history=[json.loads(entry) for entry in history],
             payload=json.loads(data["payload"]) if data.get("payload") else None,
         )
 
     # ---- execution side -----------------------------------------------------------
 
-    def begin_attempt(self, job_id: str, payload: Mapping[str, Any]) -> tuple[int, float]:
-        """Mark the job ``sending`` and count the attempt; creates the record if a
-        producer enqueued without the helper. Returns (attempt number, enqueued at)."""
-        key = _key("job", job_id)
-        if not self.redis.exists(key):
-            self.create(job_id, payload)
-        with self.redis.pipeline() as pipe:
-            pipe.hincrby(key, "attempts", 1)
-            pipe.hset(key, mapping={"state": "sending", "updated_at": time.time()})
-            pipe.expire(key, self.job_ttl)
-            pipe.hget(key, "enqueued_at")
-            attempts, _, _, enqueued_at = pipe.execute()
+    def begin_attempt(self, job_id: str, payload: Mapping[str, Any]) -> tuple[int, float] | None:
+        """Count the attempt and mark the job ``sending``, in one round trip.
+
+        Creates the record for a producer that enqueued without the helper.
+        Returns (attempt number, enqueued at), or None when the job already
+        ended (sent, dead or suppressed): a redelivery after a crash must not
+        start it again.
+        """
+        fields = _record_fields(job_id, payload, "queued")
+        result = self._begin(
+            keys=[_key("job", job_id)],
+            args=[time.time(), self.job_ttl, json.dumps(fields)],
+        )
+        attempts, enqueued_at = cast(list[Any], result)
+        if int(attempts) < 0:
+            return None
         return int(attempts), float(enqueued_at or time.time())
 
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
 
+    def claim_send(self, message_id: str, token: str, ttl: float) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """Claim the Message-ID (only one attempt at a time may talk to a server about
+        it) and read which recipients a server already accepted, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(_key("claim", message_id), token, nx=True, ex=max(int(ttl), 1))
+            pipe.hgetall(_key("delivered", message_id))
+            claimed, raw = pipe.execute()
+        delivered = {rcpt: json.loads(value) for rcpt, value in cast(dict[str, str], raw).items()}
+        return bool(claimed), delivered
+
     def delivered(self, message_id: str) -> dict[str, dict[str, Any]]:
         """Recipients a server already accepted for this Message-ID (never sent again)."""
         raw = cast(dict[str, str], self.redis.hgetall(_key("delivered", message_id)))
         return {rcpt: json.loads(value) for rcpt, value in raw.items()}
-
-    def claim_send(self, message_id: str, token: str, ttl: float) -> bool:
-        """Only one attempt at a time may talk to a server about one Message-ID."""
-        return bool(self.redis.set(_key("claim", message_id), token, nx=True, ex=max(int(ttl), 1)))
 
     def claim_remaining(self, message_id: str) -> float:
         """Seconds until the current claim on ``message_id`` expires (0 when there is none)."""
@@ -198,55 +242,50 @@ class JobStore:
         self.redis.hincrby(_key("job", job_id), "attempts", -1)
 
     def release_send(self, message_id: str, token: str) -> None:
-        key = _key("claim", message_id)
-        # compare-and-delete: never release a claim another attempt took over
-        self.redis.eval(
-            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
-            1,
-            key,
-            token,
-        )
+        """Give the claim up (compare-and-delete: never one another attempt took over)."""
+        self._release(keys=[_key("claim", message_id)], args=[token])
 
-    def mark_delivered(self, message_id: str, accepted: Mapping[str, RecipientStatus]) -> None:
-        """Called right after the server's 250: from now on these recipients are done."""
-        if not accepted:
-            return
+    def mark_delivered(
+        self, message_id: str, accepted: Mapping[str, RecipientStatus], *, release: str | None = None
+    ) -> None:
+        """Called right after the server's 250: from now on these recipients are done.
+        With ``release`` (the claim token), the claim is given up in the same round trip."""
         key = _key("delivered", message_id)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
-            pipe.expire(key, self.job_ttl)
+        with self.redis.pipeline(transaction=False) as pipe:
+            if accepted:
+                pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
+                pipe.expire(key, self.job_ttl)
+            if release is not None:
+                self._release(keys=[_key("claim", message_id)], args=[release], client=pipe)
             pipe.execute()
 
-    def record_attempt(
+    def finish(
         self,
         job_id: str,
+        account: str,
         *,
         state: str,
         attempt: int,
+        error: str | None = None,
         recipients: Mapping[str, Mapping[str, Any]] | None = None,
         transport: str | None = None,
         security: str | None = None,
-        error: str | None = None,
-        outcome: str,
-        duration: float | None = None,
         retry_in: float | None = None,
+        counter: str | None = None,
     ) -> None:
-        key = _key("job", job_id)
-        current = cast(str | None, self.redis.hget(key, "history"))
-        history: list[dict[str, Any]] = json.loads(current or "[]")
-        entry: dict[str, Any] = {"attempt": attempt, "at": time.time(), "outcome": outcome}
+        """Record an attempt's end, its history entry, the account counters and, for
+        ``dead``, the dead-letter entry: one round trip."""
+        now = time.time()
+        entry: dict[str, Any] = {
+            "attempt": attempt,
+            "at": now,
+            "outcome": "retry" if state == "retrying" else state,
+        }
         if error:
             entry["error"] = error
-        if duration is not None:
-            entry["duration_ms"] = round(duration * 1000)
         if retry_in is not None:
             entry["retry_in"] = round(retry_in, 1)
-        history = [*history, entry][-_HISTORY_LIMIT:]
-        fields: dict[Any, str | int | float] = {
-            "state": state,
-            "updated_at": time.time(),
-            "history": json.dumps(history),
-        }
+        fields: dict[Any, str | int | float] = {"state": state, "updated_at": now}
         if recipients is not None:
             fields["recipients"] = json.dumps(dict(recipients))
         if transport:
@@ -255,9 +294,24 @@ class JobStore:
             fields["security"] = security
         if error is not None:
             fields["last_error"] = error
-        with self.redis.pipeline() as pipe:
+        key, history = _key("job", job_id), _key("history", job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.job_ttl)
+            pipe.rpush(history, json.dumps(entry))
+            pipe.ltrim(history, -_HISTORY_LIMIT, -1)
+            if state == "dead":
+                pipe.zadd(_key("dead"), {job_id: now})
+                pipe.hset(key, "failed_at", now)
+                pipe.persist(key)  # dead letters stay until purged
+                pipe.persist(history)
+            else:
+                pipe.expire(key, self.job_ttl)
+                pipe.expire(history, self.job_ttl)
+            if counter == "dead":
+                pipe.hincrby(_key("stats", account), "dead", 1)
+                pipe.hincrby(_key("stats", account), "failed", 1)
+            elif counter:
+                pipe.hincrby(_key("stats", account), counter, 1)
             pipe.execute()
 
     def count(self, account: str, outcome: str, amount: int = 1) -> None:
@@ -283,14 +337,6 @@ class JobStore:
             self.redis.delete(key)
 
     # ---- dead letters --------------------------------------------------------------
-
-    def bury(self, job_id: str, error: str) -> None:
-        now = time.time()
-        with self.redis.pipeline() as pipe:
-            pipe.zadd(_key("dead"), {job_id: now})
-            pipe.hset(_key("job", job_id), mapping={"state": "dead", "failed_at": now, "last_error": error})
-            pipe.persist(_key("job", job_id))  # dead letters stay until purged
-            pipe.execute()
 
     def dead_letters(self) -> list[dict[str, Any]]:
         ids = cast(list[tuple[str, float]], self.redis.zrange(_key("dead"), 0, -1, withscores=True))
@@ -333,6 +379,7 @@ class JobStore:
             )
             pipe.hdel(key, "failed_at")
             pipe.expire(key, self.job_ttl)
+            pipe.expire(_key("history", job_id), self.job_ttl)
             pipe.execute()
         return job.payload
 
@@ -343,7 +390,7 @@ class JobStore:
         removed = 0
         for job_id in ids:
             if self.redis.zrem(_key("dead"), job_id):
-                self.redis.delete(_key("job", job_id))
+                self.delete(job_id)
                 removed += 1
         return removed
 

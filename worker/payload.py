@@ -20,6 +20,8 @@ from worker.fields import Address
 from worker.message import RESERVED_HEADERS, check_header_name, check_header_value
 
 TASK_NAME = "postroom.send"
+BATCH_TASK_NAME = "postroom.send_batch"
+MAX_BATCH = 1000  # messages per postroom.send_batch job
 QUEUE = "postroom"
 DEFAULT_MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 MAX_RECIPIENTS = 500

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Coroutine
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from worker.accounts import EmailAccount
@@ -25,6 +25,7 @@ from worker.transports import Transport, build_transport
 
 T = TypeVar("T")
 RECORDS_RECHECK_SECONDS = 2.0
+BATCH_PARALLELISM = 16
 
 
 class Runtime:
@@ -40,6 +41,8 @@ class Runtime:
         self._records_stamp: tuple[tuple[str, float], ...] = ()
         self._records_checked = 0.0
         self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
+        # runs the messages of a batch job side by side (their sends meet on the one loop)
+        self.executor = ThreadPoolExecutor(BATCH_PARALLELISM, thread_name_prefix="postroom-batch")
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -123,6 +126,7 @@ class Runtime:
             self._thread.join(timeout)
         if not self.loop.is_running():
             self.loop.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 _runtime: Runtime | None = None

@@ -1,12 +1,20 @@
-"""The Celery task: thin by design. The retry policy is decided by error class
-(in :mod:`worker.delivery`) and the settings, not inside the task body."""
+"""The Celery tasks: thin by design.
+
+``postroom.send`` delivers one message; ``postroom.send_batch`` carries many
+(fan-out notifications) in one broker message, each with its own job id,
+Message-ID, state, retries and dead-letter entry. Both run every message
+through :func:`attempt`; the retry policy is decided there from the error
+class and the settings, never inside the delivery code. A message of a batch
+that must be retried leaves the batch as a ``postroom.send`` job of its own,
+so a failure of one never resends the others.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Task
@@ -16,7 +24,7 @@ from pydantic import ValidationError
 from worker.app import app, settings
 from worker.delivery import Delivery, Outcome
 from worker.jobs import JobStore
-from worker.payload import TASK_NAME, SendPayload
+from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
 from worker.runtime import get_runtime
 from worker.settings import redis_url
 
@@ -39,33 +47,48 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=None)
-def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
-    """Deliver one message (``postroom.send``); see the README for the payload."""
-    job_id = str(self.request.id)
+@dataclass(frozen=True)
+class Step:
+    """What one attempt at one message ended with."""
+
+    state: str  # sent | suppressed | dead | retrying | skipped
+    reason: str | None = None
+    retry_in: float | None = None  # set when state is "retrying"
+
+    def summary(self) -> dict[str, Any]:
+        return {"state": self.state, "reason": self.reason}
+
+
+def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
+    """One attempt at one message: validate, deliver, classify, record."""
     store = job_store()
-    policy = settings.retry
     try:
         payload = SendPayload.model_validate(kwargs)
     except ValidationError as exc:
         reason = f"invalid payload: {_describe(exc)}"
-        store.begin_attempt(job_id, {"account": str(kwargs.get("account", "?")), **_safe(kwargs)})
-        store.record_attempt(job_id, state="dead", attempt=1, error=reason, outcome="dead")
-        store.bury(job_id, reason)
-        return {"state": "dead", "reason": reason}
+        account = str(kwargs.get("account", "?"))
+        store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
+        store.finish(job_id, account, state="dead", attempt=1, error=reason)
+        return Step("dead", reason)
 
-    attempt, enqueued_at = store.begin_attempt(job_id, payload.to_task_kwargs())
+    begun = store.begin_attempt(job_id, payload.to_task_kwargs())
+    if begun is None:  # a redelivery of a job that already ended (e.g. a worker died before its ack)
+        return Step("skipped", "job already finished")
+    attempt_no, enqueued_at = begun
     age = time.time() - enqueued_at
-    if attempt > policy.max_attempts or age > policy.max_age:
+    policy = settings.retry
+    if attempt_no > policy.max_attempts or age > policy.max_age:
         why = (
-            f"{attempt - 1} attempts"
-            if attempt > policy.max_attempts
-            else f"older than {policy.max_age:.0f}s"
+            f"{attempt_no - 1} attempts"
+            if attempt_no > policy.max_attempts
+            else f"max_age {policy.max_age:.0f}s"
         )
-        return _finish(store, job_id, payload, attempt, Outcome("dead", reason=f"retries exhausted ({why})"))
+        return _finish(
+            store, job_id, payload, attempt_no, Outcome("dead", reason=f"retries exhausted ({why})")
+        )
 
     try:
-        outcome = Delivery(store, get_runtime(), settings).run(job_id, payload, attempt)
+        outcome = Delivery(store, get_runtime(), settings).run(job_id, payload, attempt_no)
     except SoftTimeLimitExceeded:
         outcome = Outcome("retry", reason="soft time limit exceeded")
     except Exception as exc:  # a bug or an unexpected library error: bounded retries, then dead
@@ -73,22 +96,62 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
         outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
 
     if outcome.state == "retry":
-        outcome, delay = _retry_plan(store, job_id, attempt, age, outcome)
+        outcome, delay = _retry_plan(store, job_id, attempt_no, age, outcome)
         if outcome.state == "retry":
-            _record(store, job_id, attempt, outcome, state="retrying", retry_in=delay)
-            if outcome.counts:
-                store.count(payload.account, "retried")
-            try:
-                raise self.retry(countdown=delay, kwargs=kwargs)
-            except Retry:
-                raise
-            except Exception as exc:  # could not publish the retry: give the message back
-                raise Reject(f"retry could not be scheduled: {exc}", requeue=True) from exc
-    return _finish(store, job_id, payload, attempt, outcome)
+            store.finish(
+                job_id,
+                payload.account,
+                state="retrying",
+                attempt=attempt_no,
+                error=outcome.reason,
+                recipients=outcome.recipients or None,
+                transport=outcome.transport,
+                security=outcome.security,
+                retry_in=delay,
+                counter="retried" if outcome.counts else None,
+            )
+            return Step("retrying", outcome.reason, retry_in=delay)
+    return _finish(store, job_id, payload, attempt_no, outcome)
+
+
+@app.task(name=TASK_NAME, bind=True, max_retries=None)
+def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
+    """Deliver one message (``postroom.send``); see the README for the payload."""
+    step = attempt(str(self.request.id), kwargs)
+    if step.retry_in is not None:
+        try:
+            raise self.retry(countdown=step.retry_in, kwargs=kwargs)
+        except Retry:
+            raise
+        except Exception as exc:  # could not publish the retry: give the message back
+            raise Reject(f"retry could not be scheduled: {exc}", requeue=True) from exc
+    return step.summary()
+
+
+@app.task(name=BATCH_TASK_NAME, bind=True, max_retries=None)
+def send_batch(
+    self: Task[Any, Any], /, messages: list[dict[str, Any]], job_ids: list[str] | None = None
+) -> dict[str, Any]:
+    """Deliver many messages (``postroom.send_batch``), several at a time.
+
+    ``job_ids`` (one per message) come from the producer helper; a producer
+    that omits them gets ``<batch task id>-<index>``.
+    """
+    if job_ids is None or len(job_ids) != len(messages):
+        job_ids = [f"{self.request.id}-{i}" for i in range(len(messages))]
+    runtime = get_runtime()
+    steps = list(runtime.executor.map(lambda pair: attempt(*pair), zip(job_ids, messages, strict=True)))
+    counts: dict[str, int] = {}
+    for job_id, kwargs, step in zip(job_ids, messages, steps, strict=True):
+        counts[step.state] = counts.get(step.state, 0) + 1
+        if step.retry_in is not None:
+            # the message leaves the batch: its retries are its own
+            app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=step.retry_in)
+    return counts
 
 
 def _retry_plan(
-    store: JobStore, job_id: str, attempt: int, age: float, outcome: Outcome
+    store: JobStore, job_id: str, attempt_no: int, age: float, outcome: Outcome
 ) -> tuple[Outcome, float]:
     """When to try again, or the dead-letter outcome when attempts or age run out.
 
@@ -98,13 +161,13 @@ def _retry_plan(
     """
     policy = settings.retry
     if outcome.counts:
-        delay = policy.delay(attempt, outcome.retry_after)
+        delay = policy.delay(attempt_no, outcome.retry_after)
     else:
         store.uncount_attempt(job_id)
         delay = min((outcome.retry_after or 0) + random.uniform(0.1, 1.0), settings.visibility_timeout / 2)
     why = None
-    if outcome.counts and attempt >= policy.max_attempts:
-        why = f"{attempt} attempts"
+    if outcome.counts and attempt_no >= policy.max_attempts:
+        why = f"{attempt_no} attempts"
     elif age + delay > policy.max_age:
         why = f"max_age {policy.max_age:.0f}s"
     if why is None:
@@ -117,30 +180,16 @@ def _safe(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(k, str) and k != "account"}
 
 
-def _record(
-    store: JobStore, job_id: str, attempt: int, outcome: Outcome, *, state: str, retry_in: float | None = None
-) -> None:
-    store.record_attempt(
+def _finish(store: JobStore, job_id: str, payload: SendPayload, attempt_no: int, outcome: Outcome) -> Step:
+    store.finish(
         job_id,
-        state=state,
-        attempt=attempt,
+        payload.account,
+        state=outcome.state,
+        attempt=attempt_no,
+        error=outcome.reason,
         recipients=outcome.recipients or None,
         transport=outcome.transport,
         security=outcome.security,
-        error=outcome.reason if state != "sent" or outcome.reason else None,
-        outcome=outcome.state,
-        retry_in=retry_in,
+        counter=outcome.state,
     )
-
-
-def _finish(
-    store: JobStore, job_id: str, payload: SendPayload, attempt: int, outcome: Outcome
-) -> dict[str, Any]:
-    _record(store, job_id, attempt, outcome, state=outcome.state)
-    if outcome.state == "dead":
-        store.bury(job_id, outcome.reason or "failed")
-        store.count(payload.account, "dead")
-        store.count(payload.account, "failed")
-    else:
-        store.count(payload.account, outcome.state)
-    return {"state": outcome.state, "reason": outcome.reason}
+    return Step(outcome.state, outcome.reason)
