@@ -55,7 +55,7 @@ def queue_env(real_redis: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="session")
 def worker(queue_env: QueueEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    """One real Celery worker (prefork, 2 processes) shared by the queue tests."""
+    """One real Celery worker (one process, the default threads pool, 2 task threads) for the queue tests."""
     running = Worker(queue_env, tmp_path_factory.mktemp("logs") / "worker.log").start()
     yield running
     running.stop()

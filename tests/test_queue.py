@@ -444,3 +444,19 @@ def test_a_raw_batch_without_job_ids_is_delivered(
     assert sorted(r.message["Message-ID"] for r in server.received) == sorted(
         j.message_id or "" for j in jobs
     )
+
+
+def test_a_slow_server_does_not_hold_up_other_sends_of_the_same_worker_process(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    slow = smtp_server(mode="plain", stall_mail_after=0, stall_seconds=3)
+    fast = smtp_server(mode="plain")
+    slow_account = queue_env.account(unique("slow"), slow)
+    fast_account = queue_env.account(unique("fast"), fast)
+    slow_job = producer.send_notification(slow_account, ["a@example.net"], "slow", "x")
+    wait_for(slow.stalled.is_set, 10, "the slow server to stall", worker)
+    started = time.monotonic()
+    fast_job = finished(producer, producer.send_notification(fast_account, ["b@example.net"], "fast", "x"))
+    assert fast_job.state == "sent" and time.monotonic() - started < 2.5
+    assert slow.received == []  # still waiting on the slow server meanwhile
+    assert finished(producer, slow_job).state == "sent"

@@ -43,7 +43,7 @@ class Up:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [POSTROOM, "up", "--concurrency", "1"],
+                [POSTROOM, "up", "--processes", "1", "--concurrency", "4"],
                 cwd=self.root,
                 env=self.env,
                 stdout=log,

@@ -58,6 +58,7 @@ app.conf.update(
     },
     worker_send_task_events=True,  # Flower works unchanged
     task_send_sent_event=True,
+    worker_pool=settings.worker_pool,
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,
     enable_utc=True,

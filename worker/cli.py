@@ -459,14 +459,15 @@ def dev_smtp(host: str, port: int, list_only: bool, as_json: bool) -> None:
 
 
 @main.command("up")
-@click.option("--concurrency", type=int, default=None, help="Worker processes.")
+@click.option("--processes", type=int, default=None, help="Worker processes (default: one per CPU core).")
+@click.option("--concurrency", type=int, default=None, help="Task threads per worker process (default 16).")
 @click.option("--no-dev-smtp", is_flag=True, help="Do not start the development mail catcher.")
-def up_command(concurrency: int | None, no_dev_smtp: bool) -> None:
+def up_command(processes: int | None, concurrency: int | None, no_dev_smtp: bool) -> None:
     """Everything on one machine: broker (embedded unless POSTROOM_BROKER_URL), worker, beat,
     and the dev mail catcher. Ctrl-C stops it cleanly; nothing enqueued is lost."""
     from worker.supervisor import run_up
 
-    sys.exit(run_up(concurrency=concurrency, dev_smtp=not no_dev_smtp))
+    sys.exit(run_up(processes=processes, concurrency=concurrency, dev_smtp=not no_dev_smtp))
 
 
 if __name__ == "__main__":

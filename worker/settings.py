@@ -21,6 +21,8 @@ import yaml
 from worker.errors import ConfigurationError
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+WORKER_POOLS = ("threads", "prefork")
+_INTEGERS = frozenset({"max_attempts", "worker_concurrency", "worker_processes"})
 
 
 def accounts_dir() -> Path:
@@ -87,7 +89,11 @@ class Settings:
     visibility_timeout: float = 3600.0  # kombu redelivers unacked messages older than this
     soft_time_limit: float = 300.0
     time_limit: float = 360.0
-    worker_concurrency: int = 4
+    # Celery's threads pool: every task thread of a process shares its one event loop and
+    # account pools, so a slow server never stalls other sends; "prefork" is the classic pool.
+    worker_pool: str = "threads"
+    worker_concurrency: int = 16  # task threads (or processes, with prefork) per worker
+    worker_processes: int = 0  # worker processes `postroom up` runs; 0 = one per CPU core
 
     def check(self) -> None:
         """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
@@ -100,6 +106,10 @@ class Settings:
             raise ConfigurationError(
                 f"settings: retry.max_delay ({self.retry.max_delay}) must stay below half the "
                 f"visibility_timeout ({self.visibility_timeout}): kombu would redeliver the ETA message"
+            )
+        if self.worker_pool not in WORKER_POOLS:
+            raise ConfigurationError(
+                f"settings: worker_pool must be one of {', '.join(WORKER_POOLS)} (got {self.worker_pool!r})"
             )
         if self.retry.max_attempts < 1:
             raise ConfigurationError("settings: retry.max_attempts must be at least 1")
@@ -116,6 +126,7 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_SOFT_TIME_LIMIT": ("soft_time_limit", None),
     "POSTROOM_TIME_LIMIT": ("time_limit", None),
     "POSTROOM_WORKER_CONCURRENCY": ("worker_concurrency", None),
+    "POSTROOM_WORKER_PROCESSES": ("worker_processes", None),
 }
 
 
@@ -150,13 +161,16 @@ def load_settings() -> Settings:
     unknown = set(top) - settings_fields
     if unknown:
         raise ConfigurationError(f"{path}: unknown keys {sorted(unknown)}")
+    pool = os.environ.get("POSTROOM_WORKER_POOL") or str(top.pop("worker_pool", "threads"))
+    top.pop("worker_pool", None)
     settings = Settings(
         retry=retry,
-        **{k: _number(f"{path}: {k}", v, k == "worker_concurrency") for k, v in top.items()},  # type: ignore[arg-type]
+        worker_pool=pool,
+        **{k: _number(f"{path}: {k}", v, k in _INTEGERS) for k, v in top.items()},  # type: ignore[arg-type]
     )
     for env, (name, group) in _ENV_NUMBERS.items():
         if env in os.environ:
-            value = _number(env, os.environ[env], name in ("max_attempts", "worker_concurrency"))
+            value = _number(env, os.environ[env], name in _INTEGERS)
             if group == "retry":
                 retry = replace(settings.retry, **{name: value})  # type: ignore[arg-type]
                 settings = replace(settings, retry=retry)

@@ -43,7 +43,7 @@ def _wants_catcher(records: Records) -> bool:
     )
 
 
-def run_up(*, concurrency: int | None = None, dev_smtp: bool = True) -> int:
+def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_smtp: bool = True) -> int:
     settings = load_settings()
     var = var_dir()
     var.mkdir(parents=True, exist_ok=True)
@@ -80,11 +80,13 @@ def run_up(*, concurrency: int | None = None, dev_smtp: bool = True) -> int:
             else:
                 start("dev-smtp", [sys.executable, "-m", "worker.cli", "dev-smtp"])
         celery = [sys.executable, "-m", "celery", "-A", "worker.app"]
-        start(
-            "worker",
-            [*celery, "worker", "-Q", "postroom", "-l", "INFO", "-n", "postroom@%h",
-             "-c", str(concurrency or settings.worker_concurrency)],
-        )  # fmt: skip
+        count = processes or settings.worker_processes or os.cpu_count() or 1
+        for n in range(1, count + 1):
+            start(
+                f"worker-{n}",
+                [*celery, "worker", "-Q", "postroom", "-l", "INFO", "-n", f"postroom-{n}@%h",
+                 "-P", settings.worker_pool, "-c", str(concurrency or settings.worker_concurrency)],
+            )  # fmt: skip
         start("beat", [*celery, "beat", "-l", "INFO", "-s", str(Path(var, "celerybeat-schedule"))])
         _say(
             "ready. Try: postroom send --account dev --to you@example.com --subject Hello "
@@ -113,17 +115,19 @@ def _stop(
     worker_grace: float,
     failed: str | None,
 ) -> int:
-    _say("stopping (worker first, broker last)")
-    for name in ("worker", "beat", "dev-smtp"):
-        proc = children.get(name)
-        if proc is None or proc.poll() is not None:
-            continue
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(worker_grace + 5 if name == "worker" else 10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    _say("stopping (workers first, broker last)")
+    workers = [name for name in children if name.startswith("worker")]
+    for group, grace in ((workers, worker_grace + 5), (["beat", "dev-smtp"], 10.0)):
+        running = [children[n] for n in group if n in children and children[n].poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish, the rest go back
+        deadline = time.monotonic() + grace
+        for proc in running:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     if embedded is not None:
         embedded.stop()
         marker.unlink(missing_ok=True)
