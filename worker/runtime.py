@@ -102,7 +102,7 @@ class Runtime:
         """The pooled transport for ``account``; replaced when its record changed."""
         with self._lock:
             cached = self._transports.get(account.name)
-            if cached is not None and cached[0] == account:
+            if cached is not None and (cached[0] is account or cached[0] == account):
                 return cached[1]
             records = self._records or Records.load()
             transport = build_transport(account, records)
