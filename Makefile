@@ -43,3 +43,8 @@ run: venv
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
+
+# Throughput against baselines run side by side (bench/RESULTS.md); ARGS=--quick for a smoke run.
+.PHONY: bench
+bench: venv
+	$(BIN)/python bench/run.py $(ARGS)

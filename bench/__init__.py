@@ -1,0 +1,1 @@
+"""Postroom's end-to-end throughput bench (``make bench``); see ``run.py``."""
