@@ -56,8 +56,8 @@ app.conf.update(
         "interval_step": 0.5,
         "interval_max": 2,
     },
-    worker_send_task_events=True,  # Flower works unchanged
-    task_send_sent_event=True,
+    worker_send_task_events=bool(settings.task_events),  # Flower works unchanged
+    task_send_sent_event=bool(settings.task_events),
     worker_pool=settings.worker_pool,
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,

@@ -1,0 +1,64 @@
+"""config/settings.yaml and its POSTROOM_* overrides (DESIGN §3, §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigurationError
+from worker.settings import load_settings, redis_url
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_settings_load_and_keep_the_time_limit_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    settings = load_settings()
+    assert settings.soft_time_limit < settings.time_limit < settings.visibility_timeout
+    assert settings.retry.max_delay <= settings.visibility_timeout / 2
+    assert settings.worker_pool == "threads" and settings.task_events == 1
+
+
+def test_environment_overrides_each_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("POSTROOM_RETRY_BASE_DELAY", "5")
+    monkeypatch.setenv("POSTROOM_RETRY_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("POSTROOM_WORKER_POOL", "prefork")
+    monkeypatch.setenv("POSTROOM_TASK_EVENTS", "0")
+    settings = load_settings()
+    assert settings.retry.base_delay == 5.0 and settings.retry.max_attempts == 3
+    assert settings.worker_pool == "prefork" and settings.task_events == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("retry: {max_delay: 3000}\n", "must stay below half the visibility_timeout"),
+        ("soft_time_limit: 400\n", "need soft_time_limit < time_limit < visibility_timeout"),
+        ("worker_pool: gevent\n", "worker_pool must be one of threads, prefork"),
+        ("retry: {max_atempts: 3}\n", "retry: unknown keys ['max_atempts']"),
+        ("retry: {base_delay: soon}\n", "retry.base_delay: expected a number"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    (tmp_path / "settings.yaml").write_text(text)
+    monkeypatch.setenv("POSTROOM_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ConfigurationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings()
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    policy = load_settings().retry
+    first = [policy.delay(1) for _ in range(50)]
+    assert all(policy.base_delay / 2 <= d <= policy.base_delay for d in first) and len(set(first)) > 1
+    assert all(d <= policy.max_delay for d in (policy.delay(30) for _ in range(50)))
+    assert policy.delay(1, retry_after=120) >= 120
+
+
+def test_embedded_broker_url_maps_to_a_redis_socket_url() -> None:
+    assert redis_url("redis+socket:///tmp/x/redis.sock") == "unix:///tmp/x/redis.sock?db=0"
+    assert redis_url("redis://127.0.0.1:6379/3") == "redis://127.0.0.1:6379/3"
