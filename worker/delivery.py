@@ -23,7 +23,6 @@ from worker.errors import (
     AuthenticationFailed,
     ConfigurationError,
     DeliveryError,
-    PermanentError,
     RecipientStatus,
     TransientError,
 )
@@ -32,7 +31,7 @@ from worker.message import Attachment, MessageSpec, build_message
 from worker.payload import SendPayload
 from worker.runtime import Runtime
 from worker.settings import Settings
-from worker.transports import OutgoingMessage
+from worker.transports import OutgoingMessage, SendResult
 
 log = logging.getLogger("postroom.delivery")
 
@@ -194,26 +193,9 @@ class Delivery:
         try:
             result = self.runtime.run(transport.send(outgoing), timeout=self.settings.soft_time_limit)
         except DeliveryError as exc:
-            recipients = {**already, **{a: r.as_dict() for a, r in exc.recipients.items()}}
-            for rcpt in remaining:
-                recipients.setdefault(
-                    rcpt,
-                    RecipientStatus(
-                        "deferred" if exc.transient else "failed", exc.code, exc.server_text or exc.reason
-                    ).as_dict(),
-                )
-            common = {
-                "recipients": recipients,
-                "transport": exc.transport or transport.name,
-                "code": exc.code,
-            }
-            if isinstance(exc, TransientError):
-                return Outcome("retry", reason=str(exc), retry_after=exc.retry_after, **common)  # type: ignore[arg-type]
-            if isinstance(exc, AuthenticationFailed):
-                self.store.redis.set(f"postroom:account-flag:{account_name}", str(exc))
-            assert isinstance(exc, PermanentError)
-            self._release_window(account_name, reply_to_sender, job_id)
-            return Outcome("dead", reason=str(exc), **common)  # type: ignore[arg-type]
+            outcome = outcome_for_error(exc, transport.name, remaining, already)
+            self._after_failure(outcome, exc, account_name, reply_to_sender, job_id)
+            return outcome
         except ConfigurationError as exc:
             return self._give_up(account_name, reply_to_sender, job_id, f"configuration: {exc}")
         except TimeoutError:
@@ -222,25 +204,15 @@ class Delivery:
         accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
         # right after the 250: the duplicate guard (and the claim given up, one round trip)
         self.store.mark_delivered(message_id, accepted, release=claim.pop("token"))
-        recipients = {**already, **{a: r.as_dict() for a, r in result.recipients.items()}}
-        common = {"recipients": recipients, "transport": result.transport, "security": result.security}
-        if result.deferred:
-            first = result.recipients[result.deferred[0]]
-            return Outcome(
-                "retry",
-                reason=f"{len(result.deferred)} recipient(s) deferred: {first.code} {first.message}",
-                code=first.code,
-                **common,  # type: ignore[arg-type]
-            )
-        if result.failed:
-            first = result.recipients[result.failed[0]]
-            return Outcome(
-                "sent",
-                reason=f"{len(result.failed)} recipient(s) refused: {first.code} {first.message}",
-                code=first.code,
-                **common,  # type: ignore[arg-type]
-            )
-        return Outcome("sent", code=250, **common)  # type: ignore[arg-type]
+        return outcome_for_result(result, already)
+
+    def _after_failure(
+        self, outcome: Outcome, exc: DeliveryError, account: str, reply_to_sender: str | None, job_id: str
+    ) -> None:
+        if isinstance(exc, AuthenticationFailed):
+            self.store.redis.set(f"postroom:account-flag:{account}", str(exc))
+        if outcome.state == "dead":
+            self._release_window(account, reply_to_sender, job_id)
 
     def _give_up(self, account: str, reply_to_sender: str | None, job_id: str, reason: str) -> Outcome:
         self._release_window(account, reply_to_sender, job_id)
@@ -249,3 +221,45 @@ class Delivery:
     def _release_window(self, account: str, reply_to_sender: str | None, job_id: str) -> None:
         if reply_to_sender is not None:
             self.store.release_auto_reply(account, reply_to_sender, job_id)
+
+
+def outcome_for_error(
+    exc: DeliveryError, transport: str, remaining: tuple[str, ...], already: dict[str, dict[str, Any]]
+) -> Outcome:
+    """A failed attempt: retry for the transient family, dead letter for the permanent one."""
+    recipients = {**already, **{a: r.as_dict() for a, r in exc.recipients.items()}}
+    for rcpt in remaining:
+        recipients.setdefault(
+            rcpt,
+            RecipientStatus(
+                "deferred" if exc.transient else "failed", exc.code, exc.server_text or exc.reason
+            ).as_dict(),
+        )
+    state: State = "retry" if isinstance(exc, TransientError) else "dead"
+    return Outcome(
+        state,
+        reason=str(exc),
+        retry_after=exc.retry_after if state == "retry" else None,
+        recipients=recipients,
+        transport=exc.transport or transport,
+        code=exc.code,
+    )
+
+
+def outcome_for_result(result: SendResult, already: dict[str, dict[str, Any]]) -> Outcome:
+    """An attempt the server answered: sent, or retry for the recipients it deferred."""
+    recipients = {**already, **{a: r.as_dict() for a, r in result.recipients.items()}}
+    common: dict[str, Any] = {
+        "recipients": recipients,
+        "transport": result.transport,
+        "security": result.security,
+    }
+    if result.deferred:
+        first = result.recipients[result.deferred[0]]
+        reason = f"{len(result.deferred)} recipient(s) deferred: {first.code} {first.message}"
+        return Outcome("retry", reason=reason, code=first.code, **common)
+    if result.failed:
+        first = result.recipients[result.failed[0]]
+        reason = f"{len(result.failed)} recipient(s) refused: {first.code} {first.message}"
+        return Outcome("sent", reason=reason, code=first.code, **common)
+    return Outcome("sent", code=250, **common)

@@ -25,7 +25,7 @@ from worker.transports import Transport, build_transport
 
 T = TypeVar("T")
 RECORDS_RECHECK_SECONDS = 2.0
-BATCH_PARALLELISM = 16
+BATCH_PARALLELISM = int(os.environ.get("POSTROOM_BATCH_PARALLELISM", "16"))
 
 
 class Runtime:
