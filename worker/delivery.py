@@ -13,6 +13,7 @@ server's 250 and that write.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from worker.errors import (
     RecipientStatus,
     TransientError,
 )
-from worker.jobs import JobStore
+from worker.jobs import AsyncMarks, JobStore
 from worker.message import Attachment, MessageSpec, build_message
 from worker.payload import SendPayload
 from worker.runtime import Runtime
@@ -50,6 +51,24 @@ class Outcome:
     counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
 
 
+def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
+    """One line per delivery attempt (never a secret: outcomes carry server replies only)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    log.info(
+        "delivery job=%s account=%s attempt=%d transport=%s security=%s outcome=%s code=%s duration_ms=%d%s",
+        job_id,
+        account,
+        attempt,
+        outcome.transport or "-",
+        outcome.security or "-",
+        outcome.state,
+        outcome.code if outcome.code is not None else "-",
+        round(seconds * 1000),
+        f" reason={outcome.reason!r}" if outcome.reason else "",
+    )
+
+
 def stable_message_id(job_id: str, from_address: str) -> str:
     """A Message-ID derived from the job id, for producers that did not send one."""
     domain = from_address.rsplit("@", 1)[-1]
@@ -65,19 +84,7 @@ class Delivery:
     def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
         started = time.monotonic()
         outcome = self._run(job_id, payload, attempt)
-        log.info(
-            "delivery job=%s account=%s attempt=%d transport=%s security=%s outcome=%s code=%s "
-            "duration_ms=%d%s",
-            job_id,
-            payload.account,
-            attempt,
-            outcome.transport or "-",
-            outcome.security or "-",
-            outcome.state,
-            outcome.code if outcome.code is not None else "-",
-            round((time.monotonic() - started) * 1000),
-            f" reason={outcome.reason!r}" if outcome.reason else "",
-        )
+        log_attempt(job_id, payload.account, attempt, outcome, time.monotonic() - started)
         return outcome
 
     def _run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
@@ -263,3 +270,142 @@ def outcome_for_result(result: SendResult, already: dict[str, dict[str, Any]]) -
         reason = f"{len(result.failed)} recipient(s) refused: {first.code} {first.message}"
         return Outcome("sent", reason=reason, code=first.code, **common)
     return Outcome("sent", code=250, **common)
+
+
+@dataclass
+class _Pending:
+    """One message of a batch on its way to a server."""
+
+    index: int
+    account: str
+    message_id: str
+    token: str
+    recipients: tuple[str, ...]
+    transport: Any
+    sender: str
+    data: bytes
+    already: dict[str, dict[str, Any]] = field(default_factory=dict)
+    marked: bool = False
+
+    @property
+    def remaining(self) -> tuple[str, ...]:
+        return tuple(r for r in self.recipients if r not in self.already)
+
+
+class BatchDelivery:
+    """The same pipeline for many messages at once (``postroom.send_batch``).
+
+    The Redis work of the whole batch is pipelined (one round trip to claim,
+    one to record), and every send of the batch runs on the process's event
+    loop in one go, each message marked sent from the loop right after its
+    250. Auto-replies take the one-message path (their window is per sender).
+    """
+
+    def __init__(self, store: JobStore, marks: AsyncMarks, runtime: Runtime, settings: Settings) -> None:
+        self.store = store
+        self.marks = marks
+        self.runtime = runtime
+        self.settings = settings
+        self.single = Delivery(store, runtime, settings)
+
+    def run(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        ready: list[_Pending] = []
+        records = self.runtime.records()
+        for i, (job_id, payload, attempt) in enumerate(items):
+            if payload.kind == "auto-reply":
+                outcomes[i] = self.single.run(job_id, payload, attempt)
+                continue
+            try:
+                if payload.account not in records.account_names:
+                    records = self.runtime.records(fresh=True)
+                account = records.account(payload.account)
+                transport = self.runtime.transport(account)
+            except ConfigurationError as exc:
+                outcomes[i] = Outcome("dead", reason=f"configuration: {exc}")
+                continue
+            message_id = payload.message_id
+            if message_id is None:  # a producer that called send_task without the helper
+                message_id = stable_message_id(job_id, account.from_address)
+                self.store.note_message_id(job_id, message_id)
+            try:
+                message = build_message(_spec(account, payload, message_id))
+            except ValueError as exc:
+                outcomes[i] = Outcome("dead", reason=f"invalid message: {exc}")
+                continue
+            sender = (account.smtp.envelope_from if account.smtp else None) or account.from_address
+            token = f"{job_id}:{attempt}:{time.time()}"
+            ready.append(
+                _Pending(
+                    i, account.name, message_id, token, message.recipients, transport, sender, message.data
+                )
+            )
+
+        claims = self.store.claim_many([(p.message_id, p.token) for p in ready], self.settings.time_limit + 5)
+        pending: list[_Pending] = []
+        for p, (claimed, already) in zip(ready, claims, strict=True):
+            p.already = already
+            if claimed:
+                pending.append(p)
+            else:
+                outcomes[p.index] = Outcome(
+                    "retry",
+                    reason="another attempt is delivering this Message-ID right now",
+                    retry_after=self.store.claim_remaining(p.message_id),
+                    recipients=already,
+                    counts=False,
+                )
+        try:
+            for p, outcome in zip(pending, self._send_all(pending), strict=True):
+                outcomes[p.index] = outcome
+        finally:
+            self.store.release_many([(p.message_id, p.token) for p in pending if not p.marked])
+        return [outcomes.get(i, Outcome("retry", reason="not attempted")) for i in range(len(items))]
+
+    def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
+        async def one(p: _Pending) -> Outcome:
+            remaining = p.remaining
+            if not remaining:
+                return Outcome(
+                    "sent", reason="already delivered (duplicate suppressed)", recipients=p.already
+                )
+            try:
+                result = await p.transport.send(OutgoingMessage(p.message_id, p.sender, remaining, p.data))
+            except DeliveryError as exc:
+                if isinstance(exc, AuthenticationFailed):
+                    await self.marks.redis.set(f"postroom:account-flag:{p.account}", str(exc))
+                return outcome_for_error(exc, p.transport.name, remaining, p.already)
+            except ConfigurationError as exc:
+                return Outcome("dead", reason=f"configuration: {exc}")
+            accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
+            await self.marks.mark_delivered(p.message_id, accepted, p.token)  # right after the 250
+            p.marked = True
+            return outcome_for_result(result, p.already)
+
+        async def everything() -> list[Outcome]:
+            return list(await asyncio.gather(*(one(p) for p in pending)))
+
+        if not pending:
+            return []
+        try:
+            return self.runtime.run(everything(), timeout=self.settings.soft_time_limit)
+        except TimeoutError:
+            return [Outcome("retry", reason="delivery timed out") for _ in pending]
+
+
+def _spec(account: Any, payload: SendPayload, message_id: str) -> MessageSpec:
+    return MessageSpec(
+        from_address=account.from_address,
+        display_name=account.display_name,
+        reply_to=account.reply_to,
+        to=list(payload.to),
+        cc=list(payload.cc),
+        bcc=list(payload.bcc),
+        subject=payload.subject,
+        text=payload.text,
+        html=payload.html,
+        attachments=[Attachment(a.filename, a.content_type, a.content()) for a in payload.attachments],
+        headers=dict(payload.headers),
+        message_id=message_id,
+        date=payload.enqueued_at,
+    )

@@ -17,6 +17,7 @@ names, errors carry server replies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -59,11 +60,13 @@ def _record_fields(job_id: str, payload: Mapping[str, Any], state: str) -> dict[
     }
 
 
-# KEYS[1] job hash; ARGV: now, ttl, JSON of the fields to create the record with when missing.
+# KEYS[1] job hash; ARGV: now, ttl, JSON of the fields to create the record with when missing
+# (empty: report a missing record as -2 instead; -1 means the job already ended).
 _BEGIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'sent' or state == 'dead' or state == 'suppressed' then return {-1, false} end
 if not state then
+  if ARGV[3] == '' then return {-2, false} end
   for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -214,6 +217,50 @@ class JobStore:
             return None
         return int(attempts), float(enqueued_at or time.time())
 
+    def begin_many(self, jobs: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[int, float] | None]:
+        """:meth:`begin_attempt` for a whole batch in one round trip."""
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in jobs:  # records normally exist: try without the fields to create them
+                self._begin(keys=[_key("job", job_id)], args=[now, self.job_ttl, ""], client=pipe)
+            results = pipe.execute()
+        missing = [i for i, (attempts, _) in enumerate(results) if int(attempts) == -2]
+        if missing:  # a producer that called send_task without the helper
+            with self.redis.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    job_id, payload = jobs[i]
+                    fields = json.dumps(_record_fields(job_id, payload, "queued"))
+                    self._begin(keys=[_key("job", job_id)], args=[now, self.job_ttl, fields], client=pipe)
+                for i, result in zip(missing, pipe.execute(), strict=True):
+                    results[i] = result
+        out: list[tuple[int, float] | None] = []
+        for attempts, enqueued_at in results:
+            out.append(None if int(attempts) < 0 else (int(attempts), float(enqueued_at or now)))
+        return out
+
+    def claim_many(
+        self, claims: list[tuple[str, str]], ttl: float
+    ) -> list[tuple[bool, dict[str, dict[str, Any]]]]:
+        """:meth:`claim_send` for many (message_id, token) pairs in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for message_id, token in claims:
+                pipe.set(_key("claim", message_id), token, nx=True, ex=max(int(ttl), 1))
+                pipe.hgetall(_key("delivered", message_id))
+            raw = pipe.execute()
+        out = []
+        for i in range(0, len(raw), 2):
+            delivered = {r: json.loads(v) for r, v in cast(dict[str, str], raw[i + 1]).items()}
+            out.append((bool(raw[i]), delivered))
+        return out
+
+    def release_many(self, claims: list[tuple[str, str]]) -> None:
+        if not claims:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for message_id, token in claims:
+                self._release(keys=[_key("claim", message_id)], args=[token], client=pipe)
+            pipe.execute()
+
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
 
@@ -275,6 +322,38 @@ class JobStore:
     ) -> None:
         """Record an attempt's end, its history entry, the account counters and, for
         ``dead``, the dead-letter entry: one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.finish_into(
+                pipe,
+                job_id,
+                account,
+                state=state,
+                attempt=attempt,
+                error=error,
+                recipients=recipients,
+                transport=transport,
+                security=security,
+                retry_in=retry_in,
+                counter=counter,
+            )
+            pipe.execute()
+
+    def finish_into(
+        self,
+        pipe: Any,
+        job_id: str,
+        account: str,
+        *,
+        state: str,
+        attempt: int,
+        error: str | None = None,
+        recipients: Mapping[str, Mapping[str, Any]] | None = None,
+        transport: str | None = None,
+        security: str | None = None,
+        retry_in: float | None = None,
+        counter: str | None = None,
+    ) -> None:
+        """Queue :meth:`finish`'s commands on ``pipe`` (batches finish many in one round trip)."""
         now = time.time()
         entry: dict[str, Any] = {
             "attempt": attempt,
@@ -295,24 +374,22 @@ class JobStore:
         if error is not None:
             fields["last_error"] = error
         key, history = _key("job", job_id), _key("history", job_id)
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.rpush(history, json.dumps(entry))
-            pipe.ltrim(history, -_HISTORY_LIMIT, -1)
-            if state == "dead":
-                pipe.zadd(_key("dead"), {job_id: now})
-                pipe.hset(key, "failed_at", now)
-                pipe.persist(key)  # dead letters stay until purged
-                pipe.persist(history)
-            else:
-                pipe.expire(key, self.job_ttl)
-                pipe.expire(history, self.job_ttl)
-            if counter == "dead":
-                pipe.hincrby(_key("stats", account), "dead", 1)
-                pipe.hincrby(_key("stats", account), "failed", 1)
-            elif counter:
-                pipe.hincrby(_key("stats", account), counter, 1)
-            pipe.execute()
+        pipe.hset(key, mapping=fields)
+        pipe.rpush(history, json.dumps(entry))
+        pipe.ltrim(history, -_HISTORY_LIMIT, -1)
+        if state == "dead":
+            pipe.zadd(_key("dead"), {job_id: now})
+            pipe.hset(key, "failed_at", now)
+            pipe.persist(key)  # dead letters stay until purged
+            pipe.persist(history)
+        else:
+            pipe.expire(key, self.job_ttl)
+            pipe.expire(history, self.job_ttl)
+        if counter == "dead":
+            pipe.hincrby(_key("stats", account), "dead", 1)
+            pipe.hincrby(_key("stats", account), "failed", 1)
+        elif counter:
+            pipe.hincrby(_key("stats", account), counter, 1)
 
     def count(self, account: str, outcome: str, amount: int = 1) -> None:
         self.redis.hincrby(_key("stats", account), outcome, amount)
@@ -396,3 +473,59 @@ class JobStore:
 
     def dead_count(self) -> int:
         return int(self.redis.zcard(_key("dead")))
+
+
+class AsyncMarks:
+    """The sent mark from the event loop (batches): no thread hop between a server's 250
+    and the write that stops any later attempt from sending to those recipients again.
+
+    Marks that arrive in the same turn of the loop share one pipeline; every
+    caller waits until its own mark is written.
+    """
+
+    def __init__(self, url: str, job_ttl: float) -> None:
+        import redis.asyncio
+
+        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        self.job_ttl = int(job_ttl)
+        self._release = self.redis.register_script(_RELEASE)
+        self._queued: list[tuple[str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def mark_delivered(
+        self, message_id: str, accepted: Mapping[str, RecipientStatus], release: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._start_flush)
+        self._queued.append((message_id, accepted, release, done))
+        await done
+
+    def _start_flush(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._flushing.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self) -> None:
+        batch, self._queued = self._queued, []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message_id, accepted, release, _ in batch:
+                    key = _key("delivered", message_id)
+                    if accepted:
+                        pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
+                        pipe.expire(key, self.job_ttl)
+                    await self._release(keys=[_key("claim", message_id)], args=[release], client=pipe)
+                await pipe.execute()
+        except Exception as exc:
+            for *_, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for *_, done in batch:
+            if not done.done():
+                done.set_result(None)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()

@@ -16,16 +16,16 @@ import os
 import threading
 import time
 from collections.abc import Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from worker.accounts import EmailAccount
+from worker.jobs import AsyncMarks
 from worker.records import Records
 from worker.transports import Transport, build_transport
 
 T = TypeVar("T")
 RECORDS_RECHECK_SECONDS = 2.0
-BATCH_PARALLELISM = int(os.environ.get("POSTROOM_BATCH_PARALLELISM", "16"))
 
 
 class Runtime:
@@ -41,8 +41,14 @@ class Runtime:
         self._records_stamp: tuple[tuple[str, float], ...] = ()
         self._records_checked = 0.0
         self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
-        # runs the messages of a batch job side by side (their sends meet on the one loop)
-        self.executor = ThreadPoolExecutor(BATCH_PARALLELISM, thread_name_prefix="postroom-batch")
+        self._marks: AsyncMarks | None = None
+
+    def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
+        """The async Redis client batches mark sent messages with, bound to this loop."""
+        with self._lock:
+            if self._marks is None:
+                self._marks = AsyncMarks(redis_url, job_ttl)
+            return self._marks
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -116,8 +122,12 @@ class Runtime:
             transports = [t for _, t in self._transports.values()]
             self._transports.clear()
 
+        marks, self._marks = self._marks, None
+
         async def close_all() -> None:
             await asyncio.gather(*(t.aclose() for t in transports), return_exceptions=True)
+            if marks is not None:
+                await marks.aclose()
 
         if self.loop.is_running():
             with contextlib.suppress(TimeoutError):
@@ -126,7 +136,6 @@ class Runtime:
             self._thread.join(timeout)
         if not self.loop.is_running():
             self.loop.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 _runtime: Runtime | None = None

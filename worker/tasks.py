@@ -22,7 +22,7 @@ from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from worker.app import app, settings
-from worker.delivery import Delivery, Outcome
+from worker.delivery import BatchDelivery, Delivery, Outcome, log_attempt
 from worker.jobs import JobStore
 from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
 from worker.runtime import get_runtime
@@ -35,7 +35,7 @@ _store: JobStore | None = None
 def job_store() -> JobStore:
     global _store
     if _store is None:
-        _store = JobStore.from_url(redis_url(app.conf.broker_url), job_ttl=settings.job_ttl)
+        _store = JobStore.from_url(store_url(), job_ttl=settings.job_ttl)
     return _store
 
 
@@ -131,23 +131,89 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
 @app.task(name=BATCH_TASK_NAME, bind=True, max_retries=None)
 def send_batch(
     self: Task[Any, Any], /, messages: list[dict[str, Any]], job_ids: list[str] | None = None
-) -> dict[str, Any]:
-    """Deliver many messages (``postroom.send_batch``), several at a time.
+) -> dict[str, int]:
+    """Deliver many messages (``postroom.send_batch``) side by side.
 
     ``job_ids`` (one per message) come from the producer helper; a producer
     that omits them gets ``<batch task id>-<index>``.
     """
     if job_ids is None or len(job_ids) != len(messages):
         job_ids = [f"{self.request.id}-{i}" for i in range(len(messages))]
-    runtime = get_runtime()
-    steps = list(runtime.executor.map(lambda pair: attempt(*pair), zip(job_ids, messages, strict=True)))
+    store = job_store()
+    steps: dict[int, Step] = {}
+    valid: list[tuple[int, SendPayload]] = []
+    for i, kwargs in enumerate(messages):
+        try:
+            valid.append((i, SendPayload.model_validate(kwargs)))
+        except ValidationError:
+            steps[i] = attempt(job_ids[i], kwargs)  # records the reason and dead-letters it
+    begun = store.begin_many([(job_ids[i], payload.to_task_kwargs()) for i, payload in valid])
+    policy, now = settings.retry, time.time()
+    items: list[tuple[str, SendPayload, int]] = []
+    item_meta: list[tuple[int, SendPayload, int, float]] = []
+    finals: list[tuple[int, SendPayload, int, Outcome, float]] = []  # (index, payload, attempt, outcome, age)
+    for (i, payload), began in zip(valid, begun, strict=True):
+        if began is None:
+            steps[i] = Step("skipped", "job already finished")
+            continue
+        attempt_no, enqueued_at = began
+        age = now - enqueued_at
+        if attempt_no > policy.max_attempts or age > policy.max_age:
+            exhausted = Outcome("dead", reason="retries exhausted")
+            finals.append((i, payload, attempt_no, exhausted, age))
+            continue
+        items.append((job_ids[i], payload, attempt_no))
+        item_meta.append((i, payload, attempt_no, age))
+
+    started = time.monotonic()
+    try:
+        outcomes = BatchDelivery(
+            store, get_runtime().marks(store_url(), settings.job_ttl), get_runtime(), settings
+        ).run(items)
+    except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
+        log.exception("batch %s: unexpected error", self.request.id)
+        outcomes = [Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items]
+    seconds = time.monotonic() - started
+    for (i, payload, attempt_no, age), outcome in zip(item_meta, outcomes, strict=True):
+        log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
+        finals.append((i, payload, attempt_no, outcome, age))
+
+    retries: list[tuple[str, dict[str, Any], float]] = []
+    with store.redis.pipeline(transaction=False) as pipe:
+        for i, payload, attempt_no, outcome, age in finals:
+            retry_in = None
+            if outcome.state == "retry":
+                outcome, delay = _retry_plan(store, job_ids[i], attempt_no, age, outcome)
+                retry_in = delay if outcome.state == "retry" else None
+            state = "retrying" if retry_in is not None else outcome.state
+            counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
+            store.finish_into(
+                pipe,
+                job_ids[i],
+                payload.account,
+                state=state,
+                attempt=attempt_no,
+                error=outcome.reason,
+                recipients=outcome.recipients or None,
+                transport=outcome.transport,
+                security=outcome.security,
+                retry_in=retry_in,
+                counter=counter,
+            )
+            steps[i] = Step(state, outcome.reason, retry_in)
+            if retry_in is not None:
+                retries.append((job_ids[i], messages[i], retry_in))
+        pipe.execute()
+    for job_id, kwargs, delay in retries:  # the message leaves the batch: its retries are its own
+        app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=delay)
     counts: dict[str, int] = {}
-    for job_id, kwargs, step in zip(job_ids, messages, steps, strict=True):
+    for step in steps.values():
         counts[step.state] = counts.get(step.state, 0) + 1
-        if step.retry_in is not None:
-            # the message leaves the batch: its retries are its own
-            app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=step.retry_in)
     return counts
+
+
+def store_url() -> str:
+    return redis_url(app.conf.broker_url)
 
 
 def _retry_plan(
