@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,6 +30,7 @@ import redis
 from worker.errors import RecipientStatus
 
 PREFIX = "postroom:"
+PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partial")
 _HISTORY_LIMIT = 50
 
@@ -199,25 +200,18 @@ class JobStore:
 
     # ---- execution side -----------------------------------------------------------
 
-    def begin_attempt(self, job_id: str, payload: Mapping[str, Any]) -> tuple[int, float] | None:
+    def begin_attempt(self, job_id: str, payload: PayloadSource) -> tuple[int, float] | None:
         """Count the attempt and mark the job ``sending``, in one round trip.
 
-        Creates the record for a producer that enqueued without the helper.
+        Creates the record (from ``payload``, a mapping or a function giving
+        one, only called then) for a producer that enqueued without the helper.
         Returns (attempt number, enqueued at), or None when the job already
         ended (sent, dead or suppressed): a redelivery after a crash must not
         start it again.
         """
-        fields = _record_fields(job_id, payload, "queued")
-        result = self._begin(
-            keys=[_key("job", job_id)],
-            args=[time.time(), self.job_ttl, json.dumps(fields)],
-        )
-        attempts, enqueued_at = cast(list[Any], result)
-        if int(attempts) < 0:
-            return None
-        return int(attempts), float(enqueued_at or time.time())
+        return self.begin_many([(job_id, payload)])[0]
 
-    def begin_many(self, jobs: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[int, float] | None]:
+    def begin_many(self, jobs: list[tuple[str, PayloadSource]]) -> list[tuple[int, float] | None]:
         """:meth:`begin_attempt` for a whole batch in one round trip."""
         now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
@@ -228,7 +222,8 @@ class JobStore:
         if missing:  # a producer that called send_task without the helper
             with self.redis.pipeline(transaction=False) as pipe:
                 for i in missing:
-                    job_id, payload = jobs[i]
+                    job_id, source = jobs[i]
+                    payload = source() if callable(source) else source
                     fields = json.dumps(_record_fields(job_id, payload, "queued"))
                     self._begin(keys=[_key("job", job_id)], args=[now, self.job_ttl, fields], client=pipe)
                 for i, result in zip(missing, pipe.execute(), strict=True):

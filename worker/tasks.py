@@ -71,7 +71,7 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
         store.finish(job_id, account, state="dead", attempt=1, error=reason)
         return Step("dead", reason)
 
-    begun = store.begin_attempt(job_id, payload.to_task_kwargs())
+    begun = store.begin_attempt(job_id, payload.to_task_kwargs)
     if begun is None:  # a redelivery of a job that already ended (e.g. a worker died before its ack)
         return Step("skipped", "job already finished")
     attempt_no, enqueued_at = begun
@@ -147,7 +147,7 @@ def send_batch(
             valid.append((i, SendPayload.model_validate(kwargs)))
         except ValidationError:
             steps[i] = attempt(job_ids[i], kwargs)  # records the reason and dead-letters it
-    begun = store.begin_many([(job_ids[i], payload.to_task_kwargs()) for i, payload in valid])
+    begun = store.begin_many([(job_ids[i], payload.to_task_kwargs) for i, payload in valid])
     policy, now = settings.retry, time.time()
     items: list[tuple[str, SendPayload, int]] = []
     item_meta: list[tuple[int, SendPayload, int, float]] = []
