@@ -18,6 +18,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 
 from worker import settings as settings_module
 from worker.payload import QUEUE, TASK_NAME
+from worker.settings import PUBLISH_RETRY_POLICY
 
 settings = settings_module.load_settings()
 broker_url = settings_module.broker_url()
@@ -50,12 +51,7 @@ app.conf.update(
     task_soft_time_limit=settings.soft_time_limit,
     task_time_limit=settings.time_limit,
     task_publish_retry=True,
-    task_publish_retry_policy={
-        "max_retries": 3,
-        "interval_start": 0.2,
-        "interval_step": 0.5,
-        "interval_max": 2,
-    },
+    task_publish_retry_policy=PUBLISH_RETRY_POLICY,
     worker_send_task_events=bool(settings.task_events),  # Flower works unchanged
     task_send_sent_event=bool(settings.task_events),
     worker_pool=settings.worker_pool,

@@ -22,7 +22,7 @@ from worker.message import make_message_id
 from worker.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload
 from worker.records import Records
 from worker.runtime import RECORDS_RECHECK_SECONDS
-from worker.settings import broker_url, redis_url
+from worker.settings import PUBLISH_RETRY_POLICY, broker_url, redis_url
 
 
 class PayloadError(PostroomError, ValueError):
@@ -72,12 +72,7 @@ class Producer:
                 task_serializer="json",
                 broker_connection_retry_on_startup=True,
                 task_publish_retry=True,
-                task_publish_retry_policy={
-                    "max_retries": 3,
-                    "interval_start": 0.2,
-                    "interval_step": 0.5,
-                    "interval_max": 2,
-                },
+                task_publish_retry_policy=PUBLISH_RETRY_POLICY,
                 broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 10},
             )
         self.app = app

@@ -301,36 +301,11 @@ class JobStore:
                 self._release(keys=[_key("claim", message_id)], args=[release], client=pipe)
             pipe.execute()
 
-    def finish(
-        self,
-        job_id: str,
-        account: str,
-        *,
-        state: str,
-        attempt: int,
-        error: str | None = None,
-        recipients: Mapping[str, Mapping[str, Any]] | None = None,
-        transport: str | None = None,
-        security: str | None = None,
-        retry_in: float | None = None,
-        counter: str | None = None,
-    ) -> None:
+    def finish(self, job_id: str, account: str, **fields: Any) -> None:
         """Record an attempt's end, its history entry, the account counters and, for
-        ``dead``, the dead-letter entry: one round trip."""
+        ``dead``, the dead-letter entry: one round trip (see :meth:`finish_into`)."""
         with self.redis.pipeline(transaction=False) as pipe:
-            self.finish_into(
-                pipe,
-                job_id,
-                account,
-                state=state,
-                attempt=attempt,
-                error=error,
-                recipients=recipients,
-                transport=transport,
-                security=security,
-                retry_in=retry_in,
-                counter=counter,
-            )
+            self.finish_into(pipe, job_id, account, **fields)
             pipe.execute()
 
     def finish_into(

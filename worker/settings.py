@@ -22,6 +22,8 @@ from worker.errors import ConfigurationError
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 WORKER_POOLS = ("threads", "prefork")
+# Publishing a job retries briefly when the broker hiccups, then fails loudly (never silently).
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 _INTEGERS = frozenset({"max_attempts", "worker_concurrency", "worker_processes", "task_events"})
 
 

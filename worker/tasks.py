@@ -68,7 +68,7 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
         reason = f"invalid payload: {_describe(exc)}"
         account = str(kwargs.get("account", "?"))
         store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
-        store.finish(job_id, account, state="dead", attempt=1, error=reason)
+        store.finish(job_id, account, state="dead", attempt=1, error=reason, counter="dead")
         return Step("dead", reason)
 
     begun = store.begin_attempt(job_id, payload.to_task_kwargs)
@@ -83,35 +83,46 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
             if attempt_no > policy.max_attempts
             else f"max_age {policy.max_age:.0f}s"
         )
-        return _finish(
-            store, job_id, payload, attempt_no, Outcome("dead", reason=f"retries exhausted ({why})")
-        )
+        outcome = Outcome("dead", reason=f"retries exhausted ({why})")
+    else:
+        try:
+            outcome = Delivery(store, get_runtime(), settings).run(job_id, payload, attempt_no)
+        except SoftTimeLimitExceeded:
+            outcome = Outcome("retry", reason="soft time limit exceeded")
+        except Exception as exc:  # a bug or an unexpected library error: bounded retries, then dead
+            log.exception("job %s: unexpected error", job_id)
+            outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
 
-    try:
-        outcome = Delivery(store, get_runtime(), settings).run(job_id, payload, attempt_no)
-    except SoftTimeLimitExceeded:
-        outcome = Outcome("retry", reason="soft time limit exceeded")
-    except Exception as exc:  # a bug or an unexpected library error: bounded retries, then dead
-        log.exception("job %s: unexpected error", job_id)
-        outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
+    with store.redis.pipeline(transaction=False) as pipe:
+        step = _conclude(store, pipe, job_id, payload.account, attempt_no, age, outcome)
+        pipe.execute()
+    return step
 
+
+def _conclude(
+    store: JobStore, pipe: Any, job_id: str, account: str, attempt_no: int, age: float, outcome: Outcome
+) -> Step:
+    """Decide retry or not (by error class and settings) and queue the record on ``pipe``."""
+    retry_in = None
     if outcome.state == "retry":
         outcome, delay = _retry_plan(store, job_id, attempt_no, age, outcome)
-        if outcome.state == "retry":
-            store.finish(
-                job_id,
-                payload.account,
-                state="retrying",
-                attempt=attempt_no,
-                error=outcome.reason,
-                recipients=outcome.recipients or None,
-                transport=outcome.transport,
-                security=outcome.security,
-                retry_in=delay,
-                counter="retried" if outcome.counts else None,
-            )
-            return Step("retrying", outcome.reason, retry_in=delay)
-    return _finish(store, job_id, payload, attempt_no, outcome)
+        retry_in = delay if outcome.state == "retry" else None
+    state = "retrying" if retry_in is not None else outcome.state
+    counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
+    store.finish_into(
+        pipe,
+        job_id,
+        account,
+        state=state,
+        attempt=attempt_no,
+        error=outcome.reason,
+        recipients=outcome.recipients or None,
+        transport=outcome.transport,
+        security=outcome.security,
+        retry_in=retry_in,
+        counter=counter,
+    )
+    return Step(state, outcome.reason, retry_in)
 
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
@@ -181,26 +192,8 @@ def send_batch(
     retries: list[tuple[str, dict[str, Any], float]] = []
     with store.redis.pipeline(transaction=False) as pipe:
         for i, payload, attempt_no, outcome, age in finals:
-            retry_in = None
-            if outcome.state == "retry":
-                outcome, delay = _retry_plan(store, job_ids[i], attempt_no, age, outcome)
-                retry_in = delay if outcome.state == "retry" else None
-            state = "retrying" if retry_in is not None else outcome.state
-            counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
-            store.finish_into(
-                pipe,
-                job_ids[i],
-                payload.account,
-                state=state,
-                attempt=attempt_no,
-                error=outcome.reason,
-                recipients=outcome.recipients or None,
-                transport=outcome.transport,
-                security=outcome.security,
-                retry_in=retry_in,
-                counter=counter,
-            )
-            steps[i] = Step(state, outcome.reason, retry_in)
+            steps[i] = _conclude(store, pipe, job_ids[i], payload.account, attempt_no, age, outcome)
+            retry_in = steps[i].retry_in
             if retry_in is not None:
                 retries.append((job_ids[i], messages[i], retry_in))
         pipe.execute()
@@ -244,18 +237,3 @@ def _retry_plan(
 
 def _safe(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(k, str) and k != "account"}
-
-
-def _finish(store: JobStore, job_id: str, payload: SendPayload, attempt_no: int, outcome: Outcome) -> Step:
-    store.finish(
-        job_id,
-        payload.account,
-        state=outcome.state,
-        attempt=attempt_no,
-        error=outcome.reason,
-        recipients=outcome.recipients or None,
-        transport=outcome.transport,
-        security=outcome.security,
-        counter=outcome.state,
-    )
-    return Step(outcome.state, outcome.reason)
