@@ -87,7 +87,6 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     auto_reply_window: float = 7 * 86400.0  # RFC 3834: not more than once per sender in days
     job_ttl: float = 14 * 86400.0  # how long job records are kept after the last change
-    dead_letter_ttl: float = 30 * 86400.0
     visibility_timeout: float = 3600.0  # kombu redelivers unacked messages older than this
     soft_time_limit: float = 300.0
     time_limit: float = 360.0
