@@ -460,3 +460,21 @@ def test_a_slow_server_does_not_hold_up_other_sends_of_the_same_worker_process(
     assert fast_job.state == "sent" and time.monotonic() - started < 2.5
     assert slow.received == []  # still waiting on the slow server meanwhile
     assert finished(producer, slow_job).state == "sent"
+
+
+def test_a_raw_producer_reusing_an_idempotency_key_sends_once(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("rawidem"), server)
+    app = Celery("raw-producer", broker=queue_env.broker_url, set_as_current=False)
+    payload = {"account": account, "to": ["a@example.net"], "text": "x", "idempotency_key": "invoice-7"}
+    try:
+        first = app.send_task("postroom.send", kwargs=payload, queue="postroom")
+        assert finished(producer, str(first.id)).state == "sent"
+        second = app.send_task("postroom.send", kwargs=payload, queue="postroom")
+    finally:
+        app.close()
+    duplicate = finished(producer, str(second.id))
+    assert duplicate.state == "suppressed" and f"duplicate of job {first.id}" in (duplicate.last_error or "")
+    assert len(server.received) == 1

@@ -565,3 +565,28 @@ def test_aclose_closes_everything(accounts: Accounts, smtp_server: ServerFactory
 
     run(scenario())
     assert server.commands.count("QUIT") == server.connections
+
+
+def test_a_cancelled_send_never_leaves_its_connection_in_the_pool(
+    accounts: Accounts, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain", stall_mail_after=1, stall_seconds=2)
+    account = accounts.make(server, secure=False, auth="none", password=None)
+    transport = accounts.transport(account, max_connections=1)
+
+    async def scenario() -> None:
+        try:
+            await transport.send(message(subject="first"))
+            stalled = asyncio.ensure_future(transport.send(message(subject="cancelled")))
+            await asyncio.sleep(0.3)  # its MAIL FROM is waiting on the server
+            stalled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stalled
+            assert transport.open_connections == 0  # discarded, and its slot given back
+            await transport.send(message(subject="after"))
+        finally:
+            await transport.aclose()
+
+    run(scenario())
+    assert [r.message["Subject"] for r in server.received] == ["first", "after"]
+    assert server.connections == 2

@@ -14,6 +14,7 @@ server's 250 and that write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ class Outcome:
     security: str | None = None
     code: int | None = None
     counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
+
+
+FLAG_TTL = 7 * 86400  # the account's last authentication failure, for the operator views
+
+
+def _flag_key(account: str) -> str:
+    return f"postroom:account-flag:{account}"
 
 
 def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
@@ -217,7 +225,7 @@ class Delivery:
         self, outcome: Outcome, exc: DeliveryError, account: str, reply_to_sender: str | None, job_id: str
     ) -> None:
         if isinstance(exc, AuthenticationFailed):
-            self.store.redis.set(f"postroom:account-flag:{account}", str(exc))
+            self.store.redis.set(_flag_key(account), str(exc), ex=FLAG_TTL)
         if outcome.state == "dead":
             self._release_window(account, reply_to_sender, job_id)
 
@@ -285,7 +293,8 @@ class _Pending:
     sender: str
     data: bytes
     already: dict[str, dict[str, Any]] = field(default_factory=dict)
-    marked: bool = False
+    marked: bool = False  # the sent mark is written (it gave the claim up too)
+    accepted: bool = False  # the server took it: if the mark failed, the claim must stay until it expires
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -359,7 +368,9 @@ class BatchDelivery:
             for p, outcome in zip(pending, self._send_all(pending), strict=True):
                 outcomes[p.index] = outcome
         finally:
-            self.store.release_many([(p.message_id, p.token) for p in pending if not p.marked])
+            self.store.release_many(
+                [(p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
+            )
         return [outcomes.get(i, Outcome("retry", reason="not attempted")) for i in range(len(items))]
 
     def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
@@ -373,17 +384,26 @@ class BatchDelivery:
                 result = await p.transport.send(OutgoingMessage(p.message_id, p.sender, remaining, p.data))
             except DeliveryError as exc:
                 if isinstance(exc, AuthenticationFailed):
-                    await self.marks.redis.set(f"postroom:account-flag:{p.account}", str(exc))
+                    with contextlib.suppress(Exception):  # a flag, not worth failing the outcome for
+                        await self.marks.redis.set(_flag_key(p.account), str(exc), ex=FLAG_TTL)
                 return outcome_for_error(exc, p.transport.name, remaining, p.already)
             except ConfigurationError as exc:
                 return Outcome("dead", reason=f"configuration: {exc}")
+            p.accepted = True
             accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
             await self.marks.mark_delivered(p.message_id, accepted, p.token)  # right after the 250
             p.marked = True
             return outcome_for_result(result, p.already)
 
         async def everything() -> list[Outcome]:
-            return list(await asyncio.gather(*(one(p) for p in pending)))
+            # every send runs to its end: no claim is given up while a send may still be under way
+            results = await asyncio.gather(*(one(p) for p in pending), return_exceptions=True)
+            return [
+                r
+                if isinstance(r, Outcome)
+                else Outcome("retry", reason=f"internal error: {type(r).__name__}: {r}")
+                for r in results
+            ]
 
         if not pending:
             return []

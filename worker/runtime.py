@@ -26,6 +26,7 @@ from worker.transports import Transport, build_transport
 
 T = TypeVar("T")
 RECORDS_RECHECK_SECONDS = 2.0
+CANCEL_WAIT_SECONDS = 10.0
 
 
 class Runtime:
@@ -58,12 +59,29 @@ class Runtime:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the process loop from a task thread and wait for it."""
-        future = self.submit(coro)
+        """Run ``coro`` on the process loop from a task thread and wait for it.
+
+        When the wait ends early (the timeout, Celery's soft time limit, any
+        exception in this thread) the coroutine is cancelled and, for a few
+        seconds, waited for: its claims must not be released while a send it
+        started may still be running.
+        """
+        started, finished = threading.Event(), threading.Event()
+
+        async def guarded() -> T:
+            started.set()
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = self.submit(guarded())
         try:
             return future.result(timeout)
-        except TimeoutError:
+        except BaseException:
             future.cancel()
+            if started.is_set():  # it may have a send under way: let the cancellation land
+                finished.wait(CANCEL_WAIT_SECONDS)
             raise
 
     # ---- records: re-read only when a file changed ---------------------------------

@@ -11,16 +11,20 @@ so a failure of one never resends the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
+from worker import autoreply
 from worker.app import app, settings
 from worker.delivery import BatchDelivery, Delivery, Outcome, log_attempt
 from worker.jobs import JobStore
@@ -29,6 +33,7 @@ from worker.runtime import get_runtime
 from worker.settings import redis_url
 
 log = logging.getLogger("postroom.tasks")
+STORE_TROUBLE_PAUSE = 1.0
 _store: JobStore | None = None
 
 
@@ -84,6 +89,8 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
             else f"max_age {policy.max_age:.0f}s"
         )
         outcome = Outcome("dead", reason=f"retries exhausted ({why})")
+    elif owner := _duplicate_of(store, job_id, payload):
+        outcome = Outcome("suppressed", reason=f"duplicate of job {owner} (same idempotency_key)")
     else:
         try:
             outcome = Delivery(store, get_runtime(), settings).run(job_id, payload, attempt_no)
@@ -94,19 +101,41 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
             outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
 
     with store.redis.pipeline(transaction=False) as pipe:
-        step = _conclude(store, pipe, job_id, payload.account, attempt_no, age, outcome)
+        step = _conclude(store, pipe, job_id, payload, attempt_no, age, outcome)
         pipe.execute()
     return step
 
 
+def _duplicate_of(store: JobStore, job_id: str, payload: SendPayload) -> str | None:
+    """The job that owns this payload's idempotency key, when it is another one.
+
+    The producer helper claims the key at enqueue; a producer that called
+    ``send_task`` directly did not, so the worker claims it here.
+    """
+    if not payload.idempotency_key:
+        return None
+    owner = store.claim_idempotency_key(payload.account, payload.idempotency_key, job_id)
+    return owner if owner is not None and owner != job_id else None
+
+
 def _conclude(
-    store: JobStore, pipe: Any, job_id: str, account: str, attempt_no: int, age: float, outcome: Outcome
+    store: JobStore,
+    pipe: Any,
+    job_id: str,
+    payload: SendPayload,
+    attempt_no: int,
+    age: float,
+    outcome: Outcome,
 ) -> Step:
     """Decide retry or not (by error class and settings) and queue the record on ``pipe``."""
+    account = payload.account
     retry_in = None
     if outcome.state == "retry":
         outcome, delay = _retry_plan(store, job_id, attempt_no, age, outcome)
         retry_in = delay if outcome.state == "retry" else None
+    if outcome.state == "dead" and payload.kind == "auto-reply":
+        # nothing was sent: the sender may be answered by a later job
+        store.release_auto_reply(account, autoreply.reply_recipient(payload), job_id)
     state = "retrying" if retry_in is not None else outcome.state
     counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
     store.finish_into(
@@ -128,7 +157,8 @@ def _conclude(
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
 def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     """Deliver one message (``postroom.send``); see the README for the payload."""
-    step = attempt(str(self.request.id), kwargs)
+    with _store_trouble_requeues(str(self.request.id)):
+        step = attempt(str(self.request.id), kwargs)
     if step.retry_in is not None:
         try:
             raise self.retry(countdown=step.retry_in, kwargs=kwargs)
@@ -150,6 +180,23 @@ def send_batch(
     """
     if job_ids is None or len(job_ids) != len(messages):
         job_ids = [f"{self.request.id}-{i}" for i in range(len(messages))]
+    with _store_trouble_requeues(f"batch {self.request.id}"):
+        return _send_batch(messages, job_ids)
+
+
+@contextlib.contextmanager
+def _store_trouble_requeues(what: str) -> Iterator[None]:
+    """Job records could not be read or written (Redis down or out of memory): hand the
+    message back rather than let Celery ack a failed task and lose it."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        log.error("%s: job store unavailable (%s); the message goes back to the queue", what, exc)
+        time.sleep(STORE_TROUBLE_PAUSE)  # do not spin on a broken store
+        raise Reject(f"job store unavailable: {exc}", requeue=True) from exc
+
+
+def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str, int]:
     store = job_store()
     steps: dict[int, Step] = {}
     valid: list[tuple[int, SendPayload]] = []
@@ -173,6 +220,10 @@ def send_batch(
             exhausted = Outcome("dead", reason="retries exhausted")
             finals.append((i, payload, attempt_no, exhausted, age))
             continue
+        if owner := _duplicate_of(store, job_ids[i], payload):
+            duplicate = Outcome("suppressed", reason=f"duplicate of job {owner} (same idempotency_key)")
+            finals.append((i, payload, attempt_no, duplicate, age))
+            continue
         items.append((job_ids[i], payload, attempt_no))
         item_meta.append((i, payload, attempt_no, age))
 
@@ -182,7 +233,7 @@ def send_batch(
             store, get_runtime().marks(store_url(), settings.job_ttl), get_runtime(), settings
         ).run(items)
     except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
-        log.exception("batch %s: unexpected error", self.request.id)
+        log.exception("batch of %s…: unexpected error", job_ids[0] if job_ids else "-")
         outcomes = [Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items]
     seconds = time.monotonic() - started
     for (i, payload, attempt_no, age), outcome in zip(item_meta, outcomes, strict=True):
@@ -192,13 +243,16 @@ def send_batch(
     retries: list[tuple[str, dict[str, Any], float]] = []
     with store.redis.pipeline(transaction=False) as pipe:
         for i, payload, attempt_no, outcome, age in finals:
-            steps[i] = _conclude(store, pipe, job_ids[i], payload.account, attempt_no, age, outcome)
+            steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome)
             retry_in = steps[i].retry_in
             if retry_in is not None:
                 retries.append((job_ids[i], messages[i], retry_in))
         pipe.execute()
-    for job_id, kwargs, delay in retries:  # the message leaves the batch: its retries are its own
-        app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=delay)
+    try:
+        for job_id, kwargs, delay in retries:  # the message leaves the batch: its retries are its own
+            app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=delay)
+    except Exception as exc:  # the batch goes back whole: finished jobs are skipped when it runs again
+        raise Reject(f"retries could not be scheduled: {exc}", requeue=True) from exc
     counts: dict[str, int] = {}
     for step in steps.values():
         counts[step.state] = counts.get(step.state, 0) + 1

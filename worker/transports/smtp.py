@@ -544,13 +544,23 @@ class SmtpTransport:
                 try:
                     return await self._open()
                 except BaseException:
-                    await self._forget()
+                    await asyncio.shield(self._forget())
                     raise
-            if time.monotonic() - reuse.last_used <= self.idle_check_after or await reuse.noop():
+            try:
+                alive = time.monotonic() - reuse.last_used <= self.idle_check_after or await reuse.noop()
+            except BaseException:  # cancelled mid-NOOP: drop the connection, keep the slot count right
+                await self._discard(reuse)
+                raise
+            if alive:
                 return reuse
             log.debug("account %s: idle connection did not answer NOOP; replacing it", self.account.name)
             await reuse.close()
             await self._forget()
+
+    async def _discard(self, conn: SmtpConnection) -> None:
+        """Close a connection whose state is unknown (e.g. cancelled mid-transaction)."""
+        conn.client.close()
+        await asyncio.shield(self._forget())
 
     async def _forget(self) -> None:
         cond = self._condition()
@@ -609,8 +619,11 @@ class SmtpTransport:
                     "account %s: %s; retrying once on a fresh connection", self.account.name, retry.error
                 )
                 continue
-            except BaseException:
+            except DeliveryError:  # a classified answer: the connection was reset or closed
                 await self._release(conn)
+                raise
+            except BaseException:  # cancelled or a bug mid-transaction: never reuse that connection
+                await self._discard(conn)
                 raise
             await self._release(conn)
             return result
