@@ -295,6 +295,7 @@ class _Pending:
     already: dict[str, dict[str, Any]] = field(default_factory=dict)
     marked: bool = False  # the sent mark is written (it gave the claim up too)
     accepted: bool = False  # the server took it: if the mark failed, the claim must stay until it expires
+    outcome: Outcome | None = None  # set as soon as this message's attempt ended
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -393,7 +394,8 @@ class BatchDelivery:
             accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
             await self.marks.mark_delivered(p.message_id, accepted, p.token)  # right after the 250
             p.marked = True
-            return outcome_for_result(result, p.already)
+            p.outcome = outcome_for_result(result, p.already)
+            return p.outcome
 
         async def everything() -> list[Outcome]:
             # every send runs to its end: no claim is given up while a send may still be under way
@@ -409,8 +411,8 @@ class BatchDelivery:
             return []
         try:
             return self.runtime.run(everything(), timeout=self.settings.soft_time_limit)
-        except TimeoutError:
-            return [Outcome("retry", reason="delivery timed out") for _ in pending]
+        except TimeoutError:  # the ones that finished keep their outcome
+            return [p.outcome or Outcome("retry", reason="delivery timed out") for p in pending]
 
 
 def _spec(account: Any, payload: SendPayload, message_id: str) -> MessageSpec:
