@@ -8,6 +8,7 @@ from email.message import EmailMessage
 
 import pytest
 
+import worker.message
 from worker.message import Attachment, MessageSpec, build_message
 
 
@@ -105,3 +106,44 @@ def test_header_injection_and_bad_input_are_refused(spec: MessageSpec) -> None:
 def test_duplicate_recipients_are_sent_once() -> None:
     built = build_message(MessageSpec("a@example.com", to=["b@example.com"], cc=["B@example.com"]))
     assert built.recipients == ("b@example.com",)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MessageSpec("s@example.com", to=["a@example.net"], subject="Hi", text="plain\nbody\n"),
+        MessageSpec("s@example.com", to=["a@example.net"], subject="Hi", html="<p>only html</p>"),
+        MessageSpec(
+            "s@example.com",
+            display_name="Sénder Näme",
+            to=[f"user{i}@example.net" for i in range(40)],
+            cc=["c@example.net"],
+            bcc=["hidden@example.net"],
+            reply_to="help@example.com",
+            subject="Grüße, " + "a long subject that goes past the fold " * 4,
+            text="café " * 300 + "\n" + "x" * 1200,
+            html="<p>" + "long html line " * 100 + "</p>",
+            headers={"X-Order": "42", "X-Long": "word " * 60, "X-Name": "värde"},
+        ),
+        MessageSpec("s@example.com", to=["a@example.net"], subject="", text=""),
+    ],
+)
+def test_the_direct_renderer_writes_what_the_email_package_writes(
+    spec: MessageSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = MessageSpec(**{**spec.__dict__, "message_id": "<fixed@example.com>", "date": 1_700_000_000})
+    generated = build_message(spec, fast=False)
+    with monkeypatch.context() as patched:  # prove the direct path is the one taken
+        patched.setattr(worker.message, "_render_mime", None)
+        direct = build_message(spec)
+    assert direct.recipients == generated.recipients
+    assert all(len(line) <= 998 for line in direct.data.split(b"\r\n"))
+    assert b"\n" not in direct.data.replace(b"\r\n", b"")  # CRLF only
+    a, b = parse(direct.data), parse(generated.data)
+    assert [(k, str(v)) for k, v in a.items() if k != "Content-Type"] == [
+        (k, str(v)) for k, v in b.items() if k != "Content-Type"
+    ]
+    assert a.get_content_type() == b.get_content_type()
+    parts_a = [(p.get_content_type(), p.get_content()) for p in a.walk() if not p.is_multipart()]
+    parts_b = [(p.get_content_type(), p.get_content()) for p in b.walk() if not p.is_multipart()]
+    assert parts_a == parts_b
