@@ -478,3 +478,18 @@ def test_a_raw_producer_reusing_an_idempotency_key_sends_once(
     duplicate = finished(producer, str(second.id))
     assert duplicate.state == "suppressed" and f"duplicate of job {first.id}" in (duplicate.last_error or "")
     assert len(server.received) == 1
+
+
+def test_a_redis_that_lost_its_scripts_gets_them_again(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("noscript"), server)
+    queue_env.redis.script_flush()  # as after a Redis restart
+    single = finished(producer, producer.send_notification(account, ["a@example.net"], "one", "x"))
+    queue_env.redis.script_flush()
+    batch = [
+        finished(producer, j) for j in producer.send_batch([{"account": account, "to": ["b@example.net"]}])
+    ]
+    assert single.state == "sent" and [j.state for j in batch] == ["sent"]
+    assert len(server.received) == 2

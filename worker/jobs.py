@@ -18,6 +18,7 @@ names, errors carry server replies.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -76,6 +77,10 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
 """
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# Pipelines call the scripts by SHA: redis-py's Script objects would ask SCRIPT EXISTS on every
+# pipeline (an extra round trip); a Redis that lost them (a restart) gets them loaded again.
+_BEGIN_SHA = hashlib.sha1(_BEGIN.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+_RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()  # noqa: S324
 
 
 @dataclass
@@ -127,7 +132,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
-        self._begin = client.register_script(_BEGIN)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
@@ -214,20 +218,28 @@ class JobStore:
     def begin_many(self, jobs: list[tuple[str, PayloadSource]]) -> list[tuple[int, float] | None]:
         """:meth:`begin_attempt` for a whole batch in one round trip."""
         now = time.time()
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id, _ in jobs:  # records normally exist: try without the fields to create them
-                self._begin(keys=[_key("job", job_id)], args=[now, self.job_ttl, ""], client=pipe)
-            results = pipe.execute()
+        results = self._scripted(
+            lambda pipe: [
+                # records normally exist: try without the fields to create them
+                pipe.evalsha(_BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, "")
+                for job_id, _ in jobs
+            ]
+        )
         missing = [i for i, (attempts, _) in enumerate(results) if int(attempts) == -2]
         if missing:  # a producer that called send_task without the helper
-            with self.redis.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    job_id, source = jobs[i]
-                    payload = source() if callable(source) else source
-                    fields = json.dumps(_record_fields(job_id, payload, "queued"))
-                    self._begin(keys=[_key("job", job_id)], args=[now, self.job_ttl, fields], client=pipe)
-                for i, result in zip(missing, pipe.execute(), strict=True):
-                    results[i] = result
+            created = []
+            for i in missing:
+                job_id, source = jobs[i]
+                payload = source() if callable(source) else source
+                created.append((job_id, json.dumps(_record_fields(job_id, payload, "queued"))))
+            again = self._scripted(
+                lambda pipe: [
+                    pipe.evalsha(_BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, fields)
+                    for job_id, fields in created
+                ]
+            )
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
         out: list[tuple[int, float] | None] = []
         for attempts, enqueued_at in results:
             out.append(None if int(attempts) < 0 else (int(attempts), float(enqueued_at or now)))
@@ -251,10 +263,23 @@ class JobStore:
     def release_many(self, claims: list[tuple[str, str]]) -> None:
         if not claims:
             return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for message_id, token in claims:
-                self._release(keys=[_key("claim", message_id)], args=[token], client=pipe)
-            pipe.execute()
+        self._scripted(
+            lambda pipe: [pipe.evalsha(_RELEASE_SHA, 1, _key("claim", m), token) for m, token in claims]
+        )
+
+    def _scripted(self, commands: Callable[[Any], object]) -> list[Any]:
+        """Run a pipeline whose commands call the scripts by SHA, loading them if Redis lost them."""
+        for attempt in (1, 2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                commands(pipe)
+                try:
+                    return list(pipe.execute())
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+            self.redis.script_load(_BEGIN)
+            self.redis.script_load(_RELEASE)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
@@ -293,13 +318,15 @@ class JobStore:
         """Called right after the server's 250: from now on these recipients are done.
         With ``release`` (the claim token), the claim is given up in the same round trip."""
         key = _key("delivered", message_id)
-        with self.redis.pipeline(transaction=False) as pipe:
+
+        def commands(pipe: Any) -> None:
             if accepted:
                 pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
                 pipe.expire(key, self.job_ttl)
             if release is not None:
-                self._release(keys=[_key("claim", message_id)], args=[release], client=pipe)
-            pipe.execute()
+                pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), release)
+
+        self._scripted(commands)
 
     def finish(self, job_id: str, account: str, **fields: Any) -> None:
         """Record an attempt's end, its history entry, the account counters and, for
@@ -458,7 +485,6 @@ class AsyncMarks:
 
         self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True)
         self.job_ttl = int(job_ttl)
-        self._release = self.redis.register_script(_RELEASE)
         self._queued: list[tuple[str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -480,14 +506,21 @@ class AsyncMarks:
     async def _flush(self) -> None:
         batch, self._queued = self._queued, []
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for message_id, accepted, release, _ in batch:
-                    key = _key("delivered", message_id)
-                    if accepted:
-                        pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
-                        pipe.expire(key, self.job_ttl)
-                    await self._release(keys=[_key("claim", message_id)], args=[release], client=pipe)
-                await pipe.execute()
+            for attempt in (1, 2):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for message_id, accepted, release, _ in batch:
+                        key = _key("delivered", message_id)
+                        if accepted:
+                            pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
+                            pipe.expire(key, self.job_ttl)
+                        pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), release)
+                    try:
+                        await pipe.execute()
+                        break
+                    except redis.exceptions.NoScriptError:
+                        if attempt == 2:
+                            raise
+                await self.redis.script_load(_RELEASE)
         except Exception as exc:
             for *_, done in batch:
                 if not done.done():
