@@ -1,7 +1,7 @@
-"""The one delivery pipeline: resolve account → build MIME → send → classify → record.
+"""The one delivery pipeline: resolve account → build MIME → claim → send → classify.
 
-Runs in the Celery task's thread; only the network part runs on the process
-loop (``Runtime.run``), so Redis round-trips never block other tasks' I/O.
+Runs in the Celery task's thread; only the network part (and the sent mark
+right after it) runs on the process loop (``Runtime.run``).
 
 Duplicate suppression (DESIGN §4): before talking to a server the attempt
 claims the Message-ID; recipients the server accepted are written to
@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from worker import autoreply
@@ -81,161 +81,6 @@ def stable_message_id(job_id: str, from_address: str) -> str:
     """A Message-ID derived from the job id, for producers that did not send one."""
     domain = from_address.rsplit("@", 1)[-1]
     return f"<{job_id}@{domain}>"
-
-
-class Delivery:
-    def __init__(self, store: JobStore, runtime: Runtime, settings: Settings) -> None:
-        self.store = store
-        self.runtime = runtime
-        self.settings = settings
-
-    def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
-        started = time.monotonic()
-        outcome = self._run(job_id, payload, attempt)
-        log_attempt(job_id, payload.account, attempt, outcome, time.monotonic() - started)
-        return outcome
-
-    def _run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
-        try:
-            records = self.runtime.records()
-            if payload.account not in records.account_names:
-                records = self.runtime.records(fresh=True)  # a record added a moment ago
-            account = records.account(payload.account)
-        except ConfigurationError as exc:
-            return Outcome("dead", reason=f"configuration: {exc}")
-
-        headers = dict(payload.headers)
-        to, cc, bcc, subject = list(payload.to), list(payload.cc), list(payload.bcc), payload.subject
-        reply_to_sender: str | None = None
-        if payload.kind == "auto-reply":
-            assert payload.original is not None
-            reason = autoreply.suppression_reason(payload.original)
-            if reason:
-                return Outcome("suppressed", reason=reason)
-            reply_to_sender = autoreply.reply_recipient(payload)
-            to, cc, bcc = [reply_to_sender], [], []
-            subject = autoreply.reply_subject(payload)
-            headers.update(autoreply.threading_headers(payload.original))
-            owner = self.store.claim_auto_reply(
-                account.name, reply_to_sender, self.settings.auto_reply_window, job_id
-            )
-            if owner is not None:
-                return Outcome(
-                    "suppressed",
-                    reason=f"{account.name} already auto-replied to {reply_to_sender} within the window",
-                )
-
-        message_id = payload.message_id
-        if message_id is None:  # a producer that called send_task without the helper
-            message_id = stable_message_id(job_id, account.from_address)
-            self.store.note_message_id(job_id, message_id)
-        try:
-            built = build_message(
-                MessageSpec(
-                    from_address=account.from_address,
-                    display_name=account.display_name,
-                    reply_to=account.reply_to,
-                    to=to,
-                    cc=cc,
-                    bcc=bcc,
-                    subject=subject,
-                    text=payload.text,
-                    html=payload.html,
-                    attachments=[
-                        Attachment(a.filename, a.content_type, a.content()) for a in payload.attachments
-                    ],
-                    headers=headers,
-                    message_id=message_id,
-                    date=payload.enqueued_at,
-                )
-            )
-        except ValueError as exc:
-            return self._give_up(account.name, reply_to_sender, job_id, f"invalid message: {exc}")
-
-        token = f"{job_id}:{attempt}:{time.time()}"
-        # outlives any live attempt (the hard time limit kills it) and expires soon after a crash
-        claim_ttl = self.settings.time_limit + 5
-        claimed, already = self.store.claim_send(message_id, token, claim_ttl)
-        if not claimed:
-            return Outcome(
-                "retry",
-                reason="another attempt is delivering this Message-ID right now",
-                retry_after=self.store.claim_remaining(message_id),
-                recipients=already,
-                counts=False,
-            )
-        claim = {"token": token}  # _send gives it up together with the sent mark
-        remaining = tuple(r for r in built.recipients if r not in already)
-        try:
-            if not remaining:
-                return Outcome("sent", reason="already delivered (duplicate suppressed)", recipients=already)
-            return self._send(
-                claim,
-                job_id,
-                account.name,
-                account.smtp.envelope_from if account.smtp else None,
-                account.from_address,
-                message_id,
-                remaining,
-                built.data,
-                already,
-                reply_to_sender,
-            )
-        finally:
-            if "token" in claim:
-                self.store.release_send(message_id, claim["token"])
-
-    def _send(
-        self,
-        claim: dict[str, str],
-        job_id: str,
-        account_name: str,
-        envelope_from: str | None,
-        from_address: str,
-        message_id: str,
-        remaining: tuple[str, ...],
-        data: bytes,
-        already: dict[str, dict[str, Any]],
-        reply_to_sender: str | None,
-    ) -> Outcome:
-        records = self.runtime.records()
-        try:
-            account = records.account(account_name)
-            transport = self.runtime.transport(account)
-        except ConfigurationError as exc:
-            return self._give_up(account_name, reply_to_sender, job_id, f"configuration: {exc}")
-        outgoing = OutgoingMessage(message_id, envelope_from or from_address, remaining, data)
-        try:
-            result = self.runtime.run(transport.send(outgoing), timeout=self.settings.soft_time_limit)
-        except DeliveryError as exc:
-            outcome = outcome_for_error(exc, transport.name, remaining, already)
-            self._after_failure(outcome, exc, account_name, reply_to_sender, job_id)
-            return outcome
-        except ConfigurationError as exc:
-            return self._give_up(account_name, reply_to_sender, job_id, f"configuration: {exc}")
-        except TimeoutError:
-            return Outcome("retry", reason="delivery timed out", transport=transport.name)
-
-        accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
-        # right after the 250: the duplicate guard (and the claim given up, one round trip)
-        self.store.mark_delivered(message_id, accepted, release=claim.pop("token"))
-        return outcome_for_result(result, already)
-
-    def _after_failure(
-        self, outcome: Outcome, exc: DeliveryError, account: str, reply_to_sender: str | None, job_id: str
-    ) -> None:
-        if isinstance(exc, AuthenticationFailed):
-            self.store.redis.set(_flag_key(account), str(exc), ex=FLAG_TTL)
-        if outcome.state == "dead":
-            self._release_window(account, reply_to_sender, job_id)
-
-    def _give_up(self, account: str, reply_to_sender: str | None, job_id: str, reason: str) -> Outcome:
-        self._release_window(account, reply_to_sender, job_id)
-        return Outcome("dead", reason=reason)
-
-    def _release_window(self, account: str, reply_to_sender: str | None, job_id: str) -> None:
-        if reply_to_sender is not None:
-            self.store.release_auto_reply(account, reply_to_sender, job_id)
 
 
 def outcome_for_error(
@@ -302,13 +147,13 @@ class _Pending:
         return tuple(r for r in self.recipients if r not in self.already)
 
 
-class BatchDelivery:
-    """The same pipeline for many messages at once (``postroom.send_batch``).
+class Delivery:
+    """The pipeline, for one message (``postroom.send``) or many (``postroom.send_batch``).
 
-    The Redis work of the whole batch is pipelined (one round trip to claim,
-    one to record), and every send of the batch runs on the process's event
-    loop in one go, each message marked sent from the loop right after its
-    250. Auto-replies take the one-message path (their window is per sender).
+    The Redis work of all the messages is pipelined (one round trip to claim,
+    one to record, in tasks), and every send runs on the process's event loop
+    in one hop, each message marked sent from the loop right after its 250.
+    A dead auto-reply's per-sender window is given back by the task layer.
     """
 
     def __init__(self, store: JobStore, marks: AsyncMarks, runtime: Runtime, settings: Settings) -> None:
@@ -316,19 +161,21 @@ class BatchDelivery:
         self.marks = marks
         self.runtime = runtime
         self.settings = settings
-        self.single = Delivery(store, runtime, settings)
 
-    def run(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
+    def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
+        started = time.monotonic()
+        (outcome,) = self.run_many([(job_id, payload, attempt)])
+        log_attempt(job_id, payload.account, attempt, outcome, time.monotonic() - started)
+        return outcome
+
+    def run_many(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
         ready: list[_Pending] = []
         records = self.runtime.records()
         for i, (job_id, payload, attempt) in enumerate(items):
-            if payload.kind == "auto-reply":
-                outcomes[i] = self.single.run(job_id, payload, attempt)
-                continue
             try:
                 if payload.account not in records.account_names:
-                    records = self.runtime.records(fresh=True)
+                    records = self.runtime.records(fresh=True)  # a record added a moment ago
                 account = records.account(payload.account)
                 transport = self.runtime.transport(account)
             except ConfigurationError as exc:
@@ -338,8 +185,15 @@ class BatchDelivery:
             if message_id is None:  # a producer that called send_task without the helper
                 message_id = stable_message_id(job_id, account.from_address)
                 self.store.note_message_id(job_id, message_id)
+            spec = _spec(account, payload, message_id)
+            if payload.kind == "auto-reply":
+                answered = self._auto_reply(job_id, payload, account.name, spec)
+                if isinstance(answered, Outcome):
+                    outcomes[i] = answered
+                    continue
+                spec = answered
             try:
-                message = build_message(_spec(account, payload, message_id))
+                message = build_message(spec)
             except ValueError as exc:
                 outcomes[i] = Outcome("dead", reason=f"invalid message: {exc}")
                 continue
@@ -351,6 +205,7 @@ class BatchDelivery:
                 )
             )
 
+        # the claim outlives any live attempt (the hard time limit kills it) and expires soon after a crash
         claims = self.store.claim_many([(p.message_id, p.token) for p in ready], self.settings.time_limit + 5)
         pending: list[_Pending] = []
         for p, (claimed, already) in zip(ready, claims, strict=True):
@@ -373,6 +228,28 @@ class BatchDelivery:
                 [(p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
             )
         return [outcomes.get(i, Outcome("retry", reason="not attempted")) for i in range(len(items))]
+
+    def _auto_reply(
+        self, job_id: str, payload: SendPayload, account: str, spec: MessageSpec
+    ) -> MessageSpec | Outcome:
+        """The reply's spec (RFC 3834 headers, to the original's sender), or why it is suppressed."""
+        assert payload.original is not None
+        reason = autoreply.suppression_reason(payload.original)
+        if reason:
+            return Outcome("suppressed", reason=reason)
+        sender = autoreply.reply_recipient(payload)
+        if self.store.claim_auto_reply(account, sender, self.settings.auto_reply_window, job_id) is not None:
+            return Outcome(
+                "suppressed", reason=f"{account} already auto-replied to {sender} within the window"
+            )
+        return replace(
+            spec,
+            to=[sender],
+            cc=[],
+            bcc=[],
+            subject=autoreply.reply_subject(payload),
+            headers={**spec.headers, **autoreply.threading_headers(payload.original)},
+        )
 
     def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
         async def one(p: _Pending) -> Outcome:

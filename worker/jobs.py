@@ -132,7 +132,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
-        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
@@ -167,11 +166,6 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(_key("job", job_id), _key("history", job_id))
-
-    def delete_many(self, job_ids: Iterable[str]) -> None:
-        keys = [k for j in job_ids for k in (_key("job", j), _key("history", j))]
-        if keys:
-            self.redis.delete(*keys)
 
     # ---- reading ---------------------------------------------------------------
 
@@ -284,21 +278,6 @@ class JobStore:
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
 
-    def claim_send(self, message_id: str, token: str, ttl: float) -> tuple[bool, dict[str, dict[str, Any]]]:
-        """Claim the Message-ID (only one attempt at a time may talk to a server about
-        it) and read which recipients a server already accepted, in one round trip."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(_key("claim", message_id), token, nx=True, ex=max(int(ttl), 1))
-            pipe.hgetall(_key("delivered", message_id))
-            claimed, raw = pipe.execute()
-        delivered = {rcpt: json.loads(value) for rcpt, value in cast(dict[str, str], raw).items()}
-        return bool(claimed), delivered
-
-    def delivered(self, message_id: str) -> dict[str, dict[str, Any]]:
-        """Recipients a server already accepted for this Message-ID (never sent again)."""
-        raw = cast(dict[str, str], self.redis.hgetall(_key("delivered", message_id)))
-        return {rcpt: json.loads(value) for rcpt, value in raw.items()}
-
     def claim_remaining(self, message_id: str) -> float:
         """Seconds until the current claim on ``message_id`` expires (0 when there is none)."""
         ttl = int(self.redis.pttl(_key("claim", message_id)))
@@ -307,26 +286,6 @@ class JobStore:
     def uncount_attempt(self, job_id: str) -> None:
         """Take back an attempt that never reached a server (see Outcome.counts)."""
         self.redis.hincrby(_key("job", job_id), "attempts", -1)
-
-    def release_send(self, message_id: str, token: str) -> None:
-        """Give the claim up (compare-and-delete: never one another attempt took over)."""
-        self._release(keys=[_key("claim", message_id)], args=[token])
-
-    def mark_delivered(
-        self, message_id: str, accepted: Mapping[str, RecipientStatus], *, release: str | None = None
-    ) -> None:
-        """Called right after the server's 250: from now on these recipients are done.
-        With ``release`` (the claim token), the claim is given up in the same round trip."""
-        key = _key("delivered", message_id)
-
-        def commands(pipe: Any) -> None:
-            if accepted:
-                pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
-                pipe.expire(key, self.job_ttl)
-            if release is not None:
-                pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), release)
-
-        self._scripted(commands)
 
     def finish(self, job_id: str, account: str, **fields: Any) -> None:
         """Record an attempt's end, its history entry, the account counters and, for
@@ -387,9 +346,6 @@ class JobStore:
             pipe.hincrby(_key("stats", account), "failed", 1)
         elif counter:
             pipe.hincrby(_key("stats", account), counter, 1)
-
-    def count(self, account: str, outcome: str, amount: int = 1) -> None:
-        self.redis.hincrby(_key("stats", account), outcome, amount)
 
     def stats(self, account: str) -> dict[str, int]:
         raw = cast(dict[str, str], self.redis.hgetall(_key("stats", account)))

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from worker import autoreply
 from worker.app import app, settings
-from worker.delivery import BatchDelivery, Delivery, Outcome, log_attempt
+from worker.delivery import Delivery, Outcome, log_attempt
 from worker.jobs import JobStore
 from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
 from worker.runtime import get_runtime
@@ -93,7 +93,7 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
         outcome = Outcome("suppressed", reason=f"duplicate of job {owner} (same idempotency_key)")
     else:
         try:
-            outcome = Delivery(store, get_runtime(), settings).run(job_id, payload, attempt_no)
+            outcome = delivery(store).run(job_id, payload, attempt_no)
         except SoftTimeLimitExceeded:
             outcome = Outcome("retry", reason="soft time limit exceeded")
         except Exception as exc:  # a bug or an unexpected library error: bounded retries, then dead
@@ -229,9 +229,7 @@ def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str,
 
     started = time.monotonic()
     try:
-        outcomes = BatchDelivery(
-            store, get_runtime().marks(store_url(), settings.job_ttl), get_runtime(), settings
-        ).run(items)
+        outcomes = delivery(store).run_many(items)
     except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
         log.exception("batch of %s…: unexpected error", job_ids[0] if job_ids else "-")
         outcomes = [Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items]
@@ -257,6 +255,12 @@ def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str,
     for step in steps.values():
         counts[step.state] = counts.get(step.state, 0) + 1
     return counts
+
+
+def delivery(store: JobStore) -> Delivery:
+    """The pipeline on this process's runtime (its loop, pools and loop-side Redis client)."""
+    runtime = get_runtime()
+    return Delivery(store, runtime.marks(store_url(), settings.job_ttl), runtime, settings)
 
 
 def store_url() -> str:
