@@ -36,6 +36,15 @@ def finished(producer: Producer, job_id: str, timeout: float = 30) -> Job:
     return job
 
 
+def send_task(env: QueueEnv, task: str, kwargs: dict[str, Any]) -> str:
+    """Enqueue the way a producer in another language does: task name, queue, JSON kwargs."""
+    app = Celery("another-producer", broker=env.broker_url, set_as_current=False)
+    try:
+        return str(app.send_task(task, kwargs=kwargs, queue="postroom").id)
+    finally:
+        app.close()
+
+
 def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [POSTROOM, *args],
@@ -97,19 +106,15 @@ def test_a_producer_without_the_helper_uses_send_task(
     """The documented interface for producers in any language: the task name, the queue, JSON kwargs."""
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("raw"), server)
-    app = Celery("some-other-app", broker=queue_env.broker_url, set_as_current=False)
-    try:
-        result = app.send_task(
-            "postroom.send",
-            kwargs={"account": account, "to": ["x@example.net"], "subject": "Raw", "text": "hi"},
-            queue="postroom",
-        )
-    finally:
-        app.close()
-    job = finished(producer, str(result.id))
+    job_id = send_task(
+        queue_env,
+        "postroom.send",
+        {"account": account, "to": ["x@example.net"], "subject": "Raw", "text": "hi"},
+    )
+    job = finished(producer, job_id)
     assert job.state == "sent"
     (got,) = server.received
-    assert got.message["Message-ID"] == f"<{result.id}@example.com>" == job.message_id
+    assert got.message["Message-ID"] == f"<{job_id}@example.com>" == job.message_id
 
 
 def test_451_then_accept_is_delivered_once_on_the_second_attempt(
@@ -309,13 +314,8 @@ def test_a_bad_payload_that_skipped_validation_is_dead_lettered_with_the_reason(
 ) -> None:
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("skip"), server)
-    app = Celery("careless-producer", broker=queue_env.broker_url, set_as_current=False)
-    try:
-        kwargs = {"account": account, "to": ["a@example.net"], "headers": {"X-A": "1\r\nBcc: v@example.net"}}
-        result = app.send_task("postroom.send", kwargs=kwargs, queue="postroom")
-    finally:
-        app.close()
-    job = finished(producer, str(result.id))
+    kwargs = {"account": account, "to": ["a@example.net"], "headers": {"X-A": "1\r\nBcc: v@example.net"}}
+    job = finished(producer, send_task(queue_env, "postroom.send", kwargs))
     assert job.state == "dead" and "invalid payload" in (job.last_error or "")
     assert server.received == []
 
@@ -433,13 +433,9 @@ def test_a_raw_batch_without_job_ids_is_delivered(
 ) -> None:
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("rawbatch"), server)
-    app = Celery("another-producer", broker=queue_env.broker_url, set_as_current=False)
-    try:
-        messages = [{"account": account, "to": [f"r{i}@example.net"], "text": "x"} for i in range(3)]
-        result = app.send_task("postroom.send_batch", kwargs={"messages": messages}, queue="postroom")
-    finally:
-        app.close()
-    jobs = [finished(producer, f"{result.id}-{i}") for i in range(3)]
+    messages = [{"account": account, "to": [f"r{i}@example.net"], "text": "x"} for i in range(3)]
+    batch_id = send_task(queue_env, "postroom.send_batch", {"messages": messages})
+    jobs = [finished(producer, f"{batch_id}-{i}") for i in range(3)]
     assert [job.state for job in jobs] == ["sent"] * 3
     assert sorted(r.message["Message-ID"] for r in server.received) == sorted(
         j.message_id or "" for j in jobs
@@ -467,16 +463,11 @@ def test_a_raw_producer_reusing_an_idempotency_key_sends_once(
 ) -> None:
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("rawidem"), server)
-    app = Celery("raw-producer", broker=queue_env.broker_url, set_as_current=False)
     payload = {"account": account, "to": ["a@example.net"], "text": "x", "idempotency_key": "invoice-7"}
-    try:
-        first = app.send_task("postroom.send", kwargs=payload, queue="postroom")
-        assert finished(producer, str(first.id)).state == "sent"
-        second = app.send_task("postroom.send", kwargs=payload, queue="postroom")
-    finally:
-        app.close()
-    duplicate = finished(producer, str(second.id))
-    assert duplicate.state == "suppressed" and f"duplicate of job {first.id}" in (duplicate.last_error or "")
+    first = send_task(queue_env, "postroom.send", payload)
+    assert finished(producer, first).state == "sent"
+    duplicate = finished(producer, send_task(queue_env, "postroom.send", payload))
+    assert duplicate.state == "suppressed" and f"duplicate of job {first}" in (duplicate.last_error or "")
     assert len(server.received) == 1
 
 
