@@ -141,6 +141,7 @@ class _Pending:
     marked: bool = False  # the sent mark is written (it gave the claim up too)
     accepted: bool = False  # the server took it: if the mark failed, the claim must stay until it expires
     outcome: Outcome | None = None  # set as soon as this message's attempt ended
+    accepted_by: dict[str, RecipientStatus] = field(default_factory=dict)  # recipients the server took
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -268,28 +269,40 @@ class Delivery:
             except ConfigurationError as exc:
                 return Outcome("dead", reason=f"configuration: {exc}")
             p.accepted = True
-            accepted = {a: r for a, r in result.recipients.items() if r.status == "sent"}
-            await self.marks.mark_delivered(p.message_id, accepted, p.token)  # right after the 250
-            p.marked = True
+            p.accepted_by = {a: r for a, r in result.recipients.items() if r.status == "sent"}
+            if on_loop:  # right after the 250, without waiting for the rest of the batch
+                await self.marks.mark_delivered(p.message_id, p.accepted_by, p.token)
+                p.marked = True
             p.outcome = outcome_for_result(result, p.already)
             return p.outcome
 
+        async def guarded(p: _Pending) -> Outcome:
+            try:
+                return await one(p)
+            except Exception as exc:  # a bug or a library surprise: this message retries on its own
+                return Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
+
         async def everything() -> list[Outcome]:
+            if len(pending) == 1:
+                return [await guarded(pending[0])]
             # every send runs to its end: no claim is given up while a send may still be under way
-            results = await asyncio.gather(*(one(p) for p in pending), return_exceptions=True)
-            return [
-                r
-                if isinstance(r, Outcome)
-                else Outcome("retry", reason=f"internal error: {type(r).__name__}: {r}")
-                for r in results
-            ]
+            return list(await asyncio.gather(*(guarded(p) for p in pending)))
 
         if not pending:
             return []
+        # One message is marked from this thread as soon as the loop hands its 250 back (cheaper
+        # than the loop's async client); a batch is marked from the loop, message by message.
+        on_loop = len(pending) > 1
         try:
-            return self.runtime.run(everything(), timeout=self.settings.soft_time_limit)
+            outcomes = self.runtime.run(everything(), timeout=self.settings.soft_time_limit)
         except TimeoutError:  # the ones that finished keep their outcome
-            return [p.outcome or Outcome("retry", reason="delivery timed out") for p in pending]
+            outcomes = [p.outcome or Outcome("retry", reason="delivery timed out") for p in pending]
+        unmarked = [p for p in pending if p.accepted and not p.marked]
+        if unmarked:
+            self.store.mark_many([(p.message_id, p.accepted_by, p.token) for p in unmarked])
+            for p in unmarked:
+                p.marked = True
+        return outcomes
 
 
 def _spec(account: Any, payload: SendPayload, message_id: str) -> MessageSpec:

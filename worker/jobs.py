@@ -275,6 +275,20 @@ class JobStore:
             self.redis.script_load(_RELEASE)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def mark_many(self, marks: list[tuple[str, Mapping[str, RecipientStatus], str]]) -> None:
+        """Sent marks (recipients the server accepted, never sent again) and the claims
+        given up, for (message_id, accepted, claim token) triples, in one round trip."""
+
+        def commands(pipe: Any) -> None:
+            for message_id, accepted, token in marks:
+                key = _key("delivered", message_id)
+                if accepted:
+                    pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
+                    pipe.expire(key, self.job_ttl)
+                pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), token)
+
+        self._scripted(commands)
+
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
 
