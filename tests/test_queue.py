@@ -349,7 +349,12 @@ def test_secrets_never_reach_payloads_records_results_or_logs(
 ) -> None:
     (queue_env.config / "keystores" / "queue-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
     server = smtp_server(mode="starttls", auth_required=True)
-    tls = {"secure": True, "auth": "password", "truststore": "queue-ca", "user_id": "user@example.com"}
+    tls: dict[str, Any] = {
+        "secure": True,
+        "auth": "password",
+        "truststore": "queue-ca",
+        "user_id": "user@example.com",
+    }
     good = queue_env.account(unique("secret"), server, password="${QUEUE_TEST_PASSWORD}", **tls)
     bad = queue_env.account(unique("wrongpw"), server, password="${QUEUE_TEST_WRONG_PASSWORD}", **tls)
 

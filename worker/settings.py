@@ -24,7 +24,7 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 WORKER_POOLS = ("threads", "prefork")
 # Publishing a job retries briefly when the broker hiccups, then fails loudly (never silently).
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
-_INTEGERS = frozenset({"max_attempts", "worker_concurrency", "worker_processes", "task_events"})
+_INTEGERS = frozenset({"max_attempts", "worker_concurrency", "worker_processes", "task_events", "coalesce"})
 
 
 def accounts_dir() -> Path:
@@ -98,6 +98,10 @@ class Settings:
     # Celery task events, for Flower. They cost two Redis PUBLISHes per task (the bench measured
     # ~30% of single-message throughput); with 0, Flower still works: it switches them on itself.
     task_events: int = 1
+    # With a backlog queued, one postroom.send task carries up to this many ready single-message
+    # jobs taken straight from the queue (worker/drain.py): Celery's per-task cost is paid once
+    # for all of them. 1 turns it off.
+    coalesce: int = 32
 
     def check(self) -> None:
         """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
@@ -115,6 +119,8 @@ class Settings:
             raise ConfigurationError(
                 f"settings: worker_pool must be one of {', '.join(WORKER_POOLS)} (got {self.worker_pool!r})"
             )
+        if self.coalesce < 1:
+            raise ConfigurationError(f"settings: coalesce must be at least 1 (got {self.coalesce})")
         if self.retry.max_attempts < 1:
             raise ConfigurationError("settings: retry.max_attempts must be at least 1")
 
@@ -132,6 +138,7 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_WORKER_CONCURRENCY": ("worker_concurrency", None),
     "POSTROOM_WORKER_PROCESSES": ("worker_processes", None),
     "POSTROOM_TASK_EVENTS": ("task_events", None),
+    "POSTROOM_COALESCE": ("coalesce", None),
 }
 
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from worker import autoreply
 from worker.app import app, settings
 from worker.delivery import Delivery, Outcome, log_attempt
+from worker.drain import Carried, QueueDrain
 from worker.jobs import JobStore
 from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
 from worker.runtime import get_runtime
@@ -35,6 +36,7 @@ from worker.settings import redis_url
 log = logging.getLogger("postroom.tasks")
 STORE_TROUBLE_PAUSE = 1.0
 _store: JobStore | None = None
+_drain: QueueDrain | None = None
 
 
 def job_store() -> JobStore:
@@ -70,11 +72,7 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
     try:
         payload = SendPayload.model_validate(kwargs)
     except ValidationError as exc:
-        reason = f"invalid payload: {_describe(exc)}"
-        account = str(kwargs.get("account", "?"))
-        store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
-        store.finish(job_id, account, state="dead", attempt=1, error=reason, counter="dead")
-        return Step("dead", reason)
+        return _dead_on_arrival(job_id, kwargs, f"invalid payload: {_describe(exc)}")
 
     begun = store.begin_attempt(job_id, payload.to_task_kwargs)
     if begun is None:  # a redelivery of a job that already ended (e.g. a worker died before its ack)
@@ -104,6 +102,15 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
         step = _conclude(store, pipe, job_id, payload, attempt_no, age, outcome)
         pipe.execute()
     return step
+
+
+def _dead_on_arrival(job_id: str, kwargs: dict[str, Any], reason: str) -> Step:
+    """A job that cannot even be read goes straight to the dead letters, with the reason."""
+    store = job_store()
+    account = str(kwargs.get("account", "?"))
+    store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
+    store.finish(job_id, account, state="dead", attempt=1, error=reason, counter="dead")
+    return Step("dead", reason)
 
 
 def _duplicate_of(store: JobStore, job_id: str, payload: SendPayload) -> str | None:
@@ -156,9 +163,18 @@ def _conclude(
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
 def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
-    """Deliver one message (``postroom.send``); see the README for the payload."""
-    with _store_trouble_requeues(str(self.request.id)):
-        step = attempt(str(self.request.id), kwargs)
+    """Deliver one message (``postroom.send``); see the README for the payload.
+
+    With a backlog queued, the task also carries more ready jobs taken from
+    the queue (:mod:`worker.drain`) and delivers them side by side.
+    """
+    job_id = str(self.request.id)
+    carried = _take_more(job_id)
+    if carried:
+        step = _carry(job_id, kwargs, carried)
+    else:
+        with _store_trouble_requeues(job_id):
+            step = attempt(job_id, kwargs)
     if step.retry_in is not None:
         try:
             raise self.retry(countdown=step.retry_in, kwargs=kwargs)
@@ -197,6 +213,85 @@ def _store_trouble_requeues(what: str) -> Iterator[None]:
 
 
 def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str, int]:
+    steps = _deliver(job_ids, messages)
+    retries = [(job_ids[i], messages[i], s.retry_in) for i, s in enumerate(steps) if s.retry_in is not None]
+    try:
+        _publish_retries(retries)
+    except Exception as exc:  # the batch goes back whole: finished jobs are skipped when it runs again
+        raise Reject(f"retries could not be scheduled: {exc}", requeue=True) from exc
+    counts: dict[str, int] = {}
+    for step in steps:
+        counts[step.state] = counts.get(step.state, 0) + 1
+    return counts
+
+
+def _publish_retries(retries: list[tuple[str, dict[str, Any], float]]) -> None:
+    """Each retried message leaves its batch (or carrier) as a ``postroom.send`` job of its own."""
+    for job_id, kwargs, delay in retries:
+        app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=delay)
+
+
+def _take_more(job_id: str) -> list[Carried]:
+    """Ready jobs to carry along with ``job_id`` (none when coalescing is off or Redis balks)."""
+    if settings.coalesce <= 1:
+        return []
+    try:
+        return queue_drain().take(settings.coalesce - 1)
+    except redis.RedisError as exc:
+        log.warning("job %s: could not take more jobs from the queue (%s)", job_id, exc)
+        return []
+
+
+def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
+    """Deliver this task's job and the carried ones together; the task's own step is returned
+    (its retry goes through Celery), the carried ones' retries are published here."""
+    drain = queue_drain()
+    log.info("job %s: carrying %d more ready jobs from the queue", job_id, len(carried))
+    readable = [c for c in carried if c.kwargs is not None]
+    job_ids = [job_id, *(c.job_id for c in readable)]
+    messages = [kwargs, *(c.kwargs or {} for c in readable)]
+    try:
+        with _store_trouble_requeues(f"job {job_id} (carrying {len(carried)} more)"):
+            for c in carried:
+                if c.kwargs is None:
+                    _dead_on_arrival(c.job_id, {}, c.problem or "unreadable task message")
+            steps = _deliver(job_ids, messages)
+            retries = [
+                (job_ids[i], messages[i], s.retry_in) for i, s in enumerate(steps) if s.retry_in is not None
+            ]
+            try:  # the task's own retry goes through Celery (self.retry) below
+                _publish_retries(retries[1:] if steps[0].retry_in is not None else retries)
+            except Exception as exc:  # all of them go back: the ones that ended are skipped next time
+                raise Reject(f"retries could not be scheduled: {exc}", requeue=True) from exc
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):  # else kombu restores them after the time limit
+            drain.give_back(carried)
+        raise
+    try:
+        drain.ack(carried)
+    except redis.RedisError as exc:  # restored later and then skipped: every one of them has ended
+        log.warning("job %s: carried jobs not acknowledged (%s)", job_id, exc)
+    return steps[0]
+
+
+def queue_drain() -> QueueDrain:
+    global _drain
+    if _drain is None:
+        options = app.conf.broker_transport_options or {}
+        _drain = QueueDrain(
+            job_store().redis,
+            QUEUE,
+            TASK_NAME,
+            visibility_timeout=settings.visibility_timeout,
+            time_limit=settings.time_limit,
+            unacked_key=options.get("unacked_key", "unacked"),
+            unacked_index_key=options.get("unacked_index_key", "unacked_index"),
+        )
+    return _drain
+
+
+def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
+    """Every message through one attempt side by side; one Step per message, in order."""
     store = job_store()
     steps: dict[int, Step] = {}
     valid: list[tuple[int, SendPayload]] = []
@@ -238,23 +333,11 @@ def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str,
         log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
         finals.append((i, payload, attempt_no, outcome, age))
 
-    retries: list[tuple[str, dict[str, Any], float]] = []
     with store.redis.pipeline(transaction=False) as pipe:
         for i, payload, attempt_no, outcome, age in finals:
             steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome)
-            retry_in = steps[i].retry_in
-            if retry_in is not None:
-                retries.append((job_ids[i], messages[i], retry_in))
         pipe.execute()
-    try:
-        for job_id, kwargs, delay in retries:  # the message leaves the batch: its retries are its own
-            app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=delay)
-    except Exception as exc:  # the batch goes back whole: finished jobs are skipped when it runs again
-        raise Reject(f"retries could not be scheduled: {exc}", requeue=True) from exc
-    counts: dict[str, int] = {}
-    for step in steps.values():
-        counts[step.state] = counts.get(step.state, 0) + 1
-    return counts
+    return [steps[i] for i in range(len(messages))]
 
 
 def delivery(store: JobStore) -> Delivery:

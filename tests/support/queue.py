@@ -111,7 +111,9 @@ class QueueEnv:
             **FAST_SETTINGS,
         }
 
-    def account(self, name: str, server: SmtpServer, **smtp: Any) -> str:
+    def account(
+        self, name: str, server: SmtpServer, *, limits: dict[str, Any] | None = None, **smtp: Any
+    ) -> str:
         """Write ``accounts/NAME.yaml`` pointing at ``server`` (plain SMTP unless told)."""
         fields: dict[str, Any] = {
             "address": f"{name}@example.com",
@@ -125,6 +127,8 @@ class QueueEnv:
         for key, value in fields.items():
             text = ("true" if value else "false") if isinstance(value, bool) else f'"{value}"'
             lines.append(f"  {key}: {text}")
+        if limits:
+            lines += ["limits:", *(f"  {key}: {value}" for key, value in limits.items())]
         (self.accounts / f"{name}.yaml").write_text("\n".join(lines) + "\n")
         return name
 

@@ -1,0 +1,171 @@
+"""Coalescing: a ``postroom.send`` task takes more ready jobs straight from the queue.
+
+Celery hands a worker one message at a time, and its per-task work (receive,
+dispatch to the pool, events, acknowledgement) costs more CPU than sending the
+mail does. When the queue holds a backlog of single-message jobs, the task that
+is running takes up to ``settings.coalesce - 1`` more of them in one Redis call
+and delivers them all side by side, as one batch job would.
+
+The messages taken are registered in kombu's own "unacknowledged" hash and
+index in the same atomic script that pops them, exactly as kombu's Redis
+transport registers a message it hands to a worker. So:
+
+- a message is acknowledged (removed from both) only after its outcome is recorded;
+- when the carrying task fails, its messages are given back to the head of the queue;
+- when the carrying process dies, kombu's periodic restore (which every worker
+  runs) puts them back; they are registered back-dated so that this happens
+  shortly after the hard time limit instead of after the whole visibility timeout.
+
+Only plain, due jobs are taken: the script stops at the first message that is
+not a protocol-2 JSON ``postroom.send`` message without ETA or expiry (retries
+scheduled with a countdown, priorities other than the queue's, anything else),
+and leaves that one to Celery. Jobs taken this way send no Celery task events
+of their own (the carrying task does); Postroom's job records cover each one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+log = logging.getLogger("postroom.drain")
+
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: <queue><sep><priority> sub-queues
+PRIORITY_STEPS = (0, 3, 6, 9)
+RESTORE_MARGIN = 30.0  # seconds after the hard time limit before a dead carrier's jobs come back
+
+# KEYS: unacked hash, unacked index, then the queue lists in the order kombu reads them.
+# ARGV: max count, index score, task name.
+_TAKE = """
+local out = {}
+local taken, max = 0, tonumber(ARGV[1])
+for qi = 3, #KEYS do
+  local queue = KEYS[qi]
+  while taken < max do
+    local raw = redis.call('LINDEX', queue, -1)
+    if not raw then break end
+    local ok, msg = pcall(cjson.decode, raw)
+    if not ok or type(msg) ~= 'table' then return out end
+    local h, p = msg['headers'], msg['properties']
+    if type(h) ~= 'table' or type(p) ~= 'table' then return out end
+    if h['task'] ~= ARGV[3] or type(h['id']) ~= 'string' then return out end
+    if h['eta'] ~= nil and h['eta'] ~= cjson.null then return out end
+    if h['expires'] ~= nil and h['expires'] ~= cjson.null then return out end
+    if msg['content-type'] ~= 'application/json' or p['body_encoding'] ~= 'base64' then return out end
+    local info, tag = p['delivery_info'], p['delivery_tag']
+    if type(info) ~= 'table' or type(tag) ~= 'string' then return out end
+    redis.call('RPOP', queue)
+    redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('HSET', KEYS[1], tag,
+      '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+    out[#out + 1] = queue
+    out[#out + 1] = raw
+    taken = taken + 1
+  end
+end
+return out
+"""
+
+# KEYS: unacked hash, unacked index. ARGV: triples of (queue, delivery tag, raw message).
+# A message kombu restored meanwhile is no longer in the hash: it is not pushed twice.
+_GIVE_BACK = """
+for i = 1, #ARGV, 3 do
+  if redis.call('HDEL', KEYS[1], ARGV[i + 1]) == 1 then
+    redis.call('ZREM', KEYS[2], ARGV[i + 1])
+    redis.call('RPUSH', ARGV[i], ARGV[i + 2])
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """One job taken from the queue by a running task."""
+
+    job_id: str
+    kwargs: dict[str, Any] | None  # None: the body could not be read (dead-lettered as such)
+    queue: str
+    delivery_tag: str
+    raw: str  # the message as kombu stored it, for giving it back unchanged
+    problem: str | None = None
+
+    def __repr__(self) -> str:  # kwargs hold the message content: not for logs
+        return f"Carried(job_id={self.job_id!r}, queue={self.queue!r})"
+
+
+class QueueDrain:
+    """Takes, acknowledges and gives back jobs on one queue of the broker's Redis."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue: str,
+        task_name: str,
+        *,
+        visibility_timeout: float,
+        time_limit: float,
+        unacked_key: str = "unacked",
+        unacked_index_key: str = "unacked_index",
+    ) -> None:
+        self.client = client
+        self.task_name = task_name
+        self.queues = [queue if not pri else f"{queue}{PRIORITY_SEP}{pri}" for pri in PRIORITY_STEPS]
+        self.keys = [unacked_key, unacked_index_key]
+        # kombu restores index entries older than the visibility timeout: back-date ours so a
+        # dead carrier's jobs return soon after its hard time limit, never before it
+        self.backdate = max(0.0, visibility_timeout - (time_limit + RESTORE_MARGIN))
+        self._take = client.register_script(_TAKE)
+        self._give_back = client.register_script(_GIVE_BACK)
+
+    def take(self, count: int) -> list[Carried]:
+        if count <= 0:
+            return []
+        score = time.time() - self.backdate
+        flat = self._take(keys=[*self.keys, *self.queues], args=[count, score, self.task_name])
+        taken = []
+        for queue, raw in zip(flat[0::2], flat[1::2], strict=True):
+            taken.append(_decode(_text(queue), _text(raw)))
+        return taken
+
+    def ack(self, carried: Iterable[Carried]) -> None:
+        tags = [c.delivery_tag for c in carried]
+        if not tags:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrem(self.keys[1], *tags)
+            pipe.hdel(self.keys[0], *tags)
+            pipe.execute()
+
+    def give_back(self, carried: Iterable[Carried]) -> None:
+        """Return jobs to the head of their queue (they run next, in their order), untouched."""
+        args = [part for c in reversed(list(carried)) for part in (c.queue, c.delivery_tag, c.raw)]
+        if args:
+            self._give_back(keys=self.keys, args=args)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode(queue: str, raw: str) -> Carried:
+    message = json.loads(raw)
+    headers, properties = message["headers"], message["properties"]
+    job_id, tag = str(headers["id"]), str(properties["delivery_tag"])
+    try:
+        body = json.loads(
+            base64.b64decode(message["body"]).decode(message.get("content-encoding") or "utf-8")
+        )
+        args, kwargs = body[0], body[1]
+        if args or not isinstance(kwargs, dict):
+            raise ValueError("postroom.send takes keyword arguments only")
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        return Carried(job_id, None, queue, tag, raw, problem=f"unreadable task message: {exc}")
+    return Carried(job_id, kwargs, queue, tag, raw)
