@@ -660,6 +660,9 @@ class Bench:
         args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue_name]
         args += ["-P", sc.pool, "-c", str(sc.concurrency), "-l", "WARNING", "--without-gossip"]
         args += ["--without-mingle", "-n", f"bench-{uuid.uuid4().hex[:8]}@%h"]
+        # Celery takes "-P prefork" for its default and lets a configured worker_pool win over it
+        # (worker.app configures one): the setting must say the same, or Postroom rows run threads.
+        env = {**env, "POSTROOM_WORKER_POOL": sc.pool}
         return self.procs.start(args, log=workdir / "worker.log", env=_clean_env(env), cwd=workdir)
 
     def wait_dequeue(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -166,3 +167,28 @@ def test_a_backlog_is_carried_and_every_job_keeps_its_own_fate(
     counts = Counter(r.message["Message-ID"] for r in server.received)
     assert len(counts) == 60 and max(counts.values()) == 1
     assert own_queue.queue_length() == 0
+
+
+def test_a_carrier_takes_no_more_of_one_account_than_its_connections_can_serve(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+) -> None:
+    # one connection: at most 4 of its jobs in flight per process, the rest stay queued
+    server = smtp_server(mode="plain")
+    account = own_queue.account("narrow", server, limits={"max_connections": 1})
+    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    worker = Worker(own_queue, tmp_path / "worker.log", concurrency=1)
+    try:
+        job_ids = [producer.send_notification(account, ["a@example.net"], f"n {i}", "x") for i in range(40)]
+        worker.start()
+        wait_for(
+            lambda: all((j := producer.job(i)) is not None and j.state == "sent" for i in job_ids),
+            60,
+            "every job to be sent",
+            worker,
+        )
+    finally:
+        worker.stop()
+        producer.close()
+    carried = [int(m) for m in re.findall(r"carrying (\d+) more", worker.log())]
+    assert carried and max(carried) <= 4, carried
+    assert len({r.message["Message-ID"] for r in server.received}) == len(server.received) == 40

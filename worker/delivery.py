@@ -222,8 +222,9 @@ class Delivery:
                     counts=False,
                 )
         try:
-            for p, outcome in zip(pending, self._send_all(pending), strict=True):
-                outcomes[p.index] = outcome
+            with self.runtime.sending([p.account for p in pending]):
+                for p, outcome in zip(pending, self._send_all(pending), strict=True):
+                    outcomes[p.index] = outcome
         finally:
             self.store.release_many(
                 [(p.message_id, p.token) for p in pending if not p.marked and not p.accepted]

@@ -15,7 +15,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -43,6 +44,7 @@ class Runtime:
         self._records_checked = 0.0
         self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
         self._marks: AsyncMarks | None = None
+        self._in_flight: Counter[str] = Counter()  # messages per account being delivered now
 
     def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
         """The async Redis client batches mark sent messages with, bound to this loop."""
@@ -50,6 +52,26 @@ class Runtime:
             if self._marks is None:
                 self._marks = AsyncMarks(redis_url, job_ttl)
             return self._marks
+
+    def in_flight(self, account: str) -> int:
+        """Messages of ``account`` this process is delivering (or waiting to) right now."""
+        with self._lock:
+            return self._in_flight[account]
+
+    @contextlib.contextmanager
+    def sending(self, accounts: list[str]) -> Iterator[None]:
+        """Count these messages as in flight while the block runs."""
+        counts = Counter(accounts)
+        with self._lock:
+            self._in_flight.update(counts)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight.subtract(counts)
+                for name in counts:
+                    if self._in_flight[name] <= 0:
+                        del self._in_flight[name]
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -28,6 +28,7 @@ from worker import autoreply
 from worker.app import app, settings
 from worker.delivery import Delivery, Outcome, log_attempt
 from worker.drain import Carried, QueueDrain
+from worker.errors import ConfigurationError
 from worker.jobs import JobStore
 from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
 from worker.runtime import get_runtime
@@ -235,11 +236,45 @@ def _take_more(job_id: str) -> list[Carried]:
     """Ready jobs to carry along with ``job_id`` (none when coalescing is off or Redis balks)."""
     if settings.coalesce <= 1:
         return []
+    drain = queue_drain()
     try:
-        return queue_drain().take(settings.coalesce - 1)
+        taken = drain.take(settings.coalesce - 1)
+        carried, back = _within_account_bounds(taken)
+        drain.give_back(back)
     except redis.RedisError as exc:
         log.warning("job %s: could not take more jobs from the queue (%s)", job_id, exc)
         return []
+    return carried
+
+
+# Carried jobs wait for their account's connections inside the carrying task, under its time
+# limit; a few rounds of the account's connections is enough to keep them all busy.
+IN_FLIGHT_PER_CONNECTION = 4
+
+
+def _within_account_bounds(taken: list[Carried]) -> tuple[list[Carried], list[Carried]]:
+    """Split taken jobs into those to carry and those to give back: no account gets more than
+    ``IN_FLIGHT_PER_CONNECTION x max_connections`` messages in flight in this process, so a slow
+    account's backlog waits in the queue (not inside a task's time limit) and the rest of it
+    stays free for other workers."""
+    runtime = get_runtime()
+    records = runtime.records()
+    carried: list[Carried] = []
+    back: list[Carried] = []
+    extra: dict[str, int] = {}
+    for c in taken:
+        name = str(c.kwargs.get("account", "")) if c.kwargs is not None else ""
+        try:
+            cap = IN_FLIGHT_PER_CONNECTION * records.account(name).limits.max_connections
+        except ConfigurationError:  # unknown or broken: carried, and dead-lettered with the reason
+            carried.append(c)
+            continue
+        if runtime.in_flight(name) + extra.get(name, 0) >= cap:
+            back.append(c)
+        else:
+            extra[name] = extra.get(name, 0) + 1
+            carried.append(c)
+    return carried, back
 
 
 def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
