@@ -248,6 +248,8 @@ class MsalHttpClient:
         content = None
         if isinstance(data, str | bytes):
             content, data = data, None
+        elif isinstance(data, dict):  # requests form-encodes bytes values as text; so do we
+            data = {k: v.decode() if isinstance(v, bytes) else v for k, v in data.items()}
         return self._send("POST", url, params=params, data=data, content=content, headers=headers)
 
     def get(
@@ -356,6 +358,7 @@ class MsalTokenSource(TokenSource):
         except httpx.HTTPError as exc:
             raise http_error(exc, where) from None
         except msal.exceptions.MsalServiceError:
+            self._app = None
             raise TransientError(f"{where}: the identity platform answered with a server error") from None
         except ValueError as exc:  # MSAL: the authority's OpenID configuration could not be read
             self._app = None
@@ -368,9 +371,12 @@ class MsalTokenSource(TokenSource):
         error = str(result.get("error") or "unknown_error")
         description = redact(_first_line(result.get("error_description")), self._secrets)
         reason = f"{where} refused: {error}" + (f": {description}" if description else "")
+        # A new application next time: secrets are re-read (the operator may be fixing them),
+        # and MSAL's per-application replay of failed answers (400s for 60 s, 5xx for their
+        # Retry-After) does not outlive this attempt: Postroom's retry policy paces retries.
+        self._app = None
         if error in _TRANSIENT_OAUTH_ERRORS:
             raise TransientError(reason)
-        self._app = None  # re-read the secrets next time: the operator may be fixing them
         raise AuthenticationFailed(reason)
 
     def close(self) -> None:
