@@ -11,7 +11,10 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ from worker.records import Records
 from worker.transports import GraphTransport, OutgoingMessage, SendResult, SmtpTransport, build_transport
 from worker.transports import graph as graph_module
 
+POSTROOM = str(Path(sys.executable).with_name("postroom"))
 MAILBOX = "orders@contoso.com"
 GMAIL_USER = "orders@example.com"
 SA_EMAIL = "postroom@postroom-tests.iam.gserviceaccount.com"
@@ -732,3 +736,41 @@ def test_records_reprs_hold_no_secret(setup: Setup) -> None:
     ]
     assert_never_shown(shown, setup.secret)
     assert base64.b64encode(setup.secret.encode()).decode() not in "".join(shown)
+
+
+# ---- the commands a user types -----------------------------------------------------------------
+
+
+def postroom(setup: Setup, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "POSTROOM_ACCOUNTS_DIR": str(setup.root / "accounts"),
+        "POSTROOM_CONFIG_DIR": str(setup.root / "config"),
+    }
+    return subprocess.run(
+        [POSTROOM, *args], cwd=setup.root, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_postroom_test_connectivity_for_a_graph_account(setup: Setup, cloud: CloudServer) -> None:
+    setup.profile()
+    setup.graph_account()
+    done = postroom(setup, "test-connectivity", "graph")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == graph_module.RESULT_LINE and lines[-1] == "OK"
+    assert f"  tenant: {TENANT}" in lines and f"  client id: {CLIENT_ID}" in lines
+    assert "  grant: client_credentials" in lines and "  credential: client secret" in lines
+    assert "  token: acquired" in lines and "  send endpoint: answered 400" in lines
+    assert any(line.startswith("  token expires: 20") for line in lines)
+    assert_never_shown([done.stdout, done.stderr], *cloud.valid_tokens(), setup.secret)
+
+    as_json = json.loads(postroom(setup, "test-connectivity", "graph", "--json").stdout)
+    assert as_json["ok"] is True and as_json["detail"]["tenant"] == TENANT
+
+
+def test_postroom_accounts_check_prints_graph_problems_with_file_and_line(setup: Setup) -> None:
+    setup.graph_account("graph", profile="nope")
+    done = postroom(setup, "accounts", "check")
+    assert done.returncode == 1
+    assert "accounts/graph.yaml:6: graph.auth_profile: no auth profile 'nope'" in done.stdout
