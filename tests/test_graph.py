@@ -622,6 +622,35 @@ async def send_and_close_raising(transport: Any) -> None:
         await transport.aclose()
 
 
+def test_an_office365_smtp_account_logs_in_with_xoauth2_and_a_microsoft_profile(
+    setup: Setup, cloud: CloudServer, pki: Pki
+) -> None:
+    setup.profile("o365-smtp", scopes="[https://outlook.office365.com/.default]")
+    server = SmtpServer(
+        mode="starttls",
+        cert=pki.server_cert,
+        key=pki.server_key,
+        auth_required=True,
+        auth_mechanisms=("LOGIN", "XOAUTH2"),
+        username=MAILBOX,
+        oauth_tokens=cloud.valid_tokens,
+    )
+    setup.write(
+        "accounts/o365.yaml",
+        f"provider: office365\nsmtp:\n  address: {MAILBOX}\n  host: 127.0.0.1\n  port: {server.port}\n"
+        "  truststore: test-ca\n  auth: oauth\n  oauth_profile: o365-smtp\n",
+    )
+    try:
+        (result,) = run(send_and_close(setup.transport("o365"), message()))
+    finally:
+        server.stop()
+    assert isinstance(result, SendResult), result
+    assert server.received[0].auth_mechanism == "XOAUTH2"
+    assert cloud.ms_token_requests == [
+        {"grant_type": "client_credentials", "scope": "https://outlook.office365.com/.default"}
+    ]
+
+
 # ---- connectivity ----------------------------------------------------------------------------
 
 
