@@ -223,7 +223,7 @@ def test_the_token_is_cached_and_reused(setup: Setup, cloud: CloudServer) -> Non
 
 
 def test_a_token_close_to_expiry_is_refreshed_before_use(setup: Setup, cloud: CloudServer) -> None:
-    cloud.token_lifetime = int(oauth.REFRESH_MARGIN) + 1  # good for one second before the margin
+    cloud.token_lifetime = 2  # a short-lived token is replaced half-way: after one second
     setup.profile()
     setup.graph_account()
 
@@ -240,6 +240,14 @@ def test_a_token_close_to_expiry_is_refreshed_before_use(setup: Setup, cloud: Cl
     assert len(cloud.ms_token_requests) == 2 and len(cloud.delivered) == 2
     first, second = cloud.calls("POST", "/sendMail")
     assert first.bearer != second.bearer  # no 401 in between: refreshed before it was refused
+
+
+def test_tokens_are_replaced_five_minutes_early_or_half_way() -> None:
+    hour = oauth.AccessToken.issued("secret-token-value", 3600, now=1000.0)
+    assert hour.expires_at == 4600.0 and hour.refresh_at == 4600.0 - oauth.REFRESH_MARGIN == 4300.0
+    short = oauth.AccessToken.issued("secret-token-value", 120, now=1000.0)
+    assert short.refresh_at == 1060.0
+    assert "secret-token-value" not in repr(hour) + str(hour)
 
 
 def test_a_refused_token_is_refreshed_once_then_the_send_succeeds(setup: Setup, cloud: CloudServer) -> None:

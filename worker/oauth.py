@@ -28,7 +28,6 @@ import logging
 import ssl
 import threading
 import time
-import uuid
 import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import jwt
 import msal
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from worker.auth_profiles import (
     AuthProfile,
@@ -83,10 +83,19 @@ def _first_line(text: object, limit: int = 300) -> str:
 
 @dataclass(frozen=True)
 class AccessToken:
-    """A bearer token and when it expires (epoch seconds). Its repr hides the value."""
+    """A bearer token, when it expires and when to replace it (epoch seconds). Its repr hides the value."""
 
     value: str = field(repr=False)
     expires_at: float
+    refresh_at: float
+
+    @classmethod
+    def issued(cls, value: str, expires_in: float, now: float | None = None) -> AccessToken:
+        """A token just issued for ``expires_in`` seconds: replaced :data:`REFRESH_MARGIN` early
+        (or half-way through, for tokens that live less than twice the margin)."""
+        now = time.time() if now is None else now
+        early = min(REFRESH_MARGIN, expires_in / 2)
+        return cls(value, now + expires_in, now + expires_in - early)
 
     def __repr__(self) -> str:
         return f"AccessToken(expires_at={self.expires_at:.0f})"
@@ -156,14 +165,11 @@ class TokenSource(ABC):
             if current is not None:
                 if force and stale is not None and current.value != stale:
                     return current
-                if not force and current.expires_at - REFRESH_MARGIN > time.time():
+                if not force and current.refresh_at > time.time():
                     return current
             self._token = None
             self.requests += 1
-            try:
-                token = await self._acquire()
-            except DeliveryError as exc:
-                raise exc.with_context(account=None, transport=None) from None
+            token = await self._acquire()
             self._token = token
             log.info("auth profile %s: token acquired (expires %s)", self.profile.name, token.expires_iso)
             return token
@@ -312,8 +318,6 @@ class MsalTokenSource(TokenSource):
         elif isinstance(rec, ClientCredentialsProfile) and rec.certificate is not None:
             keystore = self._records.keystore(rec.certificate.keystore)
             key_pem, cert = keystore.private_key(rec.certificate.alias)
-            from cryptography.hazmat.primitives.serialization import Encoding
-
             credential = {
                 "private_key": key_pem,
                 "public_certificate": cert.public_bytes(Encoding.PEM).decode("ascii"),
@@ -366,8 +370,7 @@ class MsalTokenSource(TokenSource):
                 f"auth profile {self.profile.name}: authority: {redact(_first_line(exc), self._secrets)}"
             ) from None
         if "access_token" in result:
-            expires_in = float(result.get("expires_in") or 3600)
-            return AccessToken(str(result["access_token"]), time.time() + expires_in)
+            return AccessToken.issued(str(result["access_token"]), float(result.get("expires_in") or 3600))
         error = str(result.get("error") or "unknown_error")
         description = redact(_first_line(result.get("error_description")), self._secrets)
         reason = f"{where} refused: {error}" + (f": {description}" if description else "")
@@ -420,7 +423,6 @@ class JwtBearerTokenSource(TokenSource):
             "aud": self.record.token_url,
             "iat": issued,
             "exp": issued + JWT_LIFETIME,
-            "jti": uuid.uuid4().hex,
         }
         headers = {"kid": account.private_key_id} if account.private_key_id else None
         return jwt.encode(claims, account.private_key, algorithm="RS256", headers=headers)
@@ -448,8 +450,7 @@ class JwtBearerTokenSource(TokenSource):
         if not isinstance(body, dict):
             body = {}
         if response.status_code == 200 and isinstance(body.get("access_token"), str):
-            expires_in = float(body.get("expires_in") or 3600)
-            return AccessToken(body["access_token"], time.time() + expires_in)
+            return AccessToken.issued(body["access_token"], float(body.get("expires_in") or 3600))
         error = str(body.get("error") or f"HTTP {response.status_code}")
         description = redact(_first_line(body.get("error_description")), [assertion])
         reason = f"{where} refused: {error}" + (f": {description}" if description else "")
