@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from support.cloud import CloudServer
 from support.pki import Pki
 from support.queue import QueueEnv, Worker, claim_database, ensure_redis
 from support.smtpd import SmtpServer
@@ -33,6 +34,17 @@ def smtp_server(pki: Pki) -> Iterator[Callable[..., SmtpServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def cloud(pki: Pki) -> Iterator[CloudServer]:
+    """A local HTTPS Microsoft identity platform + Graph + Google token endpoint."""
+    from worker import oauth
+
+    server = CloudServer(pki.server_cert, pki.server_key)
+    yield server
+    server.stop()
+    oauth.forget_sources()
 
 
 @pytest.fixture(scope="session")

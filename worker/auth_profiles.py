@@ -6,12 +6,16 @@ errors point at the real field path, not at a union branch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import Field, field_validator, model_validator
 
+from worker.errors import ConfigurationError
 from worker.fields import Address, RecordModel, SecretField
 
 MS_GRAPH_DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
@@ -104,3 +108,50 @@ class AuthProfile:
         if isinstance(self.record, ClientCredentialsProfile) and self.record.certificate:
             refs.append(("certificate.keystore", self.record.certificate.keystore))
         return refs
+
+
+# ---- Google service account key files (jwt_bearer) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    client_email: str
+    private_key: str = field(repr=False)
+    private_key_id: str | None
+
+
+def load_service_account(profile: AuthProfile) -> ServiceAccount:
+    """Read and check the profile's Google JSON key file (ConfigurationError otherwise)."""
+    rec = profile.record
+    assert isinstance(rec, JwtBearerProfile)
+    path = service_account_path(profile)
+    where = f"auth profile {profile.name}: service_account_file"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigurationError(
+            f"{where}: {path} is not JSON (expected Google's service account key)"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{where}: {path} is not a service account key file")
+    missing = [k for k in ("client_email", "private_key") if not isinstance(data.get(k), str)]
+    if missing:
+        raise ConfigurationError(f"{where}: {path} has no {' or '.join(missing)}")
+    key = data["private_key"]
+    try:
+        loaded = load_pem_private_key(key.encode(), None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"{where}: private_key in {path} is not a PEM private key") from None
+    if not isinstance(loaded, RSAPrivateKey):
+        raise ConfigurationError(f"{where}: private_key in {path} is not an RSA key (RS256 needs one)")
+    key_id = data.get("private_key_id")
+    return ServiceAccount(data["client_email"], key, key_id if isinstance(key_id, str) else None)
+
+
+def service_account_path(profile: AuthProfile) -> Path:
+    rec = profile.record
+    assert isinstance(rec, JwtBearerProfile)
+    path = Path(rec.service_account_file).expanduser()
+    return path if path.is_absolute() else profile.source.parent / path

@@ -131,10 +131,25 @@ def test_connectivity(name: str, as_json: bool) -> None:
             "auth_mechanisms_offered": "AUTH mechanisms offered",
             "auth_mechanism": "AUTH mechanism used",
             "login": "login",
+            # Graph (and the OAuth part of SMTP XOAUTH2 accounts, under "oauth")
+            "base_url": "Graph",
+            "mailbox": "mailbox",
+            "auth_profile": "auth profile",
+            "grant": "grant",
+            "tenant": "tenant",
+            "client_id": "client id",
+            "credential": "credential",
+            "service_account": "service account",
+            "subject": "subject",
+            "token": "token",
+            "token_expires": "token expires",
+            "send_endpoint": "send endpoint",
+            "security": "security",
             "duration_ms": "duration (ms)",
         }
+        detail = {**report.detail.get("oauth", {}), **report.detail}
         for key, label in labels.items():
-            value = report.detail.get(key)
+            value = detail.get(key)
             if value is None or value == []:
                 continue
             if isinstance(value, list):

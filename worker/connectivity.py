@@ -1,10 +1,11 @@
-"""``postroom test-connectivity``: connect, secure, log in, NOOP, QUIT — never send."""
+"""``postroom test-connectivity``: connect, secure, log in (or get a Graph token) — never send."""
 
 from __future__ import annotations
 
 from worker.errors import ConfigurationError
 from worker.records import Records
 from worker.transports import ConnectivityReport, build_transport
+from worker.transports.graph import RESULT_LINE as GRAPH_RESULT_LINE
 
 
 async def check_connectivity(records: Records, name: str) -> ConnectivityReport:
@@ -13,7 +14,7 @@ async def check_connectivity(records: Records, name: str) -> ConnectivityReport:
         account = records.account(name)
     except ConfigurationError as exc:
         return ConnectivityReport(name, ok=False, result="configuration", error=str(exc))
-    label = account.smtp.security_label if account.smtp else "Graph"
+    label = account.smtp.security_label if account.smtp else GRAPH_RESULT_LINE
     try:
         transport = build_transport(account, records)
     except ConfigurationError as exc:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+    pkcs12,
+)
 from pydantic import model_validator
 
 from worker.errors import ConfigurationError
@@ -95,3 +102,52 @@ class Keystore:
     def cadata(self) -> str:
         """PEM text of the trusted certificates, for ``ssl.SSLContext.load_verify_locations``."""
         return "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in self.trusted_certificates())
+
+    def private_key(self, alias: str | None = None) -> tuple[str, x509.Certificate]:
+        """(PKCS#8 PEM private key, its certificate) for a key credential; ``alias``
+        picks a PKCS#12 entry by friendly name (empty = the first key).
+
+        The PEM text is a secret: callers hand it to the signer and drop it.
+        """
+        rec = self.record
+        key: PrivateKeyTypes | None
+        cert: x509.Certificate | None
+        if rec.type == "pkcs12":
+            assert rec.path is not None
+            data = self._read("path", rec.path)
+            password = rec.password.reveal().encode() if rec.password else None
+            try:
+                loaded = pkcs12.load_pkcs12(data, password)
+            except ValueError:
+                raise ConfigurationError(
+                    f"keystore {self.name}: path: cannot open PKCS#12 file "
+                    "(wrong password or not a PKCS#12 file)"
+                ) from None
+            key = loaded.key
+            cert = loaded.cert.certificate if loaded.cert is not None else None
+            name = loaded.cert.friendly_name.decode() if loaded.cert and loaded.cert.friendly_name else None
+            if alias is not None and alias != name:
+                raise ConfigurationError(
+                    f"keystore {self.name}: no key with alias {alias!r} (found {name or 'none'})"
+                )
+        else:
+            if not rec.key or not rec.chain:
+                raise ConfigurationError(f"keystore {self.name}: a key credential needs key and chain")
+            key_password = rec.key_password.reveal().encode() if rec.key_password else None
+            try:
+                key = load_pem_private_key(self._read("key", rec.key), key_password)
+            except (ValueError, TypeError):
+                raise ConfigurationError(
+                    f"keystore {self.name}: key: cannot load the private key "
+                    "(wrong key_password or not a PEM key)"
+                ) from None
+            try:
+                cert = x509.load_pem_x509_certificates(self._read("chain", rec.chain))[0]
+            except ValueError:
+                raise ConfigurationError(
+                    f"keystore {self.name}: chain: no PEM certificates in {rec.chain}"
+                ) from None
+        if key is None or cert is None:
+            raise ConfigurationError(f"keystore {self.name}: holds no private key with a certificate")
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode("ascii")
+        return pem, cert

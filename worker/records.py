@@ -20,6 +20,9 @@ from worker import settings
 from worker.accounts import AccountRecord, EmailAccount, resolve_account
 from worker.auth_profiles import (
     AuthProfile,
+    ClientCredentialsProfile,
+    JwtBearerProfile,
+    load_service_account,
     profile_model,
 )
 from worker.errors import ConfigurationError, RecordError, RecordProblem
@@ -234,14 +237,23 @@ class Records:
             secret = getattr(rec, secret_field, None)
             if isinstance(secret, Secret):
                 found += _secret_problems(p_doc, (secret_field,), secret)
-        service_file = getattr(rec, "service_account_file", None)
-        if service_file:
-            path = Path(service_file).expanduser()
-            path = path if path.is_absolute() else profile.source.parent / path
-            if not path.is_file():
-                found.append(p_doc.problem(("service_account_file",), f"{path} does not exist"))
+        if isinstance(rec, JwtBearerProfile):
+            try:
+                load_service_account(profile)
+            except ConfigurationError as exc:
+                reason = str(exc).removeprefix(f"auth profile {ref}: service_account_file: ")
+                found.append(p_doc.problem(("service_account_file",), reason))
         for field_path, ks in profile.keystore_refs():
-            found += self._check_keystore_ref(p_doc, tuple(field_path.split(".")), ks)
+            ks_problems = self._check_keystore_ref(p_doc, tuple(field_path.split(".")), ks)
+            found += ks_problems
+            if ks_problems or not isinstance(rec, ClientCredentialsProfile) or rec.certificate is None:
+                continue
+            if field_path == "certificate.keystore":
+                try:
+                    self.keystores[ks].private_key(rec.certificate.alias)
+                except ConfigurationError as exc:
+                    reason = str(exc).removeprefix(f"keystore {ks}: ")
+                    found.append(p_doc.problem(("certificate", "keystore"), reason))
         return found
 
 

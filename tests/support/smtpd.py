@@ -12,8 +12,11 @@ TLS version and login it arrived under.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email
 import email.policy
+import json
 import ssl
 import threading
 import warnings
@@ -89,6 +92,32 @@ class _Handler:
         if self.server.dsn:
             out.append("250-DSN")
         return [*out, responses[-1]]
+
+    async def auth_XOAUTH2(self, smtp: SMTP, args: list[str]) -> AuthResult:
+        """Google/Microsoft XOAUTH2: accepts only a token the test token server issued.
+
+        A refused token gets the base64 JSON error challenge real servers send;
+        the client answers with an empty line and then gets the final 535.
+        """
+        user, token = None, None
+        try:
+            fields = base64.b64decode(args[1], validate=True).decode().split("\x01")
+            user = fields[0].removeprefix("user=")
+            token = fields[1].removeprefix("auth=Bearer ")
+        except (IndexError, binascii.Error, UnicodeDecodeError):
+            pass
+        valid = self.server.oauth_tokens() if self.server.oauth_tokens else set()
+        ok = user == self.server.username and token is not None and token in valid
+        self.server.auth_attempts.append(("XOAUTH2", user or "", ok))
+        if ok and isinstance(smtp, _Protocol):
+            smtp.auth_user = user
+            smtp.auth_mechanism = "XOAUTH2"
+            return AuthResult(success=True, auth_data=user)
+        challenge = json.dumps({"status": "400", "schemes": "Bearer", "scope": "https://mail.google.com/"})
+        await smtp.challenge_auth(challenge)
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Username and Password not accepted"
+        )
 
     async def handle_MAIL(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -248,6 +277,7 @@ class SmtpServer:
         stall_seconds: float = 5.0,
         username: str = USERNAME,
         password: str = PASSWORD,
+        oauth_tokens: Callable[[], set[str]] | None = None,
     ) -> None:
         self.mode = mode
         self.auth_required = auth_required
@@ -262,6 +292,7 @@ class SmtpServer:
         self.mail_commands = 0
         self.username = username
         self.password = password
+        self.oauth_tokens = oauth_tokens  # XOAUTH2: the tokens currently valid
         self.received: list[Received] = []
         self.commands: list[str] = []
         self.auth_attempts: list[tuple[str, str, bool]] = []
@@ -316,7 +347,9 @@ class SmtpServer:
             tls_context=self._tls if self.mode == "starttls" and self._advertise_starttls else None,
             auth_required=self.auth_required,
             authenticator=self._authenticate,
-            auth_exclude_mechanism=[m for m in ("PLAIN", "LOGIN") if m not in self.auth_mechanisms],
+            auth_exclude_mechanism=[
+                m for m in ("PLAIN", "LOGIN", "XOAUTH2") if m not in self.auth_mechanisms
+            ],
             enable_SMTPUTF8=True,
             loop=self._loop,
         )

@@ -6,10 +6,12 @@ from worker.accounts import EmailAccount
 from worker.errors import ConfigurationError
 from worker.records import Records
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult, Transport
+from worker.transports.graph import GraphTransport
 from worker.transports.smtp import SmtpTransport
 
 __all__ = [
     "ConnectivityReport",
+    "GraphTransport",
     "OutgoingMessage",
     "SendResult",
     "SmtpTransport",
@@ -19,17 +21,23 @@ __all__ = [
 
 
 def build_transport(account: EmailAccount, records: Records) -> Transport:
-    """The transport an account's ``send_using`` names, with its truststore loaded."""
+    """The transport an account's ``send_using`` names, with its truststore and token source."""
+    from worker import oauth  # token sources are only needed by OAuth accounts
+
     if account.send_using == "graph":
-        raise ConfigurationError(
-            f"account {account.name}: send_using: graph is not available in this version yet"
-        )
+        assert account.graph is not None
+        graph_cadata = None
+        if account.graph.truststore:
+            graph_cadata = records.keystore(account.graph.truststore).cadata()
+        tokens = oauth.token_source(account.graph.auth_profile, records)
+        return GraphTransport(account, tokens, cadata=graph_cadata)
     assert account.smtp is not None
     cadata = None
     if account.smtp.truststore:
         cadata = records.keystore(account.smtp.truststore).cadata()
     if account.smtp.auth == "oauth":
-        raise ConfigurationError(
-            f"account {account.name}: auth: oauth (XOAUTH2) is not available in this version yet"
-        )
+        if account.smtp.oauth_profile is None:  # pragma: no cover - refused when the record loads
+            raise ConfigurationError(f"account {account.name}: auth: oauth needs oauth_profile")
+        source = oauth.token_source(account.smtp.oauth_profile, records)
+        return SmtpTransport(account, cadata=cadata, token_provider=source.access_token, token_source=source)
     return SmtpTransport(account, cadata=cadata)

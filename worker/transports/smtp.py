@@ -15,7 +15,10 @@ aiosmtplib exceptions never leave this module: they are translated into
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import logging
 import socket
 import ssl
@@ -37,6 +40,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.auth import auth_xoauth2_encode
 
 from worker.accounts import EmailAccount, SmtpEndpoint
 from worker.errors import (
@@ -50,6 +54,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
+from worker.oauth import TokenSource
 from worker.tls import client_context, describe_handshake_error, version_at_least
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 
@@ -86,6 +91,18 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _xoauth2_challenge(message: str) -> str | None:
+    """``status 401, scope https://mail.google.com/`` from a base64 JSON error challenge."""
+    try:
+        data = json.loads(base64.b64decode(message.strip(), validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    parts = [f"{k} {data[k]}" for k in ("status", "scope", "schemes") if isinstance(data.get(k), str)]
+    return ", ".join(parts)[:200] or None
 
 
 @dataclass
@@ -256,13 +273,13 @@ class SmtpConnection:
             if mechanism == "XOAUTH2":
                 if token_provider is None:
                     raise self._error(SecurityPolicyError("XOAUTH2 needs an OAuth token provider"))
-                token = await token_provider(False)
-                try:
-                    await self.client.auth_xoauth2(ep.username, token)
-                except SMTPAuthenticationError:
-                    # the token may have been revoked early: refresh once, then give up
-                    token = await token_provider(True)
-                    await self.client.auth_xoauth2(ep.username, token)
+                code, text = await self._xoauth2(ep.username, await self._token(token_provider, False))
+                if code >= 500:
+                    # the token may have been revoked or expired early: refresh once, then give up
+                    log.info("account %s: XOAUTH2 refused (%s); refreshing the token", self.account, code)
+                    code, text = await self._xoauth2(ep.username, await self._token(token_provider, True))
+                if code != 235:
+                    raise SMTPAuthenticationError(code, text)
             else:
                 if ep.password is None:
                     raise self._error(SecurityPolicyError("no password configured"))
@@ -283,6 +300,31 @@ class SmtpConnection:
         except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
             raise self._error(ConnectionFailed("connection lost during AUTH")) from None
         self.auth_mechanism = mechanism
+
+    async def _token(self, token_provider: TokenProvider, force: bool) -> str:
+        try:
+            return await token_provider(force)
+        except DeliveryError as exc:
+            raise self._error(exc) from None
+
+    async def _xoauth2(self, username: str, token: str) -> tuple[int, str]:
+        """One AUTH XOAUTH2 (RFC 7628 style): (final code, text).
+
+        A server that refuses the token answers 334 with a base64 JSON error
+        challenge; the client sends an empty line and gets the final 5xx.
+        The challenge's status and scope are kept in the text (never the token).
+        """
+        response = await self.client.execute_command(
+            b"AUTH", b"XOAUTH2", auth_xoauth2_encode(username, token)
+        )
+        challenge = None
+        if response.code == 334:
+            challenge = _xoauth2_challenge(response.message)
+            response = await self.client.execute_command(b"")
+        text = response.message
+        if challenge and response.code != 235:
+            text = f"{text} ({challenge})"
+        return response.code, text
 
     # ---- using -----------------------------------------------------------
 
@@ -454,6 +496,7 @@ class SmtpTransport:
         *,
         cadata: str | None = None,
         token_provider: TokenProvider | None = None,
+        token_source: TokenSource | None = None,
         max_connections: int | None = None,
         max_messages_per_connection: int = 100,
         max_connection_age: float = 300.0,
@@ -466,6 +509,7 @@ class SmtpTransport:
         self.endpoint = account.smtp
         self._cadata = cadata
         self._token_provider = token_provider
+        self._token_source = token_source
         self.max_connections = max_connections or account.limits.max_connections
         self.max_messages_per_connection = max_messages_per_connection
         self.max_connection_age = max_connection_age
@@ -640,12 +684,16 @@ class SmtpTransport:
             report.error = str(exc)
             report.detail["error_class"] = type(exc).__name__
             report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
+            if self._token_source is not None:
+                report.detail["oauth"] = self._token_source.describe()
             return report
         try:
             report.ok = await conn.noop()
             if not report.ok:
                 report.error = "server did not answer NOOP"
             report.detail = conn.describe()
+            if self._token_source is not None:
+                report.detail["oauth"] = self._token_source.describe()
         finally:
             await conn.close()
         report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
