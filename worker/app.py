@@ -17,7 +17,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from worker import settings as settings_module
-from worker.payload import QUEUE, TASK_NAME
+from worker.payload import HEALTH_TASK_NAME, QUEUE, TASK_NAME
 from worker.settings import PUBLISH_RETRY_POLICY
 
 settings = settings_module.load_settings()
@@ -58,6 +58,15 @@ app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,
     enable_utc=True,
+    # The one beat (DESIGN §7) checks every account; a run that could not start within one
+    # interval expires instead of piling up behind the next.
+    beat_schedule={
+        "postroom-health-check": {
+            "task": HEALTH_TASK_NAME,
+            "schedule": settings.health_interval,
+            "options": {"queue": QUEUE, "expires": settings.health_interval},
+        }
+    },
 )
 
 

@@ -117,6 +117,8 @@ def test_connectivity(name: str, as_json: bool) -> None:
     """Connect, secure and log in as account NAME (nothing is sent); exit 1 on failure."""
     records = Records.load()
     report = asyncio.run(check_connectivity(records, name))
+    if name in records.account_names:
+        _store_check(report)
     if as_json:
         _emit_json(report.as_dict())
     else:
@@ -157,6 +159,22 @@ def test_connectivity(name: str, as_json: bool) -> None:
             click.echo(f"  {label}: {value}")
         click.echo("OK" if report.ok else f"FAILED: {report.error}")
     sys.exit(0 if report.ok else 1)
+
+
+def _store_check(report: Any) -> None:
+    """The result is stored like a scheduled check's (shown by `postroom health`); no Redis, no store."""
+    import redis as redis_lib
+
+    try:
+        producer = _producer()
+    except Exception:
+        return
+    try:
+        _health(producer).record_check(report.as_dict())
+    except redis_lib.RedisError:
+        pass
+    finally:
+        producer.close()
 
 
 # ---- producing -------------------------------------------------------------------
@@ -330,6 +348,196 @@ def job_command(job_id: str, as_json: bool) -> None:
         click.echo(job.id)
         _print_job(job)
         _print_history(job)
+
+
+# ---- the operator's view -------------------------------------------------------------
+
+
+def _health(producer: Any) -> Any:
+    from worker.health import AccountHealth
+    from worker.payload import QUEUE, TASK_NAME
+    from worker.settings import load_settings
+
+    def release(job_id: str, kwargs: dict[str, Any]) -> None:
+        producer.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
+
+    return AccountHealth(producer.store.redis, pause_after=load_settings().pause_after, release=release)
+
+
+def _snapshot(producer: Any) -> Any:
+    from worker.status import Status
+
+    return Status(producer.store, _health(producer), producer.records(fresh=True))
+
+
+def _ago(when: float | None, now: float) -> str:
+    if not when:
+        return "never"
+    seconds = max(0, int(now - when))
+    return (
+        f"{seconds}s ago"
+        if seconds < 120
+        else f"{seconds // 60}m ago"
+        if seconds < 7200
+        else f"{seconds // 3600}h ago"
+    )
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    now = data["generated_at"]
+    queues = "  ".join(f"{name}={depth}" for name, depth in data["queues"].items())
+    click.echo(f"queues: {queues}")
+    click.echo(
+        f"in flight: {data['in_flight']}  retrying: {data['retrying']}  held: {data['held']}  "
+        f"dead letters: {data['dead_letters']}"
+    )
+    click.echo("")
+    columns = ("ACCOUNT", "STATE", "SENT 1h/24h", "FAILED", "RETRIED", "DEAD", "HELD")
+    click.echo("{:<20} {:<9} {:>12} {:>7} {:>8} {:>5} {:>5}  HEALTH".format(*columns))
+    for name, info in data["accounts"].items():
+        hour, day = info["last_hour"], info["last_day"]
+        health = info["health"]
+        if health is None:
+            line = "no check yet"
+        else:
+            verdict = "ok" if health.get("ok") else "FAILED"
+            line = f"{verdict} {_ago(health.get('checked_at'), now)}: {health.get('result')}"
+            if health.get("detail", {}).get("tls_version"):
+                line += f" {health['detail']['tls_version']}"
+            if not health.get("ok") and health.get("error"):
+                line += f" ({health['error']})"
+        for label, days in info["certificate_days_left"].items():
+            line += f"; {label} cert {days}d"
+        click.echo(
+            f"{name:<20} {info['state']:<9} {str(hour['sent']) + '/' + str(day['sent']):>12} "
+            f"{day['failed']:>7} {day['retried']:>8} {day['dead']:>5} {info['held']:>5}  {line}"
+        )
+        if info["state"] == "paused" and info.get("reason"):
+            click.echo(f"{'':<20} paused ({info.get('paused_by')}): {info['reason']}")
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds (Ctrl-C to stop).")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
+def status_command(as_json: bool, watch: bool, interval: float) -> None:
+    """Queues, in-flight and retrying jobs, dead letters, and every account's state and health."""
+    producer = _producer()
+    try:
+        while True:
+            data = _snapshot(producer).as_dict()
+            if as_json:
+                _emit_json(data)
+            else:
+                if watch:
+                    click.clear()
+                    click.echo(time.strftime("postroom status  %Y-%m-%d %H:%M:%S  (Ctrl-C to stop)"))
+                _print_status(data)
+            if not watch:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+    finally:
+        producer.close()
+
+
+@main.command("health")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def health_command(as_json: bool) -> None:
+    """The last health check of every account; exit 1 when any is unhealthy (paused, failing or
+    never checked), for container health checks and cron."""
+    from worker.status import unhealthy
+
+    producer = _producer()
+    try:
+        data = _snapshot(producer).as_dict()
+    finally:
+        producer.close()
+    accounts: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for name, info in data["accounts"].items():
+        health = info["health"] or {}
+        accounts[name] = {
+            "ok": bool(health.get("ok")),
+            "result": health.get("result"),
+            "checked_at": health.get("checked_at"),
+            "detail": health.get("detail", {}),
+            "error": health.get("error"),
+            "state": info["state"],
+        }
+        if why := unhealthy(info["health"], info["state"]):
+            problems[name] = why
+    if as_json:
+        _emit_json({"accounts": accounts, "healthy": not problems})
+    else:
+        now = time.time()
+        for name, item in accounts.items():
+            mark = "ok  " if name not in problems else "FAIL"
+            when = _ago(item["checked_at"], now) if item["checked_at"] else "never"
+            click.echo(
+                f"{mark} {name:<20} {item['result'] or '-'}  ({when})  {problems.get(name, '')}".rstrip()
+            )
+        if not accounts:
+            click.echo("no accounts")
+    sys.exit(1 if problems else 0)
+
+
+@main.command("metrics")
+@click.option("--port", type=int, default=None, help="Port (default: settings metrics_port, 9464).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+def metrics_command(port: int | None, host: str) -> None:
+    """Serve Prometheus metrics (read from Redis at each scrape) until interrupted."""
+    from worker.metrics import serve
+    from worker.settings import load_settings
+
+    port = port if port is not None else load_settings().metrics_port
+    producer = _producer()
+    server, _ = serve(port, lambda: _snapshot(producer), host=host)
+    click.echo(f"metrics on http://{host}:{server.server_port}/metrics", err=True)
+    stop = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        producer.close()
+
+
+@accounts.command("pause")
+@click.argument("name")
+@click.option("--reason", default="paused by an operator", show_default=True)
+def accounts_pause(name: str, reason: str) -> None:
+    """Hold NAME's jobs (nothing is sent, nothing is dead-lettered) until `accounts resume`."""
+    producer = _producer()
+    try:
+        if name not in producer.records(fresh=True).account_names:
+            click.echo(f"no account {name}", err=True)
+            sys.exit(1)
+        _health(producer).pause(name, reason, by="operator")
+        click.echo(f"{name}: paused")
+    finally:
+        producer.close()
+
+
+@accounts.command("resume")
+@click.argument("name")
+def accounts_resume(name: str) -> None:
+    """Lift a pause and put NAME's held jobs back on the queue."""
+    producer = _producer()
+    try:
+        released = _health(producer).resume(name, by="operator")
+        click.echo(f"{name}: resumed, {released} held job(s) back on the queue")
+    finally:
+        producer.close()
 
 
 # ---- dead letters ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,7 @@ class Outcome:
     security: str | None = None
     code: int | None = None
     counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
+    auth_failure: bool = False  # the server refused our credentials (the circuit breaker counts it)
 
 
 FLAG_TTL = 7 * 86400  # the account's last authentication failure, for the operator views
@@ -60,21 +62,47 @@ def _flag_key(account: str) -> str:
 
 
 def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
-    """One line per delivery attempt (never a secret: outcomes carry server replies only)."""
+    """One line per delivery attempt (never a secret: outcomes carry server replies only).
+
+    ``key=value`` text, or one JSON object with ``log_format: json``."""
     if not log.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "job": job_id,
+        "account": account,
+        "attempt": attempt,
+        "transport": outcome.transport or "-",
+        "security": outcome.security or "-",
+        "outcome": outcome.state,
+        "code": outcome.code if outcome.code is not None else "-",
+        "duration_ms": round(seconds * 1000),
+    }
+    if outcome.reason:
+        fields["reason"] = outcome.reason
+    if LOG_FORMAT.json:
+        log.info("%s", json.dumps({"event": "delivery", **fields}))
         return
     log.info(
         "delivery job=%s account=%s attempt=%d transport=%s security=%s outcome=%s code=%s duration_ms=%d%s",
         job_id,
         account,
         attempt,
-        outcome.transport or "-",
-        outcome.security or "-",
+        fields["transport"],
+        fields["security"],
         outcome.state,
-        outcome.code if outcome.code is not None else "-",
-        round(seconds * 1000),
+        fields["code"],
+        fields["duration_ms"],
         f" reason={outcome.reason!r}" if outcome.reason else "",
     )
+
+
+class _LogFormat:
+    """Set once from the settings by the task layer (delivery.py itself reads no settings)."""
+
+    json = False
+
+
+LOG_FORMAT = _LogFormat()
 
 
 def stable_message_id(job_id: str, from_address: str) -> str:
@@ -103,6 +131,7 @@ def outcome_for_error(
         recipients=recipients,
         transport=exc.transport or transport,
         code=exc.code,
+        auth_failure=isinstance(exc, AuthenticationFailed),
     )
 
 

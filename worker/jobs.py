@@ -10,6 +10,7 @@ Keys (all under ``postroom:``)::
     dead                     sorted set of dead-lettered job ids by time
     autoreply:<account>:<to> set when an auto-reply went to that sender (expires after the window)
     stats:<account>          hash: sent / failed / retried / dead / suppressed counters
+    retrying                 sorted set of jobs waiting for a retry, by when it is due
 
 Everything stored is secret-free by construction: payloads carry account
 names, errors carry server replies.
@@ -28,11 +29,12 @@ from typing import Any, cast
 
 import redis
 
+from worker import counters
 from worker.errors import RecipientStatus
 
 PREFIX = "postroom:"
 PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partial")
+STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partial", "held")
 _HISTORY_LIMIT = 50
 
 
@@ -128,6 +130,9 @@ class Job:
 
 class JobStore:
     """Synchronous access to job state (called from task threads and the CLI)."""
+
+    retrying_key = _key("retrying")  # zset: job id -> when its next attempt is due
+    dead_key = _key("dead")
 
     def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
         self.redis = client
@@ -322,8 +327,11 @@ class JobStore:
         security: str | None = None,
         retry_in: float | None = None,
         counter: str | None = None,
+        latency: float | None = None,
     ) -> None:
-        """Queue :meth:`finish`'s commands on ``pipe`` (batches finish many in one round trip)."""
+        """Queue :meth:`finish`'s commands on ``pipe`` (batches finish many in one round trip).
+
+        ``latency``: seconds from enqueue to this outcome (the delivery-latency metric)."""
         now = time.time()
         entry: dict[str, Any] = {
             "attempt": attempt,
@@ -360,6 +368,27 @@ class JobStore:
             pipe.hincrby(_key("stats", account), "failed", 1)
         elif counter:
             pipe.hincrby(_key("stats", account), counter, 1)
+        if state == "retrying":
+            pipe.zadd(self.retrying_key, {job_id: now + (retry_in or 0.0)})
+        else:
+            pipe.zrem(self.retrying_key, job_id)
+        counters.record_into(
+            pipe, account, transport=transport, outcome=state, counter=counter, latency=latency, now=now
+        )
+
+    def hold_into(self, pipe: Any, job_id: str, payload: Mapping[str, Any], reason: str) -> None:
+        """The job waits for its paused account (worker/health.py keeps the held list).
+
+        A job enqueued without the producer helper has no record yet: it gets one here."""
+        now = time.time()
+        key, history = _key("job", job_id), _key("history", job_id)
+        for field, value in _record_fields(job_id, payload, "held").items():
+            pipe.hsetnx(key, field, value)
+        pipe.hset(key, mapping={"state": "held", "updated_at": now, "last_error": reason})
+        pipe.rpush(history, json.dumps({"at": now, "outcome": "held", "error": reason}))
+        pipe.ltrim(history, -_HISTORY_LIMIT, -1)
+        pipe.persist(key)  # kept while it waits, however long the pause
+        pipe.zrem(self.retrying_key, job_id)
 
     def stats(self, account: str) -> dict[str, int]:
         raw = cast(dict[str, str], self.redis.hgetall(_key("stats", account)))

@@ -20,6 +20,7 @@ from worker.fields import Address
 from worker.message import RESERVED_HEADERS, check_header_name, check_header_value
 
 TASK_NAME = "postroom.send"
+HEALTH_TASK_NAME = "postroom.health_check"
 BATCH_TASK_NAME = "postroom.send_batch"
 MAX_BATCH = 1000  # messages per postroom.send_batch job
 QUEUE = "postroom"
@@ -158,6 +159,7 @@ class SendPayload(Strict):
 
 
 __all__ = [
+    "HEALTH_TASK_NAME",
     "QUEUE",
     "RESERVED_HEADERS",
     "TASK_NAME",

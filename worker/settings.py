@@ -24,7 +24,18 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 WORKER_POOLS = ("threads", "prefork")
 # Publishing a job retries briefly when the broker hiccups, then fails loudly (never silently).
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
-_INTEGERS = frozenset({"max_attempts", "worker_concurrency", "worker_processes", "task_events", "coalesce"})
+_INTEGERS = frozenset(
+    {
+        "max_attempts",
+        "worker_concurrency",
+        "worker_processes",
+        "task_events",
+        "coalesce",
+        "pause_after",
+        "metrics_port",
+    }
+)
+LOG_FORMATS = ("text", "json")
 
 
 def accounts_dir() -> Path:
@@ -102,6 +113,14 @@ class Settings:
     # jobs taken straight from the queue (worker/drain.py): Celery's per-task cost is paid once
     # for all of them. 1 turns it off.
     coalesce: int = 32
+    # Health checks (celery beat): every account's connectivity every health_interval seconds,
+    # each check given up after health_timeout; pause_after failed checks (or authentication
+    # failures of deliveries) in a row pause the account: its jobs are held, not burnt.
+    health_interval: float = 300.0
+    health_timeout: float = 30.0
+    pause_after: int = 3
+    metrics_port: int = 9464  # `postroom metrics` and `postroom up` (POSTROOM_METRICS_PORT)
+    log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
 
     def check(self) -> None:
         """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
@@ -118,6 +137,14 @@ class Settings:
         if self.worker_pool not in WORKER_POOLS:
             raise ConfigurationError(
                 f"settings: worker_pool must be one of {', '.join(WORKER_POOLS)} (got {self.worker_pool!r})"
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigurationError(
+                f"settings: log_format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})"
+            )
+        if self.pause_after < 1 or self.health_interval <= 0 or self.health_timeout <= 0:
+            raise ConfigurationError(
+                "settings: pause_after, health_interval and health_timeout must be positive"
             )
         if self.coalesce < 1:
             raise ConfigurationError(f"settings: coalesce must be at least 1 (got {self.coalesce})")
@@ -139,6 +166,10 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_WORKER_PROCESSES": ("worker_processes", None),
     "POSTROOM_TASK_EVENTS": ("task_events", None),
     "POSTROOM_COALESCE": ("coalesce", None),
+    "POSTROOM_HEALTH_INTERVAL": ("health_interval", None),
+    "POSTROOM_HEALTH_TIMEOUT": ("health_timeout", None),
+    "POSTROOM_PAUSE_AFTER": ("pause_after", None),
+    "POSTROOM_METRICS_PORT": ("metrics_port", None),
 }
 
 
@@ -175,9 +206,12 @@ def load_settings() -> Settings:
         raise ConfigurationError(f"{path}: unknown keys {sorted(unknown)}")
     pool = os.environ.get("POSTROOM_WORKER_POOL") or str(top.pop("worker_pool", "threads"))
     top.pop("worker_pool", None)
+    log_format = os.environ.get("POSTROOM_LOG_FORMAT") or str(top.pop("log_format", "text"))
+    top.pop("log_format", None)
     settings = Settings(
         retry=retry,
         worker_pool=pool,
+        log_format=log_format,
         **{k: _number(f"{path}: {k}", v, k in _INTEGERS) for k, v in top.items()},  # type: ignore[arg-type]
     )
     for env, (name, group) in _ENV_NUMBERS.items():

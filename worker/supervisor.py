@@ -88,6 +88,11 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
                  "-P", settings.worker_pool, "-c", str(concurrency or settings.worker_concurrency)],
             )  # fmt: skip
         start("beat", [*celery, "beat", "-l", "INFO", "-s", str(Path(var, "celerybeat-schedule"))])
+        if _port_in_use("127.0.0.1", settings.metrics_port):
+            _say(f"something already listens on 127.0.0.1:{settings.metrics_port}; not serving metrics")
+        else:
+            start("metrics", [sys.executable, "-m", "worker.cli", "metrics"])
+            _say(f"Prometheus metrics on http://127.0.0.1:{settings.metrics_port}/metrics")
         _say(
             "ready. Try: postroom send --account dev --to you@example.com --subject Hello "
             "--text 'It works' --wait 15"
@@ -117,7 +122,7 @@ def _stop(
 ) -> int:
     _say("stopping (workers first, broker last)")
     workers = [name for name in children if name.startswith("worker")]
-    for group, grace in ((workers, worker_grace + 5), (["beat", "dev-smtp"], 10.0)):
+    for group, grace in ((workers, worker_grace + 5), (["beat", "metrics", "dev-smtp"], 10.0)):
         running = [children[n] for n in group if n in children and children[n].poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish, the rest go back

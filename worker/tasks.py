@@ -11,6 +11,7 @@ so a failure of one never resends the others.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -26,15 +27,20 @@ from pydantic import ValidationError
 
 from worker import autoreply
 from worker.app import app, settings
-from worker.delivery import Delivery, Outcome, log_attempt
+from worker.connectivity import check_connectivity
+from worker.delivery import LOG_FORMAT, Delivery, Outcome, log_attempt
 from worker.drain import Carried, QueueDrain
 from worker.errors import ConfigurationError
+from worker.health import AccountHealth
 from worker.jobs import JobStore
-from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
+from worker.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
+from worker.records import Records
 from worker.runtime import get_runtime
 from worker.settings import redis_url
+from worker.transports import ConnectivityReport
 
 log = logging.getLogger("postroom.tasks")
+LOG_FORMAT.json = settings.log_format == "json"
 STORE_TROUBLE_PAUSE = 1.0
 _store: JobStore | None = None
 _drain: QueueDrain | None = None
@@ -59,7 +65,7 @@ def _describe(error: ValidationError) -> str:
 class Step:
     """What one attempt at one message ended with."""
 
-    state: str  # sent | suppressed | dead | retrying | skipped
+    state: str  # sent | suppressed | dead | retrying | skipped | held
     reason: str | None = None
     retry_in: float | None = None  # set when state is "retrying"
 
@@ -74,6 +80,8 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
         payload = SendPayload.model_validate(kwargs)
     except ValidationError as exc:
         return _dead_on_arrival(job_id, kwargs, f"invalid payload: {_describe(exc)}")
+    if payload.account in account_health().paused():
+        return _hold([(job_id, payload, kwargs)])[0]
 
     begun = store.begin_attempt(job_id, payload.to_task_kwargs)
     if begun is None:  # a redelivery of a job that already ended (e.g. a worker died before its ack)
@@ -99,10 +107,47 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
             log.exception("job %s: unexpected error", job_id)
             outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
 
+    age = time.time() - enqueued_at  # to the outcome: the delivery-latency metric
     with store.redis.pipeline(transaction=False) as pipe:
         step = _conclude(store, pipe, job_id, payload, attempt_no, age, outcome)
         pipe.execute()
+    _count_auth_failures([(payload.account, outcome)])
     return step
+
+
+def _hold(jobs: list[tuple[str, SendPayload, dict[str, Any]]]) -> list[Step]:
+    """Jobs of paused accounts wait in the account's held list (no attempt is spent)."""
+    health = account_health()
+    store = job_store()
+    with store.redis.pipeline(transaction=False) as pipe:
+        for job_id, payload, kwargs in jobs:
+            health.hold_into(pipe, payload.account, job_id, kwargs)
+            reason = f"account {payload.account} is paused; held until it resumes"
+            store.hold_into(pipe, job_id, payload.to_task_kwargs(), reason)
+        pipe.execute()
+    return [Step("held", f"account {payload.account} is paused") for _, payload, _ in jobs]
+
+
+def _count_auth_failures(outcomes: list[tuple[str, Outcome]]) -> None:
+    """Authentication failures feed the account's circuit breaker (see worker/health.py)."""
+    for account, outcome in outcomes:
+        if outcome.auth_failure and account_health().note_auth_failure(account, outcome.reason or "?"):
+            log.warning("account %s paused after repeated authentication failures", account)
+
+
+def _release_held(job_id: str, kwargs: dict[str, Any]) -> None:
+    """Back on the queue, under its own job id (its record and Message-ID are kept)."""
+    app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+
+
+_health: AccountHealth | None = None
+
+
+def account_health() -> AccountHealth:
+    global _health
+    if _health is None:
+        _health = AccountHealth(job_store().redis, pause_after=settings.pause_after, release=_release_held)
+    return _health
 
 
 def _dead_on_arrival(job_id: str, kwargs: dict[str, Any], reason: str) -> Step:
@@ -158,7 +203,10 @@ def _conclude(
         security=outcome.security,
         retry_in=retry_in,
         counter=counter,
+        latency=age,
     )
+    if outcome.state == "sent":
+        account_health().auth_succeeded_into(pipe, account)
     return Step(state, outcome.reason, retry_in)
 
 
@@ -335,6 +383,12 @@ def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
             valid.append((i, SendPayload.model_validate(kwargs)))
         except ValidationError:
             steps[i] = attempt(job_ids[i], kwargs)  # records the reason and dead-letters it
+    paused = account_health().paused()
+    if paused and any(payload.account in paused for _, payload in valid):
+        waiting = [(i, payload) for i, payload in valid if payload.account in paused]
+        held = _hold([(job_ids[i], payload, messages[i]) for i, payload in waiting])
+        steps.update({i: step for (i, _), step in zip(waiting, held, strict=True)})
+        valid = [(i, payload) for i, payload in valid if payload.account not in paused]
     begun = store.begin_many([(job_ids[i], payload.to_task_kwargs) for i, payload in valid])
     policy, now = settings.retry, time.time()
     items: list[tuple[str, SendPayload, int]] = []
@@ -366,12 +420,13 @@ def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
     seconds = time.monotonic() - started
     for (i, payload, attempt_no, age), outcome in zip(item_meta, outcomes, strict=True):
         log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
-        finals.append((i, payload, attempt_no, outcome, age))
+        finals.append((i, payload, attempt_no, outcome, age + seconds))
 
     with store.redis.pipeline(transaction=False) as pipe:
         for i, payload, attempt_no, outcome, age in finals:
             steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome)
         pipe.execute()
+    _count_auth_failures([(payload.account, outcome) for _, payload, _, outcome, _ in finals])
     return [steps[i] for i in range(len(messages))]
 
 
@@ -413,3 +468,42 @@ def _retry_plan(
 
 def _safe(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(k, str) and k != "account"}
+
+
+@app.task(name=HEALTH_TASK_NAME, ignore_result=True)
+def health_check() -> dict[str, str]:
+    """Check every account's connectivity (nothing is sent) and move the circuit breaker.
+
+    Scheduled by the one beat with an expiry of one interval, so missed runs do
+    not pile up. The checks run side by side on the process loop with their own
+    connections (never the delivery pools), each given up after health_timeout.
+    """
+    records = Records.load()
+    names = sorted(records.account_names)
+    timeout = settings.health_timeout
+
+    async def one(name: str) -> ConnectivityReport:
+        try:
+            return await asyncio.wait_for(check_connectivity(records, name), timeout)
+        except TimeoutError:
+            return ConnectivityReport(
+                name, ok=False, result="timeout", error=f"no answer within {timeout:g}s"
+            )
+
+    async def every() -> list[ConnectivityReport]:
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    reports = get_runtime().run(every(), timeout=timeout + 15)
+    health = account_health()
+    states = {}
+    for report in reports:
+        states[report.account] = health.record_check(report.as_dict())
+        log.info(
+            "health account=%s ok=%s result=%r state=%s%s",
+            report.account,
+            report.ok,
+            report.result,
+            states[report.account],
+            f" error={report.error!r}" if report.error else "",
+        )
+    return states

@@ -1,0 +1,86 @@
+"""Delivery counters kept in Redis, written in the pipeline that records each outcome.
+
+Every worker process (prefork children, other machines) adds to the same
+counters, so ``postroom status`` and any metrics endpoint see the whole
+deployment. Keys (all under ``postroom:``)::
+
+    m:deliveries                 hash: "<account>|<transport>|<outcome>" -> count
+    m:attempts                   hash: account -> attempts ended
+    m:latency:<account>          hash: bucket upper bound (or "+Inf") -> count, "sum", "count"
+    w:<account>:m:<minute>       hash: sent / failed / retried / dead / suppressed, kept 2 hours
+    w:<account>:h:<hour>         the same per hour, kept 26 hours
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import redis
+
+PREFIX = "postroom:"
+# enqueue -> accepted by the server, seconds
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
+WINDOW_COUNTERS = ("sent", "failed", "retried", "dead", "suppressed")
+
+
+def _bucket(seconds: float) -> str:
+    for bound in LATENCY_BUCKETS:
+        if seconds <= bound:
+            return repr(bound)
+    return "+Inf"
+
+
+def record_into(
+    pipe: Any,
+    account: str,
+    *,
+    transport: str | None,
+    outcome: str,
+    counter: str | None,
+    latency: float | None,
+    now: float,
+) -> None:
+    """Queue one attempt's counters on ``pipe`` (the job record's own pipeline)."""
+    pipe.hincrby(PREFIX + "m:deliveries", f"{account}|{transport or 'none'}|{outcome}", 1)
+    pipe.hincrby(PREFIX + "m:attempts", account, 1)
+    if latency is not None and outcome == "sent":
+        key = f"{PREFIX}m:latency:{account}"
+        pipe.hincrby(key, _bucket(latency), 1)
+        pipe.hincrbyfloat(key, "sum", round(latency, 6))
+        pipe.hincrby(key, "count", 1)
+    names = ["dead", "failed"] if counter == "dead" else [counter] if counter else []
+    for step, span, ttl in (("m", 60, 7200), ("h", 3600, 26 * 3600)):
+        key = f"{PREFIX}w:{account}:{step}:{int(now // span)}"
+        for name in names:
+            pipe.hincrby(key, name, 1)
+        if names:
+            pipe.expire(key, ttl)
+
+
+def windows(
+    client: redis.Redis, accounts: list[str], now: float | None = None
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per account, the counters of the last hour and the last day: {name: {hour: {..}, day: {..}}}."""
+    now = time.time() if now is None else now
+    minute, hour = int(now // 60), int(now // 3600)
+    with client.pipeline(transaction=False) as pipe:
+        for name in accounts:
+            for m in range(minute - 59, minute + 1):
+                pipe.hgetall(f"{PREFIX}w:{name}:m:{m}")
+            for h in range(hour - 23, hour + 1):
+                pipe.hgetall(f"{PREFIX}w:{name}:h:{h}")
+        raw = cast(list[dict[str, str]], pipe.execute())
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for i, name in enumerate(accounts):
+        chunk = raw[i * 84 : (i + 1) * 84]
+        out[name] = {"hour": _sum(chunk[:60]), "day": _sum(chunk[60:])}
+    return out
+
+
+def _sum(hashes: list[dict[str, str]]) -> dict[str, int]:
+    total = dict.fromkeys(WINDOW_COUNTERS, 0)
+    for fields in hashes:
+        for name, value in fields.items():
+            total[name] = total.get(name, 0) + int(value)
+    return total
