@@ -39,7 +39,9 @@ def compose_config() -> dict[str, Any]:
 
 def test_docker_compose_is_valid_and_has_every_service() -> None:
     services = compose_config()["services"]
-    assert set(services) == {"redis", "worker", "beat", "flower", "mailcatcher"}
+    assert set(services) == {"redis", "worker", "beat", "flower", "mailcatcher", "metrics", "prometheus"}
+    assert "postroom metrics" in services["metrics"]["command"][-1]
+    assert any("prometheus.yml" in str(v) for v in services["prometheus"]["volumes"])
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
     for name in ("worker", "beat"):

@@ -327,7 +327,8 @@ def _print_job(job: Any) -> None:
 def _print_history(job: Any) -> None:
     for entry in job.history or []:
         error = entry.get("error") or ""
-        click.echo(f"  attempt {entry.get('attempt')}: {entry.get('outcome')} {error}".rstrip())
+        label = f"attempt {entry['attempt']}" if entry.get("attempt") is not None else "waiting"
+        click.echo(f"  {label}: {entry.get('outcome')} {error}".rstrip())
 
 
 @main.command("job")
