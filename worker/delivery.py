@@ -22,14 +22,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from worker import autoreply
+from worker.accounts import Limits
 from worker.errors import (
     AuthenticationFailed,
     ConfigurationError,
     DeliveryError,
+    LimitWait,
     RecipientStatus,
     TransientError,
 )
 from worker.jobs import AsyncMarks, JobStore
+from worker.limits import Limiter
 from worker.message import Attachment, MessageSpec, build_message
 from worker.payload import SendPayload
 from worker.runtime import Runtime
@@ -132,6 +135,7 @@ def outcome_for_error(
         transport=exc.transport or transport,
         code=exc.code,
         auth_failure=isinstance(exc, AuthenticationFailed),
+        counts=not isinstance(exc, LimitWait),  # a limit's wait is not an attempt
     )
 
 
@@ -171,6 +175,7 @@ class _Pending:
     accepted: bool = False  # the server took it: if the mark failed, the claim must stay until it expires
     outcome: Outcome | None = None  # set as soon as this message's attempt ended
     accepted_by: dict[str, RecipientStatus] = field(default_factory=dict)  # recipients the server took
+    limits: Limits | None = None  # the account's rate and daily budget (None: none apply)
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -186,9 +191,17 @@ class Delivery:
     A dead auto-reply's per-sender window is given back by the task layer.
     """
 
-    def __init__(self, store: JobStore, marks: AsyncMarks, runtime: Runtime, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        marks: AsyncMarks,
+        runtime: Runtime,
+        settings: Settings,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.store = store
         self.marks = marks
+        self.limiter = limiter
         self.runtime = runtime
         self.settings = settings
 
@@ -231,7 +244,15 @@ class Delivery:
             token = f"{job_id}:{attempt}:{time.time()}"
             ready.append(
                 _Pending(
-                    i, account.name, message_id, token, message.recipients, transport, sender, message.data
+                    i,
+                    account.name,
+                    message_id,
+                    token,
+                    message.recipients,
+                    transport,
+                    sender,
+                    message.data,
+                    limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
                 )
             )
 
@@ -290,6 +311,14 @@ class Delivery:
                     "sent", reason="already delivered (duplicate suppressed)", recipients=p.already
                 )
             try:
+                if p.limits is not None and self.limiter is not None:
+                    await self.limiter.admit(
+                        p.account,
+                        rate=p.limits.rate,
+                        daily_recipients=p.limits.daily_recipients,
+                        message_id=p.message_id,
+                        recipients=len(remaining),
+                    )
                 result = await p.transport.send(OutgoingMessage(p.message_id, p.sender, remaining, p.data))
             except DeliveryError as exc:
                 if isinstance(exc, AuthenticationFailed):

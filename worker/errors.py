@@ -11,7 +11,8 @@ split by what the job layer must do with them::
     └── DeliveryError                 carries account, transport, code, enhanced status, text
         ├── TransientError            retry with backoff
         │   ├── ConnectionFailed      refused / timeout / lost / TLS handshake I/O
-        │   └── ServerBusy            421 / 432: that connection is closed too
+        │   ├── ServerBusy            421 / 432: that connection is closed too
+        │   └── LimitWait             a provider limit: re-scheduled, no attempt spent
         └── PermanentError            dead letter, no retry
             ├── Rejected              5xx answers
             ├── AuthenticationFailed  535 (flags the account)
@@ -136,6 +137,12 @@ class ConnectionFailed(TransientError):
 
 class ServerBusy(TransientError):
     """421/432: the server is closing or over its connection limit."""
+
+
+class LimitWait(TransientError):
+    """A provider limit (connections, rate, daily recipients) says: not now, at ``retry_after``.
+
+    Nothing was sent and no attempt is spent: the job is re-scheduled for then."""
 
 
 class PermanentError(DeliveryError):

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from worker.accounts import EmailAccount
 from worker.jobs import AsyncMarks
+from worker.limits import Limiter
 from worker.records import Records
 from worker.transports import Transport, build_transport
 
@@ -44,6 +45,7 @@ class Runtime:
         self._records_checked = 0.0
         self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
         self._marks: AsyncMarks | None = None
+        self._limiter: Limiter | None = None
         self._in_flight: Counter[str] = Counter()  # messages per account being delivered now
 
     def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
@@ -52,6 +54,14 @@ class Runtime:
             if self._marks is None:
                 self._marks = AsyncMarks(redis_url, job_ttl)
             return self._marks
+
+    def limiter(self, redis_url: str, job_ttl: float) -> Limiter:
+        """The account limits shared with every worker (on the marks' async Redis client)."""
+        marks = self.marks(redis_url, job_ttl)
+        with self._lock:
+            if self._limiter is None:
+                self._limiter = Limiter(marks.redis)
+            return self._limiter
 
     def in_flight(self, account: str) -> int:
         """Messages of ``account`` this process is delivering (or waiting to) right now."""
@@ -151,7 +161,7 @@ class Runtime:
             if cached is not None and (cached[0] is account or cached[0] == account):
                 return cached[1]
             records = self._records or Records.load()
-            transport = build_transport(account, records)
+            transport = build_transport(account, records, limiter=self._limiter)
             self._transports[account.name] = (account, transport)
         if cached is not None:
             self.submit(cached[1].aclose())
@@ -163,6 +173,7 @@ class Runtime:
             self._transports.clear()
 
         marks, self._marks = self._marks, None
+        self._limiter = None
 
         async def close_all() -> None:
             await asyncio.gather(*(t.aclose() for t in transports), return_exceptions=True)

@@ -433,7 +433,9 @@ def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
 def delivery(store: JobStore) -> Delivery:
     """The pipeline on this process's runtime (its loop, pools and loop-side Redis client)."""
     runtime = get_runtime()
-    return Delivery(store, runtime.marks(store_url(), settings.job_ttl), runtime, settings)
+    url = store_url()
+    limiter = runtime.limiter(url, settings.job_ttl)
+    return Delivery(store, runtime.marks(url, settings.job_ttl), runtime, settings, limiter)
 
 
 def store_url() -> str:
@@ -482,9 +484,11 @@ def health_check() -> dict[str, str]:
     names = sorted(records.account_names)
     timeout = settings.health_timeout
 
+    limiter = get_runtime().limiter(store_url(), settings.job_ttl)  # checks count against the cap too
+
     async def one(name: str) -> ConnectivityReport:
         try:
-            return await asyncio.wait_for(check_connectivity(records, name), timeout)
+            return await asyncio.wait_for(check_connectivity(records, name, limiter=limiter), timeout)
         except TimeoutError:
             return ConnectivityReport(
                 name, ok=False, result="timeout", error=f"no answer within {timeout:g}s"

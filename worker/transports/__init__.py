@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from worker.accounts import EmailAccount
 from worker.errors import ConfigurationError
+from worker.limits import Limiter
 from worker.records import Records
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult, Transport
 from worker.transports.graph import GraphTransport
@@ -20,8 +21,10 @@ __all__ = [
 ]
 
 
-def build_transport(account: EmailAccount, records: Records) -> Transport:
-    """The transport an account's ``send_using`` names, with its truststore and token source."""
+def build_transport(account: EmailAccount, records: Records, *, limiter: Limiter | None = None) -> Transport:
+    """The transport an account's ``send_using`` names, with its truststore and token source.
+
+    ``limiter``: the account-wide connection cap shared with every worker (worker/limits.py)."""
     from worker import oauth  # token sources are only needed by OAuth accounts
 
     if account.send_using == "graph":
@@ -39,5 +42,7 @@ def build_transport(account: EmailAccount, records: Records) -> Transport:
         if account.smtp.oauth_profile is None:  # pragma: no cover - refused when the record loads
             raise ConfigurationError(f"account {account.name}: auth: oauth needs oauth_profile")
         source = oauth.token_source(account.smtp.oauth_profile, records)
-        return SmtpTransport(account, cadata=cadata, token_provider=source.access_token, token_source=source)
-    return SmtpTransport(account, cadata=cadata)
+        return SmtpTransport(
+            account, cadata=cadata, token_provider=source.access_token, token_source=source, limiter=limiter
+        )
+    return SmtpTransport(account, cadata=cadata, limiter=limiter)

@@ -47,6 +47,7 @@ from worker.errors import (
     AuthenticationFailed,
     ConnectionFailed,
     DeliveryError,
+    LimitWait,
     PermanentError,
     RecipientStatus,
     SecurityPolicyError,
@@ -54,6 +55,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
+from worker.limits import SLOT_RENEW, Limiter
 from worker.oauth import TokenSource
 from worker.tls import client_context, describe_handshake_error, version_at_least
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
@@ -65,6 +67,9 @@ TokenProvider = Callable[[bool], Awaitable[str]]  # (force_refresh) -> access to
 _CLOSE_WAIT = 2.0  # seconds to wait for a closed connection's socket to go away
 _PROTOCOL_NAMES = {"none": "none", "starttls": "STARTTLS", "smtps": "SMTPS"}
 _ehlo_name_cache: str | None = None
+
+
+CHECK_SLOT_WAIT = 2.0  # a health check waits this long for a connection slot, else reports busy
 
 
 def default_ehlo_name() -> str:
@@ -122,6 +127,7 @@ class SmtpConnection:
     offered_mechanisms: tuple[str, ...] = ()
     extensions: tuple[str, ...] = ()
     protocol: Any = None  # aiosmtplib's protocol: outlives client.close() so closing can be awaited
+    slot: str | None = None  # the account-wide connection slot it holds (worker/limits.py)
 
     @property
     def security(self) -> str:
@@ -502,9 +508,13 @@ class SmtpTransport:
         max_connection_age: float = 300.0,
         idle_check_after: float = 10.0,
         idle_timeout: float = 60.0,
+        limiter: Limiter | None = None,
     ) -> None:
         if account.smtp is None:
             raise ValueError(f"account {account.name} has no SMTP settings")
+        self.limiter = limiter  # the account's connection cap across every worker (None: this pool only)
+        self._live: dict[int, SmtpConnection] = {}  # every open connection, idle or busy
+        self._heartbeat: asyncio.Task[None] | None = None
         self.account = account
         self.endpoint = account.smtp
         self._cadata = cadata
@@ -538,12 +548,65 @@ class SmtpTransport:
             self._cond = asyncio.Condition()
         return self._cond
 
-    async def _open(self) -> SmtpConnection:
-        conn = await SmtpConnection.open(
-            self.account.name, self.endpoint, cadata=self._cadata, token_provider=self._token_provider
-        )
+    async def _open(self, *, slot_wait: float | None = None) -> SmtpConnection:
+        """A new connection, holding one of the account's connection slots when limited."""
+        token = None
+        if self.limiter is not None:
+            token = self.limiter.new_token()
+            wait = {} if slot_wait is None else {"wait": slot_wait}
+            await self.limiter.acquire_slot(self.account.name, self.max_connections, token, **wait)
+        try:
+            conn = await SmtpConnection.open(
+                self.account.name, self.endpoint, cadata=self._cadata, token_provider=self._token_provider
+            )
+        except BaseException:
+            if token is not None:
+                await asyncio.shield(self._release_slot(token))
+            raise
+        conn.slot = token
+        self._live[id(conn)] = conn
         self.connections_opened += 1
+        if token is not None and (self._heartbeat is None or self._heartbeat.done()):
+            self._heartbeat = asyncio.get_running_loop().create_task(self._renew())
         return conn
+
+    async def _release_slot(self, token: str) -> None:
+        if self.limiter is not None:
+            with contextlib.suppress(Exception):  # a lost release lapses with its lease
+                await self.limiter.release_slot(self.account.name, token)
+
+    async def _close(self, conn: SmtpConnection, *, polite: bool = True) -> None:
+        """Close a connection and give its slot back."""
+        try:
+            await conn.close(polite=polite)
+        finally:
+            self._live.pop(id(conn), None)
+            if conn.slot is not None:
+                token, conn.slot = conn.slot, None
+                await asyncio.shield(self._release_slot(token))
+
+    async def _renew(self) -> None:
+        """Keep the leases of this pool's connections alive; close idle ones another worker wants."""
+        assert self.limiter is not None
+        while self._live and not self._closed:
+            await asyncio.sleep(SLOT_RENEW)
+            tokens = [c.slot for c in self._live.values() if c.slot is not None]
+            try:
+                wanted = await self.limiter.renew_slots(self.account.name, tokens)
+            except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
+                log.warning("account %s: could not renew connection slots", self.account.name)
+                continue
+            if wanted and self._idle:
+                cond = self._condition()
+                async with cond:
+                    idle, self._idle = self._idle, []
+                try:
+                    for conn in idle:
+                        await self._close(conn)
+                finally:
+                    async with cond:
+                        self._count -= len(idle)
+                        cond.notify_all()
 
     def _expired(self, conn: SmtpConnection, now: float) -> bool:
         return (
@@ -583,7 +646,7 @@ class SmtpTransport:
                         continue
                     await cond.wait()
             for conn in to_close:
-                await conn.close()
+                await self._close(conn)
             if reuse is None:
                 try:
                     return await self._open()
@@ -598,12 +661,16 @@ class SmtpTransport:
             if alive:
                 return reuse
             log.debug("account %s: idle connection did not answer NOOP; replacing it", self.account.name)
-            await reuse.close()
+            await self._close(reuse)
             await self._forget()
 
     async def _discard(self, conn: SmtpConnection) -> None:
         """Close a connection whose state is unknown (e.g. cancelled mid-transaction)."""
         conn.client.close()
+        self._live.pop(id(conn), None)
+        if conn.slot is not None:
+            token, conn.slot = conn.slot, None
+            await asyncio.shield(self._release_slot(token))
         await asyncio.shield(self._forget())
 
     async def _forget(self) -> None:
@@ -614,7 +681,7 @@ class SmtpTransport:
 
     async def _release(self, conn: SmtpConnection) -> None:
         if self._closed or self._expired(conn, time.monotonic()):
-            await conn.close()
+            await self._close(conn)
             await self._forget()
             return
         cond = self._condition()
@@ -642,7 +709,7 @@ class SmtpTransport:
                 self._idle = [c for c in self._idle if c not in self._reaping]
             try:
                 for conn in self._reaping:
-                    await conn.close()
+                    await self._close(conn)
             finally:
                 async with cond:
                     self._count -= len(self._reaping)
@@ -655,7 +722,7 @@ class SmtpTransport:
             try:
                 result = await conn.send(message)
             except _RetryOnFresh as retry:
-                await conn.close()
+                await self._close(conn)
                 await self._forget()
                 if attempt == 2:
                     raise retry.error from None
@@ -679,7 +746,12 @@ class SmtpTransport:
         started = time.monotonic()
         report.detail = {"host": self.endpoint.host, "port": self.endpoint.port}
         try:
-            conn = await self._open()
+            conn = await self._open(slot_wait=CHECK_SLOT_WAIT)
+        except LimitWait as exc:  # every connection is delivering: the check would break the cap
+            report.ok = True
+            report.detail["skipped"] = f"not connected: {exc.reason}"
+            report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
+            return report
         except DeliveryError as exc:
             report.error = str(exc)
             report.detail["error_class"] = type(exc).__name__
@@ -695,7 +767,7 @@ class SmtpTransport:
             if self._token_source is not None:
                 report.detail["oauth"] = self._token_source.describe()
         finally:
-            await conn.close()
+            await self._close(conn)
         report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
         return report
 
@@ -709,4 +781,8 @@ class SmtpTransport:
         idle, self._idle = self._idle, []
         self._count -= len(idle)
         for conn in idle:
-            await conn.close()
+            await self._close(conn)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
