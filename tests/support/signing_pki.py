@@ -90,13 +90,17 @@ class SigningPki:
             .not_valid_after(now + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(_ku(ca=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()), critical=False
+            )
             .sign(self.ca_key, hashes.SHA256())
         )
         self.sub_key = ec.generate_private_key(ec.SECP256R1())
         self.sub_cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Postroom Signing Test Sub CA")]))
+            .subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Postroom Signing Test Sub CA")])
+            )
             .issuer_name(ca_name)
             .public_key(self.sub_key.public_key())
             .serial_number(x509.random_serial_number())
@@ -104,7 +108,9 @@ class SigningPki:
             .not_valid_after(now + timedelta(days=1825))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_ku(ca=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.sub_key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.sub_key.public_key()), critical=False
+            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False
             )
@@ -130,9 +136,13 @@ class SigningPki:
             else ec.generate_private_key(ec.SECP256R1())
         )
         now = datetime.now(UTC)
-        before, after = (now - timedelta(days=400), now - timedelta(days=2)) if expired else (
-            now - timedelta(days=1),
-            now + timedelta(days=days),
+        before, after = (
+            (now - timedelta(days=400), now - timedelta(days=2))
+            if expired
+            else (
+                now - timedelta(days=1),
+                now + timedelta(days=days),
+            )
         )
         cert = (
             x509.CertificateBuilder()
