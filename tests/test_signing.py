@@ -457,6 +457,19 @@ def test_dkim_over_smime_verifies_with_dkimpy_and_openssl(
     assert verified.ok and same_cert(verified.signer, signer.cert)
 
 
+def test_dkim_key_from_a_keystore_record(tree: SigningRecords, tmp_path: Path) -> None:
+    key, key_file = rsa_key_file(tmp_path)
+    (tree.config / "keystores" / "dkim-keys.yaml").write_text(f"type: pem\nkey: {key_file}\n")
+    tree.smtp_account(
+        "fromstore", None, dkim_lines="dkim:\n  domain: example.com\n  selector: ks1\n  keystore: dkim-keys\n"
+    )
+    records = load(tree)
+    assert records.check(["fromstore"]) == {"fromstore": []}
+    built = build_message(MessageSpec("fromstore@example.com", to=["a@example.net"], subject="Hi", text="x"))
+    signed = signing.sign_message(built.data, records.account("fromstore"), records)
+    assert dkim.verify(signed, dnsfunc=dns_for("ks1", "example.com", key))
+
+
 # ---- through the queue: SMTP -------------------------------------------------------------------
 
 
