@@ -728,6 +728,9 @@ def test_connectivity_shows_the_signing_certificate_and_days_to_expiry(
     }
     text = cli(queue_env, "test-connectivity", name).stdout
     assert f"signing certificate: {signer.subject} (expires " in text and "days left)" in text
+    health = json.loads(cli(queue_env, "health", "--json").stdout)["accounts"][name]
+    assert health["ok"] and health["detail"]["signing"]["subject"] == signer.subject
+    assert health["detail"]["signing"]["days_left"] == smime["days_left"]
 
     expired_name = unique("connexp")
     queue_records.smtp_account(
