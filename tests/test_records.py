@@ -428,8 +428,8 @@ def test_account_references_are_checked(tree: RecordTree, pki: Pki, monkeypatch:
     )
     checked = tree.load().check()
     assert [str(p) for p in checked["a"]] == [
-        "config/keystores/ca-p12.yaml:2: path: "
-        "cannot open PKCS#12 file (wrong password or not a PKCS#12 file)"
+        "config/keystores/ca-p12.yaml:3: password: "
+        "wrong password for the PKCS#12 file (its integrity check fails)"
     ]
     assert [str(p) for p in checked["b"]] == [
         "accounts/b.yaml:5: smtp.truststore: no keystore record 'nope' in config/keystores (known: ca-p12)"

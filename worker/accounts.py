@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from worker.advanced import AUTH_MECHANISMS, TLS_VERSIONS, TlsName, parse_advanced
 from worker.errors import RecordProblem
@@ -35,11 +35,57 @@ _RATE_SECONDS = {
     "d": 86400,
 }
 DEFAULT_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+_DKIM_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*$")
+_DKIM_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z]{2,63}$")
 
 
 class SigningSettings(RecordModel):
     keystore: str
     alias: str | None = None
+
+
+class DkimSettings(RecordModel):
+    """DKIM signing (beyond the account model this follows): the key is a keystore
+    entry (``keystore`` + ``alias``) or a PEM private key secret (``private_key``)."""
+
+    domain: Line
+    selector: Line
+    keystore: str | None = None
+    alias: str | None = None
+    private_key: SecretField | None = None
+    headers: list[Line] | None = None  # header fields to sign; default: dkimpy's recommended set
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = (
+        "relaxed/relaxed"
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not _DKIM_DOMAIN.match(value.rstrip(".")):
+            raise ValueError(f"{value!r} is not a domain name")
+        return value
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        if not _DKIM_SELECTOR.match(value):
+            raise ValueError(f"{value!r} is not a valid selector (DNS labels: letters, digits, '-', '_')")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "from" not in (h.lower() for h in value):
+            raise ValueError("must include From (RFC 6376 requires it to be signed)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> DkimSettings:
+        if (self.keystore is None) == (self.private_key is None):
+            raise ValueError("give exactly one of keystore (with an optional alias) or private_key")
+        if self.alias is not None and self.keystore is None:
+            raise ValueError("alias applies to keystore, not private_key")
+        return self
 
 
 class SmtpSettings(RecordModel):
@@ -100,6 +146,7 @@ class AccountRecord(RecordModel):
     smtp: SmtpSettings | None = None
     graph: GraphSettings | None = None
     limits: LimitsSettings | None = None
+    dkim: DkimSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +205,7 @@ class EmailAccount:
     smtp: SmtpEndpoint | None = None
     graph: GraphSettings | None = None
     signing: SigningSettings | None = None
+    dkim: DkimSettings | None = None
     # names of other records this account depends on: (field path, kind, name)
     references: tuple[tuple[str, str, str], ...] = field(default=())
 
@@ -179,6 +227,10 @@ class EmailAccount:
             )
         if self.graph:
             out.update(base_url=self.graph.base_url, auth_profile=self.graph.auth_profile)
+        if self.signing:
+            out["signing"] = {"keystore": self.signing.keystore, "alias": self.signing.alias}
+        if self.dkim:
+            out["dkim"] = {"domain": self.dkim.domain, "selector": self.dkim.selector}
         return out
 
 
@@ -244,6 +296,8 @@ def resolve_account(
             refs.append(("graph.truststore", "keystore", graph.truststore))
         if graph.signing:
             refs.append(("graph.signing.keystore", "keystore", graph.signing.keystore))
+    if record.dkim and record.dkim.keystore:
+        refs.append(("dkim.keystore", "keystore", record.dkim.keystore))
 
     if problems or identity is None:
         return None, problems
@@ -273,6 +327,7 @@ def resolve_account(
         smtp=endpoint,
         graph=graph if record.send_using == "graph" else None,
         signing=signing,
+        dkim=record.dkim,
         references=tuple(refs),
     )
     return account, problems

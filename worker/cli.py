@@ -27,6 +27,7 @@ def _problem_dict(problem: RecordProblem) -> dict[str, Any]:
         "line": problem.line,
         "field": problem.field,
         "reason": problem.reason,
+        "severity": problem.severity,
         "text": str(problem),
     }
 
@@ -73,7 +74,8 @@ def accounts_list(as_json: bool) -> None:
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def accounts_check(name: str | None, as_json: bool) -> None:
-    """Validate records and everything they reference; exit 1 on any problem."""
+    """Validate records and everything they reference; exit 1 on any problem (warnings, such as
+    a signing certificate that expires within 30 days, are printed but do not fail)."""
     records = Records.load()
     if name is not None and name not in records.account_names:
         known = ", ".join(records.account_names) or "none"
@@ -86,20 +88,25 @@ def accounts_check(name: str | None, as_json: bool) -> None:
             others += problems
         referenced = {str(p) for ps in results.values() for p in ps}
         others = [p for p in others if str(p) not in referenced]
-    ok = not others and all(not ps for ps in results.values())
+
+    def errors(problems: list[RecordProblem]) -> list[RecordProblem]:  # warnings do not fail the check
+        return [p for p in problems if p.severity == "error"]
+
+    ok = not errors(others) and all(not errors(ps) for ps in results.values())
     if as_json:
         _emit_json(
             {
                 "ok": ok,
                 "accounts": {
-                    n: {"ok": not ps, "problems": [_problem_dict(p) for p in ps]} for n, ps in results.items()
+                    n: {"ok": not errors(ps), "problems": [_problem_dict(p) for p in ps]}
+                    for n, ps in results.items()
                 },
                 "other_records": [_problem_dict(p) for p in others],
             }
         )
     else:
         for account_name, problems in results.items():
-            if not problems:
+            if not errors(problems):
                 click.echo(f"{account_name}: ok")
             for problem in problems:
                 click.echo(str(problem))
@@ -157,6 +164,14 @@ def test_connectivity(name: str, as_json: bool) -> None:
             if isinstance(value, list):
                 value = " ".join(value)
             click.echo(f"  {label}: {value}")
+        smime, dkim = report.detail.get("signing"), report.detail.get("dkim")
+        if smime and "subject" in smime:
+            click.echo(
+                f"  signing certificate: {smime['subject']} "
+                f"(expires {smime['expires'][:10]}, {smime['days_left']} days left)"
+            )
+        if dkim and "selector" in dkim:
+            click.echo(f"  dkim: d={dkim['domain']} s={dkim['selector']} ({dkim['algorithm']})")
         click.echo("OK" if report.ok else f"FAILED: {report.error}")
     sys.exit(0 if report.ok else 1)
 

@@ -1,10 +1,16 @@
-"""``postroom test-connectivity``: connect, secure, log in (or get a Graph token) — never send."""
+"""``postroom test-connectivity``: connect, secure, log in (or get a Graph token) — never send.
+
+The report also shows the account's signing material (S/MIME certificate subject
+and days to expiry, DKIM domain/selector) under ``detail.signing`` / ``detail.dkim``.
+"""
 
 from __future__ import annotations
 
+from worker.accounts import EmailAccount
 from worker.errors import ConfigurationError
 from worker.limits import Limiter
 from worker.records import Records
+from worker.signing import describe_signing
 from worker.transports import ConnectivityReport, build_transport
 from worker.transports.graph import RESULT_LINE as GRAPH_RESULT_LINE
 
@@ -23,6 +29,19 @@ async def check_connectivity(
     except ConfigurationError as exc:
         return ConnectivityReport(name, ok=False, result=label, error=str(exc))
     try:
-        return await transport.check()
+        report = await transport.check()
     finally:
         await transport.aclose()
+    return with_signing(report, account, records)
+
+
+def with_signing(report: ConnectivityReport, account: EmailAccount, records: Records) -> ConnectivityReport:
+    """Add the signing certificate (subject, expiry, days left) and DKIM key to the report's
+    detail; signing material that cannot be used fails the check (the account cannot send)."""
+    signing = describe_signing(account, records)
+    report.detail.update(signing)
+    broken = [f"{part}: {info['error']}" for part, info in signing.items() if "error" in info]
+    if broken and report.ok:
+        report.ok = False
+        report.error = "; ".join(broken)
+    return report

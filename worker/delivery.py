@@ -1,4 +1,4 @@
-"""The one delivery pipeline: resolve account → build MIME → claim → send → classify.
+"""The one delivery pipeline: resolve account → build MIME → sign → claim → send → classify.
 
 Runs in the Celery task's thread; only the network part (and the sent mark
 right after it) runs on the process loop (``Runtime.run``).
@@ -37,6 +37,7 @@ from worker.message import Attachment, MessageSpec, build_message
 from worker.payload import SendPayload
 from worker.runtime import Runtime
 from worker.settings import Settings
+from worker.signing import sign_message
 from worker.transports import OutgoingMessage, SendResult
 
 log = logging.getLogger("postroom.delivery")
@@ -240,6 +241,14 @@ class Delivery:
             except ValueError as exc:
                 outcomes[i] = Outcome("dead", reason=f"invalid message: {exc}")
                 continue
+            try:  # S/MIME then DKIM, as the account says; broken material is never sent unsigned
+                data = sign_message(message.data, account, records)
+            except ConfigurationError as exc:
+                outcomes[i] = Outcome("dead", reason=f"configuration: signing: {exc}")
+                continue
+            except (ValueError, TypeError) as exc:
+                outcomes[i] = Outcome("dead", reason=f"signing failed: {type(exc).__name__}: {exc}")
+                continue
             sender = (account.smtp.envelope_from if account.smtp else None) or account.from_address
             token = f"{job_id}:{attempt}:{time.time()}"
             ready.append(
@@ -251,7 +260,7 @@ class Delivery:
                     message.recipients,
                     transport,
                     sender,
-                    message.data,
+                    data,
                     limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
                 )
             )

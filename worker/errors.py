@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -48,16 +49,19 @@ class ConfigurationError(PostroomError):
 
 @dataclass(frozen=True)
 class RecordProblem:
-    """One ``file:line: field: reason`` finding."""
+    """One ``file:line: field: reason`` finding; a ``warning`` (e.g. a certificate that
+    expires soon) is reported but does not stop the account from working."""
 
     file: str
     line: int | None
     field: str
     reason: str
+    severity: Literal["error", "warning"] = "error"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.reason}" if self.field else f"{where}: {self.reason}"
+        reason = f"warning: {self.reason}" if self.severity == "warning" else self.reason
+        return f"{where}: {self.field}: {reason}" if self.field else f"{where}: {reason}"
 
 
 class RecordError(ConfigurationError):

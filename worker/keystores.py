@@ -1,23 +1,29 @@
 """Keystore records: PKCS#12 or PEM files holding CA certificates and signing keys.
 
-Used as truststores now (which CAs to trust for TLS) and as signing keystores
-later. Loading is lazy and cached by file identity so a worker does not
-re-read files per message; every failure names the record field, never a
+Used as truststores (which CAs to trust for TLS), as key credentials (an
+OAuth client certificate) and as signing keystores (S/MIME, DKIM). Loading is
+lazy: callers that use a key per message cache what they load
+(:mod:`worker.signing`); every failure names the record field, never a
 password.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from asn1crypto import pkcs12 as a12
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
+    PublicFormat,
+    load_der_private_key,
     load_pem_private_key,
     pkcs12,
 )
@@ -69,70 +75,87 @@ class Keystore:
                 f"keystore {self.name}: {field}: cannot read {path}: {exc.strerror}"
             ) from None
 
+    def _password(self) -> bytes | None:
+        rec = self.record
+        return rec.password.reveal().encode() if rec.password else None
+
+    def _load_pkcs12(self) -> tuple[bytes, pkcs12.PKCS12KeyAndCertificates]:
+        """The file's bytes and cryptography's view of it (which checks the password)."""
+        rec = self.record
+        assert rec.path is not None
+        data = self._read("path", rec.path)
+        try:
+            return data, pkcs12.load_pkcs12(data, self._password())
+        except ValueError:
+            pass
+        if _is_pfx(data):
+            raise ConfigurationError(
+                f"keystore {self.name}: password: wrong password for the PKCS#12 file "
+                "(its integrity check fails)"
+            ) from None
+        raise ConfigurationError(
+            f"keystore {self.name}: path: {self._file(rec.path)} is not a PKCS#12 file"
+        ) from None
+
     def trusted_certificates(self) -> list[x509.Certificate]:
         """The CA certificates this keystore holds, for use as a truststore."""
         rec = self.record
         if rec.type == "pkcs12":
-            assert rec.path is not None
-            data = self._read("path", rec.path)
-            password = rec.password.reveal().encode() if rec.password else None
-            try:
-                _key, cert, extra = pkcs12.load_key_and_certificates(data, password)
-            except ValueError:
-                raise ConfigurationError(
-                    f"keystore {self.name}: path: cannot open PKCS#12 file "
-                    "(wrong password or not a PKCS#12 file)"
-                ) from None
-            certs = ([cert] if cert is not None else []) + list(extra)
+            _data, loaded = self._load_pkcs12()
+            certs = ([loaded.cert.certificate] if loaded.cert is not None else []) + [
+                c.certificate for c in loaded.additional_certs
+            ]
         else:
             certs = []
-            for field in ("certificates", "chain"):
-                value = getattr(rec, field)
+            for field_name in ("certificates", "chain"):
+                value = getattr(rec, field_name)
                 if value:
-                    try:
-                        certs += x509.load_pem_x509_certificates(self._read(field, value))
-                    except ValueError:
-                        raise ConfigurationError(
-                            f"keystore {self.name}: {field}: no PEM certificates in {value}"
-                        ) from None
+                    certs += self._pem_certificates(field_name, value)
         if not certs:
             raise ConfigurationError(f"keystore {self.name}: holds no certificates")
         return certs
+
+    def _pem_certificates(self, field_name: str, value: str) -> list[x509.Certificate]:
+        try:
+            return x509.load_pem_x509_certificates(self._read(field_name, value))
+        except ValueError:
+            raise ConfigurationError(
+                f"keystore {self.name}: {field_name}: no PEM certificates in {value}"
+            ) from None
 
     def cadata(self) -> str:
         """PEM text of the trusted certificates, for ``ssl.SSLContext.load_verify_locations``."""
         return "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in self.trusted_certificates())
 
-    def private_key(self, alias: str | None = None) -> tuple[str, x509.Certificate]:
-        """(PKCS#8 PEM private key, its certificate) for a key credential; ``alias``
-        picks a PKCS#12 entry by friendly name (empty = the first key).
+    def files(self) -> tuple[Path, ...]:
+        """Every file this keystore reads (the record, its key/certificate files, a password file)."""
+        rec = self.record
+        paths = [self.source]
+        for value in (rec.path, rec.certificates, rec.key, rec.chain):
+            if value:
+                paths.append(self._file(value))
+        for secret in (rec.password, rec.key_password):
+            secret_path = secret.path() if secret is not None else None
+            if secret_path is not None:
+                paths.append(secret_path)
+        return tuple(paths)
 
-        The PEM text is a secret: callers hand it to the signer and drop it.
+    def key_entries(self) -> list[KeyEntry]:
+        """Every private key this keystore holds, with its certificate and chain.
+
+        PKCS#12: one entry per key bag, named by its friendly name (the alias
+        Java keytool and OpenSSL write). ``cryptography`` reads only the first
+        key of a file, so the bag structure is read with ``asn1crypto`` and each
+        shrouded key bag is decrypted by ``cryptography``; the certificates come
+        from ``cryptography`` (which also verifies the file's MAC, i.e. the
+        password). PEM: the one key, with ``chain`` (leaf first).
         """
         rec = self.record
-        key: PrivateKeyTypes | None
-        cert: x509.Certificate | None
-        if rec.type == "pkcs12":
-            assert rec.path is not None
-            data = self._read("path", rec.path)
-            password = rec.password.reveal().encode() if rec.password else None
-            try:
-                loaded = pkcs12.load_pkcs12(data, password)
-            except ValueError:
+        if rec.type == "pem":
+            if not rec.key:
                 raise ConfigurationError(
-                    f"keystore {self.name}: path: cannot open PKCS#12 file "
-                    "(wrong password or not a PKCS#12 file)"
-                ) from None
-            key = loaded.key
-            cert = loaded.cert.certificate if loaded.cert is not None else None
-            name = loaded.cert.friendly_name.decode() if loaded.cert and loaded.cert.friendly_name else None
-            if alias is not None and alias != name:
-                raise ConfigurationError(
-                    f"keystore {self.name}: no key with alias {alias!r} (found {name or 'none'})"
+                    f"keystore {self.name}: key: a PEM keystore needs key for a key entry"
                 )
-        else:
-            if not rec.key or not rec.chain:
-                raise ConfigurationError(f"keystore {self.name}: a key credential needs key and chain")
             key_password = rec.key_password.reveal().encode() if rec.key_password else None
             try:
                 key = load_pem_private_key(self._read("key", rec.key), key_password)
@@ -141,13 +164,171 @@ class Keystore:
                     f"keystore {self.name}: key: cannot load the private key "
                     "(wrong key_password or not a PEM key)"
                 ) from None
-            try:
-                cert = x509.load_pem_x509_certificates(self._read("chain", rec.chain))[0]
-            except ValueError:
-                raise ConfigurationError(
-                    f"keystore {self.name}: chain: no PEM certificates in {rec.chain}"
-                ) from None
-        if key is None or cert is None:
+            certs = self._pem_certificates("chain", rec.chain) if rec.chain else []
+            leaf = certs[0] if certs else None
+            return [KeyEntry(None, key, leaf, _chain(leaf, certs[1:]) if leaf else ())]
+
+        data, loaded = self._load_pkcs12()
+        password = self._password()
+        bundled = ([loaded.cert] if loaded.cert is not None else []) + list(loaded.additional_certs)
+        all_certs = [c.certificate for c in bundled]
+        try:
+            bags = _key_bags(data)
+        except ValueError:  # a structure asn1crypto cannot read: fall back to the first key
+            bags = None
+        entries: list[KeyEntry] = []
+        if bags:
+            for alias, der, encrypted in bags:
+                try:
+                    key = load_der_private_key(der, password if encrypted else None)
+                except (ValueError, TypeError, UnsupportedAlgorithm):
+                    raise ConfigurationError(
+                        f"keystore {self.name}: path: cannot decrypt the key "
+                        f"{alias or '(no alias)'!r} with the keystore password"
+                    ) from None
+                entries.append(KeyEntry(alias, key, *_certificate_for(key, all_certs)))
+        elif loaded.key is not None:  # keys inside an encrypted container: cryptography's first key
+            name = loaded.cert.friendly_name if loaded.cert is not None else None
+            entries.append(
+                KeyEntry(name.decode("utf-8", "replace") if name else None, loaded.key,
+                         *_certificate_for(loaded.key, all_certs))
+            )  # fmt: skip
+        return entries
+
+    def aliases(self) -> list[str]:
+        """The aliases (friendly names) of the keys, in file order."""
+        return [e.alias or "(no alias)" for e in self.key_entries()]
+
+    def key_entry(self, alias: str | None = None) -> KeyEntry:
+        """The entry ``alias`` names (exact, else case-insensitive like keytool); blank = the first."""
+        entries = self.key_entries()
+        if not entries:
+            raise ConfigurationError(f"keystore {self.name}: holds no private key")
+        if alias is None or not alias.strip() or self.record.type == "pem":
+            return entries[0]
+        found = [e for e in entries if e.alias == alias] or [
+            e for e in entries if (e.alias or "").lower() == alias.lower()
+        ]
+        if found:
+            return found[0]
+        present = ", ".join(repr(e.alias) if e.alias else "(no alias)" for e in entries)
+        raise ConfigurationError(
+            f"keystore {self.name}: alias: no key with alias {alias!r} (aliases present: {present})"
+        )
+
+    def private_key(self, alias: str | None = None) -> tuple[str, x509.Certificate]:
+        """(PKCS#8 PEM private key, its certificate) for a key credential; ``alias``
+        picks a PKCS#12 entry by friendly name (empty = the first key).
+
+        The PEM text is a secret: callers hand it to the signer and drop it.
+        """
+        entry = self.key_entry(alias)
+        if entry.certificate is None:
             raise ConfigurationError(f"keystore {self.name}: holds no private key with a certificate")
-        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode("ascii")
-        return pem, cert
+        return entry.key_pem(), entry.certificate
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """One private key of a keystore, its certificate (None if the store has none for it)
+    and the issuers above that certificate as far as the store has them."""
+
+    alias: str | None
+    key: PrivateKeyTypes = field(repr=False)
+    certificate: x509.Certificate | None
+    chain: tuple[x509.Certificate, ...] = ()
+
+    def key_pem(self) -> str:
+        """The key as unencrypted PKCS#8 PEM: a secret, for libraries that want text."""
+        return self.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode("ascii")
+
+    def key_matches_certificate(self) -> bool:
+        if self.certificate is None:
+            return False
+        return _spki(self.certificate.public_key()) == _spki(self.key.public_key())
+
+
+def _spki(public_key: Any) -> bytes:
+    return bytes(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
+def _is_pfx(data: bytes) -> bool:
+    try:
+        pfx = a12.Pfx.load(data)
+        return pfx["version"].native == "v3" and pfx["auth_safe"]["content_type"].native in (
+            "data",
+            "signed_data",
+        )
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
+def _key_bags(data: bytes) -> list[tuple[str | None, bytes, bool]]:
+    """(friendly name, DER, encrypted?) of every key bag in the unencrypted parts of a PFX.
+
+    Raises ValueError when the structure cannot be read."""
+    found: list[tuple[str | None, bytes, bool]] = []
+
+    def walk(bags: Any) -> None:
+        for bag in bags:
+            kind = bag["bag_id"].native
+            if kind == "pkcs8_shrouded_key_bag":
+                found.append((_friendly_name(bag), bag["bag_value"].untag().dump(), True))
+            elif kind == "key_bag":
+                found.append((_friendly_name(bag), bag["bag_value"].untag().dump(), False))
+            elif kind == "safe_contents":
+                walk(bag["bag_value"])
+
+    try:
+        pfx = a12.Pfx.load(data)
+        for content_info in pfx.authenticated_safe:
+            if content_info["content_type"].native == "data":
+                walk(a12.SafeContents.load(content_info["content"].native))
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"unreadable PKCS#12 structure ({type(exc).__name__})") from None
+    return found
+
+
+def _friendly_name(bag: Any) -> str | None:
+    for attribute in bag["bag_attributes"]:
+        if attribute["type"].native == "friendly_name":
+            values = attribute["values"].native
+            if values:
+                return str(values[0])
+    return None
+
+
+def _certificate_for(
+    key: PrivateKeyTypes, certs: list[x509.Certificate]
+) -> tuple[x509.Certificate | None, tuple[x509.Certificate, ...]]:
+    """The certificate of ``key`` among ``certs`` (by public key) and its chain."""
+    wanted = _spki(key.public_key())
+    for cert in certs:
+        if _spki(cert.public_key()) == wanted:
+            return cert, _chain(cert, [c for c in certs if c is not cert])
+    return None, ()
+
+
+def _chain(leaf: x509.Certificate, pool: list[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """The issuers of ``leaf`` found in ``pool``, nearest first (each verified to have signed
+    the one below it); stops at a self-signed certificate."""
+    chain: list[x509.Certificate] = []
+    current = leaf
+    seen = {leaf.fingerprint(hashes.SHA256())}
+    while current.issuer != current.subject:
+        parent = None
+        for candidate in pool:
+            if candidate.subject != current.issuer or candidate.fingerprint(hashes.SHA256()) in seen:
+                continue
+            try:
+                current.verify_directly_issued_by(candidate)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            parent = candidate
+            break
+        if parent is None:
+            break
+        chain.append(parent)
+        seen.add(parent.fingerprint(hashes.SHA256()))
+        current = parent
+    return tuple(chain)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
-from worker import settings
+from worker import settings, signing
 from worker.accounts import AccountRecord, EmailAccount, resolve_account
 from worker.auth_profiles import (
     AuthProfile,
@@ -170,12 +170,83 @@ class Records:
         for field_path, kind, ref in account.references:
             loc = tuple(field_path.split("."))
             if kind == "keystore":
-                found += self._check_keystore_ref(doc, loc, ref)
+                key_use = field_path.endswith("signing.keystore") or field_path == "dkim.keystore"
+                ref_problems = self._check_keystore_ref(doc, loc, ref, truststore=not key_use)
+                found += ref_problems
+                if ref_problems or not key_use:
+                    continue
+                if field_path == "dkim.keystore":
+                    found += self._check_dkim(doc, account)
+                else:
+                    found += self._check_signing(doc, loc[:-1], account)
             else:
                 found += self._check_profile_ref(doc, loc, ref, account)
+        if account.dkim is not None and account.dkim.private_key is not None:
+            found += self._check_dkim(doc, account)
         return _dedupe(found)
 
-    def _check_keystore_ref(self, doc: YamlDocument, loc: tuple[str, ...], ref: str) -> list[RecordProblem]:
+    def _keystore_problem(
+        self, doc: YamlDocument, loc: tuple[str, ...], exc: ConfigurationError
+    ) -> RecordProblem:
+        """A keystore error where it belongs: a missing alias at the account's alias field,
+        anything else (wrong password, unreadable file, bad key) at the keystore record's field."""
+        text = str(exc)
+        for name, keystore in self.keystores.items():
+            prefix = f"keystore {name}: "
+            if not text.startswith(prefix):
+                continue
+            field_name, _, reason = text.removeprefix(prefix).partition(": ")
+            if field_name == "alias" and reason:
+                return doc.problem((*loc, "alias"), f"keystore {name}: {reason}")
+            ks_doc = load_yaml(keystore.source)
+            if reason and field_name.isidentifier():
+                return ks_doc.problem((field_name,), reason)
+            return ks_doc.problem((), text.removeprefix(prefix))
+        return doc.problem((*loc, "keystore"), text)
+
+    def _check_signing(
+        self, doc: YamlDocument, loc: tuple[str, ...], account: EmailAccount
+    ) -> list[RecordProblem]:
+        """S/MIME material: the key entry opens, and its certificate fits the account."""
+        assert account.signing is not None
+        keystore = self.keystores[account.signing.keystore]
+        try:
+            entry = keystore.key_entry(account.signing.alias)
+        except ConfigurationError as exc:
+            return [self._keystore_problem(doc, loc, exc)]
+        where = f"keystore {keystore.name}" + (f" alias {entry.alias!r}" if entry.alias else "")
+        return [
+            replace(doc.problem((*loc, "keystore"), f"{where}: {f.reason}"), severity=f.severity)
+            for f in signing.smime_findings(entry, account.from_address)
+        ]
+
+    def _check_dkim(self, doc: YamlDocument, account: EmailAccount) -> list[RecordProblem]:
+        """DKIM: the key loads and is usable; the domain aligns with the From address."""
+        settings = account.dkim
+        assert settings is not None
+        found = [
+            replace(doc.problem(("dkim", field_name), f.reason), severity=f.severity)
+            for field_name, f in signing.dkim_settings_findings(settings, account.from_address)
+        ]
+        key_field = "keystore" if settings.keystore else "private_key"
+        if settings.private_key is not None:
+            secret_problems = _secret_problems(doc, ("dkim", "private_key"), settings.private_key)
+            if secret_problems:
+                return found + secret_problems
+        try:
+            key, _files = signing.dkim_key(settings, self)
+        except ConfigurationError as exc:
+            if settings.keystore:
+                return [*found, self._keystore_problem(doc, ("dkim",), exc)]
+            return [*found, doc.problem(("dkim", key_field), str(exc))]
+        return found + [
+            replace(doc.problem(("dkim", key_field), f.reason), severity=f.severity)
+            for f in signing.dkim_key_findings(key)
+        ]
+
+    def _check_keystore_ref(
+        self, doc: YamlDocument, loc: tuple[str, ...], ref: str, *, truststore: bool = True
+    ) -> list[RecordProblem]:
         if ref in self.keystore_problems:
             return list(self.keystore_problems[ref])
         if ref not in self.keystores:
@@ -194,7 +265,7 @@ class Records:
             secret = getattr(keystore.record, secret_field)
             if secret is not None:
                 found += _secret_problems(ks_doc, (secret_field,), secret)
-        if found:
+        if found or not truststore:  # a signing keystore is opened by the signing checks
             return found
         try:
             keystore.trusted_certificates()
