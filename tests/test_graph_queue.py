@@ -132,7 +132,7 @@ def test_429_twice_then_202_is_delivered_once_respecting_retry_after(
     cloud.graph_script = [throttled, throttled]
     job = finished(producer, producer.send_notification(records.account(), ["a@example.net"], "Hi", "x"))
     assert job.state == "sent" and job.attempts == 3, job
-    assert [h["outcome"] for h in job.history or []] == ["retry", "retry", "sent"]
+    assert [h["outcome"] for h in job.history or []] == ["retry", "retry", "sent"], job.history
     assert (
         "429" in (job.history or [])[0]["error"] and "ApplicationThrottled" in (job.history or [])[0]["error"]
     )

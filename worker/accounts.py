@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from worker.advanced import AUTH_MECHANISMS, TLS_VERSIONS, TlsName, parse_advanced
 from worker.errors import RecordProblem
 from worker.fields import Address, Line, RecordModel, SecretField, TlsVersion, check_address
-from worker.providers import DEFAULT_PORTS, PRESETS, Protocol, Provider, infer_provider
+from worker.providers import DEFAULT_PORTS, GRAPH_LIMITS, PRESETS, Protocol, Provider, infer_provider
 from worker.secrets import Secret
 from worker.yamlsrc import YamlDocument
 
@@ -272,11 +272,14 @@ def resolve_account(
         bad(("graph", "signing"), "signing is set under both smtp and graph; keep one")
 
     limits_rec = record.limits or LimitsSettings()
+    # Graph has limits of its own (DESIGN §5): 4 concurrent requests and 10,000 requests per
+    # 10 minutes per mailbox, instead of SMTP AUTH's 3 connections and 30 messages a minute
+    preset_limits = GRAPH_LIMITS if record.send_using == "graph" else preset.limits
     limits = Limits(
         rate=parse_rate(limits_rec.rate)
         if limits_rec.rate
-        else (parse_rate(preset.limits.rate) if preset.limits.rate else None),
-        max_connections=limits_rec.max_connections or preset.limits.max_connections,
+        else (parse_rate(preset_limits.rate) if preset_limits.rate else None),
+        max_connections=limits_rec.max_connections or preset_limits.max_connections,
         daily_recipients=limits_rec.daily_recipients or preset.limits.daily_recipients,
         max_recipients_per_message=limits_rec.max_recipients_per_message
         or preset.limits.max_recipients_per_message,

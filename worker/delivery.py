@@ -56,6 +56,7 @@ class Outcome:
     code: int | None = None
     counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
     auth_failure: bool = False  # the server refused our credentials (the circuit breaker counts it)
+    limit_wait: bool = False  # a provider limit: come back exactly at retry_after
 
 
 FLAG_TTL = 7 * 86400  # the account's last authentication failure, for the operator views
@@ -137,6 +138,7 @@ def outcome_for_error(
         code=exc.code,
         auth_failure=isinstance(exc, AuthenticationFailed),
         counts=not isinstance(exc, LimitWait),  # a limit's wait is not an attempt
+        limit_wait=isinstance(exc, LimitWait),
     )
 
 

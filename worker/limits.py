@@ -11,7 +11,10 @@ Three limits per account (presets supply them, records override):
   connections instead of keeping them for later.
 - **rate** (e.g. ``30/minute``): GCRA, one send per ``period/count`` seconds. A
   send that must wait reserves its exact future time, so queued jobs of a
-  throttled account are spread out instead of all coming back at once.
+  throttled account are spread out instead of all coming back at once, and
+  sends never run ahead of the schedule: the n-th send goes out no earlier
+  than ``n x period/count`` after the first (a job that comes back late uses
+  its slot late; it never takes a later one's).
 - **daily recipients**: a rolling 24 hours, counted per minute.
 
 A send that must wait briefly (≤ :data:`INLINE_WAIT` s) waits on the event
@@ -40,10 +43,11 @@ from worker.errors import LimitWait, Rejected
 PREFIX = "postroom:"
 SLOT_LEASE = 30.0  # seconds a connection slot lives without renewal (a crashed worker's lapse)
 SLOT_RENEW = 5.0  # how often a pool renews its connections' leases
+WANTED_CHECK = 0.5  # how often a pool with open connections asks whether others wait for one
 SLOT_POLL = 0.05  # first wait between two tries for a connection slot (doubles, up to 0.5 s)
 SLOT_WAIT = 20.0  # how long a send waits for a connection slot before it is re-scheduled
 WANTED_TTL = 5
-INLINE_WAIT = 2.0  # rate/budget waits up to this are waited out on the loop
+INLINE_WAIT = 0.5  # rate waits up to this are waited out on the loop (longer ones re-schedule)
 MAX_RESERVATION = 900.0  # never reserve a send time further ahead than this
 DAY_MINUTES = 1440
 
@@ -60,14 +64,16 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[5])
 return 0
 """
 
-# KEYS[1] tat, KEYS[2] this message's reservation; ARGV: now, interval, max reservation
+# KEYS[1] tat, KEYS[2] this message's reservation; ARGV: now, interval, max reservation, inline wait
 # Returns the wait in seconds (reserved), or a negative number: not reserved, ask again then.
+# A wait longer than the inline one is kept under KEYS[2]: the job comes back for its own slot.
 _RATE = """
 local now, interval, horizon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local held = redis.call('GET', KEYS[2])
 if held then
-  redis.call('DEL', KEYS[2])
-  return tostring(math.max(0, tonumber(held) - now))
+  local w = tonumber(held) - now
+  if w <= tonumber(ARGV[4]) then redis.call('DEL', KEYS[2]) end  -- else: back early, keep the slot
+  return tostring(math.max(0, w))
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
@@ -113,8 +119,9 @@ return 86400
 class Limiter:
     """The Redis side of the limits, for one worker process's event loop."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, slot_wait: float = SLOT_WAIT) -> None:
         self.redis = client  # redis.asyncio.Redis (decode_responses=True)
+        self.slot_wait = slot_wait  # keep it well inside the task's time limit
         self._acquire = client.register_script(_ACQUIRE)
         self._rate = client.register_script(_RATE)
         self._budget = client.register_script(_BUDGET)
@@ -125,9 +132,9 @@ class Limiter:
     def new_token() -> str:
         return uuid.uuid4().hex
 
-    async def acquire_slot(self, account: str, cap: int, token: str, *, wait: float = SLOT_WAIT) -> None:
+    async def acquire_slot(self, account: str, cap: int, token: str, *, wait: float | None = None) -> None:
         """Wait for one of ``cap`` connection slots; LimitWait when none frees up in time."""
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (self.slot_wait if wait is None else wait)
         pause = SLOT_POLL
         keys = [f"{PREFIX}slots:{account}", f"{PREFIX}slots-wanted:{account}"]
         while True:
@@ -152,6 +159,10 @@ class Limiter:
             pipe.exists(f"{PREFIX}slots-wanted:{account}")
             results = await pipe.execute()
         return bool(results[-1])
+
+    async def wanted(self, account: str) -> bool:
+        """Whether another worker waits for one of the account's connection slots."""
+        return bool(await self.redis.exists(f"{PREFIX}slots-wanted:{account}"))
 
     async def release_slot(self, account: str, token: str) -> None:
         await self.redis.zrem(f"{PREFIX}slots:{account}", token)

@@ -96,3 +96,8 @@ def infer_provider(address: str | None) -> Provider:
     return {"yahoo": "yahoo", "hotmail": "outlook", "outlook": "outlook", "live": "outlook"}.get(
         label, "other"
     )  # type: ignore[return-value]
+
+
+# Microsoft Graph sendMail per mailbox (DESIGN §5): 4 concurrent requests, 10,000 requests per
+# 10 minutes (1,000 a minute, spread evenly); Exchange's 10,000 recipients a day still apply.
+GRAPH_LIMITS = ProviderLimits(rate="1000/minute", max_connections=4, daily_recipients=10000)

@@ -55,12 +55,12 @@ class Runtime:
                 self._marks = AsyncMarks(redis_url, job_ttl)
             return self._marks
 
-    def limiter(self, redis_url: str, job_ttl: float) -> Limiter:
+    def limiter(self, redis_url: str, job_ttl: float, slot_wait: float) -> Limiter:
         """The account limits shared with every worker (on the marks' async Redis client)."""
         marks = self.marks(redis_url, job_ttl)
         with self._lock:
             if self._limiter is None:
-                self._limiter = Limiter(marks.redis)
+                self._limiter = Limiter(marks.redis, slot_wait=slot_wait)
             return self._limiter
 
     def in_flight(self, account: str) -> int:

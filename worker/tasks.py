@@ -33,6 +33,7 @@ from worker.drain import Carried, QueueDrain
 from worker.errors import ConfigurationError
 from worker.health import AccountHealth
 from worker.jobs import JobStore
+from worker.limits import SLOT_WAIT
 from worker.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
 from worker.records import Records
 from worker.runtime import get_runtime
@@ -434,8 +435,14 @@ def delivery(store: JobStore) -> Delivery:
     """The pipeline on this process's runtime (its loop, pools and loop-side Redis client)."""
     runtime = get_runtime()
     url = store_url()
-    limiter = runtime.limiter(url, settings.job_ttl)
+    limiter = runtime.limiter(url, settings.job_ttl, slot_wait())
     return Delivery(store, runtime.marks(url, settings.job_ttl), runtime, settings, limiter)
+
+
+def slot_wait() -> float:
+    """How long a send waits for an account's connection slot before it is re-scheduled:
+    well inside the soft time limit, so the wait never costs the job an attempt."""
+    return min(SLOT_WAIT, settings.soft_time_limit / 4)
 
 
 def store_url() -> str:
@@ -456,7 +463,9 @@ def _retry_plan(
         delay = policy.delay(attempt_no, outcome.retry_after)
     else:
         store.uncount_attempt(job_id)
-        delay = min((outcome.retry_after or 0) + random.uniform(0.1, 1.0), settings.visibility_timeout / 2)
+        # a limit's wait is exact (its send time is reserved); a held claim's is spread out
+        spread = 0.05 if outcome.limit_wait else random.uniform(0.1, 1.0)
+        delay = min((outcome.retry_after or 0) + spread, settings.visibility_timeout / 2)
     why = None
     if outcome.counts and attempt_no >= policy.max_attempts:
         why = f"{attempt_no} attempts"
@@ -484,7 +493,7 @@ def health_check() -> dict[str, str]:
     names = sorted(records.account_names)
     timeout = settings.health_timeout
 
-    limiter = get_runtime().limiter(store_url(), settings.job_ttl)  # checks count against the cap too
+    limiter = get_runtime().limiter(store_url(), settings.job_ttl, slot_wait())  # checks count too
 
     async def one(name: str) -> ConnectivityReport:
         try:

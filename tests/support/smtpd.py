@@ -19,6 +19,7 @@ import email.policy
 import json
 import ssl
 import threading
+import time
 import warnings
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Sequence
@@ -72,6 +73,7 @@ class Received:
     auth_mechanism: str | None
     ehlo_name: str | None
     message: EmailMessage = field(init=False)
+    at: float = field(init=False, default_factory=time.time)  # when the server accepted it
 
     def __post_init__(self) -> None:
         self.message = email.message_from_bytes(self.data, policy=email.policy.default)
@@ -152,6 +154,8 @@ class _Handler:
         rule = self.server.rule("DATA", ",".join(envelope.rcpt_tos))
         if rule is not None:
             return rule.reply
+        if self.server.data_delay:
+            await asyncio.sleep(self.server.data_delay)
         ssl_object = smtp.transport.get_extra_info("ssl_object") if smtp.transport else None
         data = envelope.original_content or b""
         self.server.received.append(
@@ -243,8 +247,16 @@ class _Protocol(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:
             self.owner.connections += 1
+            self.owner.open_now += 1
+            self.owner.peak_open = max(self.owner.peak_open, self.owner.open_now)
             self.owner.protocols.append(self)
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not getattr(self, "_counted_lost", False):
+            self._counted_lost = True
+            self.owner.open_now -= 1
+        super().connection_lost(exc)
 
     async def _handle_client(self) -> None:
         if self.owner.banner_code is not None:
@@ -278,6 +290,7 @@ class SmtpServer:
         username: str = USERNAME,
         password: str = PASSWORD,
         oauth_tokens: Callable[[], set[str]] | None = None,
+        data_delay: float = 0.0,
     ) -> None:
         self.mode = mode
         self.auth_required = auth_required
@@ -298,6 +311,9 @@ class SmtpServer:
         self.auth_attempts: list[tuple[str, str, bool]] = []
         self.mail_options: list[list[str]] = []
         self.connections = 0
+        self.open_now = 0  # connections open right now
+        self.peak_open = 0  # the most that were ever open at once
+        self.data_delay = data_delay  # seconds before answering DATA's end (a slow server)
         self.protocols: list[_Protocol] = []
         self._tls = self._context(cert, key, tls_max_version) if mode != "plain" else None
         self._advertise_starttls = advertise_starttls

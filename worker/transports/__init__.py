@@ -33,7 +33,7 @@ def build_transport(account: EmailAccount, records: Records, *, limiter: Limiter
         if account.graph.truststore:
             graph_cadata = records.keystore(account.graph.truststore).cadata()
         tokens = oauth.token_source(account.graph.auth_profile, records)
-        return GraphTransport(account, tokens, cadata=graph_cadata)
+        return GraphTransport(account, tokens, cadata=graph_cadata, limiter=limiter)
     assert account.smtp is not None
     cadata = None
     if account.smtp.truststore:

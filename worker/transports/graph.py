@@ -29,6 +29,7 @@ import email.policy
 import logging
 import time
 import weakref
+from collections.abc import AsyncIterator
 from email.generator import BytesGenerator
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -48,6 +49,7 @@ from worker.errors import (
     Rejected,
     TransientError,
 )
+from worker.limits import Limiter
 from worker.oauth import AccessToken, TokenSource, http_error
 from worker.tls import client_context
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
@@ -168,6 +170,7 @@ class GraphTransport:
         tokens: TokenSource,
         *,
         cadata: str | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         if account.graph is None:
             raise ValueError(f"account {account.name} has no Graph settings")
@@ -175,6 +178,7 @@ class GraphTransport:
         self.settings = account.graph
         self.tokens = tokens
         self._cadata = cadata
+        self.limiter = limiter  # the mailbox's request cap across every worker (None: this process only)
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -241,7 +245,7 @@ class GraphTransport:
             if token is not None:
                 request_headers["Authorization"] = f"Bearer {token.value}"
             try:
-                async with mailbox_semaphore(self.settings.user_principal_name):
+                async with mailbox_semaphore(self.settings.user_principal_name), self._slot():
                     self.requests += 1
                     response = await client.request(
                         method, url, content=content, json=json, headers=request_headers
@@ -259,6 +263,20 @@ class GraphTransport:
                 continue
             return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the mailbox's concurrent-request slots, shared with every worker."""
+        if self.limiter is None:
+            yield
+            return
+        token, key = self.limiter.new_token(), f"graph:{self.settings.user_principal_name.lower()}"
+        await self.limiter.acquire_slot(key, MAILBOX_CONCURRENCY, token)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # a lost release lapses with its lease
+                await asyncio.shield(self.limiter.release_slot(key, token))
 
     def _refusal(self, response: httpx.Response, what: str) -> DeliveryError:
         status, text = response.status_code, graph_error(response)

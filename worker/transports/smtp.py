@@ -55,7 +55,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
-from worker.limits import SLOT_RENEW, Limiter
+from worker.limits import SLOT_RENEW, WANTED_CHECK, Limiter
 from worker.oauth import TokenSource
 from worker.tls import client_context, describe_handshake_error, version_at_least
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
@@ -515,6 +515,7 @@ class SmtpTransport:
         self.limiter = limiter  # the account's connection cap across every worker (None: this pool only)
         self._live: dict[int, SmtpConnection] = {}  # every open connection, idle or busy
         self._heartbeat: asyncio.Task[None] | None = None
+        self._wanted = False  # another worker waits for one of the account's slots (as last seen)
         self.account = account
         self.endpoint = account.smtp
         self._cadata = cadata
@@ -586,17 +587,23 @@ class SmtpTransport:
                 await asyncio.shield(self._release_slot(token))
 
     async def _renew(self) -> None:
-        """Keep the leases of this pool's connections alive; close idle ones another worker wants."""
+        """Keep the leases of this pool's connections alive, and hand connections over to other
+        workers waiting for the account's slots (idle ones closed now, busy ones after their send)."""
         assert self.limiter is not None
+        renewed = time.monotonic()
         while self._live and not self._closed:
-            await asyncio.sleep(SLOT_RENEW)
-            tokens = [c.slot for c in self._live.values() if c.slot is not None]
+            await asyncio.sleep(WANTED_CHECK)
             try:
-                wanted = await self.limiter.renew_slots(self.account.name, tokens)
+                if time.monotonic() - renewed >= SLOT_RENEW:
+                    tokens = [c.slot for c in self._live.values() if c.slot is not None]
+                    self._wanted = await self.limiter.renew_slots(self.account.name, tokens)
+                    renewed = time.monotonic()
+                else:
+                    self._wanted = await self.limiter.wanted(self.account.name)
             except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
                 log.warning("account %s: could not renew connection slots", self.account.name)
                 continue
-            if wanted and self._idle:
+            if self._wanted and self._idle:
                 cond = self._condition()
                 async with cond:
                     idle, self._idle = self._idle, []
@@ -680,7 +687,8 @@ class SmtpTransport:
             cond.notify()
 
     async def _release(self, conn: SmtpConnection) -> None:
-        if self._closed or self._expired(conn, time.monotonic()):
+        handover = self._wanted and len(self._live) > 1  # another worker waits for a slot: share
+        if self._closed or handover or self._expired(conn, time.monotonic()):
             await self._close(conn)
             await self._forget()
             return

@@ -1,0 +1,161 @@
+"""Provider limits across worker processes (worker/limits.py), against real Redis and servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from support.queue import QueueEnv, Worker, claim_database, wait_for
+from support.smtpd import SmtpServer
+from worker.client import Producer
+from worker.errors import LimitWait
+from worker.jobs import Job
+from worker.limits import Limiter
+from worker.records import Records
+
+ServerFactory = Callable[..., SmtpServer]
+
+
+@pytest.fixture
+def limits_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
+    env = QueueEnv(tmp_path, claim_database())
+    yield env
+    env.release()
+
+
+def producer_for(env: QueueEnv) -> Producer:
+    return Producer(env.broker_url, records=Records.load(env.accounts, env.config))
+
+
+def jobs(producer: Producer, ids: list[str]) -> list[Job]:
+    found = [producer.job(i) for i in ids]
+    assert all(j is not None for j in found)
+    return [j for j in found if j is not None]
+
+
+def test_two_worker_processes_share_one_accounts_three_connection_cap(
+    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(mode="plain", data_delay=0.05)
+    account = limits_env.account("capped", server, limits={"max_connections": 3})
+    producer = producer_for(limits_env)
+    ids = [producer.send_notification(account, [f"r{i}@example.net"], f"m {i}", "x") for i in range(60)]
+    workers = [Worker(limits_env, tmp_path / f"w{n}.log", concurrency=4) for n in (1, 2)]
+    try:
+        for w in workers:
+            w.start()
+        wait_for(
+            lambda: all(j.state == "sent" for j in jobs(producer, ids)), 60, "every job sent", workers[0]
+        )
+        odd = [(j.attempts, j.history) for j in jobs(producer, ids) if j.attempts != 1]
+        assert not odd, odd[:2]
+    finally:
+        for w in workers:
+            w.stop()
+        producer.close()
+    # each process alone may open 3; together they never had a fourth open at the server
+    assert server.peak_open == 3, server.peak_open
+    assert len({r.message["Message-ID"] for r in server.received}) == len(server.received) == 60
+
+
+def test_a_rate_of_120_a_minute_sends_about_20_in_10_seconds_evenly_spaced(
+    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(mode="plain")
+    account = limits_env.account("paced", server, limits={"rate": '"120/minute"'})
+    producer = producer_for(limits_env)
+    ids = [producer.send_notification(account, ["a@example.net"], f"m {i}", "x") for i in range(40)]
+    worker = Worker(limits_env, tmp_path / "w.log").start()
+    try:
+        wait_for(lambda: len(server.received) >= 1, 20, "the first delivery", worker)
+        first = server.received[0].at
+        time.sleep(max(0.0, first + 10.5 - time.time()))
+        times = sorted(r.at for r in server.received)
+        within = [t for t in times if t <= first + 10.0]
+        assert 17 <= len(within) <= 21, len(within)
+        # never ahead of the schedule: the k-th send no earlier than k x 0.5 s after the first
+        early = [(k, round(t - first, 2)) for k, t in enumerate(times) if t < first + k * 0.5 - 0.05]
+        assert not early, early
+        waiting = [j for j in jobs(producer, ids) if j.state != "sent"]
+        assert waiting and all(j.state in ("queued", "retrying", "sending") for j in waiting)
+        assert all(j.attempts <= 1 for j in waiting)  # waiting for a slot spends no attempt
+    finally:
+        worker.stop()
+        producer.close()
+
+
+def test_a_throttled_account_does_not_hold_up_the_others(
+    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(mode="plain")
+    slow = limits_env.account("slow", server, limits={"rate": '"6/minute"'})
+    fast = limits_env.account("fast", server)
+    producer = producer_for(limits_env)
+    slow_ids = [producer.send_notification(slow, ["s@example.net"], f"s {i}", "x") for i in range(20)]
+    fast_ids = [producer.send_notification(fast, ["f@example.net"], f"f {i}", "x") for i in range(20)]
+    worker = Worker(limits_env, tmp_path / "w.log", concurrency=2).start()
+    try:
+        wait_for(
+            lambda: all(j.state == "sent" for j in jobs(producer, fast_ids)), 15, "the fast ones", worker
+        )
+        sent_slow = [j for j in jobs(producer, slow_ids) if j.state == "sent"]
+        assert 1 <= len(sent_slow) <= 3
+        assert not [j for j in jobs(producer, slow_ids) if j.state == "dead"]
+    finally:
+        worker.stop()
+        producer.close()
+
+
+def test_the_daily_recipient_budget_holds_jobs_back_without_spending_attempts(
+    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(mode="plain")
+    account = limits_env.account("budget", server, limits={"daily_recipients": 3})
+    producer = producer_for(limits_env)
+    worker = Worker(limits_env, tmp_path / "w.log").start()
+    try:
+        two = ["a@example.net", "b@example.net"]
+        first = producer.send_notification(account, two, "first", "x")
+        wait_for(lambda: (j := producer.job(first)) is not None and j.state == "sent", 20, "first", worker)
+        second = producer.send_notification(account, two, "second", "x")
+        wait_for(
+            lambda: (j := producer.job(second)) is not None and j.state == "retrying", 20, "second", worker
+        )
+        job = producer.job(second)
+        assert job is not None and job.attempts == 0
+        assert "daily recipient budget of 3" in (job.last_error or "")
+        third = producer.send_notification(account, ["c@example.net"], "third", "x")  # one still fits
+        wait_for(lambda: (j := producer.job(third)) is not None and j.state == "sent", 20, "third", worker)
+        assert [j.state for j in jobs(producer, [second])] == ["retrying"]
+        assert len(server.received) == 2
+    finally:
+        worker.stop()
+        producer.close()
+
+
+def test_connection_slots_of_a_crashed_worker_lapse_and_waiters_are_announced(limits_env: QueueEnv) -> None:
+    async def scenario() -> None:
+        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        try:
+            limiter = Limiter(client)
+            await limiter.acquire_slot("acct", 2, "a")
+            await limiter.acquire_slot("acct", 2, "b")
+            with pytest.raises(LimitWait):
+                await limiter.acquire_slot("acct", 2, "c", wait=0.2)
+            assert await limiter.renew_slots("acct", ["a"]) is True  # "c" said it waits
+            # "b"'s worker died: its lease is not renewed and runs out
+            await client.zadd("postroom:slots:acct", {"b": time.time() - 1})
+            await limiter.acquire_slot("acct", 2, "c", wait=0.2)
+            assert await limiter.slots_in_use("acct") == 2
+            await limiter.release_slot("acct", "a")
+            assert await limiter.slots_in_use("acct") == 1
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
