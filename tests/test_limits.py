@@ -144,14 +144,15 @@ def test_connection_slots_of_a_crashed_worker_lapse_and_waiters_are_announced(li
         client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
         try:
             limiter = Limiter(client)
-            await limiter.acquire_slot("acct", 2, "a")
-            await limiter.acquire_slot("acct", 2, "b")
+            await limiter.acquire_slot("acct", 2, "a", user="worker-1")
+            await limiter.acquire_slot("acct", 2, "b", user="worker-1")
             with pytest.raises(LimitWait):
-                await limiter.acquire_slot("acct", 2, "c", wait=0.2)
-            assert await limiter.renew_slots("acct", ["a"]) is True  # "c" said it waits
+                await limiter.acquire_slot("acct", 2, "c", wait=0.2, user="worker-2")
+            # two pools want the account's slots (an even share each), and one of them waits
+            assert await limiter.renew_slots("acct", ["a"], "worker-1") == (2, True)
             # "b"'s worker died: its lease is not renewed and runs out
             await client.zadd("postroom:slots:acct", {"b": time.time() - 1})
-            await limiter.acquire_slot("acct", 2, "c", wait=0.2)
+            await limiter.acquire_slot("acct", 2, "c", wait=0.2, user="worker-2")
             assert await limiter.slots_in_use("acct") == 2
             await limiter.release_slot("acct", "a")
             assert await limiter.slots_in_use("acct") == 1

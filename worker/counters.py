@@ -14,6 +14,7 @@ deployment. Keys (all under ``postroom:``)::
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from typing import Any, cast
 
 import redis
@@ -42,20 +43,65 @@ def record_into(
     now: float,
 ) -> None:
     """Queue one attempt's counters on ``pipe`` (the job record's own pipeline)."""
-    pipe.hincrby(PREFIX + "m:deliveries", f"{account}|{transport or 'none'}|{outcome}", 1)
-    pipe.hincrby(PREFIX + "m:attempts", account, 1)
-    if latency is not None and outcome == "sent":
-        key = f"{PREFIX}m:latency:{account}"
-        pipe.hincrby(key, _bucket(latency), 1)
-        pipe.hincrbyfloat(key, "sum", round(latency, 6))
-        pipe.hincrby(key, "count", 1)
-    names = ["dead", "failed"] if counter == "dead" else [counter] if counter else []
-    for step, span, ttl in (("m", 60, 7200), ("h", 3600, 26 * 3600)):
-        key = f"{PREFIX}w:{account}:{step}:{int(now // span)}"
-        for name in names:
-            pipe.hincrby(key, name, 1)
-        if names:
-            pipe.expire(key, ttl)
+    tally = Tally()
+    tally.add(account, transport=transport, outcome=outcome, counter=counter, latency=latency, now=now)
+    tally.write_into(pipe)
+
+
+class Tally:
+    """The counters of many outcomes, summed first and written as a few commands (a batch's
+    or a carried group's pipeline: a handful of commands instead of a dozen per message)."""
+
+    def __init__(self) -> None:
+        self.deliveries: Counter[str] = Counter()
+        self.attempts: Counter[str] = Counter()
+        self.latency: dict[str, Counter[str]] = defaultdict(Counter)
+        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.windows: dict[str, Counter[str]] = defaultdict(Counter)
+        self.window_ttl: dict[str, int] = {}
+        self.done_retrying: list[str] = []  # job ids to drop from the retrying index
+        self.signed_in: set[str] = set()  # accounts whose deliveries logged in
+
+    def add(
+        self,
+        account: str,
+        *,
+        transport: str | None,
+        outcome: str,
+        counter: str | None,
+        latency: float | None,
+        now: float,
+    ) -> None:
+        self.deliveries[f"{account}|{transport or 'none'}|{outcome}"] += 1
+        self.attempts[account] += 1
+        if latency is not None and outcome == "sent":
+            self.latency[account][_bucket(latency)] += 1
+            self.latency_sum[account] += latency
+        names = ["dead", "failed"] if counter == "dead" else [counter] if counter else []
+        for step, span, ttl in (("m", 60, 7200), ("h", 3600, 26 * 3600)):
+            key = f"{PREFIX}w:{account}:{step}:{int(now // span)}"
+            for name in names:
+                self.windows[key][name] += 1
+            if names:
+                self.window_ttl[key] = ttl
+
+    def write_into(self, pipe: Any, retrying_key: str | None = None) -> None:
+        for field, count in self.deliveries.items():
+            pipe.hincrby(PREFIX + "m:deliveries", field, count)
+        for account, count in self.attempts.items():
+            pipe.hincrby(PREFIX + "m:attempts", account, count)
+        for account, buckets in self.latency.items():
+            key = f"{PREFIX}m:latency:{account}"
+            for bucket, count in buckets.items():
+                pipe.hincrby(key, bucket, count)
+            pipe.hincrbyfloat(key, "sum", round(self.latency_sum[account], 6))
+            pipe.hincrby(key, "count", sum(buckets.values()))
+        for key, names in self.windows.items():
+            for name, count in names.items():
+                pipe.hincrby(key, name, count)
+            pipe.expire(key, self.window_ttl[key])
+        if retrying_key and self.done_retrying:
+            pipe.zrem(retrying_key, *self.done_retrying)
 
 
 def windows(

@@ -328,10 +328,12 @@ class JobStore:
         retry_in: float | None = None,
         counter: str | None = None,
         latency: float | None = None,
+        tally: counters.Tally | None = None,
     ) -> None:
         """Queue :meth:`finish`'s commands on ``pipe`` (batches finish many in one round trip).
 
-        ``latency``: seconds from enqueue to this outcome (the delivery-latency metric)."""
+        ``latency``: seconds from enqueue to this outcome (the delivery-latency metric);
+        ``tally``: sum the counters there instead (a batch writes them once)."""
         now = time.time()
         entry: dict[str, Any] = {
             "attempt": attempt,
@@ -370,11 +372,16 @@ class JobStore:
             pipe.hincrby(_key("stats", account), counter, 1)
         if state == "retrying":
             pipe.zadd(self.retrying_key, {job_id: now + (retry_in or 0.0)})
+        elif tally is not None:
+            tally.done_retrying.append(job_id)
         else:
             pipe.zrem(self.retrying_key, job_id)
-        counters.record_into(
-            pipe, account, transport=transport, outcome=state, counter=counter, latency=latency, now=now
-        )
+        if tally is not None:  # the caller writes the sums with tally.write_into(pipe)
+            tally.add(account, transport=transport, outcome=state, counter=counter, latency=latency, now=now)
+        else:
+            counters.record_into(
+                pipe, account, transport=transport, outcome=state, counter=counter, latency=latency, now=now
+            )
 
     def hold_into(self, pipe: Any, job_id: str, payload: Mapping[str, Any], reason: str) -> None:
         """The job waits for its paused account (worker/health.py keeps the held list).

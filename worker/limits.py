@@ -6,9 +6,10 @@ Three limits per account (presets supply them, records override):
   account's server at once, across all workers. Each connection holds a slot
   (a lease in a sorted set) from before it connects until after it closes; the
   pool renews the leases of its open connections every few seconds, so the
-  slots of a crashed worker lapse after :data:`SLOT_LEASE` seconds. A worker
-  refused a slot says so (``slots-wanted``), and the others close their idle
-  connections instead of keeping them for later.
+  slots of a crashed worker lapse after :data:`SLOT_LEASE` seconds. Pools that
+  use an account's slots share them evenly: each keeps at most
+  ``ceil(max_connections / pools)`` connections while others want theirs, and
+  closes the rest when they finish their message (no churn in steady state).
 - **rate** (e.g. ``30/minute``): GCRA, one send per ``period/count`` seconds. A
   send that must wait reserves its exact future time, so queued jobs of a
   throttled account are spread out instead of all coming back at once, and
@@ -26,6 +27,7 @@ Keys (all under ``postroom:``)::
 
     slots:<account>            zset: connection token -> lease expiry
     slots-wanted:<account>     set (5 s) when a worker waits for a connection slot
+    slot-users:<account>       zset: pools using the account's slots -> last seen (shares)
     rate:<account>             GCRA theoretical arrival time
     rate-slot:<message_id>     a reserved send time, used when the job comes back
     recipients:<account>       hash: minute -> recipients sent (rolling 24 h)
@@ -47,13 +49,17 @@ WANTED_CHECK = 0.5  # how often a pool with open connections asks whether others
 SLOT_POLL = 0.05  # first wait between two tries for a connection slot (doubles, up to 0.5 s)
 SLOT_WAIT = 20.0  # how long a send waits for a connection slot before it is re-scheduled
 WANTED_TTL = 5
+USER_TTL = 3.0  # a pool that has not asked for slots for this long no longer takes a share
 INLINE_WAIT = 0.5  # rate waits up to this are waited out on the loop (longer ones re-schedule)
 MAX_RESERVATION = 900.0  # never reserve a send time further ahead than this
 DAY_MINUTES = 1440
 
-# KEYS[1] slots zset, KEYS[2] wanted flag; ARGV: now, lease, cap, token
+# KEYS[1] slots zset, KEYS[2] wanted flag, KEYS[3] users zset; ARGV: now, lease, cap, token,
+# wanted TTL, this pool's name (it registers as a user of the account's slots)
 _ACQUIRE = """
 local now, lease, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZADD', KEYS[3], now, ARGV[6])
+redis.call('EXPIRE', KEYS[3], 60)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[4]) or redis.call('ZCARD', KEYS[1]) < cap then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
@@ -132,13 +138,22 @@ class Limiter:
     def new_token() -> str:
         return uuid.uuid4().hex
 
-    async def acquire_slot(self, account: str, cap: int, token: str, *, wait: float | None = None) -> None:
-        """Wait for one of ``cap`` connection slots; LimitWait when none frees up in time."""
+    async def acquire_slot(
+        self, account: str, cap: int, token: str, *, wait: float | None = None, user: str = ""
+    ) -> None:
+        """Wait for one of ``cap`` connection slots; LimitWait when none frees up in time.
+
+        ``user`` names the pool asking: pools that asked recently share the slots evenly."""
         deadline = time.monotonic() + (self.slot_wait if wait is None else wait)
         pause = SLOT_POLL
-        keys = [f"{PREFIX}slots:{account}", f"{PREFIX}slots-wanted:{account}"]
+        keys = [
+            f"{PREFIX}slots:{account}",
+            f"{PREFIX}slots-wanted:{account}",
+            f"{PREFIX}slot-users:{account}",
+        ]
         while True:
-            granted = await self._acquire(keys=keys, args=[time.time(), SLOT_LEASE, cap, token, WANTED_TTL])
+            args = [time.time(), SLOT_LEASE, cap, token, WANTED_TTL, user or token]
+            granted = await self._acquire(keys=keys, args=args)
             if int(granted):
                 return
             if time.monotonic() + pause > deadline:
@@ -150,19 +165,35 @@ class Limiter:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
-    async def renew_slots(self, account: str, tokens: list[str]) -> bool:
-        """Extend these connections' leases; True when another worker waits for a slot."""
-        key = f"{PREFIX}slots:{account}"
+    async def try_slot(self, account: str, cap: int, token: str, *, user: str = "") -> bool:
+        """One of ``cap`` connection slots now, or False (and the others are told someone waits)."""
+        keys = [
+            f"{PREFIX}slots:{account}",
+            f"{PREFIX}slots-wanted:{account}",
+            f"{PREFIX}slot-users:{account}",
+        ]
+        args = [time.time(), SLOT_LEASE, cap, token, WANTED_TTL, user or token]
+        return bool(int(await self._acquire(keys=keys, args=args)))
+
+    async def renew_slots(self, account: str, tokens: list[str], user: str = "") -> tuple[int, bool]:
+        """Extend these connections' leases (and ``user``'s claim to a share); returns how many
+        pools use the account's slots now and whether one waits for a slot."""
+        now = time.time()
+        users = f"{PREFIX}slot-users:{account}"
         async with self.redis.pipeline(transaction=False) as pipe:
             if tokens:
-                pipe.zadd(key, dict.fromkeys(tokens, time.time() + SLOT_LEASE), xx=True)
+                pipe.zadd(f"{PREFIX}slots:{account}", dict.fromkeys(tokens, now + SLOT_LEASE), xx=True)
+            if user:
+                pipe.zadd(users, {user: now})
+            pipe.zremrangebyscore(users, "-inf", now - USER_TTL)
+            pipe.zcard(users)
             pipe.exists(f"{PREFIX}slots-wanted:{account}")
             results = await pipe.execute()
-        return bool(results[-1])
+        return max(1, int(results[-2])), bool(results[-1])
 
-    async def wanted(self, account: str) -> bool:
-        """Whether another worker waits for one of the account's connection slots."""
-        return bool(await self.redis.exists(f"{PREFIX}slots-wanted:{account}"))
+    async def sharing(self, account: str, user: str) -> tuple[int, bool]:
+        """How many pools use the account's slots, and whether one waits (no lease renewed)."""
+        return await self.renew_slots(account, [], user)
 
     async def release_slot(self, account: str, token: str) -> None:
         await self.redis.zrem(f"{PREFIX}slots:{account}", token)

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from worker import autoreply
 from worker.app import app, settings
 from worker.connectivity import check_connectivity
+from worker.counters import Tally
 from worker.delivery import LOG_FORMAT, Delivery, Outcome, log_attempt
 from worker.drain import Carried, QueueDrain
 from worker.errors import ConfigurationError
@@ -109,8 +110,10 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
             outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
 
     age = time.time() - enqueued_at  # to the outcome: the delivery-latency metric
+    tally = Tally()
     with store.redis.pipeline(transaction=False) as pipe:
-        step = _conclude(store, pipe, job_id, payload, attempt_no, age, outcome)
+        step = _conclude(store, pipe, job_id, payload, attempt_no, age, outcome, tally)
+        _write_tally(pipe, store, tally)
         pipe.execute()
     _count_auth_failures([(payload.account, outcome)])
     return step
@@ -180,6 +183,7 @@ def _conclude(
     attempt_no: int,
     age: float,
     outcome: Outcome,
+    tally: Tally,
 ) -> Step:
     """Decide retry or not (by error class and settings) and queue the record on ``pipe``."""
     account = payload.account
@@ -205,10 +209,17 @@ def _conclude(
         retry_in=retry_in,
         counter=counter,
         latency=age,
+        tally=tally,
     )
     if outcome.state == "sent":
-        account_health().auth_succeeded_into(pipe, account)
+        tally.signed_in.add(account)
     return Step(state, outcome.reason, retry_in)
+
+
+def _write_tally(pipe: Any, store: JobStore, tally: Tally) -> None:
+    tally.write_into(pipe, store.retrying_key)
+    for account in tally.signed_in:
+        account_health().auth_succeeded_into(pipe, account)
 
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
@@ -423,9 +434,11 @@ def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
         log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
         finals.append((i, payload, attempt_no, outcome, age + seconds))
 
+    tally = Tally()
     with store.redis.pipeline(transaction=False) as pipe:
         for i, payload, attempt_no, outcome, age in finals:
-            steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome)
+            steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome, tally)
+        _write_tally(pipe, store, tally)
         pipe.execute()
     _count_auth_failures([(payload.account, outcome) for _, payload, _, outcome, _ in finals])
     return [steps[i] for i in range(len(messages))]

@@ -20,6 +20,7 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
 import time
@@ -55,7 +56,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
-from worker.limits import SLOT_RENEW, WANTED_CHECK, Limiter
+from worker.limits import SLOT_POLL, SLOT_RENEW, USER_TTL, WANTED_CHECK, Limiter
 from worker.oauth import TokenSource
 from worker.tls import client_context, describe_handshake_error, version_at_least
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
@@ -70,6 +71,7 @@ _ehlo_name_cache: str | None = None
 
 
 CHECK_SLOT_WAIT = 2.0  # a health check waits this long for a connection slot, else reports busy
+_NO_SLOT = object()  # "no account slot free right now"
 
 
 def default_ehlo_name() -> str:
@@ -504,7 +506,7 @@ class SmtpTransport:
         token_provider: TokenProvider | None = None,
         token_source: TokenSource | None = None,
         max_connections: int | None = None,
-        max_messages_per_connection: int = 100,
+        max_messages_per_connection: int = 1000,
         max_connection_age: float = 300.0,
         idle_check_after: float = 10.0,
         idle_timeout: float = 60.0,
@@ -515,13 +517,15 @@ class SmtpTransport:
         self.limiter = limiter  # the account's connection cap across every worker (None: this pool only)
         self._live: dict[int, SmtpConnection] = {}  # every open connection, idle or busy
         self._heartbeat: asyncio.Task[None] | None = None
-        self._wanted = False  # another worker waits for one of the account's slots (as last seen)
+        self._user = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"  # this pool, for the shares
         self.account = account
         self.endpoint = account.smtp
         self._cadata = cadata
         self._token_provider = token_provider
         self._token_source = token_source
         self.max_connections = max_connections or account.limits.max_connections
+        self._share = self.max_connections  # connections this pool may keep (less while shared)
+        self._last_demand = 0.0  # when a send last asked this pool for a connection
         self.max_messages_per_connection = max_messages_per_connection
         self.max_connection_age = max_connection_age
         self.idle_check_after = idle_check_after
@@ -549,13 +553,33 @@ class SmtpTransport:
             self._cond = asyncio.Condition()
         return self._cond
 
-    async def _open(self, *, slot_wait: float | None = None) -> SmtpConnection:
-        """A new connection, holding one of the account's connection slots when limited."""
-        token = None
-        if self.limiter is not None:
+    async def _try_slot(self, deadline: float) -> object:
+        """One of the account's connection slots: its token, None when unlimited, or _NO_SLOT
+        (LimitWait once ``deadline`` passed: the send is re-scheduled, no attempt spent)."""
+        if self.limiter is None:
+            return None
+        token = self.limiter.new_token()
+        if await self.limiter.try_slot(self.account.name, self.max_connections, token, user=self._user):
+            return token
+        if time.monotonic() > deadline:
+            raise LimitWait(
+                f"all {self.max_connections} connection slots of the account are in use by other workers",
+                account=self.account.name,
+                transport="smtp",
+                retry_after=1.0,
+            )
+        return _NO_SLOT
+
+    async def _open(self, *, slot: object = None, slot_wait: float | None = None) -> SmtpConnection:
+        """A new connection, holding one of the account's connection slots when limited
+        (``slot``: one the caller already holds)."""
+        token = slot if isinstance(slot, str) else None
+        if self.limiter is not None and token is None:
             token = self.limiter.new_token()
             wait = {} if slot_wait is None else {"wait": slot_wait}
-            await self.limiter.acquire_slot(self.account.name, self.max_connections, token, **wait)
+            await self.limiter.acquire_slot(
+                self.account.name, self.max_connections, token, user=self._user, **wait
+            )
         try:
             conn = await SmtpConnection.open(
                 self.account.name, self.endpoint, cadata=self._cadata, token_provider=self._token_provider
@@ -587,8 +611,9 @@ class SmtpTransport:
                 await asyncio.shield(self._release_slot(token))
 
     async def _renew(self) -> None:
-        """Keep the leases of this pool's connections alive, and hand connections over to other
-        workers waiting for the account's slots (idle ones closed now, busy ones after their send)."""
+        """Keep the leases of this pool's connections alive, and keep to this pool's share of
+        the account's slots while other pools use them too (idle extra connections close now,
+        busy ones when their message is done)."""
         assert self.limiter is not None
         renewed = time.monotonic()
         while self._live and not self._closed:
@@ -596,17 +621,27 @@ class SmtpTransport:
             try:
                 if time.monotonic() - renewed >= SLOT_RENEW:
                     tokens = [c.slot for c in self._live.values() if c.slot is not None]
-                    self._wanted = await self.limiter.renew_slots(self.account.name, tokens)
+                    active = time.monotonic() - self._last_demand < USER_TTL
+                    user = self._user if active else ""
+                    pools, wanted = await self.limiter.renew_slots(self.account.name, tokens, user)
                     renewed = time.monotonic()
                 else:
-                    self._wanted = await self.limiter.wanted(self.account.name)
+                    active = time.monotonic() - self._last_demand < USER_TTL
+                    pools, wanted = await self.limiter.sharing(
+                        self.account.name, self._user if active else ""
+                    )
             except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
                 log.warning("account %s: could not renew connection slots", self.account.name)
                 continue
-            if self._wanted and self._idle:
+            if time.monotonic() - self._last_demand < USER_TTL:  # sending: an even share
+                self._share = -(-self.max_connections // pools)
+            else:  # nothing to send lately: keep the connections only while nobody waits
+                self._share = 0 if wanted else self.max_connections
+            extra = len(self._live) - self._share
+            if extra > 0 and self._idle:
                 cond = self._condition()
                 async with cond:
-                    idle, self._idle = self._idle, []
+                    idle, self._idle = self._idle[:extra], self._idle[extra:]
                 try:
                     for conn in idle:
                         await self._close(conn)
@@ -625,9 +660,13 @@ class SmtpTransport:
 
     async def _acquire(self, *, fresh: bool = False) -> SmtpConnection:
         """A connection for one transaction; ``fresh`` skips idle ones (used for the retry)."""
+        self._last_demand = time.monotonic()
         if self._closed:
             raise ConnectionFailed("transport is closed", account=self.account.name, transport="smtp")
         cond = self._condition()
+        deadline = time.monotonic() + (self.limiter.slot_wait if self.limiter is not None else 0.0)
+        slot_pause = SLOT_POLL
+        token: object = None
         while True:
             to_close: list[SmtpConnection] = []
             reuse: SmtpConnection | None = None
@@ -644,9 +683,17 @@ class SmtpTransport:
                                 reuse = conn
                         if reuse is not None:
                             break
-                    if self._count < self.max_connections:
-                        self._count += 1  # reserve a slot for a new connection
-                        break
+                    if self._count < min(self.max_connections, self._share):
+                        # room here; with a limiter, also one of the account's slots (asked without
+                        # waiting: a connection of this pool may come free first, see below)
+                        token = await self._try_slot(deadline)
+                        if token is not _NO_SLOT:
+                            self._count += 1  # reserve a place for the new connection
+                            break
+                        with contextlib.suppress(TimeoutError):  # woken by a released connection,
+                            await asyncio.wait_for(cond.wait(), slot_pause)  # or ask again
+                        slot_pause = min(slot_pause * 2, 0.1)
+                        continue
                     if fresh and self._idle:
                         to_close.append(self._idle.pop(0))  # make room: close the oldest idle
                         self._count -= 1
@@ -656,7 +703,7 @@ class SmtpTransport:
                 await self._close(conn)
             if reuse is None:
                 try:
-                    return await self._open()
+                    return await self._open(slot=token)
                 except BaseException:
                     await asyncio.shield(self._forget())
                     raise
@@ -687,8 +734,8 @@ class SmtpTransport:
             cond.notify()
 
     async def _release(self, conn: SmtpConnection) -> None:
-        handover = self._wanted and len(self._live) > 1  # another worker waits for a slot: share
-        if self._closed or handover or self._expired(conn, time.monotonic()):
+        over_share = len(self._live) > self._share  # other pools wait for the account's slots
+        if self._closed or over_share or self._expired(conn, time.monotonic()):
             await self._close(conn)
             await self._forget()
             return
