@@ -19,6 +19,7 @@ import email.policy
 import json
 import ssl
 import threading
+import time
 import warnings
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,6 +72,7 @@ class Received:
     auth_user: str | None
     auth_mechanism: str | None
     ehlo_name: str | None
+    at: float = field(default_factory=time.time)  # when the server accepted it
     message: EmailMessage = field(init=False)
 
     def __post_init__(self) -> None:
