@@ -2,7 +2,8 @@
 
 Keys (all under ``postroom:``)::
 
-    job:<id>                 hash: state, attempts, account, message_id, recipients, last_error, …
+    job:<id>                 hash: state, attempts, account, message_id, recipients, last_error,
+                             cut_short (runs redelivered because the one before died), …
     history:<id>             list: one JSON entry per attempt (newest last, capped)
     delivered:<message_id>   hash: recipient -> JSON result, written right after the server's 250
     claim:<message_id>       the attempt currently talking to a server (expires on its own)
@@ -301,6 +302,15 @@ class JobStore:
         """Seconds until the current claim on ``message_id`` expires (0 when there is none)."""
         ttl = int(self.redis.pttl(_key("claim", message_id)))
         return max(ttl, 0) / 1000.0
+
+    def count_cut_short(self, job_id: str) -> int:
+        """One more run of ``job_id`` begins after an earlier one never finished; returns how many."""
+        key = _key("job", job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, "cut_short", 1)
+            pipe.expire(key, self.job_ttl)
+            runs, _ = pipe.execute()
+        return int(runs)
 
     def uncount_attempt(self, job_id: str) -> None:
         """Take back an attempt that never reached a server (see Outcome.counts)."""
