@@ -280,7 +280,7 @@ def test_redis_killed_and_restarted_from_its_aof_loses_nothing(
     counts = by_message_id(server)
     assert len(counts) == total, "a message was lost"
     twice = {m for m, n in counts.items() if n > 1}
-    first = {}
+    first: dict[str, float] = {}
     for r in sorted(server.received, key=lambda r: r.at):
         first.setdefault(str(r.message["Message-ID"]), r.at)
     assert all(down_at <= first[m] <= up_at + 1.0 for m in twice), "a duplicate outside the window"
