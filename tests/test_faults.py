@@ -21,7 +21,7 @@ import pytest
 from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.redisproc import RedisProcess
 from support.smtpd import SmtpServer
-from worker.client import Producer
+from worker.client import EnqueueError, Producer
 from worker.jobs import Job
 from worker.records import Records
 
@@ -284,3 +284,42 @@ def test_redis_killed_and_restarted_from_its_aof_loses_nothing(
     for r in sorted(server.received, key=lambda r: r.at):
         first.setdefault(str(r.message["Message-ID"]), r.at)
     assert all(down_at <= first[m] <= up_at + 1.0 for m in twice), "a duplicate outside the window"
+
+
+# ---- (d) the broker down while producing ---------------------------------------------------------
+
+
+def test_broker_down_while_producing_raises_within_bounds_and_a_retry_sends_once(
+    own_redis: RedisProcess, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+) -> None:
+    # Redis is down: Producer.send_notification raises EnqueueError (after PUBLISH_RETRY_POLICY's
+    # short retries at most), leaves no job record or idempotency claim behind, and the same call
+    # made again once Redis is back enqueues the job, which is delivered once.
+    server = smtp_server(mode="plain")
+    env = env_on(own_redis, tmp_path / "env")
+    account = env.account("outage", server)
+    producer = producer_for(env)
+    worker = Worker(env, tmp_path / "worker.log", concurrency=2)
+    try:
+        before = producer.send_notification(account, ["a@example.net"], "before", "x", idempotency_key="k0")
+        own_redis.kill()
+        started = time.monotonic()
+        with pytest.raises(EnqueueError, match="could not enqueue"):
+            producer.send_notification(account, ["b@example.net"], "during", "x", idempotency_key="k1")
+        took = time.monotonic() - started
+        own_redis.start()
+        assert env.redis.keys("postroom:idem:*") == ["postroom:idem:outage:k0"]
+        after = producer.send_notification(account, ["b@example.net"], "during", "x", idempotency_key="k1")
+        again = producer.send_notification(account, ["b@example.net"], "during", "x", idempotency_key="k1")
+        worker.start()
+        wait_for(lambda: all_final(producer, [before, after]), 30, "both jobs to end", worker)
+        jobs = jobs_of(producer, [before, after])
+    finally:
+        worker.stop()
+        producer.close()
+        env.redis.close()
+    assert took < 10, f"the producer waited {took:.1f}s"
+    assert again == after
+    assert all(job is not None and job.state == "sent" for job in jobs.values())
+    counts = by_message_id(server)
+    assert sorted(counts.values()) == [1, 1]
