@@ -54,7 +54,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -65,6 +65,7 @@ ACCOUNT = "chaos"
 MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
 KILL_WINDOW = 1.0  # a message accepted this long before a worker kill may lack its sent mark
 REDIS_WINDOW = 1.0  # ... or accepted while Redis was down, or this long around it
+STALLED = 45.0  # seconds without a delivery while nothing is pending: the rest will not come
 REPLY_LOST = "the server may have accepted the message"  # worker/transports/smtp.py's words
 
 
@@ -126,7 +127,7 @@ class Sink:
     async def _abort_all(self) -> int:
         dropped = 0
         for protocol in list(self.open):
-            if protocol.transport is not None:
+            if isinstance(protocol.transport, asyncio.Transport):
                 protocol.transport.abort()  # a reset: whatever was on its way is gone
                 dropped += 1
         return dropped
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.timeout
         store = redis.Redis(LOOPBACK, redis_server.port, decode_responses=True, socket_timeout=10)
         finished = False
-        shown = time.monotonic()
+        shown = progressed = time.monotonic()
+        last_delivered = 0
         while time.monotonic() < deadline:
             delivered = len({mid for _, mid in sink.accepted})
             if args.progress and time.monotonic() - shown >= 5:
@@ -400,12 +402,18 @@ def main(argv: list[str] | None = None) -> int:
             for w in workers:  # the supervisor: a dead worker is started again
                 if w.process is not None and w.process.poll() is not None:
                     w.start()
+            if delivered != last_delivered:
+                last_delivered, progressed = delivered, time.monotonic()
             if not producing.is_alive() and len(job_ids) == args.n and not plan:
                 try:
                     finished = all_ended(store, list(job_ids.values()))
+                    idle = finished or nothing_pending(store)
                 except redis.RedisError:
-                    finished = False
+                    finished = idle = False
                 if finished:
+                    break
+                if idle and time.monotonic() - progressed > STALLED:
+                    print("stalled: jobs not ended, and nothing queued, unacked or retrying", file=sys.stderr)
                     break
             time.sleep(0.2)
         wall = time.monotonic() - started
@@ -469,6 +477,14 @@ def message_id_of(run_tag: str, i: int) -> str:
     return f"<chaos-{run_tag}-{i}@example.com>"
 
 
+def nothing_pending(store: redis.Redis) -> bool:
+    """No message left anywhere a worker could still get it from (the queue and its priority
+    sub-queues, kombu's unacknowledged set, jobs waiting for a retry)."""
+    queues = ["postroom", *(f"postroom\x06\x16{priority}" for priority in (3, 6, 9))]
+    queued = sum(int(store.llen(queue)) for queue in queues)
+    return queued == 0 and int(store.hlen("unacked")) == 0 and int(store.zcard("postroom:retrying")) == 0
+
+
 def all_ended(store: redis.Redis, job_ids: list[str]) -> bool:
     with store.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
@@ -500,12 +516,12 @@ def tally(
         for i, job_id in job_ids.items()
         if message_id_of(run_tag, i) not in first and job_id not in dead_ids
     ]
-    duplicates = []
+    duplicates: list[dict[str, Any]] = []
     job_of = {message_id_of(run_tag, i): job_id for i, job_id in job_ids.items()}
     for mid, n in times.items():
         if n > 1:
             job_id = job_of.get(mid, "")
-            record = store.hgetall(f"postroom:job:{job_id}")
+            record = cast(dict[str, Any], store.hgetall(f"postroom:job:{job_id}"))
             history = [json.loads(e) for e in store.lrange(f"postroom:history:{job_id}", 0, -1)]
             why = events.window(first[mid], record, history)
             duplicates.append({"message_id": mid, "times": n, "accepted_at": first[mid], "window": why})
