@@ -19,8 +19,12 @@ transport registers a message it hands to a worker. So:
 Only plain, due jobs are taken: the script stops at the first message that is
 not a protocol-2 JSON ``postroom.send`` message without ETA or expiry (retries
 scheduled with a countdown, priorities other than the queue's, anything else),
-and leaves that one to Celery. Jobs taken this way send no Celery task events
-of their own (the carrying task does); Postroom's job records cover each one.
+and leaves that one to Celery. A message kombu gave back after its run died
+(flagged ``redelivered``) is left to Celery too: it runs alone, counted, so a
+payload that kills its worker cannot take a group of innocent jobs down with
+it again and again (worker/tasks.py dead-letters it after bounded runs). Jobs
+taken this way send no Celery task events of their own (the carrying task
+does); Postroom's job records cover each one.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ for qi = 3, #KEYS do
     local h, p = msg['headers'], msg['properties']
     if type(h) ~= 'table' or type(p) ~= 'table' then return out end
     if h['task'] ~= ARGV[3] or type(h['id']) ~= 'string' then return out end
+    if h['redelivered'] == true then return out end
     if h['eta'] ~= nil and h['eta'] ~= cjson.null then return out end
     if h['expires'] ~= nil and h['expires'] ~= cjson.null then return out end
     if msg['content-type'] ~= 'application/json' or p['body_encoding'] ~= 'base64' then return out end

@@ -2,7 +2,8 @@
 
 Keys (all under ``postroom:``)::
 
-    job:<id>                 hash: state, attempts, account, message_id, recipients, last_error, …
+    job:<id>                 hash: state, attempts, account, message_id, recipients, last_error,
+                             cut_short (runs redelivered because the one before died), …
     history:<id>             list: one JSON entry per attempt (newest last, capped)
     delivered:<message_id>   hash: recipient -> JSON result, written right after the server's 250
     claim:<message_id>       the attempt currently talking to a server (expires on its own)
@@ -34,6 +35,11 @@ from worker.errors import RecipientStatus
 
 PREFIX = "postroom:"
 PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+# The sent mark is the one write that must not be given up on: written after the server's 250,
+# it is all that stops a later attempt from sending the message again. A Redis that is restarting
+# (seconds, with AOF) is waited out this long before the mark is abandoned.
+MARK_PATIENCE = 20.0
+_REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partial", "held")
 _HISTORY_LIMIT = 50
 
@@ -292,7 +298,17 @@ class JobStore:
                     pipe.expire(key, self.job_ttl)
                 pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), token)
 
-        self._scripted(commands)
+        deadline = time.monotonic() + MARK_PATIENCE
+        pause = 0.1
+        while True:  # every command is idempotent: a pipeline cut short may run again
+            try:
+                self._scripted(commands)
+                return
+            except _REDIS_UNAVAILABLE:
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
@@ -301,6 +317,15 @@ class JobStore:
         """Seconds until the current claim on ``message_id`` expires (0 when there is none)."""
         ttl = int(self.redis.pttl(_key("claim", message_id)))
         return max(ttl, 0) / 1000.0
+
+    def count_cut_short(self, job_id: str) -> int:
+        """One more run of ``job_id`` begins after an earlier one never finished; returns how many."""
+        key = _key("job", job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, "cut_short", 1)
+            pipe.expire(key, self.job_ttl)
+            runs, _ = pipe.execute()
+        return int(runs)
 
     def uncount_attempt(self, job_id: str) -> None:
         """Take back an attempt that never reached a server (see Outcome.counts)."""
@@ -511,30 +536,48 @@ class AsyncMarks:
 
     async def _flush(self) -> None:
         batch, self._queued = self._queued, []
-        try:
-            for attempt in (1, 2):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for message_id, accepted, release, _ in batch:
-                        key = _key("delivered", message_id)
-                        if accepted:
-                            pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
-                            pipe.expire(key, self.job_ttl)
-                        pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), release)
-                    try:
-                        await pipe.execute()
-                        break
-                    except redis.exceptions.NoScriptError:
-                        if attempt == 2:
-                            raise
-                await self.redis.script_load(_RELEASE)
-        except Exception as exc:
-            for *_, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
+        deadline = time.monotonic() + MARK_PATIENCE
+        pause = 0.1
+        while True:  # a Redis restarting is waited out (see MARK_PATIENCE); the writes are idempotent
+            try:
+                await self._write(batch)
+            except _REDIS_UNAVAILABLE as exc:
+                if time.monotonic() + pause <= deadline:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                error: Exception | None = exc
+            except Exception as exc:
+                error = exc
+            else:
+                error = None
+            break
         for *_, done in batch:
-            if not done.done():
+            if done.done():
+                continue
+            if error is None:
                 done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    async def _write(
+        self, batch: list[tuple[str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]]
+    ) -> None:
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message_id, accepted, release, _ in batch:
+                    key = _key("delivered", message_id)
+                    if accepted:
+                        pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
+                        pipe.expire(key, self.job_ttl)
+                    pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), release)
+                try:
+                    await pipe.execute()
+                    break
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+            await self.redis.script_load(_RELEASE)
 
     async def aclose(self) -> None:
         await self.redis.aclose()

@@ -230,12 +230,13 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     the queue (:mod:`worker.drain`) and delivers them side by side.
     """
     job_id = str(self.request.id)
-    carried = _take_more(job_id)
+    redelivered = _redelivered(self)
+    carried = [] if redelivered else _take_more(job_id)  # a job whose last run died runs alone
     if carried:
         step = _carry(job_id, kwargs, carried)
     else:
         with _store_trouble_requeues(job_id):
-            step = attempt(job_id, kwargs)
+            step = (redelivered and _cut_short_too_often(job_id, kwargs)) or attempt(job_id, kwargs)
     if step.retry_in is not None:
         try:
             raise self.retry(countdown=step.retry_in, kwargs=kwargs)
@@ -257,8 +258,41 @@ def send_batch(
     """
     if job_ids is None or len(job_ids) != len(messages):
         job_ids = [f"{self.request.id}-{i}" for i in range(len(messages))]
+    if _redelivered(self) and len(messages) > 1:
+        # its last run died: every message goes on as a job of its own (those that ended are
+        # skipped), so one that kills its worker is counted and dead-lettered alone
+        try:
+            for job_id, kwargs in zip(job_ids, messages, strict=True):
+                app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+        except Exception as exc:
+            raise Reject(f"batch could not be split: {exc}", requeue=True) from exc
+        return {"split": len(messages)}
     with _store_trouble_requeues(f"batch {self.request.id}"):
         return _send_batch(messages, job_ids)
+
+
+def _redelivered(task: Task[Any, Any]) -> bool:
+    """kombu flags a message it gives back unacknowledged: the run it was handed to never
+    finished (its worker died, or the task handed it back)."""
+    return bool((task.request.delivery_info or {}).get("redelivered"))
+
+
+def _cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
+    """Count a run of a redelivered job before any of its own code runs (a payload may kill its
+    worker before an attempt is counted, e.g. while it is validated); once more than
+    ``max_attempts`` runs were cut short, the job is dead-lettered instead of run again."""
+    store = job_store()
+    runs = store.count_cut_short(job_id)
+    if runs <= settings.retry.max_attempts:
+        return None
+    reason = f"{runs} runs cut short: the worker died or handed it back every time (a poison message?)"
+    account = str(kwargs.get("account", "?"))
+    begun = store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
+    if begun is None:
+        return Step("skipped", "job already finished")
+    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
+    log.error("job %s: dead-lettered after %d runs cut short (a poison message?)", job_id, runs)
+    return Step("dead", reason)
 
 
 @contextlib.contextmanager

@@ -143,10 +143,20 @@ class QueueEnv:
 class Worker:
     """``celery -A worker.app worker`` as a process group we can stop or SIGKILL."""
 
-    def __init__(self, env: QueueEnv, log: Path, *, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        env: QueueEnv,
+        log: Path,
+        *,
+        concurrency: int = 2,
+        extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.env = env
         self.log_path = log
         self.concurrency = concurrency
+        self.extra_args = extra_args
+        self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Worker:
@@ -154,22 +164,26 @@ class Worker:
             sys.executable, "-m", "celery", "-A", "worker.app", "worker",
             "-Q", "postroom", "-c", str(self.concurrency), "-l", "INFO",
             "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
-            "--without-gossip", "--without-mingle",
+            "--without-gossip", "--without-mingle", *self.extra_args,
         ]  # fmt: skip
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 args,
-                env={**os.environ, **self.env.env},
+                env={**os.environ, **self.env.env, **self.extra_env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        wait_for(lambda: b" ready." in self.log_path.read_bytes(), timeout, "worker to start", self)
+        wait_for(lambda: b" ready." in self.log_path.read_bytes()[start:], timeout, "worker to start", self)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def kill(self) -> None:
         """SIGKILL the whole worker, main process and pool children, at once."""

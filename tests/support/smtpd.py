@@ -3,10 +3,11 @@
 One :class:`SmtpServer` speaks plain SMTP, STARTTLS or SMTPS with the test
 PKI, may require AUTH (PLAIN/LOGIN, advertised in a chosen order), and can be
 told to misbehave the ways real servers do: answer a rule's code at MAIL, RCPT
-or DATA, greet with 421, hang up after N messages, stall once at MAIL, not advertise STARTTLS, or
-speak only old TLS. It records what a test wants to assert: every command
-verb, every connection, every AUTH attempt and every accepted message with the
-TLS version and login it arrived under.
+or DATA, greet with 421, hang up after N messages, stall once (or every time)
+at MAIL, not advertise STARTTLS, or speak only old TLS. It records what a test
+wants to assert: every command verb, every connection, every AUTH attempt and
+every accepted message with the TLS version and login it arrived under (and
+when).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Received:
     auth_user: str | None
     auth_mechanism: str | None
     ehlo_name: str | None
+    at: float = field(default_factory=time.time)  # when the server accepted it
     message: EmailMessage = field(init=False)
     at: float = field(init=False, default_factory=time.time)  # when the server accepted it
 
@@ -129,7 +131,9 @@ class _Handler:
             self.server.stall_mail_after is not None
             and self.server.mail_commands > self.server.stall_mail_after
         ):
-            self.server.stall_mail_after = None
+            if not self.server.stall_all:
+                self.server.stall_mail_after = None
+            self.server.stalls += 1
             self.server.stalled.set()
             await asyncio.sleep(self.server.stall_seconds)  # a client that dies meanwhile cancels this
         rule = self.server.rule("MAIL", address)
@@ -287,6 +291,7 @@ class SmtpServer:
         dsn: bool = False,
         stall_mail_after: int | None = None,
         stall_seconds: float = 5.0,
+        stall_all: bool = False,
         username: str = USERNAME,
         password: str = PASSWORD,
         oauth_tokens: Callable[[], set[str]] | None = None,
@@ -301,6 +306,8 @@ class SmtpServer:
         self.dsn = dsn
         self.stall_mail_after = stall_mail_after  # the next MAIL after this many stalls once
         self.stall_seconds = stall_seconds
+        self.stall_all = stall_all  # every MAIL after stall_mail_after stalls (until it is set to None)
+        self.stalls = 0
         self.stalled = threading.Event()
         self.mail_commands = 0
         self.username = username
