@@ -75,7 +75,6 @@ class Received:
     ehlo_name: str | None
     at: float = field(default_factory=time.time)  # when the server accepted it
     message: EmailMessage = field(init=False)
-    at: float = field(init=False, default_factory=time.time)  # when the server accepted it
 
     def __post_init__(self) -> None:
         self.message = email.message_from_bytes(self.data, policy=email.policy.default)
