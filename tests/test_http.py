@@ -5,6 +5,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +27,7 @@ from worker import http as http_api
 from worker.client import Producer
 
 ServerFactory = Callable[..., SmtpServer]
+POSTROOM = str(Path(sys.executable).with_name("postroom"))
 
 
 def unique(prefix: str) -> str:
@@ -283,3 +288,42 @@ def test_checked_in_openapi_document_is_the_served_one(api: tuple[str, Producer]
     assert {"/v1/messages", "/v1/batches", "/v1/jobs/{job_id}", "/v1/accounts", "/healthz", "/readyz"} <= set(
         served["paths"]
     )
+
+
+def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: Path) -> None:
+    """The commands an operator types: a key made by ``postroom api-keys new`` works on ``postroom http``."""
+    env = {**os.environ, **queue_env.env}
+    name = unique("cli")
+    made = subprocess.run(
+        [POSTROOM, "api-keys", "new", name, "--account", "*", "--rate", "10/second"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    record = (queue_env.config / "api-keys" / f"{name}.yaml").read_text()
+    assert token.startswith(f"{name}.") and token not in record and "sha256:" in record
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "http.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [POSTROOM, "http", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 20, "postroom http to answer")
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 200
+        assert httpx.get(f"{base}/v1/accounts", headers=auth(token + "x")).status_code == 401
+    finally:
+        process.terminate()
+        process.wait(20)
+    assert token not in log.read_text() and token.rpartition(".")[2] not in log.read_text()
