@@ -327,3 +327,47 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
         process.terminate()
         process.wait(20)
     assert token not in log.read_text() and token.rpartition(".")[2] not in log.read_text()
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzing_from_the_openapi_document_finds_no_5xx(
+    queue_env: QueueEnv, api: tuple[str, Producer], mode: str
+) -> None:
+    """schemathesis generates requests from worker/openapi.json (valid ones, then invalid ones)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.core.result import Ok
+
+    base, _ = api
+    token = write_key(queue_env, unique("fuzz"), ["*"], rate="100000/hour")
+    schema = schemathesis.openapi.from_path(str(http_api.OPENAPI_PATH))
+    generation = schemathesis.GenerationMode(mode)
+    strategies = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result  # the document itself is sound
+        operation = result.ok()
+        try:
+            strategies.append(operation.as_strategy(generation))
+        except Exception:  # an operation without anything to make invalid (GET /healthz)
+            assert mode == "negative"
+    failures: list[str] = []
+    seen: set[int] = set()
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=True,
+    )
+    @given(st.one_of(strategies), st.booleans())
+    def check(case: Any, with_key: bool) -> None:
+        response = case.call(base_url=base, headers=auth(token) if with_key else {})
+        seen.add(response.status_code)
+        if response.status_code >= 500:
+            failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text}")
+
+    check()
+    assert not failures, "\n".join(failures[:5])
+    assert {200, 401, 404, 422} <= seen, seen  # it got past the key and into validation
