@@ -216,6 +216,17 @@ def test_another_keys_job_is_404(
     direct = producer.enqueue(message(account))
     assert httpx.get(f"{base}/v1/jobs/{direct}", headers=auth(first)).status_code == 404
     assert httpx.get(f"{base}/v1/jobs/{uuid.uuid4()}", headers=auth(first)).status_code == 404
+    # an idempotency key reused by the same key gives its job back; by another key, a 409
+    once = message(account, idempotency_key=unique("idem-"))
+    owner_id = httpx.post(f"{base}/v1/messages", headers=auth(first), json=once).json()["job_id"]
+    again = httpx.post(f"{base}/v1/messages", headers=auth(first), json=once)
+    assert again.status_code == 202 and again.json()["job_id"] == owner_id
+    taken = httpx.post(f"{base}/v1/messages", headers=auth(second), json=once)
+    assert taken.status_code == 409 and owner_id not in taken.text
+    batch = httpx.post(
+        f"{base}/v1/batches", headers=auth(second), json={"messages": [message(account), once]}
+    )
+    assert batch.status_code == 409 and batch.json()["problems"][0]["field"] == "messages[1].idempotency_key"
 
 
 def test_rate_limit_per_key_429_with_retry_after(queue_env: QueueEnv, api: tuple[str, Producer]) -> None:

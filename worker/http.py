@@ -36,6 +36,7 @@ from worker import apikeys
 from worker.apikeys import ApiKey
 from worker.client import EnqueueError, PayloadError, Producer
 from worker.health import AccountHealth
+from worker.jobs import PREFIX
 from worker.payload import MAX_BATCH, SendPayload
 from worker.runtime import RECORDS_RECHECK_SECONDS
 from worker.settings import config_dir as default_config_dir
@@ -48,6 +49,14 @@ DEFAULT_PORT = 8425  # POSTROOM_HTTP_PORT
 DEFAULT_MAX_BODY = 25 * 1024 * 1024  # POSTROOM_HTTP_MAX_BODY: bytes of one request body
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 _RATE_PREFIX = "postroom:http-rate:"
+
+
+def idempotency_key(account: str, key: str) -> str:
+    return f"{PREFIX}idem:{account}:{key}"  # as worker/jobs.py keeps them
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
 
 
 def http_port() -> int:
@@ -273,6 +282,34 @@ def create_app(
             raise HttpError(403, f"this key may not send from account {account!r}", [f"{where}account: "
                             "not an account of this key"])  # fmt: skip
 
+    def foreign_idempotency_keys(key: ApiKey, messages: list[Any], where: Callable[[int], str]) -> None:
+        """409 when an idempotency key already belongs to a job of another API key: the
+        producer helper would hand back that job's id, which is not this key's to see."""
+        wanted = [
+            (i, m["account"], m["idempotency_key"])
+            for i, m in enumerate(messages)
+            if isinstance(m, dict)
+            and isinstance(m.get("account"), str)
+            and isinstance(m.get("idempotency_key"), str)
+        ]
+        if not wanted:
+            return
+        client = producer.store.redis
+        owners = client.mget([idempotency_key(account, k) for _, account, k in wanted])
+        with client.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.hget(job_key(str(owner or "-")), "submitted_by")
+            submitters = pipe.execute()
+        problems = [
+            f"{where(i)}idempotency_key: already used by another producer"
+            for (i, _, _), owner, by in zip(wanted, owners, submitters, strict=True)
+            if owner is not None and (by or "") != key.name
+        ]
+        if problems:
+            raise HttpError(
+                409, "an idempotency key belongs to another producer; nothing was enqueued", problems
+            )
+
     async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return await run_in_threadpool(function, *args, **kwargs)
@@ -295,7 +332,7 @@ def create_app(
         "/v1/messages",
         status_code=202,
         response_model=Accepted,
-        responses=_errors(400, 401, 403, 413, 422, 429, 503),
+        responses=_errors(400, 401, 403, 409, 413, 422, 429, 503),
         openapi_extra={"requestBody": send_body},
         summary="Enqueue one message (the postroom.send payload)",
     )
@@ -304,6 +341,7 @@ def create_app(
         if not isinstance(payload, dict):
             raise HttpError(422, "invalid payload; nothing was enqueued", ["payload: must be a JSON object"])
         owned(key, payload)
+        await run_in_threadpool(foreign_idempotency_keys, key, [payload], lambda i: "")
         job_id = await call(producer.enqueue, payload, submitted_by=key.name)
         log.info("key %s enqueued job %s for %s", key.name, job_id, payload.get("account"))
         return Accepted(job_id=job_id)
@@ -312,7 +350,7 @@ def create_app(
         "/v1/batches",
         status_code=202,
         response_model=BatchAccepted,
-        responses=_errors(400, 401, 403, 413, 422, 429, 503),
+        responses=_errors(400, 401, 403, 409, 413, 422, 429, 503),
         openapi_extra={"requestBody": batch_body},
         summary="Enqueue many messages as one postroom.send_batch job",
     )
@@ -330,6 +368,7 @@ def create_app(
         ]
         if problems:
             raise HttpError(422, "invalid payload; nothing was enqueued", problems)
+        await run_in_threadpool(foreign_idempotency_keys, key, messages, lambda i: f"messages[{i}].")
         job_ids = await call(producer.send_batch, messages, submitted_by=key.name)
         log.info("key %s enqueued a batch of %d jobs", key.name, len(job_ids))
         return BatchAccepted(job_ids=job_ids)
