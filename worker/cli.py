@@ -528,6 +528,52 @@ def metrics_command(port: int | None, host: str) -> None:
         producer.close()
 
 
+@main.command("http")
+@click.option("--port", type=int, default=None, help="Port (default: POSTROOM_HTTP_PORT or 8425).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--openapi", "print_openapi", is_flag=True, help="Print the OpenAPI document and exit.")
+def http_command(port: int | None, host: str, print_openapi: bool) -> None:
+    """Serve the HTTP submission API (POST /v1/messages, /v1/batches; GET /v1/jobs/ID)."""
+    from worker import http
+
+    if print_openapi:
+        _emit_json(http.openapi_document())
+        return
+    http.serve(host, port if port is not None else http.http_port())
+
+
+@main.group("api-keys")
+def api_keys() -> None:
+    """Producer keys of the HTTP submission API (config/api-keys/NAME.yaml)."""
+
+
+@api_keys.command("new")
+@click.argument("name")
+@click.option(
+    "--account", "accounts", multiple=True, required=True, help="An account it may send from ('*': all)."
+)
+@click.option("--rate", default="60/minute", show_default=True, help="Requests per second, minute or hour.")
+def api_keys_new(name: str, accounts: tuple[str, ...], rate: str) -> None:
+    """Write a key record (hash only) and print the key, once."""
+    from worker import apikeys
+    from worker.settings import config_dir
+
+    folder = config_dir() / "api-keys"
+    path = folder / f"{name}.yaml"
+    if path.exists():
+        raise click.ClickException(f"{path} exists; remove it first to replace the key")
+    token = apikeys.new_token(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    listed = ", ".join(json.dumps(a) for a in accounts)
+    path.write_text(f"hash: {apikeys.hash_token(token)}\naccounts: [{listed}]\nrate: {json.dumps(rate)}\n")
+    _, problems = apikeys.load_api_keys(config_dir())
+    if name in problems:
+        path.unlink()
+        raise click.ClickException("\n".join(str(p) for p in problems[name]))
+    click.echo(f"wrote {path}; the key (shown only now):", err=True)
+    click.echo(token)
+
+
 @accounts.command("pause")
 @click.argument("name")
 @click.option("--reason", default="paused by an operator", show_default=True)

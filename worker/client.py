@@ -119,8 +119,10 @@ class Producer:
             }
         )
 
-    def enqueue(self, payload: SendPayload | Mapping[str, Any]) -> str:
-        """Validate and enqueue; returns the job id (an existing one for a reused idempotency key)."""
+    def enqueue(self, payload: SendPayload | Mapping[str, Any], *, submitted_by: str = "") -> str:
+        """Validate and enqueue; returns the job id (an existing one for a reused idempotency key).
+
+        ``submitted_by`` names the HTTP API key that asked, kept in the job record."""
         model = self.validate(payload)
         job_id = new_job_id()
         kwargs = model.to_task_kwargs()
@@ -129,14 +131,16 @@ class Producer:
                 owner = self.store.claim_idempotency_key(model.account, model.idempotency_key, job_id)
                 if owner is not None:
                     return owner
-            self.store.create(job_id, kwargs)
+            self.store.create(job_id, kwargs, submitted_by=submitted_by)
             self.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
         except Exception as exc:
             self._undo(model, job_id)
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
         return job_id
 
-    def send_batch(self, payloads: Sequence[SendPayload | Mapping[str, Any]]) -> list[str]:
+    def send_batch(
+        self, payloads: Sequence[SendPayload | Mapping[str, Any]], *, submitted_by: str = ""
+    ) -> list[str]:
         """Validate every payload, then enqueue them as one ``postroom.send_batch`` job.
 
         Each message still gets a job id of its own (returned in order), its own
@@ -172,7 +176,7 @@ class Producer:
             if fresh:
                 messages = [model.to_task_kwargs() for _, model in fresh]
                 ids = [job_id for job_id, _ in fresh]
-                self.store.create_many(zip(ids, messages, strict=True))
+                self.store.create_many(zip(ids, messages, strict=True), submitted_by=submitted_by)
                 kwargs = {"messages": messages, "job_ids": ids}
                 self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
         except Exception as exc:

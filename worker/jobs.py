@@ -52,7 +52,9 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-def _record_fields(job_id: str, payload: Mapping[str, Any], state: str) -> dict[Any, str | int | float]:
+def _record_fields(
+    job_id: str, payload: Mapping[str, Any], state: str, submitted_by: str = ""
+) -> dict[Any, str | int | float]:
     now = time.time()
     return {
         "id": job_id,
@@ -67,6 +69,7 @@ def _record_fields(job_id: str, payload: Mapping[str, Any], state: str) -> dict[
         "created_at": now,
         "updated_at": now,
         "enqueued_at": float(payload.get("enqueued_at") or now),
+        "submitted_by": submitted_by,  # the HTTP API key that enqueued it ("" otherwise)
     }
 
 
@@ -111,6 +114,7 @@ class Job:
     idempotency_key: str | None = None
     history: list[dict[str, Any]] | None = None
     payload: dict[str, Any] | None = None
+    submitted_by: str | None = None
 
     def as_dict(self, *, with_payload: bool = False) -> dict[str, Any]:
         out = {
@@ -163,15 +167,23 @@ class JobStore:
         if self.redis.get(idem) == job_id:
             self.redis.delete(idem)
 
-    def create(self, job_id: str, payload: Mapping[str, Any], *, state: str = "queued") -> None:
-        self.create_many([(job_id, payload)], state=state)
+    def create(
+        self, job_id: str, payload: Mapping[str, Any], *, state: str = "queued", submitted_by: str = ""
+    ) -> None:
+        self.create_many([(job_id, payload)], state=state, submitted_by=submitted_by)
 
-    def create_many(self, jobs: Iterable[tuple[str, Mapping[str, Any]]], *, state: str = "queued") -> None:
+    def create_many(
+        self,
+        jobs: Iterable[tuple[str, Mapping[str, Any]]],
+        *,
+        state: str = "queued",
+        submitted_by: str = "",
+    ) -> None:
         """Job records for many jobs in one round trip (batches)."""
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id, payload in jobs:
                 key = _key("job", job_id)
-                pipe.hset(key, mapping=_record_fields(job_id, payload, state))
+                pipe.hset(key, mapping=_record_fields(job_id, payload, state, submitted_by))
                 pipe.expire(key, self.job_ttl)
             pipe.execute()
 
@@ -205,6 +217,7 @@ class JobStore:
             idempotency_key=data.get("idempotency_key") or None,
             history=[json.loads(entry) for entry in history],
             payload=json.loads(data["payload"]) if data.get("payload") else None,
+            submitted_by=data.get("submitted_by") or None,
         )
 
     # ---- execution side -----------------------------------------------------------

@@ -22,6 +22,7 @@ from types import FrameType
 
 from worker.devsmtp import DEFAULT_PORT
 from worker.embedded import EmbeddedRedis
+from worker.http import http_port
 from worker.records import Records
 from worker.settings import load_settings, var_dir
 
@@ -93,6 +94,12 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
         else:
             start("metrics", [sys.executable, "-m", "worker.cli", "metrics"])
             _say(f"Prometheus metrics on http://127.0.0.1:{settings.metrics_port}/metrics")
+        port = http_port()
+        if _port_in_use("127.0.0.1", port):
+            _say(f"something already listens on 127.0.0.1:{port}; not serving the HTTP API")
+        else:
+            start("http", [sys.executable, "-m", "worker.cli", "http", "--port", str(port)])
+            _say(f"HTTP submission API on http://127.0.0.1:{port}/v1 (keys: postroom api-keys new)")
         _say(
             "ready. Try: postroom send --account dev --to you@example.com --subject Hello "
             "--text 'It works' --wait 15"
@@ -122,7 +129,7 @@ def _stop(
 ) -> int:
     _say("stopping (workers first, broker last)")
     workers = [name for name in children if name.startswith("worker")]
-    for group, grace in ((workers, worker_grace + 5), (["beat", "metrics", "dev-smtp"], 10.0)):
+    for group, grace in ((workers, worker_grace + 5), (["beat", "metrics", "http", "dev-smtp"], 10.0)):
         running = [children[n] for n in group if n in children and children[n].poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish, the rest go back
