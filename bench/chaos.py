@@ -538,6 +538,9 @@ def tally(
         "duplicates": duplicates,
         "duplicates_outside_window": sum(1 for d in duplicates if d["window"] is None),
         "dead_lettered": dead,
+        "dead_reasons": sorted(
+            {str(store.hget(f"postroom:job:{j}", "last_error")) for j in dead_ids & set(job_ids.values())}
+        )[:10],
         "worker_kills": len(events.kills),
         "redis_restarts": len(events.redis_down),
         "smtp_drops": len(events.drops),
@@ -573,6 +576,8 @@ def report(f: dict[str, Any]) -> None:
     for d in f["duplicates"]:
         print(f"  {d['message_id']} x{d['times']}: {d['window'] or 'OUTSIDE the documented window'}")
     print(f"dead-lettered {f['dead_lettered']}")
+    for reason in f.get("dead_reasons", []):
+        print(f"  {reason}")
     print(f"wall time     {f['wall_seconds']} s")
 
 

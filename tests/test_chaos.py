@@ -30,8 +30,8 @@ def test_chaos_at_ci_size_loses_nothing_and_duplicates_only_in_the_window() -> N
     assert figures["smtp_drops"] == 4 and figures["smtp_restarts"] == 1, figures
     assert figures["sent"] == 500
     assert figures["lost"] == 0, figures
-    assert figures["delivered"] == 500, figures
-    assert figures["dead_lettered"] == 0, figures
+    assert figures["delivered"] == 500, {k: v for k, v in figures.items() if k != "events"}
+    assert figures["dead_lettered"] == 0, figures["dead_reasons"]
     # a duplicate only where the README says one can happen (a kill or Redis down right after a 250)
     assert figures["duplicates_outside_window"] == 0, figures["duplicates"]
     assert figures["duplicated"] <= 10, figures["duplicates"]
