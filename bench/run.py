@@ -486,7 +486,7 @@ class Scenario:
     concurrency: int = 2
     body: int = 1024
     accounts: int = 1
-    max_connections: int = 8  # the account's cap across all worker processes; Nodemailer gets as many
+    max_connections: int = 16  # the account's cap across all worker processes; Nodemailer gets as many
     delay: float = 0.0  # seconds the sink waits before answering DATA
     batch_size: int = 50
     blocks: bool = False  # enqueue account by account instead of interleaved

@@ -45,7 +45,7 @@ from worker.errors import LimitWait, Rejected
 PREFIX = "postroom:"
 SLOT_LEASE = 15.0  # seconds a connection slot lives without renewal (a crashed worker's lapse)
 SLOT_RENEW = 5.0  # how often a pool renews its connections' leases
-WANTED_CHECK = 0.5  # how often a pool with open connections asks whether others wait for one
+WANTED_CHECK = 0.1  # how often a pool with open connections asks whether others wait for one
 SLOT_POLL = 0.05  # first wait between two tries for a connection slot (doubles, up to 0.5 s)
 SLOT_WAIT = 20.0  # how long a send waits for a connection slot before it is re-scheduled
 WANTED_TTL = 5
