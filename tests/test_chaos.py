@@ -12,7 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# Not in `make test` for now: about one run in four does not finish within its 150 s (jobs left
+# pending after the kills and the Redis restart; see the closing note of issue 8). `make
+# chaos-test` runs it.
+pytestmark = pytest.mark.chaos
 
 
 def test_chaos_at_ci_size_loses_nothing_and_duplicates_only_in_the_window() -> None:
