@@ -8,44 +8,17 @@ through the local Graph (or, for Gmail, through XOAUTH2 on a real SMTP server).
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 from support.cloud import CLIENT_ID, CloudServer, Reply, service_account
 from support.pki import Pki
-from support.queue import QueueEnv, Worker
+from support.queue import QueueEnv, Worker, cli, finished, unique
 from support.smtpd import SmtpServer
 from worker.client import Producer
-from worker.jobs import Job
 
-POSTROOM = str(Path(sys.executable).with_name("postroom"))
 MAILBOX = "orders@contoso.com"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-def finished(producer: Producer, job_id: str, timeout: float = 30) -> Job:
-    job = producer.wait(job_id, timeout)
-    assert job is not None and job.state in ("sent", "dead", "suppressed"), job
-    return job
-
-
-def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [POSTROOM, *args],
-        env={**os.environ, **env.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 class GraphRecords:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 
-from support.queue import QueueEnv, Worker, wait_for
+from support.queue import QueueEnv, Worker, unique, wait_for
 from support.smtpd import PASSWORD, SmtpServer
 from worker import apikeys
 from worker import http as http_api
@@ -28,10 +28,6 @@ from worker.client import Producer
 
 ServerFactory = Callable[..., SmtpServer]
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
 class ApiServer:

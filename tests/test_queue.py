@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 
 from support.pki import Pki
-from support.queue import WRONG_PASSWORD, QueueEnv, Worker, wait_for
+from support.queue import WRONG_PASSWORD, QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import PASSWORD, Rule, SmtpServer
 from worker.client import PayloadError, Producer
-from worker.jobs import Job
 
 ServerFactory = Callable[..., SmtpServer]
-POSTROOM = str(Path(sys.executable).with_name("postroom"))
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-def finished(producer: Producer, job_id: str, timeout: float = 30) -> Job:
-    job = producer.wait(job_id, timeout)
-    assert job is not None and job.state in ("sent", "dead", "suppressed"), job
-    return job
 
 
 def send_task(env: QueueEnv, task: str, kwargs: dict[str, Any]) -> str:
@@ -43,17 +26,6 @@ def send_task(env: QueueEnv, task: str, kwargs: dict[str, Any]) -> str:
         return str(app.send_task(task, kwargs=kwargs, queue="postroom").id)
     finally:
         app.close()
-
-
-def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [POSTROOM, *args],
-        env={**os.environ, **env.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # ---- delivery -------------------------------------------------------------------------

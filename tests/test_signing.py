@@ -15,7 +15,6 @@ import email.policy
 import json
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,25 +31,19 @@ from test_graph_queue import MAILBOX, GraphRecords
 
 from support.cloud import CloudServer
 from support.pki import Pki
-from support.queue import QueueEnv, Worker
+from support.queue import POSTROOM, QueueEnv, Worker, cli, finished, unique
 from support.signing_pki import P12_PASSWORD, SigningPki
 from support.smtpd import SmtpServer
 from worker import signing
 from worker.client import Producer
 from worker.errors import ConfigurationError
-from worker.jobs import Job
 from worker.keystores import Keystore, KeystoreRecord
 from worker.message import Attachment, MessageSpec, build_message
 from worker.records import Records
 from worker.signing import SmimeSigner
 
 ServerFactory = Callable[..., SmtpServer]
-POSTROOM = str(Path(sys.executable).with_name("postroom"))
 NON_ASCII = "Grüße aus Köln — 東京 ✓\nZeile zwei\n"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -473,12 +466,6 @@ def test_dkim_key_from_a_keystore_record(tree: SigningRecords, tmp_path: Path) -
 # ---- through the queue: SMTP -------------------------------------------------------------------
 
 
-def finished(producer: Producer, job_id: str, timeout: float = 30) -> Job:
-    job = producer.wait(job_id, timeout)
-    assert job is not None and job.state in ("sent", "dead", "suppressed"), job
-    return job
-
-
 @pytest.fixture
 def queue_records(queue_env: QueueEnv, spki: SigningPki) -> SigningRecords:
     return SigningRecords(queue_env.accounts, queue_env.config, spki)
@@ -680,17 +667,6 @@ def redis_dump(env: QueueEnv) -> str:
         elif kind == "list":
             values += env.redis.lrange(key, 0, -1)
     return "\n".join(str(v) for v in values)
-
-
-def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [POSTROOM, *args],
-        env={**os.environ, **env.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_connectivity_shows_the_signing_certificate_and_days_to_expiry(

@@ -28,15 +28,11 @@ from typing import Any, cast
 
 import redis
 
-from worker.jobs import PREFIX
+from worker.jobs import redis_key as _key
 
 HISTORY = 20
 HEALTH_TTL = 7 * 86400
 PAUSE_CACHE_SECONDS = 1.0  # how stale a worker's view of paused accounts may be
-
-
-def _key(*parts: str) -> str:
-    return PREFIX + ":".join(parts)
 
 
 class AccountHealth:

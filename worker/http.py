@@ -36,7 +36,7 @@ from worker import apikeys
 from worker.apikeys import ApiKey
 from worker.client import EnqueueError, PayloadError, Producer
 from worker.health import AccountHealth
-from worker.jobs import PREFIX
+from worker.jobs import redis_key
 from worker.payload import MAX_BATCH, SendPayload
 from worker.runtime import RECORDS_RECHECK_SECONDS
 from worker.settings import config_dir as default_config_dir
@@ -48,15 +48,7 @@ log = logging.getLogger("postroom.http")
 DEFAULT_PORT = 8425  # POSTROOM_HTTP_PORT
 DEFAULT_MAX_BODY = 25 * 1024 * 1024  # POSTROOM_HTTP_MAX_BODY: bytes of one request body
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-_RATE_PREFIX = "postroom:http-rate:"
-
-
-def idempotency_key(account: str, key: str) -> str:
-    return f"{PREFIX}idem:{account}:{key}"  # as worker/jobs.py keeps them
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
+_RATE_PREFIX = redis_key("http-rate", "")
 
 
 def http_port() -> int:
@@ -295,10 +287,10 @@ def create_app(
         if not wanted:
             return
         client = producer.store.redis
-        owners = client.mget([idempotency_key(account, k) for _, account, k in wanted])
+        owners = client.mget([redis_key("idem", account, k) for _, account, k in wanted])
         with client.pipeline(transaction=False) as pipe:
             for owner in owners:
-                pipe.hget(job_key(str(owner or "-")), "submitted_by")
+                pipe.hget(redis_key("job", str(owner or "-")), "submitted_by")
             submitters = pipe.execute()
         problems = [
             f"{where(i)}idempotency_key: already used by another producer"

@@ -44,8 +44,12 @@ STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partia
 _HISTORY_LIMIT = 50
 
 
-def _key(*parts: str) -> str:
+def redis_key(*parts: str) -> str:
+    """The Redis key of Postroom's records, e.g. ``redis_key("job", job_id)`` (see the list above)."""
     return PREFIX + ":".join(parts)
+
+
+_key = redis_key
 
 
 def new_job_id() -> str:

@@ -17,7 +17,7 @@ import redis
 from worker import counters
 from worker.drain import PRIORITY_SEP, PRIORITY_STEPS
 from worker.health import AccountHealth
-from worker.jobs import JobStore
+from worker.jobs import JobStore, redis_key
 from worker.payload import QUEUE
 from worker.records import Records
 
@@ -71,9 +71,9 @@ class Status:
         paused = self.health.paused()
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.llen(f"postroom:held:{name}")
-                pipe.hgetall(f"postroom:stats:{name}")
-                pipe.lrange(f"postroom:health-history:{name}", 0, -1)
+                pipe.llen(redis_key("held", name))
+                pipe.hgetall(redis_key("stats", name))
+                pipe.lrange(redis_key("health-history", name), 0, -1)
             per_account = pipe.execute()
         accounts: dict[str, Any] = {}
         for i, name in enumerate(names):

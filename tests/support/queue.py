@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,30 @@ def wait_for(
         time.sleep(0.05)
     tail = "\n".join(worker.log().splitlines()[-40:]) if worker is not None else ""
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+POSTROOM = str(Path(sys.executable).with_name("postroom"))
+
+
+def unique(prefix: str) -> str:
+    """An account or key name no other test uses."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def finished(producer: Any, job_id: str, timeout: float = 30) -> Any:
+    """The job once it ended (sent, dead or suppressed); fails the test otherwise."""
+    job = producer.wait(job_id, timeout)
+    assert job is not None and job.state in ("sent", "dead", "suppressed"), job
+    return job
+
+
+def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """``postroom ARGS`` with the environment an operator of ``env`` would have."""
+    return subprocess.run(
+        [POSTROOM, *args],
+        env={**os.environ, **env.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
