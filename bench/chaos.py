@@ -11,7 +11,10 @@ its own and on loopback only:
   drop connections at will and know exactly which messages were accepted;
 * ``--workers`` Celery worker processes (``celery -A worker.app worker``, the
   threads pool, ``--concurrency`` task threads each), one account that sends
-  to the sink with ``--max-connections``.
+  to the sink with ``--max-connections``;
+* the one beat an operator runs, with the orphan sweep every
+  ``--sweep-interval`` seconds (a message lost between kombu's ``BRPOP`` and
+  its unacknowledged registration is published again; worker/sweep.py).
 
 A producer thread enqueues the N messages through :class:`worker.client.Producer`
 (each with an idempotency key and a fixed Message-ID; an ``EnqueueError`` —
@@ -211,9 +214,38 @@ class RedisServer:
             self.process.wait(15)
 
 
+class BeatProcess:
+    """``celery beat``: the orphan sweep (and the health checks) on their schedule."""
+
+    def __init__(self, env: dict[str, str], work: Path) -> None:
+        self.env = env
+        self.work = work
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [
+            sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", "INFO",
+            "-s", str(self.work / "celerybeat-schedule"),
+        ]  # fmt: skip
+        with (self.work / "beat.log").open("ab") as out:
+            self.process = subprocess.Popen(  # noqa: S603
+                args, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=ROOT,
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
 class WorkerProcess:
-    def __init__(self, index: int, env: dict[str, str], concurrency: int, log: Path) -> None:
+    def __init__(self, index: int, env: dict[str, str], concurrency: int, log: Path, level: str) -> None:
         self.index = index
+        self.level = level
         self.env = env
         self.concurrency = concurrency
         self.log = log
@@ -222,7 +254,7 @@ class WorkerProcess:
     def start(self) -> None:
         args = [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "postroom",
-            "-c", str(self.concurrency), "-l", "WARNING",
+            "-c", str(self.concurrency), "-l", self.level,
             "-n", f"chaos-{self.index}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
         with self.log.open("ab") as out:
@@ -310,8 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         default=30.0,
         help="kombu's (more than the 10 s time limit): a killed worker's jobs come back after it",
     )
+    parser.add_argument(
+        "--sweep-interval", type=float, default=5.0, help="seconds between orphan sweeps (the beat's)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--log-level", default="WARNING", help="the workers' (their logs stay with --keep)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, Redis data)")
     parser.add_argument("--progress", action="store_true", help="a progress line every 5 s (stderr)")
@@ -345,8 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         "POSTROOM_RETRY_BASE_DELAY": "0.5",
         "POSTROOM_RETRY_MAX_DELAY": "5",
         "POSTROOM_TASK_EVENTS": "0",
+        "POSTROOM_SWEEP_INTERVAL": str(args.sweep_interval),
     }
-    workers = [WorkerProcess(i, env, args.concurrency, work / f"worker-{i}.log") for i in range(args.workers)]
+    workers = [
+        WorkerProcess(i, env, args.concurrency, work / f"worker-{i}.log", args.log_level)
+        for i in range(args.workers)
+    ]
+    beat = BeatProcess(env, work)
     events = Events()
     job_ids: dict[int, str] = {}
     run_tag = f"{int(time.time())}.{os.getpid()}"
@@ -378,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for w in workers:
             w.start()
+        beat.start()
         producing = threading.Thread(target=produce, name="producer", daemon=True)
         producing.start()
         plan = schedule(args)
@@ -418,8 +460,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         wall = time.monotonic() - started
         figures = tally(args, sink, store, job_ids, run_tag, events, wall, finished)
+        figures["republished_by_sweep"] = sum(
+            log.read_text(errors="replace").count("had no message in the broker")
+            for log in work.glob("worker-*.log")
+        )
         store.close()
     finally:
+        beat.stop()
         for w in workers:
             w.stop()
         producer.close()
@@ -576,6 +623,7 @@ def report(f: dict[str, Any]) -> None:
     for d in f["duplicates"]:
         print(f"  {d['message_id']} x{d['times']}: {d['window'] or 'OUTSIDE the documented window'}")
     print(f"dead-lettered {f['dead_lettered']}")
+    print(f"re-published  {f['republished_by_sweep']} (jobs whose message was lost in a hand-over)")
     for reason in f.get("dead_reasons", []):
         print(f"  {reason}")
     print(f"wall time     {f['wall_seconds']} s")

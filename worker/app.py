@@ -17,7 +17,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
 from worker import settings as settings_module
-from worker.payload import HEALTH_TASK_NAME, QUEUE, TASK_NAME
+from worker.payload import HEALTH_TASK_NAME, QUEUE, SWEEP_TASK_NAME, TASK_NAME
 from worker.settings import PUBLISH_RETRY_POLICY
 
 settings = settings_module.load_settings()
@@ -65,7 +65,12 @@ app.conf.update(
             "task": HEALTH_TASK_NAME,
             "schedule": settings.health_interval,
             "options": {"queue": QUEUE, "expires": settings.health_interval},
-        }
+        },
+        "postroom-sweep": {
+            "task": SWEEP_TASK_NAME,
+            "schedule": settings.sweep_interval,
+            "options": {"queue": QUEUE, "expires": settings.sweep_interval},
+        },
     },
 )
 

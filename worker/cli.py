@@ -458,6 +458,42 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
         producer.close()
 
 
+@main.command("sweep")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sweep_command(as_json: bool) -> None:
+    """Publish again every job whose message went missing from the broker (the beat does this
+    every sweep_interval): a job missing at two looks a few seconds apart is re-sent."""
+    from worker.payload import QUEUE, TASK_NAME
+    from worker.sweep import Sweeper
+
+    producer = _producer()
+
+    def publish(job_id: str, kwargs: dict[str, Any]) -> None:
+        producer.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
+
+    try:
+        sweeper = Sweeper(producer.store.redis, QUEUE, publish)
+        report = sweeper.run()
+        if report.suspects and not report.skipped:
+            time.sleep(sweeper.confirm + 0.1)
+            again = sweeper.run()
+            again.closed += report.closed
+            report = again
+    finally:
+        producer.close()
+    if as_json:
+        _emit_json(report.as_dict())
+    elif report.skipped:
+        click.echo(f"skipped: {report.skipped}")
+    else:
+        click.echo(
+            f"open jobs {report.open_jobs}, looked for {report.checked}, "
+            f"published again {len(report.republished)}, still missing {report.suspects}"
+        )
+        for job_id in report.republished:
+            click.echo(f"  published again {job_id}")
+
+
 @main.command("health")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def health_command(as_json: bool) -> None:

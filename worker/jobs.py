@@ -12,6 +12,7 @@ Keys (all under ``postroom:``)::
     autoreply:<account>:<to> set when an auto-reply went to that sender (expires after the window)
     stats:<account>          hash: sent / failed / retried / dead / suppressed counters
     retrying                 sorted set of jobs waiting for a retry, by when it is due
+    open                     sorted set of jobs not ended yet, by enqueue time (worker/sweep.py)
 
 Everything stored is secret-free by construction: payloads carry account
 names, errors carry server replies.
@@ -42,6 +43,7 @@ MARK_PATIENCE = 20.0
 _REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partial", "held")
 _HISTORY_LIMIT = 50
+OPEN_STATES = frozenset({"queued", "retrying", "sending", "held"})  # the rest are final
 
 
 def redis_key(*parts: str) -> str:
@@ -50,6 +52,7 @@ def redis_key(*parts: str) -> str:
 
 
 _key = redis_key
+OPEN = redis_key("open")
 
 
 def new_job_id() -> str:
@@ -184,15 +187,20 @@ class JobStore:
         submitted_by: str = "",
     ) -> None:
         """Job records for many jobs in one round trip (batches)."""
+        now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id, payload in jobs:
                 key = _key("job", job_id)
                 pipe.hset(key, mapping=_record_fields(job_id, payload, state, submitted_by))
                 pipe.expire(key, self.job_ttl)
+                pipe.zadd(OPEN, {job_id: now})
             pipe.execute()
 
     def delete(self, job_id: str) -> None:
-        self.redis.delete(_key("job", job_id), _key("history", job_id))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(_key("job", job_id), _key("history", job_id))
+            pipe.zrem(OPEN, job_id)
+            pipe.execute()
 
     # ---- reading ---------------------------------------------------------------
 
@@ -399,6 +407,8 @@ class JobStore:
         pipe.hset(key, mapping=fields)
         pipe.rpush(history, json.dumps(entry))
         pipe.ltrim(history, -_HISTORY_LIMIT, -1)
+        if state not in OPEN_STATES:
+            pipe.zrem(OPEN, job_id)
         if state == "dead":
             pipe.zadd(_key("dead"), {job_id: now})
             pipe.hset(key, "failed_at", now)
@@ -500,6 +510,7 @@ class JobStore:
                 },
             )
             pipe.hdel(key, "failed_at")
+            pipe.zadd(OPEN, {job_id: time.time()})
             pipe.expire(key, self.job_ttl)
             pipe.expire(_key("history", job_id), self.job_ttl)
             pipe.execute()

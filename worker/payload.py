@@ -21,6 +21,7 @@ from worker.message import RESERVED_HEADERS, check_header_name, check_header_val
 
 TASK_NAME = "postroom.send"
 HEALTH_TASK_NAME = "postroom.health_check"
+SWEEP_TASK_NAME = "postroom.sweep"
 BATCH_TASK_NAME = "postroom.send_batch"
 MAX_BATCH = 1000  # messages per postroom.send_batch job
 QUEUE = "postroom"
@@ -162,6 +163,7 @@ __all__ = [
     "HEALTH_TASK_NAME",
     "QUEUE",
     "RESERVED_HEADERS",
+    "SWEEP_TASK_NAME",
     "TASK_NAME",
     "AttachmentIn",
     "OriginalMessage",

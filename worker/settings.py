@@ -120,6 +120,9 @@ class Settings:
     health_timeout: float = 30.0
     pause_after: int = 3
     metrics_port: int = 9464  # `postroom metrics` and `postroom up` (POSTROOM_METRICS_PORT)
+    # The orphan sweep (worker/sweep.py, run by the beat): a job whose message went missing from
+    # the broker (a worker or Redis killed mid-hand-over) is published again after two sweeps.
+    sweep_interval: float = 60.0
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
 
     def check(self) -> None:
@@ -142,9 +145,14 @@ class Settings:
             raise ConfigurationError(
                 f"settings: log_format must be one of {', '.join(LOG_FORMATS)} (got {self.log_format!r})"
             )
-        if self.pause_after < 1 or self.health_interval <= 0 or self.health_timeout <= 0:
+        if (
+            self.pause_after < 1
+            or self.health_interval <= 0
+            or self.health_timeout <= 0
+            or self.sweep_interval <= 0
+        ):
             raise ConfigurationError(
-                "settings: pause_after, health_interval and health_timeout must be positive"
+                "settings: pause_after, health_interval, health_timeout and sweep_interval must be positive"
             )
         if self.coalesce < 1:
             raise ConfigurationError(f"settings: coalesce must be at least 1 (got {self.coalesce})")
@@ -170,6 +178,7 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_HEALTH_TIMEOUT": ("health_timeout", None),
     "POSTROOM_PAUSE_AFTER": ("pause_after", None),
     "POSTROOM_METRICS_PORT": ("metrics_port", None),
+    "POSTROOM_SWEEP_INTERVAL": ("sweep_interval", None),
 }
 
 

@@ -35,10 +35,18 @@ from worker.errors import ConfigurationError
 from worker.health import AccountHealth
 from worker.jobs import JobStore
 from worker.limits import SLOT_WAIT
-from worker.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, QUEUE, TASK_NAME, SendPayload
+from worker.payload import (
+    BATCH_TASK_NAME,
+    HEALTH_TASK_NAME,
+    QUEUE,
+    SWEEP_TASK_NAME,
+    TASK_NAME,
+    SendPayload,
+)
 from worker.records import Records
 from worker.runtime import get_runtime
 from worker.settings import redis_url
+from worker.sweep import Sweeper
 from worker.transports import ConnectivityReport
 
 log = logging.getLogger("postroom.tasks")
@@ -332,7 +340,7 @@ def _take_more(job_id: str) -> list[Carried]:
         return []
     drain = queue_drain()
     try:
-        taken = drain.take(settings.coalesce - 1)
+        taken = drain.take(_room(settings.coalesce - 1))
         carried, back = _within_account_bounds(taken)
         drain.give_back(back)
     except redis.RedisError as exc:
@@ -344,6 +352,20 @@ def _take_more(job_id: str) -> list[Carried]:
 # Carried jobs wait for their account's connections inside the carrying task, under its time
 # limit; a few rounds of the account's connections is enough to keep them all busy.
 IN_FLIGHT_PER_CONNECTION = 4
+
+
+def _room(most: int) -> int:
+    """How many jobs this process could still carry, at most ``most``: the accounts' room under
+    their bound, summed. 0 when every account is at it: whatever was taken would go straight back
+    (a busy worker would otherwise move the same jobs out of the queue and back at every task)."""
+    runtime = get_runtime()
+    room = 0
+    for name, account in runtime.records().accounts.items():
+        cap = IN_FLIGHT_PER_CONNECTION * account.limits.max_connections
+        room += max(0, cap - runtime.in_flight(name))
+        if room >= most:
+            return most
+    return room
 
 
 def _within_account_bounds(taken: list[Carried]) -> tuple[list[Carried], list[Carried]]:
@@ -567,3 +589,25 @@ def health_check() -> dict[str, str]:
             f" error={report.error!r}" if report.error else "",
         )
     return states
+
+
+def sweeper() -> Sweeper:
+    """The orphan sweep over this app's broker (its jobs go back under their own ids)."""
+    return Sweeper(job_store().redis, QUEUE, _release_held, grace=min(30.0, settings.sweep_interval))
+
+
+@app.task(name=SWEEP_TASK_NAME, ignore_result=True)
+def sweep() -> dict[str, Any]:
+    """Publish again the jobs whose message went missing from the broker (worker/sweep.py).
+
+    Scheduled by the one beat every sweep_interval, with an expiry of one interval."""
+    report = sweeper().run(lock_for=max(60.0, settings.sweep_interval))
+    if report.republished or report.suspects:
+        log.info(
+            "sweep open=%d checked=%d suspects=%d republished=%d",
+            report.open_jobs,
+            report.checked,
+            report.suspects,
+            len(report.republished),
+        )
+    return report.as_dict()
