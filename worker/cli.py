@@ -386,20 +386,9 @@ def _snapshot(producer: Any) -> Any:
     return Status(producer.store, _health(producer), producer.records(fresh=True))
 
 
-def _ago(when: float | None, now: float) -> str:
-    if not when:
-        return "never"
-    seconds = max(0, int(now - when))
-    return (
-        f"{seconds}s ago"
-        if seconds < 120
-        else f"{seconds // 60}m ago"
-        if seconds < 7200
-        else f"{seconds // 3600}h ago"
-    )
-
-
 def _print_status(data: dict[str, Any]) -> None:
+    from worker.status import health_line
+
     now = data["generated_at"]
     queues = "  ".join(f"{name}={depth}" for name, depth in data["queues"].items())
     click.echo(f"queues: {queues}")
@@ -412,16 +401,7 @@ def _print_status(data: dict[str, Any]) -> None:
     click.echo("{:<20} {:<9} {:>12} {:>7} {:>8} {:>5} {:>5}  HEALTH".format(*columns))
     for name, info in data["accounts"].items():
         hour, day = info["last_hour"], info["last_day"]
-        health = info["health"]
-        if health is None:
-            line = "no check yet"
-        else:
-            verdict = "ok" if health.get("ok") else "FAILED"
-            line = f"{verdict} {_ago(health.get('checked_at'), now)}: {health.get('result')}"
-            if health.get("detail", {}).get("tls_version"):
-                line += f" {health['detail']['tls_version']}"
-            if not health.get("ok") and health.get("error"):
-                line += f" ({health['error']})"
+        line = health_line(info["health"], now)
         for label, days in info["certificate_days_left"].items():
             line += f"; {label} cert {days}d"
         click.echo(
@@ -463,7 +443,7 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
 def health_command(as_json: bool) -> None:
     """The last health check of every account; exit 1 when any is unhealthy (paused, failing or
     never checked), for container health checks and cron."""
-    from worker.status import unhealthy
+    from worker.status import ago, unhealthy
 
     producer = _producer()
     try:
@@ -490,7 +470,7 @@ def health_command(as_json: bool) -> None:
         now = time.time()
         for name, item in accounts.items():
             mark = "ok  " if name not in problems else "FAIL"
-            when = _ago(item["checked_at"], now) if item["checked_at"] else "never"
+            when = ago(item["checked_at"], now) if item["checked_at"] else "never"
             click.echo(
                 f"{mark} {name:<20} {item['result'] or '-'}  ({when})  {problems.get(name, '')}".rstrip()
             )
