@@ -631,23 +631,12 @@ def dead_show(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dead_retry(job_ids: tuple[str, ...], retry_all: bool, as_json: bool) -> None:
     """Re-enqueue dead letters (same job id, same Message-ID)."""
-    from worker.payload import QUEUE, TASK_NAME
-
     producer = _producer()
-    ids = [row["id"] for row in producer.store.dead_letters()] if retry_all else list(job_ids)
+    ids = producer.store.dead_letter_ids() if retry_all else list(job_ids)
     if not ids:
         click.echo("nothing to retry (give job ids or --all)", err=True)
         sys.exit(1)
-    retried, missing = [], []
-    for job_id in ids:
-        try:
-            payload = producer.store.resurrect(job_id)
-        except KeyError:
-            missing.append(job_id)
-            continue
-        payload["enqueued_at"] = time.time()
-        producer.app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE, task_id=job_id)
-        retried.append(job_id)
+    retried, missing = producer.retry_dead_letters(ids)
     if as_json:
         _emit_json({"retried": retried, "missing": missing})
     else:
