@@ -529,15 +529,17 @@ def api_keys() -> None:
 
 @api_keys.command("new")
 @click.argument("name")
-@click.option(
-    "--account", "accounts", multiple=True, required=True, help="An account it may send from ('*': all)."
-)
+@click.option("--account", "accounts", multiple=True, help="An account it may send from ('*': all).")
+@click.option("--operator", is_flag=True, help="An operator key: it logs in to the dashboard (/dashboard).")
 @click.option("--rate", default="60/minute", show_default=True, help="Requests per second, minute or hour.")
-def api_keys_new(name: str, accounts: tuple[str, ...], rate: str) -> None:
-    """Write a key record (hash only) and print the key, once."""
+def api_keys_new(name: str, accounts: tuple[str, ...], operator: bool, rate: str) -> None:
+    """Write a key record (hash only) and print the key, once. A producer key needs --account;
+    an --operator key opens the operator dashboard (and sends from the --account given, if any)."""
     from worker import apikeys
     from worker.settings import config_dir
 
+    if not accounts and not operator:
+        raise click.UsageError("give --account (a producer key) or --operator (an operator key)")
     folder = config_dir() / "api-keys"
     path = folder / f"{name}.yaml"
     if path.exists():
@@ -545,7 +547,8 @@ def api_keys_new(name: str, accounts: tuple[str, ...], rate: str) -> None:
     token = apikeys.new_token(name)
     folder.mkdir(parents=True, exist_ok=True)
     listed = ", ".join(json.dumps(a) for a in accounts)
-    path.write_text(f"hash: {apikeys.hash_token(token)}\naccounts: [{listed}]\nrate: {json.dumps(rate)}\n")
+    record = f"hash: {apikeys.hash_token(token)}\naccounts: [{listed}]\nrate: {json.dumps(rate)}\n"
+    path.write_text(record + ("operator: true\n" if operator else ""))
     _, problems = apikeys.load_api_keys(config_dir())
     if name in problems:
         path.unlink()
