@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,43 +17,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from support.queue import QueueEnv, Worker, unique, wait_for
 from support.smtpd import PASSWORD, SmtpServer
+from support.web import ApiServer, write_key
 from worker import apikeys
 from worker import http as http_api
 from worker.client import Producer
 
 ServerFactory = Callable[..., SmtpServer]
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
-
-
-class ApiServer:
-    """uvicorn serving the app in a thread of this process, on a free port."""
-
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="info", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 10, "uvicorn to start")
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def write_key(env: QueueEnv, name: str, accounts: list[str], rate: str = "1000/minute") -> str:
-    folder = env.config / "api-keys"
-    folder.mkdir(exist_ok=True)
-    token = apikeys.new_token(name)
-    (folder / f"{name}.yaml").write_text(
-        f"hash: {apikeys.hash_token(token)}\naccounts: {json.dumps(accounts)}\nrate: {rate}\n"
-    )
-    return token
 
 
 @pytest.fixture
