@@ -32,7 +32,8 @@ POSTROOM = str(Path(sys.executable).with_name("postroom"))
 @pytest.fixture
 def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
     producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
-    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024))
+    # the fuzz sends hundreds of requests without a key: the 401 limit has a test of its own
+    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024, failures="100000/minute"))
     yield server.url, producer
     server.stop()
     producer.close()
@@ -207,6 +208,26 @@ def test_rate_limit_per_key_429_with_retry_after(queue_env: QueueEnv, api: tuple
     assert over.status_code == 429
     assert 1 <= int(over.headers["retry-after"]) <= 3600
     assert httpx.get(f"{base}/v1/accounts", headers=auth(other)).status_code == 200
+
+
+def test_an_address_that_keeps_failing_to_authenticate_gets_429(queue_env: QueueEnv) -> None:
+    producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
+    server = ApiServer(http_api.create_app(producer, failures="3/hour"))
+    try:
+        token = write_key(queue_env, unique("ok"), ["*"])
+        while time.time() % 3600 > 3590:  # the requests below must share one window
+            time.sleep(0.5)
+        me = {"X-Forwarded-For": f"10.7.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
+        url = f"{server.url}/v1/accounts"
+        codes = [httpx.get(url, headers={**me, **auth(f"nobody.x{i}")}).status_code for i in range(3)]
+        assert codes == [401, 401, 401]
+        blocked = httpx.get(url, headers={**me, **auth(token)})  # a right key from there waits too
+        assert blocked.status_code == 429 and 1 <= int(blocked.headers["retry-after"]) <= 3600
+        assert "without a valid API key" in blocked.json()["error"]
+        assert httpx.get(url, headers={"X-Forwarded-For": "10.6.0.1", **auth(token)}).status_code == 200
+    finally:
+        server.stop()
+        producer.close()
 
 
 def test_keys_are_compared_in_constant_time(
