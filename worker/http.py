@@ -8,7 +8,8 @@ worker/apikeys.py); a key sends only from its accounts, within its request
 rate, and sees only the jobs it enqueued. A client address that keeps
 presenting no valid key gets 429 for a while (``POSTROOM_HTTP_AUTH_FAILURES``,
 120/minute). ``/healthz`` answers while the process runs, ``/readyz`` when
-the broker answers too.
+the broker answers too. The operator dashboard (worker/dashboard.py) is served
+under ``/dashboard`` by the same app.
 
 The OpenAPI document the app serves is checked in as ``worker/openapi.json``
 (``postroom http --openapi`` prints it; a test keeps the two equal).
@@ -34,9 +35,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from worker import apikeys
+from worker import apikeys, dashboard
 from worker.apikeys import ApiKey
 from worker.client import EnqueueError, PayloadError, Producer
+from worker.dashboard import DashboardSettings
 from worker.health import AccountHealth
 from worker.jobs import redis_key
 from worker.payload import MAX_BATCH, SendPayload
@@ -251,8 +253,9 @@ def create_app(
     keys: dict[str, ApiKey] | None = None,
     body_limit: int | None = None,
     failures: str | None = None,
+    dashboard_settings: DashboardSettings | None = None,
 ) -> FastAPI:
-    """The API over ``producer`` (its broker, records and job
+    """The API and the operator dashboard over ``producer`` (its broker, records and job
     store); keys from ``config_dir/api-keys`` (re-read as they change) unless fixed ``keys``
     are given. ``failures``: 401s allowed per client address (e.g. ``120/minute``)."""
     ring = KeyRing(config_dir or producer.config_dir, keys)
@@ -270,6 +273,7 @@ def create_app(
     app.state.ring = ring
     app.state.limiter = limiter
     app.state.auth_failures = FailureLimiter(producer.store.redis, "http-auth", count, period)
+    dashboard.install(app, producer, ring, dashboard_settings or DashboardSettings.from_env())
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
@@ -472,6 +476,7 @@ def serve(host: str, port: int) -> None:
     try:
         app = create_app(producer)
         log.info("submission API on http://%s:%d/v1 (docs at /docs)", host, port)
+        log.info("operator dashboard on http://%s:%d/dashboard", host, port)
         uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
     finally:
         producer.close()
