@@ -323,6 +323,8 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 200
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token + "x")).status_code == 401
+        login = httpx.get(f"{base}/dashboard/login")  # the operator dashboard is served there too
+        assert login.status_code == 200 and "Operator login" in login.text
     finally:
         process.terminate()
         process.wait(20)
