@@ -14,15 +14,21 @@ $(BIN)/postroom: pyproject.toml
 
 venv: $(BIN)/postroom
 
-# Debian's docker-compose validates docker-compose.yml in the tests (no Docker engine needed).
+# Debian packages the tests need: docker-compose (tests/test_deploy.py validates docker-compose.yml
+# with it; no Docker engine needed) and chromium (tests/test_dashboard.py drives it with Playwright;
+# Playwright's own browser download is never used). Installed when root, else named.
 tools:
-	@command -v docker-compose >/dev/null 2>&1 || { \
+	@missing=""; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's docker-compose (the tests validate docker-compose.yml with it)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; \
+	    echo "installing Debian's$$missing (the tests need them)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "note: install Debian's docker-compose package: tests/test_deploy.py needs it" >&2; \
-	  fi; }
+	    echo "note: install Debian's$$missing: test_deploy.py needs docker-compose, test_dashboard.py chromium" >&2; \
+	  fi; \
+	fi
 
 pytest: venv tools
 	$(BIN)/pytest -q

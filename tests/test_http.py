@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,10 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from support.queue import QueueEnv, Worker, unique, wait_for
 from support.smtpd import PASSWORD, SmtpServer
+from support.web import ApiServer, write_key
 from worker import apikeys
 from worker import http as http_api
 from worker.client import Producer
@@ -30,37 +29,11 @@ ServerFactory = Callable[..., SmtpServer]
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 
 
-class ApiServer:
-    """uvicorn serving the app in a thread of this process, on a free port."""
-
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="info", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 10, "uvicorn to start")
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def write_key(env: QueueEnv, name: str, accounts: list[str], rate: str = "1000/minute") -> str:
-    folder = env.config / "api-keys"
-    folder.mkdir(exist_ok=True)
-    token = apikeys.new_token(name)
-    (folder / f"{name}.yaml").write_text(
-        f"hash: {apikeys.hash_token(token)}\naccounts: {json.dumps(accounts)}\nrate: {rate}\n"
-    )
-    return token
-
-
 @pytest.fixture
 def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
     producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
-    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024))
+    # the fuzz sends hundreds of requests without a key: the 401 limit has a test of its own
+    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024, failures="100000/minute"))
     yield server.url, producer
     server.stop()
     producer.close()
@@ -237,6 +210,26 @@ def test_rate_limit_per_key_429_with_retry_after(queue_env: QueueEnv, api: tuple
     assert httpx.get(f"{base}/v1/accounts", headers=auth(other)).status_code == 200
 
 
+def test_an_address_that_keeps_failing_to_authenticate_gets_429(queue_env: QueueEnv) -> None:
+    producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
+    server = ApiServer(http_api.create_app(producer, failures="3/hour"))
+    try:
+        token = write_key(queue_env, unique("ok"), ["*"])
+        while time.time() % 3600 > 3590:  # the requests below must share one window
+            time.sleep(0.5)
+        me = {"X-Forwarded-For": f"10.7.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
+        url = f"{server.url}/v1/accounts"
+        codes = [httpx.get(url, headers={**me, **auth(f"nobody.x{i}")}).status_code for i in range(3)]
+        assert codes == [401, 401, 401]
+        blocked = httpx.get(url, headers={**me, **auth(token)})  # a right key from there waits too
+        assert blocked.status_code == 429 and 1 <= int(blocked.headers["retry-after"]) <= 3600
+        assert "without a valid API key" in blocked.json()["error"]
+        assert httpx.get(url, headers={"X-Forwarded-For": "10.6.0.1", **auth(token)}).status_code == 200
+    finally:
+        server.stop()
+        producer.close()
+
+
 def test_keys_are_compared_in_constant_time(
     queue_env: QueueEnv, api: tuple[str, Producer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -330,6 +323,8 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 200
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token + "x")).status_code == 401
+        login = httpx.get(f"{base}/dashboard/login")  # the operator dashboard is served there too
+        assert login.status_code == 200 and "Operator login" in login.text
     finally:
         process.terminate()
         process.wait(20)

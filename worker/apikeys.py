@@ -6,8 +6,11 @@ only a hash of it::
     hash: sha256:9f86d081884c7d65...          # or pbkdf2-sha256:<iterations>:<salt hex>:<hex>
     accounts: [orders, billing]              # the accounts it may send from ("*": every account)
     rate: 60/minute                          # requests per second, minute or hour
+    operator: true                           # optional: the key also opens the operator dashboard
 
-``postroom api-keys new NAME --account orders`` writes such a record. The
+``postroom api-keys new NAME --account orders`` writes such a record;
+``postroom api-keys new NAME --operator`` an operator's (``accounts`` may then
+be left out: an operator key need not send from any account). The
 secret is 32 random bytes, so a plain SHA-256 cannot be searched backwards; a
 PBKDF2 hash is accepted for operators who bring keys of their own. The digest
 of a presented key is compared with ``hmac.compare_digest`` (constant time),
@@ -24,7 +27,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from worker.errors import RecordProblem
 from worker.payload import Strict
@@ -40,7 +43,8 @@ _DUMMY_HASH = "sha256:" + "0" * 64
 
 class ApiKeyRecord(Strict):
     hash: str
-    accounts: list[str] = Field(min_length=1)
+    operator: bool = False  # declared before accounts: their check reads it
+    accounts: list[str] = Field(default_factory=list, validate_default=True)
     rate: str = "60/minute"
     description: str = ""
 
@@ -55,7 +59,9 @@ class ApiKeyRecord(Strict):
 
     @field_validator("accounts")
     @classmethod
-    def _accounts(cls, value: list[str]) -> list[str]:
+    def _accounts(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value and not info.data.get("operator"):
+            raise ValueError("a producer key needs at least one account ('*' for every account)")
         for name in value:
             if name != "*" and not _NAME.match(name):
                 raise ValueError(f"{name!r} is not an account name (or '*' for every account)")
@@ -78,6 +84,7 @@ class ApiKey:
     accounts: frozenset[str]
     limit: int  # requests …
     period: int  # … per this many seconds
+    operator: bool = False  # may log in to the operator dashboard
 
     def may_send_from(self, account: str) -> bool:
         return "*" in self.accounts or account in self.accounts
@@ -88,16 +95,24 @@ class ApiKey:
 
 def _build(doc: YamlDocument) -> ApiKey:
     record = _validate(doc, ApiKeyRecord)
-    match = _RATE.match(record.rate)
-    assert match is not None
+    limit, period = parse_rate(record.rate)
     return ApiKey(
         name=doc.name,
         source=doc.path,
         hash=record.hash,
         accounts=frozenset(record.accounts),
-        limit=int(match.group(1)),
-        period=_PERIODS[match.group(2)],
+        limit=limit,
+        period=period,
+        operator=record.operator,
     )
+
+
+def parse_rate(value: str) -> tuple[int, int]:
+    """``10/minute`` -> (10, 60): a count and its period in seconds (ValueError when unreadable)."""
+    match = _RATE.match(value)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"{value!r} does not read like 10/minute (a count per second, minute or hour)")
+    return int(match.group(1)), _PERIODS[match.group(2)]
 
 
 def load_api_keys(config_dir: Path) -> tuple[dict[str, ApiKey], dict[str, list[RecordProblem]]]:

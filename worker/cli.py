@@ -386,20 +386,9 @@ def _snapshot(producer: Any) -> Any:
     return Status(producer.store, _health(producer), producer.records(fresh=True))
 
 
-def _ago(when: float | None, now: float) -> str:
-    if not when:
-        return "never"
-    seconds = max(0, int(now - when))
-    return (
-        f"{seconds}s ago"
-        if seconds < 120
-        else f"{seconds // 60}m ago"
-        if seconds < 7200
-        else f"{seconds // 3600}h ago"
-    )
-
-
 def _print_status(data: dict[str, Any]) -> None:
+    from worker.status import health_line
+
     now = data["generated_at"]
     queues = "  ".join(f"{name}={depth}" for name, depth in data["queues"].items())
     click.echo(f"queues: {queues}")
@@ -412,16 +401,7 @@ def _print_status(data: dict[str, Any]) -> None:
     click.echo("{:<20} {:<9} {:>12} {:>7} {:>8} {:>5} {:>5}  HEALTH".format(*columns))
     for name, info in data["accounts"].items():
         hour, day = info["last_hour"], info["last_day"]
-        health = info["health"]
-        if health is None:
-            line = "no check yet"
-        else:
-            verdict = "ok" if health.get("ok") else "FAILED"
-            line = f"{verdict} {_ago(health.get('checked_at'), now)}: {health.get('result')}"
-            if health.get("detail", {}).get("tls_version"):
-                line += f" {health['detail']['tls_version']}"
-            if not health.get("ok") and health.get("error"):
-                line += f" ({health['error']})"
+        line = health_line(info["health"], now)
         for label, days in info["certificate_days_left"].items():
             line += f"; {label} cert {days}d"
         click.echo(
@@ -499,7 +479,7 @@ def sweep_command(as_json: bool) -> None:
 def health_command(as_json: bool) -> None:
     """The last health check of every account; exit 1 when any is unhealthy (paused, failing or
     never checked), for container health checks and cron."""
-    from worker.status import unhealthy
+    from worker.status import ago, unhealthy
 
     producer = _producer()
     try:
@@ -526,7 +506,7 @@ def health_command(as_json: bool) -> None:
         now = time.time()
         for name, item in accounts.items():
             mark = "ok  " if name not in problems else "FAIL"
-            when = _ago(item["checked_at"], now) if item["checked_at"] else "never"
+            when = ago(item["checked_at"], now) if item["checked_at"] else "never"
             click.echo(
                 f"{mark} {name:<20} {item['result'] or '-'}  ({when})  {problems.get(name, '')}".rstrip()
             )
@@ -585,15 +565,17 @@ def api_keys() -> None:
 
 @api_keys.command("new")
 @click.argument("name")
-@click.option(
-    "--account", "accounts", multiple=True, required=True, help="An account it may send from ('*': all)."
-)
+@click.option("--account", "accounts", multiple=True, help="An account it may send from ('*': all).")
+@click.option("--operator", is_flag=True, help="An operator key: it logs in to the dashboard (/dashboard).")
 @click.option("--rate", default="60/minute", show_default=True, help="Requests per second, minute or hour.")
-def api_keys_new(name: str, accounts: tuple[str, ...], rate: str) -> None:
-    """Write a key record (hash only) and print the key, once."""
+def api_keys_new(name: str, accounts: tuple[str, ...], operator: bool, rate: str) -> None:
+    """Write a key record (hash only) and print the key, once. A producer key needs --account;
+    an --operator key opens the operator dashboard (and sends from the --account given, if any)."""
     from worker import apikeys
     from worker.settings import config_dir
 
+    if not accounts and not operator:
+        raise click.UsageError("give --account (a producer key) or --operator (an operator key)")
     folder = config_dir() / "api-keys"
     path = folder / f"{name}.yaml"
     if path.exists():
@@ -601,7 +583,8 @@ def api_keys_new(name: str, accounts: tuple[str, ...], rate: str) -> None:
     token = apikeys.new_token(name)
     folder.mkdir(parents=True, exist_ok=True)
     listed = ", ".join(json.dumps(a) for a in accounts)
-    path.write_text(f"hash: {apikeys.hash_token(token)}\naccounts: [{listed}]\nrate: {json.dumps(rate)}\n")
+    record = f"hash: {apikeys.hash_token(token)}\naccounts: [{listed}]\nrate: {json.dumps(rate)}\n"
+    path.write_text(record + ("operator: true\n" if operator else ""))
     _, problems = apikeys.load_api_keys(config_dir())
     if name in problems:
         path.unlink()
@@ -687,23 +670,12 @@ def dead_show(job_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def dead_retry(job_ids: tuple[str, ...], retry_all: bool, as_json: bool) -> None:
     """Re-enqueue dead letters (same job id, same Message-ID)."""
-    from worker.payload import QUEUE, TASK_NAME
-
     producer = _producer()
-    ids = [row["id"] for row in producer.store.dead_letters()] if retry_all else list(job_ids)
+    ids = producer.store.dead_letter_ids() if retry_all else list(job_ids)
     if not ids:
         click.echo("nothing to retry (give job ids or --all)", err=True)
         sys.exit(1)
-    retried, missing = [], []
-    for job_id in ids:
-        try:
-            payload = producer.store.resurrect(job_id)
-        except KeyError:
-            missing.append(job_id)
-            continue
-        payload["enqueued_at"] = time.time()
-        producer.app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE, task_id=job_id)
-        retried.append(job_id)
+    retried, missing = producer.retry_dead_letters(ids)
     if as_json:
         _emit_json({"retried": retried, "missing": missing})
     else:

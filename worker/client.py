@@ -193,6 +193,26 @@ class Producer:
         except Exception:  # noqa: S110 - the broker is down; the original error is what matters
             pass
 
+    def retry_dead_letters(self, job_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Put dead letters back on the queue with their job ids and Message-IDs (what the
+        CLI's ``dead-letters retry`` and the dashboard's Retry buttons do).
+
+        Returns (retried, missing): ids that are not, or no longer, dead letters are
+        missing; of two callers retrying the same id at once only one re-enqueues it.
+        """
+        retried: list[str] = []
+        missing: list[str] = []
+        for job_id in job_ids:
+            try:
+                payload = self.store.resurrect(job_id)
+            except KeyError:
+                missing.append(job_id)
+                continue
+            payload["enqueued_at"] = time.time()
+            self.app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE, task_id=job_id)
+            retried.append(job_id)
+        return retried, missing
+
     def job(self, job_id: str) -> Job | None:
         return self.store.get(job_id)
 

@@ -5,8 +5,11 @@ payload (DESIGN §2) and go through :class:`worker.client.Producer`, so the
 validation and its messages are the ones a Python producer gets. Every
 ``/v1`` request needs ``Authorization: Bearer <name>.<secret>`` (see
 worker/apikeys.py); a key sends only from its accounts, within its request
-rate, and sees only the jobs it enqueued. ``/healthz`` answers while the
-process runs, ``/readyz`` when the broker answers too.
+rate, and sees only the jobs it enqueued. A client address that keeps
+presenting no valid key gets 429 for a while (``POSTROOM_HTTP_AUTH_FAILURES``,
+120/minute). ``/healthz`` answers while the process runs, ``/readyz`` when
+the broker answers too. The operator dashboard (worker/dashboard.py) is served
+under ``/dashboard`` by the same app.
 
 The OpenAPI document the app serves is checked in as ``worker/openapi.json``
 (``postroom http --openapi`` prints it; a test keeps the two equal).
@@ -32,12 +35,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from worker import apikeys
+from worker import apikeys, dashboard
 from worker.apikeys import ApiKey
 from worker.client import EnqueueError, PayloadError, Producer
+from worker.dashboard import DashboardSettings
 from worker.health import AccountHealth
 from worker.jobs import redis_key
 from worker.payload import MAX_BATCH, SendPayload
+from worker.ratelimit import FailureLimiter, client_address
 from worker.runtime import RECORDS_RECHECK_SECONDS
 from worker.settings import config_dir as default_config_dir
 from worker.settings import redis_url
@@ -47,6 +52,7 @@ log = logging.getLogger("postroom.http")
 
 DEFAULT_PORT = 8425  # POSTROOM_HTTP_PORT
 DEFAULT_MAX_BODY = 25 * 1024 * 1024  # POSTROOM_HTTP_MAX_BODY: bytes of one request body
+DEFAULT_AUTH_FAILURES = "120/minute"  # POSTROOM_HTTP_AUTH_FAILURES: 401s per client address
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 _RATE_PREFIX = redis_key("http-rate", "")
 
@@ -57,6 +63,10 @@ def http_port() -> int:
 
 def max_body() -> int:
     return int(os.environ.get("POSTROOM_HTTP_MAX_BODY", DEFAULT_MAX_BODY))
+
+
+def auth_failures() -> str:
+    return os.environ.get("POSTROOM_HTTP_AUTH_FAILURES", DEFAULT_AUTH_FAILURES)
 
 
 # ---- response models (for the OpenAPI document) -----------------------------------------
@@ -205,12 +215,22 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <name>
 async def authorised(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> ApiKey:
-    """The request's API key (401 without a valid one, 429 over its rate)."""
+    """The request's API key (401 without a valid one, 429 over its rate or after too many 401s)."""
     ring: KeyRing = request.app.state.ring
     limiter: RateLimiter = request.app.state.limiter
+    failures: FailureLimiter = request.app.state.auth_failures
+    address = client_address(request)
+    blocked = await run_in_threadpool(failures.blocked, address)
+    if blocked is not None:
+        raise HttpError(
+            429,
+            "too many requests without a valid API key from this address",
+            headers={"Retry-After": str(max(1, math.ceil(blocked)))},
+        )
     token = credentials.credentials if credentials is not None else None
     key = apikeys.verify(ring.keys(apikeys.key_name(token)), token)
     if key is None:
+        await run_in_threadpool(failures.failed, address)
         log.info("401 %s %s: %s", request.method, request.url.path, "bad key" if token else "no key")
         raise HttpError(401, "a valid API key is needed", headers={"WWW-Authenticate": "Bearer"})
     wait = await run_in_threadpool(limiter.hit, key)
@@ -232,12 +252,16 @@ def create_app(
     config_dir: Path | None = None,
     keys: dict[str, ApiKey] | None = None,
     body_limit: int | None = None,
+    failures: str | None = None,
+    dashboard_settings: DashboardSettings | None = None,
 ) -> FastAPI:
-    """The API over ``producer`` (its broker, records and job store); keys from
-    ``config_dir/api-keys`` (re-read as they change) unless fixed ``keys`` are given."""
+    """The API and the operator dashboard over ``producer`` (its broker, records and job
+    store); keys from ``config_dir/api-keys`` (re-read as they change) unless fixed ``keys``
+    are given. ``failures``: 401s allowed per client address (e.g. ``120/minute``)."""
     ring = KeyRing(config_dir or producer.config_dir, keys)
     cap = body_limit if body_limit is not None else max_body()
     limiter = RateLimiter(producer.store.redis)
+    count, period = apikeys.parse_rate(failures or auth_failures())
     ready_client = redis.Redis.from_url(
         redis_url(producer.broker), socket_connect_timeout=2, socket_timeout=2
     )
@@ -248,6 +272,8 @@ def create_app(
     )
     app.state.ring = ring
     app.state.limiter = limiter
+    app.state.auth_failures = FailureLimiter(producer.store.redis, "http-auth", count, period)
+    dashboard.install(app, producer, ring, dashboard_settings or DashboardSettings.from_env())
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
@@ -450,6 +476,7 @@ def serve(host: str, port: int) -> None:
     try:
         app = create_app(producer)
         log.info("submission API on http://%s:%d/v1 (docs at /docs)", host, port)
+        log.info("operator dashboard on http://%s:%d/dashboard", host, port)
         uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
     finally:
         producer.close()

@@ -470,8 +470,13 @@ class JobStore:
 
     # ---- dead letters --------------------------------------------------------------
 
-    def dead_letters(self) -> list[dict[str, Any]]:
-        ids = cast(list[tuple[str, float]], self.redis.zrange(_key("dead"), 0, -1, withscores=True))
+    def dead_letters(self, *, limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
+        """Dead letters, oldest first (or the newest ``limit`` of them, newest first)."""
+        end = -1 if limit is None else max(limit, 1) - 1
+        ids = cast(
+            list[tuple[str, float]],
+            self.redis.zrange(_key("dead"), 0, end, desc=newest_first, withscores=True),
+        )
         out = []
         for job_id, failed_at in ids:
             job = self.get(job_id)
@@ -489,17 +494,26 @@ class JobStore:
             )
         return out
 
+    def dead_letter_ids(self, upto: float | None = None) -> list[str]:
+        """Every dead letter's id, oldest first; with ``upto``, only those dead by then
+        (what an operator saw: "retry all" and "purge all" leave later ones alone)."""
+        return cast(
+            list[str], self.redis.zrangebyscore(_key("dead"), "-inf", "+inf" if upto is None else upto)
+        )
+
     def is_dead(self, job_id: str) -> bool:
         return self.redis.zscore(_key("dead"), job_id) is not None
 
     def resurrect(self, job_id: str) -> dict[str, Any]:
-        """Take a dead letter out for a retry; returns its payload (same Message-ID)."""
+        """Take a dead letter out for a retry; returns its payload (same Message-ID).
+
+        KeyError when it is not a dead letter (any more): of two callers at once (a
+        double click, two operators), only the one whose removal took it gets the payload."""
         job = self.get(job_id)
-        if job is None or not self.is_dead(job_id) or job.payload is None:
+        if job is None or job.payload is None or not self.redis.zrem(_key("dead"), job_id):
             raise KeyError(job_id)
         key = _key("job", job_id)
         with self.redis.pipeline() as pipe:
-            pipe.zrem(_key("dead"), job_id)
             pipe.hset(
                 key,
                 mapping={

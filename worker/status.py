@@ -149,6 +149,34 @@ class Status:
         }
 
 
+def ago(when: float | None, now: float) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago`` (``never`` without a time)."""
+    if not when:
+        return "never"
+    seconds = max(0, int(now - when))
+    return (
+        f"{seconds}s ago"
+        if seconds < 120
+        else f"{seconds // 60}m ago"
+        if seconds < 7200
+        else f"{seconds // 3600}h ago"
+    )
+
+
+def health_line(health: dict[str, Any] | None, now: float) -> str:
+    """An account's last check in one line, as ``postroom status`` and the dashboard show it:
+    ``ok 12s ago: SMTP (Connect using STARTTLS) TLSv1.3`` or ``FAILED …: … (why)``."""
+    if health is None:
+        return "no check yet"
+    verdict = "ok" if health.get("ok") else "FAILED"
+    line = f"{verdict} {ago(_timestamp(health.get('checked_at')), now)}: {health.get('result')}"
+    if (health.get("detail") or {}).get("tls_version"):
+        line += f" {health['detail']['tls_version']}"
+    if not health.get("ok") and health.get("error"):
+        line += f" ({health['error']})"
+    return line
+
+
 def unhealthy(health: dict[str, Any] | None, state: str) -> str | None:
     """Why an account counts as unhealthy for ``postroom health`` (None: healthy)."""
     if state == "paused":

@@ -100,6 +100,7 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
         else:
             start("http", [sys.executable, "-m", "worker.cli", "http", "--port", str(port)])
             _say(f"HTTP submission API on http://127.0.0.1:{port}/v1 (keys: postroom api-keys new)")
+            _say(f"operator dashboard on http://127.0.0.1:{port}/dashboard (api-keys new NAME --operator)")
         _say(
             "ready. Try: postroom send --account dev --to you@example.com --subject Hello "
             "--text 'It works' --wait 15"

@@ -1,0 +1,41 @@
+"""The HTTP app on a real uvicorn (a thread of the test process, port 0), and API key records."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import uvicorn
+
+from support.queue import QueueEnv, wait_for
+from worker import apikeys
+
+
+class ApiServer:
+    """uvicorn serving the app in a thread of this process, on a free port."""
+
+    def __init__(self, app: Any) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="info", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 10, "uvicorn to start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def write_key(
+    env: QueueEnv, name: str, accounts: list[str], rate: str = "1000/minute", *, operator: bool = False
+) -> str:
+    """``config/api-keys/NAME.yaml`` (hash only); returns the key ``NAME.SECRET``."""
+    folder = env.config / "api-keys"
+    folder.mkdir(exist_ok=True)
+    token = apikeys.new_token(name)
+    record = f"hash: {apikeys.hash_token(token)}\naccounts: {json.dumps(accounts)}\nrate: {rate}\n"
+    (folder / f"{name}.yaml").write_text(record + ("operator: true\n" if operator else ""))
+    return token

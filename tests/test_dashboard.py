@@ -1,0 +1,510 @@
+"""The operator dashboard in a real headless browser (Debian's chromium driven by Playwright),
+against a real uvicorn (port 0), real Redis, a real worker and aiosmtpd servers."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect, sync_playwright
+
+from support.pki import Pki
+from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
+from support.smtpd import PASSWORD, Rule, SmtpServer
+from support.web import ApiServer, write_key
+from worker import http as http_api
+from worker.client import Producer
+from worker.dashboard import SESSION_COOKIE, DashboardSettings
+
+ServerFactory = Callable[..., SmtpServer]
+CHROMIUM = os.environ.get("POSTROOM_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SLOW = 20_000  # ms: what the browser may take on a busy 2-core machine
+expect.set_options(timeout=SLOW)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's chromium (never a browser Playwright downloads); missing, the tests fail."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"no chromium at {CHROMIUM}: the dashboard tests need Debian's chromium "
+            "(`make tools` as root installs it: apt-get install chromium)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh browser profile (no cookies) per test."""
+    made = browser.new_context()
+    made.set_default_timeout(SLOW)
+    yield made
+    made.close()
+
+
+@dataclass
+class Dashboard:
+    url: str  # http://127.0.0.1:PORT
+    producer: Producer
+    operator: str  # the operator key NAME.SECRET
+
+
+def start_dashboard(env: QueueEnv, **settings: Any) -> tuple[ApiServer, Producer]:
+    producer = Producer(env.broker_url, accounts_dir=env.accounts, config_dir=env.config)
+    options = {"refresh": 600, **settings}  # no refresh while a test clicks, unless asked for
+    return ApiServer(http_api.create_app(producer, dashboard_settings=DashboardSettings(**options))), producer
+
+
+@pytest.fixture
+def dashboard(queue_env: QueueEnv) -> Iterator[Dashboard]:
+    server, producer = start_dashboard(queue_env)
+    yield Dashboard(server.url, producer, write_key(queue_env, unique("ops"), [], operator=True))
+    server.stop()
+    producer.close()
+
+
+def login(page: Page, base: str, token: str) -> None:
+    """Log in through the form, the way an operator does (starting from any dashboard page)."""
+    page.goto(f"{base}/dashboard")
+    expect(page).to_have_url(re.compile(r"/dashboard/login\?next=%2Fdashboard$"))
+    page.fill("#key", token)
+    page.click("form.login button")
+    expect(page.locator("h1")).to_have_text("Overview")
+
+
+def dead_letter(producer: Producer, account: str, subject: str = "Hi") -> Any:
+    job = finished(producer, producer.send_notification(account, ["to@example.net"], subject, "x"))
+    assert job.state == "dead", job
+    return job
+
+
+def delivered(server: SmtpServer, message_id: str | None) -> bool:
+    return any(r.message["Message-ID"] == message_id for r in server.received)
+
+
+def test_login_and_the_account_table_renders_and_refreshes(
+    queue_env: QueueEnv, context: BrowserContext, smtp_server: ServerFactory
+) -> None:
+    server, producer = start_dashboard(queue_env, refresh=1)
+    try:
+        token = write_key(queue_env, unique("ops"), [], operator=True)
+        up = queue_env.account(unique("up"), smtp_server(mode="plain"))
+        with socket.socket() as probe:  # a port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]
+        down = queue_env.account(unique("down"), smtp_server(mode="plain"), port=closed)
+        for name in (up, down):  # real checks, stored like the scheduled ones
+            cli(queue_env, "test-connectivity", name)
+        page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        login(page, server.url, token)
+        row = page.locator(f'tr[data-account="{up}"]')
+        expect(row.locator("td.name")).to_have_text(up)
+        expect(row.locator("td.state")).to_have_text("ok")
+        expect(row.locator("td.health")).to_contain_text("ok")
+        expect(row.locator("td.health")).to_contain_text("SMTP (Connect using default)")
+        failing = page.locator(f'tr[data-account="{down}"]')
+        expect(failing.locator("td.state")).to_have_text("degraded")
+        expect(failing.locator("td.health")).to_contain_text("FAILED")
+        expect(failing.locator("td.health")).to_contain_text(f"cannot connect to 127.0.0.1:{closed}")
+        expect(page.locator('td[data-queue="postroom"]')).to_have_text(re.compile(r"^\d+$"))
+        for stat in ("in_flight", "retrying", "held", "dead_letters"):
+            expect(page.locator(f'td[data-stat="{stat}"]')).to_have_text(re.compile(r"^\d+$"))
+        # the page refreshes itself (refresh=1 here): a new account shows up without a click
+        late = queue_env.account(unique("late"), smtp_server(mode="plain"))
+        expect(page.locator(f'tr[data-account="{late}"] td.state')).to_have_text("ok")
+        assert not [text for text in console if "Content Security Policy" in text], console
+    finally:
+        server.stop()
+        producer.close()
+
+
+def test_a_dead_letter_retried_by_clicking_its_button_arrives(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    account = queue_env.account(unique("dash"), server)
+    job = dead_letter(dashboard.producer, account, "Dead, then delivered")
+    server.rules.clear()  # the mailbox exists now
+    page = context.new_page()
+    login(page, dashboard.url, dashboard.operator)
+    page.click("nav >> text=Dead letters")
+    row = page.locator(f'tr[data-job="{job.id}"]')
+    expect(row.locator("td.account")).to_have_text(account)
+    expect(row.locator("td.error")).to_contain_text("550")
+    expect(row.locator("td.attempts")).to_have_text("1")
+    expect(row.locator("td.failed-at")).to_contain_text("UTC")
+    assert not delivered(server, job.message_id)
+    row.locator("button.retry").click()
+    expect(page.locator(".done")).to_contain_text("1 re-enqueued")
+    wait_for(lambda: delivered(server, job.message_id), 30, "the retried dead letter at the server", worker)
+    again = finished(dashboard.producer, job.id)
+    assert again.state == "sent" and again.message_id == job.message_id
+    assert not dashboard.producer.store.is_dead(job.id)
+    page.reload()
+    expect(page.locator(f'tr[data-job="{job.id}"]')).to_have_count(0)
+    assert [delivered(server, job.message_id)] == [True] and len(server.received) == 1
+
+
+def test_purge_from_the_browser_empties_the_dead_letters(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("DATA", 554, "5.7.1 Spam")])
+    account = queue_env.account(unique("purge"), server)
+    first, second, third = (dead_letter(dashboard.producer, account, f"D{i}") for i in range(3))
+    page = context.new_page()
+    dialogs: list[str] = []
+    login(page, dashboard.url, dashboard.operator)
+    page.goto(f"{dashboard.url}/dashboard/dead-letters")
+
+    # a purge asks first (dashboard.js, allowed by the page's CSP): "cancel" changes nothing
+    def cancel(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", cancel)
+    page.locator(f'tr[data-job="{first.id}"] button.purge').click()
+    wait_for(lambda: bool(dialogs), 10, "the confirmation dialog")
+    expect(page.locator(f'tr[data-job="{first.id}"]')).to_have_count(1)
+    assert dashboard.producer.store.is_dead(first.id)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.locator(f'tr[data-job="{first.id}"] button.purge').click()
+    expect(page.locator(".done")).to_contain_text("1 purged")
+    expect(page.locator(f'tr[data-job="{first.id}"]')).to_have_count(0)
+    expect(page.locator(f'tr[data-job="{second.id}"]')).to_have_count(1)
+    assert dashboard.producer.job(first.id) is None
+    page.click("#purge-all")
+    expect(page.locator("p.empty")).to_have_text("No dead letters.")
+    assert dashboard.producer.store.dead_count() == 0
+    assert dashboard.producer.job(second.id) is None and dashboard.producer.job(third.id) is None
+    assert len(dialogs) == 1 and "for good" in dialogs[0]
+
+
+class Attacker:
+    """Another web site: a second local server (another port, so another origin) whose page
+    auto-submits a form at the dashboard."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+        pages = self.pages
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = pages.get(self.path, "not found").encode()
+                self.send_response(200 if self.path in pages else 404)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def forge(self, path: str, action: str, fields: dict[str, str]) -> str:
+        inputs = "".join(f'<input type="hidden" name="{k}" value="{v}">' for k, v in fields.items())
+        self.pages[path] = (
+            f'<!doctype html><form id="f" method="post" action="{action}">{inputs}</form>'
+            '<script>document.getElementById("f").submit()</script>'
+        )
+        return self.url + path
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_forged_cross_site_post_is_refused_and_changes_nothing(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    account = queue_env.account(unique("csrf"), server)
+    job = dead_letter(dashboard.producer, account)
+    server.rules.clear()  # a retry would now be delivered: nothing may arrive
+    page = context.new_page()
+    login(page, dashboard.url, dashboard.operator)
+    page.goto(f"{dashboard.url}/dashboard/dead-letters")
+    csrf = page.locator(f'tr[data-job="{job.id}"] input[name=csrf]').first.get_attribute("value")
+    assert csrf
+    attacker = Attacker()
+    try:
+        base = f"{dashboard.url}/dashboard/dead-letters"
+        forged = {
+            "/retry": (f"{base}/{job.id}/retry", {"csrf": "guessed"}),
+            "/purge-all": (f"{base}/purge-all", {"csrf": "guessed", "upto": "1e12"}),
+            # even a stolen token does not help a page of another origin
+            "/with-token": (f"{base}/{job.id}/purge", {"csrf": csrf}),
+        }
+        for path, (action, fields) in forged.items():
+            with page.expect_response(lambda r, a=action: r.url == a) as caught:  # type: ignore[misc]
+                page.goto(attacker.forge(path, action, fields))
+            response = caught.value
+            assert response.status == 403, (path, response.status)
+            # the browser did send the session (same site, other origin): the refusal is CSRF protection
+            sent = response.request.all_headers()
+            assert f"{SESSION_COOKIE}=" in sent.get("cookie", ""), sent
+            assert sent.get("origin") == attacker.url
+            expect(page.locator("p.error")).to_contain_text("Cross-site request refused")
+    finally:
+        attacker.stop()
+    assert dashboard.producer.store.is_dead(job.id)
+
+    # the same checks without a browser: every layer on its own
+    cookie = next(c["value"] for c in context.cookies() if c["name"] == SESSION_COOKIE)
+    session = {"Cookie": f"{SESSION_COOKIE}={cookie}"}
+    purge = f"{base}/{job.id}/purge"
+    refused = {
+        "no token": httpx.post(purge, headers=session),
+        "wrong token": httpx.post(purge, headers=session, data={"csrf": csrf[:-2] + "xx"}),
+        "foreign Origin": httpx.post(
+            purge, headers={**session, "Origin": "http://evil.example"}, data={"csrf": csrf}
+        ),
+        "Sec-Fetch-Site cross-site": httpx.post(
+            purge, headers={**session, "Sec-Fetch-Site": "cross-site"}, data={"csrf": csrf}
+        ),
+        "no session": httpx.post(purge, data={"csrf": csrf}),
+        "logout without token": httpx.post(f"{dashboard.url}/dashboard/logout", headers=session),
+    }
+    for why, reply in refused.items():
+        assert reply.status_code == 403, (why, reply.status_code)
+    assert dashboard.producer.store.is_dead(job.id)
+    time.sleep(0.5)  # nothing was re-enqueued: no delivery shows up meanwhile either
+    assert not delivered(server, job.message_id)
+    # … while the dashboard's own form (token, own origin) works
+    origin = {"Origin": dashboard.url, "Sec-Fetch-Site": "same-origin"}
+    done = httpx.post(purge, headers={**session, **origin}, data={"csrf": csrf})
+    assert done.status_code == 303, done.text
+    assert not dashboard.producer.store.is_dead(job.id)
+
+
+def test_a_producer_key_cannot_log_in_and_no_page_shows_a_secret(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+    pki: Pki,
+) -> None:
+    producer_key = write_key(queue_env, unique("shop"), ["*"])
+    page = context.new_page()
+    for wrong in (producer_key, dashboard.operator + "x", "nonsense"):
+        page.goto(f"{dashboard.url}/dashboard")
+        page.fill("#key", wrong)
+        with page.expect_response(lambda r: r.url.endswith("/dashboard/login")) as caught:
+            page.click("form.login button")
+        assert caught.value.status == 403
+        expect(page.locator("p.error")).to_have_text("That is not an operator key.")
+        assert not [c for c in context.cookies() if c["name"] == SESSION_COOKIE]
+        page.goto(f"{dashboard.url}/dashboard/dead-letters")
+        expect(page).to_have_url(re.compile(r"/dashboard/login\?next=%2Fdashboard%2Fdead-letters$"))
+
+    # an account with a password, and a dead letter of it (a 535 for the wrong one)
+    (queue_env.config / "keystores" / "dash-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
+    server = smtp_server(mode="starttls", auth_required=True)
+    tls: dict[str, Any] = {
+        "secure": True,
+        "auth": "password",
+        "truststore": "dash-ca",
+        "user_id": "user@example.com",
+    }
+    queue_env.account(unique("pw"), server, password="${QUEUE_TEST_PASSWORD}", **tls)
+    wrong = queue_env.account(unique("wrongpw"), server, password="${QUEUE_TEST_WRONG_PASSWORD}", **tls)
+    job = dead_letter(dashboard.producer, wrong)
+    assert "535" in (job.last_error or "")
+
+    # an operator key made the way an operator makes one
+    made = cli(queue_env, "api-keys", "new", unique("cliops"), "--operator")
+    assert made.returncode == 0, made.stderr
+    operator = made.stdout.strip()
+    page.goto(f"{dashboard.url}/dashboard/dead-letters")
+    page.fill("#key", operator)
+    page.click("form.login button")
+    expect(page.locator("h1")).to_contain_text("Dead letters")  # back where it was going
+    html = [page.content()]
+    for path in ("/dashboard", f"/dashboard/jobs/{job.id}"):
+        page.goto(dashboard.url + path)
+        expect(page.locator("main")).to_be_visible()
+        html.append(page.content())
+    cookie = next(c for c in context.cookies() if c["name"] == SESSION_COOKIE)
+    secrets = {
+        "operator key": operator,
+        "operator secret": operator.rpartition(".")[2],
+        "producer key secret": producer_key.rpartition(".")[2],
+        "account password": PASSWORD,
+        "wrong password": queue_env.env["QUEUE_TEST_WRONG_PASSWORD"],
+        "session id": cookie["value"],
+    }
+    for text in html:
+        for what, secret in secrets.items():
+            assert secret not in text, what
+
+    # logging out ends the session server-side too: the old cookie opens nothing
+    page.click("header .logout button")
+    expect(page).to_have_url(re.compile(r"/dashboard/login$"))
+    old = httpx.get(f"{dashboard.url}/dashboard", headers={"Cookie": f"{SESSION_COOKIE}={cookie['value']}"})
+    assert old.status_code == 303 and "/dashboard/login" in old.headers["location"]
+
+
+def test_the_job_page_shows_per_recipient_results_and_never_the_payload(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+) -> None:
+    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="bad")])
+    account = queue_env.account(unique("rcpt"), server)
+    marker = uuid.uuid4().hex
+    job_id = dashboard.producer.enqueue(
+        {
+            "account": account,
+            "to": ["good@example.net", "bad@example.net"],
+            "subject": "Per recipient",
+            "text": f"body-{marker}",
+            "headers": {"X-Private": f"header-{marker}"},
+            "attachments": [{"filename": "a.txt", "content_base64": "YXR0YWNobWVudA=="}],
+        }
+    )
+    job = finished(dashboard.producer, job_id)
+    assert job.state == "sent"
+    page = context.new_page()
+    login(page, dashboard.url, dashboard.operator)
+    page.goto(f"{dashboard.url}/dashboard/jobs/{job_id}")
+    expect(page.locator('[data-field="state"]')).to_have_text("sent")
+    expect(page.locator('[data-field="account"]')).to_have_text(account)
+    good = page.locator('tr[data-recipient="good@example.net"]')
+    expect(good.locator("td.status")).to_have_text("sent")
+    expect(good.locator("td.code")).to_have_text("250")
+    bad = page.locator('tr[data-recipient="bad@example.net"]')
+    expect(bad.locator("td.status")).to_have_text("failed")
+    expect(bad.locator("td.code")).to_have_text("550")
+    expect(bad.locator("td.message")).to_contain_text("No such user")
+    expect(page.locator("table.history td.outcome")).to_have_text(["sent"])
+    expect(page.locator("main")).to_contain_text("Per recipient")
+    html = page.content()
+    assert marker not in html and "YXR0YWNobWVudA" not in html  # bodies, headers, attachments stay out
+    page.goto(f"{dashboard.url}/dashboard/jobs/{uuid.uuid4()}")
+    expect(page.locator("p.error")).to_contain_text("No such job")
+
+
+def test_security_headers_and_session_cookie_flags(
+    queue_env: QueueEnv, dashboard: Dashboard, context: BrowserContext
+) -> None:
+    page = context.new_page()
+    first = page.goto(f"{dashboard.url}/dashboard/login")
+    assert first is not None
+    login(page, dashboard.url, dashboard.operator)
+    for path in ("/dashboard/login", "/dashboard", "/dashboard/dead-letters", "/dashboard/jobs/x"):
+        reply = httpx.get(dashboard.url + path)
+        csp = reply.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert reply.headers["x-frame-options"] == "DENY"
+        assert reply.headers["referrer-policy"] == "same-origin"
+        assert reply.headers["x-content-type-options"] == "nosniff"
+    assert re.search(r"<script(?![^>]*\bsrc=)", page.content()) is None  # no inline script to allow
+    (cookie,) = [c for c in context.cookies() if c["name"] == SESSION_COOKIE]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
+    assert not cookie["secure"]  # plain http here; over https (or POSTROOM_DASHBOARD_ORIGIN=https://…) it is
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script can read it
+    # served over https (as a proxy says with X-Forwarded-Proto), the cookie is Secure
+    reply = httpx.post(
+        f"{dashboard.url}/dashboard/login",
+        data={"key": dashboard.operator},
+        headers={"X-Forwarded-Proto": "https"},
+    )
+    assert reply.status_code == 303 and "; secure" in reply.headers["set-cookie"].lower()
+    # the API's OpenAPI document leaves the dashboard out
+    assert not [p for p in httpx.get(f"{dashboard.url}/openapi.json").json()["paths"] if "dashboard" in p]
+
+
+def test_failed_logins_are_limited_per_address(queue_env: QueueEnv) -> None:
+    server, producer = start_dashboard(queue_env, login_failures="3/hour")
+    try:
+        operator = write_key(queue_env, unique("ops"), [], operator=True)
+        login_url = f"{server.url}/dashboard/login"
+        while time.time() % 3600 > 3590:  # the four tries below must share one window
+            time.sleep(0.5)
+        me = {"X-Forwarded-For": f"10.9.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
+        codes = [httpx.post(login_url, headers=me, data={"key": f"x{i}"}).status_code for i in range(3)]
+        assert codes == [403, 403, 403]
+        blocked = httpx.post(login_url, headers=me, data={"key": operator})  # even the right key
+        assert blocked.status_code == 429 and 1 <= int(blocked.headers["retry-after"]) <= 3600
+        assert SESSION_COOKIE not in blocked.headers.get("set-cookie", "")
+        other = {"X-Forwarded-For": "10.8.0.1"}
+        assert httpx.post(login_url, headers=other, data={"key": operator}).status_code == 303
+    finally:
+        server.stop()
+        producer.close()
+
+
+def test_operator_key_records(queue_env: QueueEnv, tmp_path: Path) -> None:
+    from worker import apikeys
+
+    folder = tmp_path / "api-keys"
+    folder.mkdir()
+    ops = apikeys.new_token("ops")
+    (folder / "ops.yaml").write_text(f"hash: {apikeys.hash_token(ops)}\noperator: true\n")
+    (folder / "noaccounts.yaml").write_text(f"hash: {apikeys.hash_token(ops)}\n")
+    keys, problems = apikeys.load_api_keys(tmp_path)
+    assert keys["ops"].operator and not keys["ops"].accounts
+    assert "a producer key needs at least one account" in str(problems["noaccounts"][0])
+    refused = cli(queue_env, "api-keys", "new", unique("neither"))
+    assert refused.returncode != 0 and "--operator" in refused.stderr
+    made = cli(queue_env, "api-keys", "new", unique("both"), "--operator", "--account", "orders")
+    name = made.stdout.strip().rpartition(".")[0]
+    text = (queue_env.config / "api-keys" / f"{name}.yaml").read_text()
+    assert "operator: true" in text and '["orders"]' in text
+
+
+def test_retrying_the_same_dead_letter_twice_re_enqueues_it_once(
+    queue_env: QueueEnv, worker: Worker, dashboard: Dashboard, smtp_server: ServerFactory
+) -> None:
+    """What a double click on Retry (or two operators at once) does: one job on the queue."""
+    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", times=1)])
+    job = dead_letter(dashboard.producer, queue_env.account(unique("twice"), server))
+    retried, missing = dashboard.producer.retry_dead_letters([job.id, job.id])
+    assert (retried, missing) == ([job.id], [job.id])
+    assert finished(dashboard.producer, job.id).state == "sent"
+    assert len(server.received) == 1
