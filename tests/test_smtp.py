@@ -590,3 +590,32 @@ def test_a_cancelled_send_never_leaves_its_connection_in_the_pool(
     run(scenario())
     assert [r.message["Subject"] for r in server.received] == ["first", "after"]
     assert server.connections == 2
+
+
+def test_a_send_cancelled_while_its_connection_closes_still_frees_its_place(
+    accounts: Accounts, smtp_server: ServerFactory
+) -> None:
+    """A connection retired after its message (here: its message cap) is closed politely; a
+    cancellation landing during that QUIT (the task's time limit) must still free the pool's
+    place, or a one-connection pool would wait forever for a connection it no longer has."""
+    server = smtp_server(mode="plain", quit_delay=1.5)
+    account = accounts.make(server, secure=False, auth="none", password=None)
+    transport = accounts.transport(account, max_connections=1, max_messages_per_connection=1)
+
+    async def scenario() -> None:
+        try:
+            first = asyncio.ensure_future(transport.send(message(subject="first")))
+            for _ in range(200):  # the message is accepted; its connection is being closed
+                await asyncio.sleep(0.01)
+                if server.received and "QUIT" in server.commands:
+                    break
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert transport.open_connections == 0
+            await asyncio.wait_for(transport.send(message(subject="second")), 5)
+        finally:
+            await transport.aclose()
+
+    run(scenario())
+    assert [r.message["Subject"] for r in server.received] == ["first", "second"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from worker.records import Records
 from worker.transports import Transport, build_transport
 
 T = TypeVar("T")
+log = logging.getLogger("postroom.runtime")
 RECORDS_RECHECK_SECONDS = 2.0
 CANCEL_WAIT_SECONDS = 10.0
 
@@ -110,7 +112,9 @@ class Runtime:
         future = self.submit(guarded())
         try:
             return future.result(timeout)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):  # where it hangs, for the log (names and lines only)
+                log.warning("loop work timed out after %ss, waiting in %s", timeout, awaiting(coro))
             future.cancel()
             if started.is_set():  # it may have a send under way: let the cancellation land
                 finished.wait(CANCEL_WAIT_SECONDS)
@@ -208,3 +212,17 @@ def shutdown_runtime() -> None:
         runtime, _runtime = _runtime, None
     if runtime is not None and runtime.pid == os.getpid():
         runtime.close()
+
+
+def awaiting(coro: Any) -> str:
+    """The chain of coroutines ``coro`` is suspended in, innermost last (``name:line > …``)."""
+    parts: list[str] = []
+    obj = coro
+    while obj is not None and len(parts) < 40:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is None:  # a future or a gather: where the chain of coroutines ends
+            parts.append(type(obj).__name__)
+            break
+        parts.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return " > ".join(parts)

@@ -213,6 +213,8 @@ class _Protocol(SMTP):
     def _recording(self, name: str, method: Callable[[str | None], Awaitable[None]]) -> Any:
         async def record(arg: str | None) -> None:
             self.owner.commands.append(name)
+            if name == "QUIT" and self.owner.quit_delay:
+                await asyncio.sleep(self.owner.quit_delay)
             await method(arg)
             if name == "DATA":
                 self._maybe_drop()
@@ -295,6 +297,7 @@ class SmtpServer:
         password: str = PASSWORD,
         oauth_tokens: Callable[[], set[str]] | None = None,
         data_delay: float = 0.0,
+        quit_delay: float = 0.0,
     ) -> None:
         self.mode = mode
         self.auth_required = auth_required
@@ -320,6 +323,7 @@ class SmtpServer:
         self.open_now = 0  # connections open right now
         self.peak_open = 0  # the most that were ever open at once
         self.data_delay = data_delay  # seconds before answering DATA's end (a slow server)
+        self.quit_delay = quit_delay  # seconds before answering QUIT
         self.protocols: list[_Protocol] = []
         self._tls = self._context(cert, key, tls_max_version) if mode != "plain" else None
         self._advertise_starttls = advertise_starttls

@@ -71,6 +71,7 @@ _ehlo_name_cache: str | None = None
 
 
 CHECK_SLOT_WAIT = 2.0  # a health check waits this long for a connection slot, else reports busy
+POOL_RECHECK = 1.0  # a send waiting for one of its pool's connections looks again this often
 _NO_SLOT = object()  # "no account slot free right now"
 
 
@@ -610,6 +611,14 @@ class SmtpTransport:
                 token, conn.slot = conn.slot, None
                 await asyncio.shield(self._release_slot(token))
 
+    async def _retire(self, conn: SmtpConnection, *, polite: bool = True) -> None:
+        """Close a connection and free its place in the pool, even when cancelled half-way
+        through its QUIT (a place never freed would shrink the pool for good)."""
+        try:
+            await self._close(conn, polite=polite)
+        finally:
+            await asyncio.shield(self._forget())
+
     async def _renew(self) -> None:
         """Keep the leases of this pool's connections alive, and keep to this pool's share of
         the account's slots while other pools use them too (idle extra connections close now,
@@ -698,7 +707,10 @@ class SmtpTransport:
                         to_close.append(self._idle.pop(0))  # make room: close the oldest idle
                         self._count -= 1
                         continue
-                    await cond.wait()
+                    # woken when a connection comes free; and looking again now and then, since
+                    # a wake-up taken by a waiter cancelled at that moment is lost (Python < 3.13)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(cond.wait(), POOL_RECHECK)
             for conn in to_close:
                 await self._close(conn)
             if reuse is None:
@@ -715,17 +727,18 @@ class SmtpTransport:
             if alive:
                 return reuse
             log.debug("account %s: idle connection did not answer NOOP; replacing it", self.account.name)
-            await self._close(reuse)
-            await self._forget()
+            await self._retire(reuse)
 
     async def _discard(self, conn: SmtpConnection) -> None:
         """Close a connection whose state is unknown (e.g. cancelled mid-transaction)."""
         conn.client.close()
         self._live.pop(id(conn), None)
-        if conn.slot is not None:
-            token, conn.slot = conn.slot, None
-            await asyncio.shield(self._release_slot(token))
-        await asyncio.shield(self._forget())
+        try:
+            if conn.slot is not None:
+                token, conn.slot = conn.slot, None
+                await asyncio.shield(self._release_slot(token))
+        finally:
+            await asyncio.shield(self._forget())
 
     async def _forget(self) -> None:
         cond = self._condition()
@@ -736,8 +749,7 @@ class SmtpTransport:
     async def _release(self, conn: SmtpConnection) -> None:
         over_share = len(self._live) > self._share  # other pools wait for the account's slots
         if self._closed or over_share or self._expired(conn, time.monotonic()):
-            await self._close(conn)
-            await self._forget()
+            await self._retire(conn)
             return
         cond = self._condition()
         async with cond:
@@ -777,8 +789,7 @@ class SmtpTransport:
             try:
                 result = await conn.send(message)
             except _RetryOnFresh as retry:
-                await self._close(conn)
-                await self._forget()
+                await self._retire(conn)
                 if attempt == 2:
                     raise retry.error from None
                 log.info(
