@@ -160,3 +160,41 @@ def test_connection_slots_of_a_crashed_worker_lapse_and_waiters_are_announced(li
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
+    limits_env: QueueEnv, smtp_server: ServerFactory
+) -> None:
+    """An idle pool hands its connections over when another worker waits for the account's
+    slots; once the other is done, the first pool must open one again when a send comes."""
+    from worker.transports import OutgoingMessage, SmtpTransport
+
+    server = smtp_server(mode="plain")
+    limits_env.account("handover", server, limits={"max_connections": 1})
+    account = Records.load(limits_env.accounts, limits_env.config).account("handover")
+
+    def mail(n: int) -> OutgoingMessage:
+        data = f"Message-ID: <handover-{n}@example.com>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
+        return OutgoingMessage(
+            f"<handover-{n}@example.com>", "handover@example.com", ("r@example.net",), data
+        )
+
+    async def scenario() -> None:
+        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        first = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        second = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        try:
+            await first.send(mail(1))  # its connection stays open, idle
+            await asyncio.sleep(3.5)  # no demand lately: it gives the connection up when asked
+            await asyncio.wait_for(second.send(mail(2)), 8)
+            assert first.open_connections == 0
+            await second.aclose()
+            await asyncio.wait_for(first.send(mail(3)), 5)
+        finally:
+            await first.aclose()
+            await second.aclose()
+            await client.aclose()
+
+    asyncio.run(scenario())
+    assert [r.message["Subject"] for r in server.received] == ["1", "2", "3"]
+    assert server.peak_open == 1

@@ -692,7 +692,9 @@ class SmtpTransport:
                                 reuse = conn
                         if reuse is not None:
                             break
-                    if self._count < min(self.max_connections, self._share):
+                    # a share of 0 (handed over while idle) is for idle times: with a send
+                    # waiting, one connection may always be asked for (the slots still cap it)
+                    if self._count < min(self.max_connections, max(1, self._share)):
                         # room here; with a limiter, also one of the account's slots (asked without
                         # waiting: a connection of this pool may come free first, see below)
                         token = await self._try_slot(deadline)
