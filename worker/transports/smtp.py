@@ -536,6 +536,7 @@ class SmtpTransport:
         self._cond: asyncio.Condition | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._reaping: list[SmtpConnection] = []
+        self._retiring: set[asyncio.Task[None]] = set()  # connections closing in the background
         self._closed = False
         self.connections_opened = 0
 
@@ -618,6 +619,12 @@ class SmtpTransport:
             await self._close(conn, polite=polite)
         finally:
             await asyncio.shield(self._forget())
+
+    async def _retire_quietly(self, conn: SmtpConnection) -> None:
+        try:
+            await self._retire(conn)
+        except Exception as exc:  # the connection is gone either way
+            log.debug("account %s: closing a connection: %s", self.account.name, exc)
 
     async def _renew(self) -> None:
         """Keep the leases of this pool's connections alive, and keep to this pool's share of
@@ -751,7 +758,11 @@ class SmtpTransport:
     async def _release(self, conn: SmtpConnection) -> None:
         over_share = len(self._live) > self._share  # other pools wait for the account's slots
         if self._closed or over_share or self._expired(conn, time.monotonic()):
-            await self._retire(conn)
+            # closed in the background: the caller (whose next step is the sent mark) does not
+            # wait for the server's answer to QUIT
+            task = asyncio.get_running_loop().create_task(self._retire_quietly(conn))
+            self._retiring.add(task)  # asyncio keeps only weak references to tasks
+            task.add_done_callback(self._retiring.discard)
             return
         cond = self._condition()
         async with cond:
@@ -850,6 +861,8 @@ class SmtpTransport:
         self._count -= len(idle)
         for conn in idle:
             await self._close(conn)
+        if self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
