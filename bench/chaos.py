@@ -27,16 +27,17 @@ every open SMTP connection, and ``--smtp-restarts`` restarts of the sink (its
 port closed for a second).
 
 When every job has ended (or ``--timeout``), it counts at the sink by
-Message-ID and prints sent (jobs the producer got an id for), delivered,
-lost (neither delivered nor dead-lettered), duplicated — each one checked
-against the documented window: the server accepted it within a moment of a
-worker kill or while Redis was down, so its sent mark could not be written —
-dead-lettered and wall time. The windows (README, "What is guaranteed"): a
-worker killed, or Redis down, between the server's 250 and the sent mark; or
-the connection lost after the server accepted the message but before its 250
-reached the worker (the job's history then says "the server may have accepted
-the message"). Exit status 1 when anything was lost, when
-duplicates exceed 0.1 % of sent, or when a duplicate falls outside the window.
+Message-ID and prints sent (jobs the producer got an id for), delivered, lost
+(neither delivered nor dead-lettered), duplicated — each one checked against
+the documented windows (README, "What is guaranteed"): a worker killed, or
+Redis down, between the server's 250 and the sent mark; or the connection lost
+after the server accepted the message but before its 250 reached the worker
+(the job's history then says "the server may have accepted the message") —
+dead-lettered, jobs the orphan sweep published again, the most connections the
+sink ever saw open at once (against the account's cap) and wall time. Exit
+status 1 when anything was lost, when duplicates exceed 0.1 % of sent, when a
+duplicate falls outside the windows, or when the sink saw more connections at
+once than the account allows.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class _Protocol(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.sink.open.add(self)
+        self.sink.peak = max(self.sink.peak, len(self.sink.open))
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -103,6 +105,7 @@ class Sink:
         self.port = free_port()
         self.accepted: list[tuple[float, str]] = []
         self.open: set[_Protocol] = set()
+        self.peak = 0  # the most connections open at once: the account's cap must hold
         self.drops = 0
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.Server | None = None
@@ -485,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     if figures["duplicated"] > args.n * 0.001 or figures["duplicates_outside_window"]:
         status = 1
+    if figures["peak_connections"] > args.max_connections:
+        status = 1
     return status
 
 
@@ -585,6 +590,8 @@ def tally(
         "duplicates": duplicates,
         "duplicates_outside_window": sum(1 for d in duplicates if d["window"] is None),
         "dead_lettered": dead,
+        "max_connections": args.max_connections,
+        "peak_connections": sink.peak,
         "dead_reasons": sorted(
             {str(store.hget(f"postroom:job:{j}", "last_error")) for j in dead_ids & set(job_ids.values())}
         )[:10],
@@ -626,6 +633,10 @@ def report(f: dict[str, Any]) -> None:
     print(f"re-published  {f['republished_by_sweep']} (jobs whose message was lost in a hand-over)")
     for reason in f.get("dead_reasons", []):
         print(f"  {reason}")
+    print(
+        f"connections   at most {f['peak_connections']} open at once at the server "
+        f"(the account's cap: {f['max_connections']})"
+    )
     print(f"wall time     {f['wall_seconds']} s")
 
 

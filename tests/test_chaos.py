@@ -42,3 +42,5 @@ def test_chaos_at_ci_size_loses_nothing_and_duplicates_only_in_the_window() -> N
     # a duplicate only where the README says one can happen (a kill or Redis down right after a 250)
     assert figures["duplicates_outside_window"] == 0, figures["duplicates"]
     assert figures["duplicated"] <= 10, figures["duplicates"]
+    # the account's connection cap held at the server through every fault
+    assert 0 < figures["peak_connections"] <= figures["max_connections"], figures
