@@ -61,6 +61,6 @@ bench: venv
 chaos: venv
 	$(BIN)/python bench/chaos.py --progress $(ARGS)
 
-# The CI-size chaos run as a test (500 messages, 3 kills, a Redis restart); not in `make test` yet.
+# The CI-size chaos run as a test (500 messages, 3 kills, a Redis restart); `make test` runs it too.
 chaos-test: venv
 	$(BIN)/pytest -q -m chaos tests/test_chaos.py
