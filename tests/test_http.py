@@ -292,7 +292,10 @@ def test_checked_in_openapi_document_is_the_served_one(api: tuple[str, Producer]
 
 def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: Path) -> None:
     """The commands an operator types: a key made by ``postroom api-keys new`` works on ``postroom http``."""
-    env = {**os.environ, **queue_env.env}
+    env = {**os.environ, **queue_env.env, "POSTROOM_HTTP_AUTH_FAILURES": "3/minute"}
+    env.pop("FORWARDED_ALLOW_IPS", None)
+    for counted in queue_env.redis.scan_iter("postroom:failures:*"):  # earlier tests' bad keys
+        queue_env.redis.delete(counted)
     name = unique("cli")
     made = subprocess.run(
         [POSTROOM, "api-keys", "new", name, "--account", "*", "--rate", "10/second"],
@@ -325,6 +328,13 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token + "x")).status_code == 401
         login = httpx.get(f"{base}/dashboard/login")  # the operator dashboard is served there too
         assert login.status_code == 200 and "Operator login" in login.text
+        # X-Forwarded-For is not trusted unless FORWARDED_ALLOW_IPS names the proxies: a client
+        # cannot claim a fresh address for each guess and escape the limit on failed keys
+        for n in range(3):
+            spoofed = {**auth(token + "x"), "X-Forwarded-For": f"203.0.113.{n}"}
+            assert httpx.get(f"{base}/v1/accounts", headers=spoofed).status_code in (401, 429)
+        again = {**auth(token), "X-Forwarded-For": "198.51.100.7"}
+        assert httpx.get(f"{base}/v1/accounts", headers=again).status_code == 429
     finally:
         process.terminate()
         process.wait(20)

@@ -477,6 +477,9 @@ def serve(host: str, port: int) -> None:
         app = create_app(producer)
         log.info("submission API on http://%s:%d/v1 (docs at /docs)", host, port)
         log.info("operator dashboard on http://%s:%d/dashboard", host, port)
-        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+        # X-Forwarded-For/-Proto only when the operator names the proxies to trust: else any local
+        # process could pick its own address and walk around the per-address limits
+        proxied = bool(os.environ.get("FORWARDED_ALLOW_IPS"))
+        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False, proxy_headers=proxied)
     finally:
         producer.close()
