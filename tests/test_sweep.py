@@ -201,3 +201,60 @@ def test_the_cli_sweep_publishes_a_lost_job_and_the_beat_schedules_it(
     entry = next(e for e in schedule.values() if e["task"] == SWEEP_TASK_NAME)
     assert entry["schedule"] == 60.0 and entry["options"]["expires"] == 60.0
     producer.close()
+
+
+def test_a_producer_cut_off_after_writing_its_job_gets_that_job_on_retry_and_it_is_sent(
+    own_queue: QueueEnv, mail: tuple[SmtpServer, Producer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker went away between the job's record (with its idempotency key) and its
+    message, and took the clean-up with it: the producer got EnqueueError. Calling again with
+    the same key returns that job — and the sweep publishes it, so it is sent, once."""
+    from worker.client import EnqueueError
+
+    server, producer = mail
+    payload = {"account": "swept", "to": ["cut@example.net"], "subject": "cut off", "text": "t"}
+    payload["idempotency_key"] = "order-4711"
+
+    def broker_gone(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(producer.app, "send_task", broker_gone)
+        patch.setattr(producer.store, "discard", broker_gone)
+        with pytest.raises(EnqueueError):
+            producer.enqueue(payload)
+    (job_id,) = own_queue.redis.zrange(OPEN, 0, -1)
+    assert own_queue.queue_length() == 0
+    assert producer.enqueue(payload) == job_id  # the key names the job that was cut off
+    assert own_queue.queue_length() == 0 and own_queue.redis.zcard(OPEN) == 1
+
+    sweeper = sweeper_for(own_queue, Published(producer))
+    assert sweeper.run().suspects == 1
+    time.sleep(0.35)
+    assert sweeper.run().republished == [job_id]
+    worker = Worker(own_queue, tmp_path / "worker.log").start()
+    try:
+        assert finished(producer, job_id).state == "sent"
+    finally:
+        worker.stop()
+    assert [m.message["Subject"] for m in server.received] == ["cut off"]
+    producer.close()
+
+
+def test_a_failed_publish_is_forgotten_whole_and_the_retry_enqueues_afresh(
+    own_queue: QueueEnv, mail: tuple[SmtpServer, Producer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.client import EnqueueError
+
+    _, producer = mail
+    payload = {"account": "swept", "to": ["x@example.net"], "subject": "s", "text": "t"}
+    payload["idempotency_key"] = "order-4712"
+    with monkeypatch.context() as patch:
+        patch.setattr(producer.app, "send_task", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
+        with pytest.raises(EnqueueError):
+            producer.enqueue(payload)
+    assert own_queue.redis.zcard(OPEN) == 0 and not own_queue.redis.keys("postroom:job:*")
+    assert not own_queue.redis.keys("postroom:idem:*")
+    job_id = producer.enqueue(payload)
+    assert queued_ids(own_queue) == [job_id] and producer.enqueue(payload) == job_id
+    producer.close()

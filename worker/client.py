@@ -8,6 +8,7 @@ account exists and its record is sound, the idempotency key is new.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -127,14 +128,12 @@ class Producer:
         job_id = new_job_id()
         kwargs = model.to_task_kwargs()
         try:
-            if model.idempotency_key:
-                owner = self.store.claim_idempotency_key(model.account, model.idempotency_key, job_id)
-                if owner is not None:
-                    return owner
-            self.store.create(job_id, kwargs, submitted_by=submitted_by)
+            (owner,) = self.store.create_claimed([(job_id, kwargs)], submitted_by=submitted_by)
+            if owner is not None:
+                return owner
             self.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
         except Exception as exc:
-            self._undo(model, job_id)
+            self._undo(job_id, kwargs)
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
         return job_id
 
@@ -162,36 +161,31 @@ class Producer:
                 problems += exc.problems
         if problems:
             raise PayloadError(problems)
-        job_ids = [new_job_id() for _ in models]
-        result = list(job_ids)
-        fresh: list[tuple[str, SendPayload]] = []
+        jobs = [(new_job_id(), model.to_task_kwargs()) for model in models]
+        result = [job_id for job_id, _ in jobs]
+        fresh: list[tuple[str, dict[str, Any]]] = []
         try:
-            for i, (job_id, model) in enumerate(zip(job_ids, models, strict=True)):
-                if model.idempotency_key:
-                    owner = self.store.claim_idempotency_key(model.account, model.idempotency_key, job_id)
-                    if owner is not None:
-                        result[i] = owner
-                        continue
-                fresh.append((job_id, model))
+            owners = self.store.create_claimed(jobs, submitted_by=submitted_by)
+            for i, owner in enumerate(owners):
+                if owner is not None:
+                    result[i] = owner
+                else:
+                    fresh.append(jobs[i])
             if fresh:
-                messages = [model.to_task_kwargs() for _, model in fresh]
-                ids = [job_id for job_id, _ in fresh]
-                self.store.create_many(zip(ids, messages, strict=True), submitted_by=submitted_by)
-                kwargs = {"messages": messages, "job_ids": ids}
+                kwargs = {"messages": [m for _, m in fresh], "job_ids": [job_id for job_id, _ in fresh]}
                 self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
         except Exception as exc:
-            for job_id, model in fresh:
-                self._undo(model, job_id)
+            for job_id, message in fresh or jobs:
+                self._undo(job_id, message)
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
         return result
 
-    def _undo(self, model: SendPayload, job_id: str) -> None:
-        try:
-            self.store.delete(job_id)
-            if model.idempotency_key:
-                self.store.release_idempotency_key(model.account, model.idempotency_key, job_id)
-        except Exception:  # noqa: S110 - the broker is down; the original error is what matters
-            pass
+    def _undo(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
+        """Forget a job whose publishing failed (its record, and its key if it is its own), in
+        one step. When Redis is down this fails too: the record then stays, and the orphan sweep
+        publishes the job — so a retry with the same key returns a job that will be sent."""
+        with contextlib.suppress(Exception):  # the broker is down; the original error is what matters
+            self.store.discard(job_id, kwargs)
 
     def retry_dead_letters(self, job_ids: Iterable[str]) -> tuple[list[str], list[str]]:
         """Put dead letters back on the queue with their job ids and Message-IDs (what the

@@ -25,7 +25,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -53,6 +53,10 @@ def redis_key(*parts: str) -> str:
 
 _key = redis_key
 OPEN = redis_key("open")
+
+
+def _idem_key(payload: Mapping[str, Any]) -> str:
+    return _key("idem", str(payload["account"]), str(payload["idempotency_key"]))
 
 
 def new_job_id() -> str:
@@ -95,6 +99,14 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
 """
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# A new job given up by its producer, all at once: record, history, open entry and (when it is
+# the job's own) its idempotency key. KEYS: job, history, open[, idem]; ARGV: job id.
+_DISCARD = """
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
 # Pipelines call the scripts by SHA: redis-py's Script objects would ask SCRIPT EXISTS on every
 # pipeline (an extra round trip); a Redis that lost them (a restart) gets them loaded again.
 _BEGIN_SHA = hashlib.sha1(_BEGIN.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
@@ -154,6 +166,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
+        self._discard = client.register_script(_DISCARD)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
@@ -169,32 +182,50 @@ class JobStore:
         owner = cast(str | None, self.redis.get(idem))
         return owner if owner is not None else self.claim_idempotency_key(account, key, job_id)
 
-    def release_idempotency_key(self, account: str, key: str, job_id: str) -> None:
-        idem = _key("idem", account, key)
-        if self.redis.get(idem) == job_id:
-            self.redis.delete(idem)
+    def create_claimed(
+        self, jobs: Sequence[tuple[str, Mapping[str, Any]]], *, submitted_by: str = ""
+    ) -> list[str | None]:
+        """Records for new jobs, each claiming its idempotency key in the same transaction.
 
-    def create(
-        self, job_id: str, payload: Mapping[str, Any], *, state: str = "queued", submitted_by: str = ""
-    ) -> None:
-        self.create_many([(job_id, payload)], state=state, submitted_by=submitted_by)
-
-    def create_many(
-        self,
-        jobs: Iterable[tuple[str, Mapping[str, Any]]],
-        *,
-        state: str = "queued",
-        submitted_by: str = "",
-    ) -> None:
-        """Job records for many jobs in one round trip (batches)."""
+        Returns, per job, None (created; its key, if any, is its own) or the job that
+        already owns its key (nothing of this one is kept). Record and claim come
+        together, so a key never names a job without a record; and a job with a record
+        gets published — by its producer or, if the producer failed half-way, by the
+        orphan sweep — so a producer that retries after an error with the same key is
+        given a job that will be sent, never one that was lost.
+        """
         now = time.time()
-        with self.redis.pipeline(transaction=False) as pipe:
+        claims: list[int | None] = []  # where each job's SET NX result is in the replies
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
             for job_id, payload in jobs:
                 key = _key("job", job_id)
-                pipe.hset(key, mapping=_record_fields(job_id, payload, state, submitted_by))
+                pipe.hset(key, mapping=_record_fields(job_id, payload, "queued", submitted_by))
                 pipe.expire(key, self.job_ttl)
                 pipe.zadd(OPEN, {job_id: now})
-            pipe.execute()
+                idem = payload.get("idempotency_key")
+                if idem:
+                    claims.append(len(pipe))
+                    pipe.set(_idem_key(payload), job_id, nx=True, ex=self.job_ttl)
+                else:
+                    claims.append(None)
+            replies = pipe.execute()
+        owners: list[str | None] = []
+        for (job_id, payload), at in zip(jobs, claims, strict=True):
+            owner = None
+            if at is not None and not replies[at]:  # taken: by whom (or ours after all, if it lapsed)
+                account, idem = str(payload["account"]), str(payload["idempotency_key"])
+                owner = self.claim_idempotency_key(account, idem, job_id)
+                if owner is not None:
+                    self.discard(job_id, payload)
+            owners.append(owner)
+        return owners
+
+    def discard(self, job_id: str, payload: Mapping[str, Any]) -> None:
+        """Forget a new job its producer gave up on, in one step (its key too, if it is its own)."""
+        keys = [_key("job", job_id), _key("history", job_id), OPEN]
+        if payload.get("idempotency_key"):
+            keys.append(_idem_key(payload))
+        self._discard(keys=keys, args=[job_id])
 
     def delete(self, job_id: str) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
