@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,6 +62,14 @@ def real_redis() -> Iterator[None]:
 def queue_env(real_redis: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueEnv]:
     """Records folders and a Redis database of this session's own (flushed after)."""
     env = QueueEnv(tmp_path_factory.mktemp("queue"), claim_database())
+    yield env
+    env.release()
+
+
+@pytest.fixture
+def own_queue(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
+    """A Redis database of its own: no session worker takes these jobs."""
+    env = QueueEnv(tmp_path, claim_database())
     yield env
     env.release()
 

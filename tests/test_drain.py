@@ -19,7 +19,7 @@ import pytest
 from celery import Celery
 from kombu import Connection
 
-from support.queue import QueueEnv, Worker, claim_database, wait_for
+from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
 from worker.drain import QueueDrain
@@ -27,14 +27,6 @@ from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME
 from worker.records import Records
 
 KWARGS = {"account": "a", "to": ["x@example.net"], "subject": "s", "text": "t"}
-
-
-@pytest.fixture
-def own_queue(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
-    """A Redis database of its own: no session worker takes these jobs."""
-    env = QueueEnv(tmp_path, claim_database())
-    yield env
-    env.release()
 
 
 @pytest.fixture

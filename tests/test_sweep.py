@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support.queue import QueueEnv, Worker, claim_database, cli, finished, wait_for
+from support.queue import QueueEnv, Worker, cli, finished, wait_for
 from support.smtpd import SmtpServer
 from worker.app import app
 from worker.client import Producer
@@ -27,14 +27,6 @@ from worker.jobs import OPEN, JobStore
 from worker.payload import QUEUE, SWEEP_TASK_NAME, TASK_NAME
 from worker.records import Records
 from worker.sweep import LOCK, Sweeper
-
-
-@pytest.fixture
-def own_queue(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
-    """A Redis database of its own: no session worker takes these jobs."""
-    env = QueueEnv(tmp_path, claim_database())
-    yield env
-    env.release()
 
 
 @pytest.fixture
