@@ -217,52 +217,22 @@ class RedisServer:
             self.process.wait(15)
 
 
-class BeatProcess:
-    """``celery beat``: the orphan sweep (and the health checks) on their schedule."""
+class CeleryProcess:
+    """A ``celery -A worker.app …`` process group (a worker and its children, or the beat)."""
 
-    def __init__(self, env: dict[str, str], work: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
-        self.work = work
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", "INFO",
-            "-s", str(self.work / "celerybeat-schedule"),
-        ]  # fmt: skip
-        with (self.work / "beat.log").open("ab") as out:
-            self.process = subprocess.Popen(  # noqa: S603
-                args, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=ROOT,
-            )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-
-class WorkerProcess:
-    def __init__(self, index: int, env: dict[str, str], concurrency: int, log: Path, level: str) -> None:
-        self.index = index
-        self.level = level
-        self.env = env
-        self.concurrency = concurrency
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
+    def args(self) -> list[str]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        args = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "postroom",
-            "-c", str(self.concurrency), "-l", self.level,
-            "-n", f"chaos-{self.index}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(  # noqa: S603
-                args, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "celery", "-A", "worker.app", *self.args()],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=ROOT,
             )  # fmt: skip
 
@@ -279,6 +249,31 @@ class WorkerProcess:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class BeatProcess(CeleryProcess):
+    """``celery beat``: the orphan sweep (and the health checks) on their schedule."""
+
+    def __init__(self, env: dict[str, str], work: Path) -> None:
+        super().__init__(env, work / "beat.log")
+        self.schedule = work / "celerybeat-schedule"
+
+    def args(self) -> list[str]:
+        return ["beat", "-l", "INFO", "-s", str(self.schedule)]
+
+
+class WorkerProcess(CeleryProcess):
+    def __init__(self, index: int, env: dict[str, str], concurrency: int, log: Path, level: str) -> None:
+        super().__init__(env, log)
+        self.index = index
+        self.level = level
+        self.concurrency = concurrency
+
+    def args(self) -> list[str]:
+        return [
+            "worker", "-Q", "postroom", "-c", str(self.concurrency), "-l", self.level,
+            "-n", f"chaos-{self.index}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
 
 
 # ---- the run --------------------------------------------------------------------------------------------

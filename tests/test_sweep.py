@@ -46,7 +46,7 @@ class Published:
 
     def __call__(self, job_id: str, kwargs: dict[str, Any]) -> None:
         self.ids.append(job_id)
-        self.producer.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
+        self.producer.republish(job_id, kwargs)
 
 
 def sweeper_for(env: QueueEnv, publish: Callable[[str, dict[str, Any]], None], **options: Any) -> Sweeper:

@@ -371,13 +371,11 @@ def job_command(job_id: str, as_json: bool) -> None:
 
 def _health(producer: Any) -> Any:
     from worker.health import AccountHealth
-    from worker.payload import QUEUE, TASK_NAME
     from worker.settings import load_settings
 
-    def release(job_id: str, kwargs: dict[str, Any]) -> None:
-        producer.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
-
-    return AccountHealth(producer.store.redis, pause_after=load_settings().pause_after, release=release)
+    return AccountHealth(
+        producer.store.redis, pause_after=load_settings().pause_after, release=producer.republish
+    )
 
 
 def _snapshot(producer: Any) -> Any:
@@ -443,16 +441,12 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
 def sweep_command(as_json: bool) -> None:
     """Publish again every job whose message went missing from the broker (the beat does this
     every sweep_interval): a job missing at two looks a few seconds apart is re-sent."""
-    from worker.payload import QUEUE, TASK_NAME
+    from worker.payload import QUEUE
     from worker.sweep import Sweeper
 
     producer = _producer()
-
-    def publish(job_id: str, kwargs: dict[str, Any]) -> None:
-        producer.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
-
     try:
-        sweeper = Sweeper(producer.store.redis, QUEUE, publish)
+        sweeper = Sweeper(producer.store.redis, QUEUE, producer.republish)
         report = sweeper.run()
         if report.suspects and not report.skipped:
             time.sleep(sweeper.confirm + 0.1)

@@ -180,6 +180,11 @@ class Producer:
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
         return result
 
+    def republish(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
+        """Publish a job that has a record again, under its own id (a retried dead letter, a held
+        job released, a job the orphan sweep found without a message)."""
+        self.app.send_task(TASK_NAME, kwargs=dict(kwargs), queue=QUEUE, task_id=job_id)
+
     def _undo(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
         """Forget a job whose publishing failed (its record, and its key if it is its own), in
         one step. When Redis is down this fails too: the record then stays, and the orphan sweep
@@ -203,7 +208,7 @@ class Producer:
                 missing.append(job_id)
                 continue
             payload["enqueued_at"] = time.time()
-            self.app.send_task(TASK_NAME, kwargs=payload, queue=QUEUE, task_id=job_id)
+            self.republish(job_id, payload)
             retried.append(job_id)
         return retried, missing
 

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import redis
@@ -64,15 +64,7 @@ class SweepReport:
     skipped: str | None = None  # why nothing was done (another sweep holds the lock)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "open_jobs": self.open_jobs,
-            "checked": self.checked,
-            "present": self.present,
-            "suspects": self.suspects,
-            "republished": list(self.republished),
-            "closed": self.closed,
-            "skipped": self.skipped,
-        }
+        return asdict(self)
 
 
 class Sweeper:

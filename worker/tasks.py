@@ -26,6 +26,7 @@ from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from worker import autoreply
+from worker.accounts import EmailAccount
 from worker.app import app, settings
 from worker.connectivity import check_connectivity
 from worker.counters import Tally
@@ -354,6 +355,10 @@ def _take_more(job_id: str) -> list[Carried]:
 IN_FLIGHT_PER_CONNECTION = 4
 
 
+def _in_flight_bound(account: EmailAccount) -> int:
+    return IN_FLIGHT_PER_CONNECTION * account.limits.max_connections
+
+
 def _room(most: int) -> int:
     """How many jobs this process could still carry, at most ``most``: the accounts' room under
     their bound, summed. 0 when every account is at it: whatever was taken would go straight back
@@ -361,8 +366,7 @@ def _room(most: int) -> int:
     runtime = get_runtime()
     room = 0
     for name, account in runtime.records().accounts.items():
-        cap = IN_FLIGHT_PER_CONNECTION * account.limits.max_connections
-        room += max(0, cap - runtime.in_flight(name))
+        room += max(0, _in_flight_bound(account) - runtime.in_flight(name))
         if room >= most:
             return most
     return room
@@ -381,7 +385,7 @@ def _within_account_bounds(taken: list[Carried]) -> tuple[list[Carried], list[Ca
     for c in taken:
         name = str(c.kwargs.get("account", "")) if c.kwargs is not None else ""
         try:
-            cap = IN_FLIGHT_PER_CONNECTION * records.account(name).limits.max_connections
+            cap = _in_flight_bound(records.account(name))
         except ConfigurationError:  # unknown or broken: carried, and dead-lettered with the reason
             carried.append(c)
             continue
