@@ -27,6 +27,7 @@ from support.smtpd import PASSWORD, SmtpServer
 from worker.client import Producer
 from worker.delivery import LOG_FORMAT, Outcome, log_attempt
 from worker.health import PAUSE_CACHE_SECONDS, AccountHealth
+from worker.jobs import JobStore
 from worker.records import Records
 from worker.runtime import RECORDS_RECHECK_SECONDS
 
@@ -259,9 +260,7 @@ def test_repeated_authentication_failures_pause_and_a_success_resets_the_count(h
     assert health.note_auth_failure("acct", "535 no")
     assert "acct" in health.paused()
     assert health.account_state("acct")["paused_by"] == "auto"
-    with health_env.redis.pipeline() as pipe:
-        health.hold_into(pipe, "acct", "job-1", {"account": "acct"})
-        pipe.execute()
+    assert JobStore(health_env.redis).hold_if_paused("job-1", "acct", {"account": "acct"}, "paused")
     assert health.resume("acct") == 1 and released == ["job-1"]
     assert "acct" not in health.paused() and health.held_count("acct") == 0
 

@@ -112,10 +112,8 @@ def test_messages_in_the_queue_unacked_held_or_in_a_batch_are_left_alone(
     assert isinstance(popped, str) and json.loads(popped)["headers"]["id"] == singles[1]
     health = AccountHealth(own_queue.redis, pause_after=3)
     store = JobStore(own_queue.redis)
-    with own_queue.redis.pipeline() as pipe:
-        health.hold_into(pipe, "swept", singles[1], {"account": "swept"})
-        store.hold_into(pipe, singles[1], {"account": "swept"}, "account paused")
-        pipe.execute()
+    health.pause("swept", "test", by="operator")
+    assert store.hold_if_paused(singles[1], "swept", {"account": "swept"}, "account paused")
 
     published = Published(producer)
     sweeper = sweeper_for(own_queue, published)
@@ -233,20 +231,55 @@ def test_a_producer_cut_off_after_writing_its_job_gets_that_job_on_retry_and_it_
     producer.close()
 
 
-def test_a_failed_publish_is_forgotten_whole_and_the_retry_enqueues_afresh(
+def test_a_publish_that_failed_before_sending_is_forgotten_whole_and_the_retry_enqueues_afresh(
     own_queue: QueueEnv, mail: tuple[SmtpServer, Producer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from kombu.exceptions import EncodeError
+
     from worker.client import EnqueueError
 
     _, producer = mail
     payload = {"account": "swept", "to": ["x@example.net"], "subject": "s", "text": "t"}
     payload["idempotency_key"] = "order-4712"
-    with monkeypatch.context() as patch:
-        patch.setattr(producer.app, "send_task", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
-        with pytest.raises(EnqueueError):
+    with monkeypatch.context() as patch:  # refused while serialising: nothing can have reached Redis
+        patch.setattr(producer.app, "send_task", lambda *a, **k: (_ for _ in ()).throw(EncodeError("no")))
+        with pytest.raises(EnqueueError) as refused:
             producer.enqueue(payload)
+    assert refused.value.recorded == []
     assert own_queue.redis.zcard(OPEN) == 0 and not own_queue.redis.keys("postroom:job:*")
     assert not own_queue.redis.keys("postroom:idem:*")
     job_id = producer.enqueue(payload)
     assert queued_ids(own_queue) == [job_id] and producer.enqueue(payload) == job_id
+    producer.close()
+
+
+def test_a_publish_whose_fate_is_unknown_keeps_its_job_and_key_and_is_sent_once(
+    own_queue: QueueEnv, mail: tuple[SmtpServer, Producer], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """send_task raised after its message reached Redis (a reply lost on the way back): the job
+    must not be forgotten, or a retry with the same key would enqueue, and send, it twice."""
+    from worker.client import EnqueueError
+
+    server, producer = mail
+    payload = {"account": "swept", "to": ["x@example.net"], "subject": "once", "text": "t"}
+    payload["idempotency_key"] = "order-4713"
+    real_send = producer.app.send_task
+
+    def sent_then_lost(*args: Any, **kwargs: Any) -> Any:
+        real_send(*args, **kwargs)
+        raise ConnectionError("connection reset while reading the reply")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(producer.app, "send_task", sent_then_lost)
+        with pytest.raises(EnqueueError, match="idempotency_key") as unsure:
+            producer.enqueue(payload)
+    (job_id,) = unsure.value.recorded
+    assert producer.enqueue(payload) == job_id  # the retry gets that job, and publishes nothing
+    assert queued_ids(own_queue) == [job_id]
+    worker = Worker(own_queue, tmp_path / "worker.log").start()
+    try:
+        assert finished(producer, job_id).state == "sent"
+    finally:
+        worker.stop()
+    assert [m.message["Subject"] for m in server.received] == ["once"]
     producer.close()

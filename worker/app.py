@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 
+from worker import broker
 from worker import settings as settings_module
 from worker.payload import HEALTH_TASK_NAME, QUEUE, SWEEP_TASK_NAME, TASK_NAME
 from worker.settings import PUBLISH_RETRY_POLICY
@@ -34,6 +35,7 @@ transport_options = {
     "health_check_interval": 30,
 }
 
+broker.install()  # kombu's Redis channel screens raw queue entries (worker/broker.py)
 app = Celery("postroom", include=["worker.tasks"])
 app.conf.update(
     broker_url=broker_url,
@@ -57,6 +59,9 @@ app.conf.update(
     worker_pool=settings.worker_pool,
     worker_concurrency=settings.worker_concurrency,
     worker_hijack_root_logger=False,
+    # messages no job can be made of go to the dead letters instead of being dropped or
+    # crashing the consumer (worker/intake.py)
+    worker_consumer="worker.intake:Consumer",
     enable_utc=True,
     # The one beat (DESIGN §7) checks every account; a run that could not start within one
     # interval expires instead of piling up behind the next.

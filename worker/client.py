@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import EncodeError
 from pydantic import ValidationError
 
 from worker.errors import ConfigurationError, PostroomError
@@ -35,7 +36,34 @@ class PayloadError(PostroomError, ValueError):
 
 
 class EnqueueError(PostroomError):
-    """The broker could not take the job; nothing was enqueued (safe to retry)."""
+    """The job could not be enqueued, or it is not known whether its message reached the
+    broker. In the second case its record is kept (``recorded``): the orphan sweep publishes
+    it if the message never arrived, and a retry with the same idempotency key returns it."""
+
+    def __init__(self, message: str, *, recorded: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.recorded = recorded or []
+
+
+# Errors raised before a message is handed to the broker's connection: nothing can have arrived.
+_NEVER_SENT: tuple[type[BaseException], ...] = (EncodeError, TypeError, ValueError)
+
+
+def _publish_failed(
+    exc: Exception, jobs: Sequence[tuple[str, Mapping[str, Any]]], undo: Any, broker: str
+) -> None:
+    """After ``send_task`` raised: forget the jobs when nothing can have reached the broker;
+    otherwise keep their records and claims (the sweep decides) and say so."""
+    if isinstance(exc, _NEVER_SENT):
+        for job_id, kwargs in jobs:
+            undo(job_id, kwargs)
+        raise EnqueueError(f"could not enqueue (broker {broker}): {exc}") from exc
+    raise EnqueueError(
+        f"could not confirm the enqueue (broker {broker}): {exc}; the job is recorded and will be"
+        " sent once (the orphan sweep publishes it if its message never arrived): retry with the"
+        " same idempotency_key to get its id",
+        recorded=[job_id for job_id, _ in jobs],
+    ) from exc
 
 
 def describe_validation_error(error: ValidationError) -> list[str]:
@@ -129,12 +157,15 @@ class Producer:
         kwargs = model.to_task_kwargs()
         try:
             (owner,) = self.store.create_claimed([(job_id, kwargs)], submitted_by=submitted_by)
-            if owner is not None:
-                return owner
-            self.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
-        except Exception as exc:
+        except Exception as exc:  # nothing was written (one MULTI/EXEC) or Redis is gone
             self._undo(job_id, kwargs)
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
+        if owner is not None:
+            return owner
+        try:
+            self.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
+        except Exception as exc:
+            _publish_failed(exc, [(job_id, kwargs)], self._undo, _safe_url(self.broker))
         return job_id
 
     def send_batch(
@@ -166,18 +197,21 @@ class Producer:
         fresh: list[tuple[str, dict[str, Any]]] = []
         try:
             owners = self.store.create_claimed(jobs, submitted_by=submitted_by)
-            for i, owner in enumerate(owners):
-                if owner is not None:
-                    result[i] = owner
-                else:
-                    fresh.append(jobs[i])
-            if fresh:
-                kwargs = {"messages": [m for _, m in fresh], "job_ids": [job_id for job_id, _ in fresh]}
-                self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
         except Exception as exc:
-            for job_id, message in fresh or jobs:
+            for job_id, message in jobs:
                 self._undo(job_id, message)
             raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
+        for i, owner in enumerate(owners):
+            if owner is not None:
+                result[i] = owner
+            else:
+                fresh.append(jobs[i])
+        if fresh:
+            kwargs = {"messages": [m for _, m in fresh], "job_ids": [job_id for job_id, _ in fresh]}
+            try:
+                self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
+            except Exception as exc:
+                _publish_failed(exc, fresh, self._undo, _safe_url(self.broker))
         return result
 
     def republish(self, job_id: str, kwargs: Mapping[str, Any]) -> None:

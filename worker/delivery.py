@@ -5,7 +5,7 @@ right after it) runs on the process loop (``Runtime.run``).
 
 Duplicate suppression (DESIGN §4): before talking to a server the attempt
 claims the Message-ID; recipients the server accepted are written to
-``delivered:<message_id>`` right after its 250, and every later attempt (a
+``delivered:<account>:<message_id>`` right after its 250, and every later attempt (a
 retry, a redelivery after a crash, a retried dead letter) sends only to the
 recipients not in there. The one remaining window is a crash between the
 server's 250 and that write.
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -110,10 +112,19 @@ class _LogFormat:
 LOG_FORMAT = _LogFormat()
 
 
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9_+=-]+(\.[A-Za-z0-9_+=-]+)*$")
+
+
 def stable_message_id(job_id: str, from_address: str) -> str:
-    """A Message-ID derived from the job id, for producers that did not send one."""
+    """A Message-ID derived from the job id, for producers that did not send one (a job id
+    that is not a dot-atom, as a raw producer may choose, is hashed: never pasted into a header)."""
     domain = from_address.rsplit("@", 1)[-1]
-    return f"<{job_id}@{domain}>"
+    left = (
+        job_id
+        if len(job_id) <= 200 and _DOT_ATOM.match(job_id)
+        else hashlib.sha256(job_id.encode()).hexdigest()
+    )
+    return f"<{left}@{domain}>"
 
 
 def outcome_for_error(
@@ -268,7 +279,9 @@ class Delivery:
             )
 
         # the claim outlives any live attempt (the hard time limit kills it) and expires soon after a crash
-        claims = self.store.claim_many([(p.message_id, p.token) for p in ready], self.settings.time_limit + 5)
+        claims = self.store.claim_many(
+            [(p.account, p.message_id, p.token) for p in ready], self.settings.time_limit + 5
+        )
         pending: list[_Pending] = []
         for p, (claimed, already) in zip(ready, claims, strict=True):
             p.already = already
@@ -278,7 +291,7 @@ class Delivery:
                 outcomes[p.index] = Outcome(
                     "retry",
                     reason="another attempt is delivering this Message-ID right now",
-                    retry_after=self.store.claim_remaining(p.message_id),
+                    retry_after=self.store.claim_remaining(p.account, p.message_id),
                     recipients=already,
                     counts=False,
                 )
@@ -288,7 +301,7 @@ class Delivery:
                     outcomes[p.index] = outcome
         finally:
             self.store.release_many(
-                [(p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
+                [(p.account, p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
             )
         return [outcomes.get(i, Outcome("retry", reason="not attempted")) for i in range(len(items))]
 
@@ -340,17 +353,21 @@ class Delivery:
                 return Outcome("dead", reason=f"configuration: {exc}")
             p.accepted = True
             p.accepted_by = {a: r for a, r in result.recipients.items() if r.status == "sent"}
-            if on_loop:  # right after the 250, without waiting for the rest of the batch
-                await self.marks.mark_delivered(p.message_id, p.accepted_by, p.token)
-                p.marked = True
             p.outcome = outcome_for_result(result, p.already)
+            if on_loop:  # right after the 250, without waiting for the rest of the batch
+                await self.marks.mark_delivered(p.account, p.message_id, p.accepted_by, p.token)
+                p.marked = True
             return p.outcome
 
         async def guarded(p: _Pending) -> Outcome:
             try:
-                return await one(p)
+                outcome = await one(p)
             except Exception as exc:  # a bug or a library surprise: this message retries on its own
-                return Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
+                outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
+            # kept on the message itself: a time limit that ends the rest of the batch must not
+            # rewrite what this one already ended with (a 550 stays a 550, never "timed out")
+            p.outcome = outcome
+            return outcome
 
         async def everything() -> list[Outcome]:
             if len(pending) == 1:
@@ -369,7 +386,7 @@ class Delivery:
             outcomes = [p.outcome or Outcome("retry", reason="delivery timed out") for p in pending]
         unmarked = [p for p in pending if p.accepted and not p.marked]
         if unmarked:
-            self.store.mark_many([(p.message_id, p.accepted_by, p.token) for p in unmarked])
+            self.store.mark_many([(p.account, p.message_id, p.accepted_by, p.token) for p in unmarked])
             for p in unmarked:
                 p.marked = True
         return outcomes

@@ -39,10 +39,10 @@ from typing import Any
 
 import redis
 
+from worker.broker import BrokerKeys
+
 log = logging.getLogger("postroom.drain")
 
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: <queue><sep><priority> sub-queues
-PRIORITY_STEPS = (0, 3, 6, 9)
 RESTORE_MARGIN = 30.0  # seconds after the hard time limit before a dead carrier's jobs come back
 
 # KEYS: unacked hash, unacked index, then the queue lists in the order kombu reads them.
@@ -117,13 +117,13 @@ class QueueDrain:
         *,
         visibility_timeout: float,
         time_limit: float,
-        unacked_key: str = "unacked",
-        unacked_index_key: str = "unacked_index",
+        keys: BrokerKeys | None = None,
     ) -> None:
+        keys = keys or BrokerKeys()
         self.client = client
         self.task_name = task_name
-        self.queues = [queue if not pri else f"{queue}{PRIORITY_SEP}{pri}" for pri in PRIORITY_STEPS]
-        self.keys = [unacked_key, unacked_index_key]
+        self.queues = keys.queue_lists(queue)
+        self.keys = [keys.unacked, keys.unacked_index]
         # kombu restores index entries older than the visibility timeout: back-date ours so a
         # dead carrier's jobs return soon after its hard time limit, never before it
         self.backdate = max(0.0, visibility_timeout - (time_limit + RESTORE_MARGIN))
@@ -160,17 +160,28 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _send(**kwargs: Any) -> None:
+    """The signature of ``postroom.send`` (keyword arguments only), for the screen."""
+
+
 def _decode(queue: str, raw: str) -> Carried:
+    from worker.intake import body_problem, header_problem  # the consumer's own screen
+
     message = json.loads(raw)
     headers, properties = message["headers"], message["properties"]
     job_id, tag = str(headers["id"]), str(properties["delivery_tag"])
+    bad_headers = header_problem(headers)
+    if bad_headers is not None:
+        return Carried(job_id, None, queue, tag, raw, problem=bad_headers)
     try:
-        body = json.loads(
-            base64.b64decode(message["body"]).decode(message.get("content-encoding") or "utf-8")
-        )
-        args, kwargs = body[0], body[1]
-        if args or not isinstance(kwargs, dict):
-            raise ValueError("postroom.send takes keyword arguments only")
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
-        return Carried(job_id, None, queue, tag, raw, problem=f"unreadable task message: {exc}")
-    return Carried(job_id, kwargs, queue, tag, raw)
+        encoded = base64.b64decode(message["body"], validate=True)
+        body = json.loads(encoded.decode(message.get("content-encoding") or "utf-8"))
+    except RecursionError:
+        return Carried(job_id, None, queue, tag, raw, problem="body cannot be decoded (nested too deeply)")
+    except (ValueError, TypeError, KeyError, LookupError) as exc:
+        problem = f"body cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})"
+        return Carried(job_id, None, queue, tag, raw, problem=problem)
+    unfit = body_problem("postroom.send", body, _send)
+    if unfit is not None:
+        return Carried(job_id, None, queue, tag, raw, problem=unfit)
+    return Carried(job_id, body[1], queue, tag, raw)

@@ -166,9 +166,6 @@ class AccountHealth:
 
     # ---- held jobs ---------------------------------------------------------------------
 
-    def hold_into(self, pipe: Any, name: str, job_id: str, kwargs: dict[str, Any]) -> None:
-        pipe.rpush(_key("held", name), json.dumps({"id": job_id, "kwargs": kwargs}))
-
     def held_count(self, name: str) -> int:
         return int(self.redis.llen(_key("held", name)))
 

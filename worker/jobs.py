@@ -5,14 +5,19 @@ Keys (all under ``postroom:``)::
     job:<id>                 hash: state, attempts, account, message_id, recipients, last_error,
                              cut_short (runs redelivered because the one before died), …
     history:<id>             list: one JSON entry per attempt (newest last, capped)
-    delivered:<message_id>   hash: recipient -> JSON result, written right after the server's 250
-    claim:<message_id>       the attempt currently talking to a server (expires on its own)
+    delivered:<account>:<message_id>  hash: recipient -> JSON result, written right after the 250
+    claim:<account>:<message_id>      the attempt currently talking to a server (expires on its own)
     idem:<account>:<key>     job id that owns an idempotency key
     dead                     sorted set of dead-lettered job ids by time
     autoreply:<account>:<to> set when an auto-reply went to that sender (expires after the window)
     stats:<account>          hash: sent / failed / retried / dead / suppressed counters
     retrying                 sorted set of jobs waiting for a retry, by when it is due
     open                     sorted set of jobs not ended yet, by enqueue time (worker/sweep.py)
+
+Claims and sent marks are scoped per account (DESIGN §2): a job of one account
+can never be suppressed by, or learn about, another account's Message-IDs.
+Marks written before that (``delivered:<message_id>``, ``claim:<message_id>``)
+are still honoured until they expire (``job_ttl``).
 
 Everything stored is secret-free by construction: payloads carry account
 names, errors carry server replies.
@@ -21,8 +26,10 @@ names, errors carry server replies.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -63,23 +70,66 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter
+MAX_PAYLOAD_KEPT = 1024 * 1024  # a payload larger than this (as JSON) is not kept in its record
+UNKNOWN_ACCOUNT = "(unknown)"  # the account of a job whose payload names none that could exist
+_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LATEST_TIME = 2.0**40  # far beyond any real clock: larger "timestamps" are not believed
+
+
+def account_of(payload: Mapping[str, Any]) -> str:
+    """The payload's account when it is a well-formed name, else :data:`UNKNOWN_ACCOUNT`
+    (what a producer wrote is never a Redis key or a metrics label unchecked)."""
+    name = payload.get("account")
+    return name if isinstance(name, str) and _ACCOUNT_NAME.match(name) else UNKNOWN_ACCOUNT
+
+
+def safe_text(value: Any, limit: int = 200) -> str:
+    """``value`` as printable text of at most ``limit`` characters, for records and logs:
+    never raises, whatever a producer sent."""
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except Exception:  # a repr that fails or recurses without end
+        text = f"<{type(value).__name__}>"
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[: limit * 2])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _timestamp(value: Any, default: float) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < _LATEST_TIME:
+        return float(value)  # NaN fails the comparisons
+    return default
+
+
+def _payload_json(payload: Mapping[str, Any]) -> str:
+    """The payload as kept in the record ("" when it cannot be, or should not be, kept)."""
+    try:
+        text = json.dumps(dict(payload))
+    except (TypeError, ValueError, RecursionError):
+        return ""
+    return text if len(text) <= MAX_PAYLOAD_KEPT else ""
+
+
 def _record_fields(
     job_id: str, payload: Mapping[str, Any], state: str, submitted_by: str = ""
 ) -> dict[Any, str | int | float]:
+    """A new job record from a payload; safe for any payload (it may not have been validated)."""
     now = time.time()
+    kind = payload.get("kind", "notification")
+    message_id, key = payload.get("message_id"), payload.get("idempotency_key")
     return {
         "id": job_id,
         "state": state,
         "attempts": 0,
-        "account": str(payload.get("account", "")),
-        "kind": str(payload.get("kind", "notification")),
-        "message_id": str(payload.get("message_id") or ""),
-        "idempotency_key": str(payload.get("idempotency_key") or ""),
-        "payload": json.dumps(dict(payload)),
+        "account": account_of(payload),
+        "kind": kind if kind in ("notification", "auto-reply") else safe_text(kind, 40),
+        "message_id": safe_text(message_id, 250) if message_id else "",
+        "idempotency_key": safe_text(key) if key else "",
+        "payload": _payload_json(payload),
         "recipients": "{}",
         "created_at": now,
         "updated_at": now,
-        "enqueued_at": float(payload.get("enqueued_at") or now),
+        "enqueued_at": _timestamp(payload.get("enqueued_at"), now),
         "submitted_by": submitted_by,  # the HTTP API key that enqueued it ("" otherwise)
     }
 
@@ -105,6 +155,19 @@ _DISCARD = """
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+# KEYS: paused set, held list, job, history, retrying. ARGV: account, held entry, record fields
+# (JSON, for a job without a record), now, reason, history entry, history limit, job id.
+_HOLD = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSETNX', KEYS[3], k, tostring(v)) end
+redis.call('HSET', KEYS[3], 'state', 'held', 'updated_at', ARGV[4], 'last_error', ARGV[5])
+redis.call('RPUSH', KEYS[4], ARGV[6])
+redis.call('LTRIM', KEYS[4], -tonumber(ARGV[7]), -1)
+redis.call('PERSIST', KEYS[3])
+redis.call('ZREM', KEYS[5], ARGV[8])
 return 1
 """
 # Pipelines call the scripts by SHA: redis-py's Script objects would ask SCRIPT EXISTS on every
@@ -134,6 +197,7 @@ class Job:
     history: list[dict[str, Any]] | None = None
     payload: dict[str, Any] | None = None
     submitted_by: str | None = None
+    unreadable: dict[str, Any] | None = None  # an entry no job could be made of: what it was
 
     def as_dict(self, *, with_payload: bool = False) -> dict[str, Any]:
         out = {
@@ -152,6 +216,8 @@ class Job:
             "idempotency_key": self.idempotency_key,
             "history": self.history or [],
         }
+        if self.unreadable is not None:
+            out["unreadable"] = self.unreadable
         if with_payload:
             out["payload"] = self.payload
         return out
@@ -167,6 +233,7 @@ class JobStore:
         self.redis = client
         self.job_ttl = int(job_ttl)
         self._discard = client.register_script(_DISCARD)
+        self._hold = client.register_script(_HOLD)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
@@ -233,6 +300,45 @@ class JobStore:
             pipe.zrem(OPEN, job_id)
             pipe.execute()
 
+    def quarantine(
+        self, raw: bytes, reason: str, *, queue: str = "", claimed_id: Any = None, task: Any = None
+    ) -> str:
+        """A dead letter for a broker entry no job can be made of (undecodable, the wrong
+        shape, no id, an unknown task…): its reason and its raw bytes (base64, the first
+        :data:`MAX_RAW_KEPT`), listed, shown and purged like any other. Returns its id."""
+        job_id = f"unreadable-{uuid.uuid4()}"
+        now = time.time()
+        kept = raw[:MAX_RAW_KEPT]
+        fields: dict[Any, str | int | float] = {
+            "id": job_id,
+            "state": "dead",
+            "attempts": 0,
+            "account": "",
+            "kind": "unreadable",
+            "message_id": "",
+            "idempotency_key": "",
+            "payload": "",
+            "recipients": "{}",
+            "created_at": now,
+            "updated_at": now,
+            "enqueued_at": now,
+            "failed_at": now,
+            "last_error": f"unreadable message: {reason}",
+            "raw_base64": base64.b64encode(kept).decode(),
+            "raw_size": len(raw),
+            "raw_queue": safe_text(queue),
+            "raw_claimed_id": safe_text(claimed_id) if claimed_id is not None else "",
+            "raw_task": safe_text(task) if task is not None else "",
+        }
+        entry = {"attempt": 0, "at": now, "outcome": "dead", "error": fields["last_error"]}
+        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the record and its dead-letter entry together
+            pipe.hset(_key("job", job_id), mapping=fields)
+            pipe.rpush(_key("history", job_id), json.dumps(entry))
+            pipe.zadd(_key("dead"), {job_id: now})
+            pipe.hincrby(_key("stats", UNKNOWN_ACCOUNT), "dead", 1)
+            pipe.execute()
+        return job_id
+
     # ---- reading ---------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
@@ -261,6 +367,7 @@ class JobStore:
             history=[json.loads(entry) for entry in history],
             payload=json.loads(data["payload"]) if data.get("payload") else None,
             submitted_by=data.get("submitted_by") or None,
+            unreadable=_unreadable(data),
         )
 
     # ---- execution side -----------------------------------------------------------
@@ -307,25 +414,35 @@ class JobStore:
         return out
 
     def claim_many(
-        self, claims: list[tuple[str, str]], ttl: float
+        self, claims: list[tuple[str, str, str]], ttl: float
     ) -> list[tuple[bool, dict[str, dict[str, Any]]]]:
-        """:meth:`claim_send` for many (message_id, token) pairs in one round trip."""
+        """Claim each (account, message_id) for an attempt (its token) and read the recipients
+        already delivered, for many in one round trip: (claimed, delivered) per claim."""
         with self.redis.pipeline(transaction=False) as pipe:
-            for message_id, token in claims:
-                pipe.set(_key("claim", message_id), token, nx=True, ex=max(int(ttl), 1))
+            for account, message_id, token in claims:
+                pipe.set(_key("claim", account, message_id), token, nx=True, ex=max(int(ttl), 1))
+                pipe.exists(_key("claim", message_id))  # an attempt from before the per-account keys
                 pipe.hgetall(_key("delivered", message_id))
+                pipe.hgetall(_key("delivered", account, message_id))
             raw = pipe.execute()
         out = []
-        for i in range(0, len(raw), 2):
-            delivered = {r: json.loads(v) for r, v in cast(dict[str, str], raw[i + 1]).items()}
-            out.append((bool(raw[i]), delivered))
+        lost: list[tuple[str, str, str]] = []
+        for n, (account, message_id, token) in enumerate(claims):
+            claimed, legacy_claim, legacy, delivered = raw[4 * n : 4 * n + 4]
+            marks = {**cast(dict[str, str], legacy), **cast(dict[str, str], delivered)}
+            if claimed and legacy_claim:
+                lost.append((account, message_id, token))
+                claimed = False
+            out.append((bool(claimed), {r: json.loads(v) for r, v in marks.items()}))
+        self.release_many(lost)
         return out
 
-    def release_many(self, claims: list[tuple[str, str]]) -> None:
+    def release_many(self, claims: list[tuple[str, str, str]]) -> None:
+        """Give up (account, message_id, token) claims (only those the token still holds)."""
         if not claims:
             return
         self._scripted(
-            lambda pipe: [pipe.evalsha(_RELEASE_SHA, 1, _key("claim", m), token) for m, token in claims]
+            lambda pipe: [pipe.evalsha(_RELEASE_SHA, 1, _key("claim", a, m), token) for a, m, token in claims]
         )
 
     def _scripted(self, commands: Callable[[Any], object]) -> list[Any]:
@@ -342,17 +459,17 @@ class JobStore:
             self.redis.script_load(_RELEASE)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def mark_many(self, marks: list[tuple[str, Mapping[str, RecipientStatus], str]]) -> None:
+    def mark_many(self, marks: list[tuple[str, str, Mapping[str, RecipientStatus], str]]) -> None:
         """Sent marks (recipients the server accepted, never sent again) and the claims
-        given up, for (message_id, accepted, claim token) triples, in one round trip."""
+        given up, for (account, message_id, accepted, claim token), in one round trip."""
 
         def commands(pipe: Any) -> None:
-            for message_id, accepted, token in marks:
-                key = _key("delivered", message_id)
+            for account, message_id, accepted, token in marks:
+                key = _key("delivered", account, message_id)
                 if accepted:
                     pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
                     pipe.expire(key, self.job_ttl)
-                pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), token)
+                pipe.evalsha(_RELEASE_SHA, 1, _key("claim", account, message_id), token)
 
         deadline = time.monotonic() + MARK_PATIENCE
         pause = 0.1
@@ -369,10 +486,13 @@ class JobStore:
     def note_message_id(self, job_id: str, message_id: str) -> None:
         self.redis.hset(_key("job", job_id), "message_id", message_id)
 
-    def claim_remaining(self, message_id: str) -> float:
+    def claim_remaining(self, account: str, message_id: str) -> float:
         """Seconds until the current claim on ``message_id`` expires (0 when there is none)."""
-        ttl = int(self.redis.pttl(_key("claim", message_id)))
-        return max(ttl, 0) / 1000.0
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.pttl(_key("claim", account, message_id))
+            pipe.pttl(_key("claim", message_id))
+            ttls = pipe.execute()
+        return max(0, *(int(t) for t in ttls)) / 1000.0
 
     def count_cut_short(self, job_id: str) -> int:
         """One more run of ``job_id`` begins after an earlier one never finished; returns how many."""
@@ -466,19 +586,32 @@ class JobStore:
                 pipe, account, transport=transport, outcome=state, counter=counter, latency=latency, now=now
             )
 
-    def hold_into(self, pipe: Any, job_id: str, payload: Mapping[str, Any], reason: str) -> None:
-        """The job waits for its paused account (worker/health.py keeps the held list).
+    def hold_if_paused(self, job_id: str, account: str, kwargs: Mapping[str, Any], reason: str) -> bool:
+        """The job waits in its account's held list (worker/health.py releases it) — only if the
+        account is paused at this very moment, checked in the same script that files it: a
+        resume that drains the list just before can never leave a job behind in it. False: the
+        account is not paused (any more), and the caller delivers the job now.
 
         A job enqueued without the producer helper has no record yet: it gets one here."""
         now = time.time()
-        key, history = _key("job", job_id), _key("history", job_id)
-        for field, value in _record_fields(job_id, payload, "held").items():
-            pipe.hsetnx(key, field, value)
-        pipe.hset(key, mapping={"state": "held", "updated_at": now, "last_error": reason})
-        pipe.rpush(history, json.dumps({"at": now, "outcome": "held", "error": reason}))
-        pipe.ltrim(history, -_HISTORY_LIMIT, -1)
-        pipe.persist(key)  # kept while it waits, however long the pause
-        pipe.zrem(self.retrying_key, job_id)
+        keys = [
+            _key("paused"),
+            _key("held", account),
+            _key("job", job_id),
+            _key("history", job_id),
+            self.retrying_key,
+        ]
+        args: list[str | float | int] = [
+            account,
+            json.dumps({"id": job_id, "kwargs": dict(kwargs)}),
+            json.dumps(_record_fields(job_id, kwargs, "held")),
+            now,
+            reason,
+            json.dumps({"at": now, "outcome": "held", "error": reason}),
+            _HISTORY_LIMIT,
+            job_id,
+        ]
+        return bool(self._hold(keys=keys, args=args))
 
     def stats(self, account: str) -> dict[str, int]:
         raw = cast(dict[str, str], self.redis.hgetall(_key("stats", account)))
@@ -576,6 +709,20 @@ class JobStore:
         return int(self.redis.zcard(_key("dead")))
 
 
+def _unreadable(data: Mapping[str, str]) -> dict[str, Any] | None:
+    if "raw_base64" not in data:
+        return None
+    size = int(data.get("raw_size") or 0)
+    return {
+        "size": size,
+        "kept": len(base64.b64decode(data["raw_base64"])),
+        "base64": data["raw_base64"],
+        "queue": data.get("raw_queue") or None,
+        "claimed_id": data.get("raw_claimed_id") or None,
+        "task": data.get("raw_task") or None,
+    }
+
+
 class AsyncMarks:
     """The sent mark from the event loop (batches): no thread hop between a server's 250
     and the write that stops any later attempt from sending to those recipients again.
@@ -589,17 +736,17 @@ class AsyncMarks:
 
         self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True)
         self.job_ttl = int(job_ttl)
-        self._queued: list[tuple[str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]] = []
+        self._queued: list[tuple[str, str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def mark_delivered(
-        self, message_id: str, accepted: Mapping[str, RecipientStatus], release: str
+        self, account: str, message_id: str, accepted: Mapping[str, RecipientStatus], release: str
     ) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         if not self._queued:
             loop.call_soon(self._start_flush)
-        self._queued.append((message_id, accepted, release, done))
+        self._queued.append((account, message_id, accepted, release, done))
         await done
 
     def _start_flush(self) -> None:
@@ -634,16 +781,16 @@ class AsyncMarks:
                 done.set_exception(error)
 
     async def _write(
-        self, batch: list[tuple[str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]]
+        self, batch: list[tuple[str, str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]]
     ) -> None:
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for message_id, accepted, release, _ in batch:
-                    key = _key("delivered", message_id)
+                for account, message_id, accepted, release, _ in batch:
+                    key = _key("delivered", account, message_id)
                     if accepted:
                         pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
                         pipe.expire(key, self.job_ttl)
-                    pipe.evalsha(_RELEASE_SHA, 1, _key("claim", message_id), release)
+                    pipe.evalsha(_RELEASE_SHA, 1, _key("claim", account, message_id), release)
                 try:
                     await pipe.execute()
                     break

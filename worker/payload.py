@@ -29,6 +29,8 @@ DEFAULT_MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 MAX_RECIPIENTS = 500
 _MESSAGE_ID = re.compile(r"^<[^<>\s@]+@[^<>\s@]+>$")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+# Task and job ids: Redis key parts, log fields and (for raw-published jobs) a Message-ID's left part.
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
 
 
 def max_attachment_bytes() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from worker import counters
-from worker.drain import PRIORITY_SEP, PRIORITY_STEPS
+from worker.broker import PRIORITY_STEPS, BrokerKeys
 from worker.health import AccountHealth
 from worker.jobs import JobStore, redis_key
 from worker.payload import QUEUE
@@ -24,12 +24,10 @@ from worker.records import Records
 CERT_WARN_DAYS = 30
 
 
-def queue_names(queue: str = QUEUE) -> dict[str, str]:
+def queue_names(queue: str = QUEUE, keys: BrokerKeys | None = None) -> dict[str, str]:
     """Display name -> Redis list, for the queue and Celery's priority sub-queues."""
-    return {
-        (queue if not p else f"{queue}.p{p}"): (queue if not p else f"{queue}{PRIORITY_SEP}{p}")
-        for p in PRIORITY_STEPS
-    }
+    lists = (keys or BrokerKeys()).queue_lists(queue)
+    return {(queue if not p else f"{queue}.p{p}"): key for p, key in zip(PRIORITY_STEPS, lists, strict=True)}
 
 
 def _timestamp(value: Any) -> float | None:
@@ -46,7 +44,10 @@ def _timestamp(value: Any) -> float | None:
 class Status:
     """One snapshot of the deployment (built per command / per scrape)."""
 
-    def __init__(self, store: JobStore, health: AccountHealth, records: Records | None) -> None:
+    def __init__(
+        self, store: JobStore, health: AccountHealth, records: Records | None, keys: BrokerKeys | None = None
+    ) -> None:
+        self.keys = keys or BrokerKeys.of_app()
         self.store = store
         self.redis: redis.Redis = store.redis
         self.health = health
@@ -55,11 +56,11 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         now = time.time()
-        lists = queue_names()
+        lists = queue_names(keys=self.keys)
         with self.redis.pipeline(transaction=False) as pipe:
             for key in lists.values():
                 pipe.llen(key)
-            pipe.hlen("unacked")
+            pipe.hlen(self.keys.unacked)
             pipe.zcard(self.store.retrying_key)
             pipe.zcount(self.store.retrying_key, now, "+inf")
             pipe.zcard(self.store.dead_key)

@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import redis
 
-from worker.drain import PRIORITY_SEP, PRIORITY_STEPS
+from worker.broker import BrokerKeys, unacked_envelope
 from worker.jobs import OPEN, OPEN_STATES, redis_key
 
 log = logging.getLogger("postroom.sweep")
@@ -49,6 +49,7 @@ _TASK_ID = re.compile(r'"id": ?"([^"]+)"')
 _BATCH_MARK = '"task": "postroom.send_batch"'
 
 Republish = Callable[[str, dict[str, Any]], None]
+_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -78,14 +79,15 @@ class Sweeper:
         *,
         grace: float = 30.0,
         confirm: float = 5.0,
-        unacked_key: str = "unacked",
+        keys: BrokerKeys | None = None,
     ) -> None:
+        keys = keys or BrokerKeys.of_app()
         self.client = client
-        self.queues = [queue if not pri else f"{queue}{PRIORITY_SEP}{pri}" for pri in PRIORITY_STEPS]
+        self.queues = keys.queue_lists(queue)
         self.republish = republish
         self.grace = grace  # a job younger than this is not looked for at all
         self.confirm = confirm  # missing at two sweeps this far apart before it is published again
-        self.unacked_key = unacked_key
+        self.unacked_key = keys.unacked
 
     def run(self, now: float | None = None, *, lock_for: float = 300.0) -> SweepReport:
         now = time.time() if now is None else now
@@ -97,8 +99,7 @@ class Sweeper:
         try:
             self._run(now, report)
         finally:
-            if self.client.get(LOCK) in (token, token.encode()):
-                self.client.delete(LOCK)
+            self.client.eval(_RELEASE_LOCK, 1, LOCK, token)  # only our own lock, in one step
         return report
 
     def _run(self, now: float, report: SweepReport) -> None:
@@ -176,7 +177,10 @@ class Sweeper:
                 start += _CHUNK
         for _, value in self.client.hscan_iter(self.unacked_key, count=_CHUNK):
             found.update(_job_ids(_text(value)))
+        paused = {_text(name) for name in cast(set[Any], self.client.smembers(redis_key("paused")))}
         for key in self.client.scan_iter(match=redis_key("held", "*"), count=_CHUNK):
+            if _text(key).removeprefix(redis_key("held", "")) not in paused:
+                continue  # nothing releases the held list of an account that is not paused
             for item in cast(list[Any], self.client.lrange(key, 0, -1)):
                 found.add(str(json.loads(_text(item))["id"]))
         return found
@@ -197,9 +201,7 @@ def _job_ids(message: str) -> Iterator[str]:
     """The job ids a raw kombu message (or kombu's unacked entry around one) carries."""
     if _BATCH_MARK in message:  # one message, many jobs: their ids are in the body
         try:
-            envelope = json.loads(message)
-            if isinstance(envelope, list):  # the unacked hash keeps [message, exchange, key]
-                envelope = envelope[0]
+            envelope = unacked_envelope(message) or json.loads(message)
             body = json.loads(base64.b64decode(envelope["body"]))
             yield from (str(j) for j in (body[1].get("job_ids") or []))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):

@@ -28,19 +28,22 @@ from pydantic import ValidationError
 from worker import autoreply
 from worker.accounts import EmailAccount
 from worker.app import app, settings
+from worker.broker import BrokerKeys
 from worker.connectivity import check_connectivity
 from worker.counters import Tally
 from worker.delivery import LOG_FORMAT, Delivery, Outcome, log_attempt
 from worker.drain import Carried, QueueDrain
 from worker.errors import ConfigurationError
 from worker.health import AccountHealth
-from worker.jobs import JobStore
+from worker.intake import store as intake_store
+from worker.jobs import JobStore, account_of, safe_text
 from worker.limits import SLOT_WAIT
 from worker.payload import (
     BATCH_TASK_NAME,
     HEALTH_TASK_NAME,
     QUEUE,
     SWEEP_TASK_NAME,
+    TASK_ID,
     TASK_NAME,
     SendPayload,
 )
@@ -66,9 +69,9 @@ def job_store() -> JobStore:
 
 def _describe(error: ValidationError) -> str:
     parts = []
-    for item in error.errors(include_input=False, include_url=False):
-        where = ".".join(str(p) for p in item["loc"]) or "payload"
-        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+    for item in error.errors(include_input=False, include_url=False)[:20]:
+        where = ".".join(safe_text(p, 40) for p in item["loc"]) or "payload"
+        parts.append(f"{where}: {safe_text(item['msg'].removeprefix('Value error, '), 300)}")
     return "; ".join(parts)
 
 
@@ -84,15 +87,15 @@ class Step:
         return {"state": self.state, "reason": self.reason}
 
 
-def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
+def attempt(job_id: str, kwargs: Any) -> Step:
     """One attempt at one message: validate, deliver, classify, record."""
     store = job_store()
     try:
         payload = SendPayload.model_validate(kwargs)
-    except ValidationError as exc:
-        return _dead_on_arrival(job_id, kwargs, f"invalid payload: {_describe(exc)}")
-    if payload.account in account_health().paused():
-        return _hold([(job_id, payload, kwargs)])[0]
+    except (ValidationError, RecursionError) as exc:
+        return _dead_on_arrival(job_id, kwargs, f"invalid payload: {_invalid(exc)}")
+    if payload.account in account_health().paused() and (held := _hold(job_id, payload)):
+        return held
 
     begun = store.begin_attempt(job_id, payload.to_task_kwargs)
     if begun is None:  # a redelivery of a job that already ended (e.g. a worker died before its ack)
@@ -128,17 +131,13 @@ def attempt(job_id: str, kwargs: dict[str, Any]) -> Step:
     return step
 
 
-def _hold(jobs: list[tuple[str, SendPayload, dict[str, Any]]]) -> list[Step]:
-    """Jobs of paused accounts wait in the account's held list (no attempt is spent)."""
-    health = account_health()
-    store = job_store()
-    with store.redis.pipeline(transaction=False) as pipe:
-        for job_id, payload, kwargs in jobs:
-            health.hold_into(pipe, payload.account, job_id, kwargs)
-            reason = f"account {payload.account} is paused; held until it resumes"
-            store.hold_into(pipe, job_id, payload.to_task_kwargs(), reason)
-        pipe.execute()
-    return [Step("held", f"account {payload.account} is paused") for _, payload, _ in jobs]
+def _hold(job_id: str, payload: SendPayload) -> Step | None:
+    """A job of a paused account waits in the account's held list (no attempt is spent);
+    None when the account is not paused after all (it resumed a moment ago): deliver it."""
+    reason = f"account {payload.account} is paused; held until it resumes"
+    if not job_store().hold_if_paused(job_id, payload.account, payload.to_task_kwargs(), reason):
+        return None
+    return Step("held", f"account {payload.account} is paused")
 
 
 def _count_auth_failures(outcomes: list[tuple[str, Outcome]]) -> None:
@@ -163,13 +162,32 @@ def account_health() -> AccountHealth:
     return _health
 
 
-def _dead_on_arrival(job_id: str, kwargs: dict[str, Any], reason: str) -> Step:
-    """A job that cannot even be read goes straight to the dead letters, with the reason."""
+def _invalid(exc: Exception) -> str:
+    return _describe(exc) if isinstance(exc, ValidationError) else "nested too deeply"
+
+
+def _dead_on_arrival(job_id: str, kwargs: Any, reason: str) -> Step:
+    """A job that cannot even be read goes straight to the dead letters, with the reason.
+
+    Its payload was not validated: only what ``worker.jobs`` can record safely of it is kept
+    (a well-formed account name, else ``(unknown)``; ids and times as checked text), so this
+    path itself cannot fail on whatever a producer sent."""
     store = job_store()
-    account = str(kwargs.get("account", "?"))
-    store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
-    store.finish(job_id, account, state="dead", attempt=1, error=reason, counter="dead")
+    fields = _identity(kwargs)
+    account = account_of(fields)
+    begun = store.begin_attempt(job_id, fields)
+    if begun is None:
+        return Step("skipped", "job already finished")
+    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
     return Step("dead", reason)
+
+
+def _identity(kwargs: Any) -> dict[str, Any]:
+    """The fields of an unvalidated payload a record is made from (never the content)."""
+    if not isinstance(kwargs, dict):
+        return {}
+    keep = ("account", "kind", "message_id", "idempotency_key", "enqueued_at")
+    return {k: kwargs[k] for k in keep if k in kwargs}
 
 
 def _duplicate_of(store: JobStore, job_id: str, payload: SendPayload) -> str | None:
@@ -240,12 +258,13 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     """
     job_id = str(self.request.id)
     redelivered = _redelivered(self)
-    carried = [] if redelivered else _take_more(job_id)  # a job whose last run died runs alone
-    if carried:
-        step = _carry(job_id, kwargs, carried)
-    else:
-        with _store_trouble_requeues(job_id):
-            step = (redelivered and _cut_short_too_often(job_id, kwargs)) or attempt(job_id, kwargs)
+    with _unexpected_requeues(job_id):
+        carried = [] if redelivered else _take_more(job_id)  # a job whose last run died runs alone
+        if carried:
+            step = _carry(job_id, kwargs, carried)
+        else:
+            with _store_trouble_requeues(job_id):
+                step = (redelivered and _cut_short_too_often(job_id, kwargs)) or attempt(job_id, kwargs)
     if step.retry_in is not None:
         try:
             raise self.retry(countdown=step.retry_in, kwargs=kwargs)
@@ -265,8 +284,13 @@ def send_batch(
     ``job_ids`` (one per message) come from the producer helper; a producer
     that omits them gets ``<batch task id>-<index>``.
     """
-    if job_ids is None or len(job_ids) != len(messages):
+    if not isinstance(messages, list):
+        reason = f"postroom.send_batch: messages is a {type(messages).__name__}, not a list"
+        intake_store().quarantine(safe_text(messages, 4096).encode(), reason, claimed_id=self.request.id)
+        return {"dead": 1}
+    if not _usable_job_ids(job_ids, len(messages)):
         job_ids = [f"{self.request.id}-{i}" for i in range(len(messages))]
+    assert job_ids is not None
     if _redelivered(self) and len(messages) > 1:
         # its last run died: every message goes on as a job of its own (those that ended are
         # skipped), so one that kills its worker is counted and dead-lettered alone
@@ -276,8 +300,35 @@ def send_batch(
         except Exception as exc:
             raise Reject(f"batch could not be split: {exc}", requeue=True) from exc
         return {"split": len(messages)}
-    with _store_trouble_requeues(f"batch {self.request.id}"):
+    with (
+        _unexpected_requeues(f"batch {self.request.id}"),
+        _store_trouble_requeues(f"batch {self.request.id}"),
+    ):
         return _send_batch(messages, job_ids)
+
+
+def _usable_job_ids(job_ids: Any, count: int) -> bool:
+    """A producer's job ids for a batch: one distinct, well-formed id per message."""
+    return (
+        isinstance(job_ids, list)
+        and len(job_ids) == count
+        and all(isinstance(j, str) and TASK_ID.match(j) for j in job_ids)
+        and len(set(job_ids)) == count
+    )
+
+
+@contextlib.contextmanager
+def _unexpected_requeues(what: str) -> Iterator[None]:
+    """A bug or a library surprise outside any one delivery: the message goes back (flagged
+    redelivered, so it then runs alone and is counted: a poison one ends in the dead letters
+    after bounded runs) instead of Celery acknowledging a failed task and losing its jobs."""
+    try:
+        yield
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        log.exception("%s: unexpected error; the message goes back to the queue", what)
+        raise Reject(f"unexpected error: {type(exc).__name__}", requeue=True) from exc
 
 
 def _redelivered(task: Task[Any, Any]) -> bool:
@@ -295,11 +346,11 @@ def _cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
     if runs <= settings.retry.max_attempts:
         return None
     reason = f"{runs} runs cut short: the worker died or handed it back every time (a poison message?)"
-    account = str(kwargs.get("account", "?"))
-    begun = store.begin_attempt(job_id, {"account": account, **_safe(kwargs)})
+    fields = _identity(kwargs)
+    begun = store.begin_attempt(job_id, fields)
     if begun is None:
         return Step("skipped", "job already finished")
-    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
+    store.finish(job_id, account_of(fields), state="dead", attempt=begun[0], error=reason, counter="dead")
     log.error("job %s: dead-lettered after %d runs cut short (a poison message?)", job_id, runs)
     return Step("dead", reason)
 
@@ -409,7 +460,8 @@ def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
         with _store_trouble_requeues(f"job {job_id} (carrying {len(carried)} more)"):
             for c in carried:
                 if c.kwargs is None:
-                    _dead_on_arrival(c.job_id, {}, c.problem or "unreadable task message")
+                    reason = c.problem or "unreadable task message"
+                    intake_store().quarantine(c.raw.encode(), reason, queue=c.queue, claimed_id=c.job_id)
             steps = _deliver(job_ids, messages)
             retries = [
                 (job_ids[i], messages[i], s.retry_in) for i, s in enumerate(steps) if s.retry_in is not None
@@ -429,18 +481,21 @@ def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
     return steps[0]
 
 
+def broker_keys() -> BrokerKeys:
+    """kombu's key names on this app's broker (worker/broker.py)."""
+    return BrokerKeys.from_options(app.conf.broker_transport_options)
+
+
 def queue_drain() -> QueueDrain:
     global _drain
     if _drain is None:
-        options = app.conf.broker_transport_options or {}
         _drain = QueueDrain(
             job_store().redis,
             QUEUE,
             TASK_NAME,
             visibility_timeout=settings.visibility_timeout,
             time_limit=settings.time_limit,
-            unacked_key=options.get("unacked_key", "unacked"),
-            unacked_index_key=options.get("unacked_index_key", "unacked_index"),
+            keys=broker_keys(),
         )
     return _drain
 
@@ -453,14 +508,18 @@ def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
     for i, kwargs in enumerate(messages):
         try:
             valid.append((i, SendPayload.model_validate(kwargs)))
-        except ValidationError:
-            steps[i] = attempt(job_ids[i], kwargs)  # records the reason and dead-letters it
+        except (ValidationError, RecursionError) as exc:
+            steps[i] = _dead_on_arrival(job_ids[i], kwargs, f"invalid payload: {_invalid(exc)}")
     paused = account_health().paused()
     if paused and any(payload.account in paused for _, payload in valid):
-        waiting = [(i, payload) for i, payload in valid if payload.account in paused]
-        held = _hold([(job_ids[i], payload, messages[i]) for i, payload in waiting])
-        steps.update({i: step for (i, _), step in zip(waiting, held, strict=True)})
-        valid = [(i, payload) for i, payload in valid if payload.account not in paused]
+        going: list[tuple[int, SendPayload]] = []
+        for i, payload in valid:
+            held = _hold(job_ids[i], payload) if payload.account in paused else None
+            if held is None:
+                going.append((i, payload))
+            else:
+                steps[i] = held
+        valid = going
     begun = store.begin_many([(job_ids[i], payload.to_task_kwargs) for i, payload in valid])
     policy, now = settings.retry, time.time()
     items: list[tuple[str, SendPayload, int]] = []
@@ -548,10 +607,6 @@ def _retry_plan(
         return outcome, delay
     dead = replace(outcome, state="dead", reason=f"retries exhausted ({why}): {outcome.reason}")
     return dead, 0.0
-
-
-def _safe(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if isinstance(k, str) and k != "account"}
 
 
 @app.task(name=HEALTH_TASK_NAME, ignore_result=True)
