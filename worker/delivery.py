@@ -33,7 +33,7 @@ from worker.errors import (
 )
 from worker.jobs import AsyncMarks, JobStore
 from worker.limits import Limiter
-from worker.message import Attachment, MessageSpec, build_message
+from worker.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.payload import SendPayload
 from worker.runtime import Runtime
 from worker.settings import Settings
@@ -111,9 +111,9 @@ LOG_FORMAT = _LogFormat()
 
 
 def stable_message_id(job_id: str, from_address: str) -> str:
-    """A Message-ID derived from the job id, for producers that did not send one."""
-    domain = from_address.rsplit("@", 1)[-1]
-    return f"<{job_id}@{domain}>"
+    """A Message-ID derived from the job id, for producers that did not send one (a job id
+    that is not a safe token is hashed: see :func:`worker.message.message_id_for`)."""
+    return message_id_for(job_id, from_address.rsplit("@", 1)[-1])
 
 
 def outcome_for_error(
@@ -311,7 +311,7 @@ class Delivery:
             cc=[],
             bcc=[],
             subject=autoreply.reply_subject(payload),
-            headers={**spec.headers, **autoreply.threading_headers(payload.original)},
+            own_headers={**spec.own_headers, **autoreply.threading_headers(payload.original)},
         )
 
     def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
