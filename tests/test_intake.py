@@ -162,7 +162,7 @@ def test_references_keep_only_message_ids() -> None:
 
 # ---- control characters -------------------------------------------------------------------
 
-CONTROLS = ["\x00", "\x0b", "\x1b", "\x7f", "\x80", "\x85", "\x9f"]
+CONTROLS = ["\x00", "\x0b", "\x1b", "\x7f", "\x80", "\x85", "\x9f", "\ud800"]
 
 
 def _with(payload: dict[str, Any], path: str, bad: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def check_address(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be an email address")
     text = value.strip()
-    if any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in text):  # C0, DEL, C1
+    if any(ord(c) < 32 or 127 <= ord(c) <= 159 or 0xD800 <= ord(c) <= 0xDFFF for c in text):
         raise ValueError("an email address cannot contain control characters (CR/LF, DEL, C1)")
     if not _ADDRESS.match(text) or len(text) > 254:
         raise ValueError(f"{text!r} is not a valid email address")

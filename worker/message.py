@@ -64,7 +64,8 @@ RESERVED_HEADERS = frozenset(
 # whole families: every Content-* field (S/MIME signs them as the entity) and List-Unsubscribe*
 RESERVED_PREFIXES = ("content-", "list-unsubscribe")
 _RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-CONTENT_TYPE = re.compile(rf"{_RESTRICTED_NAME}/{_RESTRICTED_NAME}", re.ASCII)
+CONTENT_TYPE_PATTERN = rf"^{_RESTRICTED_NAME}/{_RESTRICTED_NAME}$"
+CONTENT_TYPE = re.compile(CONTENT_TYPE_PATTERN, re.ASCII)
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}", re.ASCII)  # printable ASCII except ':' (RFC 5322 ftext)
 
 
@@ -108,9 +109,10 @@ def make_message_id(from_address: str) -> str:
 
 
 def _is_control(c: str) -> bool:
-    """C0, DEL and C1 (U+0080-U+009F): never allowed in a header-bound field."""
+    """C0, DEL, C1 (U+0080-U+009F) and lone surrogates (no UTF-8 for them): never allowed
+    in a header-bound field."""
     o = ord(c)
-    return o < 32 or 127 <= o <= 159
+    return o < 32 or 127 <= o <= 159 or 0xD800 <= o <= 0xDFFF
 
 
 def check_text(value: str, what: str) -> str:

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from worker.fields import Address
 from worker.message import (
-    CONTENT_TYPE,
+    CONTENT_TYPE_PATTERN,
     RESERVED_HEADERS,
     check_header_name,
     check_header_value,
@@ -86,15 +86,10 @@ class Strict(BaseModel):
 
 class AttachmentIn(Strict):
     filename: SingleLine = Field(min_length=1, max_length=255)
-    content_type: str = Field(default="application/octet-stream", max_length=255)
+    content_type: str = Field(
+        default="application/octet-stream", max_length=255, pattern=CONTENT_TYPE_PATTERN
+    )  # type/subtype, RFC 6838 names: ASCII letters, digits and !#$&-^_.+
     content_base64: str
-
-    @field_validator("content_type")
-    @classmethod
-    def _content_type(cls, value: str) -> str:
-        if not CONTENT_TYPE.fullmatch(value):
-            raise ValueError("must be type/subtype (ASCII letters, digits and !#$&-^_.+)")
-        return value
 
     @field_validator("content_base64")
     @classmethod
