@@ -273,6 +273,18 @@ def test_oversized_and_undecodable_records_are_their_own_errors(tree: RecordTree
     assert (latin1.line, latin1.reason) == (2, "not UTF-8 text")
 
 
+def test_control_characters_in_header_bound_record_fields_are_refused(tree: RecordTree) -> None:
+    tree.account("del", GOOD.replace("good@", "d@") + 'description: "a\\x7fb"\n')
+    tree.write("accounts/c1.yaml", 'smtp:\n  address: c@example.com\n  display_name: "Ex\\x85ample"\n')
+    problems = tree.load().account_problems
+    (deleted,) = problems["del"]
+    assert (deleted.line, deleted.field) == (2, "description")
+    assert deleted.reason == "control character U+007F is not allowed"
+    (c1,) = problems["c1"]
+    assert (c1.line, c1.field) == (3, "smtp.display_name")
+    assert c1.reason == "control character U+0085 is not allowed"
+
+
 def test_anchors_and_merge_keys_within_the_bounds_still_work(tree: RecordTree) -> None:
     tree.account(
         "merged",

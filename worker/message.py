@@ -28,7 +28,7 @@ from email.policy import compat32
 from email.utils import formataddr, formatdate
 from io import BytesIO
 
-from worker.fields import check_address
+from worker.fields import CONTROL, check_address
 
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
 # Headers Postroom sets itself, compared case-insensitively: the builder's own, the
@@ -108,22 +108,14 @@ def make_message_id(from_address: str) -> str:
     return message_id_for(uuid.uuid4().hex, from_address.rsplit("@", 1)[-1])
 
 
-def _is_control(c: str) -> bool:
-    """C0, DEL, C1 (U+0080-U+009F) and lone surrogates (no UTF-8 for them): never allowed
-    in a header-bound field."""
-    o = ord(c)
-    return o < 32 or 127 <= o <= 159 or 0xD800 <= o <= 0xDFFF
-
-
 def check_text(value: str, what: str) -> str:
-    """``value`` if it has no control character (C0 but TAB, DEL, C1): the check of every
-    header-bound field (subject, header values, filenames, display names, Message-IDs)."""
+    """``value`` if it has no control character (C0 but TAB, DEL, C1, lone surrogates): the
+    check of every header-bound field (subject, header values, filenames, display names)."""
     prefix = f"{what}: " if what else ""
     if "\r" in value or "\n" in value:
         raise ValueError(f"{prefix}CR/LF is not allowed (header injection)")
-    for c in value:
-        if _is_control(c) and c != "\t":
-            raise ValueError(f"{prefix}control character U+{ord(c):04X} is not allowed")
+    if found := CONTROL.search(value):
+        raise ValueError(f"{prefix}control character U+{ord(found.group()):04X} is not allowed")
     return value
 
 
