@@ -9,15 +9,14 @@ import email
 import email.policy
 import math
 import uuid
-from collections.abc import Iterator
 from email.message import EmailMessage
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 from pydantic import ValidationError
 
+from support.queue import QueueEnv
 from worker.delivery import Delivery, Outcome, _spec, stable_message_id
 from worker.jobs import JobStore
 from worker.message import MessageSpec, build_message, check_message_id, message_id_for
@@ -106,14 +105,9 @@ def test_the_builder_never_writes_two_copies_of_a_header() -> None:
 
 
 @pytest.fixture
-def store() -> Iterator[JobStore]:
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
-    try:
-        client.ping()
-    except redis.ConnectionError:  # pragma: no cover - the suite's Redis is part of the machine
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield JobStore(client)
-    client.close()
+def store(own_queue: QueueEnv) -> JobStore:
+    """A real Redis database of this test's own (the auto-reply window is claimed there)."""
+    return JobStore(own_queue.redis)
 
 
 def _reply_message(store: JobStore, payload: SendPayload) -> bytes:
