@@ -55,6 +55,24 @@ def test_accounts_check_prints_file_line_field_reason_and_exits_1(tmp_path: Path
     assert one.returncode == 0
 
 
+def test_accounts_check_survives_a_20000_deep_record_and_a_billion_laughs(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts"
+    accounts.mkdir()
+    (accounts / "good.yaml").write_text("smtp: {address: g@example.com, host: h.example, auth: none}\n")
+    (accounts / "deep.yaml").write_text("description: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    laughs = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    laughs += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (accounts / "laughs.yaml").write_text("\n".join(laughs) + "\n")
+    done = postroom("accounts", "check", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "accounts/deep.yaml:1: description: nested deeper than 64 levels" in done.stdout
+    assert (
+        "accounts/laughs.yaml:" in done.stdout and "more than 100000 values (aliases expanded)" in done.stdout
+    )
+    assert "good: ok" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
 def test_accounts_list_json_never_shows_secrets(tmp_path: Path) -> None:
     (tmp_path / "accounts").mkdir()
     (tmp_path / "accounts" / "a.yaml").write_text(

@@ -134,7 +134,7 @@ def message(
             display_name="Contoso Orders",
             reply_to="help@contoso.com",
             attachments=list(attachments),
-            headers=headers or {},
+            own_headers=headers or {},  # Auto-Submitted & co.: headers Postroom itself sets
         )
     )
     return OutgoingMessage(built.message_id, MAILBOX, built.recipients, built.data)

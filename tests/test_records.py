@@ -215,6 +215,96 @@ def test_one_bad_record_does_not_stop_the_others(tree: RecordTree) -> None:
         records.account("nope")
 
 
+GOOD = "smtp: {address: good@example.com, host: h.example.com, auth: none}\n"
+DEEP = (
+    "smtp: {address: d@example.com, host: h.example.com, auth: none}\ndescription: "
+    + "[" * 20_000
+    + "]" * 20_000
+)
+LAUGHS = "\n".join(
+    [
+        "smtp: {address: l@example.com, host: h.example.com, auth: none}",
+        'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        *(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)),
+        "description: *a9",
+    ]
+)
+
+
+def test_a_record_nested_20000_deep_is_its_own_error(tree: RecordTree) -> None:
+    tree.account("deep", DEEP)
+    tree.account("good", GOOD)
+    records = tree.load()
+    assert list(records.accounts) == ["good"]
+    (problem,) = records.account_problems["deep"]
+    assert (problem.file, problem.line, problem.field) == ("accounts/deep.yaml", 2, "description")
+    assert problem.reason == "nested deeper than 64 levels"
+    assert records.check() == {"deep": [problem], "good": []}
+
+
+def test_a_billion_laughs_record_is_its_own_error(tree: RecordTree) -> None:
+    tree.account("laughs", LAUGHS)
+    tree.account("good", GOOD)
+    records = tree.load()
+    assert list(records.accounts) == ["good"]
+    (problem,) = records.account_problems["laughs"]
+    assert problem.file == "accounts/laughs.yaml" and problem.line is not None
+    assert "more than 100000 values (aliases expanded)" in problem.reason
+    assert str(problem).startswith(f"accounts/laughs.yaml:{problem.line}: {problem.field}: ")
+
+
+def test_a_cyclic_alias_is_its_own_error(tree: RecordTree) -> None:
+    tree.account(
+        "cycle", "smtp: {address: c@example.com, host: h.example.com, auth: none}\nadvanced: &x [*x]\n"
+    )
+    (problem,) = tree.load().account_problems["cycle"]
+    assert (problem.line, problem.field) == (2, "advanced") and "aliases expanded" in problem.reason
+
+
+def test_oversized_and_undecodable_records_are_their_own_errors(tree: RecordTree) -> None:
+    tree.account("big", GOOD + "description: " + "x" * (1024 * 1024) + "\n")
+    (tree.accounts / "latin1.yaml").write_bytes(GOOD.encode() + b"description: caf\xe9\n")
+    tree.account("good", GOOD)
+    records = tree.load()
+    assert list(records.accounts) == ["good"]
+    (big,) = records.account_problems["big"]
+    assert big.reason == "the file is larger than 1048576 bytes"
+    (latin1,) = records.account_problems["latin1"]
+    assert (latin1.line, latin1.reason) == (2, "not UTF-8 text")
+
+
+def test_control_characters_in_header_bound_record_fields_are_refused(tree: RecordTree) -> None:
+    tree.account("del", GOOD.replace("good@", "d@") + 'description: "a\\x7fb"\n')
+    tree.write("accounts/c1.yaml", 'smtp:\n  address: c@example.com\n  display_name: "Ex\\x85ample"\n')
+    problems = tree.load().account_problems
+    (deleted,) = problems["del"]
+    assert (deleted.line, deleted.field) == (2, "description")
+    assert deleted.reason == "control character U+007F is not allowed"
+    (c1,) = problems["c1"]
+    assert (c1.line, c1.field) == (3, "smtp.display_name")
+    assert c1.reason == "control character U+0085 is not allowed"
+
+
+def test_anchors_and_merge_keys_within_the_bounds_still_work(tree: RecordTree) -> None:
+    tree.account(
+        "merged",
+        """
+        description: &d Orders
+        smtp:
+          <<: {address: m@example.com, host: h.example.com}
+          auth: none
+          display_name: *d
+        """,
+    )
+    account = tree.load().account("merged")
+    assert account.smtp is not None and account.smtp.host == "h.example.com"
+    assert (account.from_address, account.display_name, account.description) == (
+        "m@example.com",
+        "Orders",
+        "Orders",
+    )
+
+
 def test_cross_field_rules(tree: RecordTree) -> None:
     tree.account(
         "a",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from worker.fields import check_address
+from worker.message import check_message_id
 from worker.payload import OriginalMessage, SendPayload
 
 _RE_PREFIX = re.compile(r"^\s*(re|aw|sv|antw|vs)\s*:", re.IGNORECASE)
@@ -67,10 +68,18 @@ def reply_subject(payload: SendPayload) -> str:
     return subject if _RE_PREFIX.match(subject) else f"Re: {subject}".rstrip()
 
 
+def _reference(token: str) -> str | None:
+    """One id of a References field, or None for anything that is not a Message-ID."""
+    try:
+        return check_message_id(token) if token.startswith("<") else None
+    except ValueError:
+        return None
+
+
 def threading_headers(original: OriginalMessage) -> dict[str, str]:
     headers = {"Auto-Submitted": "auto-replied", "X-Auto-Response-Suppress": "All"}
-    if original.message_id:
-        references = (original.header("References") or "").split()
+    if original.message_id:  # validated: one <id@domain>
+        references = [r for r in map(_reference, (original.header("References") or "").split()) if r]
         references = [r for r in references if r != original.message_id][-20:]
         headers["In-Reply-To"] = original.message_id
         headers["References"] = " ".join([*references, original.message_id])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -35,7 +34,7 @@ from worker.errors import (
 )
 from worker.jobs import AsyncMarks, JobStore
 from worker.limits import Limiter
-from worker.message import Attachment, MessageSpec, build_message
+from worker.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.payload import SendPayload
 from worker.runtime import Runtime
 from worker.settings import Settings
@@ -112,19 +111,10 @@ class _LogFormat:
 LOG_FORMAT = _LogFormat()
 
 
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9_+=-]+(\.[A-Za-z0-9_+=-]+)*$")
-
-
 def stable_message_id(job_id: str, from_address: str) -> str:
     """A Message-ID derived from the job id, for producers that did not send one (a job id
-    that is not a dot-atom, as a raw producer may choose, is hashed: never pasted into a header)."""
-    domain = from_address.rsplit("@", 1)[-1]
-    left = (
-        job_id
-        if len(job_id) <= 200 and _DOT_ATOM.match(job_id)
-        else hashlib.sha256(job_id.encode()).hexdigest()
-    )
-    return f"<{left}@{domain}>"
+    that is not a safe token is hashed: see :func:`worker.message.message_id_for`)."""
+    return message_id_for(job_id, from_address.rsplit("@", 1)[-1])
 
 
 def outcome_for_error(
@@ -324,7 +314,7 @@ class Delivery:
             cc=[],
             bcc=[],
             subject=autoreply.reply_subject(payload),
-            headers={**spec.headers, **autoreply.threading_headers(payload.original)},
+            own_headers={**spec.own_headers, **autoreply.threading_headers(payload.original)},
         )
 
     def _send_all(self, pending: list[_Pending]) -> list[Outcome]:

@@ -21,6 +21,8 @@ from worker.secrets import Secret
 # from a producer contains whitespace, angle brackets, quotes or control characters.
 _ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[^\s@<>()\[\],;:\"\\]+$")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# C0 but TAB, DEL, C1 and lone surrogates: never in a value that ends up in a header
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def check_address(value: Any) -> str:
@@ -28,8 +30,8 @@ def check_address(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be an email address")
     text = value.strip()
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ValueError("an email address cannot contain control characters (CR/LF)")
+    if "\t" in text or CONTROL.search(text):
+        raise ValueError("an email address cannot contain control characters (CR/LF, DEL, C1)")
     if not _ADDRESS.match(text) or len(text) > 254:
         raise ValueError(f"{text!r} is not a valid email address")
     local, domain = text.rsplit("@", 1)
@@ -61,6 +63,8 @@ def _secret(value: Any, info: ValidationInfo) -> Secret:
 def _single_line(value: Any) -> Any:
     if isinstance(value, str) and ("\r" in value or "\n" in value):
         raise ValueError("must be a single line (no CR/LF)")
+    if isinstance(value, str) and (found := CONTROL.search(value)):
+        raise ValueError(f"control character U+{ord(found.group()):04X} is not allowed")
     return value
 
 

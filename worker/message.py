@@ -12,6 +12,7 @@ Bcc recipients go in the envelope only, never in a header.
 from __future__ import annotations
 
 import email.quoprimime
+import hashlib
 import re
 import time
 import uuid
@@ -27,10 +28,14 @@ from email.policy import compat32
 from email.utils import formataddr, formatdate
 from io import BytesIO
 
-from worker.fields import check_address
+from worker.fields import CONTROL, check_address
 
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
-# headers the builder owns; a producer's custom headers may not override them
+# Headers Postroom sets itself, compared case-insensitively: the builder's own, the
+# auto-reply threading ones (worker/autoreply.py), List-Unsubscribe (RFC 8058) and the
+# signatures (worker/signing.py adds DKIM-Signature and turns the Content-* fields into
+# the signed entity). A producer's custom headers may not add any of them: a second copy
+# of, say, Auto-Submitted or In-Reply-To is what a remote responder may read first.
 RESERVED_HEADERS = frozenset(
     h.lower()
     for h in (
@@ -47,9 +52,21 @@ RESERVED_HEADERS = frozenset(
         "Content-Transfer-Encoding",
         "Sender",
         "Return-Path",
+        "Auto-Submitted",
+        "In-Reply-To",
+        "References",
+        "X-Auto-Response-Suppress",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "DKIM-Signature",
     )
 )
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII except ':' (RFC 5322 ftext)
+# whole families: every Content-* field (S/MIME signs them as the entity) and List-Unsubscribe*
+RESERVED_PREFIXES = ("content-", "list-unsubscribe")
+_RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+CONTENT_TYPE_PATTERN = rf"^{_RESTRICTED_NAME}/{_RESTRICTED_NAME}$"
+CONTENT_TYPE = re.compile(CONTENT_TYPE_PATTERN, re.ASCII)
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}", re.ASCII)  # printable ASCII except ':' (RFC 5322 ftext)
 
 
 @dataclass(frozen=True)
@@ -71,9 +88,12 @@ class MessageSpec:
     display_name: str | None = None
     reply_to: str | None = None
     attachments: Sequence[Attachment] = ()
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # the producer's: no reserved names
     message_id: str | None = None
     date: float | None = None  # epoch seconds; default now
+    # headers Postroom itself adds (auto-reply threading, …): reserved names allowed, but
+    # like every other header each name appears once
+    own_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,23 +105,75 @@ class BuiltMessage:
 
 def make_message_id(from_address: str) -> str:
     """A globally unique Message-ID in the sender's domain."""
-    domain = from_address.rsplit("@", 1)[-1] or "postroom.invalid"
-    return f"<{uuid.uuid4().hex}@{domain}>"
+    return message_id_for(uuid.uuid4().hex, from_address.rsplit("@", 1)[-1])
 
 
-def check_header_value(name: str, value: str) -> str:
+def check_text(value: str, what: str) -> str:
+    """``value`` if it has no control character (C0 but TAB, DEL, C1, lone surrogates): the
+    check of every header-bound field (subject, header values, filenames, display names)."""
+    prefix = f"{what}: " if what else ""
     if "\r" in value or "\n" in value:
-        raise ValueError(f"header {name}: CR/LF is not allowed in a header value")
-    if any(ord(c) < 32 and c != "\t" for c in value):
-        raise ValueError(f"header {name}: control characters are not allowed")
+        raise ValueError(f"{prefix}CR/LF is not allowed (header injection)")
+    if found := CONTROL.search(value):
+        raise ValueError(f"{prefix}control character U+{ord(found.group()):04X} is not allowed")
     return value
 
 
-def check_header_name(name: str) -> str:
-    if not _HEADER_NAME.match(name):
+# RFC 5322 §3.6.4 msg-id: "<" id-left "@" id-right ">", both dot-atom-text (printable ASCII
+# atext in dot-separated runs) or, on the right, a no-fold-literal; no spaces, no "<>" inside.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_MSG_ID = re.compile(rf"<{_DOT_ATOM}@(?:{_DOT_ATOM}|\[[!-Z^-~]*\])>", re.ASCII)
+_TOKEN = re.compile(rf"{_DOT_ATOM}", re.ASCII)
+MAX_MESSAGE_ID = 250  # characters, brackets included
+
+
+def check_message_id(value: str) -> str:
+    """The RFC 5322 Message-ID ``value`` names, as ``<left@right>``.
+
+    A bare ``left@right`` gets its angle brackets; anything else (spaces, control
+    characters, ``<>`` inside, no ``@``, non-ASCII, over 250 characters) is a ValueError."""
+    if not isinstance(value, str):
+        raise ValueError("a Message-ID must be a string")
+    text = value if value.startswith("<") else f"<{value}>"
+    if len(text) > MAX_MESSAGE_ID:
+        raise ValueError(f"a Message-ID is at most {MAX_MESSAGE_ID} characters")
+    if not _MSG_ID.fullmatch(text):
+        raise ValueError("must be a Message-ID <unique@domain> (printable ASCII, no spaces or <> inside)")
+    return text
+
+
+def message_id_for(job_id: str, domain: str) -> str:
+    """The stable Message-ID of job ``job_id`` sent from ``domain``: ``<job_id@domain>``.
+
+    Pure and deterministic (every attempt of a job gets the same one). A job id that is
+    not a safe dot-atom token (spaces, ``<>``, ``@``, control or non-ASCII characters,
+    over 64 characters) never reaches the header: its SHA-256 does instead. The domain
+    is sent as punycode; one that cannot be a msg-id right side becomes
+    ``postroom.invalid``."""
+    left = job_id
+    if len(job_id) > 64 or not _TOKEN.fullmatch(job_id):
+        left = "h." + hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    try:
+        right = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        right = ""
+    if not right or len(right) > 180 or not _TOKEN.fullmatch(right):
+        right = "postroom.invalid"
+    return f"<{left}@{right}>"
+
+
+def check_header_value(name: str, value: str) -> str:
+    return check_text(value, f"header {name}")
+
+
+def check_header_name(name: str, *, own: bool = False) -> str:
+    """``name`` if it is a valid field name a producer may add (``own``: one Postroom adds)."""
+    if not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"header name {name!r} is not valid (printable ASCII, no ':' or spaces)")
-    if name.lower() in RESERVED_HEADERS:
-        raise ValueError(f"header {name} is set by Postroom and cannot be overridden")
+    lowered = name.lower()
+    if not own and (lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_PREFIXES)):
+        raise ValueError(f"header {name} is set by Postroom and cannot be added or overridden")
     return name
 
 
@@ -132,10 +204,17 @@ def _text_part(body: str, subtype: str) -> MIMENonMultipart:
     return part
 
 
+def check_content_type(value: str) -> str:
+    """``type/subtype`` of RFC 6838 restricted names (ASCII letters, digits, ``!#$&-^_.+``)."""
+    if not CONTENT_TYPE.fullmatch(value):
+        raise ValueError(
+            f"content type {value[:100]!r} is not type/subtype (ASCII letters, digits, !#$&-^_.+)"
+        )
+    return value
+
+
 def _attachment_part(att: Attachment) -> MIMEBase:
-    maintype, _, subtype = att.content_type.partition("/")
-    if not maintype or not subtype:
-        maintype, subtype = "application", "octet-stream"
+    maintype, _, subtype = check_content_type(att.content_type).partition("/")
     part = MIMEApplication(att.content, _subtype=subtype)
     if maintype != "application":
         part.replace_header("Content-Type", f"{maintype}/{subtype}")
@@ -166,8 +245,7 @@ def build_message(spec: MessageSpec, *, fast: bool = True) -> BuiltMessage:
     if not recipients:
         raise ValueError("a message needs at least one recipient (to, cc or bcc)")
 
-    message_id = spec.message_id or make_message_id(spec.from_address)
-    check_header_value("Message-ID", message_id)
+    message_id = check_message_id(spec.message_id or make_message_id(spec.from_address))
     headers: list[tuple[str, str]] = [
         ("From", _mailbox(spec.from_address, spec.display_name)),
     ]
@@ -182,8 +260,15 @@ def build_message(spec: MessageSpec, *, fast: bool = True) -> BuiltMessage:
         ("Date", formatdate(spec.date if spec.date is not None else time.time(), localtime=False)),
         ("Message-ID", message_id),
     ]
-    for name, value in spec.headers.items():
-        headers.append((check_header_name(name), _encode(name, check_header_value(name, value))))
+    extra = [(check_header_name(n), v) for n, v in spec.headers.items()]
+    extra += [(check_header_name(n, own=True), v) for n, v in spec.own_headers.items()]
+    for name, value in extra:
+        headers.append((name, _encode(name, check_header_value(name, value))))
+    seen: set[str] = set()
+    for name in [n for n, _ in headers] + ["MIME-Version", "Content-Type", "Content-Transfer-Encoding"]:
+        if name.lower() in seen:  # one copy of every field, whoever asked for it
+            raise ValueError(f"header {name} would appear twice")
+        seen.add(name.lower())
 
     data = _render_direct(headers, text, html) if fast and not spec.attachments else None
     if data is None:
