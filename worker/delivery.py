@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
