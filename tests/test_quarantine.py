@@ -77,6 +77,8 @@ UNREADABLE: list[tuple[str, bytes, str]] = [
     ("kwargs a list", envelope([[], [1], {}]), "kwargs"),
     ("positional args to postroom.send", envelope([["x"], {}, {}]), "arguments do not fit"),
     ("eta that is no time", envelope(headers=celery_headers(eta="tomorrow")), "eta"),
+    ("an expiry (Celery drops it unseen)", envelope(headers=celery_headers(expires="2000-01-01T00:00:00")),
+     "does not take an expiry"),
     ("timelimit not a pair", envelope(headers=celery_headers(timelimit="forever")), "timelimit"),
     ("pickle content", envelope(content_type="application/x-python-serialize"), "content type"),
     ("body nested 100,000 deep", envelope(raw_body=b"[" * 100_000 + b"]" * 100_000), "body"),

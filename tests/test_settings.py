@@ -39,6 +39,16 @@ def test_environment_overrides_each_value(monkeypatch: pytest.MonkeyPatch) -> No
         ("worker_pool: gevent\n", "worker_pool must be one of threads, prefork"),
         ("retry: {max_atempts: 3}\n", "retry: unknown keys ['max_atempts']"),
         ("retry: {base_delay: soon}\n", "retry.base_delay: expected a number"),
+        ("retry: " + "[" * 20_000 + "]" * 20_000 + "\n", "settings.yaml:1: retry: nested deeper than 64"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n"
+                for p, c in zip("abcdefg", "bcdefgh", strict=True)
+            ),
+            "values",
+        ),
+        ("- not a mapping\n", "must be a mapping"),
     ],
 )
 def test_bad_settings_are_refused_clearly(

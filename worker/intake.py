@@ -37,11 +37,13 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 
 from worker import broker
 from worker.jobs import JobStore, safe_text
-from worker.payload import TASK_ID
+from worker.payload import BATCH_TASK_NAME, TASK_ID, TASK_NAME
 
 log = logging.getLogger("postroom.intake")
 
 _EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord", "group", "parent_id", "root_id"})
+# Tasks whose messages carry jobs: Celery's `expires` would drop them unrecorded.
+NEVER_EXPIRE = frozenset({TASK_NAME, BATCH_TASK_NAME})
 _store: JobStore | None = None
 
 
@@ -81,6 +83,9 @@ def problem_with(message: Any, tasks: Any) -> str | None:
     problem = header_problem(headers)
     if problem is not None:
         return problem
+    if name in NEVER_EXPIRE and headers.get("expires") is not None:
+        # Celery drops an expired message unseen (acknowledged, no record): a job must not vanish
+        return f"{name} does not take an expiry (a job is sent or ends in the dead letters)"
     if message.content_type != "application/json":
         return f"content type {safe_text(message.content_type, 60)} is not accepted (application/json only)"
     try:

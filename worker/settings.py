@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import yaml
-
-from worker.errors import ConfigurationError
+from worker.errors import ConfigurationError, RecordError
+from worker.yamlsrc import load_yaml
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 WORKER_POOLS = ("threads", "prefork")
@@ -196,10 +195,11 @@ def load_settings() -> Settings:
     path = config_dir() / "settings.yaml"
     data: dict[str, Any] = {}
     if path.is_file():
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigurationError(f"{path}: must be a mapping")
-        data = loaded
+        try:  # the records' loader: bounded in size, depth and alias expansion, errors with lines
+            data = dict(load_yaml(path).data)
+        except RecordError as exc:
+            if "the file is empty" not in str(exc):
+                raise
     retry_data = data.get("retry") or {}
     retry_fields = {"max_attempts", "base_delay", "max_delay", "max_age"}
     unknown = set(retry_data) - retry_fields
