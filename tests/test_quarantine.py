@@ -134,7 +134,10 @@ def test_an_unreadable_dead_letter_keeps_its_raw_bytes_and_is_listed_shown_and_p
     assert unreadable["size"] == len(entry) and unreadable["queue"] == "postroom"
     kept = base64.b64decode(unreadable["base64"])
     assert entry.startswith(kept) and 0 < len(kept) == unreadable["kept"] < len(entry)
-    assert cli(own_queue, "dead-letters", "retry", row["id"]).returncode == 1  # nothing to retry
+    text = cli(own_queue, "dead-letters", "show", row["id"]).stdout
+    assert f"unreadable message: {len(entry)} bytes from queue postroom" in text and "raw (base64): " in text
+    retried = cli(own_queue, "dead-letters", "retry", row["id"])
+    assert retried.returncode == 1 and "unreadable message: nothing to retry" in retried.stderr
     assert json.loads(cli(own_queue, "dead-letters", "purge", "--json").stdout) == {"purged": 1}
 
 

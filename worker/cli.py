@@ -655,6 +655,15 @@ def dead_show(job_id: str, as_json: bool) -> None:
         click.echo(
             f"  attempt {entry.get('attempt')}: {entry.get('outcome')} {entry.get('error') or ''}".rstrip()
         )
+    if job.unreadable is not None:
+        raw = job.unreadable
+        click.echo(
+            f"unreadable message: {raw['size']} bytes from queue {raw['queue'] or '?'}"
+            + (f" (claimed id {raw['claimed_id']})" if raw["claimed_id"] else "")
+            + (f", first {raw['kept']} kept" if raw["kept"] < raw["size"] else "")
+        )
+        click.echo("raw (base64): " + raw["base64"])
+        return
     click.echo("payload: " + json.dumps(job.payload, indent=2))
 
 
@@ -676,7 +685,13 @@ def dead_retry(job_ids: tuple[str, ...], retry_all: bool, as_json: bool) -> None
         for job_id in retried:
             click.echo(f"retried {job_id}")
         for job_id in missing:
-            click.echo(f"no dead letter {job_id}", err=True)
+            job = producer.job(job_id)
+            if job is not None and job.unreadable is not None:
+                click.echo(
+                    f"{job_id} is an unreadable message: nothing to retry (see show, then purge)", err=True
+                )
+            else:
+                click.echo(f"no dead letter {job_id}", err=True)
     sys.exit(1 if missing else 0)
 
 
