@@ -313,7 +313,7 @@ class JobStore:
             "id": job_id,
             "state": "dead",
             "attempts": 0,
-            "account": "",
+            "account": UNKNOWN_ACCOUNT,
             "kind": "unreadable",
             "message_id": "",
             "idempotency_key": "",
