@@ -129,7 +129,7 @@ def test_an_unreadable_body_is_reported_not_dropped(
     own_queue.redis.rpush(QUEUE, json.dumps(raw))
     (carried,) = drain_for(own_queue).take(1)
     assert carried.job_id == job_id and carried.kwargs is None
-    assert carried.problem and "unreadable" in carried.problem
+    assert carried.problem and "body cannot be decoded" in carried.problem
     assert "KWARGS" not in repr(carried) and "x@example.net" not in repr(carried)
 
 

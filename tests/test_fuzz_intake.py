@@ -64,6 +64,9 @@ BAD_HEADER = st.one_of(
     st.tuples(st.sampled_from(["eta", "expires"]), JSON.filter(lambda v: v is not None and not _iso(v))),
     st.tuples(st.just("timelimit"), JSON.filter(lambda v: v is not None and not _pair(v))),
     st.tuples(st.just("retries"), JSON.filter(lambda v: v is not None and not isinstance(v, int))),
+    st.tuples(st.sampled_from(["shadow", "root_id", "parent_id", "group", "argsrepr", "origin"]),
+              JSON.filter(lambda v: v is not None and not isinstance(v, str))),
+    st.tuples(st.sampled_from(["stamped_headers", "stamps"]), st.integers() | st.text(max_size=5)),
 )  # fmt: skip
 
 

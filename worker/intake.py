@@ -42,6 +42,8 @@ from worker.payload import BATCH_TASK_NAME, TASK_ID, TASK_NAME
 log = logging.getLogger("postroom.intake")
 
 _EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord", "group", "parent_id", "root_id"})
+# Headers Celery's request reads as text (names, ids, log reprs).
+_TEXT_HEADERS = ("shadow", "root_id", "parent_id", "group", "argsrepr", "kwargsrepr", "origin", "lang")
 # Tasks whose messages carry jobs: Celery's `expires` would drop them unrecorded.
 NEVER_EXPIRE = frozenset({TASK_NAME, BATCH_TASK_NAME})
 _store: JobStore | None = None
@@ -113,9 +115,21 @@ def header_problem(headers: dict[str, Any]) -> str | None:
         and all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in limits)
     ):
         return "header timelimit is not [soft, hard]"
-    retries = headers.get("retries")
-    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
-        return "header retries is not an integer"
+    for field in ("retries", "replaced_task_nesting", "group_index"):
+        value = headers.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return f"header {field} is not an integer"
+    for field in _TEXT_HEADERS:
+        value = headers.get(field)
+        if value is not None and not isinstance(value, str):
+            return f"header {field} is not a string"
+    stamped, stamps = headers.get("stamped_headers"), headers.get("stamps")
+    if stamped is not None and not (isinstance(stamped, list) and all(isinstance(h, str) for h in stamped)):
+        return "header stamped_headers is not a list of names"
+    if stamps is not None and not isinstance(stamps, dict):
+        return "header stamps is not an object"
+    if headers.get("ignore_result") not in (None, True, False):
+        return "header ignore_result is not a boolean"
     return None
 
 
