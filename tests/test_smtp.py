@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from support.intolerant import IntolerantRelay
 from support.pki import Pki
 from support.smtpd import Rule, SmtpServer
 from worker.accounts import EmailAccount
@@ -184,6 +185,46 @@ def test_tls_11_only_server_is_refused(accounts: Accounts, smtp_server: ServerFa
     assert isinstance(error, SecurityPolicyError)
     assert "TLS version" in str(error)
     assert server.received == [] and "AUTH" not in server.commands
+
+
+@pytest.mark.parametrize("protocol", ["starttls", "smtps"])
+def test_tls_11_server_that_resets_a_modern_hello_is_a_permanent_policy_error(
+    accounts: Accounts, smtp_server: ServerFactory, protocol: str
+) -> None:
+    """Old TLS stacks answer a ClientHello naming versions they do not know with a reset, not an
+    alert: that is still "below min_tls_version" (permanent), never a transient retry."""
+    server = smtp_server(mode=protocol, tls_max_version=ssl.TLSVersion.TLSv1_1)
+    relay = IntolerantRelay(server.port, starttls=protocol == "starttls")
+    try:
+        account = accounts.make(server, port=relay.port, protocol=protocol)  # min_tls_version 1.2
+        error = run(send_expecting(accounts.transport(account), message()))
+        assert isinstance(error, SecurityPolicyError) and not error.transient, error
+        assert str(error) == (
+            "[acct] server offers only TLSv1.1, a TLS version below the minimum (min_tls_version 1.2); "
+            "nothing was sent"
+        )
+        assert relay.resets >= 1  # the first handshake was reset, as on a real such server
+        # postroom test-connectivity says the same
+        report = run(accounts.transport(account).check())
+        assert not report.ok and "below the minimum (min_tls_version 1.2)" in (report.error or "")
+    finally:
+        relay.stop()
+    assert server.received == [] and "AUTH" not in server.commands and "MAIL" not in server.commands
+    assert all(not ok for *_, ok in server.auth_attempts)
+
+
+def test_a_reset_in_the_handshake_of_a_modern_server_stays_transient(
+    accounts: Accounts, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="starttls")
+    relay = IntolerantRelay(server.port, starttls=True, max_version=0)  # resets every ClientHello
+    try:
+        account = accounts.make(server, port=relay.port)
+        error = run(send_expecting(accounts.transport(account), message()))
+    finally:
+        relay.stop()
+    assert isinstance(error, ConnectionFailed) and error.transient, error
+    assert "STARTTLS failed" in str(error)
 
 
 def test_certificate_from_another_ca_is_not_trusted(

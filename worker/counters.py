@@ -9,20 +9,39 @@ deployment. Keys (all under ``postroom:``)::
     m:latency:<account>          hash: bucket upper bound (or "+Inf") -> count, "sum", "count"
     w:<account>:m:<minute>       hash: sent / failed / retried / dead / suppressed, kept 2 hours
     w:<account>:h:<hour>         the same per hour, kept 26 hours
+
+``<account>`` is the job's account name only when it can be an account: a name
+no record could have (``?``, a NUL byte, 100 kB of text) is counted under
+:data:`UNKNOWN`, and so is any name outside ``known`` when the writer passes
+the accounts that exist. A producer cannot make these hashes and keys grow
+with names of its choosing; :mod:`worker.metrics` folds the rest (names of
+accounts whose record has gone) the same way when it is scraped.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from typing import Any, cast
 
 import redis
 
+from worker.records import valid_record_name
+
 PREFIX = "postroom:"
+UNKNOWN = "(unknown)"  # the one label of every account name that is not an account's
 # enqueue -> accepted by the server, seconds
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
 WINDOW_COUNTERS = ("sent", "failed", "retried", "dead", "suppressed")
+
+
+def account_label(account: str, known: Collection[str] | None = None) -> str:
+    """``account`` when it names an account (one of ``known`` when given, else a name a record
+    could have), else :data:`UNKNOWN`."""
+    if known is not None:
+        return account if account in known else UNKNOWN
+    return account if valid_record_name(account) else UNKNOWN
 
 
 def _bucket(seconds: float) -> str:
@@ -41,18 +60,22 @@ def record_into(
     counter: str | None,
     latency: float | None,
     now: float,
+    known: Collection[str] | None = None,
 ) -> None:
-    """Queue one attempt's counters on ``pipe`` (the job record's own pipeline)."""
-    tally = Tally()
+    """Queue one attempt's counters on ``pipe`` (the job record's own pipeline); ``known``:
+    the accounts that exist (see :func:`account_label`)."""
+    tally = Tally(known)
     tally.add(account, transport=transport, outcome=outcome, counter=counter, latency=latency, now=now)
     tally.write_into(pipe)
 
 
 class Tally:
     """The counters of many outcomes, summed first and written as a few commands (a batch's
-    or a carried group's pipeline: a handful of commands instead of a dozen per message)."""
+    or a carried group's pipeline: a handful of commands instead of a dozen per message).
+    ``known``: the accounts that exist; other names count under :data:`UNKNOWN`."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: Collection[str] | None = None) -> None:
+        self.known = known
         self.deliveries: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()
         self.latency: dict[str, Counter[str]] = defaultdict(Counter)
@@ -72,6 +95,7 @@ class Tally:
         latency: float | None,
         now: float,
     ) -> None:
+        account = account_label(account, self.known)
         self.deliveries[f"{account}|{transport or 'none'}|{outcome}"] += 1
         self.attempts[account] += 1
         if latency is not None and outcome == "sent":

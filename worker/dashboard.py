@@ -74,7 +74,10 @@ _TEMPLATES = Path(__file__).with_name("templates")
 _STATIC = Path(__file__).with_name("static")
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 _SESSION_PREFIX = redis_key("dashboard-session", "")
-_NEXT = re.compile(r"^/dashboard(/[A-Za-z0-9._~/-]*)?$")
+# where a login may lead: a dashboard page, as a plain normalised path (segments of unreserved
+# characters; no empty, "." or ".." segment, so nothing a browser would resolve elsewhere; no
+# "%", "\\", scheme or host); query parameters arrive decoded, so %2e%2e is refused as ".."
+_NEXT = re.compile(r"^/dashboard(?:/(?!\.{1,2}(?:/|$))[A-Za-z0-9._~-]+)*$")
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -87,6 +90,11 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+def next_page(value: str) -> str:
+    """``value`` when it names a dashboard page (see ``_NEXT``), else the overview."""
+    return value if _NEXT.fullmatch(value) else PREFIX
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,7 @@ def install(app: FastAPI, producer: Producer, ring: KeyRing, settings: Dashboard
         """The session of a page request; to the login page without one."""
         session: Session | None = await call(current, request)
         if session is None:
-            raise LoginNeeded(request.url.path if _NEXT.match(request.url.path) else PREFIX)
+            raise LoginNeeded(next_page(request.url.path))
         return session
 
     def same_origin(request: Request) -> bool:
@@ -335,7 +343,7 @@ def install(app: FastAPI, producer: Producer, ring: KeyRing, settings: Dashboard
     async def login_page(request: Request, next: str = PREFIX) -> Response:
         if await call(current, request) is not None:
             return redirect(request, "")
-        return render(request, "login.html", next=next if _NEXT.match(next) else PREFIX, error=None)
+        return render(request, "login.html", next=next_page(next), error=None)
 
     @app.post(PREFIX + "/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -350,8 +358,7 @@ def install(app: FastAPI, producer: Producer, ring: KeyRing, settings: Dashboard
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )
         form = await read_form(request)
-        next_path = form.get("next", PREFIX)
-        next_path = next_path if _NEXT.match(next_path) else PREFIX
+        next_path = next_page(form.get("next", PREFIX))
         token = form.get("key", "").strip()
         key = apikeys.verify(ring.keys(apikeys.key_name(token)), token)
         if key is None or not key.operator:

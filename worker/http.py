@@ -13,11 +13,15 @@ under ``/dashboard`` by the same app.
 
 The OpenAPI document the app serves is checked in as ``worker/openapi.json``
 (``postroom http --openapi`` prints it; a test keeps the two equal).
+
+Request bodies are bounded: ``POSTROOM_HTTP_MAX_BODY`` bytes (413), JSON nested
+at most :data:`worker.jsonbody.MAX_DEPTH` levels (400, checked before parsing),
+and ``postroom http`` closes a request whose headers or body arrive too slowly
+(408; worker/httpserver.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,12 +34,13 @@ from typing import Annotated, Any
 import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from worker import apikeys, dashboard
+from worker import apikeys, dashboard, httpserver, jsonbody
 from worker.apikeys import ApiKey
 from worker.client import EnqueueError, PayloadError, Producer
 from worker.dashboard import DashboardSettings
@@ -279,6 +284,13 @@ def create_app(
     async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # the client went away (or worker/httpserver.py closed it: its body was too slow)
+        # before its body was read: nobody to answer, and nothing wrong with the server
+        log.info("%s %s: the client went away before its body arrived", request.method, request.url.path)
+        return Response(status_code=400)
+
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -289,9 +301,9 @@ def create_app(
             if len(body) > cap:
                 raise HttpError(413, f"the body is over {cap} bytes")
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise HttpError(400, "the body is not JSON") from None
+            return jsonbody.loads(body)  # nesting bounded before the parser (and pydantic) see it
+        except jsonbody.JsonBodyError as exc:
+            raise HttpError(400, str(exc)) from None
 
     def owned(key: ApiKey, payload: Any, where: str = "") -> None:
         """403 before validation, so that a key learns nothing about accounts it does not own."""
@@ -470,8 +482,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 def serve(host: str, port: int) -> None:
-    import uvicorn
-
+    limits = httpserver.ServerLimits.from_env()  # a bad setting stops here, before anything starts
     producer = Producer()
     try:
         app = create_app(producer)
@@ -480,6 +491,7 @@ def serve(host: str, port: int) -> None:
         # X-Forwarded-For/-Proto only when the operator names the proxies to trust: else any local
         # process could pick its own address and walk around the per-address limits
         proxied = bool(os.environ.get("FORWARDED_ALLOW_IPS"))
-        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False, proxy_headers=proxied)
+        # with timeouts for slow or stalled requests, which uvicorn alone does not have
+        httpserver.run(app, host, port, proxy_headers=proxied, limits=limits)
     finally:
         producer.close()

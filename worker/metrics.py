@@ -2,11 +2,16 @@
 
 The collector reads the counters of :mod:`worker.counters` and the operator
 status (:mod:`worker.status`) when scraped; there is no per-process registry
-to aggregate, so one ``postroom metrics`` endpoint shows every worker.
+to aggregate, so one ``postroom metrics`` endpoint shows every worker. Only
+accounts whose record exists get an ``account`` label of their own: counts
+under any other name (a producer's typo, a removed account, garbage) are summed
+under ``account="(unknown)"``, so the label set is bounded by the records.
 """
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -19,7 +24,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from worker.counters import LATENCY_BUCKETS, PREFIX
+from worker.counters import LATENCY_BUCKETS, PREFIX, UNKNOWN, account_label
+
+_WORD = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def _word(value: str) -> str:
+    """A transport or outcome label as Postroom writes them (``smtp``, ``sent``); anything else
+    found in the hash is one label, so that it cannot widen the metric either."""
+    return value if _WORD.fullmatch(value) else UNKNOWN
 
 
 class RedisCollector(Collector):
@@ -31,16 +44,23 @@ class RedisCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         status = self.snapshot()
         client: redis.Redis = status.redis
+        known = set(status.account_names)  # only accounts whose record exists get a label
+        delivered: defaultdict[tuple[str, str, str], float] = defaultdict(float)
+        for field, value in cast(dict[str, str], client.hgetall(PREFIX + "m:deliveries")).items():
+            account, transport, outcome = field.rsplit("|", 2) if field.count("|") >= 2 else (field, "", "")
+            delivered[account_label(account, known), _word(transport), _word(outcome)] += float(value)
         deliveries = CounterMetricFamily(
             "postroom_deliveries", "Delivery attempts by outcome", labels=["account", "transport", "outcome"]
         )
-        for field, value in cast(dict[str, str], client.hgetall(PREFIX + "m:deliveries")).items():
-            account, transport, outcome = [*field.split("|"), "", "", ""][:3]
-            deliveries.add_metric([account, transport, outcome], float(value))
+        for labels, total in sorted(delivered.items()):
+            deliveries.add_metric(list(labels), total)
         yield deliveries
-        attempts = CounterMetricFamily("postroom_attempts", "Delivery attempts ended", labels=["account"])
+        ended: defaultdict[str, float] = defaultdict(float)
         for account, value in cast(dict[str, str], client.hgetall(PREFIX + "m:attempts")).items():
-            attempts.add_metric([account], float(value))
+            ended[account_label(account, known)] += float(value)
+        attempts = CounterMetricFamily("postroom_attempts", "Delivery attempts ended", labels=["account"])
+        for account, total in sorted(ended.items()):
+            attempts.add_metric([account], total)
         yield attempts
         latency = HistogramMetricFamily(
             "postroom_delivery_latency_seconds",

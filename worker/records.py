@@ -33,6 +33,12 @@ from worker.yamlsrc import YamlDocument, display_path, load_yaml
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 T = TypeVar("T")
 
+
+def valid_record_name(name: str) -> bool:
+    """A name a record file may have (an account's, a profile's, a keystore's)."""
+    return _NAME.fullmatch(name) is not None
+
+
 # which auth profile types an account may use where
 _GRAPH_PROFILE_TYPES = ("client_credentials", "password")
 _SMTP_OAUTH_TYPES = {

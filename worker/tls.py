@@ -8,6 +8,7 @@ otherwise the system store is used, honouring ``SSL_CERT_FILE``.
 from __future__ import annotations
 
 import ssl
+import warnings
 from collections.abc import Callable
 
 from worker.advanced import TlsName
@@ -42,6 +43,34 @@ def client_context(
     context.check_hostname = check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def version_below(minimum: TlsName) -> TlsName | None:
+    """The highest version under ``minimum`` (None under 1.0)."""
+    names: list[TlsName] = ["1.0", "1.1", "1.2", "1.3"]
+    index = names.index(minimum)
+    return names[index - 1] if index else None
+
+
+def probe_context(max_version: TlsName | None) -> ssl.SSLContext:
+    """A context for learning which version a server negotiates, never for sending: every
+    version up to ``max_version`` (OpenSSL's lowest security level, so TLS 1.0/1.1 can be
+    offered at all), and no certificate check (nothing is sent over it)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():  # TLS 1.0/1.1 are deprecated: offering them is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        if max_version is not None:
+            context.maximum_version = TLS_VERSION[max_version]
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def below_minimum(negotiated: str, minimum: TlsName) -> str:
+    """The reason of a server that negotiates only ``negotiated``, below ``minimum``."""
+    return f"server offers only {negotiated}, a TLS version below the minimum (min_tls_version {minimum})"
 
 
 def version_at_least(negotiated: str | None, minimum: TlsName) -> bool:

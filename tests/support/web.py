@@ -10,13 +10,17 @@ import uvicorn
 
 from support.queue import QueueEnv, wait_for
 from worker import apikeys
+from worker.httpserver import ServerConfig, ServerLimits
 
 
 class ApiServer:
     """uvicorn serving the app in a thread of this process, on a free port."""
 
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="info", lifespan="off")
+    def __init__(self, app: Any, limits: ServerLimits | None = None) -> None:
+        # the configuration postroom http runs with (its timeouts and limits), on port 0
+        config = ServerConfig(
+            app, limits=limits or ServerLimits(), host="127.0.0.1", port=0, log_level="info", lifespan="off"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -58,7 +58,14 @@ from worker.errors import (
 )
 from worker.limits import SLOT_POLL, SLOT_RENEW, USER_TTL, WANTED_CHECK, Limiter
 from worker.oauth import TokenSource
-from worker.tls import client_context, describe_handshake_error, version_at_least
+from worker.tls import (
+    below_minimum,
+    client_context,
+    describe_handshake_error,
+    probe_context,
+    version_at_least,
+    version_below,
+)
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 
 log = logging.getLogger("postroom.smtp")
@@ -99,6 +106,26 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+_HANDSHAKE_BREAKS = (
+    ssl.SSLError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+    SMTPServerDisconnected,
+)
+
+
+def _in_handshake(exc: BaseException) -> bool:
+    """The connection was up and broke in the TLS handshake (an alert, a reset, an EOF), not
+    refused or unreachable: only then can the server's TLS version be the cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _HANDSHAKE_BREAKS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _xoauth2_challenge(message: str) -> str | None:
@@ -195,7 +222,10 @@ class SmtpConnection:
         except (SMTPTimeoutError, TimeoutError):
             raise self._error(ConnectionFailed(f"timed out connecting to {where}")) from None
         except (SMTPException, OSError) as exc:
-            raise self._handshake_or_io(exc, f"cannot connect to {where}") from None
+            error = self._handshake_or_io(exc, f"cannot connect to {where}")
+            if ep.protocol == "smtps" and _in_handshake(exc):
+                error = await self._version_policy(error)
+            raise error from None
         self.protocol = self.client.protocol
         self.client.timeout = ep.command_timeout
         await self._ehlo()
@@ -210,6 +240,63 @@ class SmtpConnection:
         cause = exc.__cause__ or exc
         detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
         return self._error(ConnectionFailed(f"{what}: {detail}"))
+
+    async def _version_policy(self, error: DeliveryError) -> DeliveryError:
+        """A failed handshake whose cause is the server's TLS version is a permanent policy
+        failure, however the server refused (an alert, or a reset some servers answer a
+        modern ClientHello with): probe once to learn the version it negotiates, and when
+        that is below ``min_tls_version`` say so; otherwise ``error`` stands."""
+        if isinstance(error, SecurityPolicyError) and "not trusted" in str(error):
+            return error  # the certificate, not the version
+        negotiated = await self._probe_version()
+        minimum = self.endpoint.min_tls_version
+        if negotiated is None or version_at_least(negotiated, minimum):
+            return error
+        return self._error(SecurityPolicyError(f"{below_minimum(negotiated, minimum)}; nothing was sent"))
+
+    async def _probe_version(self) -> str | None:
+        """The TLS version the server negotiates when offered every version, or else (a server
+        that drops a ClientHello naming versions it does not know) only those below the
+        minimum; None when neither handshake completes. Nothing but EHLO and STARTTLS is
+        sent on these connections: no credentials, no mail."""
+        ep = self.endpoint
+        below = version_below(ep.min_tls_version)
+        if below is None:
+            return None
+        for top in (None, below):
+            context = probe_context(top)
+            probe = aiosmtplib.SMTP(
+                hostname=ep.host,
+                port=ep.port,
+                use_tls=ep.protocol == "smtps",
+                start_tls=False,
+                tls_context=context,
+                local_hostname=ep.ehlo_name or default_ehlo_name(),
+                timeout=ep.connect_timeout,
+            )
+            probing = SmtpConnection(self.account, ep, probe)
+            negotiated: str | None = None
+            try:
+                await probe.connect()
+                probing.protocol = probe.protocol
+                if ep.protocol == "starttls":
+                    await probe.ehlo()
+                    await probe.starttls(server_hostname=ep.host, tls_context=context)
+                ssl_object = probe.get_transport_info("ssl_object")
+                negotiated = ssl_object.version() if ssl_object is not None else None
+            except (SMTPException, OSError, TimeoutError):
+                negotiated = None
+            finally:
+                if negotiated is not None:  # wait for the TLS close, as for any connection
+                    await probing.close(polite=True)
+                else:  # broken in the handshake: nothing to wait for
+                    probe.close()
+            if negotiated is not None:
+                log.info(
+                    "%s: %s:%d negotiates %s when offered it", self.account, ep.host, ep.port, negotiated
+                )
+                return str(negotiated)
+        return None
 
     async def _ehlo(self) -> None:
         try:
@@ -239,7 +326,8 @@ class SmtpConnection:
             except (SMTPTimeoutError, TimeoutError):
                 raise self._error(ConnectionFailed("timed out during the TLS handshake")) from None
             except (SMTPException, OSError) as exc:
-                raise self._handshake_or_io(exc, "STARTTLS failed") from None
+                error = self._handshake_or_io(exc, "STARTTLS failed")
+                raise (await self._version_policy(error) if _in_handshake(exc) else error) from None
             await self._ehlo()
         if ep.protocol != "none":
             ssl_object = self.client.get_transport_info("ssl_object")
