@@ -159,8 +159,9 @@ def test_invalid_payloads_are_dead_lettered_under_their_own_id_without_touching_
     raw_ids = [str(uuid.uuid4()) for _ in INVALID_PAYLOADS]
     for job_id, (kwargs, _) in zip(raw_ids, INVALID_PAYLOADS, strict=True):
         push(own_queue.redis, send_kwargs(kwargs, task_id=job_id))
-    raw_good = str(uuid.uuid4())
+    raw_good, nowhere = str(uuid.uuid4()), str(uuid.uuid4())
     push(own_queue.redis, send_kwargs(valid_kwargs(subject="raw good"), task_id=raw_good))
+    push(own_queue.redis, send_kwargs(valid_kwargs(account="nope"), task_id=nowhere))  # no such record
     batch = producer.send_batch([valid_kwargs(subject="batch a"), valid_kwargs(subject="batch b")])
     # a raw batch with one item that is not an object: the two beside it still go out
     items = [valid_kwargs(subject="rb 0"), 17, valid_kwargs(subject="rb 2")]
@@ -177,6 +178,7 @@ def test_invalid_payloads_are_dead_lettered_under_their_own_id_without_touching_
             assert job.state == "dead" and "invalid payload" in (job.last_error or ""), job
             assert expected in (job.last_error or ""), job
             assert len(job.account) <= 64 and "\x00" not in job.account
+        assert finished(producer, nowhere).state == "dead"
         bad_item = finished(producer, f"{batch_id}-1")
         assert bad_item.state == "dead" and "invalid payload" in (bad_item.last_error or "")
         wait_for(lambda: drained(own_queue), 30, "the queue to drain", worker)
@@ -186,8 +188,12 @@ def test_invalid_payloads_are_dead_lettered_under_their_own_id_without_touching_
     subjects = Counter(m.message["Subject"] for m in server.received)
     assert set(subjects.values()) == {1}
     assert {"raw good", "batch a", "batch b", "rb 0", "rb 2"} <= set(subjects)
-    stats = own_queue.redis.keys("postroom:stats:*")
-    assert all(len(key) < 100 for key in stats), stats  # no producer-written junk as a key
+    # no producer-written name becomes a key: what no record has is counted as (unknown)
+    assert set(own_queue.redis.keys("postroom:stats:*")) == {
+        "postroom:stats:tenant",
+        "postroom:stats:(unknown)",
+    }
+    assert not [k for k in own_queue.redis.keys("postroom:*") if "nope" in k or "\x00" in k]
 
 
 def test_message_ids_and_sent_marks_are_scoped_per_account(

@@ -29,7 +29,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -72,8 +71,7 @@ def new_job_id() -> str:
 
 MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter
 MAX_PAYLOAD_KEPT = 1024 * 1024  # a payload larger than this (as JSON) is not kept in its record
-UNKNOWN_ACCOUNT = "(unknown)"  # the account of a job whose payload names none that could exist
-_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+UNKNOWN_ACCOUNT = counters.UNKNOWN  # the account of a job whose payload names none that could exist
 _LATEST_TIME = 2.0**40  # far beyond any real clock: larger "timestamps" are not believed
 
 
@@ -81,7 +79,7 @@ def account_of(payload: Mapping[str, Any]) -> str:
     """The payload's account when it is a well-formed name, else :data:`UNKNOWN_ACCOUNT`
     (what a producer wrote is never a Redis key or a metrics label unchecked)."""
     name = payload.get("account")
-    return name if isinstance(name, str) and _ACCOUNT_NAME.match(name) else UNKNOWN_ACCOUNT
+    return counters.account_label(name) if isinstance(name, str) else UNKNOWN_ACCOUNT
 
 
 def safe_text(value: Any, limit: int = 200) -> str:

@@ -25,7 +25,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from worker import autoreply
+from worker import autoreply, counters
 from worker.accounts import EmailAccount
 from worker.app import app, settings
 from worker.broker import BrokerKeys
@@ -174,12 +174,19 @@ def _dead_on_arrival(job_id: str, kwargs: Any, reason: str) -> Step:
     path itself cannot fail on whatever a producer sent."""
     store = job_store()
     fields = _identity(kwargs)
-    account = account_of(fields)
+    account = _counted(account_of(fields))
     begun = store.begin_attempt(job_id, fields)
     if begun is None:
         return Step("skipped", "job already finished")
     store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
     return Step("dead", reason)
+
+
+def _counted(account: str) -> str:
+    """The name an outcome is counted under (stats, metrics): the account's when its record
+    exists, else ``(unknown)`` — a raw producer can name any account, and the counters' keys and
+    labels must not grow with its choices."""
+    return counters.account_label(account, get_runtime().records().account_names)
 
 
 def _identity(kwargs: Any) -> dict[str, Any]:
@@ -226,7 +233,7 @@ def _conclude(
     store.finish_into(
         pipe,
         job_id,
-        account,
+        _counted(account),
         state=state,
         attempt=attempt_no,
         error=outcome.reason,
@@ -350,7 +357,8 @@ def _cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
     begun = store.begin_attempt(job_id, fields)
     if begun is None:
         return Step("skipped", "job already finished")
-    store.finish(job_id, account_of(fields), state="dead", attempt=begun[0], error=reason, counter="dead")
+    account = _counted(account_of(fields))
+    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
     log.error("job %s: dead-lettered after %d runs cut short (a poison message?)", job_id, runs)
     return Step("dead", reason)
 
