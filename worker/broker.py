@@ -129,6 +129,61 @@ def unacked_envelope(value: bytes | str) -> dict[str, Any] | None:
     return None
 
 
+def delivered_tags(consumer: Any) -> list[str] | None:
+    """The delivery tags a Celery consumer holds unacknowledged right now (kombu's virtual QoS
+    keeps them in ``_delivered``: prefetched, running, and waiting for an ETA), or None when
+    its transport keeps no such table (then nothing can be said about what it holds)."""
+    channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+    delivered = getattr(getattr(channel, "qos", None), "_delivered", None)
+    if not isinstance(delivered, dict):
+        return None
+    for _ in range(5):  # the consumer's thread may change it while it is copied
+        try:
+            return [str(tag) for tag in list(delivered)]
+        except RuntimeError:
+            continue
+    return None
+
+
+# KEYS: unacked hash, unacked index, the list to restore to. ARGV: tag, the message flagged
+# redelivered. Only an entry still unacknowledged is restored (its holder may have acked it).
+_RESTORE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('RPUSH', KEYS[3], ARGV[2])
+  return 1
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
+"""
+
+
+def restore_unacked(client: Any, keys: BrokerKeys, tags: list[str]) -> int:
+    """Put unacknowledged messages back at the head of their queues, flagged ``redelivered``,
+    as kombu's own restore does (``Channel._do_restore_message``); returns how many."""
+    script = client.register_script(_RESTORE)
+    restored = 0
+    for tag in tags:
+        raw = client.hget(keys.unacked, tag)
+        if raw is None:
+            client.zrem(keys.unacked_index, tag)
+            continue
+        try:
+            envelope, _exchange, routing_key = json.loads(bytes_to_str(raw))
+            envelope["headers"]["redelivered"] = True
+            envelope["properties"]["delivery_info"]["redelivered"] = True
+            priority = max(0, min(9, int(envelope["properties"].get("priority") or 0)))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.error("unacknowledged entry %s is unreadable; left for kombu's own restore", tag)
+            continue
+        step = max(p for p in PRIORITY_STEPS if p <= priority)
+        queue = keys.prefix + (routing_key if not step else f"{routing_key}{PRIORITY_SEP}{step}")
+        restored += int(
+            script(keys=[keys.unacked, keys.unacked_index, queue], args=[tag, json.dumps(envelope)])
+        )
+    return restored
+
+
 class GuardedChannel(kombu_redis.Channel):
     """kombu's Redis channel, with every entry read from a queue screened before kombu sees it."""
 

@@ -31,7 +31,7 @@ from worker.errors import (
     RecipientStatus,
     TransientError,
 )
-from worker.jobs import AsyncMarks, JobStore
+from worker.jobs import CLAIM_TTL, CLAIMS, AsyncMarks, JobStore
 from worker.limits import Limiter
 from worker.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.payload import SendPayload
@@ -267,10 +267,9 @@ class Delivery:
                 )
             )
 
-        # the claim outlives any live attempt (the hard time limit kills it) and expires soon after a crash
-        claims = self.store.claim_many(
-            [(p.account, p.message_id, p.token) for p in ready], self.settings.time_limit + 5
-        )
+        # a claim lives while its attempt does (renewed by this process's heartbeat) and is gone
+        # CLAIM_TTL seconds after the process dies
+        claims = self.store.claim_many([(p.account, p.message_id, p.token) for p in ready], CLAIM_TTL)
         pending: list[_Pending] = []
         for p, (claimed, already) in zip(ready, claims, strict=True):
             p.already = already
@@ -284,11 +283,14 @@ class Delivery:
                     recipients=already,
                     counts=False,
                 )
+        held = [(p.account, p.message_id, p.token) for p in pending]
+        CLAIMS.add(held)
         try:
             with self.runtime.sending([p.account for p in pending]):
                 for p, outcome in zip(pending, self._send_all(pending), strict=True):
                     outcomes[p.index] = outcome
         finally:
+            CLAIMS.discard(held)
             self.store.release_many(
                 [(p.account, p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
             )

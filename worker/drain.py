@@ -39,18 +39,22 @@ from typing import Any
 
 import redis
 
+from worker import liveness
 from worker.broker import BrokerKeys
 
 log = logging.getLogger("postroom.drain")
 
 RESTORE_MARGIN = 30.0  # seconds after the hard time limit before a dead carrier's jobs come back
 
-# KEYS: unacked hash, unacked index, then the queue lists in the order kombu reads them.
+# KEYS: unacked hash, unacked index, this process's carried set and the holders set
+# (worker/liveness.py), then the queue lists in the order kombu reads them.
+# ARGV: max count, index score, task name, this process's holder id.
 # ARGV: max count, index score, task name.
 _TAKE = """
 local out = {}
 local taken, max = 0, tonumber(ARGV[1])
-for qi = 3, #KEYS do
+redis.call('SADD', KEYS[4], ARGV[4])
+for qi = 5, #KEYS do
   local queue = KEYS[qi]
   while taken < max do
     local raw = redis.call('LINDEX', queue, -1)
@@ -68,6 +72,7 @@ for qi = 3, #KEYS do
     if type(info) ~= 'table' or type(tag) ~= 'string' then return out end
     redis.call('RPOP', queue)
     redis.call('ZADD', KEYS[2], ARGV[2], tag)
+    redis.call('SADD', KEYS[3], tag)
     redis.call('HSET', KEYS[1], tag,
       '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
     out[#out + 1] = queue
@@ -78,10 +83,11 @@ end
 return out
 """
 
-# KEYS: unacked hash, unacked index. ARGV: triples of (queue, delivery tag, raw message).
+# KEYS: unacked hash, unacked index, carried set. ARGV: triples of (queue, delivery tag, raw message).
 # A message kombu restored meanwhile is no longer in the hash: it is not pushed twice.
 _GIVE_BACK = """
 for i = 1, #ARGV, 3 do
+  redis.call('SREM', KEYS[3], ARGV[i + 1])
   if redis.call('HDEL', KEYS[1], ARGV[i + 1]) == 1 then
     redis.call('ZREM', KEYS[2], ARGV[i + 1])
     redis.call('RPUSH', ARGV[i], ARGV[i + 2])
@@ -134,7 +140,13 @@ class QueueDrain:
         if count <= 0:
             return []
         score = time.time() - self.backdate
-        flat = self._take(keys=[*self.keys, *self.queues], args=[count, score, self.task_name])
+        carried = liveness.carried_key()
+        flat = self._take(
+            keys=[*self.keys, carried, liveness.HOLDERS, *self.queues],
+            args=[count, score, self.task_name, liveness.holder_id()],
+        )
+        if flat:  # kept alive by this process's heartbeat from now on
+            self.client.expire(carried, int(liveness.LAPSE))
         taken = []
         for queue, raw in zip(flat[0::2], flat[1::2], strict=True):
             taken.append(_decode(_text(queue), _text(raw)))
@@ -147,13 +159,14 @@ class QueueDrain:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zrem(self.keys[1], *tags)
             pipe.hdel(self.keys[0], *tags)
+            pipe.srem(liveness.carried_key(), *tags)
             pipe.execute()
 
     def give_back(self, carried: Iterable[Carried]) -> None:
         """Return jobs to the head of their queue (they run next, in their order), untouched."""
         args = [part for c in reversed(list(carried)) for part in (c.queue, c.delivery_tag, c.raw)]
         if args:
-            self._give_back(keys=self.keys, args=args)
+            self._give_back(keys=[*self.keys, liveness.carried_key()], args=args)
 
 
 def _text(value: bytes | str) -> str:

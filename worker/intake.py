@@ -35,9 +35,10 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from worker import broker
+from worker import broker, liveness
+from worker.delays import POLL, DelayQueue
 from worker.jobs import JobStore, safe_text
-from worker.payload import BATCH_TASK_NAME, TASK_ID, TASK_NAME
+from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME
 
 log = logging.getLogger("postroom.intake")
 
@@ -186,8 +187,31 @@ def _quarantine_raw(raw: bytes, reason: str, queue: str) -> None:
 broker.UNREADABLE[:] = [_quarantine_raw]
 
 
+def start_upkeep(consumer: Any) -> None:
+    """The heartbeat of this worker's consumer, the reaper of dead workers' messages and the
+    delay queue's mover, in one daemon thread of the worker's main process."""
+    from worker.app import app
+
+    client = store().redis
+    delays = DelayQueue(
+        client, lambda job_id, kwargs: app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+    )
+    steps: list[tuple[float, Callable[[], object]]] = [(POLL, delays.move_due)]
+    tags: Callable[[], list[str] | None] | None = None
+    if broker.delivered_tags(consumer) is not None:  # kombu's Redis transport: messages to restore
+        tags = lambda: broker.delivered_tags(consumer)  # noqa: E731
+        steps.append((liveness.REAP_EVERY, liveness.Reaper(client, broker.BrokerKeys.of_app()).reap))
+    liveness.keep_beating(client, tags, more=steps)
+
+
 class Consumer(CeleryConsumer):
-    """Celery's consumer, with unusable messages dead-lettered instead of dropped or fatal."""
+    """Celery's consumer, with unusable messages dead-lettered instead of dropped or fatal,
+    and the worker's upkeep (heartbeat, reaper, delay mover: worker/liveness.py) started
+    once it is ready."""
+
+    def on_ready(self) -> None:
+        super().on_ready()
+        start_upkeep(self)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)

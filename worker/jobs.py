@@ -29,6 +29,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -70,7 +71,6 @@ def new_job_id() -> str:
 
 
 MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter
-MAX_PAYLOAD_KEPT = 1024 * 1024  # a payload larger than this (as JSON) is not kept in its record
 UNKNOWN_ACCOUNT = counters.UNKNOWN  # the account of a job whose payload names none that could exist
 _LATEST_TIME = 2.0**40  # far beyond any real clock: larger "timestamps" are not believed
 
@@ -100,12 +100,12 @@ def _timestamp(value: Any, default: float) -> float:
 
 
 def _payload_json(payload: Mapping[str, Any]) -> str:
-    """The payload as kept in the record ("" when it cannot be, or should not be, kept)."""
+    """The payload as kept in the record (retries and dead-letter retries publish it again);
+    "" when it is no JSON (only a payload that was never validated can be)."""
     try:
-        text = json.dumps(dict(payload))
+        return json.dumps(dict(payload))
     except (TypeError, ValueError, RecursionError):
         return ""
-    return text if len(text) <= MAX_PAYLOAD_KEPT else ""
 
 
 def _record_fields(
@@ -719,6 +719,48 @@ def _unreadable(data: Mapping[str, str]) -> dict[str, Any] | None:
         "claimed_id": data.get("raw_claimed_id") or None,
         "task": data.get("raw_task") or None,
     }
+
+
+CLAIM_TTL = 15  # seconds; renewed while its attempt runs, so a dead attempt's claim is gone soon
+
+
+class ClaimRegistry:
+    """The Message-ID claims this process's attempts hold, renewed by its heartbeat
+    (worker/liveness.py) every few seconds while they run: a claim outlives its attempt by at
+    most :data:`CLAIM_TTL` seconds, however long the attempt was allowed to take."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, claims: Iterable[tuple[str, str, str]]) -> None:
+        with self._lock:
+            for account, message_id, token in claims:
+                self._held[_key("claim", account, message_id)] = token
+
+    def discard(self, claims: Iterable[tuple[str, str, str]]) -> None:
+        with self._lock:
+            for account, message_id, token in claims:
+                key = _key("claim", account, message_id)
+                if self._held.get(key) == token:
+                    del self._held[key]
+
+    def renew(self, client: redis.Redis) -> None:
+        with self._lock:
+            held = list(self._held.items())
+        if not held:
+            return
+        with client.pipeline(transaction=False) as pipe:
+            for key, token in held:
+                pipe.eval(_RENEW, 1, key, token, CLAIM_TTL * 1000)
+            pipe.execute()
+
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+CLAIMS = ClaimRegistry()
 
 
 class AsyncMarks:

@@ -16,6 +16,7 @@ import redis
 
 from worker import counters
 from worker.broker import PRIORITY_STEPS, BrokerKeys
+from worker.delays import MOVING, RETRYING
 from worker.health import AccountHealth
 from worker.jobs import JobStore, redis_key
 from worker.payload import QUEUE
@@ -61,10 +62,10 @@ class Status:
             for key in lists.values():
                 pipe.llen(key)
             pipe.hlen(self.keys.unacked)
-            pipe.zcard(self.store.retrying_key)
-            pipe.zcount(self.store.retrying_key, now, "+inf")
+            pipe.zcard(RETRYING)
+            pipe.zcard(MOVING)
             pipe.zcard(self.store.dead_key)
-            *depths, unacked, retrying, scheduled, dead = pipe.execute()
+            *depths, unacked, retrying, moving, dead = pipe.execute()
         names = self.account_names
         states = self.health.account_states(names)
         last = self.health.last_many(names)
@@ -84,9 +85,10 @@ class Status:
             )
         return {
             "queues": {name: int(depth) for name, depth in zip(lists, depths, strict=True)},
-            # messages workers hold: running, carried along, or waiting for a retry's time
-            "in_flight": max(0, int(unacked) - int(scheduled)),
-            "retrying": int(retrying),
+            # messages workers hold: running, carried along or prefetched (retries wait in
+            # Postroom's delay queue, worker/delays.py, not in a worker)
+            "in_flight": int(unacked),
+            "retrying": int(retrying) + int(moving),
             "dead_letters": int(dead),
             "held": sum(a["held"] for a in accounts.values()),
             "accounts": accounts,

@@ -36,6 +36,7 @@ from typing import Any, cast
 import redis
 
 from worker.broker import BrokerKeys, unacked_envelope
+from worker.delays import MOVING, RETRYING
 from worker.jobs import OPEN, OPEN_STATES, redis_key
 
 log = logging.getLogger("postroom.sweep")
@@ -164,7 +165,8 @@ class Sweeper:
         return out
 
     def locations(self) -> set[str]:
-        """Every job id with a message in the queue lists, kombu's unacked hash or a held list."""
+        """Every job id with a message in the queue lists, kombu's unacked hash or a held list, or
+        waiting in the delay queue."""
         found: set[str] = set()
         for queue in self.queues:
             start = 0
@@ -177,6 +179,8 @@ class Sweeper:
                 start += _CHUNK
         for _, value in self.client.hscan_iter(self.unacked_key, count=_CHUNK):
             found.update(_job_ids(_text(value)))
+        for waiting in (RETRYING, MOVING):  # waiting for a retry in Postroom's delay queue
+            found.update(_text(job_id) for job_id in cast(list[Any], self.client.zrange(waiting, 0, -1)))
         paused = {_text(name) for name in cast(set[Any], self.client.smembers(redis_key("paused")))}
         for key in self.client.scan_iter(match=redis_key("held", "*"), count=_CHUNK):
             if _text(key).removeprefix(redis_key("held", "")) not in paused:

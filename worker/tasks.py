@@ -22,10 +22,10 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from worker import autoreply, counters
+from worker import autoreply, counters, liveness
 from worker.accounts import EmailAccount
 from worker.app import app, settings
 from worker.broker import BrokerKeys
@@ -272,13 +272,8 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
         else:
             with _store_trouble_requeues(job_id):
                 step = (redelivered and _cut_short_too_often(job_id, kwargs)) or attempt(job_id, kwargs)
-    if step.retry_in is not None:
-        try:
-            raise self.retry(countdown=step.retry_in, kwargs=kwargs)
-        except Retry:
-            raise
-        except Exception as exc:  # could not publish the retry: give the message back
-            raise Reject(f"retry could not be scheduled: {exc}", requeue=True) from exc
+    # a retry waits in Postroom's delay queue (worker/delays.py), written with the job's record:
+    # the message is done either way
     return step.summary()
 
 
@@ -331,7 +326,7 @@ def _unexpected_requeues(what: str) -> Iterator[None]:
     after bounded runs) instead of Celery acknowledging a failed task and losing its jobs."""
     try:
         yield
-    except (Retry, Reject):
+    except Reject:
         raise
     except Exception as exc:
         log.exception("%s: unexpected error; the message goes back to the queue", what)
@@ -376,22 +371,11 @@ def _store_trouble_requeues(what: str) -> Iterator[None]:
 
 
 def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str, int]:
-    steps = _deliver(job_ids, messages)
-    retries = [(job_ids[i], messages[i], s.retry_in) for i, s in enumerate(steps) if s.retry_in is not None]
-    try:
-        _publish_retries(retries)
-    except Exception as exc:  # the batch goes back whole: finished jobs are skipped when it runs again
-        raise Reject(f"retries could not be scheduled: {exc}", requeue=True) from exc
+    steps = _deliver(job_ids, messages)  # a retried message leaves its batch via the delay queue
     counts: dict[str, int] = {}
     for step in steps:
         counts[step.state] = counts.get(step.state, 0) + 1
     return counts
-
-
-def _publish_retries(retries: list[tuple[str, dict[str, Any], float]]) -> None:
-    """Each retried message leaves its batch (or carrier) as a ``postroom.send`` job of its own."""
-    for job_id, kwargs, delay in retries:
-        app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, countdown=delay)
 
 
 def _take_more(job_id: str) -> list[Carried]:
@@ -458,7 +442,7 @@ def _within_account_bounds(taken: list[Carried]) -> tuple[list[Carried], list[Ca
 
 def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
     """Deliver this task's job and the carried ones together; the task's own step is returned
-    (its retry goes through Celery), the carried ones' retries are published here."""
+    (every retry waits in the delay queue, as a job of its own)."""
     drain = queue_drain()
     log.info("job %s: carrying %d more ready jobs from the queue", job_id, len(carried))
     readable = [c for c in carried if c.kwargs is not None]
@@ -471,13 +455,6 @@ def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
                     reason = c.problem or "unreadable task message"
                     intake_store().quarantine(c.raw.encode(), reason, queue=c.queue, claimed_id=c.job_id)
             steps = _deliver(job_ids, messages)
-            retries = [
-                (job_ids[i], messages[i], s.retry_in) for i, s in enumerate(steps) if s.retry_in is not None
-            ]
-            try:  # the task's own retry goes through Celery (self.retry) below
-                _publish_retries(retries[1:] if steps[0].retry_in is not None else retries)
-            except Exception as exc:  # all of them go back: the ones that ended are skipped next time
-                raise Reject(f"retries could not be scheduled: {exc}", requeue=True) from exc
     except BaseException:
         with contextlib.suppress(redis.RedisError):  # else kombu restores them after the time limit
             drain.give_back(carried)
@@ -497,6 +474,7 @@ def broker_keys() -> BrokerKeys:
 def queue_drain() -> QueueDrain:
     global _drain
     if _drain is None:
+        liveness.keep_beating(job_store().redis)  # what this process carries is claimed while it lives
         _drain = QueueDrain(
             job_store().redis,
             QUEUE,
@@ -574,6 +552,7 @@ def _deliver(job_ids: list[str], messages: list[dict[str, Any]]) -> list[Step]:
 def delivery(store: JobStore) -> Delivery:
     """The pipeline on this process's runtime (its loop, pools and loop-side Redis client)."""
     runtime = get_runtime()
+    liveness.keep_beating(store.redis)  # renews this process's Message-ID claims while it lives
     url = store_url()
     limiter = runtime.limiter(url, settings.job_ttl, slot_wait())
     return Delivery(store, runtime.marks(url, settings.job_ttl), runtime, settings, limiter)

@@ -1,0 +1,193 @@
+"""Liveness by heartbeat: a dead worker's messages are back on the queue in seconds.
+
+kombu's Redis transport gives back a message a dead worker held only when it has
+been unacknowledged for the whole visibility timeout (an hour here: it must
+outlast the longest task). Postroom does not wait for that. Every worker process
+says what it holds, under its own holder id (host, pid and a nonce):
+
+- ``postroom:holding:<holder>:consumer`` — the delivery tags its Celery consumer
+  holds unacknowledged (prefetched, running, waiting for an ETA), written anew
+  every :data:`BEAT` seconds by its :class:`Upkeep` thread;
+- ``postroom:holding:<holder>:carried`` — the tags of the jobs its tasks carry
+  (:mod:`worker.drain` adds and removes them in the scripts that take and
+  acknowledge them);
+
+both expiring :data:`LAPSE` seconds after the last beat, and the holder listed in
+``postroom:holders``. A process that dies (SIGKILL, OOM, power) stops beating,
+its keys expire, and the :class:`Reaper` that every worker runs finds kombu's
+unacknowledged entries that are older than :data:`GRACE` and that no live holder
+claims, and restores them at the head of their queue, flagged ``redelivered``
+(worker/broker.py), as kombu's own restore would an hour later. kombu's restore
+is still there as the last resort.
+
+A copy restored while its holder was in fact alive (its beat stalled for
+:data:`LAPSE` seconds) runs twice at worst; the job record and the Message-ID
+claim keep it from being sent twice. Every worker must run this version: a
+worker that does not beat would have its messages restored under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+import redis
+
+from worker.broker import BrokerKeys, restore_unacked
+from worker.jobs import CLAIMS, redis_key
+
+log = logging.getLogger("postroom.liveness")
+
+HOLDERS = redis_key("holders")
+BEAT = 2.0  # seconds between beats
+LAPSE = 15.0  # a holder that has not beaten for this long is dead (its keys expire)
+GRACE = 15.0  # an unacknowledged entry younger than this is never restored (its holder may not have said yet)
+REAP_EVERY = 2.0
+
+_holder: tuple[int, str] | None = None
+
+
+def holder_id() -> str:
+    """This process's holder id (a new one after a fork)."""
+    global _holder
+    if _holder is None or _holder[0] != os.getpid():
+        _holder = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    return _holder[1]
+
+
+def holding_key(holder: str, part: str) -> str:
+    return redis_key("holding", holder, part)
+
+
+def carried_key() -> str:
+    return holding_key(holder_id(), "carried")
+
+
+class Heartbeat:
+    """One process's beat: its consumer's tags (if it has a consumer) and its carried set kept alive."""
+
+    def __init__(
+        self, client: redis.Redis, consumer_tags: Callable[[], list[str] | None] | None = None
+    ) -> None:
+        self.client = client
+        self.consumer_tags = consumer_tags
+        self.holder = holder_id()
+
+    def beat(self) -> None:
+        tags = self.consumer_tags() if self.consumer_tags is not None else None
+        consumer, carried = holding_key(self.holder, "consumer"), holding_key(self.holder, "carried")
+        with self.client.pipeline(transaction=True) as pipe:  # MULTI: never seen half-written
+            pipe.sadd(HOLDERS, self.holder)
+            if self.consumer_tags is not None:
+                pipe.delete(consumer)
+                pipe.sadd(consumer, "-", *(tags or []))  # "-": the key exists even when nothing is held
+                pipe.expire(consumer, int(LAPSE))
+            pipe.expire(carried, int(LAPSE))
+            pipe.execute()
+        CLAIMS.renew(self.client)  # the Message-ID claims of this process's running attempts
+
+
+class Reaper:
+    """Restores unacknowledged entries that no live holder claims (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, keys: BrokerKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def reap(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        old = [
+            _text(t)
+            for t in cast(
+                list[Any],
+                self.client.zrangebyscore(self.keys.unacked_index, "-inf", now - GRACE, start=0, num=5000),
+            )
+        ]
+        if not old:
+            return 0
+        holders = [_text(h) for h in cast(set[Any], self.client.smembers(HOLDERS))]
+        claimed: set[str] = set()
+        gone: list[str] = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for holder in holders:
+                pipe.smembers(holding_key(holder, "consumer"))
+                pipe.smembers(holding_key(holder, "carried"))
+                pipe.exists(holding_key(holder, "consumer"), holding_key(holder, "carried"))
+            replies = pipe.execute()
+        for i, holder in enumerate(holders):
+            consumer, carried, alive = replies[3 * i : 3 * i + 3]
+            claimed.update(_text(t) for t in consumer)
+            claimed.update(_text(t) for t in carried)
+            if not alive:
+                gone.append(holder)
+        if gone:
+            self.client.srem(HOLDERS, *gone)
+        orphans = [tag for tag in old if tag not in claimed]
+        if not orphans:
+            return 0
+        restored = restore_unacked(self.client, self.keys, orphans)
+        if restored:
+            log.warning("restored %d messages held by workers that stopped beating", restored)
+        return restored
+
+
+class Upkeep:
+    """A worker process's daemon thread: its heartbeat, the reaper and the delay queue's mover,
+    each on its own period (one thread; each step is a few Redis calls)."""
+
+    def __init__(self, steps: list[tuple[float, Callable[[], object]]]) -> None:
+        self.steps = steps
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="postroom-upkeep", daemon=True)
+
+    def start(self) -> Upkeep:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        due = [0.0] * len(self.steps)
+        tick = min(period for period, _ in self.steps)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for i, (period, step) in enumerate(self.steps):
+                if now < due[i]:
+                    continue
+                due[i] = now + period
+                try:
+                    step()
+                except Exception as exc:  # Redis or the broker away: next time
+                    log.warning("upkeep: %s failed (%s)", getattr(step, "__qualname__", step), exc)
+            self._stop.wait(tick)
+
+
+_beating: dict[int, Upkeep] = {}
+
+
+def keep_beating(
+    client: redis.Redis,
+    consumer_tags: Callable[[], list[str] | None] | None = None,
+    *,
+    more: list[tuple[float, Callable[[], object]]] | None = None,
+) -> Upkeep:
+    """This process's upkeep thread, started once per process: the heartbeat (with its
+    consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
+    A process that only carries jobs (a prefork child) gets one beating its carried set."""
+    running = _beating.get(os.getpid())
+    if running is not None:
+        return running
+    upkeep = Upkeep([(BEAT, Heartbeat(client, consumer_tags).beat), *(more or [])]).start()
+    _beating[os.getpid()] = upkeep
+    return upkeep
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
