@@ -337,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--visibility-timeout",
         type=float,
-        default=30.0,
-        help="kombu's (more than the 10 s time limit): a killed worker's jobs come back after it",
+        default=None,
+        help="override kombu's (default: the shipped 3600 s; a killed worker's jobs come back through"
+        " Postroom's heartbeat reaper, not through it)",
     )
     parser.add_argument(
         "--sweep-interval", type=float, default=5.0, help="seconds between orphan sweeps (the beat's)"
@@ -372,10 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         "POSTROOM_ACCOUNTS_DIR": str(work / "accounts"),
         "POSTROOM_CONFIG_DIR": str(work / "config"),
         "POSTROOM_VAR_DIR": str(work / "var"),
-        # a dead worker's messages come back after the visibility timeout: keep it short for the run
-        "POSTROOM_SOFT_TIME_LIMIT": "8",
-        "POSTROOM_TIME_LIMIT": "10",
-        "POSTROOM_VISIBILITY_TIMEOUT": str(args.visibility_timeout),
+        # the shipped time limits and visibility timeout; what differs from the defaults is only
+        # the retry backoff (0.5-5 s, so that SMTP drops cost seconds, not minutes) and the sweep
+        **({"POSTROOM_VISIBILITY_TIMEOUT": str(args.visibility_timeout)} if args.visibility_timeout else {}),
         "POSTROOM_RETRY_BASE_DELAY": "0.5",
         "POSTROOM_RETRY_MAX_DELAY": "5",
         "POSTROOM_TASK_EVENTS": "0",

@@ -24,7 +24,7 @@ def test_chaos_at_ci_size_loses_nothing_and_duplicates_only_in_the_window() -> N
     args = [
         sys.executable, str(ROOT / "bench" / "chaos.py"), "--json",
         "--n", "500", "--workers", "2", "--kills", "3", "--redis-restarts", "1",
-        "--drops", "4", "--smtp-restarts", "1", "--visibility-timeout", "15", "--timeout", "150",
+        "--drops", "4", "--smtp-restarts", "1", "--timeout", "150",
     ]  # fmt: skip
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert done.stdout.strip(), done.stderr[-3000:]

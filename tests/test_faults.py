@@ -77,10 +77,6 @@ MARKER = "POISON-PILL"  # support/poison.py (imported by the test worker only) d
 POISON_ENV = {
     "PYTHONPATH": str(TESTS),
     "POSTROOM_RETRY_MAX_ATTEMPTS": "2",
-    # kombu gives a dead worker's messages back after the visibility timeout: keep the loop short
-    "POSTROOM_SOFT_TIME_LIMIT": "3",
-    "POSTROOM_TIME_LIMIT": "4",
-    "POSTROOM_VISIBILITY_TIMEOUT": "6",
 }
 
 
