@@ -393,6 +393,10 @@ def _take_more(job_id: str) -> list[Carried]:
     return carried
 
 
+# A job waiting on a limit (or on another attempt's claim) looks again at least this often: a
+# budget, slot or claim that frees early is noticed (its own send time stays reserved meanwhile).
+WAIT_RECHECK = 60.0
+
 # Carried jobs wait for their account's connections inside the carrying task, under its time
 # limit; a few rounds of the account's connections is enough to keep them all busy.
 IN_FLIGHT_PER_CONNECTION = 4
@@ -584,7 +588,7 @@ def _retry_plan(
         store.uncount_attempt(job_id)
         # a limit's wait is exact (its send time is reserved); a held claim's is spread out
         spread = 0.05 if outcome.limit_wait else random.uniform(0.1, 1.0)
-        delay = min((outcome.retry_after or 0) + spread, settings.visibility_timeout / 2)
+        delay = min((outcome.retry_after or 0) + spread, WAIT_RECHECK)
     why = None
     if outcome.counts and attempt_no >= policy.max_attempts:
         why = f"{attempt_no} attempts"
