@@ -53,6 +53,16 @@ _HISTORY_LIMIT = 50
 OPEN_STATES = frozenset({"queued", "retrying", "sending", "held"})  # the rest are final
 
 
+# Every client of Postroom's state: a half-open connection (a Redis that vanished without a FIN,
+# a network partition) fails a command after this long instead of hanging its thread for ever.
+# No command Postroom sends blocks on the server, so a longer wait always means trouble.
+REDIS_TIMEOUTS: dict[str, Any] = {
+    "socket_timeout": 15.0,
+    "socket_connect_timeout": 10.0,
+    "health_check_interval": 30,
+}
+
+
 def redis_key(*parts: str) -> str:
     """The Redis key of Postroom's records, e.g. ``redis_key("job", job_id)`` (see the list above)."""
     return PREFIX + ":".join(parts)
@@ -235,7 +245,7 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), **kwargs)
+        return cls(redis.Redis.from_url(url, decode_responses=True, **REDIS_TIMEOUTS), **kwargs)
 
     # ---- enqueue side ----------------------------------------------------------
 
@@ -774,7 +784,7 @@ class AsyncMarks:
     def __init__(self, url: str, job_ttl: float) -> None:
         import redis.asyncio
 
-        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, **REDIS_TIMEOUTS)
         self.job_ttl = int(job_ttl)
         self._queued: list[tuple[str, str, Mapping[str, RecipientStatus], str, asyncio.Future[None]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
