@@ -136,3 +136,73 @@ def test_ctrl_c_loses_nothing_that_was_enqueued(up: Up, smtp_server: Callable[..
     assert job["state"] == "sent" and job["attempts"] >= 2
     assert len(server.received) == 1
     assert up.interrupt() == 0
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The pids of live processes whose working directory is ``folder`` (``up`` and its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (
+                Path(os.readlink(entry / "cwd")) == folder
+                and "Z" not in (entry / "stat").read_text().split()[2]
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_gone(folder: Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := processes_in(folder)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_up_through_a_pipe_that_closes_still_stops_everything_on_ctrl_c(up: Up) -> None:
+    """``make run 2>&1 | tee run.log``, then Ctrl-C: tee goes first, and the supervisor's output
+    pipe with it; it must still stop every child instead of dying on the closed pipe."""
+    root = up.root.resolve()
+    process = subprocess.Popen(
+        [POSTROOM, "up", "--processes", "1", "--concurrency", "2"],
+        cwd=root, env=up.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    up.process = process  # the fixture kills what is left
+    assert process.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"postroom up: ready." not in seen:
+        assert time.monotonic() < deadline and process.poll() is None, seen.decode(errors="replace")
+        seen += process.stdout.readline()
+    assert len(processes_in(root)) >= 4  # up, redis, worker, beat (and more)
+    process.stdout.close()  # tee is gone
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 0
+    assert wait_gone(root, 10) == []
+
+
+def test_a_killed_supervisor_takes_its_children_with_it(up: Up) -> None:
+    up.start()
+    root = up.root.resolve()
+    assert len(processes_in(root)) >= 4
+    assert up.process is not None
+    up.process.kill()  # SIGKILL of `postroom up` alone (not its process group): nothing can clean up
+    up.process.wait(10)
+    assert wait_gone(root, 60) == [], [Path(f"/proc/{pid}/cmdline").read_text() for pid in processes_in(root)]
+
+
+def test_the_first_health_check_runs_right_after_start(up: Up) -> None:
+    up.env["POSTROOM_HEALTH_INTERVAL"] = "3600"  # only the check at start can explain a result
+    up.start()
+    deadline = time.monotonic() + 30
+    while True:
+        health = json.loads(up.run("health", "--json").stdout or "{}")
+        if (health.get("accounts") or {}).get("dev", {}).get("checked_at"):
+            break
+        assert time.monotonic() < deadline, (health, up.output())
+        time.sleep(0.5)
+    assert health["accounts"]["dev"]["ok"] is True, health
+    assert up.interrupt() == 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import beat_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from worker import broker
 from worker import settings as settings_module
@@ -78,6 +78,13 @@ app.conf.update(
         },
     },
 )
+
+
+@beat_init.connect
+def _check_at_start(**_: Any) -> None:
+    """The one beat checks every account as soon as it starts (its schedule's first run is one
+    interval later): an operator sees real health lines at once, not "no check yet" for minutes."""
+    app.send_task(HEALTH_TASK_NAME, queue=QUEUE, expires=settings.health_interval)
 
 
 @worker_process_init.connect

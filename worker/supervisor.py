@@ -21,14 +21,21 @@ from pathlib import Path
 from types import FrameType
 
 from worker.devsmtp import DEFAULT_PORT
-from worker.embedded import EmbeddedRedis
+from worker.embedded import EmbeddedRedis, dies_with_parent
 from worker.http import http_port
 from worker.records import Records
 from worker.settings import load_settings, var_dir
 
 
 def _say(text: str) -> None:
-    print(f"postroom up: {text}", flush=True)
+    """A line for the operator; a closed pipe (``| tee`` stopped by the same Ctrl-C) must not stop
+    the supervisor before it has stopped its children: output goes to /dev/null from then on."""
+    try:
+        print(f"postroom up: {text}", flush=True)
+    except OSError:  # BrokenPipeError and friends
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -55,8 +62,8 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a stop, a closed terminal
+        signal.signal(signum, on_signal)
 
     embedded: EmbeddedRedis | None = None
     marker = var / "broker-url"
@@ -72,7 +79,11 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
     children: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(name: str, args: list[str]) -> None:
-        children[name] = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: S603
+        # its own session (a Ctrl-C reaches only this supervisor, which stops them in order), and
+        # tied to this process: if it dies anyway (SIGKILL, a crash) they get SIGTERM from the kernel
+        children[name] = subprocess.Popen(  # noqa: S603
+            args, env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=dies_with_parent()
+        )
 
     try:
         if dev_smtp and _wants_catcher(Records.load()):
