@@ -23,7 +23,7 @@ from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
 from worker.drain import QueueDrain
-from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME
+from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, job_headers
 from worker.records import Records
 
 KWARGS = {"account": "a", "to": ["x@example.net"], "subject": "s", "text": "t"}
@@ -47,18 +47,18 @@ def drain_for(env: QueueEnv, *, visibility_timeout: float = 3600, time_limit: fl
     )
 
 
-def test_take_registers_jobs_as_kombu_does_and_stops_at_a_scheduled_one(
+def test_take_registers_jobs_as_kombu_does_and_leaves_a_scheduled_one_to_celery(
     own_queue: QueueEnv, publisher: Callable[..., str]
 ) -> None:
     ready = [publisher() for _ in range(3)]
-    publisher(countdown=60)  # a retry waiting for its time: Celery's to hold, not ours
-    publisher()
+    scheduled = publisher(countdown=60)  # an ETA message (a raw producer's): Celery's to hold, not ours
+    ready.append(publisher())
     drain = drain_for(own_queue, visibility_timeout=3600, time_limit=360)
     before = time.time()
     taken = drain.take(10)
     assert [c.job_id for c in taken] == ready
     assert all(c.kwargs == KWARGS for c in taken)
-    assert own_queue.queue_length() == 2
+    assert own_queue.queue_length() == 1
     for c in taken:
         stored = own_queue.redis.hget("unacked", c.delivery_tag)
         assert stored is not None
@@ -68,18 +68,35 @@ def test_take_registers_jobs_as_kombu_does_and_stops_at_a_scheduled_one(
         assert score is not None
         # back-dated: kombu gives it back 390 s (hard limit + margin) after a crash, not 3600 s
         assert before - (3600 - 390) - 1 < score < time.time() - (3600 - 390) + 1
-    assert drain.take(10) == []  # the scheduled job is next: nothing more is taken
+    assert drain.take(10) == []  # only the scheduled job is left, and it stays where it was
+    assert [json.loads(m)["headers"]["id"] for m in own_queue.redis.lrange(QUEUE, 0, -1)] == [scheduled]
 
 
-def test_a_batch_job_or_an_empty_queue_gives_nothing(
+def test_a_batch_job_is_left_to_celery_and_an_empty_queue_gives_nothing(
     own_queue: QueueEnv, publisher: Callable[..., str]
 ) -> None:
     drain = drain_for(own_queue)
     assert drain.take(5) == []
     publisher(BATCH_TASK_NAME, kwargs={"messages": [KWARGS]})
-    publisher()
-    assert drain.take(5) == []
-    assert own_queue.queue_length() == 2
+    single = publisher()
+    assert [c.job_id for c in drain.take(5)] == [single]
+    assert own_queue.queue_length() == 1
+
+
+def test_a_full_accounts_backlog_does_not_hide_the_jobs_queued_behind_it(
+    own_queue: QueueEnv, publisher: Callable[..., str]
+) -> None:
+    def job(account: str) -> str:
+        kwargs = {**KWARGS, "account": account}
+        return publisher(kwargs=kwargs, headers=job_headers(kwargs))
+
+    slow = [job("slow") for _ in range(5)]
+    fast = [job("fast") for _ in range(3)]
+    unnamed = publisher()  # a raw producer's job without the account header: taken, checked later
+    drain = drain_for(own_queue)
+    assert [c.job_id for c in drain.take(10, {"slow": 0, "fast": 10})] == [*fast, unnamed]
+    assert [json.loads(m)["headers"]["id"] for m in reversed(own_queue.redis.lrange(QUEUE, 0, -1))] == slow
+    assert [c.job_id for c in drain.take(10, {"slow": 2})] == slow[:2]  # room for two more of it
 
 
 def test_given_back_jobs_run_next_in_their_order_and_acked_ones_are_forgotten(

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from worker.errors import ConfigurationError, PostroomError
 from worker.jobs import Job, JobStore, new_job_id
 from worker.message import make_message_id
-from worker.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload
+from worker.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
 from worker.records import Records
 from worker.runtime import RECORDS_RECHECK_SECONDS
 from worker.settings import PUBLISH_RETRY_POLICY, broker_url, redis_url
@@ -163,7 +163,9 @@ class Producer:
         if owner is not None:
             return owner
         try:
-            self.app.send_task(TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id)
+            self.app.send_task(
+                TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id, headers=job_headers(kwargs)
+            )
         except Exception as exc:
             _publish_failed(exc, [(job_id, kwargs)], self._undo, _safe_url(self.broker))
         return job_id
@@ -217,7 +219,9 @@ class Producer:
     def republish(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
         """Publish a job that has a record again, under its own id (a retried dead letter, a held
         job released, a job the orphan sweep found without a message)."""
-        self.app.send_task(TASK_NAME, kwargs=dict(kwargs), queue=QUEUE, task_id=job_id)
+        self.app.send_task(
+            TASK_NAME, kwargs=dict(kwargs), queue=QUEUE, task_id=job_id, headers=job_headers(kwargs)
+        )
 
     def _undo(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
         """Forget a job whose publishing failed (its record, and its key if it is its own), in

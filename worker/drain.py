@@ -33,7 +33,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,47 +41,63 @@ import redis
 
 from worker import liveness
 from worker.broker import BrokerKeys
+from worker.payload import ACCOUNT_HEADER
 
 log = logging.getLogger("postroom.drain")
 
 RESTORE_MARGIN = 30.0  # seconds after the hard time limit before a dead carrier's jobs come back
+SCAN_DEPTH = 1000  # entries of each queue list a take looks through for jobs with room
 
 # KEYS: unacked hash, unacked index, this process's carried set and the holders set
 # (worker/liveness.py), then the queue lists in the order kombu reads them.
-# ARGV: max count, index score, task name, this process's holder id.
-# ARGV: max count, index score, task name.
+# ARGV: max count, index score, task name, this process's holder id, scan depth, and JSON of
+# {account: how many more of its jobs this process may take}.
+# Each list is scanned from its read end (the right) up to the scan depth; an entry is taken
+# when it is a plain due postroom.send message whose account (the ACCOUNT_HEADER a Postroom
+# producer sets) still has room; the rest keep their places: a slow account's backlog at the
+# head does not hide the jobs of other accounts queued behind it.
 _TAKE = """
 local out = {}
-local taken, max = 0, tonumber(ARGV[1])
+local taken, max, depth = 0, tonumber(ARGV[1]), tonumber(ARGV[5])
+local room = cjson.decode(ARGV[6])
 redis.call('SADD', KEYS[4], ARGV[4])
 for qi = 5, #KEYS do
+  if taken >= max then break end
   local queue = KEYS[qi]
-  while taken < max do
-    local raw = redis.call('LINDEX', queue, -1)
-    if not raw then break end
+  local window = redis.call('LRANGE', queue, -depth, -1)
+  local chosen = {}
+  for i = #window, 1, -1 do
+    if taken >= max then break end
+    local raw = window[i]
     local ok, msg = pcall(cjson.decode, raw)
-    if not ok or type(msg) ~= 'table' then return out end
+    if not ok or type(msg) ~= 'table' then msg = {} end
     local h, p = msg['headers'], msg['properties']
-    if type(h) ~= 'table' or type(p) ~= 'table' then return out end
-    if h['task'] ~= ARGV[3] or type(h['id']) ~= 'string' then return out end
-    if h['redelivered'] == true then return out end
-    if h['eta'] ~= nil and h['eta'] ~= cjson.null then return out end
-    if h['expires'] ~= nil and h['expires'] ~= cjson.null then return out end
-    if msg['content-type'] ~= 'application/json' or p['body_encoding'] ~= 'base64' then return out end
-    local info, tag = p['delivery_info'], p['delivery_tag']
-    if type(info) ~= 'table' or type(tag) ~= 'string' then return out end
-    redis.call('RPOP', queue)
-    redis.call('ZADD', KEYS[2], ARGV[2], tag)
-    redis.call('SADD', KEYS[3], tag)
-    redis.call('HSET', KEYS[1], tag,
-      '[' .. raw .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
-    out[#out + 1] = queue
-    out[#out + 1] = raw
-    taken = taken + 1
+    if type(h) == 'table' and type(p) == 'table'
+        and h['task'] == ARGV[3] and type(h['id']) == 'string' and h['redelivered'] ~= true
+        and (h['eta'] == nil or h['eta'] == cjson.null)
+        and (h['expires'] == nil or h['expires'] == cjson.null)
+        and msg['content-type'] == 'application/json' and p['body_encoding'] == 'base64'
+        and type(p['delivery_info']) == 'table' and type(p['delivery_tag']) == 'string' then
+      local account = h['ACCOUNT_HEADER']
+      local left = type(account) == 'string' and room[account] or nil
+      if left == nil or left > 0 then
+        if left ~= nil then room[account] = left - 1 end
+        chosen[#chosen + 1] = raw
+        local info, tag = p['delivery_info'], p['delivery_tag']
+        redis.call('ZADD', KEYS[2], ARGV[2], tag)
+        redis.call('SADD', KEYS[3], tag)
+        local where = cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key'])
+        redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. where .. ']')
+        out[#out + 1] = queue
+        out[#out + 1] = raw
+        taken = taken + 1
+      end
+    end
   end
+  for _, raw in ipairs(chosen) do redis.call('LREM', queue, -1, raw) end
 end
 return out
-"""
+""".replace("ACCOUNT_HEADER", ACCOUNT_HEADER)
 
 # KEYS: unacked hash, unacked index, carried set. ARGV: triples of (queue, delivery tag, raw message).
 # A message kombu restored meanwhile is no longer in the hash: it is not pushed twice.
@@ -136,14 +152,22 @@ class QueueDrain:
         self._take = client.register_script(_TAKE)
         self._give_back = client.register_script(_GIVE_BACK)
 
-    def take(self, count: int) -> list[Carried]:
+    def take(self, count: int, room: Mapping[str, int] | None = None) -> list[Carried]:
+        """Up to ``count`` ready jobs, at most ``room[account]`` of an account named there."""
         if count <= 0:
             return []
         score = time.time() - self.backdate
         carried = liveness.carried_key()
         flat = self._take(
             keys=[*self.keys, carried, liveness.HOLDERS, *self.queues],
-            args=[count, score, self.task_name, liveness.holder_id()],
+            args=[
+                count,
+                score,
+                self.task_name,
+                liveness.holder_id(),
+                SCAN_DEPTH,
+                json.dumps(dict(room or {})),
+            ],
         )
         if flat:  # kept alive by this process's heartbeat from now on
             self.client.expire(carried, int(liveness.LAPSE))

@@ -38,7 +38,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from worker import broker, liveness
 from worker.delays import POLL, DelayQueue
 from worker.jobs import JobStore, safe_text
-from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME
+from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME, job_headers
 
 log = logging.getLogger("postroom.intake")
 
@@ -194,7 +194,10 @@ def start_upkeep(consumer: Any) -> None:
 
     client = store().redis
     delays = DelayQueue(
-        client, lambda job_id, kwargs: app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+        client,
+        lambda job_id, kwargs: app.send_task(
+            TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs)
+        ),
     )
     steps: list[tuple[float, Callable[[], object]]] = [(POLL, delays.move_due)]
     tags: Callable[[], list[str] | None] | None = None

@@ -12,6 +12,7 @@ import base64
 import binascii
 import os
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +33,9 @@ SWEEP_TASK_NAME = "postroom.sweep"
 BATCH_TASK_NAME = "postroom.send_batch"
 MAX_BATCH = 1000  # messages per postroom.send_batch job
 QUEUE = "postroom"
+# A postroom.send message's header naming its account (set by every Postroom producer, not
+# required of others): a carrying task picks jobs of accounts with room without decoding bodies.
+ACCOUNT_HEADER = "postroom_account"
 DEFAULT_MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 # text + html (UTF-8) + attachments (decoded): the whole message a producer may send
 DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
@@ -58,6 +62,12 @@ def _env_bytes(name: str, default: int) -> int:
     if value < 0:  # a ValueError: the payload is refused with this reason, validation never crashes
         raise ValueError(f"setting {name} must be a number of bytes (got {raw!r})")
     return value
+
+
+def job_headers(kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """The message headers a ``postroom.send`` job is published with (see ACCOUNT_HEADER)."""
+    account = kwargs.get("account")
+    return {ACCOUNT_HEADER: account} if isinstance(account, str) else {}
 
 
 def max_attachment_bytes() -> int:

@@ -46,6 +46,7 @@ from worker.payload import (
     TASK_ID,
     TASK_NAME,
     SendPayload,
+    job_headers,
 )
 from worker.records import Records
 from worker.runtime import get_runtime
@@ -149,7 +150,7 @@ def _count_auth_failures(outcomes: list[tuple[str, Outcome]]) -> None:
 
 def _release_held(job_id: str, kwargs: dict[str, Any]) -> None:
     """Back on the queue, under its own job id (its record and Message-ID are kept)."""
-    app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+    app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs))
 
 
 _health: AccountHealth | None = None
@@ -298,7 +299,9 @@ def send_batch(
         # skipped), so one that kills its worker is counted and dead-lettered alone
         try:
             for job_id, kwargs in zip(job_ids, messages, strict=True):
-                app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+                app.send_task(
+                    TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs)
+                )
         except Exception as exc:
             raise Reject(f"batch could not be split: {exc}", requeue=True) from exc
         return {"split": len(messages)}
@@ -383,8 +386,9 @@ def _take_more(job_id: str) -> list[Carried]:
     if settings.coalesce <= 1:
         return []
     drain = queue_drain()
+    room = _rooms()
     try:
-        taken = drain.take(_room(settings.coalesce - 1))
+        taken = drain.take(min(settings.coalesce - 1, sum(room.values())), room)
         carried, back = _within_account_bounds(taken)
         drain.give_back(back)
     except redis.RedisError as exc:
@@ -406,17 +410,16 @@ def _in_flight_bound(account: EmailAccount) -> int:
     return IN_FLIGHT_PER_CONNECTION * account.limits.max_connections
 
 
-def _room(most: int) -> int:
-    """How many jobs this process could still carry, at most ``most``: the accounts' room under
-    their bound, summed. 0 when every account is at it: whatever was taken would go straight back
-    (a busy worker would otherwise move the same jobs out of the queue and back at every task)."""
+def _rooms() -> dict[str, int]:
+    """How many more jobs of each account this process may carry (its room under the bound). The
+    drain takes no more than that of an account, looking past a full account's backlog for the
+    others' jobs; nothing at all when every account is full (a busy worker would otherwise move
+    the same jobs out of the queue and back at every task)."""
     runtime = get_runtime()
-    room = 0
-    for name, account in runtime.records().accounts.items():
-        room += max(0, _in_flight_bound(account) - runtime.in_flight(name))
-        if room >= most:
-            return most
-    return room
+    return {
+        name: max(0, _in_flight_bound(account) - runtime.in_flight(name))
+        for name, account in runtime.records().accounts.items()
+    }
 
 
 def _within_account_bounds(taken: list[Carried]) -> tuple[list[Carried], list[Carried]]:
