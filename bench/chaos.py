@@ -572,11 +572,33 @@ def tally(
             history = [json.loads(e) for e in store.lrange(f"postroom:history:{job_id}", 0, -1)]
             why = events.window(first[mid], record, history)
             duplicates.append({"message_id": mid, "times": n, "accepted_at": first[mid], "window": why})
+    unfinished: dict[str, int] = {}
+    examples: list[dict[str, Any]] = []
+    with store.pipeline(transaction=False) as pipe:
+        for job_id in job_ids.values():
+            pipe.hget(f"postroom:job:{job_id}", "state")
+        states = pipe.execute()
+    for job_id, state in zip(job_ids.values(), states, strict=True):
+        if state not in ("sent", "dead", "suppressed"):
+            unfinished[str(state)] = unfinished.get(str(state), 0) + 1
+            if len(examples) < 5:
+                last = store.lrange(f"postroom:history:{job_id}", -2, -1)
+                where = [
+                    name
+                    for name, key in (
+                        ("retrying", "postroom:retrying"),
+                        ("moving", "postroom:retrying:moving"),
+                    )
+                    if store.zscore(key, job_id) is not None
+                ]
+                examples.append({"job": job_id, "state": state, "last": last, "in": where})
     return {
         "n": args.n,
         "workers": args.workers,
         "concurrency": args.concurrency,
         "finished": finished,
+        "unfinished": unfinished,
+        "unfinished_examples": examples,
         "sent": sent,
         "delivered": sum(1 for i in job_ids if message_id_of(run_tag, i) in first),
         "lost": len(lost_jobs) + (args.n - sent),
