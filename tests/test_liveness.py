@@ -175,3 +175,21 @@ def test_a_retry_whose_worker_was_killed_runs_after_its_backoff_and_not_much_lat
     (received,) = server.received
     assert 12 - 0.5 <= received.at - failed_at <= 24 + 5, received.at - failed_at
     assert JobStore(own_queue.redis).get(job_id).attempts == 2  # type: ignore[union-attr]
+
+
+def test_carried_jobs_let_go_while_redis_was_away_are_restored_by_the_reaper(own_queue: QueueEnv) -> None:
+    """A carrying task failed while Redis restarted: its give-back could not be written, so the
+    jobs are still unacknowledged and in this live process's carried set. The next beat stops
+    claiming them, and the reaper restores them (not kombu, an hour later)."""
+    job_id = unacked(own_queue, "t-carried", age=60)
+    beat = liveness.Heartbeat(own_queue.redis)
+    own_queue.redis.sadd(liveness.carried_key(), "t-carried")
+    own_queue.redis.sadd(liveness.HOLDERS, beat.holder)
+    beat.beat()
+    reaper = liveness.Reaper(own_queue.redis, BrokerKeys())
+    assert reaper.reap() == 0  # claimed by a live holder
+    liveness.release_later(["t-carried"])
+    beat.beat()
+    assert reaper.reap() == 1
+    (restored,) = own_queue.redis.lrange("postroom", 0, -1)
+    assert json.loads(restored)["headers"]["id"] == job_id

@@ -180,17 +180,30 @@ class QueueDrain:
         tags = [c.delivery_tag for c in carried]
         if not tags:
             return
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.keys[1], *tags)
-            pipe.hdel(self.keys[0], *tags)
-            pipe.srem(liveness.carried_key(), *tags)
-            pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrem(self.keys[1], *tags)
+                pipe.hdel(self.keys[0], *tags)
+                pipe.srem(liveness.carried_key(), *tags)
+                pipe.execute()
+        except redis.RedisError:  # this process no longer holds them, whatever Redis still says
+            liveness.release_later(tags)
+            raise
 
     def give_back(self, carried: Iterable[Carried]) -> None:
-        """Return jobs to the head of their queue (they run next, in their order), untouched."""
-        args = [part for c in reversed(list(carried)) for part in (c.queue, c.delivery_tag, c.raw)]
-        if args:
+        """Return jobs to the head of their queue (they run next, in their order), untouched.
+
+        When Redis cannot be told (it is restarting), this process stops claiming them at its
+        next beat, and the reaper puts them back (worker/liveness.py)."""
+        items = list(carried)
+        args = [part for c in reversed(items) for part in (c.queue, c.delivery_tag, c.raw)]
+        if not args:
+            return
+        try:
             self._give_back(keys=[*self.keys, liveness.carried_key()], args=args)
+        except redis.RedisError:
+            liveness.release_later([c.delivery_tag for c in items])
+            raise
 
 
 def _text(value: bytes | str) -> str:

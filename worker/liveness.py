@@ -51,6 +51,15 @@ GRACE = 15.0  # an unacknowledged entry younger than this is never restored (its
 REAP_EVERY = 2.0
 
 _holder: tuple[int, str] | None = None
+# Carried tags this process has let go of while Redis could not be told (an ack or a give-back
+# that failed): its next beat stops claiming them, so the reaper can restore what is still there.
+_released: set[str] = set()
+_released_lock = threading.Lock()
+
+
+def release_later(tags: list[str]) -> None:
+    with _released_lock:
+        _released.update(tags)
 
 
 def holder_id() -> str:
@@ -82,14 +91,21 @@ class Heartbeat:
     def beat(self) -> None:
         tags = self.consumer_tags() if self.consumer_tags is not None else None
         consumer, carried = holding_key(self.holder, "consumer"), holding_key(self.holder, "carried")
+        with _released_lock:
+            released = list(_released)
         with self.client.pipeline(transaction=True) as pipe:  # MULTI: never seen half-written
             pipe.sadd(HOLDERS, self.holder)
+            if released:
+                pipe.srem(carried, *released)
             if self.consumer_tags is not None:
                 pipe.delete(consumer)
                 pipe.sadd(consumer, "-", *(tags or []))  # "-": the key exists even when nothing is held
                 pipe.expire(consumer, int(LAPSE))
             pipe.expire(carried, int(LAPSE))
             pipe.execute()
+        if released:
+            with _released_lock:
+                _released.difference_update(released)
         CLAIMS.renew(self.client)  # the Message-ID claims of this process's running attempts
 
 
