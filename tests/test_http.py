@@ -6,7 +6,6 @@ import hmac
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from support.queue import QueueEnv, Worker, unique, wait_for
 from support.smtpd import PASSWORD, SmtpServer
-from support.web import ApiServer, write_key
+from support.web import ApiServer, postroom_http, write_key
 from worker import apikeys
 from worker import http as http_api
 from worker.client import Producer
@@ -305,24 +304,8 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
     token = made.stdout.strip()
     record = (queue_env.config / "api-keys" / f"{name}.yaml").read_text()
     assert token.startswith(f"{name}.") and token not in record and "sha256:" in record
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "http.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [POSTROOM, "http", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, 20, "postroom http to answer")
+    with postroom_http(env, log) as base:
         assert httpx.get(f"{base}/readyz").status_code == 200
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 200
         assert httpx.get(f"{base}/v1/accounts", headers=auth(token + "x")).status_code == 401
@@ -335,9 +318,6 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
             assert httpx.get(f"{base}/v1/accounts", headers=spoofed).status_code in (401, 429)
         again = {**auth(token), "X-Forwarded-For": "198.51.100.7"}
         assert httpx.get(f"{base}/v1/accounts", headers=again).status_code == 429
-    finally:
-        process.terminate()
-        process.wait(20)
     assert token not in log.read_text() and token.rpartition(".")[2] not in log.read_text()
 
 

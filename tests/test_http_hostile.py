@@ -8,7 +8,6 @@ import logging
 import os
 import select
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from support.queue import QueueEnv, unique, wait_for
-from support.web import ApiServer, write_key
+from support.web import ApiServer, postroom_http, write_key
 from worker import http as http_api
 from worker import httpserver
 from worker.client import Producer
@@ -97,24 +96,9 @@ def test_postroom_http_times_out_headers_that_do_not_arrive(queue_env: QueueEnv,
     env = {**os.environ, **queue_env.env}
     for name in ("POSTROOM_HTTP_HEADER_TIMEOUT", "POSTROOM_HTTP_BODY_TIMEOUT", "FORWARDED_ALLOW_IPS"):
         env.pop(name, None)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "http.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [POSTROOM, "http", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, 20, "postroom http to answer")
+    with postroom_http(env, log) as base:
+        port = int(base.rpartition(":")[2])
         half = socket.create_connection(("127.0.0.1", port))
         silent = socket.create_connection(("127.0.0.1", port))
         trickle = socket.create_connection(("127.0.0.1", port))
@@ -143,9 +127,6 @@ def test_postroom_http_times_out_headers_that_do_not_arrive(queue_env: QueueEnv,
             assert error == "the request's headers did not arrive within 10 s"
         assert results["silent"][0] == b""  # it sent nothing: nothing to answer
         assert httpx.get(f"{base}/healthz").status_code == 200  # and the server serves on
-    finally:
-        process.terminate()
-        process.wait(20)
     assert "Traceback" not in log.read_text()
 
 

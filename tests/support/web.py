@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
-from support.queue import QueueEnv, wait_for
+from support.queue import POSTROOM, QueueEnv, wait_for
 from worker import apikeys
 from worker.httpserver import ServerConfig, ServerLimits
 
@@ -43,3 +49,30 @@ def write_key(
     record = f"hash: {apikeys.hash_token(token)}\naccounts: {json.dumps(accounts)}\nrate: {rate}\n"
     (folder / f"{name}.yaml").write_text(record + ("operator: true\n" if operator else ""))
     return token
+
+
+@contextlib.contextmanager
+def postroom_http(env: dict[str, str], log: Path) -> Iterator[str]:
+    """``postroom http`` as an operator starts it (a subprocess, on a free port, its output in
+    ``log``); yields its base URL once /healthz answers, and stops it afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [POSTROOM, "http", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 20, "postroom http to answer")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(20)

@@ -140,6 +140,19 @@ def _xoauth2_challenge(message: str) -> str | None:
     return ", ".join(parts)[:200] or None
 
 
+def _client(ep: SmtpEndpoint, context: ssl.SSLContext | None) -> aiosmtplib.SMTP:
+    """An aiosmtplib client for the endpoint (not connected yet); STARTTLS is driven by us."""
+    return aiosmtplib.SMTP(
+        hostname=ep.host,
+        port=ep.port,
+        use_tls=ep.protocol == "smtps",
+        start_tls=False,
+        tls_context=context,
+        local_hostname=ep.ehlo_name or default_ehlo_name(),
+        timeout=ep.connect_timeout,
+    )
+
+
 @dataclass
 class SmtpConnection:
     """One authenticated SMTP connection. Not shared between concurrent sends."""
@@ -189,15 +202,7 @@ class SmtpConnection:
                 max_version=ep.max_tls_version,
                 check_hostname=ep.check_hostname,
             )
-        client = aiosmtplib.SMTP(
-            hostname=ep.host,
-            port=ep.port,
-            use_tls=ep.protocol == "smtps",
-            start_tls=False,
-            tls_context=context,
-            local_hostname=ep.ehlo_name or default_ehlo_name(),
-            timeout=ep.connect_timeout,
-        )
+        client = _client(ep, context)
         conn = cls(account, ep, client)
         try:
             await conn._connect()
@@ -265,15 +270,7 @@ class SmtpConnection:
             return None
         for top in (None, below):
             context = probe_context(top)
-            probe = aiosmtplib.SMTP(
-                hostname=ep.host,
-                port=ep.port,
-                use_tls=ep.protocol == "smtps",
-                start_tls=False,
-                tls_context=context,
-                local_hostname=ep.ehlo_name or default_ehlo_name(),
-                timeout=ep.connect_timeout,
-            )
+            probe = _client(ep, context)
             probing = SmtpConnection(self.account, ep, probe)
             negotiated: str | None = None
             try:
