@@ -75,9 +75,14 @@ class DelayQueue:
                 list[Any], self._take(keys=[RETRYING, MOVING], args=[now, now - STALE_AFTER, limit])
             )
         ]
+        if not due:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in due:
+                pipe.hmget(redis_key("job", job_id), "state", "payload")
+            records = cast(list[list[Any]], pipe.execute())
         moved: list[str] = []
-        for job_id in due:
-            state, raw = cast(list[Any], self.client.hmget(redis_key("job", job_id), "state", "payload"))
+        for job_id, (state, raw) in zip(due, records, strict=True):
             payload = json.loads(_text(raw)) if raw else None
             if _text(state or "") == "retrying" and isinstance(payload, dict):
                 self.publish(job_id, payload)
@@ -88,7 +93,7 @@ class DelayQueue:
                     job_id,
                     _text(state or "gone"),
                 )
-            self.client.zrem(MOVING, job_id)
+        self.client.zrem(MOVING, *due)  # published (or dropped): off the moving set in one go
         return moved
 
     def waiting(self) -> int:

@@ -51,7 +51,7 @@ SCAN_DEPTH = 1000  # entries of each queue list a take looks through for jobs wi
 # KEYS: unacked hash, unacked index, this process's carried set and the holders set
 # (worker/liveness.py), then the queue lists in the order kombu reads them.
 # ARGV: max count, index score, task name, this process's holder id, scan depth, and JSON of
-# {account: how many more of its jobs this process may take}.
+# {account: how many more of its jobs this process may take}, the carried set's TTL.
 # Each list is scanned from its read end (the right) up to the scan depth; an entry is taken
 # when it is a plain due postroom.send message whose account (the ACCOUNT_HEADER a Postroom
 # producer sets) still has room; the rest keep their places: a slow account's backlog at the
@@ -86,6 +86,7 @@ for qi = 5, #KEYS do
         local info, tag = p['delivery_info'], p['delivery_tag']
         redis.call('ZADD', KEYS[2], ARGV[2], tag)
         redis.call('SADD', KEYS[3], tag)
+        redis.call('EXPIRE', KEYS[3], ARGV[7])
         local where = cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key'])
         redis.call('HSET', KEYS[1], tag, '[' .. raw .. ',' .. where .. ']')
         out[#out + 1] = queue
@@ -167,10 +168,9 @@ class QueueDrain:
                 liveness.holder_id(),
                 SCAN_DEPTH,
                 json.dumps(dict(room or {})),
+                int(liveness.LAPSE),  # the carried set's TTL; then this process's heartbeat keeps it
             ],
         )
-        if flat:  # kept alive by this process's heartbeat from now on
-            self.client.expire(carried, int(liveness.LAPSE))
         taken = []
         for queue, raw in zip(flat[0::2], flat[1::2], strict=True):
             taken.append(_decode(_text(queue), _text(raw)))

@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -153,8 +154,6 @@ def body_problem(name: str, body: Any, run: Callable[..., Any]) -> str | None:
 
 
 def _iso_time(value: Any) -> bool:
-    from datetime import datetime
-
     if not isinstance(value, str):
         return False
     try:
