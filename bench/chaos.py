@@ -282,6 +282,7 @@ class WorkerProcess(CeleryProcess):
 @dataclass
 class Events:
     kills: list[float] = field(default_factory=list)
+    held: list[tuple[float, list[str]]] = field(default_factory=list)  # (kill time, jobs it held)
     redis_down: list[tuple[float, float]] = field(default_factory=list)
     drops: list[float] = field(default_factory=list)
     smtp_restarts: list[float] = field(default_factory=list)
@@ -485,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     if figures["peak_connections"] > args.max_connections:
         status = 1
+    if figures["kill_delay"]["over_60_s"]:  # issue 15: a killed worker's jobs run again within 60 s
+        status = 1
     return status
 
 
@@ -503,8 +506,10 @@ def fire(
 ) -> None:
     if kind == "kill":
         victim = rng.choice(workers)
+        held = held_jobs(redis_server, victim)
         events.kills.append(time.time())
         victim.kill()
+        events.held.append((events.kills[-1], held))
         victim.start()
     elif kind == "redis":
         down = time.time()
@@ -518,6 +523,61 @@ def fire(
     elif kind == "smtp":
         events.smtp_restarts.append(time.time())
         sink.restart(1.0)
+
+
+def held_jobs(redis_server: RedisServer, victim: WorkerProcess) -> list[str]:
+    """The job ids a worker process says it holds (its heartbeat's consumer and carried sets,
+    worker/liveness.py), read just before it is killed: the jobs whose recovery time is measured."""
+    if victim.process is None:
+        return []
+    client = redis.Redis(LOOPBACK, redis_server.port, decode_responses=True, socket_timeout=5)
+    try:
+        pid = f":{victim.process.pid}:"
+        tags: set[str] = set()
+        for holder in client.smembers("postroom:holders"):
+            if pid in holder:
+                for part in ("consumer", "carried"):
+                    tags |= set(client.smembers(f"postroom:holding:{holder}:{part}")) - {"-"}
+        ids = []
+        for raw in client.hmget("unacked", sorted(tags)) if tags else []:
+            try:
+                ids.append(str(json.loads(raw)[0]["headers"]["id"]))
+            except (TypeError, ValueError, KeyError, IndexError):
+                continue
+        return ids
+    except redis.RedisError:  # Redis down at that moment: nothing measured for this kill
+        return []
+    finally:
+        client.close()
+
+
+def kill_delays(events: Events, first: dict[str, float], job_of: dict[str, str]) -> dict[str, Any]:
+    """Seconds from each kill to the server's first 250 of each job the killed process held
+    (jobs it had already sent are left out; one never delivered counts as not recovered)."""
+    mid_of = {job_id: mid for mid, job_id in job_of.items()}
+    delays: list[float] = []
+    missing = 0
+    for at, held in events.held:
+        for job_id in held:
+            accepted = first.get(mid_of.get(job_id, ""))
+            if accepted is None:
+                missing += 1
+            elif accepted > at:
+                delays.append(accepted - at)
+    delays.sort()
+
+    def pick(q: float) -> float | None:
+        return round(delays[min(len(delays) - 1, int(q * len(delays)))], 2) if delays else None
+
+    return {
+        "held_at_kills": sum(len(h) for _, h in events.held),
+        "recovered": len(delays),
+        "never_delivered": missing,
+        "median_s": pick(0.5),
+        "p99_s": pick(0.99),
+        "max_s": round(delays[-1], 2) if delays else None,
+        "over_60_s": sum(1 for d in delays if d > 60.0),
+    }
 
 
 def message_id_of(run_tag: str, i: int) -> str:
@@ -623,6 +683,7 @@ def tally(
             "drops": events.drops,
             "smtp_restarts": events.smtp_restarts,
         },
+        "kill_delay": kill_delays(events, first, job_of),
         "wall_seconds": round(wall, 1),
     }
 
@@ -653,6 +714,12 @@ def report(f: dict[str, Any]) -> None:
     print(
         f"connections   at most {f['peak_connections']} open at once at the server "
         f"(the account's cap: {f['max_connections']})"
+    )
+    k = f["kill_delay"]
+    print(
+        f"kill delay    {k['held_at_kills']} held by killed workers: {k['recovered']} delivered after the "
+        f"kill, median {k['median_s']} s, p99 {k['p99_s']} s, max {k['max_s']} s; "
+        f"over 60 s: {k['over_60_s']}, never delivered: {k['never_delivered']}"
     )
     print(f"wall time     {f['wall_seconds']} s")
 
