@@ -534,14 +534,14 @@ def held_jobs(redis_server: RedisServer, victim: WorkerProcess) -> list[str]:
     try:
         pid = f":{victim.process.pid}:"
         tags: set[str] = set()
-        for holder in client.smembers("postroom:holders"):
+        for holder in cast(set[str], client.smembers("postroom:holders")):
             if pid in holder:
                 for part in ("consumer", "carried"):
-                    tags |= set(client.smembers(f"postroom:holding:{holder}:{part}")) - {"-"}
+                    tags |= cast(set[str], client.smembers(f"postroom:holding:{holder}:{part}")) - {"-"}
         ids = []
-        for raw in client.hmget("unacked", sorted(tags)) if tags else []:
+        for raw in cast(list[str | None], client.hmget("unacked", sorted(tags))) if tags else []:
             try:
-                ids.append(str(json.loads(raw)[0]["headers"]["id"]))
+                ids.append(str(json.loads(raw or "")[0]["headers"]["id"]))
             except (TypeError, ValueError, KeyError, IndexError):
                 continue
         return ids
@@ -578,6 +578,10 @@ def kill_delays(events: Events, first: dict[str, float], job_of: dict[str, str])
         "max_s": round(delays[-1], 2) if delays else None,
         "over_60_s": sum(1 for d in delays if d > 60.0),
     }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def message_id_of(run_tag: str, i: int) -> str:
@@ -670,7 +674,10 @@ def tally(
         "max_connections": args.max_connections,
         "peak_connections": sink.peak,
         "dead_reasons": sorted(
-            {str(store.hget(f"postroom:job:{j}", "last_error")) for j in dead_ids & set(job_ids.values())}
+            {
+                str(store.hget(f"postroom:job:{j}", "last_error") or "")
+                for j in dead_ids & set(job_ids.values())
+            }
         )[:10],
         "worker_kills": len(events.kills),
         "redis_restarts": len(events.redis_down),

@@ -484,6 +484,7 @@ class Scenario:
     msgs: int
     pool: str = "prefork"
     concurrency: int = 2
+    processes: int = 1  # worker processes (Postroom rows: what `postroom worker` starts)
     body: int = 1024
     accounts: int = 1
     max_connections: int = 16  # the account's cap across all worker processes; Nodemailer gets as many
@@ -496,7 +497,8 @@ class Scenario:
     def worker(self) -> str:
         if self.kind == "nodemailer":
             return f"node, {self.max_connections} conns"
-        return f"{self.pool}x{self.concurrency}"
+        each = f"{self.pool}x{self.concurrency}"
+        return f"{self.processes} procs x {each}" if self.processes > 1 else each
 
     @property
     def timeout(self) -> float:
@@ -657,7 +659,10 @@ class Bench:
     def start_worker(
         self, app: str, queue_name: str, sc: Scenario, workdir: Path, env: dict[str, str]
     ) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue_name]
+        if app == "worker.app":  # the shipped command: `postroom worker` (one process per core)
+            args = [sys.executable, "-m", "worker.cli", "worker", "--processes", str(sc.processes)]
+        else:
+            args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue_name]
         args += ["-P", sc.pool, "-c", str(sc.concurrency), "-l", "WARNING", "--without-gossip"]
         args += ["--without-mingle", "-n", f"bench-{uuid.uuid4().hex[:8]}@%h"]
         # Celery takes "-P prefork" for its default and lets a configured worker_pool win over it
@@ -992,13 +997,15 @@ def _log_tail(path: Path, lines: int = 12) -> str:
     return ""
 
 
-def shipped_worker() -> tuple[str, int]:
-    """The pool and concurrency `postroom worker` runs with no flags (config/settings.yaml)."""
+def shipped_worker() -> tuple[str, int, int]:
+    """The pool, concurrency and process count `postroom worker` runs with no flags
+    (config/settings.yaml; worker_processes 0 is one per core)."""
     sys.path.insert(0, str(ROOT))
     from worker.settings import load_settings
+    from worker.workergroup import process_count
 
     settings = load_settings()
-    return settings.worker_pool, settings.worker_concurrency
+    return settings.worker_pool, settings.worker_concurrency, process_count(None, settings.worker_processes)
 
 
 def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -1007,12 +1014,17 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
     shipped = shipped_worker()
     # Postroom's rows run what `postroom worker` runs unless told otherwise (then the Worker column
     # says what ran instead); the Celery baselines run prefork with one process per core
-    fast: dict[str, Any] = {"pool": args.pool or shipped[0], "concurrency": args.concurrency or shipped[1]}
+    fast: dict[str, Any] = {
+        "pool": args.pool or shipped[0],
+        "concurrency": args.concurrency or shipped[1],
+        "processes": args.processes or shipped[2],
+    }
     baseline: dict[str, Any] = {"pool": "prefork", "concurrency": os.cpu_count() or 1}
     tuned: dict[str, Any] = {"pool": "prefork", "concurrency": os.cpu_count() or 1}
     slowp: dict[str, Any] = {
         "pool": args.slow_pool or shipped[0],
         "concurrency": args.slow_concurrency or shipped[1],
+        "processes": args.processes or shipped[2],
         "delay": 1.0,
         "max_connections": 10,
     }
@@ -1260,6 +1272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool", help="worker pool for Postroom's rows (default: the shipped setting)")
     parser.add_argument(
         "--concurrency", type=int, help="worker concurrency, Postroom's rows (default: shipped)"
+    )
+    parser.add_argument(
+        "--processes", type=int, help="worker processes, Postroom's rows (default: shipped, one per core)"
     )
     parser.add_argument("--slow-pool", help="worker pool for the slow-server rows (default: shipped)")
     parser.add_argument(

@@ -64,6 +64,37 @@ def test_two_worker_processes_share_one_accounts_three_connection_cap(
     assert len({r.message["Message-ID"] for r in server.received}) == len(server.received) == 60
 
 
+def test_two_processes_with_backlogs_keep_the_accounts_whole_cap_busy(
+    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Both pools of each account have sends waiting all the time (each process carries its
+    part of the backlog from the start, so no new send asks for a while): neither may take
+    itself for idle and hand its share to the other, which did the same (one connection each)."""
+    server = smtp_server(mode="plain", data_delay=1.0)
+    names = [limits_env.account(f"shared{n}", server, limits={"max_connections": 10}) for n in range(4)]
+    producer = producer_for(limits_env)
+    ids = [producer.send_notification(names[i % 4], [f"r{i}@example.net"], f"m {i}", "x") for i in range(240)]
+    shipped = {"POSTROOM_SOFT_TIME_LIMIT": "300", "POSTROOM_TIME_LIMIT": "360"}  # so: a 20 s slot wait
+    workers = [Worker(limits_env, tmp_path / f"w{n}.log", concurrency=16, extra_env=shipped) for n in (1, 2)]
+    samples: list[int] = []
+    try:
+        for w in workers:
+            w.start()
+        wait_for(lambda: len(server.received) >= 40, 60, "the backlog under way", workers[0])
+        deadline = time.monotonic() + 60
+        while len(server.received) < 200 and time.monotonic() < deadline:  # the steady part
+            samples.append(server.open_now)
+            time.sleep(0.2)
+        wait_for(lambda: all(j.state == "sent" for j in jobs(producer, ids)), 60, "every job", workers[0])
+    finally:
+        for w in workers:
+            w.stop()
+        producer.close()
+    samples.sort()
+    assert samples and samples[len(samples) // 2] >= 30, samples  # of 40 (4 accounts x 10)
+    assert server.peak_open <= 40
+
+
 def test_a_rate_of_60_a_minute_sends_about_20_in_20_seconds_never_ahead_of_schedule(
     limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:

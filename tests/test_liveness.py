@@ -9,6 +9,7 @@ in time.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -193,3 +194,47 @@ def test_carried_jobs_let_go_while_redis_was_away_are_restored_by_the_reaper(own
     assert reaper.reap() == 1
     (restored,) = own_queue.redis.lrange("postroom", 0, -1)
     assert json.loads(restored)["headers"]["id"] == job_id
+
+
+def test_a_task_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue: QueueEnv) -> None:
+    """The threads pool cannot stop a thread: a task past the hard time limit stops holding its
+    message and the jobs it carries (the reaper gives them back) and its Message-ID claims lapse."""
+    from worker.jobs import CLAIMS
+
+    own = unacked(own_queue, "t-own", age=60)
+    carried = unacked(own_queue, "t-carried", age=60)
+    beat = liveness.Heartbeat(own_queue.redis, lambda: ["t-own", "t-other"], time_limit=0.3)
+    reaper = liveness.Reaper(own_queue.redis, BrokerKeys())
+    unacked(own_queue, "t-other", age=60)  # a healthy task's message: held throughout
+    began, release = threading.Event(), threading.Event()
+
+    def stuck_task() -> None:
+        liveness.TASKS.expect(own, "t-own")
+        liveness.TASKS.started(own)
+        liveness.TASKS.carrying(["t-carried"])
+        own_queue.redis.sadd(liveness.carried_key(), "t-carried")
+        CLAIMS.add([("a", "<stuck@example.com>", "token")])
+        began.set()
+        release.wait(30)
+        liveness.TASKS.finished()
+
+    thread = threading.Thread(target=stuck_task)
+    thread.start()
+    try:
+        assert began.wait(10)
+        own_queue.redis.sadd(liveness.HOLDERS, beat.holder)
+        beat.beat()
+        assert reaper.reap() == 0  # within its limit: everything claimed
+        time.sleep(0.5)
+        beat.beat()
+        consumer = own_queue.redis.smembers(liveness.holding_key(beat.holder, "consumer"))
+        assert consumer == {"-", "t-other"}
+        assert own_queue.redis.smembers(liveness.carried_key()) == set()
+        assert reaper.reap() == 2
+        restored = {json.loads(m)["headers"]["id"] for m in own_queue.redis.lrange("postroom", 0, -1)}
+        assert restored == {own, carried}
+        assert CLAIMS.drop_owned_by(thread.ident or 0) == 0  # already dropped: no longer renewed
+    finally:
+        release.set()
+        thread.join(10)
+    assert liveness.TASKS.hostages() == set()

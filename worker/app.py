@@ -14,7 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from worker import broker
 from worker import settings as settings_module
@@ -85,6 +92,22 @@ def _check_at_start(**_: Any) -> None:
     """The one beat checks every account as soon as it starts (its schedule's first run is one
     interval later): an operator sees real health lines at once, not "no check yet" for minutes."""
     app.send_task(HEALTH_TASK_NAME, queue=QUEUE, expires=settings.health_interval)
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    """Every task's start, by thread: one stuck past its hard time limit lets its jobs go
+    (worker/liveness.py, TaskClock)."""
+    from worker.liveness import TASKS
+
+    TASKS.started(task_id)
+
+
+@task_postrun.connect
+def _task_finished(**_: Any) -> None:
+    from worker.liveness import TASKS
+
+    TASKS.finished()
 
 
 @worker_process_init.connect

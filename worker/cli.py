@@ -712,10 +712,14 @@ def _celery(*args: str) -> list[str]:
 
 
 @main.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--processes", type=int, default=None, help="Worker processes (default: one per CPU core).")
 @click.pass_context
-def worker_command(ctx: click.Context) -> None:
-    """Run a Celery worker on the postroom queue (extra arguments go to celery)."""
-    os.execvp(sys.executable, _celery("worker", "-Q", "postroom", "-l", "INFO", *ctx.args))  # noqa: S606
+def worker_command(ctx: click.Context, processes: int | None) -> None:
+    """Run the workers on the postroom queue: one Celery worker process per CPU core, each with
+    its task threads (extra arguments go to every celery worker)."""
+    from worker.workergroup import run_group
+
+    sys.exit(run_group(list(ctx.args), processes=processes))
 
 
 @main.command("beat", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

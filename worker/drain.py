@@ -174,12 +174,14 @@ class QueueDrain:
         taken = []
         for queue, raw in zip(flat[0::2], flat[1::2], strict=True):
             taken.append(_decode(_text(queue), _text(raw)))
+        liveness.TASKS.carrying([c.delivery_tag for c in taken])
         return taken
 
     def ack(self, carried: Iterable[Carried]) -> None:
         tags = [c.delivery_tag for c in carried]
         if not tags:
             return
+        liveness.TASKS.let_go(tags)
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrem(self.keys[1], *tags)
@@ -199,6 +201,7 @@ class QueueDrain:
         args = [part for c in reversed(items) for part in (c.queue, c.delivery_tag, c.raw)]
         if not args:
             return
+        liveness.TASKS.let_go([c.delivery_tag for c in items])
         try:
             self._give_back(keys=[*self.keys, liveness.carried_key()], args=args)
         except redis.RedisError:

@@ -189,7 +189,7 @@ broker.UNREADABLE[:] = [_quarantine_raw]
 def start_upkeep(consumer: Any) -> None:
     """The heartbeat of this worker's consumer, the reaper of dead workers' messages and the
     delay queue's mover, in one daemon thread of the worker's main process."""
-    from worker.app import app
+    from worker.app import app, settings
 
     client = store().redis
     delays = DelayQueue(
@@ -203,7 +203,9 @@ def start_upkeep(consumer: Any) -> None:
     if broker.delivered_tags(consumer) is not None:  # kombu's Redis transport: messages to restore
         tags = lambda: broker.delivered_tags(consumer)  # noqa: E731
         steps.append((liveness.REAP_EVERY, liveness.Reaper(client, broker.BrokerKeys.of_app()).reap))
-    liveness.keep_beating(client, tags, more=steps)
+    # a task thread stuck past the hard time limit lets its jobs go (Celery stops only prefork's)
+    limit = settings.time_limit if settings.worker_pool == "threads" else None
+    liveness.keep_beating(client, tags, more=steps, time_limit=limit)
 
 
 class Consumer(CeleryConsumer):
@@ -224,6 +226,9 @@ class Consumer(CeleryConsumer):
             problem = problem_with(message, tasks)
             if problem is not None:
                 return quarantine(message, problem)
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            if headers.get("id") and message.delivery_tag:
+                liveness.TASKS.expect(str(headers["id"]), str(message.delivery_tag))
             try:
                 return handle(message)
             except connection_errors:

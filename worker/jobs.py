@@ -737,27 +737,37 @@ CLAIM_TTL = 15  # seconds; renewed while its attempt runs, so a dead attempt's c
 class ClaimRegistry:
     """The Message-ID claims this process's attempts hold, renewed by its heartbeat
     (worker/liveness.py) every few seconds while they run: a claim outlives its attempt by at
-    most :data:`CLAIM_TTL` seconds, however long the attempt was allowed to take."""
+    most :data:`CLAIM_TTL` seconds, however long the attempt was allowed to take. Each claim
+    remembers the thread that took it: a thread stuck past its time limit has its claims
+    dropped (no longer renewed), so that another worker may send what it was sending."""
 
     def __init__(self) -> None:
-        self._held: dict[str, str] = {}
+        self._held: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     def add(self, claims: Iterable[tuple[str, str, str]]) -> None:
+        owner = threading.get_ident()
         with self._lock:
             for account, message_id, token in claims:
-                self._held[_key("claim", account, message_id)] = token
+                self._held[_key("claim", account, message_id)] = (token, owner)
 
     def discard(self, claims: Iterable[tuple[str, str, str]]) -> None:
         with self._lock:
             for account, message_id, token in claims:
                 key = _key("claim", account, message_id)
-                if self._held.get(key) == token:
+                if self._held.get(key, ("", 0))[0] == token:
                     del self._held[key]
+
+    def drop_owned_by(self, thread: int) -> int:
+        with self._lock:
+            keys = [key for key, (_, owner) in self._held.items() if owner == thread]
+            for key in keys:
+                del self._held[key]
+        return len(keys)
 
     def renew(self, client: redis.Redis) -> None:
         with self._lock:
-            held = list(self._held.items())
+            held = [(key, token) for key, (token, _) in self._held.items()]
         if not held:
             return
         with client.pipeline(transaction=False) as pipe:

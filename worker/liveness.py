@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -62,6 +63,80 @@ def release_later(tags: list[str]) -> None:
         _released.update(tags)
 
 
+@dataclass
+class _Running:
+    started: float
+    tags: set[str]  # its own message's delivery tag and the tags of the jobs it carries
+    overdue: bool = False
+
+
+class TaskClock:
+    """When each running task started and what it holds, by thread.
+
+    Celery enforces its hard time limit only where it can kill the process
+    (prefork); a thread of the threads pool cannot be stopped. So Postroom
+    enforces it here: a task still running past the limit stops holding its
+    jobs — its process's heartbeat no longer claims their messages (the reaper
+    gives them back to the queue) nor renews their Message-ID claims (another
+    attempt may send them) — and an error names it. If the thread ever wakes, its
+    sends are kept from going twice by the sent marks, as after a kill."""
+
+    EXPECTED_MAX = 10_000  # delivery tags of messages received and not yet started, kept at most
+
+    def __init__(self) -> None:
+        self._running: dict[int, _Running] = {}
+        self._expected: dict[str, str] = {}  # task id -> its message's delivery tag
+        self._lock = threading.Lock()
+
+    def expect(self, task_id: str, tag: str) -> None:
+        """The consumer received ``task_id``'s message (Celery's task request does not carry it)."""
+        with self._lock:
+            if len(self._expected) >= self.EXPECTED_MAX:  # messages that never started (revoked, …)
+                for old in list(self._expected)[: self.EXPECTED_MAX // 2]:
+                    del self._expected[old]
+            self._expected[task_id] = tag
+
+    def started(self, task_id: str | None) -> None:
+        with self._lock:
+            tag = self._expected.pop(task_id, None) if task_id else None
+            self._running[threading.get_ident()] = _Running(time.monotonic(), {tag} if tag else set())
+
+    def carrying(self, tags: list[str]) -> None:
+        with self._lock:
+            running = self._running.get(threading.get_ident())
+            if running is not None:
+                running.tags.update(tags)
+
+    def let_go(self, tags: list[str]) -> None:
+        with self._lock:
+            running = self._running.get(threading.get_ident())
+            if running is not None:
+                running.tags.difference_update(tags)
+
+    def finished(self) -> None:
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+
+    def overdue(self, limit: float, now: float | None = None) -> list[tuple[int, float, int]]:
+        """Tasks that went past ``limit`` seconds since the last call: (thread, age, jobs held)."""
+        now = time.monotonic() if now is None else now
+        late = []
+        with self._lock:
+            for thread, running in self._running.items():
+                if not running.overdue and now - running.started > limit:
+                    running.overdue = True
+                    late.append((thread, now - running.started, len(running.tags)))
+        return late
+
+    def hostages(self) -> set[str]:
+        """The tags held by tasks past their time limit: no longer claimed by this process."""
+        with self._lock:
+            return {tag for running in self._running.values() if running.overdue for tag in running.tags}
+
+
+TASKS = TaskClock()
+
+
 def holder_id() -> str:
     """This process's holder id (a new one after a fork)."""
     global _holder
@@ -82,17 +157,32 @@ class Heartbeat:
     """One process's beat: its consumer's tags (if it has a consumer) and its carried set kept alive."""
 
     def __init__(
-        self, client: redis.Redis, consumer_tags: Callable[[], list[str] | None] | None = None
+        self,
+        client: redis.Redis,
+        consumer_tags: Callable[[], list[str] | None] | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.client = client
         self.consumer_tags = consumer_tags
+        self.time_limit = time_limit
         self.holder = holder_id()
 
     def beat(self) -> None:
+        if self.time_limit is not None:
+            for thread, age, held in TASKS.overdue(self.time_limit):
+                dropped = CLAIMS.drop_owned_by(thread)
+                log.error(
+                    "a task has run %.0f s, past its time limit of %.0f s (thread %d): its %d messages go "
+                    "back to the queue and its %d Message-ID claims lapse",
+                    age, self.time_limit, thread, held, dropped,
+                )  # fmt: skip
+        hostages = TASKS.hostages()
         tags = self.consumer_tags() if self.consumer_tags is not None else None
+        if tags and hostages:
+            tags = [t for t in tags if t not in hostages]
         consumer, carried = holding_key(self.holder, "consumer"), holding_key(self.holder, "carried")
         with _released_lock:
-            released = list(_released)
+            released = list(_released | hostages)
         with self.client.pipeline(transaction=True) as pipe:  # MULTI: never seen half-written
             pipe.sadd(HOLDERS, self.holder)
             if released:
@@ -105,7 +195,7 @@ class Heartbeat:
             pipe.execute()
         if released:
             with _released_lock:
-                _released.difference_update(released)
+                _released.difference_update(released)  # (hostages are left out again at every beat)
         CLAIMS.renew(self.client)  # the Message-ID claims of this process's running attempts
 
 
@@ -193,6 +283,7 @@ def keep_beating(
     consumer_tags: Callable[[], list[str] | None] | None = None,
     *,
     more: list[tuple[float, Callable[[], object]]] | None = None,
+    time_limit: float | None = None,
 ) -> Upkeep:
     """This process's upkeep thread, started once per process: the heartbeat (with its
     consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
@@ -200,7 +291,7 @@ def keep_beating(
     running = _beating.get(os.getpid())
     if running is not None:
         return running
-    upkeep = Upkeep([(BEAT, Heartbeat(client, consumer_tags).beat), *(more or [])]).start()
+    upkeep = Upkeep([(BEAT, Heartbeat(client, consumer_tags, time_limit).beat), *(more or [])]).start()
     _beating[os.getpid()] = upkeep
     return upkeep
 

@@ -104,7 +104,7 @@ class Settings:
     # account pools, so a slow server never stalls other sends; "prefork" is the classic pool.
     worker_pool: str = "threads"
     worker_concurrency: int = 16  # task threads (or processes, with prefork) per worker
-    worker_processes: int = 0  # worker processes `postroom up` runs; 0 = one per CPU core
+    worker_processes: int = 0  # processes `postroom worker` and `up` run; 0 = one per CPU core
     # Celery task events, for Flower. They cost two Redis PUBLISHes per task (the bench measured
     # ~30% of single-message throughput); with 0, Flower still works: it switches them on itself.
     task_events: int = 1

@@ -25,6 +25,7 @@ from worker.embedded import EmbeddedRedis, dies_with_parent
 from worker.http import http_port
 from worker.records import Records
 from worker.settings import load_settings, var_dir
+from worker.workergroup import celery_worker_args, process_count
 
 
 def _say(text: str) -> None:
@@ -91,14 +92,11 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
                 _say(f"something already listens on 127.0.0.1:{DEFAULT_PORT}; not starting dev-smtp")
             else:
                 start("dev-smtp", [sys.executable, "-m", "worker.cli", "dev-smtp"])
+        count = process_count(processes, settings.worker_processes)
+        threads = concurrency or settings.worker_concurrency
+        for n in range(1, count + 1):  # the same processes `postroom worker` runs
+            start(f"worker-{n}", celery_worker_args(n, count, settings.worker_pool, threads, []))
         celery = [sys.executable, "-m", "celery", "-A", "worker.app"]
-        count = processes or settings.worker_processes or os.cpu_count() or 1
-        for n in range(1, count + 1):
-            start(
-                f"worker-{n}",
-                [*celery, "worker", "-Q", "postroom", "-l", "INFO", "-n", f"postroom-{n}@%h",
-                 "-P", settings.worker_pool, "-c", str(concurrency or settings.worker_concurrency)],
-            )  # fmt: skip
         start("beat", [*celery, "beat", "-l", "INFO", "-s", str(Path(var, "celerybeat-schedule"))])
         if _port_in_use("127.0.0.1", settings.metrics_port):
             _say(f"something already listens on 127.0.0.1:{settings.metrics_port}; not serving metrics")

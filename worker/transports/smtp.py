@@ -612,6 +612,7 @@ class SmtpTransport:
         self.max_connections = max_connections or account.limits.max_connections
         self._share = self.max_connections  # connections this pool may keep (less while shared)
         self._last_demand = 0.0  # when a send last asked this pool for a connection
+        self._waiting = 0  # sends waiting for a connection right now (demand, however long they wait)
         self.max_messages_per_connection = max_messages_per_connection
         self.max_connection_age = max_connection_age
         self.idle_check_after = idle_check_after
@@ -720,21 +721,20 @@ class SmtpTransport:
         while self._live and not self._closed:
             await asyncio.sleep(WANTED_CHECK)
             try:
+                active = self._in_demand()
                 if time.monotonic() - renewed >= SLOT_RENEW:
                     tokens = [c.slot for c in self._live.values() if c.slot is not None]
-                    active = time.monotonic() - self._last_demand < USER_TTL
                     user = self._user if active else ""
                     pools, wanted = await self.limiter.renew_slots(self.account.name, tokens, user)
                     renewed = time.monotonic()
                 else:
-                    active = time.monotonic() - self._last_demand < USER_TTL
                     pools, wanted = await self.limiter.sharing(
                         self.account.name, self._user if active else ""
                     )
             except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
                 log.warning("account %s: could not renew connection slots", self.account.name)
                 continue
-            if time.monotonic() - self._last_demand < USER_TTL:  # sending: an even share
+            if self._in_demand():  # sending: an even share
                 self._share = -(-self.max_connections // pools)
             else:  # nothing to send lately: keep the connections only while nobody waits
                 self._share = 0 if wanted else self.max_connections
@@ -751,6 +751,12 @@ class SmtpTransport:
                         self._count -= len(idle)
                         cond.notify_all()
 
+    def _in_demand(self) -> bool:
+        """Sends are waiting for a connection, or one asked lately. (Sends that have waited a
+        while count too: judged by the last ask alone, two pools whose sends all wait would each
+        think itself idle, hand its share to the other and keep one connection each.)"""
+        return self._waiting > 0 or time.monotonic() - self._last_demand < USER_TTL
+
     def _expired(self, conn: SmtpConnection, now: float) -> bool:
         return (
             not conn.usable
@@ -761,6 +767,14 @@ class SmtpTransport:
 
     async def _acquire(self, *, fresh: bool = False) -> SmtpConnection:
         """A connection for one transaction; ``fresh`` skips idle ones (used for the retry)."""
+        self._waiting += 1
+        try:
+            return await self._acquire_waiting(fresh=fresh)
+        finally:
+            self._waiting -= 1
+            self._last_demand = time.monotonic()
+
+    async def _acquire_waiting(self, *, fresh: bool) -> SmtpConnection:
         self._last_demand = time.monotonic()
         if self._closed:
             raise ConnectionFailed("transport is closed", account=self.account.name, transport="smtp")
