@@ -49,6 +49,8 @@ class Runtime:
         self._marks: AsyncMarks | None = None
         self._limiter: Limiter | None = None
         self._in_flight: Counter[str] = Counter()  # messages per account being delivered now
+        self._reserved = threading.local()  # per task thread: carried jobs already counted
+        self.taking = threading.Lock()  # one task thread at a time decides what to carry
 
     def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
         """The async Redis client batches mark sent messages with, bound to this loop."""
@@ -72,8 +74,30 @@ class Runtime:
 
     @contextlib.contextmanager
     def sending(self, accounts: list[str]) -> Iterator[None]:
-        """Count these messages as in flight while the block runs."""
+        """Count these messages as in flight while the block runs (those this thread reserved
+        when it took them to carry are counted already)."""
+        with self._counted(Counter(accounts) - self._held()):
+            yield
+
+    @contextlib.contextmanager
+    def reserving(self, accounts: list[str]) -> Iterator[None]:
+        """Count jobs taken to carry as in flight from the moment they are taken: task threads
+        that take at the same time must see each other's, or one process carries far more than
+        its bound of an account's backlog (and another worker finds nothing left to take)."""
         counts = Counter(accounts)
+        before = self._held()
+        self._reserved.counts = before + counts
+        try:
+            with self._counted(counts):
+                yield
+        finally:
+            self._reserved.counts = before
+
+    def _held(self) -> Counter[str]:
+        return getattr(self._reserved, "counts", None) or Counter()
+
+    @contextlib.contextmanager
+    def _counted(self, counts: Counter[str]) -> Iterator[None]:
         with self._lock:
             self._in_flight.update(counts)
         try:

@@ -74,8 +74,9 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     """
     job_id = str(self.request.id)
     redelivered = _redelivered(self)
-    with _unexpected_requeues(job_id):
-        carried = [] if redelivered else _take_more(job_id)  # a job whose last run died runs alone
+    with _unexpected_requeues(job_id), contextlib.ExitStack() as reserved:
+        # a job whose last run died runs alone; the carried ones count as in flight until done
+        carried = [] if redelivered else _take_more(job_id, reserved)
         if carried:
             step = _carry(job_id, kwargs, carried)
         else:
@@ -170,19 +171,25 @@ def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str,
     return counts
 
 
-def _take_more(job_id: str) -> list[Carried]:
-    """Ready jobs to carry along with ``job_id`` (none when coalescing is off or Redis balks)."""
+def _take_more(job_id: str, reserved: contextlib.ExitStack) -> list[Carried]:
+    """Ready jobs to carry along with ``job_id`` (none when coalescing is off or Redis balks),
+    counted in this process's in-flight bound (``reserved``) before the next task thread looks."""
     if settings.coalesce <= 1:
         return []
     drain = queue_drain()
-    room = _rooms()
-    try:
-        taken = drain.take(min(settings.coalesce - 1, sum(room.values())), room)
-        carried, back = _within_account_bounds(taken)
-        drain.give_back(back)
-    except redis.RedisError as exc:
-        log.warning("job %s: could not take more jobs from the queue (%s)", job_id, exc)
-        return []
+    runtime = get_runtime()
+    with runtime.taking:
+        room = _rooms()
+        try:
+            taken = drain.take(min(settings.coalesce - 1, sum(room.values())), room)
+            carried, back = _within_account_bounds(taken)
+            drain.give_back(back)
+        except redis.RedisError as exc:
+            log.warning("job %s: could not take more jobs from the queue (%s)", job_id, exc)
+            return []
+        reserved.enter_context(
+            runtime.reserving([str(c.kwargs.get("account", "")) for c in carried if c.kwargs is not None])
+        )
     return carried
 
 
