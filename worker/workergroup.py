@@ -36,7 +36,10 @@ STEADY = 60.0  # a process that ran this long before it exited starts again afte
 
 
 def process_count(asked: int | None, configured: int) -> int:
-    return max(1, asked or configured or os.cpu_count() or 1)
+    """Asked, else configured, else the cores this process may run on (its CPU affinity, which
+    a container's cpuset narrows; a CPU quota does not: set worker_processes then)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, asked or configured or cores or 1)
 
 
 def celery_worker_args(index: int, count: int, pool: str, concurrency: int, extra: list[str]) -> list[str]:
