@@ -229,3 +229,37 @@ def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
     asyncio.run(scenario())
     assert [r.message["Subject"] for r in server.received] == ["1", "2", "3"]
     assert server.peak_open == 1
+
+
+def test_a_dead_connection_no_send_holds_gives_its_slot_back(
+    limits_env: QueueEnv, smtp_server: ServerFactory
+) -> None:
+    """A connection whose socket is gone, waiting in no idle list and held by no send (the
+    state a Redis restart followed by the server's left pools in: every slot of the account
+    leased by dead connections for about a minute) must not keep its slot lease renewed."""
+    from worker.transports import OutgoingMessage, SmtpTransport
+
+    server = smtp_server(mode="plain")
+    limits_env.account("strays", server, limits={"max_connections": 1})
+    account = Records.load(limits_env.accounts, limits_env.config).account("strays")
+    data = b"Message-ID: <stray-1@example.com>\r\nSubject: 1\r\n\r\nbody\r\n"
+    mail = OutgoingMessage("<stray-1@example.com>", "strays@example.com", ("r@example.net",), data)
+
+    async def scenario() -> None:
+        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        pool = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        try:
+            await pool.send(mail)  # its connection stays open, idle, holding the account's slot
+            assert await client.zcard("postroom:slots:strays") == 1
+            (conn,) = pool._idle  # the stray: out of the idle list and the count, socket gone
+            pool._idle.remove(conn)
+            pool._count -= 1
+            conn.client.close()
+            await asyncio.sleep(1.0)
+            assert await client.zcard("postroom:slots:strays") == 0
+            assert pool._live == {}
+        finally:
+            await pool.aclose()
+            await client.aclose()
+
+    asyncio.run(scenario())

@@ -720,6 +720,7 @@ class SmtpTransport:
         renewed = time.monotonic()
         while self._live and not self._closed:
             await asyncio.sleep(WANTED_CHECK)
+            await self._drop_strays()
             try:
                 active = self._in_demand()
                 if time.monotonic() - renewed >= SLOT_RENEW:
@@ -750,6 +751,22 @@ class SmtpTransport:
                     async with cond:
                         self._count -= len(idle)
                         cond.notify_all()
+
+    async def _drop_strays(self) -> None:
+        """Give up connections whose socket is gone and that wait in no idle list: one a send
+        holds will be closed and uncounted by that send as well; one nobody holds any more (seen
+        after a Redis restart followed by the server's: every slot of the account kept leased by
+        dead connections for about a minute) would otherwise have its slot renewed for good."""
+        idle = {id(c) for c in self._idle}
+        strays = [c for key, c in self._live.items() if not c.usable and key not in idle]
+        for conn in strays:
+            self._live.pop(id(conn), None)
+            conn.client.close()
+            if conn.slot is not None:
+                token, conn.slot = conn.slot, None
+                await asyncio.shield(self._release_slot(token))
+        if strays:
+            log.info("account %s: gave up %d dead connections", self.account.name, len(strays))
 
     def _in_demand(self) -> bool:
         """Sends are waiting for a connection, or one asked lately. (Sends that have waited a
