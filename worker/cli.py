@@ -707,10 +707,6 @@ def dead_purge(job_ids: tuple[str, ...], as_json: bool) -> None:
 # ---- running ---------------------------------------------------------------------
 
 
-def _celery(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.app", *args]
-
-
 @main.command("worker", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--processes", type=int, default=None, help="Worker processes (default: one per CPU core).")
 @click.pass_context
@@ -730,7 +726,9 @@ def beat_command(ctx: click.Context) -> None:
 
     var_dir().mkdir(parents=True, exist_ok=True)
     schedule = str(var_dir() / "celerybeat-schedule")
-    os.execvp(sys.executable, _celery("beat", "-l", "INFO", "-s", schedule, *ctx.args))  # noqa: S606
+    from worker.workergroup import celery_command
+
+    os.execvp(sys.executable, celery_command("beat", "-l", "INFO", "-s", schedule, *ctx.args))  # noqa: S606
 
 
 @main.command("dev-smtp")

@@ -25,7 +25,7 @@ from worker.embedded import EmbeddedRedis, dies_with_parent
 from worker.http import http_port
 from worker.records import Records
 from worker.settings import load_settings, var_dir
-from worker.workergroup import celery_worker_args, process_count
+from worker.workergroup import celery_command, celery_worker_args, process_count
 
 
 def _say(text: str) -> None:
@@ -96,8 +96,7 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
         threads = concurrency or settings.worker_concurrency
         for n in range(1, count + 1):  # the same processes `postroom worker` runs
             start(f"worker-{n}", celery_worker_args(n, count, settings.worker_pool, threads, []))
-        celery = [sys.executable, "-m", "celery", "-A", "worker.app"]
-        start("beat", [*celery, "beat", "-l", "INFO", "-s", str(Path(var, "celerybeat-schedule"))])
+        start("beat", celery_command("beat", "-l", "INFO", "-s", str(Path(var, "celerybeat-schedule"))))
         if _port_in_use("127.0.0.1", settings.metrics_port):
             _say(f"something already listens on 127.0.0.1:{settings.metrics_port}; not serving metrics")
         else:

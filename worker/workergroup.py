@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 
 from worker.embedded import dies_with_parent
@@ -42,9 +42,14 @@ def process_count(asked: int | None, configured: int) -> int:
     return max(1, asked or configured or cores or 1)
 
 
+def celery_command(*args: str) -> list[str]:
+    """``celery -A worker.app ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "celery", "-A", "worker.app", *args]
+
+
 def celery_worker_args(index: int, count: int, pool: str, concurrency: int, extra: list[str]) -> list[str]:
     """The command line of worker process ``index`` of ``count`` (node names must differ)."""
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "postroom", "-l", "INFO"]
+    args = celery_command("worker", "-Q", "postroom", "-l", "INFO")
     args += ["-P", pool, "-c", str(concurrency)]
     extra = list(extra)
     named = [i for i, a in enumerate(extra[:-1]) if a in ("-n", "--hostname")]
@@ -64,7 +69,6 @@ class Member:
     started: float = 0.0
     wait: float = RESTART_MIN
     due: float = 0.0  # when to start it again after it exited
-    exits: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - our own argument list
@@ -138,7 +142,6 @@ def _restart_exited(members: list[Member]) -> None:
             continue
         if member.due == 0.0:
             code = member.process.returncode
-            member.exits.append(code)
             member.wait = RESTART_MIN if now - member.started >= STEADY else min(member.wait * 2, RESTART_MAX)
             member.due = now + member.wait
             _say(f"process {member.index} exited with {code}; starting it again in {member.wait:.0f} s")
