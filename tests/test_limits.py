@@ -263,3 +263,41 @@ def test_a_dead_connection_no_send_holds_gives_its_slot_back(
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_pool_with_waiting_sends_gets_the_slot_another_pools_idle_connection_sits_on(
+    limits_env: QueueEnv, smtp_server: ServerFactory
+) -> None:
+    """Two pools share an account's two connections, one each. The second runs out of work;
+    the first still has three messages for a server that takes 1 s each. The second's idle
+    connection must go to the first (its waiting send asks past its share, the idle connection
+    gives its slot up), so two go at once: about 2 s for the three, not 3 s on one connection."""
+    from worker.transports import OutgoingMessage, SmtpTransport
+
+    server = smtp_server(mode="plain", data_delay=1.0)
+    limits_env.account("stretch", server, limits={"max_connections": 2})
+    account = Records.load(limits_env.accounts, limits_env.config).account("stretch")
+
+    def mail(n: int) -> OutgoingMessage:
+        data = f"Message-ID: <stretch-{n}@example.com>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
+        return OutgoingMessage(f"<stretch-{n}@example.com>", "stretch@example.com", ("r@example.net",), data)
+
+    async def scenario() -> float:
+        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        first = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        second = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        try:
+            await asyncio.gather(first.send(mail(1)), second.send(mail(2)))  # one connection each
+            assert (first.open_connections, second.open_connections) == (1, 1)
+            started = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*(first.send(mail(n)) for n in (3, 4, 5))), 10)
+            return time.monotonic() - started
+        finally:
+            await first.aclose()
+            await second.aclose()
+            await client.aclose()
+
+    took = asyncio.run(scenario())
+    assert sorted(r.message["Subject"] for r in server.received) == ["1", "2", "3", "4", "5"]
+    assert server.peak_open <= 2  # the account's cap held throughout
+    assert took < 2.7, f"three 1 s messages took {took:.1f} s: the idle connection's slot never moved"

@@ -344,6 +344,7 @@ def test_no_usable_mechanism_is_a_clear_error(accounts: Accounts, smtp_server: S
         ("DATA", 554, "5.7.1 Spam", Rejected, "5.7.1"),
     ],
 )
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-at-a-time"])
 def test_replies_are_classified(
     accounts: Accounts,
     smtp_server: ServerFactory,
@@ -352,8 +353,10 @@ def test_replies_are_classified(
     text: str,
     error_class: type[DeliveryError],
     enhanced: str,
+    pipelining: bool,
 ) -> None:
-    server = smtp_server(mode="starttls", rules=[Rule(stage, code, text)])  # type: ignore[arg-type]
+    rules = [Rule(stage, code, text)]  # type: ignore[arg-type]
+    server = smtp_server(mode="starttls", rules=rules, pipelining=pipelining)
     account = accounts.make(server)
     error = run(send_expecting(accounts.transport(account), message()))
     assert type(error) is error_class
@@ -365,12 +368,13 @@ def test_replies_are_classified(
         assert error.recipients["rcpt@example.net"].status == ("deferred" if error.transient else "failed")
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-at-a-time"])
 @pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
 def test_421_closes_the_connection_and_retries_once_on_a_fresh_one(
-    accounts: Accounts, smtp_server: ServerFactory, stage: str
+    accounts: Accounts, smtp_server: ServerFactory, stage: str, pipelining: bool
 ) -> None:
     rule = Rule(stage, 421, "4.3.2 Service shutting down", times=1)  # type: ignore[arg-type]
-    server = smtp_server(mode="starttls", rules=[rule])
+    server = smtp_server(mode="starttls", rules=[rule], pipelining=pipelining)
     account = accounts.make(server)
     result = run(send_once(accounts.transport(account), message()))
     assert result.accepted == ["rcpt@example.net"]
@@ -394,10 +398,12 @@ def test_greeting_421_is_server_busy(accounts: Accounts, smtp_server: ServerFact
     assert isinstance(error, ServerBusy) and error.code == 421
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-at-a-time"])
 def test_one_of_two_recipients_refused_is_a_partial_result(
-    accounts: Accounts, smtp_server: ServerFactory
+    accounts: Accounts, smtp_server: ServerFactory, pipelining: bool
 ) -> None:
-    server = smtp_server(mode="starttls", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="bad")])
+    rule = Rule("RCPT", 550, "5.1.1 No such user", match="bad")
+    server = smtp_server(mode="starttls", rules=[rule], pipelining=pipelining)
     account = accounts.make(server)
     result = run(send_once(accounts.transport(account), message(to=("good@example.net", "bad@example.net"))))
     assert result.accepted == ["good@example.net"]

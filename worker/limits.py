@@ -50,6 +50,8 @@ SLOT_POLL = 0.05  # first wait between two tries for a connection slot (doubles,
 SLOT_WAIT = 20.0  # how long a send waits for a connection slot before it is re-scheduled
 WANTED_TTL = 5
 USER_TTL = 3.0  # a pool that has not asked for slots for this long no longer takes a share
+SHARE_PATIENCE = 0.25  # a send waits this long at its pool's share before asking past it
+DEMAND_GRACE = 1.0  # a pool with no send for this long steps out of the shares (worker/transports/smtp.py)
 INLINE_WAIT = 0.5  # rate waits up to this are waited out on the loop (longer ones re-schedule)
 MAX_RESERVATION = 900.0  # never reserve a send time further ahead than this
 DAY_MINUTES = 1440
@@ -175,9 +177,11 @@ class Limiter:
         args = [time.time(), SLOT_LEASE, cap, token, WANTED_TTL, user or token]
         return bool(int(await self._acquire(keys=keys, args=args)))
 
-    async def renew_slots(self, account: str, tokens: list[str], user: str = "") -> tuple[int, bool]:
-        """Extend these connections' leases (and ``user``'s claim to a share); returns how many
-        pools use the account's slots now and whether one waits for a slot."""
+    async def renew_slots(
+        self, account: str, tokens: list[str], user: str = "", *, leaving: str = ""
+    ) -> tuple[int, bool]:
+        """Extend these connections' leases (and ``user``'s claim to a share; ``leaving`` gives
+        one up); returns how many pools use the account's slots now and whether one waits."""
         now = time.time()
         users = f"{PREFIX}slot-users:{account}"
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -185,15 +189,17 @@ class Limiter:
                 pipe.zadd(f"{PREFIX}slots:{account}", dict.fromkeys(tokens, now + SLOT_LEASE), xx=True)
             if user:
                 pipe.zadd(users, {user: now})
+            if leaving:
+                pipe.zrem(users, leaving)
             pipe.zremrangebyscore(users, "-inf", now - USER_TTL)
             pipe.zcard(users)
             pipe.exists(f"{PREFIX}slots-wanted:{account}")
             results = await pipe.execute()
         return max(1, int(results[-2])), bool(results[-1])
 
-    async def sharing(self, account: str, user: str) -> tuple[int, bool]:
+    async def sharing(self, account: str, user: str, *, leaving: str = "") -> tuple[int, bool]:
         """How many pools use the account's slots, and whether one waits (no lease renewed)."""
-        return await self.renew_slots(account, [], user)
+        return await self.renew_slots(account, [], user, leaving=leaving)
 
     async def release_slot(self, account: str, token: str) -> None:
         await self.redis.zrem(f"{PREFIX}slots:{account}", token)

@@ -94,6 +94,8 @@ class _Handler:
         ]
         if self.server.dsn:
             out.append("250-DSN")
+        if self.server.pipelining:
+            out.append("250-PIPELINING")
         return [*out, responses[-1]]
 
     async def auth_XOAUTH2(self, smtp: SMTP, args: list[str]) -> AuthResult:
@@ -290,6 +292,7 @@ class SmtpServer:
         banner_code: int | None = None,
         drop_after: int | None = None,
         dsn: bool = False,
+        pipelining: bool = True,
         stall_mail_after: int | None = None,
         stall_seconds: float = 5.0,
         stall_all: bool = False,
@@ -306,6 +309,7 @@ class SmtpServer:
         self.banner_code = banner_code
         self.drop_after = drop_after
         self.dsn = dsn
+        self.pipelining = pipelining  # advertise PIPELINING (RFC 2920), as most real servers do
         self.stall_mail_after = stall_mail_after  # the next MAIL after this many stalls once
         self.stall_seconds = stall_seconds
         self.stall_all = stall_all  # every MAIL after stall_mail_after stalls (until it is set to None)

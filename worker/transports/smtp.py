@@ -33,11 +33,8 @@ import aiosmtplib
 from aiosmtplib import (
     SMTPAuthenticationError,
     SMTPConnectResponseError,
-    SMTPDataError,
     SMTPException,
-    SMTPRecipientRefused,
     SMTPResponseException,
-    SMTPSenderRefused,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
@@ -56,7 +53,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
-from worker.limits import SLOT_POLL, SLOT_RENEW, USER_TTL, WANTED_CHECK, Limiter
+from worker.limits import DEMAND_GRACE, SHARE_PATIENCE, SLOT_POLL, SLOT_RENEW, WANTED_CHECK, Limiter
 from worker.oauth import TokenSource
 from worker.tls import (
     below_minimum,
@@ -66,6 +63,7 @@ from worker.tls import (
     version_at_least,
     version_below,
 )
+from worker.transports import pipelining
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 
 log = logging.getLogger("postroom.smtp")
@@ -455,56 +453,79 @@ class SmtpConnection:
         encoding = "utf-8" if needs_utf8 else "ascii"
 
         try:
-            await client.mail(sender, options=mail_options, encoding=encoding)
-        except SMTPSenderRefused as exc:
-            raise await self._refused(exc.code, exc.message, "MAIL FROM") from None
+            replies = await pipelining.send_envelope(
+                client,
+                sender,
+                message.recipients,
+                mail_options=mail_options,
+                rcpt_options=rcpt_options,
+                encoding=encoding,
+                timeout=ep.command_timeout,
+            )
         except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
-            raise _RetryOnFresh(self._error(ConnectionFailed("connection lost at MAIL FROM"))) from None
+            # no content went out: the message was not taken
+            raise _RetryOnFresh(self._error(ConnectionFailed("connection lost before DATA"))) from None
+        except SMTPResponseException as exc:
+            client.close()
+            raise _RetryOnFresh(self._error(ConnectionFailed(f"unreadable reply: {exc.message}"))) from None
+
+        if replies.mail.code != pipelining.COMPLETED:
+            await self._abandon(replies)
+            raise await self._refused(replies.mail.code, replies.mail.message, "MAIL FROM") from None
 
         results: dict[str, RecipientStatus] = {}
         accepted: list[str] = []
-        for rcpt in message.recipients:
-            try:
-                await client.rcpt(rcpt, options=rcpt_options, encoding=encoding)
-            except SMTPRecipientRefused as exc:
-                if exc.code in (421, 432) or not client.is_connected:
-                    raise _RetryOnFresh(
-                        self._error(classify_smtp_reply(exc.code, exc.message, stage="RCPT TO"))
-                    ) from None
-                status = "deferred" if 400 <= exc.code < 500 else "failed"
-                results[rcpt] = RecipientStatus(status, exc.code, exc.message)
+        for rcpt, reply in zip(message.recipients, replies.rcpts, strict=False):
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
                 continue
-            except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
-                raise _RetryOnFresh(self._error(ConnectionFailed("connection lost at RCPT TO"))) from None
-            accepted.append(rcpt)
+            if reply.code in (421, 432) or not client.is_connected:
+                client.close()
+                raise _RetryOnFresh(
+                    self._error(classify_smtp_reply(reply.code, reply.message, stage="RCPT TO"))
+                ) from None
+            status = "deferred" if 400 <= reply.code < 500 else "failed"
+            results[rcpt] = RecipientStatus(status, reply.code, reply.message)
 
         if not accepted:
+            await self._abandon(replies)
             await self._reset()
             raise self._all_refused(results)
 
-        try:
-            response = await client.data(message.data, timeout=ep.data_timeout)
-        except SMTPDataError as exc:
-            error = classify_smtp_reply(exc.code, exc.message, stage="DATA")
-            if isinstance(error, ServerBusy):
+        data_reply = replies.data
+        if data_reply is not None and data_reply.code == pipelining.START_INPUT:
+            try:
+                data_reply = await pipelining.send_content(client, message.data, timeout=ep.data_timeout)
+            except (SMTPServerDisconnected, SMTPTimeoutError, OSError, SMTPResponseException):
+                # the server may or may not have taken the message: never retried here
                 client.close()
-                raise _RetryOnFresh(self._error(error)) from None
-            status = "deferred" if error.transient else "failed"
-            for rcpt in accepted:
-                results[rcpt] = RecipientStatus(status, exc.code, exc.message)
-            error.recipients = results
-            await self._reset()
-            raise self._error(error) from None
-        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
-            # the server may or may not have taken the message: never retried here
-            client.close()
-            error = ConnectionFailed("connection lost during DATA; the server may have accepted the message")
-            raise self._error(error) from None
+                lost = ConnectionFailed(
+                    "connection lost during DATA; the server may have accepted the message"
+                )
+                raise self._error(lost) from None
+            if data_reply.code == pipelining.COMPLETED:
+                self.messages += 1
+                for rcpt in accepted:
+                    results[rcpt] = RecipientStatus("sent", data_reply.code, data_reply.message)
+                return SendResult(transport="smtp", security=self.security, recipients=results)
 
-        self.messages += 1
+        code, text = (data_reply.code, data_reply.message) if data_reply else (554, "no reply to DATA")
+        error = classify_smtp_reply(code, text, stage="DATA")
+        if isinstance(error, ServerBusy):
+            client.close()
+            raise _RetryOnFresh(self._error(error)) from None
+        status = "deferred" if error.transient else "failed"
         for rcpt in accepted:
-            results[rcpt] = RecipientStatus("sent", response.code, response.message)
-        return SendResult(transport="smtp", security=self.security, recipients=results)
+            results[rcpt] = RecipientStatus(status, code, text)
+        error.recipients = results
+        await self._reset()
+        raise self._error(error) from None
+
+    async def _abandon(self, replies: pipelining.EnvelopeReplies) -> None:
+        """A 354 the message will not follow (MAIL or every RCPT refused): end its input empty."""
+        if replies.data is not None and replies.data.code == pipelining.START_INPUT:
+            with contextlib.suppress(SMTPException, OSError):
+                await pipelining.abandon_content(self.client, timeout=self.endpoint.command_timeout)
 
     async def _refused(self, code: int, text: str, stage: str) -> DeliveryError | _RetryOnFresh:
         error = self._error(classify_smtp_reply(code, text, stage=stage))
@@ -613,6 +634,8 @@ class SmtpTransport:
         self._share = self.max_connections  # connections this pool may keep (less while shared)
         self._last_demand = 0.0  # when a send last asked this pool for a connection
         self._waiting = 0  # sends waiting for a connection right now (demand, however long they wait)
+        self._stretching = False  # a send asks for a slot beyond this pool's share (see _stretch)
+        self._stretched = 0.0  # when one last did (a pool asks at most every SHARE_PATIENCE)
         self.max_messages_per_connection = max_messages_per_connection
         self.max_connection_age = max_connection_age
         self.idle_check_after = idle_check_after
@@ -657,6 +680,31 @@ class SmtpTransport:
                 retry_after=1.0,
             )
         return _NO_SLOT
+
+    def _may_stretch(self, asked: float) -> bool:
+        now = time.monotonic()
+        return (
+            self.limiter is not None
+            and not self._stretching
+            and now - asked > SHARE_PATIENCE
+            and now - self._stretched > SHARE_PATIENCE
+        )
+
+    async def _stretch(self) -> object:
+        """A send that waited SHARE_PATIENCE at this pool's share asks for one more of the
+        account's slots: free, or given up by another pool's connection that sat idle that long
+        (asking sets the wanted flag it watches). One send of a pool asks at a time, at most
+        every SHARE_PATIENCE. Without it, a message could wait a whole round of a slow server
+        for this pool's connections while another pool's sat idle (one of the last ten of 100
+        did, in the slow-1 bench)."""
+        assert self.limiter is not None
+        self._stretching, self._stretched = True, time.monotonic()
+        try:
+            token = self.limiter.new_token()
+            name, cap = self.account.name, self.max_connections
+            return token if await self.limiter.try_slot(name, cap, token, user=self._user) else _NO_SLOT
+        finally:
+            self._stretching = False
 
     async def _open(self, *, slot: object = None, slot_wait: float | None = None) -> SmtpConnection:
         """A new connection, holding one of the account's connection slots when limited
@@ -726,11 +774,13 @@ class SmtpTransport:
                 if time.monotonic() - renewed >= SLOT_RENEW:
                     tokens = [c.slot for c in self._live.values() if c.slot is not None]
                     user = self._user if active else ""
-                    pools, wanted = await self.limiter.renew_slots(self.account.name, tokens, user)
+                    pools, wanted = await self.limiter.renew_slots(
+                        self.account.name, tokens, user, leaving="" if active else self._user
+                    )
                     renewed = time.monotonic()
                 else:
                     pools, wanted = await self.limiter.sharing(
-                        self.account.name, self._user if active else ""
+                        self.account.name, self._user if active else "", leaving="" if active else self._user
                     )
             except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
                 log.warning("account %s: could not renew connection slots", self.account.name)
@@ -740,6 +790,9 @@ class SmtpTransport:
             else:  # nothing to send lately: keep the connections only while nobody waits
                 self._share = 0 if wanted else self.max_connections
             extra = len(self._live) - self._share
+            if extra <= 0 and wanted and not self._waiting:  # another pool waits: what sat idle goes
+                now = time.monotonic()
+                extra = sum(1 for c in self._idle if now - c.last_used > SHARE_PATIENCE)
             if extra > 0 and self._idle:
                 cond = self._condition()
                 async with cond:
@@ -769,10 +822,14 @@ class SmtpTransport:
             log.info("account %s: gave up %d dead connections", self.account.name, len(strays))
 
     def _in_demand(self) -> bool:
-        """Sends are waiting for a connection, or one asked lately. (Sends that have waited a
-        while count too: judged by the last ask alone, two pools whose sends all wait would each
-        think itself idle, hand its share to the other and keep one connection each.)"""
-        return self._waiting > 0 or time.monotonic() - self._last_demand < USER_TTL
+        """Sends wait for a connection or hold one, or one did within DEMAND_GRACE. (Sends that
+        have waited a while count too: judged by the last ask alone, two pools whose sends all
+        wait would each think itself idle, hand its share to the other and keep one connection
+        each.) A pool with nothing to do steps out of the account's shares at once: the others
+        take its connections' slots within a second, not after USER_TTL (a slow server's last
+        messages waited on half the connections)."""
+        busy = self._count > len(self._idle)
+        return self._waiting > 0 or busy or time.monotonic() - self._last_demand < DEMAND_GRACE
 
     def _expired(self, conn: SmtpConnection, now: float) -> bool:
         return (
@@ -792,7 +849,7 @@ class SmtpTransport:
             self._last_demand = time.monotonic()
 
     async def _acquire_waiting(self, *, fresh: bool) -> SmtpConnection:
-        self._last_demand = time.monotonic()
+        asked = self._last_demand = time.monotonic()
         if self._closed:
             raise ConnectionFailed("transport is closed", account=self.account.name, transport="smtp")
         cond = self._condition()
@@ -832,10 +889,16 @@ class SmtpTransport:
                         to_close.append(self._idle.pop(0))  # make room: close the oldest idle
                         self._count -= 1
                         continue
+                    if self._count < self.max_connections and self._may_stretch(asked):
+                        token = await self._stretch()
+                        if token is not _NO_SLOT:
+                            self._count += 1
+                            break
                     # woken when a connection comes free; and looking again now and then, since
                     # a wake-up taken by a waiter cancelled at that moment is lost (Python < 3.13)
+                    could_stretch = self.limiter is not None and self._count < self.max_connections
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(cond.wait(), POOL_RECHECK)
+                        await asyncio.wait_for(cond.wait(), SHARE_PATIENCE if could_stretch else POOL_RECHECK)
             for conn in to_close:
                 await self._close(conn)
             if reuse is None:
@@ -872,8 +935,10 @@ class SmtpTransport:
             cond.notify()
 
     async def _release(self, conn: SmtpConnection) -> None:
+        # a send just finished: more may follow; the connection is idle from now
+        self._last_demand = conn.last_used = now = time.monotonic()
         over_share = len(self._live) > self._share  # other pools wait for the account's slots
-        if self._closed or over_share or self._expired(conn, time.monotonic()):
+        if self._closed or over_share or self._expired(conn, now):
             # closed in the background: the caller (whose next step is the sent mark) does not
             # wait for the server's answer to QUIT
             task = asyncio.get_running_loop().create_task(self._retire_quietly(conn))
