@@ -157,6 +157,42 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
 """
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# An attempt's end on the record, in one command instead of seven a job (see finish_into).
+# KEYS: job, history, open, dead, stats of the account. ARGV: job id, state, now, history entry,
+# history limit, ttl, "1" when the state is final (off the open list), counter ("" none; "dead"
+# counts failed too), then the record's field/value pairs.
+_FINISH = """
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+if ARGV[7] == '1' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+if ARGV[2] == 'dead' then
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  redis.call('HSET', KEYS[1], 'failed_at', ARGV[3])
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+if ARGV[8] == 'dead' then
+  redis.call('HINCRBY', KEYS[5], 'dead', 1)
+  redis.call('HINCRBY', KEYS[5], 'failed', 1)
+elseif ARGV[8] ~= '' then
+  redis.call('HINCRBY', KEYS[5], ARGV[8], 1)
+end
+return 1
+"""
+# The sent mark and the claim given up, in one command (a message's 250 is followed by this
+# one write). KEYS: delivered hash, claim; ARGV: ttl, claim token, then recipient/result pairs.
+_MARK = """
+if #ARGV > 2 then
+  for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
 # A new job given up by its producer, all at once: record, history, open entry and (when it is
 # the job's own) its idempotency key. KEYS: job, history, open[, idem]; ARGV: job id.
 _DISCARD = """
@@ -182,6 +218,23 @@ return 1
 # pipeline (an extra round trip); a Redis that lost them (a restart) gets them loaded again.
 _BEGIN_SHA = hashlib.sha1(_BEGIN.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()  # noqa: S324
+_MARK_SHA = hashlib.sha1(_MARK.encode()).hexdigest()  # noqa: S324
+
+
+def _queue_mark(
+    pipe: Any, account: str, message_id: str, accepted: Mapping[str, RecipientStatus], token: str, ttl: int
+) -> None:
+    """Queue one message's sent mark and claim release on ``pipe`` (sync or asyncio)."""
+    results = [part for a, r in accepted.items() for part in (a, json.dumps(r.as_dict()))]
+    pipe.evalsha(
+        _MARK_SHA,
+        2,
+        _key("delivered", account, message_id),
+        _key("claim", account, message_id),
+        ttl,
+        token,
+        *results,
+    )
 
 
 @dataclass
@@ -465,6 +518,7 @@ class JobStore:
                         raise
             self.redis.script_load(_BEGIN)
             self.redis.script_load(_RELEASE)
+            self.redis.script_load(_MARK)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def mark_many(self, marks: list[tuple[str, str, Mapping[str, RecipientStatus], str]]) -> None:
@@ -473,11 +527,7 @@ class JobStore:
 
         def commands(pipe: Any) -> None:
             for account, message_id, accepted, token in marks:
-                key = _key("delivered", account, message_id)
-                if accepted:
-                    pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
-                    pipe.expire(key, self.job_ttl)
-                pipe.evalsha(_RELEASE_SHA, 1, _key("claim", account, message_id), token)
+                _queue_mark(pipe, account, message_id, accepted, token, self.job_ttl)
 
         deadline = time.monotonic() + MARK_PATIENCE
         pause = 0.1
@@ -562,25 +612,27 @@ class JobStore:
             fields["security"] = security
         if error is not None:
             fields["last_error"] = error
-        key, history = _key("job", job_id), _key("history", job_id)
-        pipe.hset(key, mapping=fields)
-        pipe.rpush(history, json.dumps(entry))
-        pipe.ltrim(history, -_HISTORY_LIMIT, -1)
-        if state not in OPEN_STATES:
-            pipe.zrem(OPEN, job_id)
-        if state == "dead":
-            pipe.zadd(_key("dead"), {job_id: now})
-            pipe.hset(key, "failed_at", now)
-            pipe.persist(key)  # dead letters stay until purged
-            pipe.persist(history)
-        else:
-            pipe.expire(key, self.job_ttl)
-            pipe.expire(history, self.job_ttl)
-        if counter == "dead":
-            pipe.hincrby(_key("stats", account), "dead", 1)
-            pipe.hincrby(_key("stats", account), "failed", 1)
-        elif counter:
-            pipe.hincrby(_key("stats", account), counter, 1)
+        # dead letters stay until purged (no TTL); the rest expire after job_ttl. EVAL, not
+        # EVALSHA: callers' pipelines mix other commands, and a Redis that lost its scripts must
+        # not fail a finished job's record
+        pipe.eval(
+            _FINISH,
+            5,
+            _key("job", job_id),
+            _key("history", job_id),
+            OPEN,
+            _key("dead"),
+            _key("stats", account),
+            job_id,
+            state,
+            now,
+            json.dumps(entry),
+            _HISTORY_LIMIT,
+            self.job_ttl,
+            "0" if state in OPEN_STATES else "1",
+            counter or "",
+            *(part for item in fields.items() for part in item),
+        )
         if state == "retrying":
             pipe.zadd(self.retrying_key, {job_id: now + (retry_in or 0.0)})
         elif tally is not None:
@@ -846,18 +898,14 @@ class AsyncMarks:
         for attempt in (1, 2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for account, message_id, accepted, release, _ in batch:
-                    key = _key("delivered", account, message_id)
-                    if accepted:
-                        pipe.hset(key, mapping={a: json.dumps(r.as_dict()) for a, r in accepted.items()})
-                        pipe.expire(key, self.job_ttl)
-                    pipe.evalsha(_RELEASE_SHA, 1, _key("claim", account, message_id), release)
+                    _queue_mark(pipe, account, message_id, accepted, release, self.job_ttl)
                 try:
                     await pipe.execute()
                     break
                 except redis.exceptions.NoScriptError:
                     if attempt == 2:
                         raise
-            await self.redis.script_load(_RELEASE)
+            await self.redis.script_load(_MARK)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
