@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -551,11 +552,16 @@ def held_jobs(redis_server: RedisServer, victim: WorkerProcess) -> list[str]:
         client.close()
 
 
-def kill_delays(events: Events, first: dict[str, float], job_of: dict[str, str]) -> dict[str, Any]:
+def kill_delays(
+    events: Events, first: dict[str, float], job_of: dict[str, str], store: redis.Redis | None = None
+) -> dict[str, Any]:
     """Seconds from each kill to the server's first 250 of each job the killed process held
-    (jobs it had already sent are left out; one never delivered counts as not recovered)."""
+    (jobs it had already sent are left out; one never delivered counts as not recovered).
+    ``slowest``: the jobs back after more than 60 s (or the three slowest), with the end of
+    their history, to see where they waited."""
     mid_of = {job_id: mid for mid, job_id in job_of.items()}
     delays: list[float] = []
+    timed: list[tuple[float, str]] = []
     missing = 0
     for at, held in events.held:
         for job_id in held:
@@ -564,7 +570,17 @@ def kill_delays(events: Events, first: dict[str, float], job_of: dict[str, str])
                 missing += 1
             elif accepted > at:
                 delays.append(accepted - at)
+                timed.append((accepted - at, job_id))
     delays.sort()
+    timed.sort(reverse=True)
+    slow = [t for t in timed if t[0] > 60.0] or timed[:3]
+    slowest = []
+    for delay, job_id in slow[:10]:
+        history: list[str] = []
+        if store is not None:
+            with contextlib.suppress(redis.RedisError):
+                history = [_text(h) for h in store.lrange(f"postroom:history:{job_id}", -6, -1)]
+        slowest.append({"job": job_id, "delay_s": round(delay, 1), "history": history})
 
     def pick(q: float) -> float | None:
         return round(delays[min(len(delays) - 1, int(q * len(delays)))], 2) if delays else None
@@ -577,6 +593,7 @@ def kill_delays(events: Events, first: dict[str, float], job_of: dict[str, str])
         "p99_s": pick(0.99),
         "max_s": round(delays[-1], 2) if delays else None,
         "over_60_s": sum(1 for d in delays if d > 60.0),
+        "slowest": slowest,
     }
 
 
@@ -690,7 +707,7 @@ def tally(
             "drops": events.drops,
             "smtp_restarts": events.smtp_restarts,
         },
-        "kill_delay": kill_delays(events, first, job_of),
+        "kill_delay": kill_delays(events, first, job_of, store),
         "wall_seconds": round(wall, 1),
     }
 
@@ -728,6 +745,9 @@ def report(f: dict[str, Any]) -> None:
         f"kill, median {k['median_s']} s, p99 {k['p99_s']} s, max {k['max_s']} s; "
         f"over 60 s: {k['over_60_s']}, never delivered: {k['never_delivered']}"
     )
+    if k["over_60_s"]:
+        for slow in k["slowest"]:
+            print(f"  {slow['job']} back after {slow['delay_s']} s; its history ends: {slow['history']}")
     print(f"wall time     {f['wall_seconds']} s")
 
 
