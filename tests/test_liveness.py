@@ -62,6 +62,29 @@ def test_the_delay_queue_publishes_a_job_when_it_is_due_and_not_before(own_queue
     assert delays.move_due(now + 61) == ["early"]
 
 
+def test_a_due_job_is_published_at_the_read_end_of_the_queue_not_behind_the_backlog(
+    own_queue: QueueEnv,
+) -> None:
+    """A retry that came due goes to the end of the queue kombu reads from: behind a backlog of
+    thousands it would run minutes after its time (95 s late in a 10,000-message chaos run)."""
+    from celery import Celery
+
+    from worker import broker
+    from worker.payload import QUEUE, TASK_NAME
+
+    broker.install()  # kombu's Redis URLs use Postroom's channel, as in every worker
+    app = Celery("at-head-test", broker=own_queue.broker_url, set_as_current=False)
+    try:
+        backlog = [str(app.send_task(TASK_NAME, kwargs={"n": n}, queue=QUEUE).id) for n in range(3)]
+        with broker.at_head():
+            due = str(app.send_task(TASK_NAME, kwargs={"n": "due"}, queue=QUEUE).id)
+        later = str(app.send_task(TASK_NAME, kwargs={"n": 4}, queue=QUEUE).id)  # back to normal
+    finally:
+        app.close()
+    entries = [json.loads(raw)["headers"]["id"] for raw in own_queue.redis.lrange(QUEUE, 0, -1)]
+    assert entries[::-1] == [due, *backlog, later]  # kombu's BRPOP takes from the right
+
+
 def test_a_job_whose_mover_died_is_taken_again_once_stale(own_queue: QueueEnv) -> None:
     now = time.time()
     own_queue.redis.hset("postroom:job:orphan", mapping={"state": "retrying", "payload": "{}"})

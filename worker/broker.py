@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
 
 log = logging.getLogger("postroom.broker")
@@ -184,6 +187,23 @@ def restore_unacked(client: Any, keys: BrokerKeys, tags: list[str]) -> int:
     return restored
 
 
+_AT_HEAD = threading.local()
+
+
+@contextlib.contextmanager
+def at_head() -> Iterator[None]:
+    """Messages published by this thread inside go to the read end of their queue (RPUSH: the
+    next one a worker takes) instead of behind the backlog (kombu's LPUSH). For retries and
+    limit waits that came due: behind a backlog of thousands they ran minutes after their
+    time (seen in a 10,000-message chaos run: 95 s late)."""
+    before = getattr(_AT_HEAD, "on", False)
+    _AT_HEAD.on = True
+    try:
+        yield
+    finally:
+        _AT_HEAD.on = before
+
+
 class GuardedChannel(kombu_redis.Channel):
     """kombu's Redis channel, with every entry read from a queue screened before kombu sees it,
     and one synchronous Redis client per channel instead of a new one for every ack, reject
@@ -200,6 +220,20 @@ class GuardedChannel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._sync_client = create(self)
         return client
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if not getattr(_AT_HEAD, "on", False):
+            super()._put(queue, message, **kwargs)
+            return
+        # kombu 5.x's Channel._put, with RPUSH for LPUSH (queues without x-expires: Postroom's)
+        self_: Any = self
+        key = self_._q_for_pri(queue, self_._get_message_priority(message, reverse=False))
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:
+            batch.add("rpush", key, kombu_json.dumps(message))
+            return
+        with self.conn_or_acquire() as client:
+            client.rpush(key, kombu_json.dumps(message))
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.x's Channel._brpop_read, with the entry screened (see the module docstring)

@@ -192,12 +192,12 @@ def start_upkeep(consumer: Any) -> None:
     from worker.app import app, settings
 
     client = store().redis
-    delays = DelayQueue(
-        client,
-        lambda job_id, kwargs: app.send_task(
-            TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs)
-        ),
-    )
+
+    def publish_due(job_id: str, kwargs: dict[str, Any]) -> None:
+        with broker.at_head():  # its time has come: the next job taken, not behind the backlog
+            app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs))
+
+    delays = DelayQueue(client, publish_due)
     steps: list[tuple[float, Callable[[], object]]] = [(POLL, delays.move_due)]
     tags: Callable[[], list[str] | None] | None = None
     if broker.delivered_tags(consumer) is not None:  # kombu's Redis transport: messages to restore

@@ -157,6 +157,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
 """
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+# A Message-ID claim for an attempt and what was already delivered, in one command. KEYS: claim,
+# the claim and delivered hash of before the per-account keys, delivered hash; ARGV: token, ttl.
+_CLAIM = """
+local claimed = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+return {claimed and 1 or 0, redis.call('EXISTS', KEYS[2]),
+        redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
+"""
 # An attempt's end on the record, in one command instead of seven a job (see finish_into).
 # KEYS: job, history, open, dead, stats of the account. ARGV: job id, state, now, history entry,
 # history limit, ttl, "1" when the state is final (off the open list), counter ("" none; "dead"
@@ -219,6 +226,12 @@ return 1
 _BEGIN_SHA = hashlib.sha1(_BEGIN.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 _RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()  # noqa: S324
 _MARK_SHA = hashlib.sha1(_MARK.encode()).hexdigest()  # noqa: S324
+_CLAIM_SHA = hashlib.sha1(_CLAIM.encode()).hexdigest()  # noqa: S324
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as a script returns it (field, value, field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _queue_mark(
@@ -479,18 +492,28 @@ class JobStore:
     ) -> list[tuple[bool, dict[str, dict[str, Any]]]]:
         """Claim each (account, message_id) for an attempt (its token) and read the recipients
         already delivered, for many in one round trip: (claimed, delivered) per claim."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for account, message_id, token in claims:
-                pipe.set(_key("claim", account, message_id), token, nx=True, ex=max(int(ttl), 1))
-                pipe.exists(_key("claim", message_id))  # an attempt from before the per-account keys
-                pipe.hgetall(_key("delivered", message_id))
-                pipe.hgetall(_key("delivered", account, message_id))
-            raw = pipe.execute()
+        seconds = max(int(ttl), 1)
+        raw = self._scripted(
+            lambda pipe: [
+                pipe.evalsha(
+                    _CLAIM_SHA,
+                    4,
+                    _key("claim", account, message_id),
+                    _key("claim", message_id),  # an attempt from before the per-account keys
+                    _key("delivered", message_id),
+                    _key("delivered", account, message_id),
+                    token,
+                    seconds,
+                )
+                for account, message_id, token in claims
+            ]
+        )
         out = []
         lost: list[tuple[str, str, str]] = []
-        for n, (account, message_id, token) in enumerate(claims):
-            claimed, legacy_claim, legacy, delivered = raw[4 * n : 4 * n + 4]
-            marks = {**cast(dict[str, str], legacy), **cast(dict[str, str], delivered)}
+        for (account, message_id, token), (claimed, legacy_claim, legacy, delivered) in zip(
+            claims, raw, strict=True
+        ):
+            marks = {**_pairs(legacy), **_pairs(delivered)}
             if claimed and legacy_claim:
                 lost.append((account, message_id, token))
                 claimed = False
@@ -519,6 +542,7 @@ class JobStore:
             self.redis.script_load(_BEGIN)
             self.redis.script_load(_RELEASE)
             self.redis.script_load(_MARK)
+            self.redis.script_load(_CLAIM)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def mark_many(self, marks: list[tuple[str, str, Mapping[str, RecipientStatus], str]]) -> None:
