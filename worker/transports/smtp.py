@@ -636,6 +636,7 @@ class SmtpTransport:
         self._waiting = 0  # sends waiting for a connection right now (demand, however long they wait)
         self._stretching = False  # a send asks for a slot beyond this pool's share (see _stretch)
         self._stretched = 0.0  # when one last did (a pool asks at most every SHARE_PATIENCE)
+        self._watching = False  # a waiting send looks every SHARE_PATIENCE for one to take
         self.max_messages_per_connection = max_messages_per_connection
         self.max_connection_age = max_connection_age
         self.idle_check_after = idle_check_after
@@ -896,9 +897,18 @@ class SmtpTransport:
                             break
                     # woken when a connection comes free; and looking again now and then, since
                     # a wake-up taken by a waiter cancelled at that moment is lost (Python < 3.13)
-                    could_stretch = self.limiter is not None and self._count < self.max_connections
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(cond.wait(), SHARE_PATIENCE if could_stretch else POOL_RECHECK)
+                    # one waiter of the pool looks often, for a slot to stretch into; the rest
+                    # (hundreds, in a batch) would wake four times a second for nothing
+                    watch = (
+                        not self._watching and self.limiter is not None and self._count < self.max_connections
+                    )
+                    self._watching = self._watching or watch
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(cond.wait(), SHARE_PATIENCE if watch else POOL_RECHECK)
+                    finally:
+                        if watch:
+                            self._watching = False
             for conn in to_close:
                 await self._close(conn)
             if reuse is None:
