@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -145,15 +145,15 @@ class RawServer:
 
 
 @pytest.fixture
-def raw_server() -> Iterator[type[RawServer]]:
+def raw_server() -> Iterator[Callable[..., RawServer]]:
     started: list[RawServer] = []
 
     def start(**kwargs: object) -> RawServer:
-        server = RawServer(**kwargs)  # type: ignore[arg-type]
+        server = RawServer(**kwargs)  # type: ignore[arg-type]  # the tests pass RawServer's fields
         started.append(server)
         return server
 
-    yield start  # type: ignore[misc]
+    yield start
     for server in started:
         server.stop()
 
@@ -170,7 +170,7 @@ BODY = b"Subject: hi\r\n\r\n.a line that starts with a dot\r\nbye\r\n"
 
 @pytest.mark.parametrize("chunking", ["together", "bytewise", "split"])
 def test_a_pipelined_group_reads_every_reply_in_order(
-    raw_server: type[RawServer], chunking: Chunking
+    raw_server: Callable[..., RawServer], chunking: Chunking
 ) -> None:
     server = raw_server(chunking=chunking)
 
@@ -207,7 +207,7 @@ def test_a_pipelined_group_reads_every_reply_in_order(
     assert server.messages == [b"Subject: hi\r\n\r\n..a line that starts with a dot\r\nbye"] * 2
 
 
-def test_without_pipelining_commands_go_one_at_a_time(raw_server: type[RawServer]) -> None:
+def test_without_pipelining_commands_go_one_at_a_time(raw_server: Callable[..., RawServer]) -> None:
     server = raw_server(offer_pipelining=False)
 
     async def go() -> None:
@@ -237,7 +237,7 @@ def test_without_pipelining_commands_go_one_at_a_time(raw_server: type[RawServer
 
 
 def test_a_354_for_nobody_is_ended_with_a_lone_dot_and_the_connection_stays_usable(
-    raw_server: type[RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     server = raw_server()
 
@@ -255,7 +255,9 @@ def test_a_354_for_nobody_is_ended_with_a_lone_dot_and_the_connection_stays_usab
     assert len(server.messages) == 1  # only the second transaction delivered anything
 
 
-def test_a_server_that_hangs_up_mid_group_raises_and_closes_the_client(raw_server: type[RawServer]) -> None:
+def test_a_server_that_hangs_up_mid_group_raises_and_closes_the_client(
+    raw_server: Callable[..., RawServer],
+) -> None:
     server = raw_server(close_after_mail=True)
 
     async def go() -> None:
@@ -269,7 +271,7 @@ def test_a_server_that_hangs_up_mid_group_raises_and_closes_the_client(raw_serve
 
 
 def test_control_characters_in_an_address_are_refused_before_anything_is_written(
-    raw_server: type[RawServer],
+    raw_server: Callable[..., RawServer],
 ) -> None:
     server = raw_server()
 

@@ -36,6 +36,7 @@ from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, PERIOD_REGEX, normalize
 _BARE = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
 START_INPUT = 354
 COMPLETED = 250
+RCPT_ACCEPTED = (250, 251)  # 251: "not local, will forward"
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class EnvelopeReplies:
 
     @property
     def accepted(self) -> int:
-        return sum(1 for r in self.rcpts if r.code in (250, 251))
+        return sum(1 for r in self.rcpts if r.code in RCPT_ACCEPTED)
 
 
 def pipelines(client: aiosmtplib.SMTP) -> bool:
@@ -94,11 +95,10 @@ async def send_envelope(
         rcpt_replies.append(reply)
         if reply.code in (421, 432) or not client.is_connected:
             break  # the server is going away: no point asking about the rest
-    envelope = EnvelopeReplies(mail_reply, tuple(rcpt_replies), None)
-    if not envelope.accepted:
-        return envelope
+    if not any(r.code in RCPT_ACCEPTED for r in rcpt_replies):
+        return EnvelopeReplies(mail_reply, tuple(rcpt_replies), None)
     (data_reply,) = await _commands(client, [b"DATA"], timeout)
-    return EnvelopeReplies(mail_reply, envelope.rcpts, data_reply)
+    return EnvelopeReplies(mail_reply, tuple(rcpt_replies), data_reply)
 
 
 async def send_content(client: aiosmtplib.SMTP, message: bytes, timeout: float | None = None) -> SMTPResponse:

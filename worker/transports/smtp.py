@@ -476,7 +476,7 @@ class SmtpConnection:
         results: dict[str, RecipientStatus] = {}
         accepted: list[str] = []
         for rcpt, reply in zip(message.recipients, replies.rcpts, strict=False):
-            if reply.code in (250, 251):
+            if reply.code in pipelining.RCPT_ACCEPTED:
                 accepted.append(rcpt)
                 continue
             if reply.code in (421, 432) or not client.is_connected:
@@ -682,10 +682,14 @@ class SmtpTransport:
             )
         return _NO_SLOT
 
+    def _could_stretch(self) -> bool:
+        """Shared slots, and room in this pool for one more connection than it has."""
+        return self.limiter is not None and self._count < self.max_connections
+
     def _may_stretch(self, asked: float) -> bool:
         now = time.monotonic()
         return (
-            self.limiter is not None
+            self._could_stretch()
             and not self._stretching
             and now - asked > SHARE_PATIENCE
             and now - self._stretched > SHARE_PATIENCE
@@ -771,18 +775,16 @@ class SmtpTransport:
             await asyncio.sleep(WANTED_CHECK)
             await self._drop_strays()
             try:
-                active = self._in_demand()
+                # a pool in demand claims its share; one with nothing to do steps out of them
+                user, leaving = (self._user, "") if self._in_demand() else ("", self._user)
                 if time.monotonic() - renewed >= SLOT_RENEW:
                     tokens = [c.slot for c in self._live.values() if c.slot is not None]
-                    user = self._user if active else ""
                     pools, wanted = await self.limiter.renew_slots(
-                        self.account.name, tokens, user, leaving="" if active else self._user
+                        self.account.name, tokens, user, leaving=leaving
                     )
                     renewed = time.monotonic()
                 else:
-                    pools, wanted = await self.limiter.sharing(
-                        self.account.name, self._user if active else "", leaving="" if active else self._user
-                    )
+                    pools, wanted = await self.limiter.sharing(self.account.name, user, leaving=leaving)
             except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
                 log.warning("account %s: could not renew connection slots", self.account.name)
                 continue
@@ -890,7 +892,7 @@ class SmtpTransport:
                         to_close.append(self._idle.pop(0))  # make room: close the oldest idle
                         self._count -= 1
                         continue
-                    if self._count < self.max_connections and self._may_stretch(asked):
+                    if self._may_stretch(asked):
                         token = await self._stretch()
                         if token is not _NO_SLOT:
                             self._count += 1
@@ -899,9 +901,7 @@ class SmtpTransport:
                     # a wake-up taken by a waiter cancelled at that moment is lost (Python < 3.13)
                     # one waiter of the pool looks often, for a slot to stretch into; the rest
                     # (hundreds, in a batch) would wake four times a second for nothing
-                    watch = (
-                        not self._watching and self.limiter is not None and self._count < self.max_connections
-                    )
+                    watch = not self._watching and self._could_stretch()
                     self._watching = self._watching or watch
                     try:
                         with contextlib.suppress(TimeoutError):
