@@ -301,3 +301,43 @@ def test_a_pool_with_waiting_sends_gets_the_slot_another_pools_idle_connection_s
     assert sorted(r.message["Subject"] for r in server.received) == ["1", "2", "3", "4", "5"]
     assert server.peak_open <= 2  # the account's cap held throughout
     assert took < 2.7, f"three 1 s messages took {took:.1f} s: the idle connection's slot never moved"
+
+
+def test_every_waiting_send_of_a_pool_stretches_into_another_pools_idle_slots(
+    limits_env: QueueEnv, smtp_server: ServerFactory
+) -> None:
+    """Two pools share an account's four connections, two each; the second runs out of work
+    while the first has four messages for a server that takes 1.5 s each. Both of its waiting
+    sends must move into the second's idle slots within a fraction of a second: the one that
+    watched for a slot hands the watch on when it leaves (else the other waits POOL_RECHECK
+    before anyone looks again, and the four take ~2.6 s instead of ~1.8)."""
+    from worker.transports import OutgoingMessage, SmtpTransport
+
+    server = smtp_server(mode="plain", data_delay=1.5)
+    limits_env.account("stretch4", server, limits={"max_connections": 4})
+    account = Records.load(limits_env.accounts, limits_env.config).account("stretch4")
+
+    def mail(n: int) -> OutgoingMessage:
+        data = f"Message-ID: <stretch4-{n}@example.com>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
+        return OutgoingMessage(f"<stretch4-{n}@example.com>", "stretch@example.com", ("r@example.net",), data)
+
+    async def scenario() -> float:
+        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        first = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        second = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
+        try:
+            pools = (first, first, second, second)
+            await asyncio.gather(*(pool.send(mail(n)) for n, pool in enumerate(pools)))
+            assert (first.open_connections, second.open_connections) == (2, 2)
+            started = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*(first.send(mail(n)) for n in range(4, 8))), 10)
+            return time.monotonic() - started
+        finally:
+            await first.aclose()
+            await second.aclose()
+            await client.aclose()
+
+    took = asyncio.run(scenario())
+    assert len(server.received) == 8
+    assert server.peak_open <= 4  # the account's cap held throughout
+    assert took < 2.3, f"four 1.5 s messages on 2 + 2 idle connections took {took:.1f} s"

@@ -863,6 +863,7 @@ class SmtpTransport:
             to_close: list[SmtpConnection] = []
             reuse: SmtpConnection | None = None
             async with cond:
+                watched = False  # this send was the pool's watcher in its last wait
                 while True:
                     now = time.monotonic()
                     if not fresh:
@@ -901,14 +902,19 @@ class SmtpTransport:
                     # a wake-up taken by a waiter cancelled at that moment is lost (Python < 3.13)
                     # one waiter of the pool looks often, for a slot to stretch into; the rest
                     # (hundreds, in a batch) would wake four times a second for nothing
-                    watch = not self._watching and self._could_stretch()
-                    self._watching = self._watching or watch
+                    watched = not self._watching and self._could_stretch()
+                    self._watching = self._watching or watched
                     try:
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(cond.wait(), SHARE_PATIENCE if watch else POOL_RECHECK)
+                            await asyncio.wait_for(cond.wait(), SHARE_PATIENCE if watched else POOL_RECHECK)
                     finally:
-                        if watch:
+                        if watched:
                             self._watching = False
+                if watched and self._waiting > 1:
+                    # the watcher leaves with a connection: wake another waiter to watch in its
+                    # place (else the rest wait POOL_RECHECK before one looks for a slot again:
+                    # the last messages of a slow server's round waited a whole round for it)
+                    cond.notify(1)
             for conn in to_close:
                 await self._close(conn)
             if reuse is None:
@@ -947,7 +953,9 @@ class SmtpTransport:
     async def _release(self, conn: SmtpConnection) -> None:
         # a send just finished: more may follow; the connection is idle from now
         self._last_demand = conn.last_used = now = time.monotonic()
-        over_share = len(self._live) > self._share  # other pools wait for the account's slots
+        # other pools wait for the account's slots: close the one over the share (not every
+        # connection released while the first one's QUIT is still under way)
+        over_share = len(self._live) - len(self._retiring) > self._share
         if self._closed or over_share or self._expired(conn, now):
             # closed in the background: the caller (whose next step is the sent mark) does not
             # wait for the server's answer to QUIT
