@@ -1,0 +1,84 @@
+"""Sent marks against a real Redis: what a later attempt reads back, and marks written together.
+
+A sent mark is what stops a second attempt from sending to a recipient the server already
+accepted; the claim released with it lets the next attempt of that Message-ID go ahead. The
+loop side writes the marks of sends that finish while a write is under way in one command
+(group commit), so these tests check both the contents and the grouping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from support.queue import QueueEnv
+from worker.errors import RecipientStatus
+from worker.jobs import AsyncMarks, JobStore
+
+SENT = RecipientStatus("sent", 250, "ok")
+
+
+def test_marks_written_together_each_keep_their_recipients_and_release_only_their_own_claims(
+    own_queue: QueueEnv,
+) -> None:
+    store = JobStore(own_queue.redis)
+    claims = [("acct", "<m1@x>", "t1"), ("acct", "<m2@x>", "t2"), ("acct", "<m3@x>", "t3")]
+    assert [claimed for claimed, _ in store.claim_many(claims, 60)] == [True, True, True]
+    store.mark_many(
+        [
+            ("acct", "<m1@x>", {"a@x": SENT, "b@x": SENT}, "t1"),
+            ("acct", "<m2@x>", {}, "t2"),  # nothing accepted: the claim still goes
+            ("acct", "<m3@x>", {"c@x": SENT}, "someone-else"),  # not this token's claim: it stays
+        ]
+    )
+    again = store.claim_many(
+        [("acct", "<m1@x>", "u1"), ("acct", "<m2@x>", "u2"), ("acct", "<m3@x>", "u3")], 60
+    )
+    (c1, d1), (c2, d2), (c3, d3) = again
+    assert (c1, c2, c3) == (True, True, False)
+    assert sorted(d1) == ["a@x", "b@x"] and d1["a@x"]["code"] == 250
+    assert d2 == {}
+    assert list(d3) == ["c@x"]
+
+
+def test_marks_that_wait_for_a_write_go_in_one_command_and_every_caller_hears_it_done(
+    own_queue: QueueEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = JobStore(own_queue.redis)
+    ids = [f"<g{n}@x>" for n in range(40)]
+    store.claim_many([("acct", m, f"t-{m}") for m in ids], 60)
+    own_queue.redis.script_flush()  # a Redis that lost its scripts (a restart) has them loaded again
+    replies = 0  # one per command Redis ran for the loop-side client (a pipeline reads one each)
+    read_response = redis.asyncio.connection.AbstractConnection.read_response
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal replies
+        replies += 1
+        return await read_response(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "read_response", counted)
+
+    async def mark(marks: AsyncMarks, message_id: str) -> None:
+        await marks.mark_delivered("acct", message_id, {"r@x": SENT}, f"t-{message_id}")
+
+    async def scenario() -> None:
+        nonlocal replies
+        marks = AsyncMarks(own_queue.broker_url, 60)
+        try:
+            await marks.redis.ping()  # connected: the handshake's replies are not the marks'
+            replies = 0
+            first = asyncio.gather(*(mark(marks, m) for m in ids[:20]))
+            await asyncio.sleep(0)  # the first write is under way; these wait for the next
+            rest = asyncio.gather(*(mark(marks, m) for m in ids[20:]))
+            await asyncio.wait_for(asyncio.gather(first, rest), 10)
+        finally:
+            await marks.aclose()
+
+    asyncio.run(scenario())
+    # two writes, plus the script load and the retry after the flush (40 or more without grouping)
+    assert replies <= 4, f"40 marks took {replies} commands"
+    again = store.claim_many([("acct", m, "next") for m in ids], 60)
+    assert all(claimed and list(delivered) == ["r@x"] for claimed, delivered in again)
