@@ -46,6 +46,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -560,17 +561,25 @@ def kill_delays(
     ``slowest``: the jobs back after more than 60 s (or the three slowest), with the end of
     their history, to see where they waited."""
     mid_of = {job_id: mid for mid, job_id in job_of.items()}
+    holds: dict[str, list[float]] = {}  # job -> the kills of processes that held it, in order
+    for at, held in events.held:
+        for job_id in held:
+            holds.setdefault(job_id, []).append(at)
     delays: list[float] = []
     timed: list[tuple[float, str]] = []
     missing = 0
-    for at, held in events.held:
-        for job_id in held:
-            accepted = first.get(mid_of.get(job_id, ""))
-            if accepted is None:
-                missing += 1
-            elif accepted > at:
-                delays.append(accepted - at)
-                timed.append((accepted - at, job_id))
+    for job_id, kills in holds.items():
+        accepted = first.get(mid_of.get(job_id, ""))
+        if accepted is None:
+            missing += len(kills)
+            continue
+        # a job held by a later victim too was running again by that kill: each kill's delay
+        # ends there (at the latest), not at the 250 that came after the last of them
+        for at, then in zip(kills, [*kills[1:], math.inf], strict=True):
+            end = min(accepted, then)
+            if end > at:
+                delays.append(end - at)
+                timed.append((end - at, job_id))
     delays.sort()
     timed.sort(reverse=True)
     slow = [t for t in timed if t[0] > 60.0] or timed[:3]
@@ -580,7 +589,14 @@ def kill_delays(
         if store is not None:
             with contextlib.suppress(redis.RedisError):
                 history = [_text(h) for h in store.lrange(f"postroom:history:{job_id}", -6, -1)]
-        slowest.append({"job": job_id, "delay_s": round(delay, 1), "history": history})
+        slowest.append(
+            {
+                "job": job_id,
+                "delay_s": round(delay, 1),
+                "held_at_kills": len(holds[job_id]),
+                "history": history,
+            }
+        )
 
     def pick(q: float) -> float | None:
         return round(delays[min(len(delays) - 1, int(q * len(delays)))], 2) if delays else None
@@ -747,7 +763,10 @@ def report(f: dict[str, Any]) -> None:
     )
     if k["over_60_s"]:
         for slow in k["slowest"]:
-            print(f"  {slow['job']} back after {slow['delay_s']} s; its history ends: {slow['history']}")
+            print(
+                f"  {slow['job']} back after {slow['delay_s']} s (held at {slow['held_at_kills']} kills);"
+                f" its history ends: {slow['history']}"
+            )
     print(f"wall time     {f['wall_seconds']} s")
 
 
