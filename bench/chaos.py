@@ -9,12 +9,12 @@ its own and on loopback only:
   message after ``--sink-delay`` seconds and records each Message-ID the moment
   it answers 250 — Postfix's smtp-sink is not used here, because the run must
   drop connections at will and know exactly which messages were accepted;
-* ``--workers`` Celery worker processes (``celery -A worker.app worker``, the
+* ``--workers`` Celery worker processes (``celery -A worker.queue.app worker``, the
   threads pool, ``--concurrency`` task threads each), one account that sends
   to the sink with ``--max-connections``;
 * the one beat an operator runs, with the orphan sweep every
   ``--sweep-interval`` seconds (a message lost between kombu's ``BRPOP`` and
-  its unacknowledged registration is published again; worker/sweep.py).
+  its unacknowledged registration is published again; worker/queue/sweep.py).
 
 A producer thread enqueues the N messages through :class:`worker.client.Producer`
 (each with an idempotency key and a fixed Message-ID; an ``EnqueueError`` —
@@ -177,7 +177,7 @@ class RedisServer:
     """redis-server with AOF (everysec) and noeviction, as docker-compose configures it."""
 
     def __init__(self, data_dir: Path) -> None:
-        from worker.embedded import redis_server_binary
+        from worker.run.embedded import redis_server_binary
 
         self.binary = redis_server_binary()
         self.data_dir = data_dir
@@ -220,7 +220,7 @@ class RedisServer:
 
 
 class CeleryProcess:
-    """A ``celery -A worker.app …`` process group (a worker and its children, or the beat)."""
+    """A ``celery -A worker.queue.app …`` process group (a worker and its children, or the beat)."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
@@ -233,7 +233,7 @@ class CeleryProcess:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "celery", "-A", "worker.app", *self.args()],
+                [sys.executable, "-m", "celery", "-A", "worker.queue.app", *self.args()],
                 env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=ROOT,
             )  # fmt: skip
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     from worker.client import EnqueueError, Producer
-    from worker.records import Records
+    from worker.records.loader import Records
 
     producer = Producer(redis_server.url, records=Records.load(work / "accounts", work / "config"))
 
@@ -529,7 +529,7 @@ def fire(
 
 def held_jobs(redis_server: RedisServer, victim: WorkerProcess) -> list[str]:
     """The job ids a worker process says it holds (its heartbeat's consumer and carried sets,
-    worker/liveness.py), read just before it is killed: the jobs whose recovery time is measured."""
+    worker/queue/liveness.py), read just before it is killed: the jobs whose recovery time is measured."""
     if victim.process is None:
         return []
     client = redis.Redis(LOOPBACK, redis_server.port, decode_responses=True, socket_timeout=5)

@@ -1,6 +1,6 @@
 """The baselines Postroom is judged against: a naive Celery sender and a no-op task.
 
-Same broker, same queue semantics and the same worker settings as ``worker.app``
+Same broker, same queue semantics and the same worker settings as ``worker.queue.app``
 (acks_late, reject on worker loss, prefetch 1, JSON, task events on), so the
 difference the bench measures is the task body: Postroom's pooled, recorded
 delivery against "build an EmailMessage, open smtplib, send, quit" per message.

@@ -659,14 +659,14 @@ class Bench:
     def start_worker(
         self, app: str, queue_name: str, sc: Scenario, workdir: Path, env: dict[str, str]
     ) -> subprocess.Popen[bytes]:
-        if app == "worker.app":  # the shipped command: `postroom worker` (one process per core)
+        if app == "worker.queue.app":  # the shipped command: `postroom worker` (one process per core)
             args = [sys.executable, "-m", "worker.cli", "worker", "--processes", str(sc.processes)]
         else:
             args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue_name]
         args += ["-P", sc.pool, "-c", str(sc.concurrency), "-l", "WARNING", "--without-gossip"]
         args += ["--without-mingle", "-n", f"bench-{uuid.uuid4().hex[:8]}@%h"]
         # Celery takes "-P prefork" for its default and lets a configured worker_pool win over it
-        # (worker.app configures one): the setting must say the same, or Postroom rows run threads.
+        # (worker.queue.app configures one): the setting must say the same, or Postroom rows run threads.
         env = {**env, "POSTROOM_WORKER_POOL": sc.pool}
         return self.procs.start(args, log=workdir / "worker.log", env=_clean_env(env), cwd=workdir)
 
@@ -742,7 +742,7 @@ class Bench:
 
     def run_postroom(self, sc: Scenario) -> RunResult:
         from worker.client import Producer  # here, so a broken worker/ fails its rows, not the bench
-        from worker.records import Records
+        from worker.records.loader import Records
 
         batch = sc.kind == "batch"
         if batch and not hasattr(Producer, "send_batch"):
@@ -791,7 +791,7 @@ class Bench:
                 "POSTROOM_CONFIG_DIR": str(config_dir),
                 "POSTROOM_VAR_DIR": str(workdir / "var"),
             }
-            proc = self.start_worker("worker.app", POSTROOM_QUEUE, sc, workdir, env)
+            proc = self.start_worker("worker.queue.app", POSTROOM_QUEUE, sc, workdir, env)
             try:
                 result = self.measure(
                     sc,
@@ -1001,8 +1001,8 @@ def shipped_worker() -> tuple[str, int, int]:
     """The pool, concurrency and process count `postroom worker` runs with no flags
     (config/settings.yaml; worker_processes 0 is one per core)."""
     sys.path.insert(0, str(ROOT))
+    from worker.run.workergroup import process_count
     from worker.settings import load_settings
-    from worker.workergroup import process_count
 
     settings = load_settings()
     return settings.worker_pool, settings.worker_concurrency, process_count(None, settings.worker_processes)
@@ -1335,7 +1335,7 @@ def ensure_redis(procs: Procs, tmp: Path) -> None:
         pass
     finally:
         client.close()
-    from worker.embedded import redis_server_binary
+    from worker.run.embedded import redis_server_binary
 
     print("no Redis on 127.0.0.1:6379: starting the bundled redis-server for this run")
     args = [redis_server_binary(), "--bind", REDIS_HOST, "--port", str(REDIS_PORT)]

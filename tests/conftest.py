@@ -40,7 +40,7 @@ def smtp_server(pki: Pki) -> Iterator[Callable[..., SmtpServer]]:
 @pytest.fixture
 def cloud(pki: Pki) -> Iterator[CloudServer]:
     """A local HTTPS Microsoft identity platform + Graph + Google token endpoint."""
-    from worker import oauth
+    from worker.transports import oauth
 
     server = CloudServer(pki.server_cert, pki.server_key)
     yield server

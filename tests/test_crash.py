@@ -11,7 +11,7 @@ import pytest
 from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
-from worker.records import Records
+from worker.records.loader import Records
 
 BATCH = 1000
 KILL_AFTER = 300
@@ -31,7 +31,7 @@ def test_sigkill_mid_batch_loses_nothing_and_sends_nothing_twice(
     # The server stalls once at MAIL; the worker is killed while it waits there.
     # (A kill between the server's 250 and the sent mark is the documented
     # duplicate window; with one process stalled at MAIL nothing is inside it.)
-    # One connection: the worker carries many jobs at once (worker/drain.py), and with a
+    # One connection: the worker carries many jobs at once (worker/queue/drain.py), and with a
     # single connection their sends still go one after another, so the kill lands at MAIL.
     server = smtp_server(mode="plain", stall_mail_after=KILL_AFTER, stall_seconds=30)
     account = crash_env.account("batch", server, limits={"max_connections": 1})

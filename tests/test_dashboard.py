@@ -23,9 +23,9 @@ from support.pki import Pki
 from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import PASSWORD, Rule, SmtpServer
 from support.web import ApiServer, write_key
-from worker import http as http_api
 from worker.client import Producer
-from worker.dashboard import SESSION_COOKIE, DashboardSettings
+from worker.web import http as http_api
+from worker.web.dashboard import SESSION_COOKIE, DashboardSettings
 
 ServerFactory = Callable[..., SmtpServer]
 CHROMIUM = os.environ.get("POSTROOM_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -480,7 +480,7 @@ def test_failed_logins_are_limited_per_address(queue_env: QueueEnv) -> None:
 
 
 def test_operator_key_records(queue_env: QueueEnv, tmp_path: Path) -> None:
-    from worker import apikeys
+    from worker.web import apikeys
 
     folder = tmp_path / "api-keys"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""Coalescing (worker/drain.py): jobs taken from the queue by a running task, against real Redis.
+"""Coalescing (worker/queue/drain.py): jobs taken from the queue by a running task, against real Redis.
 
 The messages are published by a real Celery producer and, when given up, restored by
 kombu's own code: the drain must keep kombu's format to the letter.
@@ -22,9 +22,9 @@ from kombu import Connection
 from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
-from worker.drain import QueueDrain
-from worker.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, job_headers
-from worker.records import Records
+from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_NAME, job_headers
+from worker.queue.drain import QueueDrain
+from worker.records.loader import Records
 
 KWARGS = {"account": "a", "to": ["x@example.net"], "subject": "s", "text": "t"}
 

@@ -22,8 +22,8 @@ from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.redisproc import RedisProcess
 from support.smtpd import SmtpServer
 from worker.client import EnqueueError, Producer
-from worker.jobs import Job
-from worker.records import Records
+from worker.queue.jobs import Job
+from worker.records.loader import Records
 
 TESTS = Path(__file__).resolve().parent
 FINAL = ("sent", "dead", "suppressed")
@@ -148,7 +148,7 @@ def frozen(server: SmtpServer, quiet: float = 0.5) -> Callable[[], bool]:
 def test_sigkill_while_carried_groups_send_on_several_connections(
     fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
-    # Two worker processes, each carrying groups of jobs (worker/drain.py) over 3 connections
+    # Two worker processes, each carrying groups of jobs (worker/queue/drain.py) over 3 connections
     # of their own; after 150 messages every MAIL stalls, and both are SIGKILLed while all their
     # connections wait there. The carried jobs come back through kombu's unacked sweep, the claims
     # of the dead attempts expire, and the restarted workers deliver the rest.

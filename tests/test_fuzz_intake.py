@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from support.envelopes import celery_headers, envelope, push, send_kwargs
 from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import SmtpServer
-from worker.broker import BrokerKeys
 from worker.client import Producer
-from worker.jobs import JobStore
-from worker.payload import TASK_ID
-from worker.records import Records
+from worker.mail.payload import TASK_ID
+from worker.queue.broker import BrokerKeys
+from worker.queue.jobs import JobStore
+from worker.records.loader import Records
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),

@@ -25,8 +25,6 @@ import pytest
 from support.cloud import CLIENT_ID, TENANT, CloudServer, Reply, app_certificate, service_account
 from support.pki import Pki
 from support.smtpd import SmtpServer
-from worker import oauth
-from worker.connectivity import check_connectivity
 from worker.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -35,9 +33,17 @@ from worker.errors import (
     SecurityPolicyError,
     TransientError,
 )
-from worker.message import Attachment, MessageSpec, build_message
-from worker.records import Records
-from worker.transports import GraphTransport, OutgoingMessage, SendResult, SmtpTransport, build_transport
+from worker.mail.message import Attachment, MessageSpec, build_message
+from worker.ops.connectivity import check_connectivity
+from worker.records.loader import Records
+from worker.transports import (
+    GraphTransport,
+    OutgoingMessage,
+    SendResult,
+    SmtpTransport,
+    build_transport,
+    oauth,
+)
 from worker.transports import graph as graph_module
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))

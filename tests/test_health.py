@@ -25,11 +25,11 @@ from support.pki import Pki
 from support.queue import WRONG_PASSWORD, QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import PASSWORD, SmtpServer
 from worker.client import Producer
-from worker.delivery import LOG_FORMAT, Outcome, log_attempt
-from worker.health import PAUSE_CACHE_SECONDS, AccountHealth
-from worker.jobs import JobStore
-from worker.records import Records
-from worker.runtime import RECORDS_RECHECK_SECONDS
+from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
+from worker.queue.delivery import LOG_FORMAT, Outcome, log_attempt
+from worker.queue.jobs import JobStore
+from worker.queue.runtime import RECORDS_RECHECK_SECONDS
+from worker.records.loader import Records
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 ServerFactory = Callable[..., SmtpServer]
@@ -79,7 +79,7 @@ def health_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
 @pytest.fixture
 def beat(health_env: QueueEnv, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     log = (tmp_path / "beat.log").open("wb")
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", "INFO"]
+    args = [sys.executable, "-m", "celery", "-A", "worker.queue.app", "beat", "-l", "INFO"]
     args += ["-s", str(tmp_path / "schedule")]
     process = subprocess.Popen(
         args,

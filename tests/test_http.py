@@ -20,9 +20,9 @@ import pytest
 from support.queue import QueueEnv, Worker, unique, wait_for
 from support.smtpd import PASSWORD, SmtpServer
 from support.web import ApiServer, postroom_http, write_key
-from worker import apikeys
-from worker import http as http_api
 from worker.client import Producer
+from worker.web import apikeys
+from worker.web import http as http_api
 
 ServerFactory = Callable[..., SmtpServer]
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
@@ -241,7 +241,7 @@ def test_keys_are_compared_in_constant_time(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(hmac, "compare_digest", spy)  # worker/apikeys.py looks it up at each call
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # worker/web/apikeys.py looks it up at each call
     assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 200
     assert httpx.get(f"{base}/v1/accounts", headers=auth(token + "x")).status_code == 401
     assert httpx.get(f"{base}/v1/accounts", headers=auth("unknown.secret")).status_code == 401
@@ -282,7 +282,7 @@ def test_checked_in_openapi_document_is_the_served_one(api: tuple[str, Producer]
     base, _ = api
     served = httpx.get(f"{base}/openapi.json").json()
     assert served == json.loads(http_api.OPENAPI_PATH.read_text()), (
-        "worker/openapi.json is stale: postroom http --openapi > worker/openapi.json"
+        "worker/web/openapi.json is stale: postroom http --openapi > worker/web/openapi.json"
     )
     assert {"/v1/messages", "/v1/batches", "/v1/jobs/{job_id}", "/v1/accounts", "/healthz", "/readyz"} <= set(
         served["paths"]
@@ -325,7 +325,7 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
 def test_fuzzing_from_the_openapi_document_finds_no_5xx(
     queue_env: QueueEnv, api: tuple[str, Producer], mode: str
 ) -> None:
-    """schemathesis generates requests from worker/openapi.json (valid ones, then invalid ones)."""
+    """schemathesis generates requests from worker/web/openapi.json (valid ones, then invalid ones)."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

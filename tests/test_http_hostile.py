@@ -18,11 +18,11 @@ import pytest
 
 from support.queue import QueueEnv, unique, wait_for
 from support.web import ApiServer, postroom_http, write_key
-from worker import http as http_api
-from worker import httpserver
 from worker.client import Producer
-from worker.dashboard import DashboardSettings
-from worker.jsonbody import MAX_DEPTH
+from worker.web import http as http_api
+from worker.web import httpserver
+from worker.web.dashboard import DashboardSettings
+from worker.web.jsonbody import MAX_DEPTH
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 

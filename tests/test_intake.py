@@ -17,10 +17,10 @@ import pytest
 from pydantic import ValidationError
 
 from support.queue import QueueEnv
-from worker.delivery import Delivery, Outcome, _spec, stable_message_id
-from worker.jobs import JobStore
-from worker.message import MessageSpec, build_message, check_message_id, message_id_for
-from worker.payload import DEFAULT_MAX_MESSAGE_BYTES, SendPayload, max_message_bytes
+from worker.mail.message import MessageSpec, build_message, check_message_id, message_id_for
+from worker.mail.payload import DEFAULT_MAX_MESSAGE_BYTES, SendPayload, max_message_bytes
+from worker.queue.delivery import Delivery, Outcome, _spec, stable_message_id
+from worker.queue.jobs import JobStore
 from worker.settings import Settings
 
 BASE: dict[str, Any] = {"account": "orders", "to": ["alice@example.net"], "subject": "Hi", "text": "Body"}
@@ -145,8 +145,8 @@ def test_a_forged_lower_case_header_never_goes_out_twice(store: JobStore) -> Non
 
 
 def test_references_keep_only_message_ids() -> None:
-    from worker.autoreply import threading_headers
-    from worker.payload import OriginalMessage
+    from worker.mail.autoreply import threading_headers
+    from worker.mail.payload import OriginalMessage
 
     original = OriginalMessage.model_validate(
         {**ORIGINAL, "headers": {"References": "<a@x> junk <b c> <ok@y> Bcc:v@x"}}

@@ -1,4 +1,4 @@
-"""Provider limits across worker processes (worker/limits.py), against real Redis and servers."""
+"""Provider limits across worker processes (worker/transports/limits.py), against real Redis and servers."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.errors import LimitWait
-from worker.jobs import Job
-from worker.limits import Limiter
-from worker.records import Records
+from worker.queue.jobs import Job
+from worker.records.loader import Records
+from worker.transports.limits import Limiter
 
 ServerFactory = Callable[..., SmtpServer]
 

@@ -1,4 +1,4 @@
-"""The delay queue and the heartbeat reaper (worker/delays.py, worker/liveness.py).
+"""The delay queue and the heartbeat reaper (worker/queue/delays.py, worker/queue/liveness.py).
 
 Unit tests run the real scripts against the real Redis; the kill tests SIGKILL
 real worker processes running the shipped settings (the hour-long visibility
@@ -20,12 +20,12 @@ from typing import Any
 from support.envelopes import send_kwargs
 from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import Rule, SmtpServer
-from worker import liveness
-from worker.broker import BrokerKeys
 from worker.client import Producer
-from worker.delays import MOVING, RETRYING, STALE_AFTER, DelayQueue
-from worker.jobs import JobStore
-from worker.records import Records
+from worker.queue import liveness
+from worker.queue.broker import BrokerKeys
+from worker.queue.delays import MOVING, RETRYING, STALE_AFTER, DelayQueue
+from worker.queue.jobs import JobStore
+from worker.records.loader import Records
 
 # The shipped time limits and visibility timeout (support.queue shrinks only the retry delays).
 PRODUCTION = {
@@ -69,8 +69,8 @@ def test_a_due_job_is_published_at_the_read_end_of_the_queue_not_behind_the_back
     thousands it would run minutes after its time (95 s late in a 10,000-message chaos run)."""
     from celery import Celery
 
-    from worker import broker
-    from worker.payload import QUEUE, TASK_NAME
+    from worker.mail.payload import QUEUE, TASK_NAME
+    from worker.queue import broker
 
     broker.install()  # kombu's Redis URLs use Postroom's channel, as in every worker
     app = Celery("at-head-test", broker=own_queue.broker_url, set_as_current=False)
@@ -222,7 +222,7 @@ def test_carried_jobs_let_go_while_redis_was_away_are_restored_by_the_reaper(own
 def test_a_task_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue: QueueEnv) -> None:
     """The threads pool cannot stop a thread: a task past the hard time limit stops holding its
     message and the jobs it carries (the reaper gives them back) and its Message-ID claims lapse."""
-    from worker.jobs import CLAIMS
+    from worker.queue.jobs import CLAIMS
 
     own = unacked(own_queue, "t-own", age=60)
     carried = unacked(own_queue, "t-carried", age=60)

@@ -16,7 +16,7 @@ import redis.asyncio
 
 from support.queue import QueueEnv
 from worker.errors import RecipientStatus
-from worker.jobs import AsyncMarks, JobStore
+from worker.queue.jobs import AsyncMarks, JobStore
 
 SENT = RecipientStatus("sent", 250, "ok")
 

@@ -8,8 +8,8 @@ from email.message import EmailMessage
 
 import pytest
 
-import worker.message
-from worker.message import Attachment, MessageSpec, build_message
+import worker.mail.message
+from worker.mail.message import Attachment, MessageSpec, build_message
 
 
 def parse(data: bytes) -> EmailMessage:
@@ -134,7 +134,7 @@ def test_the_direct_renderer_writes_what_the_email_package_writes(
     spec = MessageSpec(**{**spec.__dict__, "message_id": "<fixed@example.com>", "date": 1_700_000_000})
     generated = build_message(spec, fast=False)
     with monkeypatch.context() as patched:  # prove the direct path is the one taken
-        patched.setattr(worker.message, "_render_mime", None)
+        patched.setattr(worker.mail.message, "_render_mime", None)
         direct = build_message(spec)
     assert direct.recipients == generated.recipients
     assert all(len(line) <= 998 for line in direct.data.split(b"\r\n"))

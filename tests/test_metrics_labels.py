@@ -11,12 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.queue import QueueEnv, unique
 from support.smtpd import SmtpServer
-from worker import metrics
 from worker.client import Producer
-from worker.counters import PREFIX
-from worker.health import AccountHealth
-from worker.jobs import JobStore
-from worker.status import Status
+from worker.keys import PREFIX
+from worker.ops.health import AccountHealth
+from worker.queue.jobs import JobStore
+from worker.web import metrics
+from worker.web.status import Status
 
 UNKNOWN = "(unknown)"  # the one label of every name that is not an existing account
 HOSTILE = ["nope", "?", "x" * 100_000, "a\x00b", "a|b|c", "ünïcode", ""]

@@ -22,10 +22,10 @@ import pytest
 from support.envelopes import celery_headers, envelope, push, send_kwargs
 from support.queue import QueueEnv, Worker, cli, finished, wait_for
 from support.smtpd import Rule, SmtpServer
-from worker.broker import BrokerKeys
 from worker.client import Producer
-from worker.jobs import JobStore
-from worker.records import Records
+from worker.queue.broker import BrokerKeys
+from worker.queue.jobs import JobStore
+from worker.records.loader import Records
 
 
 @pytest.fixture
@@ -254,7 +254,7 @@ def test_a_permanent_refusal_is_not_rewritten_by_the_time_limit_of_its_batch(
 
 
 def test_a_job_is_never_held_for_an_account_that_was_resumed(own_queue: QueueEnv) -> None:
-    from worker.health import AccountHealth
+    from worker.ops.health import AccountHealth
 
     store, health = JobStore(own_queue.redis), AccountHealth(own_queue.redis)
     kwargs = valid_kwargs()
@@ -277,7 +277,7 @@ def test_broker_key_names_follow_the_transport_options() -> None:
 
 
 def test_the_sweep_finds_in_flight_jobs_under_a_global_key_prefix(own_queue: QueueEnv) -> None:
-    from worker.sweep import Sweeper
+    from worker.queue.sweep import Sweeper
 
     keys = BrokerKeys.from_options({"global_keyprefix": "pfx:"})
     job_id = str(uuid.uuid4())
@@ -288,7 +288,7 @@ def test_the_sweep_finds_in_flight_jobs_under_a_global_key_prefix(own_queue: Que
 
 
 def test_the_sweep_lock_is_released_only_by_its_holder(own_queue: QueueEnv) -> None:
-    from worker.sweep import LOCK, Sweeper
+    from worker.queue.sweep import LOCK, Sweeper
 
     sweeper = Sweeper(own_queue.redis, "postroom", lambda *_: None, keys=BrokerKeys())
 

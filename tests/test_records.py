@@ -12,8 +12,8 @@ import pytest
 
 from support.pki import Pki
 from worker.errors import ConfigurationError, RecordError
-from worker.records import Records
-from worker.secrets import Secret
+from worker.records.loader import Records
+from worker.records.secrets import Secret
 
 REPO = Path(__file__).resolve().parent.parent
 

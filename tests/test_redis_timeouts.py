@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.jobs import REDIS_TIMEOUTS, AsyncMarks, JobStore
+from worker.queue.jobs import REDIS_TIMEOUTS, AsyncMarks, JobStore
 
 
 @pytest.fixture

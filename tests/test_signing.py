@@ -34,13 +34,13 @@ from support.pki import Pki
 from support.queue import POSTROOM, QueueEnv, Worker, cli, finished, unique
 from support.signing_pki import P12_PASSWORD, SigningPki
 from support.smtpd import SmtpServer
-from worker import signing
 from worker.client import Producer
 from worker.errors import ConfigurationError
-from worker.keystores import Keystore, KeystoreRecord
-from worker.message import Attachment, MessageSpec, build_message
-from worker.records import Records
-from worker.signing import SmimeSigner
+from worker.mail import signing
+from worker.mail.message import Attachment, MessageSpec, build_message
+from worker.mail.signing import SmimeSigner
+from worker.records.keystores import Keystore, KeystoreRecord
+from worker.records.loader import Records
 
 ServerFactory = Callable[..., SmtpServer]
 NON_ASCII = "Grüße aus Köln — 東京 ✓\nZeile zwei\n"

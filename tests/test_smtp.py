@@ -17,7 +17,6 @@ import pytest
 from support.intolerant import IntolerantRelay
 from support.pki import Pki
 from support.smtpd import Rule, SmtpServer
-from worker.accounts import EmailAccount
 from worker.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -28,8 +27,9 @@ from worker.errors import (
     ServerBusy,
     TransientError,
 )
-from worker.message import MessageSpec, build_message
-from worker.records import Records
+from worker.mail.message import MessageSpec, build_message
+from worker.records.accounts import EmailAccount
+from worker.records.loader import Records
 from worker.transports import OutgoingMessage, SmtpTransport, build_transport
 
 PASSWORD = "s3cret-pass"

@@ -1,4 +1,4 @@
-"""The orphan sweep (worker/sweep.py) against real Redis and a real worker.
+"""The orphan sweep (worker/queue/sweep.py) against real Redis and a real worker.
 
 A message taken off the queue by a worker that died before kombu filed it as
 unacknowledged exists nowhere: the tests make that state by popping the
@@ -19,14 +19,14 @@ import pytest
 
 from support.queue import QueueEnv, Worker, cli, finished, wait_for
 from support.smtpd import SmtpServer
-from worker.app import app
 from worker.client import Producer
-from worker.drain import QueueDrain
-from worker.health import AccountHealth
-from worker.jobs import OPEN, JobStore
-from worker.payload import QUEUE, SWEEP_TASK_NAME, TASK_NAME
-from worker.records import Records
-from worker.sweep import LOCK, Sweeper
+from worker.mail.payload import QUEUE, SWEEP_TASK_NAME, TASK_NAME
+from worker.ops.health import AccountHealth
+from worker.queue.app import app
+from worker.queue.drain import QueueDrain
+from worker.queue.jobs import OPEN, JobStore
+from worker.queue.sweep import LOCK, Sweeper
+from worker.records.loader import Records
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from support.queue import FAST_SETTINGS
 from support.smtpd import SmtpServer
-from worker.devsmtp import DEFAULT_PORT
+from worker.run.devsmtp import DEFAULT_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 POSTROOM = str(Path(sys.executable).with_name("postroom"))

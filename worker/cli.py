@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from worker.connectivity import check_connectivity
 from worker.errors import RecordProblem
-from worker.records import Records
+from worker.ops.connectivity import check_connectivity
+from worker.records.loader import Records
 
 
 def _emit_json(data: Any) -> None:
@@ -370,7 +370,7 @@ def job_command(job_id: str, as_json: bool) -> None:
 
 
 def _health(producer: Any) -> Any:
-    from worker.health import AccountHealth
+    from worker.ops.health import AccountHealth
     from worker.settings import load_settings
 
     return AccountHealth(
@@ -379,13 +379,13 @@ def _health(producer: Any) -> Any:
 
 
 def _snapshot(producer: Any) -> Any:
-    from worker.status import Status
+    from worker.web.status import Status
 
     return Status(producer.store, _health(producer), producer.records(fresh=True))
 
 
 def _print_status(data: dict[str, Any]) -> None:
-    from worker.status import health_line
+    from worker.web.status import health_line
 
     now = data["generated_at"]
     queues = "  ".join(f"{name}={depth}" for name, depth in data["queues"].items())
@@ -441,8 +441,8 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
 def sweep_command(as_json: bool) -> None:
     """Publish again every job whose message went missing from the broker (the beat does this
     every sweep_interval): a job missing at two looks a few seconds apart is re-sent."""
-    from worker.payload import QUEUE
-    from worker.sweep import Sweeper
+    from worker.mail.payload import QUEUE
+    from worker.queue.sweep import Sweeper
 
     producer = _producer()
     try:
@@ -473,7 +473,7 @@ def sweep_command(as_json: bool) -> None:
 def health_command(as_json: bool) -> None:
     """The last health check of every account; exit 1 when any is unhealthy (paused, failing or
     never checked), for container health checks and cron."""
-    from worker.status import ago, unhealthy
+    from worker.web.status import ago, unhealthy
 
     producer = _producer()
     try:
@@ -514,8 +514,8 @@ def health_command(as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 def metrics_command(port: int | None, host: str) -> None:
     """Serve Prometheus metrics (read from Redis at each scrape) until interrupted."""
-    from worker.metrics import serve
     from worker.settings import load_settings
+    from worker.web.metrics import serve
 
     port = port if port is not None else load_settings().metrics_port
     producer = _producer()
@@ -544,7 +544,7 @@ def metrics_command(port: int | None, host: str) -> None:
 @click.option("--openapi", "print_openapi", is_flag=True, help="Print the OpenAPI document and exit.")
 def http_command(port: int | None, host: str, print_openapi: bool) -> None:
     """Serve the HTTP submission API (POST /v1/messages, /v1/batches; GET /v1/jobs/ID)."""
-    from worker import http
+    from worker.web import http
 
     if print_openapi:
         _emit_json(http.openapi_document())
@@ -565,8 +565,8 @@ def api_keys() -> None:
 def api_keys_new(name: str, accounts: tuple[str, ...], operator: bool, rate: str) -> None:
     """Write a key record (hash only) and print the key, once. A producer key needs --account;
     an --operator key opens the operator dashboard (and sends from the --account given, if any)."""
-    from worker import apikeys
     from worker.settings import config_dir
+    from worker.web import apikeys
 
     if not accounts and not operator:
         raise click.UsageError("give --account (a producer key) or --operator (an operator key)")
@@ -713,7 +713,7 @@ def dead_purge(job_ids: tuple[str, ...], as_json: bool) -> None:
 def worker_command(ctx: click.Context, processes: int | None) -> None:
     """Run the workers on the postroom queue: one Celery worker process per CPU core, each with
     its task threads (extra arguments go to every celery worker)."""
-    from worker.workergroup import run_group
+    from worker.run.workergroup import run_group
 
     sys.exit(run_group(list(ctx.args), processes=processes))
 
@@ -726,7 +726,7 @@ def beat_command(ctx: click.Context) -> None:
 
     var_dir().mkdir(parents=True, exist_ok=True)
     schedule = str(var_dir() / "celerybeat-schedule")
-    from worker.workergroup import celery_command
+    from worker.run.workergroup import celery_command
 
     os.execvp(sys.executable, celery_command("beat", "-l", "INFO", "-s", schedule, *ctx.args))  # noqa: S606
 
@@ -738,7 +738,7 @@ def beat_command(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with --list).")
 def dev_smtp(host: str, port: int, list_only: bool, as_json: bool) -> None:
     """Run the development mail catcher (messages go to var/mail/)."""
-    from worker.devsmtp import caught, start_catcher
+    from worker.run.devsmtp import caught, start_catcher
     from worker.settings import var_dir
 
     directory = var_dir() / "mail"
@@ -769,7 +769,7 @@ def dev_smtp(host: str, port: int, list_only: bool, as_json: bool) -> None:
 def up_command(processes: int | None, concurrency: int | None, no_dev_smtp: bool) -> None:
     """Everything on one machine: broker (embedded unless POSTROOM_BROKER_URL), worker, beat,
     and the dev mail catcher. Ctrl-C stops it cleanly; nothing enqueued is lost."""
-    from worker.supervisor import run_up
+    from worker.run.supervisor import run_up
 
     sys.exit(run_up(processes=processes, concurrency=concurrency, dev_smtp=not no_dev_smtp))
 

@@ -19,11 +19,11 @@ from kombu.exceptions import EncodeError
 from pydantic import ValidationError
 
 from worker.errors import ConfigurationError, PostroomError
-from worker.jobs import Job, JobStore, new_job_id
-from worker.message import make_message_id
-from worker.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
-from worker.records import Records
-from worker.runtime import RECORDS_RECHECK_SECONDS
+from worker.mail.message import make_message_id
+from worker.mail.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
+from worker.queue.jobs import Job, JobStore, new_job_id
+from worker.queue.runtime import RECORDS_RECHECK_SECONDS
+from worker.records.loader import Records
 from worker.settings import PUBLISH_RETRY_POLICY, broker_url, redis_url
 
 

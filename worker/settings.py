@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from worker.errors import ConfigurationError, RecordError
-from worker.yamlsrc import load_yaml
+from worker.records.yamlsrc import load_yaml
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 WORKER_POOLS = ("threads", "prefork")
@@ -109,7 +109,7 @@ class Settings:
     # ~30% of single-message throughput); with 0, Flower still works: it switches them on itself.
     task_events: int = 1
     # With a backlog queued, one postroom.send task carries up to this many ready single-message
-    # jobs taken straight from the queue (worker/drain.py): Celery's per-task cost is paid once
+    # jobs taken straight from the queue (worker/queue/drain.py): Celery's per-task cost is paid once
     # for all of them. 1 turns it off.
     coalesce: int = 32
     # Health checks (celery beat): every account's connectivity every health_interval seconds,
@@ -119,7 +119,7 @@ class Settings:
     health_timeout: float = 30.0
     pause_after: int = 3
     metrics_port: int = 9464  # `postroom metrics` and `postroom up` (POSTROOM_METRICS_PORT)
-    # The orphan sweep (worker/sweep.py, run by the beat): a job whose message went missing from
+    # The orphan sweep (worker/queue/sweep.py, run by the beat): a job whose message went missing from
     # the broker (a worker or Redis killed mid-hand-over) is published again after two sweeps.
     sweep_interval: float = 60.0
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json

@@ -6,7 +6,7 @@ that process die on the marker too).
 A payload whose subject contains :data:`MARKER` kills the worker process
 (SIGKILL, as a segfault or the OOM killer would) the moment the worker
 validates it — before Postroom has counted an attempt for it, and whether it
-is the task's own message or one carried along with it (worker/drain.py).
+is the task's own message or one carried along with it (worker/queue/drain.py).
 Each kill is first appended to the file named by ``POSTROOM_TEST_POISON_LOG``.
 """
 
@@ -16,7 +16,7 @@ import os
 import signal
 from typing import Any
 
-from worker.payload import SendPayload
+from worker.mail.payload import SendPayload
 
 MARKER = os.environ.get("POSTROOM_TEST_POISON_MARKER", "POISON-PILL")
 _original = SendPayload.model_validate.__func__  # type: ignore[attr-defined]

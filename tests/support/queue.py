@@ -4,7 +4,7 @@ Every test session gets its own Redis database number on 127.0.0.1:6379 (an
 empty one, flushed again at the end) and its own ``accounts/`` and ``config/``
 folders; workers see them through the same environment variables an operator
 would set. Retry delays and time limits are shrunk so that retries happen in
-seconds; the visibility timeout is not (worker/liveness.py brings a dead
+seconds; the visibility timeout is not (worker/queue/liveness.py brings a dead
 worker's messages back).
 """
 
@@ -50,7 +50,7 @@ def ensure_redis() -> subprocess.Popen[bytes] | None:
         pass
     finally:
         client.close()
-    from worker.embedded import redis_server_binary
+    from worker.run.embedded import redis_server_binary
 
     args = [
         redis_server_binary(),
@@ -143,7 +143,7 @@ class QueueEnv:
 
 
 class Worker:
-    """``celery -A worker.app worker`` as a process group we can stop or SIGKILL."""
+    """``celery -A worker.queue.app worker`` as a process group we can stop or SIGKILL."""
 
     def __init__(
         self,
@@ -163,7 +163,7 @@ class Worker:
 
     def start(self, timeout: float = 30.0) -> Worker:
         args = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+            sys.executable, "-m", "celery", "-A", "worker.queue.app", "worker",
             "-Q", "postroom", "-c", str(self.concurrency), "-l", "INFO",
             "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
             "--without-gossip", "--without-mingle", *self.extra_args,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from worker.embedded import redis_server_binary
+from worker.run.embedded import redis_server_binary
 
 HOST = "127.0.0.1"
 

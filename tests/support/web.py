@@ -15,8 +15,8 @@ import httpx
 import uvicorn
 
 from support.queue import POSTROOM, QueueEnv, wait_for
-from worker import apikeys
-from worker.httpserver import ServerConfig, ServerLimits
+from worker.web import apikeys
+from worker.web.httpserver import ServerConfig, ServerLimits
 
 
 class ApiServer:

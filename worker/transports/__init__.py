@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from worker.accounts import EmailAccount
 from worker.errors import ConfigurationError
-from worker.limits import Limiter
-from worker.records import Records
+from worker.records.accounts import EmailAccount
+from worker.records.loader import Records
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult, Transport
 from worker.transports.graph import GraphTransport
+from worker.transports.limits import Limiter
 from worker.transports.smtp import SmtpTransport
 
 __all__ = [
@@ -24,8 +24,8 @@ __all__ = [
 def build_transport(account: EmailAccount, records: Records, *, limiter: Limiter | None = None) -> Transport:
     """The transport an account's ``send_using`` names, with its truststore and token source.
 
-    ``limiter``: the account-wide connection cap shared with every worker (worker/limits.py)."""
-    from worker import oauth  # token sources are only needed by OAuth accounts
+    ``limiter``: the account-wide connection cap shared with every worker (worker/transports/limits.py)."""
+    from worker.transports import oauth  # token sources are only needed by OAuth accounts
 
     if account.send_using == "graph":
         assert account.graph is not None

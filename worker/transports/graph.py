@@ -40,7 +40,6 @@ from urllib.parse import quote
 
 import httpx
 
-from worker.accounts import EmailAccount
 from worker.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -49,10 +48,11 @@ from worker.errors import (
     Rejected,
     TransientError,
 )
-from worker.limits import Limiter
-from worker.oauth import AccessToken, TokenSource, http_error
-from worker.tls import client_context
+from worker.records.accounts import EmailAccount
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
+from worker.transports.limits import Limiter
+from worker.transports.oauth import AccessToken, TokenSource, http_error
+from worker.transports.tls import client_context
 
 log = logging.getLogger("postroom.graph")
 

@@ -40,7 +40,6 @@ from aiosmtplib import (
 )
 from aiosmtplib.auth import auth_xoauth2_encode
 
-from worker.accounts import EmailAccount, SmtpEndpoint
 from worker.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -53,9 +52,19 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
-from worker.limits import DEMAND_GRACE, SHARE_PATIENCE, SLOT_POLL, SLOT_RENEW, WANTED_CHECK, Limiter
-from worker.oauth import TokenSource
-from worker.tls import (
+from worker.records.accounts import EmailAccount, SmtpEndpoint
+from worker.transports import pipelining
+from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
+from worker.transports.limits import (
+    DEMAND_GRACE,
+    SHARE_PATIENCE,
+    SLOT_POLL,
+    SLOT_RENEW,
+    WANTED_CHECK,
+    Limiter,
+)
+from worker.transports.oauth import TokenSource
+from worker.transports.tls import (
     below_minimum,
     client_context,
     describe_handshake_error,
@@ -63,8 +72,6 @@ from worker.tls import (
     version_at_least,
     version_below,
 )
-from worker.transports import pipelining
-from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 
 log = logging.getLogger("postroom.smtp")
 
@@ -168,7 +175,7 @@ class SmtpConnection:
     offered_mechanisms: tuple[str, ...] = ()
     extensions: tuple[str, ...] = ()
     protocol: Any = None  # aiosmtplib's protocol: outlives client.close() so closing can be awaited
-    slot: str | None = None  # the account-wide connection slot it holds (worker/limits.py)
+    slot: str | None = None  # the account-wide connection slot it holds (worker/transports/limits.py)
 
     @property
     def security(self) -> str:

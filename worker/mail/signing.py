@@ -1,0 +1,518 @@
+"""Message signing: S/MIME (detached ``multipart/signed``) and DKIM.
+
+Runs in the worker after the MIME is built and before it is handed to a
+transport, so SMTP and Graph (MIME mode) carry the same signed bytes.
+
+S/MIME (RFC 8551): the message's content headers (``Content-*``) and body
+become the signed entity, canonicalised to CRLF and made 7-bit safe first
+(quoted-printable for text, base64 otherwise; trailing whitespace and
+``From `` at a line start are encoded too, since relays mangle them). The
+exact bytes signed are the bytes placed in the message: ``cryptography``'s
+PKCS#7 builder is given ``Binary`` so it does not re-canonicalise them, and
+``DetachedSignature`` so mail clients without S/MIME still show the message.
+Every other header (From, To, Subject, Message-ID, custom ones) stays on the
+outer ``multipart/signed`` message. SHA-256, signer certificate and the chain
+the keystore holds are included.
+
+DKIM (RFC 6376) is applied last, over the final (S/MIME-signed) message, with
+``dkimpy``; relaxed/relaxed canonicalisation by default.
+
+Keys are loaded once per process and cached: a cached signer is reused until
+its keystore record, a file it reads, or the account's settings change. A
+signer never prints its key; errors name records and fields, never secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import quopri
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.generator import BytesGenerator
+from email.parser import BytesParser
+from email.policy import compat32
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import dkim
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key, pkcs7
+from cryptography.x509.oid import NameOID
+
+from worker.errors import ConfigurationError
+from worker.records.keystores import KeyEntry, Keystore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from worker.records.accounts import DkimSettings, EmailAccount
+    from worker.records.loader import Records
+
+EXPIRY_WARNING_DAYS = 30
+Severity = Literal["error", "warning"]
+_WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
+_FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
+
+
+# ---- checks shared by `accounts check` and the worker ---------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong (or about to be) with signing material."""
+
+    severity: Severity
+    reason: str
+
+
+def certificate_emails(cert: x509.Certificate) -> list[str]:
+    """The email addresses a certificate names (SAN rfc822Name, then subject emailAddress)."""
+    emails: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        emails += [str(e) for e in san.get_values_for_type(x509.RFC822Name)]
+    except x509.ExtensionNotFound:
+        pass
+    emails += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    return emails
+
+
+def days_left(cert: x509.Certificate, now: datetime | None = None) -> int:
+    """Whole days until ``cert`` expires (negative once it has)."""
+    delta = cert.not_valid_after_utc - (now or datetime.now(UTC))
+    return delta.days
+
+
+def smime_findings(entry: KeyEntry, from_address: str, now: datetime | None = None) -> list[Finding]:
+    """What stops (error) or will soon stop (warning) ``entry`` from signing mail from ``from_address``."""
+    cert = entry.certificate
+    if cert is None:
+        return [Finding("error", "the keystore has no certificate for this key")]
+    found: list[Finding] = []
+    subject = cert.subject.rfc4514_string()
+    if not isinstance(entry.key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        found.append(Finding("error", f"S/MIME signing needs an RSA or EC key (certificate {subject})"))
+    if not entry.key_matches_certificate():
+        found.append(
+            Finding(
+                "error",
+                f"the private key does not match the certificate {subject} (key/certificate mismatch)",
+            )
+        )
+    now = now or datetime.now(UTC)
+    expires = cert.not_valid_after_utc
+    if expires <= now:
+        found.append(Finding("error", f"certificate {subject} expired on {expires:%Y-%m-%d}"))
+    elif cert.not_valid_before_utc > now:
+        found.append(
+            Finding(
+                "error", f"certificate {subject} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+            )
+        )
+    elif (expires - now).days < EXPIRY_WARNING_DAYS:
+        found.append(
+            Finding(
+                "warning",
+                f"certificate {subject} expires on {expires:%Y-%m-%d} "
+                f"(in {days_left(cert, now)} days; renew it before then)",
+            )
+        )
+    for issuer in entry.chain:
+        if issuer.not_valid_after_utc <= now:
+            found.append(
+                Finding(
+                    "error",
+                    f"chain certificate {issuer.subject.rfc4514_string()} expired on "
+                    f"{issuer.not_valid_after_utc:%Y-%m-%d}",
+                )
+            )
+    emails = certificate_emails(cert)
+    if from_address.lower() not in (e.lower() for e in emails):
+        named = ", ".join(emails) if emails else "no email address"
+        found.append(
+            Finding(
+                "error",
+                f"certificate {subject} is for {named}, not the account's address {from_address}",
+            )
+        )
+    return found
+
+
+def dkim_key_findings(key: Any) -> list[Finding]:
+    if not isinstance(key, rsa.RSAPrivateKey):
+        return [Finding("error", "DKIM signing needs an RSA private key (rsa-sha256)")]
+    if key.key_size < 1024:
+        return [Finding("error", f"the RSA key has {key.key_size} bits; verifiers refuse fewer than 1024")]
+    if key.key_size < 2048:
+        return [Finding("warning", f"the RSA key has {key.key_size} bits; use 2048 or more")]
+    return []
+
+
+def dkim_settings_findings(settings: DkimSettings, from_address: str) -> list[tuple[str, Finding]]:
+    """(field, finding) for the DKIM settings themselves (not the key)."""
+    found: list[tuple[str, Finding]] = []
+    domain = settings.domain.lower().rstrip(".")
+    from_domain = from_address.rsplit("@", 1)[-1].lower()
+    if from_domain != domain and not from_domain.endswith("." + domain):
+        found.append(
+            (
+                "domain",
+                Finding(
+                    "warning",
+                    f"{domain} does not align with the From domain {from_domain} "
+                    "(DMARC will not count this signature)",
+                ),
+            )
+        )
+    return found
+
+
+def _first_error(findings: list[Finding]) -> str | None:
+    return next((f.reason for f in findings if f.severity == "error"), None)
+
+
+# ---- S/MIME ----------------------------------------------------------------------------
+
+
+class SmimeSigner:
+    """Signs rendered messages with one key entry; holds the key, never shows it."""
+
+    def __init__(self, keystore: str, entry: KeyEntry) -> None:
+        if entry.certificate is None:  # refused by smime_findings first
+            raise ConfigurationError(f"keystore {keystore}: no certificate for the signing key")
+        self.keystore = keystore
+        self.alias = entry.alias
+        self.certificate: x509.Certificate = entry.certificate
+        self.chain = entry.chain
+        if not isinstance(entry.key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ConfigurationError(f"keystore {keystore}: S/MIME signing needs an RSA or EC key")
+        self._key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = entry.key
+
+    def __repr__(self) -> str:
+        return f"SmimeSigner(keystore={self.keystore!r}, alias={self.alias!r}, subject={self.subject!r})"
+
+    @property
+    def subject(self) -> str:
+        return self.certificate.subject.rfc4514_string()
+
+    def describe(self, now: datetime | None = None) -> dict[str, Any]:
+        """What connectivity and health reports show: subject, issuer, expiry, days left."""
+        cert = self.certificate
+        info: dict[str, Any] = {
+            "keystore": self.keystore,
+            "alias": self.alias,
+            "subject": self.subject,
+            "issuer": cert.issuer.rfc4514_string(),
+            "email": certificate_emails(cert),
+            "expires": cert.not_valid_after_utc.isoformat(),
+            "days_left": days_left(cert, now),
+        }
+        if info["days_left"] < EXPIRY_WARNING_DAYS:
+            info["warning"] = f"the signing certificate expires in {info['days_left']} days"
+        return info
+
+    def sign(self, data: bytes) -> bytes:
+        """The message ``data`` as a detached ``multipart/signed`` message."""
+        expires = self.certificate.not_valid_after_utc
+        if expires <= datetime.now(UTC):  # it may have expired since the signer was cached
+            raise ConfigurationError(
+                f"keystore {self.keystore}: certificate {self.subject} expired on {expires:%Y-%m-%d}"
+            )
+        outer, entity = split_entity(data)
+        builder = pkcs7.PKCS7SignatureBuilder().set_data(entity)
+        builder = builder.add_signer(self.certificate, self._key, hashes.SHA256())
+        for cert in self.chain:
+            builder = builder.add_certificate(cert)
+        signature = builder.sign(
+            Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]
+        )
+        boundary = f"----=_smime_{uuid.uuid4().hex}".encode("ascii")
+        if boundary in entity:  # pragma: no cover - 128 random bits
+            raise ValueError("boundary collision")
+        encoded = base64.encodebytes(signature).replace(b"\n", b"\r\n")
+        return b"".join(
+            [
+                *(f + b"\r\n" for f in outer),
+                b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
+                b' micalg=sha-256; boundary="' + boundary + b'"\r\n',
+                b"\r\n",
+                b"This is an S/MIME signed message\r\n",
+                b"\r\n",
+                b"--" + boundary + b"\r\n",
+                entity,
+                b"\r\n--" + boundary + b"\r\n",
+                b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n',
+                b"Content-Transfer-Encoding: base64\r\n",
+                b'Content-Disposition: attachment; filename="smime.p7s"\r\n',
+                b"Content-Description: S/MIME Cryptographic Signature\r\n",
+                b"\r\n",
+                encoded,
+                b"--" + boundary + b"--\r\n",
+            ]
+        )
+
+
+def canonical(data: bytes) -> bytes:
+    """CRLF line endings everywhere (bare CR or LF become CRLF)."""
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+def split_entity(data: bytes) -> tuple[list[bytes], bytes]:
+    """(outer header fields, the canonical 7-bit entity to sign) of a rendered message.
+
+    Outer fields keep their folding and order, without their final CRLF; the
+    entity is the ``Content-*`` fields, a blank line and the body.
+    """
+    data = canonical(data)
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head, body = data.removesuffix(b"\r\n"), b""
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        elif line:
+            fields.append(line)
+    outer: list[bytes] = []
+    content: list[bytes] = []
+    for f in fields:
+        name = f.split(b":", 1)[0].strip().lower()
+        (content if name.startswith(b"content-") else outer).append(f)
+    if not any(f.split(b":", 1)[0].strip().lower() == b"content-type" for f in content):
+        content.insert(0, b'Content-Type: text/plain; charset="us-ascii"')
+    if not any(f.split(b":", 1)[0].strip().lower() == b"mime-version" for f in outer):
+        outer.append(b"MIME-Version: 1.0")
+    entity = b"\r\n".join(content) + b"\r\n\r\n" + body
+    if _transport_unsafe(entity):
+        entity = _make_7bit(entity)
+    return outer, entity
+
+
+def _transport_unsafe(entity: bytes) -> bool:
+    """Whether a relay could change these bytes: 8-bit data, overlong lines, trailing
+    whitespace (stripped by some MTAs) or ``From `` at a line start (mbox quoting)."""
+    if not entity.isascii() or b"\x00" in entity or _FROM_LINE.search(entity):
+        return True
+    return any(len(line) > 998 or line.endswith((b" ", b"\t")) for line in entity.split(b"\r\n"))
+
+
+def _make_7bit(entity: bytes) -> bytes:
+    """Re-encode the leaves a relay could alter: text as quoted-printable, the rest base64."""
+    msg = BytesParser(policy=compat32).parsebytes(entity)
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if cte == "base64":
+            continue
+        if cte == "quoted-printable":
+            payload = part.get_payload()
+            if isinstance(payload, str):
+                part.set_payload(re.sub(r"(?m)^From ", "=46rom ", payload))
+            continue
+        raw = part.get_payload(decode=True)
+        raw = raw if isinstance(raw, bytes) else b""
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            encoded = quopri.encodestring(raw.replace(b"\r\n", b"\n"), quotetabs=False)
+            encoded = _FROM_LINE.sub(b"=46rom ", encoded)
+            part.set_payload(encoded.decode("ascii"))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            part.set_payload(base64.encodebytes(raw).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "base64"
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=_WIRE).flatten(msg)
+    return canonical(out.getvalue())
+
+
+# ---- DKIM ------------------------------------------------------------------------------
+
+
+class DkimSigner:
+    """Adds a DKIM-Signature header; holds the key, never shows it."""
+
+    def __init__(self, settings: DkimSettings, key: rsa.RSAPrivateKey, key_pem: str) -> None:
+        self.domain = settings.domain.lower().rstrip(".")
+        self.selector = settings.selector
+        self.headers = tuple(h.lower() for h in settings.headers) if settings.headers else None
+        header_canon, _, body_canon = settings.canonicalization.partition("/")
+        self.canonicalization = (header_canon.encode(), body_canon.encode())
+        self.key_bits = key.key_size
+        self._key_pem = key_pem.encode("ascii")
+
+    def __repr__(self) -> str:
+        return f"DkimSigner(domain={self.domain!r}, selector={self.selector!r})"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "selector": self.selector,
+            "algorithm": "rsa-sha256",
+            "key_bits": self.key_bits,
+            "canonicalization": b"/".join(self.canonicalization).decode(),
+        }
+
+    def sign(self, data: bytes) -> bytes:
+        data = canonical(data)
+        try:
+            header = dkim.sign(
+                data,
+                self.selector.encode("ascii"),
+                self.domain.encode("ascii"),
+                self._key_pem,
+                canonicalize=self.canonicalization,
+                include_headers=[h.encode("ascii") for h in self.headers] if self.headers else None,
+                linesep=b"\r\n",
+            )
+        except dkim.DKIMException as exc:  # its messages may quote key parsing details: name the class only
+            raise ConfigurationError(f"DKIM signing failed ({type(exc).__name__})") from None
+        return bytes(header) + data
+
+
+# ---- loading, with a per-process cache --------------------------------------------------
+
+
+def _stamp(paths: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+            out.append((str(path), st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((str(path), -1, -1))
+    return tuple(out)
+
+
+def load_smime(keystore: Keystore, alias: str | None, from_address: str) -> SmimeSigner:
+    """A signer for ``alias`` of ``keystore``, or a ConfigurationError saying what is wrong."""
+    entry = keystore.key_entry(alias)
+    problem = _first_error(smime_findings(entry, from_address))
+    if problem:
+        shown = f" alias {entry.alias!r}" if entry.alias else ""
+        raise ConfigurationError(f"keystore {keystore.name}{shown}: {problem}")
+    return SmimeSigner(keystore.name, entry)
+
+
+def dkim_key(settings: DkimSettings, records: Records) -> tuple[Any, tuple[Path, ...]]:
+    """(the DKIM private key, the files it came from); ConfigurationError when it cannot be loaded."""
+    if settings.keystore:
+        keystore = records.keystore(settings.keystore)
+        return keystore.key_entry(settings.alias).key, keystore.files()
+    assert settings.private_key is not None  # the model requires one of the two
+    text = settings.private_key.reveal()
+    try:
+        key = load_pem_private_key(text.encode("utf-8"), None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(
+            f"dkim private_key {settings.private_key.reference}: not an unencrypted PEM private key"
+        ) from None
+    path = settings.private_key.path()
+    return key, (path,) if path is not None else ()
+
+
+def load_dkim(settings: DkimSettings, records: Records) -> DkimSigner:
+    key, _files = dkim_key(settings, records)
+    problem = _first_error(dkim_key_findings(key))
+    if problem:
+        raise ConfigurationError(f"dkim key for {settings.domain}: {problem}")
+    assert isinstance(key, rsa.RSAPrivateKey)
+    entry = KeyEntry(None, key, None)
+    return DkimSigner(settings, key, entry.key_pem())
+
+
+class SignerCache:
+    """The process's loaded signers, by account; reloaded when a record or file changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._smime: dict[str, tuple[Any, SmimeSigner]] = {}
+        self._dkim: dict[str, tuple[Any, DkimSigner]] = {}
+
+    def smime(self, account: EmailAccount, records: Records) -> SmimeSigner | None:
+        if account.signing is None:
+            return None
+        keystore = records.keystore(account.signing.keystore)
+        stamp = (keystore, account.signing, account.from_address, _stamp(keystore.files()))
+        with self._lock:
+            cached = self._smime.get(account.name)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+        signer = load_smime(keystore, account.signing.alias, account.from_address)
+        with self._lock:
+            self._smime[account.name] = (stamp, signer)
+        return signer
+
+    def dkim(self, account: EmailAccount, records: Records) -> DkimSigner | None:
+        settings = account.dkim
+        if settings is None:
+            return None
+        if settings.keystore:
+            keystore = records.keystore(settings.keystore)
+            files: tuple[Path, ...] = keystore.files()
+            stamp: Any = (settings, keystore, _stamp(files))
+        else:
+            assert settings.private_key is not None
+            path = settings.private_key.path()
+            stamp = (settings, _stamp((path,) if path else ()))
+        with self._lock:
+            cached = self._dkim.get(account.name)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+        signer = load_dkim(settings, records)
+        with self._lock:
+            self._dkim[account.name] = (stamp, signer)
+        return signer
+
+    def clear(self) -> None:
+        with self._lock:
+            self._smime.clear()
+            self._dkim.clear()
+
+
+_cache = SignerCache()
+
+
+def signers() -> SignerCache:
+    return _cache
+
+
+def sign_message(data: bytes, account: EmailAccount, records: Records) -> bytes:
+    """``data`` S/MIME-signed then DKIM-signed as the account says (unchanged when it says neither).
+
+    Raises ConfigurationError when the signing material is broken: the job
+    must not be sent unsigned.
+    """
+    if account.signing is None and account.dkim is None:
+        return data
+    smime = _cache.smime(account, records)
+    if smime is not None:
+        data = smime.sign(data)
+    signer = _cache.dkim(account, records)
+    if signer is not None:
+        data = signer.sign(data)
+    return data
+
+
+def describe_signing(account: EmailAccount, records: Records) -> dict[str, Any]:
+    """The ``signing`` / ``dkim`` parts of a connectivity report (errors as ``{"error": ...}``)."""
+    out: dict[str, Any] = {}
+    if account.signing is not None:
+        try:
+            smime = _cache.smime(account, records)
+            assert smime is not None
+            out["signing"] = smime.describe()
+        except ConfigurationError as exc:
+            out["signing"] = {"keystore": account.signing.keystore, "error": str(exc)}
+    if account.dkim is not None:
+        try:
+            signer = _cache.dkim(account, records)
+            assert signer is not None
+            out["dkim"] = signer.describe()
+        except ConfigurationError as exc:
+            out["dkim"] = {"domain": account.dkim.domain, "error": str(exc)}
+    return out

@@ -1,0 +1,126 @@
+"""The Celery application, configured per DESIGN §4.
+
+``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged
+only after its task finished, and a worker that dies mid-task gives the message
+back (attempts are counted in the job record, so a poison message still ends
+in the dead letters). Prefetch 1 so a slow account cannot hoard messages.
+soft < hard time limit < visibility timeout, and retry countdowns are capped
+well below the visibility timeout: kombu's Redis transport redelivers any
+unacknowledged message older than it, ETA or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import (
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+
+from worker import settings as settings_module
+from worker.mail.payload import HEALTH_TASK_NAME, QUEUE, SWEEP_TASK_NAME, TASK_NAME
+from worker.queue import broker
+from worker.settings import PUBLISH_RETRY_POLICY
+
+settings = settings_module.load_settings()
+broker_url = settings_module.broker_url()
+transport_options = {
+    "visibility_timeout": settings.visibility_timeout,
+    # how often a worker looks for messages a dead worker left unacknowledged
+    # (kombu's default, interval x throttle, is ~100 s on top of the timeout)
+    "unacked_restore_interval": max(1, min(60, round(settings.visibility_timeout / 10))),
+    "unacked_restore_throttle": 1,
+    "socket_timeout": 15,
+    "socket_connect_timeout": 10,
+    "retry_on_timeout": True,
+    "health_check_interval": 30,
+}
+
+broker.install()  # kombu's Redis channel screens raw queue entries (worker/queue/broker.py)
+app = Celery("postroom", include=["worker.queue.tasks"])
+app.conf.update(
+    broker_url=broker_url,
+    broker_transport_options=transport_options,
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,  # job state lives in Postroom's own records (postroom job ID)
+    task_serializer="json",
+    accept_content=["json"],
+    task_default_queue=QUEUE,
+    task_routes={TASK_NAME: {"queue": QUEUE}},
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_acks_on_failure_or_timeout=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.soft_time_limit,
+    task_time_limit=settings.time_limit,
+    task_publish_retry=True,
+    task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+    worker_send_task_events=bool(settings.task_events),  # Flower works unchanged
+    task_send_sent_event=bool(settings.task_events),
+    worker_pool=settings.worker_pool,
+    worker_concurrency=settings.worker_concurrency,
+    worker_hijack_root_logger=False,
+    # messages no job can be made of go to the dead letters instead of being dropped or
+    # crashing the consumer (worker/queue/intake.py)
+    worker_consumer="worker.queue.intake:Consumer",
+    enable_utc=True,
+    # The one beat (DESIGN §7) checks every account; a run that could not start within one
+    # interval expires instead of piling up behind the next.
+    beat_schedule={
+        "postroom-health-check": {
+            "task": HEALTH_TASK_NAME,
+            "schedule": settings.health_interval,
+            "options": {"queue": QUEUE, "expires": settings.health_interval},
+        },
+        "postroom-sweep": {
+            "task": SWEEP_TASK_NAME,
+            "schedule": settings.sweep_interval,
+            "options": {"queue": QUEUE, "expires": settings.sweep_interval},
+        },
+    },
+)
+
+
+@beat_init.connect
+def _check_at_start(**_: Any) -> None:
+    """The one beat checks every account as soon as it starts (its schedule's first run is one
+    interval later): an operator sees real health lines at once, not "no check yet" for minutes."""
+    app.send_task(HEALTH_TASK_NAME, queue=QUEUE, expires=settings.health_interval)
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    """Every task's start, by thread: one stuck past its hard time limit lets its jobs go
+    (worker/queue/liveness.py, TaskClock)."""
+    from worker.queue.liveness import TASKS
+
+    TASKS.started(task_id)
+
+
+@task_postrun.connect
+def _task_finished(**_: Any) -> None:
+    from worker.queue.liveness import TASKS
+
+    TASKS.finished()
+
+
+@worker_process_init.connect
+def _start_runtime(**_: Any) -> None:
+    """A fresh loop in each pool process, created after the fork."""
+    from worker.queue.runtime import get_runtime
+
+    get_runtime()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop_runtime(**_: Any) -> None:
+    from worker.queue.runtime import shutdown_runtime
+
+    shutdown_runtime()

@@ -1,0 +1,341 @@
+"""The attempt policy: one module decides what an attempt at a job ends with.
+
+Every message — a ``postroom.send`` job, the messages of a ``postroom.send_batch``
+and the jobs a task carries along (worker/queue/drain.py) — goes through
+:func:`attempt_all`: validated (a payload invalid in any field is dead-lettered
+with pydantic's reasons, :func:`dead_on_arrival`), held when its account is
+paused (worker/ops/health.py), begun (the attempt counted in its record; a job that
+already ended is skipped), delivered by :class:`worker.queue.delivery.Delivery`, and
+concluded here from the outcome's class and the settings: sent, suppressed,
+dead, or retrying — a retry, a limit wait or a claim wait is an entry of
+Postroom's delay queue written with the record (worker/queue/delays.py). Nothing in
+the delivery code decides whether to retry; the Celery tasks (worker/queue/tasks.py)
+only hand messages in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
+
+from worker.mail import autoreply
+from worker.mail.payload import QUEUE, TASK_NAME, SendPayload, job_headers
+from worker.ops import counters
+from worker.ops.counters import Tally
+from worker.ops.health import AccountHealth
+from worker.queue import liveness
+from worker.queue.app import app, settings
+from worker.queue.delivery import Delivery, Outcome, log_attempt
+from worker.queue.jobs import JobStore, account_of, safe_text
+from worker.queue.runtime import get_runtime
+from worker.settings import redis_url
+from worker.transports.limits import SLOT_WAIT
+
+log = logging.getLogger("postroom.attempts")
+
+
+_store: JobStore | None = None
+
+
+def job_store() -> JobStore:
+    global _store
+    if _store is None:
+        _store = JobStore.from_url(store_url(), job_ttl=settings.job_ttl)
+    return _store
+
+
+def describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_input=False, include_url=False)[:20]:
+        where = ".".join(safe_text(p, 40) for p in item["loc"]) or "payload"
+        parts.append(f"{where}: {safe_text(item['msg'].removeprefix('Value error, '), 300)}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one attempt at one message ended with."""
+
+    state: str  # sent | suppressed | dead | retrying | skipped | held
+    reason: str | None = None
+    retry_in: float | None = None  # set when state is "retrying"
+
+    def summary(self) -> dict[str, Any]:
+        return {"state": self.state, "reason": self.reason}
+
+
+def attempt(job_id: str, kwargs: Any) -> Step:
+    """One attempt at one message (``postroom.send``): :func:`attempt_all` of one."""
+    return attempt_all([job_id], [kwargs])[0]
+
+
+def _hold(job_id: str, payload: SendPayload) -> Step | None:
+    """A job of a paused account waits in the account's held list (no attempt is spent);
+    None when the account is not paused after all (it resumed a moment ago): deliver it."""
+    reason = f"account {payload.account} is paused; held until it resumes"
+    if not job_store().hold_if_paused(job_id, payload.account, payload.to_task_kwargs(), reason):
+        return None
+    return Step("held", f"account {payload.account} is paused")
+
+
+def _count_auth_failures(outcomes: list[tuple[str, Outcome]]) -> None:
+    """Authentication failures feed the account's circuit breaker (see worker/ops/health.py)."""
+    for account, outcome in outcomes:
+        if outcome.auth_failure and account_health().note_auth_failure(account, outcome.reason or "?"):
+            log.warning("account %s paused after repeated authentication failures", account)
+
+
+def release_held(job_id: str, kwargs: dict[str, Any]) -> None:
+    """Back on the queue, under its own job id (its record and Message-ID are kept)."""
+    app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs))
+
+
+_health: AccountHealth | None = None
+
+
+def account_health() -> AccountHealth:
+    global _health
+    if _health is None:
+        _health = AccountHealth(job_store().redis, pause_after=settings.pause_after, release=release_held)
+    return _health
+
+
+def _invalid(exc: Exception) -> str:
+    return describe(exc) if isinstance(exc, ValidationError) else "nested too deeply"
+
+
+def dead_on_arrival(job_id: str, kwargs: Any, reason: str) -> Step:
+    """A job that cannot even be read goes straight to the dead letters, with the reason.
+
+    Its payload was not validated: only what ``worker.queue.jobs`` can record safely of it is kept
+    (a well-formed account name, else ``(unknown)``; ids and times as checked text), so this
+    path itself cannot fail on whatever a producer sent."""
+    store = job_store()
+    fields = _identity(kwargs)
+    account = _counted(account_of(fields))
+    begun = store.begin_attempt(job_id, fields)
+    if begun is None:
+        return Step("skipped", "job already finished")
+    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
+    return Step("dead", reason)
+
+
+def _counted(account: str) -> str:
+    """The name an outcome is counted under (stats, metrics): the account's when its record
+    exists, else ``(unknown)`` — a raw producer can name any account, and the counters' keys and
+    labels must not grow with its choices."""
+    return counters.account_label(account, get_runtime().records().account_names)
+
+
+def _identity(kwargs: Any) -> dict[str, Any]:
+    """The fields of an unvalidated payload a record is made from (never the content)."""
+    if not isinstance(kwargs, dict):
+        return {}
+    keep = ("account", "kind", "message_id", "idempotency_key", "enqueued_at")
+    return {k: kwargs[k] for k in keep if k in kwargs}
+
+
+def _duplicate_of(store: JobStore, job_id: str, payload: SendPayload) -> str | None:
+    """The job that owns this payload's idempotency key, when it is another one.
+
+    The producer helper claims the key at enqueue; a producer that called
+    ``send_task`` directly did not, so the worker claims it here.
+    """
+    if not payload.idempotency_key:
+        return None
+    owner = store.claim_idempotency_key(payload.account, payload.idempotency_key, job_id)
+    return owner if owner is not None and owner != job_id else None
+
+
+def _conclude(
+    store: JobStore,
+    pipe: Any,
+    job_id: str,
+    payload: SendPayload,
+    attempt_no: int,
+    age: float,
+    outcome: Outcome,
+    tally: Tally,
+) -> Step:
+    """Decide retry or not (by error class and settings) and queue the record on ``pipe``."""
+    account = payload.account
+    retry_in = None
+    if outcome.state == "retry":
+        outcome, delay = _retry_plan(store, job_id, attempt_no, age, outcome)
+        retry_in = delay if outcome.state == "retry" else None
+    if outcome.state == "dead" and payload.kind == "auto-reply":
+        # nothing was sent: the sender may be answered by a later job
+        store.release_auto_reply(account, autoreply.reply_recipient(payload), job_id)
+    state = "retrying" if retry_in is not None else outcome.state
+    counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
+    store.finish_into(
+        pipe,
+        job_id,
+        _counted(account),
+        state=state,
+        attempt=attempt_no,
+        error=outcome.reason,
+        recipients=outcome.recipients or None,
+        transport=outcome.transport,
+        security=outcome.security,
+        retry_in=retry_in,
+        counter=counter,
+        latency=age,
+        tally=tally,
+    )
+    if outcome.state == "sent":
+        tally.signed_in.add(account)
+    return Step(state, outcome.reason, retry_in)
+
+
+def _write_tally(pipe: Any, store: JobStore, tally: Tally) -> None:
+    tally.write_into(pipe, store.retrying_key)
+    for account in tally.signed_in:
+        account_health().auth_succeeded_into(pipe, account)
+
+
+def cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
+    """Count a run of a redelivered job before any of its own code runs (a payload may kill its
+    worker before an attempt is counted, e.g. while it is validated); once more than
+    ``max_attempts`` runs were cut short, the job is dead-lettered instead of run again."""
+    store = job_store()
+    runs = store.count_cut_short(job_id)
+    if runs <= settings.retry.max_attempts:
+        return None
+    reason = f"{runs} runs cut short: the worker died or handed it back every time (a poison message?)"
+    fields = _identity(kwargs)
+    begun = store.begin_attempt(job_id, fields)
+    if begun is None:
+        return Step("skipped", "job already finished")
+    account = _counted(account_of(fields))
+    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
+    log.error("job %s: dead-lettered after %d runs cut short (a poison message?)", job_id, runs)
+    return Step("dead", reason)
+
+
+# A job waiting on a limit (or on another attempt's claim) looks again at least this often: a
+# budget, slot or claim that frees early is noticed (its own send time stays reserved meanwhile).
+WAIT_RECHECK = 60.0
+
+
+def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
+    """One attempt at each message, side by side (a batch, a carrying task, or one job): validate,
+    hold, begin, deliver, classify, record. One Step per message, in order."""
+    store = job_store()
+    steps: dict[int, Step] = {}
+    valid: list[tuple[int, SendPayload]] = []
+    for i, kwargs in enumerate(messages):
+        try:
+            valid.append((i, SendPayload.model_validate(kwargs)))
+        except (ValidationError, RecursionError) as exc:
+            steps[i] = dead_on_arrival(job_ids[i], kwargs, f"invalid payload: {_invalid(exc)}")
+    paused = account_health().paused()
+    if paused and any(payload.account in paused for _, payload in valid):
+        going: list[tuple[int, SendPayload]] = []
+        for i, payload in valid:
+            held = _hold(job_ids[i], payload) if payload.account in paused else None
+            if held is None:
+                going.append((i, payload))
+            else:
+                steps[i] = held
+        valid = going
+    begun = store.begin_many([(job_ids[i], payload.to_task_kwargs) for i, payload in valid])
+    policy, now = settings.retry, time.time()
+    items: list[tuple[str, SendPayload, int]] = []
+    item_meta: list[tuple[int, SendPayload, int, float]] = []
+    finals: list[tuple[int, SendPayload, int, Outcome, float]] = []  # (index, payload, attempt, outcome, age)
+    for (i, payload), began in zip(valid, begun, strict=True):
+        if began is None:
+            steps[i] = Step("skipped", "job already finished")
+            continue
+        attempt_no, enqueued_at = began
+        age = now - enqueued_at
+        if attempt_no > policy.max_attempts or age > policy.max_age:
+            why = (
+                f"{attempt_no - 1} attempts"
+                if attempt_no > policy.max_attempts
+                else f"max_age {policy.max_age:.0f}s"
+            )
+            finals.append((i, payload, attempt_no, Outcome("dead", reason=f"retries exhausted ({why})"), age))
+            continue
+        if owner := _duplicate_of(store, job_ids[i], payload):
+            duplicate = Outcome("suppressed", reason=f"duplicate of job {owner} (same idempotency_key)")
+            finals.append((i, payload, attempt_no, duplicate, age))
+            continue
+        items.append((job_ids[i], payload, attempt_no))
+        item_meta.append((i, payload, attempt_no, age))
+
+    started = time.monotonic()
+    try:
+        outcomes = delivery(store).run_many(items)
+    except SoftTimeLimitExceeded:  # Celery's time limit (prefork): each message retries on its own
+        outcomes = [Outcome("retry", reason="soft time limit exceeded") for _ in items]
+    except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
+        log.exception("batch of %s…: unexpected error", job_ids[0] if job_ids else "-")
+        outcomes = [Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items]
+    seconds = time.monotonic() - started
+    for (i, payload, attempt_no, age), outcome in zip(item_meta, outcomes, strict=True):
+        log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
+        finals.append((i, payload, attempt_no, outcome, age + seconds))
+
+    tally = Tally()
+    with store.redis.pipeline(transaction=False) as pipe:
+        for i, payload, attempt_no, outcome, age in finals:
+            steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome, tally)
+        _write_tally(pipe, store, tally)
+        pipe.execute()
+    _count_auth_failures([(payload.account, outcome) for _, payload, _, outcome, _ in finals])
+    return [steps[i] for i in range(len(messages))]
+
+
+def delivery(store: JobStore) -> Delivery:
+    """The pipeline on this process's runtime (its loop, pools and loop-side Redis client)."""
+    runtime = get_runtime()
+    liveness.keep_beating(store.redis)  # renews this process's Message-ID claims while it lives
+    url = store_url()
+    limiter = runtime.limiter(url, settings.job_ttl, slot_wait())
+    return Delivery(store, runtime.marks(url, settings.job_ttl), runtime, settings, limiter)
+
+
+def slot_wait() -> float:
+    """How long a send waits for an account's connection slot before it is re-scheduled:
+    well inside the soft time limit, so the wait never costs the job an attempt."""
+    return min(SLOT_WAIT, settings.soft_time_limit / 4)
+
+
+def store_url() -> str:
+    return redis_url(app.conf.broker_url)
+
+
+def _retry_plan(
+    store: JobStore, job_id: str, attempt_no: int, age: float, outcome: Outcome
+) -> tuple[Outcome, float]:
+    """When to try again, or the dead-letter outcome when attempts or age run out.
+
+    An attempt that never reached a server (``counts=False``: another attempt
+    held the Message-ID) is not counted against max_attempts; it waits for that
+    claim to expire, and only max_age bounds it.
+    """
+    policy = settings.retry
+    if outcome.counts:
+        delay = policy.delay(attempt_no, outcome.retry_after)
+    else:
+        store.uncount_attempt(job_id)
+        # a limit's wait is exact (its send time is reserved); a held claim's is spread out
+        spread = 0.05 if outcome.limit_wait else random.uniform(0.1, 1.0)
+        delay = min((outcome.retry_after or 0) + spread, WAIT_RECHECK)
+    why = None
+    if outcome.counts and attempt_no >= policy.max_attempts:
+        why = f"{attempt_no} attempts"
+    elif age + delay > policy.max_age:
+        why = f"max_age {policy.max_age:.0f}s"
+    if why is None:
+        return outcome, delay
+    dead = replace(outcome, state="dead", reason=f"retries exhausted ({why}): {outcome.reason}")
+    return dead, 0.0

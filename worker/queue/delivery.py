@@ -1,0 +1,402 @@
+"""The one delivery pipeline: resolve account → build MIME → sign → claim → send → classify.
+
+Runs in the Celery task's thread; only the network part (and the sent mark
+right after it) runs on the process loop (``Runtime.run``).
+
+Duplicate suppression (DESIGN §4): before talking to a server the attempt
+claims the Message-ID; recipients the server accepted are written to
+``delivered:<account>:<message_id>`` right after its 250, and every later attempt (a
+retry, a redelivery after a crash, a retried dead letter) sends only to the
+recipients not in there. The one remaining window is a crash between the
+server's 250 and that write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from worker.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    DeliveryError,
+    LimitWait,
+    RecipientStatus,
+    TransientError,
+)
+from worker.keys import redis_key
+from worker.mail import autoreply
+from worker.mail.message import Attachment, MessageSpec, build_message, message_id_for
+from worker.mail.payload import SendPayload
+from worker.mail.signing import sign_message
+from worker.queue.jobs import CLAIM_TTL, CLAIMS, AsyncMarks, JobStore
+from worker.queue.runtime import Runtime
+from worker.records.accounts import Limits
+from worker.settings import Settings
+from worker.transports import OutgoingMessage, SendResult
+from worker.transports.limits import Limiter
+
+log = logging.getLogger("postroom.delivery")
+
+State = Literal["sent", "suppressed", "retry", "dead"]
+
+
+@dataclass
+class Outcome:
+    state: State
+    reason: str | None = None
+    retry_after: float | None = None
+    recipients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transport: str | None = None
+    security: str | None = None
+    code: int | None = None
+    counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
+    auth_failure: bool = False  # the server refused our credentials (the circuit breaker counts it)
+    limit_wait: bool = False  # a provider limit: come back exactly at retry_after
+
+
+FLAG_TTL = 7 * 86400  # the account's last authentication failure, for the operator views
+
+
+def _flag_key(account: str) -> str:
+    return redis_key("account-flag", account)
+
+
+def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
+    """One line per delivery attempt (never a secret: outcomes carry server replies only).
+
+    ``key=value`` text, or one JSON object with ``log_format: json``."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "job": job_id,
+        "account": account,
+        "attempt": attempt,
+        "transport": outcome.transport or "-",
+        "security": outcome.security or "-",
+        "outcome": outcome.state,
+        "code": outcome.code if outcome.code is not None else "-",
+        "duration_ms": round(seconds * 1000),
+    }
+    if outcome.reason:
+        fields["reason"] = outcome.reason
+    if LOG_FORMAT.json:
+        log.info("%s", json.dumps({"event": "delivery", **fields}))
+        return
+    log.info(
+        "delivery job=%s account=%s attempt=%d transport=%s security=%s outcome=%s code=%s duration_ms=%d%s",
+        job_id,
+        account,
+        attempt,
+        fields["transport"],
+        fields["security"],
+        outcome.state,
+        fields["code"],
+        fields["duration_ms"],
+        f" reason={outcome.reason!r}" if outcome.reason else "",
+    )
+
+
+class _LogFormat:
+    """Set once from the settings by the task layer (delivery.py itself reads no settings)."""
+
+    json = False
+
+
+LOG_FORMAT = _LogFormat()
+
+
+def stable_message_id(job_id: str, from_address: str) -> str:
+    """A Message-ID derived from the job id, for producers that did not send one (a job id
+    that is not a safe token is hashed: see :func:`worker.mail.message.message_id_for`)."""
+    return message_id_for(job_id, from_address.rsplit("@", 1)[-1])
+
+
+def outcome_for_error(
+    exc: DeliveryError, transport: str, remaining: tuple[str, ...], already: dict[str, dict[str, Any]]
+) -> Outcome:
+    """A failed attempt: retry for the transient family, dead letter for the permanent one."""
+    recipients = {**already, **{a: r.as_dict() for a, r in exc.recipients.items()}}
+    for rcpt in remaining:
+        recipients.setdefault(
+            rcpt,
+            RecipientStatus(
+                "deferred" if exc.transient else "failed", exc.code, exc.server_text or exc.reason
+            ).as_dict(),
+        )
+    state: State = "retry" if isinstance(exc, TransientError) else "dead"
+    return Outcome(
+        state,
+        reason=str(exc),
+        retry_after=exc.retry_after if state == "retry" else None,
+        recipients=recipients,
+        transport=exc.transport or transport,
+        code=exc.code,
+        auth_failure=isinstance(exc, AuthenticationFailed),
+        counts=not isinstance(exc, LimitWait),  # a limit's wait is not an attempt
+        limit_wait=isinstance(exc, LimitWait),
+    )
+
+
+def outcome_for_result(result: SendResult, already: dict[str, dict[str, Any]]) -> Outcome:
+    """An attempt the server answered: sent, or retry for the recipients it deferred."""
+    recipients = {**already, **{a: r.as_dict() for a, r in result.recipients.items()}}
+    common: dict[str, Any] = {
+        "recipients": recipients,
+        "transport": result.transport,
+        "security": result.security,
+    }
+    if result.deferred:
+        first = result.recipients[result.deferred[0]]
+        reason = f"{len(result.deferred)} recipient(s) deferred: {first.code} {first.message}"
+        return Outcome("retry", reason=reason, code=first.code, **common)
+    if result.failed:
+        first = result.recipients[result.failed[0]]
+        reason = f"{len(result.failed)} recipient(s) refused: {first.code} {first.message}"
+        return Outcome("sent", reason=reason, code=first.code, **common)
+    return Outcome("sent", code=250, **common)
+
+
+@dataclass
+class _Pending:
+    """One message of a batch on its way to a server."""
+
+    index: int
+    account: str
+    message_id: str
+    token: str
+    recipients: tuple[str, ...]
+    transport: Any
+    sender: str
+    data: bytes
+    already: dict[str, dict[str, Any]] = field(default_factory=dict)
+    marked: bool = False  # the sent mark is written (it gave the claim up too)
+    accepted: bool = False  # the server took it: if the mark failed, the claim must stay until it expires
+    outcome: Outcome | None = None  # set as soon as this message's attempt ended
+    accepted_by: dict[str, RecipientStatus] = field(default_factory=dict)  # recipients the server took
+    limits: Limits | None = None  # the account's rate and daily budget (None: none apply)
+
+    @property
+    def remaining(self) -> tuple[str, ...]:
+        return tuple(r for r in self.recipients if r not in self.already)
+
+
+class Delivery:
+    """The pipeline, for one message (``postroom.send``) or many (``postroom.send_batch``).
+
+    The Redis work of all the messages is pipelined (one round trip to claim,
+    one to record, in tasks), and every send runs on the process's event loop
+    in one hop, each message marked sent from the loop right after its 250.
+    A dead auto-reply's per-sender window is given back by the task layer.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        marks: AsyncMarks,
+        runtime: Runtime,
+        settings: Settings,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.store = store
+        self.marks = marks
+        self.limiter = limiter
+        self.runtime = runtime
+        self.settings = settings
+
+    def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
+        started = time.monotonic()
+        (outcome,) = self.run_many([(job_id, payload, attempt)])
+        log_attempt(job_id, payload.account, attempt, outcome, time.monotonic() - started)
+        return outcome
+
+    def run_many(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        ready: list[_Pending] = []
+        records = self.runtime.records()
+        for i, (job_id, payload, attempt) in enumerate(items):
+            try:
+                if payload.account not in records.account_names:
+                    records = self.runtime.records(fresh=True)  # a record added a moment ago
+                account = records.account(payload.account)
+                transport = self.runtime.transport(account)
+            except ConfigurationError as exc:
+                outcomes[i] = Outcome("dead", reason=f"configuration: {exc}")
+                continue
+            message_id = payload.message_id
+            if message_id is None:  # a producer that called send_task without the helper
+                message_id = stable_message_id(job_id, account.from_address)
+                self.store.note_message_id(job_id, message_id)
+            spec = _spec(account, payload, message_id)
+            if payload.kind == "auto-reply":
+                answered = self._auto_reply(job_id, payload, account.name, spec)
+                if isinstance(answered, Outcome):
+                    outcomes[i] = answered
+                    continue
+                spec = answered
+            try:
+                message = build_message(spec)
+            except ValueError as exc:
+                outcomes[i] = Outcome("dead", reason=f"invalid message: {exc}")
+                continue
+            try:  # S/MIME then DKIM, as the account says; broken material is never sent unsigned
+                data = sign_message(message.data, account, records)
+            except ConfigurationError as exc:
+                outcomes[i] = Outcome("dead", reason=f"configuration: signing: {exc}")
+                continue
+            except (ValueError, TypeError) as exc:
+                outcomes[i] = Outcome("dead", reason=f"signing failed: {type(exc).__name__}: {exc}")
+                continue
+            sender = (account.smtp.envelope_from if account.smtp else None) or account.from_address
+            token = f"{job_id}:{attempt}:{time.time()}"
+            ready.append(
+                _Pending(
+                    i,
+                    account.name,
+                    message_id,
+                    token,
+                    message.recipients,
+                    transport,
+                    sender,
+                    data,
+                    limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
+                )
+            )
+
+        # a claim lives while its attempt does (renewed by this process's heartbeat) and is gone
+        # CLAIM_TTL seconds after the process dies
+        claims = self.store.claim_many([(p.account, p.message_id, p.token) for p in ready], CLAIM_TTL)
+        pending: list[_Pending] = []
+        for p, (claimed, already) in zip(ready, claims, strict=True):
+            p.already = already
+            if claimed:
+                pending.append(p)
+            else:
+                outcomes[p.index] = Outcome(
+                    "retry",
+                    reason="another attempt is delivering this Message-ID right now",
+                    retry_after=self.store.claim_remaining(p.account, p.message_id),
+                    recipients=already,
+                    counts=False,
+                )
+        held = [(p.account, p.message_id, p.token) for p in pending]
+        CLAIMS.add(held)
+        try:
+            with self.runtime.sending([p.account for p in pending]):
+                for p, outcome in zip(pending, self._send_all(pending), strict=True):
+                    outcomes[p.index] = outcome
+        finally:
+            CLAIMS.discard(held)
+            self.store.release_many(
+                [(p.account, p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
+            )
+        return [outcomes.get(i, Outcome("retry", reason="not attempted")) for i in range(len(items))]
+
+    def _auto_reply(
+        self, job_id: str, payload: SendPayload, account: str, spec: MessageSpec
+    ) -> MessageSpec | Outcome:
+        """The reply's spec (RFC 3834 headers, to the original's sender), or why it is suppressed."""
+        assert payload.original is not None
+        reason = autoreply.suppression_reason(payload.original)
+        if reason:
+            return Outcome("suppressed", reason=reason)
+        sender = autoreply.reply_recipient(payload)
+        if self.store.claim_auto_reply(account, sender, self.settings.auto_reply_window, job_id) is not None:
+            return Outcome(
+                "suppressed", reason=f"{account} already auto-replied to {sender} within the window"
+            )
+        return replace(
+            spec,
+            to=[sender],
+            cc=[],
+            bcc=[],
+            subject=autoreply.reply_subject(payload),
+            own_headers={**spec.own_headers, **autoreply.threading_headers(payload.original)},
+        )
+
+    def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
+        async def one(p: _Pending) -> Outcome:
+            remaining = p.remaining
+            if not remaining:
+                return Outcome(
+                    "sent", reason="already delivered (duplicate suppressed)", recipients=p.already
+                )
+            try:
+                if p.limits is not None and self.limiter is not None:
+                    await self.limiter.admit(
+                        p.account,
+                        rate=p.limits.rate,
+                        daily_recipients=p.limits.daily_recipients,
+                        message_id=p.message_id,
+                        recipients=len(remaining),
+                    )
+                result = await p.transport.send(OutgoingMessage(p.message_id, p.sender, remaining, p.data))
+            except DeliveryError as exc:
+                if isinstance(exc, AuthenticationFailed):
+                    with contextlib.suppress(Exception):  # a flag, not worth failing the outcome for
+                        await self.marks.redis.set(_flag_key(p.account), str(exc), ex=FLAG_TTL)
+                return outcome_for_error(exc, p.transport.name, remaining, p.already)
+            except ConfigurationError as exc:
+                return Outcome("dead", reason=f"configuration: {exc}")
+            p.accepted = True
+            p.accepted_by = {a: r for a, r in result.recipients.items() if r.status == "sent"}
+            p.outcome = outcome_for_result(result, p.already)
+            if on_loop:  # right after the 250, without waiting for the rest of the batch
+                await self.marks.mark_delivered(p.account, p.message_id, p.accepted_by, p.token)
+                p.marked = True
+            return p.outcome
+
+        async def guarded(p: _Pending) -> Outcome:
+            try:
+                outcome = await one(p)
+            except Exception as exc:  # a bug or a library surprise: this message retries on its own
+                outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
+            # kept on the message itself: a time limit that ends the rest of the batch must not
+            # rewrite what this one already ended with (a 550 stays a 550, never "timed out")
+            p.outcome = outcome
+            return outcome
+
+        async def everything() -> list[Outcome]:
+            if len(pending) == 1:
+                return [await guarded(pending[0])]
+            # every send runs to its end: no claim is given up while a send may still be under way
+            return list(await asyncio.gather(*(guarded(p) for p in pending)))
+
+        if not pending:
+            return []
+        # One message is marked from this thread as soon as the loop hands its 250 back (cheaper
+        # than the loop's async client); a batch is marked from the loop, message by message.
+        on_loop = len(pending) > 1
+        try:
+            outcomes = self.runtime.run(everything(), timeout=self.settings.soft_time_limit)
+        except TimeoutError:  # the ones that finished keep their outcome
+            outcomes = [p.outcome or Outcome("retry", reason="delivery timed out") for p in pending]
+        unmarked = [p for p in pending if p.accepted and not p.marked]
+        if unmarked:
+            self.store.mark_many([(p.account, p.message_id, p.accepted_by, p.token) for p in unmarked])
+            for p in unmarked:
+                p.marked = True
+        return outcomes
+
+
+def _spec(account: Any, payload: SendPayload, message_id: str) -> MessageSpec:
+    return MessageSpec(
+        from_address=account.from_address,
+        display_name=account.display_name,
+        reply_to=account.reply_to,
+        to=list(payload.to),
+        cc=list(payload.cc),
+        bcc=list(payload.bcc),
+        subject=payload.subject,
+        text=payload.text,
+        html=payload.html,
+        attachments=[Attachment(a.filename, a.content_type, a.content()) for a in payload.attachments],
+        headers=dict(payload.headers),
+        message_id=message_id,
+        date=payload.enqueued_at,
+    )

@@ -1,0 +1,301 @@
+"""Liveness by heartbeat: a dead worker's messages are back on the queue in seconds.
+
+kombu's Redis transport gives back a message a dead worker held only when it has
+been unacknowledged for the whole visibility timeout (an hour here: it must
+outlast the longest task). Postroom does not wait for that. Every worker process
+says what it holds, under its own holder id (host, pid and a nonce):
+
+- ``postroom:holding:<holder>:consumer`` — the delivery tags its Celery consumer
+  holds unacknowledged (prefetched, running, waiting for an ETA), written anew
+  every :data:`BEAT` seconds by its :class:`Upkeep` thread;
+- ``postroom:holding:<holder>:carried`` — the tags of the jobs its tasks carry
+  (:mod:`worker.queue.drain` adds and removes them in the scripts that take and
+  acknowledge them);
+
+both expiring :data:`LAPSE` seconds after the last beat, and the holder listed in
+``postroom:holders``. A process that dies (SIGKILL, OOM, power) stops beating,
+its keys expire, and the :class:`Reaper` that every worker runs finds kombu's
+unacknowledged entries that are older than :data:`GRACE` and that no live holder
+claims, and restores them at the head of their queue, flagged ``redelivered``
+(worker/queue/broker.py), as kombu's own restore would an hour later. kombu's restore
+is still there as the last resort.
+
+A copy restored while its holder was in fact alive (its beat stalled for
+:data:`LAPSE` seconds) runs twice at worst; the job record and the Message-ID
+claim keep it from being sent twice. Every worker must run this version: a
+worker that does not beat would have its messages restored under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from worker.keys import redis_key
+from worker.queue.broker import BrokerKeys, restore_unacked
+from worker.queue.jobs import CLAIMS
+
+log = logging.getLogger("postroom.liveness")
+
+HOLDERS = redis_key("holders")
+BEAT = 2.0  # seconds between beats
+LAPSE = 15.0  # a holder that has not beaten for this long is dead (its keys expire)
+GRACE = 15.0  # an unacknowledged entry younger than this is never restored (its holder may not have said yet)
+REAP_EVERY = 2.0
+
+_holder: tuple[int, str] | None = None
+# Carried tags this process has let go of while Redis could not be told (an ack or a give-back
+# that failed): its next beat stops claiming them, so the reaper can restore what is still there.
+_released: set[str] = set()
+_released_lock = threading.Lock()
+
+
+def release_later(tags: list[str]) -> None:
+    with _released_lock:
+        _released.update(tags)
+
+
+@dataclass
+class _Running:
+    started: float
+    tags: set[str]  # its own message's delivery tag and the tags of the jobs it carries
+    overdue: bool = False
+
+
+class TaskClock:
+    """When each running task started and what it holds, by thread.
+
+    Celery enforces its hard time limit only where it can kill the process
+    (prefork); a thread of the threads pool cannot be stopped. So Postroom
+    enforces it here: a task still running past the limit stops holding its
+    jobs — its process's heartbeat no longer claims their messages (the reaper
+    gives them back to the queue) nor renews their Message-ID claims (another
+    attempt may send them) — and an error names it. If the thread ever wakes, its
+    sends are kept from going twice by the sent marks, as after a kill."""
+
+    EXPECTED_MAX = 10_000  # delivery tags of messages received and not yet started, kept at most
+
+    def __init__(self) -> None:
+        self._running: dict[int, _Running] = {}
+        self._expected: dict[str, str] = {}  # task id -> its message's delivery tag
+        self._lock = threading.Lock()
+
+    def expect(self, task_id: str, tag: str) -> None:
+        """The consumer received ``task_id``'s message (Celery's task request does not carry it)."""
+        with self._lock:
+            if len(self._expected) >= self.EXPECTED_MAX:  # messages that never started (revoked, …)
+                for old in list(self._expected)[: self.EXPECTED_MAX // 2]:
+                    del self._expected[old]
+            self._expected[task_id] = tag
+
+    def started(self, task_id: str | None) -> None:
+        with self._lock:
+            tag = self._expected.pop(task_id, None) if task_id else None
+            self._running[threading.get_ident()] = _Running(time.monotonic(), {tag} if tag else set())
+
+    def carrying(self, tags: list[str]) -> None:
+        with self._lock:
+            running = self._running.get(threading.get_ident())
+            if running is not None:
+                running.tags.update(tags)
+
+    def let_go(self, tags: list[str]) -> None:
+        with self._lock:
+            running = self._running.get(threading.get_ident())
+            if running is not None:
+                running.tags.difference_update(tags)
+
+    def finished(self) -> None:
+        with self._lock:
+            self._running.pop(threading.get_ident(), None)
+
+    def overdue(self, limit: float, now: float | None = None) -> list[tuple[int, float, int]]:
+        """Tasks that went past ``limit`` seconds since the last call: (thread, age, jobs held)."""
+        now = time.monotonic() if now is None else now
+        late = []
+        with self._lock:
+            for thread, running in self._running.items():
+                if not running.overdue and now - running.started > limit:
+                    running.overdue = True
+                    late.append((thread, now - running.started, len(running.tags)))
+        return late
+
+    def hostages(self) -> set[str]:
+        """The tags held by tasks past their time limit: no longer claimed by this process."""
+        with self._lock:
+            return {tag for running in self._running.values() if running.overdue for tag in running.tags}
+
+
+TASKS = TaskClock()
+
+
+def holder_id() -> str:
+    """This process's holder id (a new one after a fork)."""
+    global _holder
+    if _holder is None or _holder[0] != os.getpid():
+        _holder = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+    return _holder[1]
+
+
+def holding_key(holder: str, part: str) -> str:
+    return redis_key("holding", holder, part)
+
+
+def carried_key() -> str:
+    return holding_key(holder_id(), "carried")
+
+
+class Heartbeat:
+    """One process's beat: its consumer's tags (if it has a consumer) and its carried set kept alive."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        consumer_tags: Callable[[], list[str] | None] | None = None,
+        time_limit: float | None = None,
+    ) -> None:
+        self.client = client
+        self.consumer_tags = consumer_tags
+        self.time_limit = time_limit
+        self.holder = holder_id()
+
+    def beat(self) -> None:
+        if self.time_limit is not None:
+            for thread, age, held in TASKS.overdue(self.time_limit):
+                dropped = CLAIMS.drop_owned_by(thread)
+                log.error(
+                    "a task has run %.0f s, past its time limit of %.0f s (thread %d): its %d messages go "
+                    "back to the queue and its %d Message-ID claims lapse",
+                    age, self.time_limit, thread, held, dropped,
+                )  # fmt: skip
+        hostages = TASKS.hostages()
+        tags = self.consumer_tags() if self.consumer_tags is not None else None
+        if tags and hostages:
+            tags = [t for t in tags if t not in hostages]
+        consumer, carried = holding_key(self.holder, "consumer"), holding_key(self.holder, "carried")
+        with _released_lock:
+            released = list(_released | hostages)
+        with self.client.pipeline(transaction=True) as pipe:  # MULTI: never seen half-written
+            pipe.sadd(HOLDERS, self.holder)
+            if released:
+                pipe.srem(carried, *released)
+            if self.consumer_tags is not None:
+                pipe.delete(consumer)
+                pipe.sadd(consumer, "-", *(tags or []))  # "-": the key exists even when nothing is held
+                pipe.expire(consumer, int(LAPSE))
+            pipe.expire(carried, int(LAPSE))
+            pipe.execute()
+        if released:
+            with _released_lock:
+                _released.difference_update(released)  # (hostages are left out again at every beat)
+        CLAIMS.renew(self.client)  # the Message-ID claims of this process's running attempts
+
+
+class Reaper:
+    """Restores unacknowledged entries that no live holder claims (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, keys: BrokerKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def reap(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        old = [
+            _text(t)
+            for t in cast(
+                list[Any],
+                self.client.zrangebyscore(self.keys.unacked_index, "-inf", now - GRACE, start=0, num=5000),
+            )
+        ]
+        if not old:
+            return 0
+        holders = [_text(h) for h in cast(set[Any], self.client.smembers(HOLDERS))]
+        claimed: set[str] = set()
+        gone: list[str] = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for holder in holders:
+                pipe.smembers(holding_key(holder, "consumer"))
+                pipe.smembers(holding_key(holder, "carried"))
+                pipe.exists(holding_key(holder, "consumer"), holding_key(holder, "carried"))
+            replies = pipe.execute()
+        for i, holder in enumerate(holders):
+            consumer, carried, alive = replies[3 * i : 3 * i + 3]
+            claimed.update(_text(t) for t in consumer)
+            claimed.update(_text(t) for t in carried)
+            if not alive:
+                gone.append(holder)
+        if gone:
+            self.client.srem(HOLDERS, *gone)
+        orphans = [tag for tag in old if tag not in claimed]
+        if not orphans:
+            return 0
+        restored = restore_unacked(self.client, self.keys, orphans)
+        if restored:
+            log.warning("restored %d messages held by workers that stopped beating", restored)
+        return restored
+
+
+class Upkeep:
+    """A worker process's daemon thread: its heartbeat, the reaper and the delay queue's mover,
+    each on its own period (one thread; each step is a few Redis calls)."""
+
+    def __init__(self, steps: list[tuple[float, Callable[[], object]]]) -> None:
+        self.steps = steps
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="postroom-upkeep", daemon=True)
+
+    def start(self) -> Upkeep:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        due = [0.0] * len(self.steps)
+        tick = min(period for period, _ in self.steps)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for i, (period, step) in enumerate(self.steps):
+                if now < due[i]:
+                    continue
+                due[i] = now + period
+                try:
+                    step()
+                except Exception as exc:  # Redis or the broker away: next time
+                    log.warning("upkeep: %s failed (%s)", getattr(step, "__qualname__", step), exc)
+            self._stop.wait(tick)
+
+
+_beating: dict[int, Upkeep] = {}
+
+
+def keep_beating(
+    client: redis.Redis,
+    consumer_tags: Callable[[], list[str] | None] | None = None,
+    *,
+    more: list[tuple[float, Callable[[], object]]] | None = None,
+    time_limit: float | None = None,
+) -> Upkeep:
+    """This process's upkeep thread, started once per process: the heartbeat (with its
+    consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
+    A process that only carries jobs (a prefork child) gets one beating its carried set."""
+    running = _beating.get(os.getpid())
+    if running is not None:
+        return running
+    upkeep = Upkeep([(BEAT, Heartbeat(client, consumer_tags, time_limit).beat), *(more or [])]).start()
+    _beating[os.getpid()] = upkeep
+    return upkeep
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

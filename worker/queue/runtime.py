@@ -1,0 +1,252 @@
+"""One asyncio loop per worker process, and the per-account transports living on it.
+
+Celery task bodies are synchronous and may run on several threads of one
+process at once. The loop runs in its own daemon thread, created lazily in the
+process that uses it (so after the prefork pool forks: a loop never crosses a
+fork), and tasks hand it coroutines with ``run_coroutine_threadsafe``. The
+account pools are bound to that loop and shared by every task of the process;
+``asyncio.run()`` per task would throw the pools away each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from worker.queue.jobs import AsyncMarks
+from worker.records.accounts import EmailAccount
+from worker.records.loader import Records
+from worker.transports import Transport, build_transport
+from worker.transports.limits import Limiter
+
+T = TypeVar("T")
+log = logging.getLogger("postroom.runtime")
+RECORDS_RECHECK_SECONDS = 2.0
+CANCEL_WAIT_SECONDS = 10.0
+
+
+class Runtime:
+    """The process's event loop thread, record cache and transports."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="postroom-loop", daemon=True)
+        self._thread.start()
+        self._lock = threading.Lock()
+        self._records: Records | None = None
+        self._records_stamp: tuple[tuple[str, float], ...] = ()
+        self._records_checked = 0.0
+        self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
+        self._marks: AsyncMarks | None = None
+        self._limiter: Limiter | None = None
+        self._in_flight: Counter[str] = Counter()  # messages per account being delivered now
+        self._reserved = threading.local()  # per task thread: carried jobs already counted
+        self.taking = threading.Lock()  # one task thread at a time decides what to carry
+
+    def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
+        """The async Redis client batches mark sent messages with, bound to this loop."""
+        with self._lock:
+            if self._marks is None:
+                self._marks = AsyncMarks(redis_url, job_ttl)
+            return self._marks
+
+    def limiter(self, redis_url: str, job_ttl: float, slot_wait: float) -> Limiter:
+        """The account limits shared with every worker (on the marks' async Redis client)."""
+        marks = self.marks(redis_url, job_ttl)
+        with self._lock:
+            if self._limiter is None:
+                self._limiter = Limiter(marks.redis, slot_wait=slot_wait)
+            return self._limiter
+
+    def in_flight(self, account: str) -> int:
+        """Messages of ``account`` this process is delivering (or waiting to) right now."""
+        with self._lock:
+            return self._in_flight[account]
+
+    @contextlib.contextmanager
+    def sending(self, accounts: list[str]) -> Iterator[None]:
+        """Count these messages as in flight while the block runs (those this thread reserved
+        when it took them to carry are counted already)."""
+        with self._counted(Counter(accounts) - self._held()):
+            yield
+
+    @contextlib.contextmanager
+    def reserving(self, accounts: list[str]) -> Iterator[None]:
+        """Count jobs taken to carry as in flight from the moment they are taken: task threads
+        that take at the same time must see each other's, or one process carries far more than
+        its bound of an account's backlog (and another worker finds nothing left to take)."""
+        counts = Counter(accounts)
+        before = self._held()
+        self._reserved.counts = before + counts
+        try:
+            with self._counted(counts):
+                yield
+        finally:
+            self._reserved.counts = before
+
+    def _held(self) -> Counter[str]:
+        return getattr(self._reserved, "counts", None) or Counter()
+
+    @contextlib.contextmanager
+    def _counted(self, counts: Counter[str]) -> Iterator[None]:
+        with self._lock:
+            self._in_flight.update(counts)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight.subtract(counts)
+                for name in counts:
+                    if self._in_flight[name] <= 0:
+                        del self._in_flight[name]
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the process loop from a task thread and wait for it.
+
+        When the wait ends early (the timeout, Celery's soft time limit, any
+        exception in this thread) the coroutine is cancelled and, for a few
+        seconds, waited for: its claims must not be released while a send it
+        started may still be running.
+        """
+        started, finished = threading.Event(), threading.Event()
+
+        async def guarded() -> T:
+            started.set()
+            try:
+                return await coro
+            finally:
+                finished.set()
+
+        future = self.submit(guarded())
+        try:
+            return future.result(timeout)
+        except BaseException as exc:
+            if isinstance(exc, TimeoutError):  # where it hangs, for the log (names and lines only)
+                log.warning("loop work timed out after %ss, waiting in %s", timeout, awaiting(coro))
+            future.cancel()
+            if started.is_set():  # it may have a send under way: let the cancellation land
+                finished.wait(CANCEL_WAIT_SECONDS)
+            raise
+
+    # ---- records: re-read only when a file changed ---------------------------------
+
+    def _stamp(self, records: Records) -> tuple[tuple[str, float], ...]:
+        paths = []
+        for folder in (
+            records.accounts_dir,
+            records.config_dir / "auth-profiles",
+            records.config_dir / "keystores",
+        ):
+            if folder.is_dir():
+                paths += [p for p in folder.iterdir() if p.suffix in (".yaml", ".yml")]
+        stamp = []
+        for path in sorted(paths):
+            try:
+                stamp.append((str(path), path.stat().st_mtime))
+            except OSError:
+                continue
+        return tuple(stamp)
+
+    def records(self, *, fresh: bool = False) -> Records:
+        """The cached records, re-read when a file changed (checked every few seconds,
+        or now with ``fresh``, used when a job names an account the cache lacks)."""
+        with self._lock:
+            now = time.monotonic()
+            recent = now - self._records_checked < RECORDS_RECHECK_SECONDS
+            if self._records is not None and recent and not fresh:
+                return self._records
+            self._records_checked = now
+            if self._records is None:
+                self._records = Records.load()
+                self._records_stamp = self._stamp(self._records)
+                return self._records
+            stamp = self._stamp(self._records)
+            if stamp != self._records_stamp:
+                self._records = Records.load()
+                self._records_stamp = self._stamp(self._records)
+            return self._records
+
+    def transport(self, account: EmailAccount) -> Transport:
+        """The pooled transport for ``account``; replaced when its record changed."""
+        with self._lock:
+            cached = self._transports.get(account.name)
+            if cached is not None and (cached[0] is account or cached[0] == account):
+                return cached[1]
+            records = self._records or Records.load()
+            transport = build_transport(account, records, limiter=self._limiter)
+            self._transports[account.name] = (account, transport)
+        if cached is not None:
+            self.submit(cached[1].aclose())
+        return transport
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            transports = [t for _, t in self._transports.values()]
+            self._transports.clear()
+
+        marks, self._marks = self._marks, None
+        self._limiter = None
+
+        async def close_all() -> None:
+            await asyncio.gather(*(t.aclose() for t in transports), return_exceptions=True)
+            if marks is not None:
+                await marks.aclose()
+
+        if self.loop.is_running():
+            with contextlib.suppress(TimeoutError):
+                self.run(close_all(), timeout)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created on first use (and anew in a forked child)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = Runtime()
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None and runtime.pid == os.getpid():
+        runtime.close()
+
+
+def awaiting(coro: Any) -> str:
+    """The chain of coroutines ``coro`` is suspended in, innermost last (``name:line > …``)."""
+    parts: list[str] = []
+    obj = coro
+    while obj is not None and len(parts) < 40:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is None:  # a future or a gather: where the chain of coroutines ends
+            parts.append(type(obj).__name__)
+            break
+        parts.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return " > ".join(parts)

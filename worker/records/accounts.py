@@ -1,0 +1,443 @@
+"""Email account records (outbound part) and their resolution into ready settings.
+
+``AccountRecord`` is the YAML as written (field names are the contract in
+DESIGN §1). :func:`resolve_account` applies provider presets and the
+``advanced`` overrides and checks cross-field rules, producing an immutable
+:class:`EmailAccount` that the transports use without further parsing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from worker.errors import RecordProblem
+from worker.records.advanced import AUTH_MECHANISMS, TLS_VERSIONS, TlsName, parse_advanced
+from worker.records.fields import Address, Line, RecordModel, SecretField, TlsVersion, check_address
+from worker.records.providers import DEFAULT_PORTS, GRAPH_LIMITS, PRESETS, Protocol, Provider, infer_provider
+from worker.records.secrets import Secret
+from worker.records.yamlsrc import YamlDocument
+
+AuthMode = Literal["password", "oauth", "none"]
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|s|m|h|d)\s*$")
+_RATE_SECONDS = {
+    "second": 1,
+    "s": 1,
+    "minute": 60,
+    "m": 60,
+    "hour": 3600,
+    "h": 3600,
+    "day": 86400,
+    "d": 86400,
+}
+DEFAULT_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+_DKIM_SELECTOR = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*$")
+_DKIM_DOMAIN = re.compile(r"^(?=.{1,253}$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z]{2,63}$")
+
+
+class SigningSettings(RecordModel):
+    keystore: str
+    alias: str | None = None
+
+
+class DkimSettings(RecordModel):
+    """DKIM signing (beyond the account model this follows): the key is a keystore
+    entry (``keystore`` + ``alias``) or a PEM private key secret (``private_key``)."""
+
+    domain: Line
+    selector: Line
+    keystore: str | None = None
+    alias: str | None = None
+    private_key: SecretField | None = None
+    headers: list[Line] | None = None  # header fields to sign; default: dkimpy's recommended set
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = (
+        "relaxed/relaxed"
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        if not _DKIM_DOMAIN.match(value.rstrip(".")):
+            raise ValueError(f"{value!r} is not a domain name")
+        return value
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        if not _DKIM_SELECTOR.match(value):
+            raise ValueError(f"{value!r} is not a valid selector (DNS labels: letters, digits, '-', '_')")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "from" not in (h.lower() for h in value):
+            raise ValueError("must include From (RFC 6376 requires it to be signed)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> DkimSettings:
+        if (self.keystore is None) == (self.private_key is None):
+            raise ValueError("give exactly one of keystore (with an optional alias) or private_key")
+        if self.alias is not None and self.keystore is None:
+            raise ValueError("alias applies to keystore, not private_key")
+        return self
+
+
+class SmtpSettings(RecordModel):
+    address: Address
+    display_name: Line | None = None
+    user_id: Line | None = None
+    password: SecretField | None = None
+    reply_to: Address | None = None
+    host: Line | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    secure: bool = True
+    protocol: Literal["starttls", "smtps"] | None = None
+    min_tls_version: TlsVersion = "1.2"
+    truststore: str | None = None
+    auth: AuthMode | None = None
+    oauth_profile: str | None = None
+    signing: SigningSettings | None = None
+    advanced: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class GraphSettings(RecordModel):
+    user_principal_name: Address
+    address: Address | None = None
+    display_name: Line | None = None
+    reply_to: Address | None = None
+    auth_profile: str
+    base_url: str = "https://graph.microsoft.com"
+    truststore: str | None = None
+    timeout: float = Field(default=30.0, gt=0, le=600)
+    signing: SigningSettings | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return value.rstrip("/")
+
+
+class LimitsSettings(RecordModel):
+    rate: str | None = None
+    max_connections: int | None = Field(default=None, ge=1, le=100)
+    daily_recipients: int | None = Field(default=None, ge=1)
+    max_recipients_per_message: int | None = Field(default=None, ge=1)
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None and not _RATE.match(value):
+            raise ValueError('must look like "30/minute" (per second, minute, hour or day)')
+        return value
+
+
+class AccountRecord(RecordModel):
+    description: Line | None = None
+    provider: Provider | None = None
+    send_using: Literal["smtp", "graph"] = "smtp"
+    smtp: SmtpSettings | None = None
+    graph: GraphSettings | None = None
+    limits: LimitsSettings | None = None
+    dkim: DkimSettings | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    rate: tuple[int, float] | None  # (messages, per seconds)
+    max_connections: int
+    daily_recipients: int | None
+    max_recipients_per_message: int | None
+
+
+@dataclass(frozen=True)
+class SmtpEndpoint:
+    """Everything the SMTP transport needs, already resolved; holds no secret values."""
+
+    host: str
+    port: int
+    protocol: Protocol
+    min_tls_version: TlsName
+    max_tls_version: TlsName | None
+    check_hostname: bool
+    truststore: str | None
+    auth: AuthMode
+    username: str | None
+    password: Secret | None
+    oauth_profile: str | None
+    mechanisms: tuple[str, ...]
+    ehlo_name: str | None
+    envelope_from: str | None
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    dsn_notify: str | None = None
+    dsn_ret: str | None = None
+
+    @property
+    def security_label(self) -> str:
+        """The DESIGN §6 result line for this endpoint."""
+        return {
+            "none": "SMTP (Connect using default)",
+            "smtps": "SMTP (Connect using SMTPS)",
+            "starttls": "SMTP (Connect using STARTTLS)",
+        }[self.protocol]
+
+
+@dataclass(frozen=True)
+class EmailAccount:
+    name: str
+    source: Path
+    description: str | None
+    provider: Provider
+    send_using: Literal["smtp", "graph"]
+    from_address: str
+    display_name: str | None
+    reply_to: str | None
+    limits: Limits
+    smtp: SmtpEndpoint | None = None
+    graph: GraphSettings | None = None
+    signing: SigningSettings | None = None
+    dkim: DkimSettings | None = None
+    # names of other records this account depends on: (field path, kind, name)
+    references: tuple[tuple[str, str, str], ...] = field(default=())
+
+    def summary(self) -> dict[str, Any]:
+        """A secret-free description for ``accounts list`` and the API."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "provider": self.provider,
+            "send_using": self.send_using,
+            "address": self.from_address,
+        }
+        if self.smtp:
+            out.update(
+                host=self.smtp.host,
+                port=self.smtp.port,
+                security=self.smtp.security_label,
+                auth=self.smtp.auth,
+            )
+        if self.graph:
+            out.update(base_url=self.graph.base_url, auth_profile=self.graph.auth_profile)
+        if self.signing:
+            out["signing"] = {"keystore": self.signing.keystore, "alias": self.signing.alias}
+        if self.dkim:
+            out["dkim"] = {"domain": self.dkim.domain, "selector": self.dkim.selector}
+        return out
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    match = _RATE.match(text)
+    assert match, text
+    return int(match.group(1)), float(_RATE_SECONDS[match.group(2)])
+
+
+def resolve_account(
+    doc: YamlDocument, record: AccountRecord
+) -> tuple[EmailAccount | None, list[RecordProblem]]:
+    """Apply presets and advanced keys, check cross-field rules."""
+    problems: list[RecordProblem] = []
+
+    def bad(loc: tuple[str | int, ...], reason: str) -> None:
+        problems.append(doc.problem(loc, reason))
+
+    smtp, graph = record.smtp, record.graph
+    identity = smtp.address if smtp else (graph.address or graph.user_principal_name if graph else None)
+    provider: Provider = record.provider or infer_provider(identity)
+    preset = PRESETS[provider]
+
+    endpoint: SmtpEndpoint | None = None
+    if record.send_using == "smtp":
+        if smtp is None:
+            bad(("smtp",), "required when send_using is smtp")
+        else:
+            endpoint = _resolve_smtp(smtp, provider, bad)
+    else:
+        if provider != "office365":
+            bad(
+                ("send_using",),
+                f"graph can only be used with provider office365 (provider is {provider})",
+            )
+        if graph is None:
+            bad(("graph",), "required when send_using is graph")
+    if smtp and smtp.signing and graph and graph.signing:
+        bad(("graph", "signing"), "signing is set under both smtp and graph; keep one")
+
+    limits_rec = record.limits or LimitsSettings()
+    # Graph has limits of its own (DESIGN §5): 4 concurrent requests and 10,000 requests per
+    # 10 minutes per mailbox, instead of SMTP AUTH's 3 connections and 30 messages a minute
+    preset_limits = GRAPH_LIMITS if record.send_using == "graph" else preset.limits
+    limits = Limits(
+        rate=parse_rate(limits_rec.rate)
+        if limits_rec.rate
+        else (parse_rate(preset_limits.rate) if preset_limits.rate else None),
+        max_connections=limits_rec.max_connections or preset_limits.max_connections,
+        daily_recipients=limits_rec.daily_recipients or preset.limits.daily_recipients,
+        max_recipients_per_message=limits_rec.max_recipients_per_message
+        or preset.limits.max_recipients_per_message,
+    )
+
+    refs: list[tuple[str, str, str]] = []
+    if smtp:
+        if smtp.truststore:
+            refs.append(("smtp.truststore", "keystore", smtp.truststore))
+        if smtp.signing:
+            refs.append(("smtp.signing.keystore", "keystore", smtp.signing.keystore))
+        if smtp.oauth_profile and record.send_using == "smtp":
+            refs.append(("smtp.oauth_profile", "auth-profile", smtp.oauth_profile))
+    if graph and record.send_using == "graph":
+        refs.append(("graph.auth_profile", "auth-profile", graph.auth_profile))
+        if graph.truststore:
+            refs.append(("graph.truststore", "keystore", graph.truststore))
+        if graph.signing:
+            refs.append(("graph.signing.keystore", "keystore", graph.signing.keystore))
+    if record.dkim and record.dkim.keystore:
+        refs.append(("dkim.keystore", "keystore", record.dkim.keystore))
+
+    if problems or identity is None:
+        return None, problems
+    if record.send_using == "graph":
+        assert graph is not None
+        from_address = graph.address or (smtp.address if smtp else graph.user_principal_name)
+        display_name, reply_to = graph.display_name, graph.reply_to
+        signing = graph.signing or (smtp.signing if smtp else None)
+    else:
+        assert smtp is not None
+        from_address, display_name, reply_to, signing = (
+            smtp.address,
+            smtp.display_name,
+            smtp.reply_to,
+            smtp.signing,
+        )
+    account = EmailAccount(
+        name=doc.name,
+        source=doc.path,
+        description=record.description,
+        provider=provider,
+        send_using=record.send_using,
+        from_address=from_address,
+        display_name=display_name,
+        reply_to=reply_to,
+        limits=limits,
+        smtp=endpoint,
+        graph=graph if record.send_using == "graph" else None,
+        signing=signing,
+        dkim=record.dkim,
+        references=tuple(refs),
+    )
+    return account, problems
+
+
+def _resolve_smtp(smtp: SmtpSettings, provider: Provider, bad: Any) -> SmtpEndpoint | None:
+    preset = PRESETS[provider]
+    adv, adv_problems = parse_advanced(smtp.advanced)
+    for key, reason in adv_problems:
+        bad(("smtp", "advanced", key), reason)
+
+    protocol: Protocol
+    if not smtp.secure:
+        if smtp.protocol is not None:
+            bad(("smtp", "protocol"), "only applies when secure: true")
+        if adv.ssl_enable or adv.starttls_enable or adv.starttls_required:
+            bad(("smtp", "advanced"), "TLS keys conflict with secure: false")
+        protocol = "none"
+    else:
+        if adv.starttls_required is False:
+            key = adv.sources.get("starttls.required", "mail.smtp.starttls.required")
+            bad(
+                ("smtp", "advanced", key),
+                'secure: true never sends in the clear; it cannot be "false"',
+            )
+        if adv.starttls_enable is False and adv.ssl_enable is not True and smtp.protocol != "smtps":
+            key = adv.sources.get("starttls.enable", "mail.smtp.starttls.enable")
+            bad(
+                ("smtp", "advanced", key),
+                "secure: true needs STARTTLS or SMTPS; use secure: false for a clear connection",
+            )
+        if adv.ssl_enable and adv.starttls_enable:
+            bad(
+                ("smtp", "advanced"),
+                "mail.smtp.ssl.enable and mail.smtp.starttls.enable are both true; pick one",
+            )
+        if smtp.protocol is not None:
+            protocol = smtp.protocol
+            if adv.ssl_enable and protocol == "starttls":
+                bad(("smtp", "protocol"), "conflicts with mail.smtp.ssl.enable: true")
+        elif adv.ssl_enable:
+            protocol = "smtps"
+        elif adv.starttls_enable:
+            protocol = "starttls"
+        elif smtp.port is not None:
+            protocol = "smtps" if smtp.port == 465 else "starttls"
+        else:
+            protocol = preset.protocol
+
+    host = smtp.host or preset.host
+    if not host:
+        bad(("smtp", "host"), f"required (provider {provider} has no preset host)")
+    port = smtp.port or DEFAULT_PORTS[protocol]
+    if adv.envelope_from:
+        try:
+            check_address(adv.envelope_from)
+        except ValueError as exc:
+            bad(("smtp", "advanced", adv.sources.get("from", "mail.smtp.from")), str(exc))
+
+    auth: AuthMode = smtp.auth or ("oauth" if smtp.oauth_profile else "password" if smtp.password else "none")
+    if auth == "password" and smtp.password is None:
+        bad(("smtp", "password"), "required when auth is password (or set auth: none)")
+    if auth == "oauth" and not smtp.oauth_profile:
+        bad(("smtp", "oauth_profile"), "required when auth is oauth")
+    if auth != "oauth" and smtp.oauth_profile:
+        bad(("smtp", "oauth_profile"), f"only used with auth: oauth (auth is {auth})")
+
+    min_tls: TlsName = smtp.min_tls_version
+    max_tls: TlsName | None = None
+    if adv.tls_versions:
+        allowed = [v for v in adv.tls_versions if TLS_VERSIONS.index(v) >= TLS_VERSIONS.index(min_tls)]
+        if not allowed:
+            key = adv.sources.get("ssl.protocols", "mail.smtp.ssl.protocols")
+            bad(
+                ("smtp", "advanced", key),
+                f"allows no TLS version at or above min_tls_version {min_tls}",
+            )
+        else:
+            min_tls, max_tls = allowed[0], allowed[-1]
+
+    default_order = ("XOAUTH2",) if auth == "oauth" else DEFAULT_MECHANISMS
+    order = adv.mechanisms or default_order
+    mechanisms = tuple(m for m in order if m not in adv.disabled_mechanisms and m in AUTH_MECHANISMS)
+    if auth != "none" and not mechanisms:
+        bad(("smtp", "advanced"), "every AUTH mechanism is disabled")
+
+    if not host:
+        return None
+    command_timeout = adv.command_timeout or 30.0
+    return SmtpEndpoint(
+        host=host,
+        port=port,
+        protocol=protocol,
+        min_tls_version=min_tls,
+        max_tls_version=max_tls,
+        check_hostname=adv.check_server_identity,
+        truststore=smtp.truststore,
+        auth=auth,
+        username=(smtp.user_id or smtp.address) if auth != "none" else None,
+        password=smtp.password if auth == "password" else None,
+        oauth_profile=smtp.oauth_profile if auth == "oauth" else None,
+        mechanisms=mechanisms,
+        ehlo_name=adv.ehlo_name,
+        envelope_from=adv.envelope_from,
+        connect_timeout=adv.connect_timeout or 15.0,
+        command_timeout=command_timeout,
+        data_timeout=adv.write_timeout or max(command_timeout, 120.0),
+        dsn_notify=adv.dsn_notify,
+        dsn_ret=adv.dsn_ret,
+    )

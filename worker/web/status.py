@@ -1,0 +1,192 @@
+"""What ``postroom status``, ``postroom health`` and the metrics endpoint show: read from Redis.
+
+Nothing here talks to a worker: queues, job counters, health results and
+account states all live in Redis, so any machine with the broker URL sees the
+whole deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+import redis
+
+from worker.keys import redis_key
+from worker.mail.payload import QUEUE
+from worker.ops import counters
+from worker.ops.health import AccountHealth
+from worker.queue.broker import PRIORITY_STEPS, BrokerKeys
+from worker.queue.delays import MOVING, RETRYING
+from worker.queue.jobs import JobStore
+from worker.records.loader import Records
+
+CERT_WARN_DAYS = 30
+
+
+def queue_names(queue: str = QUEUE, keys: BrokerKeys | None = None) -> dict[str, str]:
+    """Display name -> Redis list, for the queue and Celery's priority sub-queues."""
+    lists = (keys or BrokerKeys()).queue_lists(queue)
+    return {(queue if not p else f"{queue}.p{p}"): key for p, key in zip(PRIORITY_STEPS, lists, strict=True)}
+
+
+def _timestamp(value: Any) -> float | None:
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+class Status:
+    """One snapshot of the deployment (built per command / per scrape)."""
+
+    def __init__(
+        self, store: JobStore, health: AccountHealth, records: Records | None, keys: BrokerKeys | None = None
+    ) -> None:
+        self.keys = keys or BrokerKeys.of_app()
+        self.store = store
+        self.redis: redis.Redis = store.redis
+        self.health = health
+        self.records = records
+        self.account_names = sorted(records.account_names) if records is not None else []
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.time()
+        lists = queue_names(keys=self.keys)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in lists.values():
+                pipe.llen(key)
+            pipe.hlen(self.keys.unacked)
+            pipe.zcard(RETRYING)
+            pipe.zcard(MOVING)
+            pipe.zcard(self.store.dead_key)
+            *depths, unacked, retrying, moving, dead = pipe.execute()
+        names = self.account_names
+        states = self.health.account_states(names)
+        last = self.health.last_many(names)
+        windows = counters.windows(self.redis, names, now)
+        paused = self.health.paused()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(redis_key("held", name))
+                pipe.hgetall(redis_key("stats", name))
+                pipe.lrange(redis_key("health-history", name), 0, -1)
+            per_account = pipe.execute()
+        accounts: dict[str, Any] = {}
+        for i, name in enumerate(names):
+            held, totals, history = per_account[3 * i : 3 * i + 3]
+            accounts[name] = self._account(
+                name, states[name], last[name], windows[name], int(held), totals, history, paused, now
+            )
+        return {
+            "queues": {name: int(depth) for name, depth in zip(lists, depths, strict=True)},
+            # messages workers hold: running, carried along or prefetched (retries wait in
+            # Postroom's delay queue, worker/queue/delays.py, not in a worker)
+            "in_flight": int(unacked),
+            "retrying": int(retrying) + int(moving),
+            "dead_letters": int(dead),
+            "held": sum(a["held"] for a in accounts.values()),
+            "accounts": accounts,
+            "generated_at": now,
+        }
+
+    def _account(
+        self,
+        name: str,
+        state: dict[str, str],
+        health: dict[str, Any] | None,
+        window: dict[str, dict[str, int]],
+        held: int,
+        totals: dict[str, str],
+        history: list[str],
+        paused: frozenset[str],
+        now: float,
+    ) -> dict[str, Any]:
+        check_failures = int(state.get("check_failures") or 0)
+        auth_failures = int(state.get("auth_failures") or 0)
+        if name in paused or state.get("state") == "paused":
+            current = "paused"
+        elif (health is not None and not health.get("ok")) or check_failures or auth_failures:
+            current = "degraded"
+        else:
+            current = "ok"
+        last_success = None
+        for raw in reversed(history):
+            entry = json.loads(raw)
+            if entry.get("ok"):
+                last_success = _timestamp(entry.get("checked_at"))
+                break
+        certificates: dict[str, float] = {}
+        detail = (health or {}).get("detail") or {}
+        if when := _timestamp(detail.get("certificate_expires")):
+            certificates["server"] = when
+        signing = detail.get("signing")
+        if isinstance(signing, dict) and (when := _timestamp(signing.get("expires"))):
+            certificates["signing"] = when
+        days_left = {label: int((when - now) // 86400) for label, when in certificates.items()}
+        day = window["day"]
+        return {
+            "state": current,
+            "reason": state.get("reason") or None,
+            "paused_by": state.get("paused_by") or None,
+            "sent": day["sent"],
+            "failed": day["failed"],
+            "retried": day["retried"],
+            "dead": day["dead"],
+            "last_hour": window["hour"],
+            "last_day": day,
+            "total": {k: int(v) for k, v in totals.items()},
+            "held": held,
+            "check_failures": check_failures,
+            "auth_failures": auth_failures,
+            "health": health,
+            "security": detail.get("security") or (health or {}).get("result"),
+            "last_success_at": last_success,
+            "certificates": certificates,
+            "certificate_days_left": days_left,
+        }
+
+
+def ago(when: float | None, now: float) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago`` (``never`` without a time)."""
+    if not when:
+        return "never"
+    seconds = max(0, int(now - when))
+    return (
+        f"{seconds}s ago"
+        if seconds < 120
+        else f"{seconds // 60}m ago"
+        if seconds < 7200
+        else f"{seconds // 3600}h ago"
+    )
+
+
+def health_line(health: dict[str, Any] | None, now: float) -> str:
+    """An account's last check in one line, as ``postroom status`` and the dashboard show it:
+    ``ok 12s ago: SMTP (Connect using STARTTLS) TLSv1.3`` or ``FAILED …: … (why)``."""
+    if health is None:
+        return "no check yet"
+    verdict = "ok" if health.get("ok") else "FAILED"
+    line = f"{verdict} {ago(_timestamp(health.get('checked_at')), now)}: {health.get('result')}"
+    if (health.get("detail") or {}).get("tls_version"):
+        line += f" {health['detail']['tls_version']}"
+    if not health.get("ok") and health.get("error"):
+        line += f" ({health['error']})"
+    return line
+
+
+def unhealthy(health: dict[str, Any] | None, state: str) -> str | None:
+    """Why an account counts as unhealthy for ``postroom health`` (None: healthy)."""
+    if state == "paused":
+        return "paused"
+    if health is None:
+        return "no health check yet"
+    if not health.get("ok"):
+        return str(health.get("error") or "check failed")
+    return None
