@@ -8,7 +8,7 @@ from worker.records.loader import Records
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult, Transport
 from worker.transports.graph import GraphTransport
 from worker.transports.limits import Limiter
-from worker.transports.smtp import SmtpTransport
+from worker.transports.pool import SmtpTransport
 
 __all__ = [
     "ConnectivityReport",
