@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import threading
 import time
 import weakref
@@ -57,7 +56,7 @@ from worker.records.auth_profiles import (
     load_service_account,
 )
 from worker.records.loader import Records
-from worker.transports.tls import client_context, describe_handshake_error
+from worker.transports.tls import client_context, describe_handshake_error, ssl_cause
 
 log = logging.getLogger("postroom.oauth")
 
@@ -103,15 +102,6 @@ class AccessToken:
     @property
     def expires_iso(self) -> str:
         return datetime.fromtimestamp(self.expires_at, UTC).isoformat(timespec="seconds")
-
-
-def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def http_error(exc: httpx.HTTPError, what: str) -> DeliveryError:

@@ -55,6 +55,7 @@ from worker.transports.tls import (
     client_context,
     describe_handshake_error,
     probe_context,
+    ssl_cause,
     version_at_least,
     version_below,
 )
@@ -83,15 +84,6 @@ class RetryOnFresh(Exception):
     def __init__(self, error: DeliveryError) -> None:
         self.error = error
         super().__init__(str(error))
-
-
-def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 _HANDSHAKE_BREAKS = (
@@ -222,7 +214,7 @@ class SmtpConnection:
         await self._ehlo()
 
     def _handshake_or_io(self, exc: BaseException, what: str) -> DeliveryError:
-        ssl_error = _ssl_cause(exc)
+        ssl_error = ssl_cause(exc)
         if ssl_error is not None:
             reason, policy = describe_handshake_error(ssl_error)
             if policy:

@@ -98,3 +98,13 @@ def describe_handshake_error(exc: ssl.SSLError) -> tuple[str, bool]:
         if marker in reason:
             return text(), True
     return f"TLS error: {exc.reason or exc}", False
+
+
+def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` (its cause or context, however deep), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
