@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, cast
 
 import redis
@@ -48,9 +49,24 @@ PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 # (seconds, with AOF) is waited out this long before the mark is abandoned.
 MARK_PATIENCE = 20.0
 _REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-STATES = ("queued", "sending", "sent", "retrying", "dead", "suppressed", "partial", "held")
 _HISTORY_LIMIT = 50
-OPEN_STATES = frozenset({"queued", "retrying", "sending", "held"})  # the rest are final
+
+
+class JobState(StrEnum):
+    """A job's state as its record, ``postroom job --json``, the HTTP API and the dashboard spell
+    it (DESIGN §2). A StrEnum: each member is its string, in Redis and in JSON alike."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    HELD = "held"  # its account's circuit breaker is open; released when it closes
+    SENT = "sent"
+    DEAD = "dead"
+    SUPPRESSED = "suppressed"
+
+
+OPEN_STATES = frozenset({JobState.QUEUED, JobState.SENDING, JobState.RETRYING, JobState.HELD})
+FINAL_STATES = frozenset(JobState) - OPEN_STATES
 
 
 # Every client of Postroom's state: a half-open connection (a Redis that vanished without a FIN,
@@ -342,7 +358,7 @@ class JobStore:
         with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
             for job_id, payload in jobs:
                 key = _key("job", job_id)
-                pipe.hset(key, mapping=_record_fields(job_id, payload, "queued", submitted_by))
+                pipe.hset(key, mapping=_record_fields(job_id, payload, JobState.QUEUED, submitted_by))
                 pipe.expire(key, self.job_ttl)
                 pipe.zadd(OPEN, {job_id: now})
                 idem = payload.get("idempotency_key")
@@ -387,7 +403,7 @@ class JobStore:
         kept = raw[:MAX_RAW_KEPT]
         fields: dict[Any, str | int | float] = {
             "id": job_id,
-            "state": "dead",
+            "state": JobState.DEAD,
             "attempts": 0,
             "account": UNKNOWN_ACCOUNT,
             "kind": "unreadable",
@@ -427,7 +443,7 @@ class JobStore:
             return None
         return Job(
             id=data.get("id", job_id),
-            state=data.get("state", "queued"),
+            state=data.get("state", JobState.QUEUED),
             attempts=int(data.get("attempts", 0)),
             account=data.get("account", ""),
             transport=data.get("transport") or None,
@@ -475,7 +491,7 @@ class JobStore:
             for i in missing:
                 job_id, source = jobs[i]
                 payload = source() if callable(source) else source
-                created.append((job_id, json.dumps(_record_fields(job_id, payload, "queued"))))
+                created.append((job_id, json.dumps(_record_fields(job_id, payload, JobState.QUEUED))))
             again = self._scripted(
                 lambda pipe: [
                     pipe.evalsha(_BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, fields)
@@ -623,7 +639,7 @@ class JobStore:
         entry: dict[str, Any] = {
             "attempt": attempt,
             "at": now,
-            "outcome": "retry" if state == "retrying" else state,
+            "outcome": "retry" if state == JobState.RETRYING else state,
         }
         if error:
             entry["error"] = error
@@ -659,7 +675,7 @@ class JobStore:
             counter or "",
             *(part for item in fields.items() for part in item),
         )
-        if state == "retrying":
+        if state == JobState.RETRYING:
             pipe.zadd(self.retrying_key, {job_id: now + (retry_in or 0.0)})
         elif tally is not None:
             tally.done_retrying.append(job_id)
@@ -690,7 +706,7 @@ class JobStore:
         args: list[str | float | int] = [
             account,
             json.dumps({"id": job_id, "kwargs": dict(kwargs)}),
-            json.dumps(_record_fields(job_id, kwargs, "held")),
+            json.dumps(_record_fields(job_id, kwargs, JobState.HELD)),
             now,
             reason,
             json.dumps({"at": now, "outcome": "held", "error": reason}),
@@ -767,7 +783,7 @@ class JobStore:
             pipe.hset(
                 key,
                 mapping={
-                    "state": "queued",
+                    "state": JobState.QUEUED,
                     "attempts": 0,
                     "updated_at": time.time(),
                     "enqueued_at": time.time(),

@@ -52,6 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from worker.client import Producer
 from worker.keys import redis_key
 from worker.ops.health import AccountHealth
+from worker.queue.jobs import FINAL_STATES
 from worker.web import apikeys
 from worker.web.apikeys import ApiKey
 from worker.web.ratelimit import FailureLimiter, client_address
@@ -69,7 +70,6 @@ DEFAULT_SESSION_TTL = 8 * 3600  # POSTROOM_DASHBOARD_SESSION_TTL: seconds a logi
 DEFAULT_LOGIN_FAILURES = "10/hour"  # POSTROOM_DASHBOARD_LOGIN_FAILURES: failed logins per client address
 DEAD_LETTERS_SHOWN = 500  # newest first; "retry all" / "purge all" take every one up to the newest shown
 MAX_FORM_BYTES = 16 * 1024
-FINAL_STATES = ("sent", "dead", "suppressed")
 _TEMPLATES = Path(__file__).with_name("templates")
 _STATIC = Path(__file__).with_name("static")
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
