@@ -5,8 +5,10 @@ opening it (STARTTLS required when ``secure``, minimum TLS version, verified
 certificate, chosen AUTH mechanism), then runs mail transactions on it. The
 per-account pool over these sessions is :mod:`worker.transports.pool`.
 
-aiosmtplib exceptions never leave this module: they are translated into
-:mod:`worker.errors` here.
+aiosmtplib exceptions never leave this module: the steps of opening a
+session translate them with the one table in :mod:`worker.transports.smtp_errors`;
+a mail transaction classifies the replies it reads itself (a lost connection
+before the content went out is retried on a fresh one, after it never).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from aiosmtplib import (
 from aiosmtplib.auth import auth_xoauth2_encode
 
 from worker.errors import (
-    AuthenticationFailed,
     ConnectionFailed,
     DeliveryError,
     PermanentError,
@@ -50,12 +51,11 @@ from worker.errors import (
 from worker.records.accounts import SmtpEndpoint
 from worker.transports import pipelining
 from worker.transports.base import OutgoingMessage, SendResult
+from worker.transports.smtp_errors import CAUGHT, translate
 from worker.transports.tls import (
     below_minimum,
     client_context,
-    describe_handshake_error,
     probe_context,
-    ssl_cause,
     version_at_least,
     version_below,
 )
@@ -201,28 +201,22 @@ class SmtpConnection:
             await self.client.connect()
         except SMTPConnectResponseError as exc:
             self.protocol = self.client.protocol
-            raise self._error(classify_smtp_reply(exc.code, exc.message, stage="greeting")) from None
-        except (SMTPTimeoutError, TimeoutError):
-            raise self._error(ConnectionFailed(f"timed out connecting to {where}")) from None
-        except (SMTPException, OSError) as exc:
-            error = self._handshake_or_io(exc, f"cannot connect to {where}")
-            if ep.protocol == "smtps" and _in_handshake(exc):
+            raise self._error(translate(exc, "greeting")) from None
+        except CAUGHT as exc:
+            error = self._error(
+                translate(
+                    exc,
+                    "connect",
+                    lost=f"cannot connect to {where}",
+                    timed_out=f"timed out connecting to {where}",
+                )
+            )
+            if ep.protocol == "smtps" and not isinstance(exc, TimeoutError) and _in_handshake(exc):
                 error = await self._version_policy(error)
             raise error from None
         self.protocol = self.client.protocol
         self.client.timeout = ep.command_timeout
         await self._ehlo()
-
-    def _handshake_or_io(self, exc: BaseException, what: str) -> DeliveryError:
-        ssl_error = ssl_cause(exc)
-        if ssl_error is not None:
-            reason, policy = describe_handshake_error(ssl_error)
-            if policy:
-                return self._error(SecurityPolicyError(f"{reason}; nothing was sent"))
-            return self._error(ConnectionFailed(f"{what}: {reason}"))
-        cause = exc.__cause__ or exc
-        detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-        return self._error(ConnectionFailed(f"{what}: {detail}"))
 
     async def _version_policy(self, error: DeliveryError) -> DeliveryError:
         """A failed handshake whose cause is the server's TLS version is a permanent policy
@@ -276,10 +270,8 @@ class SmtpConnection:
     async def _ehlo(self) -> None:
         try:
             response = await self.client.ehlo()
-        except SMTPResponseException as exc:
-            raise self._error(classify_smtp_reply(exc.code, exc.message, stage="EHLO")) from None
-        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
-            raise self._error(ConnectionFailed("connection lost during EHLO")) from None
+        except CAUGHT as exc:
+            raise self._error(translate(exc, "EHLO")) from None
         del response
         self.extensions = tuple(sorted(self.client.esmtp_extensions))
         self.offered_mechanisms = tuple(m.upper() for m in self.client.server_auth_methods)
@@ -296,13 +288,19 @@ class SmtpConnection:
                 )
             try:
                 await self.client.starttls(server_hostname=ep.host, tls_context=context)
-            except SMTPResponseException as exc:
-                raise self._error(classify_smtp_reply(exc.code, exc.message, stage="STARTTLS")) from None
-            except (SMTPTimeoutError, TimeoutError):
-                raise self._error(ConnectionFailed("timed out during the TLS handshake")) from None
-            except (SMTPException, OSError) as exc:
-                error = self._handshake_or_io(exc, "STARTTLS failed")
-                raise (await self._version_policy(error) if _in_handshake(exc) else error) from None
+            except CAUGHT as exc:
+                error = self._error(
+                    translate(
+                        exc,
+                        "STARTTLS",
+                        lost="STARTTLS failed",
+                        timed_out="timed out during the TLS handshake",
+                    )
+                )
+                in_handshake = not isinstance(exc, SMTPResponseException | TimeoutError) and _in_handshake(
+                    exc
+                )
+                raise (await self._version_policy(error) if in_handshake else error) from None
             await self._ehlo()
         if ep.protocol != "none":
             ssl_object = self.client.get_transport_info("ssl_object")
@@ -362,15 +360,10 @@ class SmtpConnection:
                     "CRAM-MD5": self.client.auth_crammd5,
                 }[mechanism]
                 await method(ep.username, secret)
-        except SMTPAuthenticationError as exc:
-            error = classify_smtp_reply(exc.code, exc.message, stage=f"AUTH {mechanism}")
-            if isinstance(error, PermanentError) and not isinstance(error, AuthenticationFailed):
-                error = AuthenticationFailed(
-                    f"AUTH {mechanism} refused", code=exc.code, server_text=exc.message
-                )
-            raise self._error(error) from None
-        except (SMTPServerDisconnected, SMTPTimeoutError, OSError):
-            raise self._error(ConnectionFailed("connection lost during AUTH")) from None
+        except CAUGHT as exc:
+            raise self._error(
+                translate(exc, f"AUTH {mechanism}", lost="connection lost during AUTH")
+            ) from None
         self.auth_mechanism = mechanism
 
     async def _token(self, token_provider: TokenProvider, force: bool) -> str:
