@@ -222,7 +222,7 @@ def test_carried_jobs_let_go_while_redis_was_away_are_restored_by_the_reaper(own
 def test_a_task_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue: QueueEnv) -> None:
     """The threads pool cannot stop a thread: a task past the hard time limit stops holding its
     message and the jobs it carries (the reaper gives them back) and its Message-ID claims lapse."""
-    from worker.queue.jobs import CLAIMS
+    from worker.queue.marks import CLAIMS
 
     own = unacked(own_queue, "t-own", age=60)
     carried = unacked(own_queue, "t-carried", age=60)

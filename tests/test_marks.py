@@ -16,7 +16,8 @@ import redis.asyncio
 
 from support.queue import QueueEnv
 from worker.errors import RecipientStatus
-from worker.queue.jobs import AsyncMarks, JobStore
+from worker.queue.jobs import JobStore
+from worker.queue.marks import AsyncMarks
 
 SENT = RecipientStatus("sent", 250, "ok")
 

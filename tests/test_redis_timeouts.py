@@ -17,7 +17,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.queue.jobs import REDIS_TIMEOUTS, AsyncMarks, JobStore
+from worker.keys import REDIS_TIMEOUTS
+from worker.queue.jobs import JobStore
+from worker.queue.marks import AsyncMarks
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ from worker.mail import autoreply
 from worker.mail.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.mail.payload import SendPayload
 from worker.mail.signing import sign_message
-from worker.queue.jobs import CLAIM_TTL, CLAIMS, AsyncMarks, JobStore
+from worker.queue.jobs import JobStore
+from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks
 from worker.queue.runtime import Runtime
 from worker.records.accounts import Limits
 from worker.settings import Settings

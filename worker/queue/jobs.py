@@ -25,11 +25,9 @@ names, errors carry server replies.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,16 +37,21 @@ from typing import Any, cast
 
 import redis
 
-from worker.errors import RecipientStatus
-from worker.keys import redis_key
+from worker.keys import REDIS_TIMEOUTS, redis_key
 from worker.ops import counters
+from worker.queue.marks import (
+    CLAIM_SCRIPT,
+    CLAIM_SHA,
+    MARK_PATIENCE,
+    MARK_SCRIPT,
+    REDIS_UNAVAILABLE,
+    RELEASE_SCRIPT,
+    RELEASE_SHA,
+    Mark,
+    mark_command,
+)
 
 PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-# The sent mark is the one write that must not be given up on: written after the server's 250,
-# it is all that stops a later attempt from sending the message again. A Redis that is restarting
-# (seconds, with AOF) is waited out this long before the mark is abandoned.
-MARK_PATIENCE = 20.0
-_REDIS_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _HISTORY_LIMIT = 50
 
 
@@ -67,16 +70,6 @@ class JobState(StrEnum):
 
 OPEN_STATES = frozenset({JobState.QUEUED, JobState.SENDING, JobState.RETRYING, JobState.HELD})
 FINAL_STATES = frozenset(JobState) - OPEN_STATES
-
-
-# Every client of Postroom's state: a half-open connection (a Redis that vanished without a FIN,
-# a network partition) fails a command after this long instead of hanging its thread for ever.
-# No command Postroom sends blocks on the server, so a longer wait always means trouble.
-REDIS_TIMEOUTS: dict[str, Any] = {
-    "socket_timeout": 15.0,
-    "socket_connect_timeout": 10.0,
-    "health_check_interval": 30,
-}
 
 
 _key = redis_key
@@ -167,14 +160,6 @@ redis.call('HSET', KEYS[1], 'state', 'sending', 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
 """
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-# A Message-ID claim for an attempt and what was already delivered, in one command. KEYS: claim,
-# the claim and delivered hash of before the per-account keys, delivered hash; ARGV: token, ttl.
-_CLAIM = """
-local claimed = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
-return {claimed and 1 or 0, redis.call('EXISTS', KEYS[2]),
-        redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
-"""
 # An attempt's end on the record, in one command instead of seven a job (see finish_into).
 # KEYS: job, history, open, dead, stats of the account. ARGV: job id, state, now, history entry,
 # history limit, ttl, "1" when the state is final (off the open list), counter ("" none; "dead"
@@ -198,24 +183,6 @@ if ARGV[8] == 'dead' then
   redis.call('HINCRBY', KEYS[5], 'failed', 1)
 elseif ARGV[8] ~= '' then
   redis.call('HINCRBY', KEYS[5], ARGV[8], 1)
-end
-return 1
-"""
-# Sent marks and the claims given up, for any number of messages in one command (a message's
-# 250 is followed by this one write; marks that wait together go together). KEYS: delivered
-# hash, claim, for each message; ARGV: ttl, then for each message its claim token, the number
-# of recipients and their recipient/result pairs.
-_MARK = """
-local ttl, a = ARGV[1], 2
-for k = 1, #KEYS, 2 do
-  local token, n = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
-  if n > 0 then
-    for i = a, a + 2 * n - 2, 2 do redis.call('HSET', KEYS[k], ARGV[i], ARGV[i + 1]) end
-    redis.call('EXPIRE', KEYS[k], ttl)
-    a = a + 2 * n
-  end
-  if redis.call('GET', KEYS[k + 1]) == token then redis.call('DEL', KEYS[k + 1]) end
 end
 return 1
 """
@@ -243,29 +210,11 @@ return 1
 # Pipelines call the scripts by SHA: redis-py's Script objects would ask SCRIPT EXISTS on every
 # pipeline (an extra round trip); a Redis that lost them (a restart) gets them loaded again.
 _BEGIN_SHA = hashlib.sha1(_BEGIN.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
-_RELEASE_SHA = hashlib.sha1(_RELEASE.encode()).hexdigest()  # noqa: S324
-_MARK_SHA = hashlib.sha1(_MARK.encode()).hexdigest()  # noqa: S324
-_CLAIM_SHA = hashlib.sha1(_CLAIM.encode()).hexdigest()  # noqa: S324
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
     """A hash as a script returns it (field, value, field, value, ...) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-Mark = tuple[str, str, Mapping[str, RecipientStatus], str]  # account, Message-ID, accepted, claim token
-
-
-def _mark_command(marks: Sequence[Mark], ttl: int) -> tuple[Any, ...]:
-    """The EVALSHA arguments that write ``marks`` (sent marks and claim releases) at once."""
-    keys: list[str] = []
-    args: list[Any] = [ttl]
-    for account, message_id, accepted, token in marks:
-        keys += (_key("delivered", account, message_id), _key("claim", account, message_id))
-        args += (token, len(accepted))
-        for address, result in accepted.items():
-            args += (address, json.dumps(result.as_dict()))
-    return (_MARK_SHA, len(keys), *keys, *args)
 
 
 @dataclass
@@ -514,7 +463,7 @@ class JobStore:
         raw = self._scripted(
             lambda pipe: [
                 pipe.evalsha(
-                    _CLAIM_SHA,
+                    CLAIM_SHA,
                     4,
                     _key("claim", account, message_id),
                     _key("claim", message_id),  # an attempt from before the per-account keys
@@ -544,7 +493,7 @@ class JobStore:
         if not claims:
             return
         self._scripted(
-            lambda pipe: [pipe.evalsha(_RELEASE_SHA, 1, _key("claim", a, m), token) for a, m, token in claims]
+            lambda pipe: [pipe.evalsha(RELEASE_SHA, 1, _key("claim", a, m), token) for a, m, token in claims]
         )
 
     def _scripted(self, commands: Callable[[Any], object]) -> list[Any]:
@@ -558,9 +507,9 @@ class JobStore:
                     if attempt == 2:
                         raise
             self.redis.script_load(_BEGIN)
-            self.redis.script_load(_RELEASE)
-            self.redis.script_load(_MARK)
-            self.redis.script_load(_CLAIM)
+            self.redis.script_load(RELEASE_SCRIPT)
+            self.redis.script_load(MARK_SCRIPT)
+            self.redis.script_load(CLAIM_SCRIPT)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def mark_many(self, marks: list[Mark]) -> None:
@@ -569,7 +518,7 @@ class JobStore:
 
         def commands(pipe: Any) -> None:
             if marks:
-                pipe.evalsha(*_mark_command(marks, self.job_ttl))
+                pipe.evalsha(*mark_command(marks, self.job_ttl))
 
         deadline = time.monotonic() + MARK_PATIENCE
         pause = 0.1
@@ -577,7 +526,7 @@ class JobStore:
             try:
                 self._scripted(commands)
                 return
-            except _REDIS_UNAVAILABLE:
+            except REDIS_UNAVAILABLE:
                 if time.monotonic() + pause > deadline:
                     raise
             time.sleep(pause)
@@ -823,130 +772,3 @@ def _unreadable(data: Mapping[str, str]) -> dict[str, Any] | None:
         "claimed_id": data.get("raw_claimed_id") or None,
         "task": data.get("raw_task") or None,
     }
-
-
-CLAIM_TTL = 15  # seconds; renewed while its attempt runs, so a dead attempt's claim is gone soon
-
-
-class ClaimRegistry:
-    """The Message-ID claims this process's attempts hold, renewed by its heartbeat
-    (worker/queue/liveness.py) every few seconds while they run: a claim outlives its attempt by at
-    most :data:`CLAIM_TTL` seconds, however long the attempt was allowed to take. Each claim
-    remembers the thread that took it: a thread stuck past its time limit has its claims
-    dropped (no longer renewed), so that another worker may send what it was sending."""
-
-    def __init__(self) -> None:
-        self._held: dict[str, tuple[str, int]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, claims: Iterable[tuple[str, str, str]]) -> None:
-        owner = threading.get_ident()
-        with self._lock:
-            for account, message_id, token in claims:
-                self._held[_key("claim", account, message_id)] = (token, owner)
-
-    def discard(self, claims: Iterable[tuple[str, str, str]]) -> None:
-        with self._lock:
-            for account, message_id, token in claims:
-                key = _key("claim", account, message_id)
-                if self._held.get(key, ("", 0))[0] == token:
-                    del self._held[key]
-
-    def drop_owned_by(self, thread: int) -> int:
-        with self._lock:
-            keys = [key for key, (_, owner) in self._held.items() if owner == thread]
-            for key in keys:
-                del self._held[key]
-        return len(keys)
-
-    def renew(self, client: redis.Redis) -> None:
-        with self._lock:
-            held = [(key, token) for key, (token, _) in self._held.items()]
-        if not held:
-            return
-        with client.pipeline(transaction=False) as pipe:
-            for key, token in held:
-                pipe.eval(_RENEW, 1, key, token, CLAIM_TTL * 1000)
-            pipe.execute()
-
-
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0
-"""
-CLAIMS = ClaimRegistry()
-
-
-class AsyncMarks:
-    """The sent mark from the event loop (batches): no thread hop between a server's 250
-    and the write that stops any later attempt from sending to those recipients again.
-
-    One write is under way at a time (group commit): the marks that arrive meanwhile go
-    together in the next one, which starts the moment it is done. Every caller waits until
-    its own mark is written. (A pipeline per loop turn carried about one mark each in a
-    batch and cost ~8 % of its CPU.)
-    """
-
-    def __init__(self, url: str, job_ttl: float) -> None:
-        import redis.asyncio
-
-        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, **REDIS_TIMEOUTS)
-        self.job_ttl = int(job_ttl)
-        self._queued: list[tuple[Mark, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def mark_delivered(
-        self, account: str, message_id: str, accepted: Mapping[str, RecipientStatus], release: str
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._queued.append(((account, message_id, accepted, release), done))
-        if self._writer is None or self._writer.done():  # it starts next turn: this turn's marks join
-            self._writer = loop.create_task(self._write_queued())
-        await done
-
-    async def _write_queued(self) -> None:
-        while self._queued:
-            batch, self._queued = self._queued, []
-            await self._flush(batch)
-
-    async def _flush(self, batch: list[tuple[Mark, asyncio.Future[None]]]) -> None:
-        deadline = time.monotonic() + MARK_PATIENCE
-        pause = 0.1
-        error: Exception | None = None
-        written = False
-        try:
-            while True:  # a Redis restarting is waited out (see MARK_PATIENCE); writes are idempotent
-                try:
-                    await self._write(batch)
-                    written = True
-                except _REDIS_UNAVAILABLE as exc:
-                    if time.monotonic() + pause <= deadline:
-                        await asyncio.sleep(pause)
-                        pause = min(pause * 2, 1.0)
-                        continue
-                    error = exc
-                except Exception as exc:
-                    error = exc
-                break
-        finally:  # settled however it ends (cancelled too: nobody waits for a write that never comes)
-            for _, done in batch:
-                if done.done():
-                    continue
-                if written:
-                    done.set_result(None)
-                elif error is not None:
-                    done.set_exception(error)
-                else:
-                    done.cancel()
-
-    async def _write(self, batch: list[tuple[Mark, asyncio.Future[None]]]) -> None:
-        command = _mark_command([mark for mark, _ in batch], self.job_ttl)
-        try:
-            await self.redis.evalsha(*command)
-        except redis.exceptions.NoScriptError:  # a Redis that lost its scripts (a restart)
-            await self.redis.script_load(_MARK)
-            await self.redis.evalsha(*command)
-
-    async def aclose(self) -> None:
-        await self.redis.aclose()

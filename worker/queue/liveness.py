@@ -42,7 +42,7 @@ import redis
 
 from worker.keys import redis_key
 from worker.queue.broker import BrokerKeys, restore_unacked
-from worker.queue.jobs import CLAIMS
+from worker.queue.marks import CLAIMS
 
 log = logging.getLogger("postroom.liveness")
 

@@ -21,7 +21,7 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from worker.queue.jobs import AsyncMarks
+from worker.queue.marks import AsyncMarks
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
 from worker.transports import Transport, build_transport
