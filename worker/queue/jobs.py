@@ -14,8 +14,10 @@ Keys (all under ``postroom:``)::
     retrying                 sorted set of jobs waiting for a retry, by when it is due
     open                     sorted set of jobs not ended yet, by enqueue time (worker/queue/sweep.py)
 
-Claims and sent marks are scoped per account (DESIGN §2): a job of one account
-can never be suppressed by, or learn about, another account's Message-IDs.
+The claim and sent-mark scripts live in :mod:`worker.queue.marks` (the duplicate guard);
+the store runs them in its pipelines. Claims and sent marks are scoped per account
+(DESIGN §2): a job of one account can never be suppressed by, or learn about, another
+account's Message-IDs.
 Marks written before that (``delivered:<message_id>``, ``claim:<message_id>``)
 are still honoured until they expire (``job_ttl``).
 

@@ -56,7 +56,7 @@ from worker.records.auth_profiles import (
     load_service_account,
 )
 from worker.records.loader import Records
-from worker.transports.tls import client_context, describe_handshake_error, ssl_cause
+from worker.transports.tls import client_context, failure_reason, ssl_cause
 
 log = logging.getLogger("postroom.oauth")
 
@@ -106,17 +106,10 @@ class AccessToken:
 
 def http_error(exc: httpx.HTTPError, what: str) -> DeliveryError:
     """An httpx failure as a delivery error: TLS policy problems are permanent."""
-    ssl_error = ssl_cause(exc)
-    if ssl_error is not None:
-        reason, policy = describe_handshake_error(ssl_error)
-        if policy:
-            return SecurityPolicyError(f"{what}: {reason}")
-        return ConnectionFailed(f"{what}: {reason}")
-    if isinstance(exc, httpx.TimeoutException):
+    if ssl_cause(exc) is None and isinstance(exc, httpx.TimeoutException):
         return ConnectionFailed(f"{what}: timed out")
-    cause = exc.__cause__ or exc
-    detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-    return ConnectionFailed(f"{what}: {detail}")
+    reason, policy = failure_reason(exc)
+    return SecurityPolicyError(f"{what}: {reason}") if policy else ConnectionFailed(f"{what}: {reason}")
 
 
 class TokenSource(ABC):

@@ -52,21 +52,16 @@ from worker.errors import (
     SecurityPolicyError,
     classify_smtp_reply,
 )
-from worker.transports.tls import describe_handshake_error, ssl_cause
+from worker.transports.tls import failure_reason
 
 
 def io_failure(exc: BaseException, what: str) -> DeliveryError:
     """A broken connection: ``what`` went wrong, with the socket's or TLS's own reason (a TLS
     policy failure, e.g. an untrusted certificate, is permanent: nothing was sent)."""
-    ssl_error = ssl_cause(exc)
-    if ssl_error is not None:
-        reason, policy = describe_handshake_error(ssl_error)
-        if policy:
-            return SecurityPolicyError(f"{reason}; nothing was sent")
-        return ConnectionFailed(f"{what}: {reason}")
-    cause = exc.__cause__ or exc
-    detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-    return ConnectionFailed(f"{what}: {detail}")
+    reason, policy = failure_reason(exc)
+    if policy:
+        return SecurityPolicyError(f"{reason}; nothing was sent")
+    return ConnectionFailed(f"{what}: {reason}")
 
 
 def _reply(exc: Any, stage: str, lost: str, timed_out: str) -> DeliveryError:

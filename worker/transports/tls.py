@@ -108,3 +108,14 @@ def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def failure_reason(exc: BaseException) -> tuple[str, bool]:
+    """Why a connection broke, and whether that is a TLS policy failure (permanent: e.g. an
+    untrusted certificate) rather than I/O trouble: the TLS error's reason when one is behind
+    ``exc``, else the socket's own words."""
+    ssl_error = ssl_cause(exc)
+    if ssl_error is not None:
+        return describe_handshake_error(ssl_error)
+    cause = exc.__cause__ or exc
+    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__, False
