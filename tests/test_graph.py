@@ -36,15 +36,12 @@ from worker.errors import (
 from worker.mail.message import Attachment, MessageSpec, build_message
 from worker.ops.connectivity import check_connectivity
 from worker.records.loader import Records
-from worker.transports import (
-    GraphTransport,
-    OutgoingMessage,
-    SendResult,
-    SmtpTransport,
-    build_transport,
-    oauth,
-)
 from worker.transports import graph as graph_module
+from worker.transports import oauth
+from worker.transports.base import OutgoingMessage, SendResult
+from worker.transports.factory import build_transport
+from worker.transports.graph import GraphTransport
+from worker.transports.pool import SmtpTransport
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 MAILBOX = "orders@contoso.com"

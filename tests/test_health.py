@@ -27,6 +27,7 @@ from support.smtpd import PASSWORD, SmtpServer
 from worker.client import Producer
 from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
 from worker.queue.delivery import LOG_FORMAT, Outcome, log_attempt
+from worker.queue.jobrecord import JobState
 from worker.queue.jobs import JobStore
 from worker.queue.runtime import RECORDS_RECHECK_SECONDS
 from worker.records.loader import Records
@@ -266,7 +267,7 @@ def test_repeated_authentication_failures_pause_and_a_success_resets_the_count(h
 
 
 def test_the_delivery_line_is_json_when_asked(caplog: pytest.LogCaptureFixture) -> None:
-    outcome = Outcome("sent", transport="smtp", security="STARTTLS TLSv1.3", code=250)
+    outcome = Outcome(JobState.SENT, transport="smtp", security="STARTTLS TLSv1.3", code=250)
     caplog.set_level(logging.INFO, logger="postroom.delivery")
     LOG_FORMAT.json = True
     try:

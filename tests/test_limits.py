@@ -15,7 +15,7 @@ from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.errors import LimitWait
-from worker.queue.jobs import Job
+from worker.queue.jobrecord import Job
 from worker.records.loader import Records
 from worker.transports.limits import Limiter
 
@@ -198,7 +198,8 @@ def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
 ) -> None:
     """An idle pool hands its connections over when another worker waits for the account's
     slots; once the other is done, the first pool must open one again when a send comes."""
-    from worker.transports import OutgoingMessage, SmtpTransport
+    from worker.transports.base import OutgoingMessage
+    from worker.transports.pool import SmtpTransport
 
     server = smtp_server(mode="plain")
     limits_env.account("handover", server, limits={"max_connections": 1})
@@ -237,7 +238,8 @@ def test_a_dead_connection_no_send_holds_gives_its_slot_back(
     """A connection whose socket is gone, waiting in no idle list and held by no send (the
     state a Redis restart followed by the server's left pools in: every slot of the account
     leased by dead connections for about a minute) must not keep its slot lease renewed."""
-    from worker.transports import OutgoingMessage, SmtpTransport
+    from worker.transports.base import OutgoingMessage
+    from worker.transports.pool import SmtpTransport
 
     server = smtp_server(mode="plain")
     limits_env.account("strays", server, limits={"max_connections": 1})
@@ -268,7 +270,8 @@ def test_a_dead_connection_no_send_holds_gives_its_slot_back(
 def _stretching(limits_env: QueueEnv, server: SmtpServer, name: str, each: int, then: int) -> float:
     """Two pools of account ``name`` (cap ``2 x each``) open ``each`` connections apiece; then
     the first sends ``then`` more while the second sits idle. Returns how long those took."""
-    from worker.transports import OutgoingMessage, SmtpTransport
+    from worker.transports.base import OutgoingMessage
+    from worker.transports.pool import SmtpTransport
 
     limits_env.account(name, server, limits={"max_connections": 2 * each})
     account = Records.load(limits_env.accounts, limits_env.config).account(name)

@@ -30,7 +30,9 @@ from worker.errors import (
 from worker.mail.message import MessageSpec, build_message
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
-from worker.transports import OutgoingMessage, SmtpTransport, build_transport
+from worker.transports.base import OutgoingMessage
+from worker.transports.factory import build_transport
+from worker.transports.pool import SmtpTransport
 
 PASSWORD = "s3cret-pass"
 ServerFactory = Callable[..., SmtpServer]

@@ -24,7 +24,8 @@ from worker.mail.payload import QUEUE, SWEEP_TASK_NAME, TASK_NAME
 from worker.ops.health import AccountHealth
 from worker.queue.app import app
 from worker.queue.drain import QueueDrain
-from worker.queue.jobs import OPEN, JobStore
+from worker.queue.jobrecord import OPEN
+from worker.queue.jobs import JobStore
 from worker.queue.sweep import LOCK, Sweeper
 from worker.records.loader import Records
 

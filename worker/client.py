@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from celery import Celery
 from kombu.exceptions import EncodeError
@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
 from worker.mail.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
-from worker.queue.jobs import Job, JobStore, new_job_id
+from worker.queue.jobrecord import FINAL_STATES, Job
+from worker.queue.jobs import JobStore, new_job_id
 from worker.queue.runtime import RECORDS_RECHECK_SECONDS
 from worker.records.loader import Records
 from worker.settings import PUBLISH_RETRY_POLICY, broker_url, redis_url
@@ -75,6 +76,40 @@ def describe_validation_error(error: ValidationError) -> list[str]:
         message = item["msg"].removeprefix("Value error, ")
         problems.append(f"{where or 'payload'}: {message}")
     return problems
+
+
+class MessageOptions(TypedDict, total=False):
+    """A notification's optional message fields, as keyword arguments (DESIGN §2)."""
+
+    cc: Sequence[str]
+    bcc: Sequence[str]
+    attachments: Iterable[Mapping[str, str]]
+    headers: Mapping[str, str] | None
+    idempotency_key: str | None
+    message_id: str | None
+
+
+def message_fields(
+    to: Sequence[str] = (),
+    subject: str = "",
+    text: str | None = None,
+    html: str | None = None,
+    **options: Unpack[MessageOptions],
+) -> dict[str, Any]:
+    """A notification's message fields, as :meth:`Producer.send_notification` and
+    ``postroom send`` put them in its payload."""
+    return {
+        "to": list(to),
+        "cc": list(options.get("cc", ())),
+        "bcc": list(options.get("bcc", ())),
+        "subject": subject,
+        "text": text,
+        "html": html,
+        "attachments": [dict(a) for a in options.get("attachments", ())],
+        "headers": dict(options.get("headers") or {}),
+        "idempotency_key": options.get("idempotency_key"),
+        "message_id": options.get("message_id"),
+    }
 
 
 class Producer:
@@ -259,7 +294,7 @@ class Producer:
         job = self.store.get(job_id)
         while time.monotonic() < deadline:
             job = self.store.get(job_id)
-            if job is not None and job.state in ("sent", "dead", "suppressed"):
+            if job is not None and job.state in FINAL_STATES:
                 return job
             time.sleep(poll)
         return job
@@ -271,30 +306,11 @@ class Producer:
         subject: str = "",
         text: str | None = None,
         html: str | None = None,
-        *,
-        cc: Sequence[str] = (),
-        bcc: Sequence[str] = (),
-        attachments: Iterable[Mapping[str, str]] = (),
-        headers: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-        message_id: str | None = None,
+        **options: Unpack[MessageOptions],
     ) -> str:
-        return self.enqueue(
-            {
-                "account": account,
-                "kind": "notification",
-                "to": list(to),
-                "cc": list(cc),
-                "bcc": list(bcc),
-                "subject": subject,
-                "text": text,
-                "html": html,
-                "attachments": [dict(a) for a in attachments],
-                "headers": dict(headers or {}),
-                "idempotency_key": idempotency_key,
-                "message_id": message_id,
-            }
-        )
+        """Enqueue a notification (see :class:`MessageOptions` for cc, bcc, attachments, …)."""
+        fields = message_fields(to, subject, text, html, **options)
+        return self.enqueue({"account": account, "kind": "notification", **fields})
 
     def send_auto_reply(
         self,

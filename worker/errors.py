@@ -16,8 +16,10 @@ split by what the job layer must do with them::
         └── PermanentError            dead letter, no retry
             ├── Rejected              5xx answers
             ├── AuthenticationFailed  535 (flags the account)
-            ├── SecurityPolicyError   no STARTTLS, TLS below minimum, untrusted cert
-            └── RetriesExhausted      max attempts or max age reached
+            └── SecurityPolicyError   no STARTTLS, TLS below minimum, untrusted cert
+
+Retries exhausted (max attempts or max age) is no exception: the attempt policy
+(worker/queue/attempts.py) turns the last retrying outcome into a dead one.
 
 Nothing in this module ever formats a secret: errors are built from server
 replies and record field names only.
@@ -32,8 +34,9 @@ from typing import Literal
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
-# Reply codes DESIGN §3 names transient; every other 4xx is transient by RFC 5321 too.
-TRANSIENT_SMTP_CODES = frozenset({421, 432, 450, 451, 452, 454})
+# Transient: every 4xx reply and every enhanced 4.x.x (DESIGN §3 names 421, 432, 450, 451,
+# 452, 454; RFC 5321 makes every 4xx so): see classify_smtp_reply.
+
 # Replies after which the server is going away: the connection must not be reused.
 CLOSING_SMTP_CODES = frozenset({421, 432})
 AUTH_FAILURE_CODES = frozenset({534, 535})
@@ -167,10 +170,6 @@ class SecurityPolicyError(PermanentError):
     No STARTTLS offered while ``secure: true``, TLS below ``min_tls_version``,
     or a certificate the truststore does not trust. Nothing was sent.
     """
-
-
-class RetriesExhausted(PermanentError):
-    """The job ran out of attempts or age."""
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ class RetryPolicy:
 
         The server's Retry-After wins when it asks for longer (capped by max_delay).
         """
-        ceiling = min(self.max_delay, self.base_delay * (2 ** max(attempt - 1, 0)))
+        doublings = min(max(attempt - 1, 0), 64)  # past 64 any base is beyond every max_delay
+        ceiling = min(self.max_delay, self.base_delay * (2**doublings))
         delay = random.uniform(ceiling / 2, ceiling)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_delay))

@@ -20,6 +20,10 @@ DKIM (RFC 6376) is applied last, over the final (S/MIME-signed) message, with
 Keys are loaded once per process and cached: a cached signer is reused until
 its keystore record, a file it reads, or the account's settings change. A
 signer never prints its key; errors name records and fields, never secrets.
+Whether the material is usable at all (certificate dates and address, key type
+and size) is decided by :mod:`worker.records.signing_material`, which
+``accounts check`` shares; its names (``Finding``, ``smime_findings``, ...) were
+first defined here and stay importable from here.
 """
 
 from __future__ import annotations
@@ -29,150 +33,42 @@ import quopri
 import re
 import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.generator import BytesGenerator
 from email.parser import BytesParser
 from email.policy import compat32
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dkim
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key, pkcs7
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from worker.errors import ConfigurationError
 from worker.records.keystores import KeyEntry, Keystore
+from worker.records.signing_material import (
+    EXPIRY_WARNING_DAYS,
+    certificate_emails,
+    days_left,
+    dkim_key,
+    dkim_key_findings,
+    first_error,
+    smime_findings,
+)
+from worker.records.signing_material import Finding as Finding
+from worker.records.signing_material import Severity as Severity
+from worker.records.signing_material import dkim_settings_findings as dkim_settings_findings
 
 if TYPE_CHECKING:  # pragma: no cover
     from worker.records.accounts import DkimSettings, EmailAccount
     from worker.records.loader import Records
 
-EXPIRY_WARNING_DAYS = 30
-Severity = Literal["error", "warning"]
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
 _FROM_LINE = re.compile(rb"^From ", re.MULTILINE)
-
-
-# ---- checks shared by `accounts check` and the worker ---------------------------------
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing wrong (or about to be) with signing material."""
-
-    severity: Severity
-    reason: str
-
-
-def certificate_emails(cert: x509.Certificate) -> list[str]:
-    """The email addresses a certificate names (SAN rfc822Name, then subject emailAddress)."""
-    emails: list[str] = []
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        emails += [str(e) for e in san.get_values_for_type(x509.RFC822Name)]
-    except x509.ExtensionNotFound:
-        pass
-    emails += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
-    return emails
-
-
-def days_left(cert: x509.Certificate, now: datetime | None = None) -> int:
-    """Whole days until ``cert`` expires (negative once it has)."""
-    delta = cert.not_valid_after_utc - (now or datetime.now(UTC))
-    return delta.days
-
-
-def smime_findings(entry: KeyEntry, from_address: str, now: datetime | None = None) -> list[Finding]:
-    """What stops (error) or will soon stop (warning) ``entry`` from signing mail from ``from_address``."""
-    cert = entry.certificate
-    if cert is None:
-        return [Finding("error", "the keystore has no certificate for this key")]
-    found: list[Finding] = []
-    subject = cert.subject.rfc4514_string()
-    if not isinstance(entry.key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        found.append(Finding("error", f"S/MIME signing needs an RSA or EC key (certificate {subject})"))
-    if not entry.key_matches_certificate():
-        found.append(
-            Finding(
-                "error",
-                f"the private key does not match the certificate {subject} (key/certificate mismatch)",
-            )
-        )
-    now = now or datetime.now(UTC)
-    expires = cert.not_valid_after_utc
-    if expires <= now:
-        found.append(Finding("error", f"certificate {subject} expired on {expires:%Y-%m-%d}"))
-    elif cert.not_valid_before_utc > now:
-        found.append(
-            Finding(
-                "error", f"certificate {subject} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
-            )
-        )
-    elif (expires - now).days < EXPIRY_WARNING_DAYS:
-        found.append(
-            Finding(
-                "warning",
-                f"certificate {subject} expires on {expires:%Y-%m-%d} "
-                f"(in {days_left(cert, now)} days; renew it before then)",
-            )
-        )
-    for issuer in entry.chain:
-        if issuer.not_valid_after_utc <= now:
-            found.append(
-                Finding(
-                    "error",
-                    f"chain certificate {issuer.subject.rfc4514_string()} expired on "
-                    f"{issuer.not_valid_after_utc:%Y-%m-%d}",
-                )
-            )
-    emails = certificate_emails(cert)
-    if from_address.lower() not in (e.lower() for e in emails):
-        named = ", ".join(emails) if emails else "no email address"
-        found.append(
-            Finding(
-                "error",
-                f"certificate {subject} is for {named}, not the account's address {from_address}",
-            )
-        )
-    return found
-
-
-def dkim_key_findings(key: Any) -> list[Finding]:
-    if not isinstance(key, rsa.RSAPrivateKey):
-        return [Finding("error", "DKIM signing needs an RSA private key (rsa-sha256)")]
-    if key.key_size < 1024:
-        return [Finding("error", f"the RSA key has {key.key_size} bits; verifiers refuse fewer than 1024")]
-    if key.key_size < 2048:
-        return [Finding("warning", f"the RSA key has {key.key_size} bits; use 2048 or more")]
-    return []
-
-
-def dkim_settings_findings(settings: DkimSettings, from_address: str) -> list[tuple[str, Finding]]:
-    """(field, finding) for the DKIM settings themselves (not the key)."""
-    found: list[tuple[str, Finding]] = []
-    domain = settings.domain.lower().rstrip(".")
-    from_domain = from_address.rsplit("@", 1)[-1].lower()
-    if from_domain != domain and not from_domain.endswith("." + domain):
-        found.append(
-            (
-                "domain",
-                Finding(
-                    "warning",
-                    f"{domain} does not align with the From domain {from_domain} "
-                    "(DMARC will not count this signature)",
-                ),
-            )
-        )
-    return found
-
-
-def _first_error(findings: list[Finding]) -> str | None:
-    return next((f.reason for f in findings if f.severity == "error"), None)
 
 
 # ---- S/MIME ----------------------------------------------------------------------------
@@ -391,33 +287,16 @@ def _stamp(paths: tuple[Path, ...]) -> tuple[tuple[str, int, int], ...]:
 def load_smime(keystore: Keystore, alias: str | None, from_address: str) -> SmimeSigner:
     """A signer for ``alias`` of ``keystore``, or a ConfigurationError saying what is wrong."""
     entry = keystore.key_entry(alias)
-    problem = _first_error(smime_findings(entry, from_address))
+    problem = first_error(smime_findings(entry, from_address))
     if problem:
         shown = f" alias {entry.alias!r}" if entry.alias else ""
         raise ConfigurationError(f"keystore {keystore.name}{shown}: {problem}")
     return SmimeSigner(keystore.name, entry)
 
 
-def dkim_key(settings: DkimSettings, records: Records) -> tuple[Any, tuple[Path, ...]]:
-    """(the DKIM private key, the files it came from); ConfigurationError when it cannot be loaded."""
-    if settings.keystore:
-        keystore = records.keystore(settings.keystore)
-        return keystore.key_entry(settings.alias).key, keystore.files()
-    assert settings.private_key is not None  # the model requires one of the two
-    text = settings.private_key.reveal()
-    try:
-        key = load_pem_private_key(text.encode("utf-8"), None)
-    except (ValueError, TypeError):
-        raise ConfigurationError(
-            f"dkim private_key {settings.private_key.reference}: not an unencrypted PEM private key"
-        ) from None
-    path = settings.private_key.path()
-    return key, (path,) if path is not None else ()
-
-
 def load_dkim(settings: DkimSettings, records: Records) -> DkimSigner:
     key, _files = dkim_key(settings, records)
-    problem = _first_error(dkim_key_findings(key))
+    problem = first_error(dkim_key_findings(key))
     if problem:
         raise ConfigurationError(f"dkim key for {settings.domain}: {problem}")
     assert isinstance(key, rsa.RSAPrivateKey)
@@ -498,21 +377,26 @@ def sign_message(data: bytes, account: EmailAccount, records: Records) -> bytes:
     return data
 
 
+class _Describable(Protocol):
+    def describe(self) -> dict[str, Any]: ...
+
+
 def describe_signing(account: EmailAccount, records: Records) -> dict[str, Any]:
     """The ``signing`` / ``dkim`` parts of a connectivity report (errors as ``{"error": ...}``)."""
     out: dict[str, Any] = {}
     if account.signing is not None:
-        try:
-            smime = _cache.smime(account, records)
-            assert smime is not None
-            out["signing"] = smime.describe()
-        except ConfigurationError as exc:
-            out["signing"] = {"keystore": account.signing.keystore, "error": str(exc)}
+        out["signing"] = _describe(lambda: _cache.smime(account, records), keystore=account.signing.keystore)
     if account.dkim is not None:
-        try:
-            signer = _cache.dkim(account, records)
-            assert signer is not None
-            out["dkim"] = signer.describe()
-        except ConfigurationError as exc:
-            out["dkim"] = {"domain": account.dkim.domain, "error": str(exc)}
+        out["dkim"] = _describe(lambda: _cache.dkim(account, records), domain=account.dkim.domain)
     return out
+
+
+def _describe(load: Callable[[], _Describable | None], **names: str) -> dict[str, Any]:
+    """One signer's report part; a signer that cannot load is shown by ``names`` and the error,
+    so a broken key fails the connectivity check instead of raising out of it."""
+    try:
+        signer = load()
+        assert signer is not None
+        return signer.describe()
+    except ConfigurationError as exc:
+        return {**names, "error": str(exc)}

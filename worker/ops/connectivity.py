@@ -10,7 +10,8 @@ from worker.errors import ConfigurationError
 from worker.mail.signing import describe_signing
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
-from worker.transports import ConnectivityReport, build_transport
+from worker.transports.base import ConnectivityReport
+from worker.transports.factory import build_transport
 from worker.transports.graph import RESULT_LINE as GRAPH_RESULT_LINE
 from worker.transports.limits import Limiter
 

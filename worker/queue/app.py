@@ -43,6 +43,13 @@ transport_options = {
 }
 
 broker.install()  # kombu's Redis channel screens raw queue entries (worker/queue/broker.py)
+
+
+def broker_keys() -> broker.BrokerKeys:
+    """kombu's key names on this app's broker (its transport options; worker/queue/broker.py)."""
+    return broker.BrokerKeys.from_options(app.conf.broker_transport_options)
+
+
 app = Celery("postroom", include=["worker.queue.tasks"])
 app.conf.update(
     broker_url=broker_url,

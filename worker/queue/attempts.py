@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
@@ -32,7 +32,8 @@ from worker.ops.health import AccountHealth
 from worker.queue import liveness
 from worker.queue.app import app, settings
 from worker.queue.delivery import Delivery, Outcome, log_attempt
-from worker.queue.jobs import JobStore, account_of, safe_text
+from worker.queue.jobrecord import JobState, account_of, safe_text
+from worker.queue.jobs import JobStore
 from worker.queue.runtime import get_runtime
 from worker.settings import redis_url
 from worker.transports.limits import SLOT_WAIT
@@ -62,7 +63,7 @@ def describe(error: ValidationError) -> str:
 class Step:
     """What one attempt at one message ended with."""
 
-    state: str  # sent | suppressed | dead | retrying | skipped | held
+    state: JobState | Literal["skipped"]  # skipped: nothing done, the job had already ended
     reason: str | None = None
     retry_in: float | None = None  # set when state is "retrying"
 
@@ -81,7 +82,7 @@ def _hold(job_id: str, payload: SendPayload) -> Step | None:
     reason = f"account {payload.account} is paused; held until it resumes"
     if not job_store().hold_if_paused(job_id, payload.account, payload.to_task_kwargs(), reason):
         return None
-    return Step("held", f"account {payload.account} is paused")
+    return Step(JobState.HELD, f"account {payload.account} is paused")
 
 
 def _count_auth_failures(outcomes: list[tuple[str, Outcome]]) -> None:
@@ -122,8 +123,8 @@ def dead_on_arrival(job_id: str, kwargs: Any, reason: str) -> Step:
     begun = store.begin_attempt(job_id, fields)
     if begun is None:
         return Step("skipped", "job already finished")
-    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
-    return Step("dead", reason)
+    store.finish(job_id, account, state=JobState.DEAD, attempt=begun[0], error=reason, counter="dead")
+    return Step(JobState.DEAD, reason)
 
 
 def _counted(account: str) -> str:
@@ -166,13 +167,13 @@ def _conclude(
     """Decide retry or not (by error class and settings) and queue the record on ``pipe``."""
     account = payload.account
     retry_in = None
-    if outcome.state == "retry":
+    if outcome.state == JobState.RETRYING:
         outcome, delay = _retry_plan(store, job_id, attempt_no, age, outcome)
-        retry_in = delay if outcome.state == "retry" else None
-    if outcome.state == "dead" and payload.kind == "auto-reply":
+        retry_in = delay if outcome.state == JobState.RETRYING else None
+    if outcome.state == JobState.DEAD and payload.kind == "auto-reply":
         # nothing was sent: the sender may be answered by a later job
         store.release_auto_reply(account, autoreply.reply_recipient(payload), job_id)
-    state = "retrying" if retry_in is not None else outcome.state
+    state = outcome.state
     counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
     store.finish_into(
         pipe,
@@ -189,7 +190,7 @@ def _conclude(
         latency=age,
         tally=tally,
     )
-    if outcome.state == "sent":
+    if outcome.state == JobState.SENT:
         tally.signed_in.add(account)
     return Step(state, outcome.reason, retry_in)
 
@@ -214,9 +215,9 @@ def cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
     if begun is None:
         return Step("skipped", "job already finished")
     account = _counted(account_of(fields))
-    store.finish(job_id, account, state="dead", attempt=begun[0], error=reason, counter="dead")
+    store.finish(job_id, account, state=JobState.DEAD, attempt=begun[0], error=reason, counter="dead")
     log.error("job %s: dead-lettered after %d runs cut short (a poison message?)", job_id, runs)
-    return Step("dead", reason)
+    return Step(JobState.DEAD, reason)
 
 
 # A job waiting on a limit (or on another attempt's claim) looks again at least this often: a
@@ -262,10 +263,14 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
                 if attempt_no > policy.max_attempts
                 else f"max_age {policy.max_age:.0f}s"
             )
-            finals.append((i, payload, attempt_no, Outcome("dead", reason=f"retries exhausted ({why})"), age))
+            finals.append(
+                (i, payload, attempt_no, Outcome(JobState.DEAD, reason=f"retries exhausted ({why})"), age)
+            )
             continue
         if owner := _duplicate_of(store, job_ids[i], payload):
-            duplicate = Outcome("suppressed", reason=f"duplicate of job {owner} (same idempotency_key)")
+            duplicate = Outcome(
+                JobState.SUPPRESSED, reason=f"duplicate of job {owner} (same idempotency_key)"
+            )
             finals.append((i, payload, attempt_no, duplicate, age))
             continue
         items.append((job_ids[i], payload, attempt_no))
@@ -275,10 +280,12 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
     try:
         outcomes = delivery(store).run_many(items)
     except SoftTimeLimitExceeded:  # Celery's time limit (prefork): each message retries on its own
-        outcomes = [Outcome("retry", reason="soft time limit exceeded") for _ in items]
+        outcomes = [Outcome(JobState.RETRYING, reason="soft time limit exceeded") for _ in items]
     except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
         log.exception("batch of %s…: unexpected error", job_ids[0] if job_ids else "-")
-        outcomes = [Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items]
+        outcomes = [
+            Outcome(JobState.RETRYING, reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items
+        ]
     seconds = time.monotonic() - started
     for (i, payload, attempt_no, age), outcome in zip(item_meta, outcomes, strict=True):
         log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
@@ -337,5 +344,5 @@ def _retry_plan(
         why = f"max_age {policy.max_age:.0f}s"
     if why is None:
         return outcome, delay
-    dead = replace(outcome, state="dead", reason=f"retries exhausted ({why}): {outcome.reason}")
+    dead = replace(outcome, state=JobState.DEAD, reason=f"retries exhausted ({why}): {outcome.reason}")
     return dead, 0.0

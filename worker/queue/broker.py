@@ -71,13 +71,6 @@ class BrokerKeys:
             unacked_index=prefix + str(options.get("unacked_index_key") or "unacked_index"),
         )
 
-    @classmethod
-    def of_app(cls) -> BrokerKeys:
-        """The keys of the configured Celery app's broker (worker/queue/app.py's transport options)."""
-        from worker.queue.app import app
-
-        return cls.from_options(app.conf.broker_transport_options)
-
     def queue_lists(self, queue: str) -> list[str]:
         """The Redis lists of ``queue``, in the order kombu reads them (priority 0 first)."""
         return [self.prefix + (queue if not pri else f"{queue}{PRIORITY_SEP}{pri}") for pri in PRIORITY_STEPS]

@@ -31,6 +31,7 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
+from worker.queue.jobrecord import JobState
 from worker.queue.jobs import JobStore
 
 log = logging.getLogger("postroom.delays")
@@ -85,7 +86,7 @@ class DelayQueue:
         moved: list[str] = []
         for job_id, (state, raw) in zip(due, records, strict=True):
             payload = json.loads(_text(raw)) if raw else None
-            if _text(state or "") == "retrying" and isinstance(payload, dict):
+            if _text(state or "") == JobState.RETRYING and isinstance(payload, dict):
                 self.publish(job_id, payload)
                 moved.append(job_id)
             else:

@@ -14,12 +14,11 @@ server's 250 and that write.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from worker.errors import (
     AuthenticationFailed,
@@ -29,27 +28,26 @@ from worker.errors import (
     RecipientStatus,
     TransientError,
 )
-from worker.keys import redis_key
 from worker.mail import autoreply
 from worker.mail.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.mail.payload import SendPayload
 from worker.mail.signing import sign_message
+from worker.queue.jobrecord import JobState, history_word
 from worker.queue.jobs import JobStore
 from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks
 from worker.queue.runtime import Runtime
-from worker.records.accounts import Limits
+from worker.records.accounts import EmailAccount, Limits
+from worker.records.loader import Records
 from worker.settings import Settings
-from worker.transports import OutgoingMessage, SendResult
+from worker.transports.base import OutgoingMessage, SendResult, Transport
 from worker.transports.limits import Limiter
 
 log = logging.getLogger("postroom.delivery")
 
-State = Literal["sent", "suppressed", "retry", "dead"]
-
 
 @dataclass
 class Outcome:
-    state: State
+    state: JobState  # the state this attempt leaves the job in: sent, suppressed, retrying or dead
     reason: str | None = None
     retry_after: float | None = None
     recipients: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -59,13 +57,6 @@ class Outcome:
     counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
     auth_failure: bool = False  # the server refused our credentials (the circuit breaker counts it)
     limit_wait: bool = False  # a provider limit: come back exactly at retry_after
-
-
-FLAG_TTL = 7 * 86400  # the account's last authentication failure, for the operator views
-
-
-def _flag_key(account: str) -> str:
-    return redis_key("account-flag", account)
 
 
 def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
@@ -80,7 +71,7 @@ def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, secon
         "attempt": attempt,
         "transport": outcome.transport or "-",
         "security": outcome.security or "-",
-        "outcome": outcome.state,
+        "outcome": history_word(outcome.state),
         "code": outcome.code if outcome.code is not None else "-",
         "duration_ms": round(seconds * 1000),
     }
@@ -96,7 +87,7 @@ def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, secon
         attempt,
         fields["transport"],
         fields["security"],
-        outcome.state,
+        fields["outcome"],
         fields["code"],
         fields["duration_ms"],
         f" reason={outcome.reason!r}" if outcome.reason else "",
@@ -130,11 +121,11 @@ def outcome_for_error(
                 "deferred" if exc.transient else "failed", exc.code, exc.server_text or exc.reason
             ).as_dict(),
         )
-    state: State = "retry" if isinstance(exc, TransientError) else "dead"
+    state = JobState.RETRYING if isinstance(exc, TransientError) else JobState.DEAD
     return Outcome(
         state,
         reason=str(exc),
-        retry_after=exc.retry_after if state == "retry" else None,
+        retry_after=exc.retry_after if state == JobState.RETRYING else None,
         recipients=recipients,
         transport=exc.transport or transport,
         code=exc.code,
@@ -155,12 +146,12 @@ def outcome_for_result(result: SendResult, already: dict[str, dict[str, Any]]) -
     if result.deferred:
         first = result.recipients[result.deferred[0]]
         reason = f"{len(result.deferred)} recipient(s) deferred: {first.code} {first.message}"
-        return Outcome("retry", reason=reason, code=first.code, **common)
+        return Outcome(JobState.RETRYING, reason=reason, code=first.code, **common)
     if result.failed:
         first = result.recipients[result.failed[0]]
         reason = f"{len(result.failed)} recipient(s) refused: {first.code} {first.message}"
-        return Outcome("sent", reason=reason, code=first.code, **common)
-    return Outcome("sent", code=250, **common)
+        return Outcome(JobState.SENT, reason=reason, code=first.code, **common)
+    return Outcome(JobState.SENT, code=250, **common)
 
 
 @dataclass
@@ -216,6 +207,52 @@ class Delivery:
         log_attempt(job_id, payload.account, attempt, outcome, time.monotonic() - started)
         return outcome
 
+    def _prepare(
+        self,
+        index: int,
+        job_id: str,
+        payload: SendPayload,
+        attempt: int,
+        account: EmailAccount,
+        transport: Transport,
+        records: Records,
+    ) -> _Pending | Outcome:
+        """Build and sign one message for sending, or the outcome that ends it here (an
+        auto-reply not to send, a message that cannot be built or signed)."""
+        message_id = payload.message_id
+        if message_id is None:  # a producer that called send_task without the helper
+            message_id = stable_message_id(job_id, account.from_address)
+            self.store.note_message_id(job_id, message_id)
+        spec = _spec(account, payload, message_id)
+        if payload.kind == "auto-reply":
+            answered = self._auto_reply(job_id, payload, account.name, spec)
+            if isinstance(answered, Outcome):
+                return answered
+            spec = answered
+        try:
+            message = build_message(spec)
+        except ValueError as exc:
+            return Outcome(JobState.DEAD, reason=f"invalid message: {exc}")
+        try:  # S/MIME then DKIM, as the account says; broken material is never sent unsigned
+            data = sign_message(message.data, account, records)
+        except ConfigurationError as exc:
+            return Outcome(JobState.DEAD, reason=f"configuration: signing: {exc}")
+        except (ValueError, TypeError) as exc:
+            return Outcome(JobState.DEAD, reason=f"signing failed: {type(exc).__name__}: {exc}")
+        sender = (account.smtp.envelope_from if account.smtp else None) or account.from_address
+        token = f"{job_id}:{attempt}:{time.time()}"
+        return _Pending(
+            index,
+            account.name,
+            message_id,
+            token,
+            message.recipients,
+            transport,
+            sender,
+            data,
+            limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
+        )
+
     def run_many(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
         ready: list[_Pending] = []
@@ -227,47 +264,13 @@ class Delivery:
                 account = records.account(payload.account)
                 transport = self.runtime.transport(account)
             except ConfigurationError as exc:
-                outcomes[i] = Outcome("dead", reason=f"configuration: {exc}")
+                outcomes[i] = Outcome(JobState.DEAD, reason=f"configuration: {exc}")
                 continue
-            message_id = payload.message_id
-            if message_id is None:  # a producer that called send_task without the helper
-                message_id = stable_message_id(job_id, account.from_address)
-                self.store.note_message_id(job_id, message_id)
-            spec = _spec(account, payload, message_id)
-            if payload.kind == "auto-reply":
-                answered = self._auto_reply(job_id, payload, account.name, spec)
-                if isinstance(answered, Outcome):
-                    outcomes[i] = answered
-                    continue
-                spec = answered
-            try:
-                message = build_message(spec)
-            except ValueError as exc:
-                outcomes[i] = Outcome("dead", reason=f"invalid message: {exc}")
-                continue
-            try:  # S/MIME then DKIM, as the account says; broken material is never sent unsigned
-                data = sign_message(message.data, account, records)
-            except ConfigurationError as exc:
-                outcomes[i] = Outcome("dead", reason=f"configuration: signing: {exc}")
-                continue
-            except (ValueError, TypeError) as exc:
-                outcomes[i] = Outcome("dead", reason=f"signing failed: {type(exc).__name__}: {exc}")
-                continue
-            sender = (account.smtp.envelope_from if account.smtp else None) or account.from_address
-            token = f"{job_id}:{attempt}:{time.time()}"
-            ready.append(
-                _Pending(
-                    i,
-                    account.name,
-                    message_id,
-                    token,
-                    message.recipients,
-                    transport,
-                    sender,
-                    data,
-                    limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
-                )
-            )
+            prepared = self._prepare(i, job_id, payload, attempt, account, transport, records)
+            if isinstance(prepared, Outcome):
+                outcomes[i] = prepared
+            else:
+                ready.append(prepared)
 
         # a claim lives while its attempt does (renewed by this process's heartbeat) and is gone
         # CLAIM_TTL seconds after the process dies
@@ -279,7 +282,7 @@ class Delivery:
                 pending.append(p)
             else:
                 outcomes[p.index] = Outcome(
-                    "retry",
+                    JobState.RETRYING,
                     reason="another attempt is delivering this Message-ID right now",
                     retry_after=self.store.claim_remaining(p.account, p.message_id),
                     recipients=already,
@@ -296,7 +299,9 @@ class Delivery:
             self.store.release_many(
                 [(p.account, p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
             )
-        return [outcomes.get(i, Outcome("retry", reason="not attempted")) for i in range(len(items))]
+        return [
+            outcomes.get(i, Outcome(JobState.RETRYING, reason="not attempted")) for i in range(len(items))
+        ]
 
     def _auto_reply(
         self, job_id: str, payload: SendPayload, account: str, spec: MessageSpec
@@ -305,11 +310,11 @@ class Delivery:
         assert payload.original is not None
         reason = autoreply.suppression_reason(payload.original)
         if reason:
-            return Outcome("suppressed", reason=reason)
+            return Outcome(JobState.SUPPRESSED, reason=reason)
         sender = autoreply.reply_recipient(payload)
         if self.store.claim_auto_reply(account, sender, self.settings.auto_reply_window, job_id) is not None:
             return Outcome(
-                "suppressed", reason=f"{account} already auto-replied to {sender} within the window"
+                JobState.SUPPRESSED, reason=f"{account} already auto-replied to {sender} within the window"
             )
         return replace(
             spec,
@@ -325,7 +330,7 @@ class Delivery:
             remaining = p.remaining
             if not remaining:
                 return Outcome(
-                    "sent", reason="already delivered (duplicate suppressed)", recipients=p.already
+                    JobState.SENT, reason="already delivered (duplicate suppressed)", recipients=p.already
                 )
             try:
                 if p.limits is not None and self.limiter is not None:
@@ -338,12 +343,11 @@ class Delivery:
                     )
                 result = await p.transport.send(OutgoingMessage(p.message_id, p.sender, remaining, p.data))
             except DeliveryError as exc:
-                if isinstance(exc, AuthenticationFailed):
-                    with contextlib.suppress(Exception):  # a flag, not worth failing the outcome for
-                        await self.marks.redis.set(_flag_key(p.account), str(exc), ex=FLAG_TTL)
+                # an AuthenticationFailed flags the account: outcome_for_error sets auth_failure,
+                # which the attempt policy counts in the account's health (worker/ops/health.py)
                 return outcome_for_error(exc, p.transport.name, remaining, p.already)
             except ConfigurationError as exc:
-                return Outcome("dead", reason=f"configuration: {exc}")
+                return Outcome(JobState.DEAD, reason=f"configuration: {exc}")
             p.accepted = True
             p.accepted_by = {a: r for a, r in result.recipients.items() if r.status == "sent"}
             p.outcome = outcome_for_result(result, p.already)
@@ -356,7 +360,7 @@ class Delivery:
             try:
                 outcome = await one(p)
             except Exception as exc:  # a bug or a library surprise: this message retries on its own
-                outcome = Outcome("retry", reason=f"internal error: {type(exc).__name__}: {exc}")
+                outcome = Outcome(JobState.RETRYING, reason=f"internal error: {type(exc).__name__}: {exc}")
             # kept on the message itself: a time limit that ends the rest of the batch must not
             # rewrite what this one already ended with (a 550 stays a 550, never "timed out")
             p.outcome = outcome
@@ -376,7 +380,7 @@ class Delivery:
         try:
             outcomes = self.runtime.run(everything(), timeout=self.settings.soft_time_limit)
         except TimeoutError:  # the ones that finished keep their outcome
-            outcomes = [p.outcome or Outcome("retry", reason="delivery timed out") for p in pending]
+            outcomes = [p.outcome or Outcome(JobState.RETRYING, reason="delivery timed out") for p in pending]
         unmarked = [p for p in pending if p.accepted and not p.marked]
         if unmarked:
             self.store.mark_many([(p.account, p.message_id, p.accepted_by, p.token) for p in unmarked])

@@ -39,7 +39,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME, job_headers
 from worker.queue import broker, liveness
 from worker.queue.delays import POLL, DelayQueue
-from worker.queue.jobs import JobStore, safe_text
+from worker.queue.jobrecord import safe_text
+from worker.queue.jobs import JobStore
 
 log = logging.getLogger("postroom.intake")
 
@@ -189,7 +190,7 @@ broker.UNREADABLE[:] = [_quarantine_raw]
 def start_upkeep(consumer: Any) -> None:
     """The heartbeat of this worker's consumer, the reaper of dead workers' messages and the
     delay queue's mover, in one daemon thread of the worker's main process."""
-    from worker.queue.app import app, settings
+    from worker.queue.app import app, broker_keys, settings
 
     client = store().redis
 
@@ -202,7 +203,7 @@ def start_upkeep(consumer: Any) -> None:
     tags: Callable[[], list[str] | None] | None = None
     if broker.delivered_tags(consumer) is not None:  # kombu's Redis transport: messages to restore
         tags = lambda: broker.delivered_tags(consumer)  # noqa: E731
-        steps.append((liveness.REAP_EVERY, liveness.Reaper(client, broker.BrokerKeys.of_app()).reap))
+        steps.append((liveness.REAP_EVERY, liveness.Reaper(client, broker_keys()).reap))
     # a task thread stuck past the hard time limit lets its jobs go (Celery stops only prefork's)
     limit = settings.time_limit if settings.worker_pool == "threads" else None
     liveness.keep_beating(client, tags, more=steps, time_limit=limit)

@@ -1,46 +1,45 @@
-"""Job records, duplicate suppression and dead letters, kept in Redis.
+"""The job store: every write to a job's record, from enqueue to its end, kept in Redis.
 
 Keys (all under ``postroom:``)::
 
     job:<id>                 hash: state, attempts, account, message_id, recipients, last_error,
                              cut_short (runs redelivered because the one before died), …
     history:<id>             list: one JSON entry per attempt (newest last, capped)
-    delivered:<account>:<message_id>  hash: recipient -> JSON result, written right after the 250
-    claim:<account>:<message_id>      the attempt currently talking to a server (expires on its own)
     idem:<account>:<key>     job id that owns an idempotency key
-    dead                     sorted set of dead-lettered job ids by time
     autoreply:<account>:<to> set when an auto-reply went to that sender (expires after the window)
     stats:<account>          hash: sent / failed / retried / dead / suppressed counters
     retrying                 sorted set of jobs waiting for a retry, by when it is due
     open                     sorted set of jobs not ended yet, by enqueue time (worker/queue/sweep.py)
 
-The claim and sent-mark scripts live in :mod:`worker.queue.marks` (the duplicate guard);
-the store runs them in its pipelines. Claims and sent marks are scoped per account
-(DESIGN §2): a job of one account can never be suppressed by, or learn about, another
-account's Message-IDs.
-Marks written before that (``delivered:<message_id>``, ``claim:<message_id>``)
-are still honoured until they expire (``job_ttl``).
-
-Everything stored is secret-free by construction: payloads carry account
-names, errors carry server replies.
+What a record holds and how it reads back: worker/queue/jobrecord.py. The dead letters'
+side of the store: worker/queue/deadletters.py. The Message-ID claims and sent marks
+(``claim:``, ``delivered:``, scoped per account, DESIGN §2): worker/queue/marks.py, whose
+scripts the store runs in its pipelines. Everything stored is secret-free by construction:
+payloads carry account names, errors carry server replies.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis
 
 from worker.keys import REDIS_TIMEOUTS, redis_key
 from worker.ops import counters
+from worker.queue.deadletters import DeadLetters
+from worker.queue.jobrecord import (
+    OPEN,
+    OPEN_STATES,
+    Job,
+    JobState,
+    history_word,
+    record_fields,
+)
 from worker.queue.marks import (
     CLAIM_SCRIPT,
     CLAIM_SHA,
@@ -57,25 +56,7 @@ PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 _HISTORY_LIMIT = 50
 
 
-class JobState(StrEnum):
-    """A job's state as its record, ``postroom job --json``, the HTTP API and the dashboard spell
-    it (DESIGN §2). A StrEnum: each member is its string, in Redis and in JSON alike."""
-
-    QUEUED = "queued"
-    SENDING = "sending"
-    RETRYING = "retrying"
-    HELD = "held"  # its account's circuit breaker is open; released when it closes
-    SENT = "sent"
-    DEAD = "dead"
-    SUPPRESSED = "suppressed"
-
-
-OPEN_STATES = frozenset({JobState.QUEUED, JobState.SENDING, JobState.RETRYING, JobState.HELD})
-FINAL_STATES = frozenset(JobState) - OPEN_STATES
-
-
 _key = redis_key
-OPEN = redis_key("open")
 
 
 def _idem_key(payload: Mapping[str, Any]) -> str:
@@ -84,68 +65,6 @@ def _idem_key(payload: Mapping[str, Any]) -> str:
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
-
-
-MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter
-UNKNOWN_ACCOUNT = counters.UNKNOWN  # the account of a job whose payload names none that could exist
-_LATEST_TIME = 2.0**40  # far beyond any real clock: larger "timestamps" are not believed
-
-
-def account_of(payload: Mapping[str, Any]) -> str:
-    """The payload's account when it is a well-formed name, else :data:`UNKNOWN_ACCOUNT`
-    (what a producer wrote is never a Redis key or a metrics label unchecked)."""
-    name = payload.get("account")
-    return counters.account_label(name) if isinstance(name, str) else UNKNOWN_ACCOUNT
-
-
-def safe_text(value: Any, limit: int = 200) -> str:
-    """``value`` as printable text of at most ``limit`` characters, for records and logs:
-    never raises, whatever a producer sent."""
-    try:
-        text = value if isinstance(value, str) else repr(value)
-    except Exception:  # a repr that fails or recurses without end
-        text = f"<{type(value).__name__}>"
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[: limit * 2])
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _timestamp(value: Any, default: float) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < _LATEST_TIME:
-        return float(value)  # NaN fails the comparisons
-    return default
-
-
-def _payload_json(payload: Mapping[str, Any]) -> str:
-    """The payload as kept in the record (retries and dead-letter retries publish it again);
-    "" when it is no JSON (only a payload that was never validated can be)."""
-    try:
-        return json.dumps(dict(payload))
-    except (TypeError, ValueError, RecursionError):
-        return ""
-
-
-def _record_fields(
-    job_id: str, payload: Mapping[str, Any], state: str, submitted_by: str = ""
-) -> dict[Any, str | int | float]:
-    """A new job record from a payload; safe for any payload (it may not have been validated)."""
-    now = time.time()
-    kind = payload.get("kind", "notification")
-    message_id, key = payload.get("message_id"), payload.get("idempotency_key")
-    return {
-        "id": job_id,
-        "state": state,
-        "attempts": 0,
-        "account": account_of(payload),
-        "kind": kind if kind in ("notification", "auto-reply") else safe_text(kind, 40),
-        "message_id": safe_text(message_id, 250) if message_id else "",
-        "idempotency_key": safe_text(key) if key else "",
-        "payload": _payload_json(payload),
-        "recipients": "{}",
-        "created_at": now,
-        "updated_at": now,
-        "enqueued_at": _timestamp(payload.get("enqueued_at"), now),
-        "submitted_by": submitted_by,  # the HTTP API key that enqueued it ("" otherwise)
-    }
 
 
 # KEYS[1] job hash; ARGV: now, ttl, JSON of the fields to create the record with when missing
@@ -219,58 +138,10 @@ def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-@dataclass
-class Job:
-    """A job record as ``postroom job ID --json`` shows it (DESIGN §8 keys)."""
-
-    id: str
-    state: str
-    attempts: int
-    account: str
-    transport: str | None
-    security: str | None
-    message_id: str | None
-    recipients: dict[str, dict[str, Any]]
-    last_error: str | None
-    kind: str | None = None
-    created_at: float | None = None
-    updated_at: float | None = None
-    enqueued_at: float | None = None
-    idempotency_key: str | None = None
-    history: list[dict[str, Any]] | None = None
-    payload: dict[str, Any] | None = None
-    submitted_by: str | None = None
-    unreadable: dict[str, Any] | None = None  # an entry no job could be made of: what it was
-
-    def as_dict(self, *, with_payload: bool = False) -> dict[str, Any]:
-        out = {
-            "id": self.id,
-            "state": self.state,
-            "attempts": self.attempts,
-            "account": self.account,
-            "transport": self.transport,
-            "security": self.security,
-            "message_id": self.message_id,
-            "recipients": self.recipients,
-            "last_error": self.last_error,
-            "kind": self.kind,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "idempotency_key": self.idempotency_key,
-            "history": self.history or [],
-        }
-        if self.unreadable is not None:
-            out["unreadable"] = self.unreadable
-        if with_payload:
-            out["payload"] = self.payload
-        return out
-
-
-class JobStore:
+class JobStore(DeadLetters):
     """Synchronous access to job state (called from task threads and the CLI)."""
 
     retrying_key = _key("retrying")  # zset: job id -> when its next attempt is due
-    dead_key = _key("dead")
 
     def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
         self.redis = client
@@ -309,7 +180,7 @@ class JobStore:
         with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
             for job_id, payload in jobs:
                 key = _key("job", job_id)
-                pipe.hset(key, mapping=_record_fields(job_id, payload, JobState.QUEUED, submitted_by))
+                pipe.hset(key, mapping=record_fields(job_id, payload, JobState.QUEUED, submitted_by))
                 pipe.expire(key, self.job_ttl)
                 pipe.zadd(OPEN, {job_id: now})
                 idem = payload.get("idempotency_key")
@@ -343,45 +214,6 @@ class JobStore:
             pipe.zrem(OPEN, job_id)
             pipe.execute()
 
-    def quarantine(
-        self, raw: bytes, reason: str, *, queue: str = "", claimed_id: Any = None, task: Any = None
-    ) -> str:
-        """A dead letter for a broker entry no job can be made of (undecodable, the wrong
-        shape, no id, an unknown task…): its reason and its raw bytes (base64, the first
-        :data:`MAX_RAW_KEPT`), listed, shown and purged like any other. Returns its id."""
-        job_id = f"unreadable-{uuid.uuid4()}"
-        now = time.time()
-        kept = raw[:MAX_RAW_KEPT]
-        fields: dict[Any, str | int | float] = {
-            "id": job_id,
-            "state": JobState.DEAD,
-            "attempts": 0,
-            "account": UNKNOWN_ACCOUNT,
-            "kind": "unreadable",
-            "message_id": "",
-            "idempotency_key": "",
-            "payload": "",
-            "recipients": "{}",
-            "created_at": now,
-            "updated_at": now,
-            "enqueued_at": now,
-            "failed_at": now,
-            "last_error": f"unreadable message: {reason}",
-            "raw_base64": base64.b64encode(kept).decode(),
-            "raw_size": len(raw),
-            "raw_queue": safe_text(queue),
-            "raw_claimed_id": safe_text(claimed_id) if claimed_id is not None else "",
-            "raw_task": safe_text(task) if task is not None else "",
-        }
-        entry = {"attempt": 0, "at": now, "outcome": "dead", "error": fields["last_error"]}
-        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the record and its dead-letter entry together
-            pipe.hset(_key("job", job_id), mapping=fields)
-            pipe.rpush(_key("history", job_id), json.dumps(entry))
-            pipe.zadd(_key("dead"), {job_id: now})
-            pipe.hincrby(_key("stats", UNKNOWN_ACCOUNT), "dead", 1)
-            pipe.execute()
-        return job_id
-
     # ---- reading ---------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
@@ -390,28 +222,7 @@ class JobStore:
             pipe.lrange(_key("history", job_id), 0, -1)
             raw, history = pipe.execute()
         data = cast(dict[str, str], raw)
-        if not data:
-            return None
-        return Job(
-            id=data.get("id", job_id),
-            state=data.get("state", JobState.QUEUED),
-            attempts=int(data.get("attempts", 0)),
-            account=data.get("account", ""),
-            transport=data.get("transport") or None,
-            security=data.get("security") or None,
-            message_id=data.get("message_id") or None,
-            recipients=json.loads(data.get("recipients") or "{}"),
-            last_error=data.get("last_error") or None,
-            kind=data.get("kind") or None,
-            created_at=float(data["created_at"]) if data.get("created_at") else None,
-            updated_at=float(data["updated_at"]) if data.get("updated_at") else None,
-            enqueued_at=float(data["enqueued_at"]) if data.get("enqueued_at") else None,
-            idempotency_key=data.get("idempotency_key") or None,
-            history=[json.loads(entry) for entry in history],
-            payload=json.loads(data["payload"]) if data.get("payload") else None,
-            submitted_by=data.get("submitted_by") or None,
-            unreadable=_unreadable(data),
-        )
+        return Job.from_record(job_id, data, history) if data else None
 
     # ---- execution side -----------------------------------------------------------
 
@@ -442,7 +253,7 @@ class JobStore:
             for i in missing:
                 job_id, source = jobs[i]
                 payload = source() if callable(source) else source
-                created.append((job_id, json.dumps(_record_fields(job_id, payload, JobState.QUEUED))))
+                created.append((job_id, json.dumps(record_fields(job_id, payload, JobState.QUEUED))))
             again = self._scripted(
                 lambda pipe: [
                     pipe.evalsha(_BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, fields)
@@ -571,7 +382,7 @@ class JobStore:
         job_id: str,
         account: str,
         *,
-        state: str,
+        state: JobState,
         attempt: int,
         error: str | None = None,
         recipients: Mapping[str, Mapping[str, Any]] | None = None,
@@ -590,7 +401,7 @@ class JobStore:
         entry: dict[str, Any] = {
             "attempt": attempt,
             "at": now,
-            "outcome": "retry" if state == JobState.RETRYING else state,
+            "outcome": history_word(state),
         }
         if error:
             entry["error"] = error
@@ -657,18 +468,14 @@ class JobStore:
         args: list[str | float | int] = [
             account,
             json.dumps({"id": job_id, "kwargs": dict(kwargs)}),
-            json.dumps(_record_fields(job_id, kwargs, JobState.HELD)),
+            json.dumps(record_fields(job_id, kwargs, JobState.HELD)),
             now,
             reason,
-            json.dumps({"at": now, "outcome": "held", "error": reason}),
+            json.dumps({"at": now, "outcome": history_word(JobState.HELD), "error": reason}),
             _HISTORY_LIMIT,
             job_id,
         ]
         return bool(self._hold(keys=keys, args=args))
-
-    def stats(self, account: str) -> dict[str, int]:
-        raw = cast(dict[str, str], self.redis.hgetall(_key("stats", account)))
-        return {k: int(v) for k, v in raw.items()}
 
     # ---- auto-reply window -------------------------------------------------------
 
@@ -684,93 +491,3 @@ class JobStore:
         key = _key("autoreply", account, sender.lower())
         if self.redis.get(key) == job_id:
             self.redis.delete(key)
-
-    # ---- dead letters --------------------------------------------------------------
-
-    def dead_letters(self, *, limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
-        """Dead letters, oldest first (or the newest ``limit`` of them, newest first)."""
-        end = -1 if limit is None else max(limit, 1) - 1
-        ids = cast(
-            list[tuple[str, float]],
-            self.redis.zrange(_key("dead"), 0, end, desc=newest_first, withscores=True),
-        )
-        out = []
-        for job_id, failed_at in ids:
-            job = self.get(job_id)
-            if job is None:
-                continue
-            out.append(
-                {
-                    "id": job_id,
-                    "account": job.account,
-                    "message_id": job.message_id,
-                    "error": job.last_error,
-                    "attempts": job.attempts,
-                    "failed_at": failed_at,
-                }
-            )
-        return out
-
-    def dead_letter_ids(self, upto: float | None = None) -> list[str]:
-        """Every dead letter's id, oldest first; with ``upto``, only those dead by then
-        (what an operator saw: "retry all" and "purge all" leave later ones alone)."""
-        return cast(
-            list[str], self.redis.zrangebyscore(_key("dead"), "-inf", "+inf" if upto is None else upto)
-        )
-
-    def is_dead(self, job_id: str) -> bool:
-        return self.redis.zscore(_key("dead"), job_id) is not None
-
-    def resurrect(self, job_id: str) -> dict[str, Any]:
-        """Take a dead letter out for a retry; returns its payload (same Message-ID).
-
-        KeyError when it is not a dead letter (any more): of two callers at once (a
-        double click, two operators), only the one whose removal took it gets the payload."""
-        job = self.get(job_id)
-        if job is None or job.payload is None or not self.redis.zrem(_key("dead"), job_id):
-            raise KeyError(job_id)
-        key = _key("job", job_id)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    "state": JobState.QUEUED,
-                    "attempts": 0,
-                    "updated_at": time.time(),
-                    "enqueued_at": time.time(),
-                },
-            )
-            pipe.hdel(key, "failed_at")
-            pipe.zadd(OPEN, {job_id: time.time()})
-            pipe.expire(key, self.job_ttl)
-            pipe.expire(_key("history", job_id), self.job_ttl)
-            pipe.execute()
-        return job.payload
-
-    def purge(self, job_ids: Iterable[str] | None = None) -> int:
-        ids = (
-            list(job_ids) if job_ids is not None else cast(list[str], self.redis.zrange(_key("dead"), 0, -1))
-        )
-        removed = 0
-        for job_id in ids:
-            if self.redis.zrem(_key("dead"), job_id):
-                self.delete(job_id)
-                removed += 1
-        return removed
-
-    def dead_count(self) -> int:
-        return int(self.redis.zcard(_key("dead")))
-
-
-def _unreadable(data: Mapping[str, str]) -> dict[str, Any] | None:
-    if "raw_base64" not in data:
-        return None
-    size = int(data.get("raw_size") or 0)
-    return {
-        "size": size,
-        "kept": len(base64.b64decode(data["raw_base64"])),
-        "base64": data["raw_base64"],
-        "queue": data.get("raw_queue") or None,
-        "claimed_id": data.get("raw_claimed_id") or None,
-        "task": data.get("raw_task") or None,
-    }

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 from worker.queue.marks import AsyncMarks
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
-from worker.transports import Transport, build_transport
+from worker.transports.base import Transport
+from worker.transports.factory import build_transport
 from worker.transports.limits import Limiter
 
 T = TypeVar("T")

@@ -38,7 +38,7 @@ import redis
 from worker.keys import redis_key
 from worker.queue.broker import BrokerKeys, unacked_envelope
 from worker.queue.delays import MOVING, RETRYING
-from worker.queue.jobs import OPEN, OPEN_STATES
+from worker.queue.jobrecord import OPEN, OPEN_STATES
 
 log = logging.getLogger("postroom.sweep")
 
@@ -83,7 +83,10 @@ class Sweeper:
         confirm: float = 5.0,
         keys: BrokerKeys | None = None,
     ) -> None:
-        keys = keys or BrokerKeys.of_app()
+        if keys is None:
+            from worker.queue.app import broker_keys  # the Celery app only where its keys are needed
+
+            keys = broker_keys()
         self.client = client
         self.queues = keys.queue_lists(queue)
         self.republish = republish

@@ -36,7 +36,7 @@ from worker.mail.payload import (
 )
 from worker.ops.connectivity import check_connectivity
 from worker.queue import liveness
-from worker.queue.app import app, settings
+from worker.queue.app import app, broker_keys, settings
 from worker.queue.attempts import (
     Step,
     account_health,
@@ -48,16 +48,15 @@ from worker.queue.attempts import (
     slot_wait,
     store_url,
 )
-from worker.queue.broker import BrokerKeys
 from worker.queue.delivery import LOG_FORMAT
 from worker.queue.drain import Carried, QueueDrain
 from worker.queue.intake import store as intake_store
-from worker.queue.jobs import safe_text
+from worker.queue.jobrecord import safe_text
 from worker.queue.runtime import get_runtime
 from worker.queue.sweep import Sweeper
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
-from worker.transports import ConnectivityReport
+from worker.transports.base import ConnectivityReport
 
 log = logging.getLogger("postroom.tasks")
 LOG_FORMAT.json = settings.log_format == "json"
@@ -263,11 +262,6 @@ def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
     except redis.RedisError as exc:  # restored later and then skipped: every one of them has ended
         log.warning("job %s: carried jobs not acknowledged (%s)", job_id, exc)
     return steps[0]
-
-
-def broker_keys() -> BrokerKeys:
-    """kombu's key names on this app's broker (worker/queue/broker.py)."""
-    return BrokerKeys.from_options(app.conf.broker_transport_options)
 
 
 def queue_drain() -> QueueDrain:

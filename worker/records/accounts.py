@@ -9,6 +9,7 @@ DESIGN §1). :func:`resolve_account` applies provider presets and the
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from worker.errors import RecordProblem
-from worker.records.advanced import AUTH_MECHANISMS, TLS_VERSIONS, TlsName, parse_advanced
+from worker.records.advanced import AUTH_MECHANISMS, TLS_VERSIONS, AdvancedSettings, TlsName, parse_advanced
 from worker.records.fields import Address, Line, RecordModel, SecretField, TlsVersion, check_address
 from worker.records.providers import DEFAULT_PORTS, GRAPH_LIMITS, PRESETS, Protocol, Provider, infer_provider
 from worker.records.secrets import Secret
@@ -252,8 +253,39 @@ def resolve_account(
     smtp, graph = record.smtp, record.graph
     identity = smtp.address if smtp else (graph.address or graph.user_principal_name if graph else None)
     provider: Provider = record.provider or infer_provider(identity)
-    preset = PRESETS[provider]
+    endpoint = _resolve_transport(record, provider, bad)
+    limits = _resolve_limits(record, provider)
+    refs = _references(record)
+    if problems or identity is None:
+        return None, problems
+    from_address, display_name, reply_to, signing = _sender(record)
+    account = EmailAccount(
+        name=doc.name,
+        source=doc.path,
+        description=record.description,
+        provider=provider,
+        send_using=record.send_using,
+        from_address=from_address,
+        display_name=display_name,
+        reply_to=reply_to,
+        limits=limits,
+        smtp=endpoint,
+        graph=graph if record.send_using == "graph" else None,
+        signing=signing,
+        dkim=record.dkim,
+        references=refs,
+    )
+    return account, problems
 
+
+# Reports one problem at a field path (``doc.problem`` appended to the caller's list), so the
+# steps below keep resolve_account's file:line:field reporting and its order.
+Report = Callable[[tuple[str | int, ...], str], None]
+
+
+def _resolve_transport(record: AccountRecord, provider: Provider, bad: Report) -> SmtpEndpoint | None:
+    """The SMTP endpoint when sending by SMTP; the rules on which section send_using needs."""
+    smtp, graph = record.smtp, record.graph
     endpoint: SmtpEndpoint | None = None
     if record.send_using == "smtp":
         if smtp is None:
@@ -270,12 +302,17 @@ def resolve_account(
             bad(("graph",), "required when send_using is graph")
     if smtp and smtp.signing and graph and graph.signing:
         bad(("graph", "signing"), "signing is set under both smtp and graph; keep one")
+    return endpoint
 
+
+def _resolve_limits(record: AccountRecord, provider: Provider) -> Limits:
+    """The record's limits, each one not given taken from the provider preset."""
+    preset = PRESETS[provider]
     limits_rec = record.limits or LimitsSettings()
     # Graph has limits of its own (DESIGN §5): 4 concurrent requests and 10,000 requests per
     # 10 minutes per mailbox, instead of SMTP AUTH's 3 connections and 30 messages a minute
     preset_limits = GRAPH_LIMITS if record.send_using == "graph" else preset.limits
-    limits = Limits(
+    return Limits(
         rate=parse_rate(limits_rec.rate)
         if limits_rec.rate
         else (parse_rate(preset_limits.rate) if preset_limits.rate else None),
@@ -285,6 +322,10 @@ def resolve_account(
         or preset.limits.max_recipients_per_message,
     )
 
+
+def _references(record: AccountRecord) -> tuple[tuple[str, str, str], ...]:
+    """(field path, kind, name) of every other record the account uses, for ``accounts check``."""
+    smtp, graph = record.smtp, record.graph
     refs: list[tuple[str, str, str]] = []
     if smtp:
         if smtp.truststore:
@@ -301,128 +342,50 @@ def resolve_account(
             refs.append(("graph.signing.keystore", "keystore", graph.signing.keystore))
     if record.dkim and record.dkim.keystore:
         refs.append(("dkim.keystore", "keystore", record.dkim.keystore))
+    return tuple(refs)
 
-    if problems or identity is None:
-        return None, problems
+
+def _sender(record: AccountRecord) -> tuple[str, str | None, str | None, SigningSettings | None]:
+    """(From address, display name, Reply-To, S/MIME signing) from the section that sends;
+    a Graph account falls back on its smtp section. Only called on a record without problems."""
+    smtp, graph = record.smtp, record.graph
     if record.send_using == "graph":
         assert graph is not None
         from_address = graph.address or (smtp.address if smtp else graph.user_principal_name)
-        display_name, reply_to = graph.display_name, graph.reply_to
-        signing = graph.signing or (smtp.signing if smtp else None)
-    else:
-        assert smtp is not None
-        from_address, display_name, reply_to, signing = (
-            smtp.address,
-            smtp.display_name,
-            smtp.reply_to,
-            smtp.signing,
+        return (
+            from_address,
+            graph.display_name,
+            graph.reply_to,
+            graph.signing or (smtp.signing if smtp else None),
         )
-    account = EmailAccount(
-        name=doc.name,
-        source=doc.path,
-        description=record.description,
-        provider=provider,
-        send_using=record.send_using,
-        from_address=from_address,
-        display_name=display_name,
-        reply_to=reply_to,
-        limits=limits,
-        smtp=endpoint,
-        graph=graph if record.send_using == "graph" else None,
-        signing=signing,
-        dkim=record.dkim,
-        references=tuple(refs),
-    )
-    return account, problems
+    assert smtp is not None
+    return smtp.address, smtp.display_name, smtp.reply_to, smtp.signing
 
 
-def _resolve_smtp(smtp: SmtpSettings, provider: Provider, bad: Any) -> SmtpEndpoint | None:
+def _resolve_smtp(smtp: SmtpSettings, provider: Provider, bad: Report) -> SmtpEndpoint | None:
+    """The endpoint an SMTP section describes, or None when it has no host to connect to."""
     preset = PRESETS[provider]
     adv, adv_problems = parse_advanced(smtp.advanced)
     for key, reason in adv_problems:
         bad(("smtp", "advanced", key), reason)
-
-    protocol: Protocol
-    if not smtp.secure:
-        if smtp.protocol is not None:
-            bad(("smtp", "protocol"), "only applies when secure: true")
-        if adv.ssl_enable or adv.starttls_enable or adv.starttls_required:
-            bad(("smtp", "advanced"), "TLS keys conflict with secure: false")
-        protocol = "none"
-    else:
-        if adv.starttls_required is False:
-            key = adv.sources.get("starttls.required", "mail.smtp.starttls.required")
-            bad(
-                ("smtp", "advanced", key),
-                'secure: true never sends in the clear; it cannot be "false"',
-            )
-        if adv.starttls_enable is False and adv.ssl_enable is not True and smtp.protocol != "smtps":
-            key = adv.sources.get("starttls.enable", "mail.smtp.starttls.enable")
-            bad(
-                ("smtp", "advanced", key),
-                "secure: true needs STARTTLS or SMTPS; use secure: false for a clear connection",
-            )
-        if adv.ssl_enable and adv.starttls_enable:
-            bad(
-                ("smtp", "advanced"),
-                "mail.smtp.ssl.enable and mail.smtp.starttls.enable are both true; pick one",
-            )
-        if smtp.protocol is not None:
-            protocol = smtp.protocol
-            if adv.ssl_enable and protocol == "starttls":
-                bad(("smtp", "protocol"), "conflicts with mail.smtp.ssl.enable: true")
-        elif adv.ssl_enable:
-            protocol = "smtps"
-        elif adv.starttls_enable:
-            protocol = "starttls"
-        elif smtp.port is not None:
-            protocol = "smtps" if smtp.port == 465 else "starttls"
-        else:
-            protocol = preset.protocol
-
+    protocol = _protocol(smtp, adv, preset.protocol, bad)
     host = smtp.host or preset.host
     if not host:
         bad(("smtp", "host"), f"required (provider {provider} has no preset host)")
-    port = smtp.port or DEFAULT_PORTS[protocol]
     if adv.envelope_from:
         try:
             check_address(adv.envelope_from)
         except ValueError as exc:
             bad(("smtp", "advanced", adv.sources.get("from", "mail.smtp.from")), str(exc))
-
-    auth: AuthMode = smtp.auth or ("oauth" if smtp.oauth_profile else "password" if smtp.password else "none")
-    if auth == "password" and smtp.password is None:
-        bad(("smtp", "password"), "required when auth is password (or set auth: none)")
-    if auth == "oauth" and not smtp.oauth_profile:
-        bad(("smtp", "oauth_profile"), "required when auth is oauth")
-    if auth != "oauth" and smtp.oauth_profile:
-        bad(("smtp", "oauth_profile"), f"only used with auth: oauth (auth is {auth})")
-
-    min_tls: TlsName = smtp.min_tls_version
-    max_tls: TlsName | None = None
-    if adv.tls_versions:
-        allowed = [v for v in adv.tls_versions if TLS_VERSIONS.index(v) >= TLS_VERSIONS.index(min_tls)]
-        if not allowed:
-            key = adv.sources.get("ssl.protocols", "mail.smtp.ssl.protocols")
-            bad(
-                ("smtp", "advanced", key),
-                f"allows no TLS version at or above min_tls_version {min_tls}",
-            )
-        else:
-            min_tls, max_tls = allowed[0], allowed[-1]
-
-    default_order = ("XOAUTH2",) if auth == "oauth" else DEFAULT_MECHANISMS
-    order = adv.mechanisms or default_order
-    mechanisms = tuple(m for m in order if m not in adv.disabled_mechanisms and m in AUTH_MECHANISMS)
-    if auth != "none" and not mechanisms:
-        bad(("smtp", "advanced"), "every AUTH mechanism is disabled")
-
+    auth = _auth_mode(smtp, bad)
+    min_tls, max_tls = _tls_range(smtp.min_tls_version, adv, bad)
+    mechanisms = _mechanisms(auth, adv, bad)
     if not host:
         return None
     command_timeout = adv.command_timeout or 30.0
     return SmtpEndpoint(
         host=host,
-        port=port,
+        port=smtp.port or DEFAULT_PORTS[protocol],
         protocol=protocol,
         min_tls_version=min_tls,
         max_tls_version=max_tls,
@@ -441,3 +404,86 @@ def _resolve_smtp(smtp: SmtpSettings, provider: Provider, bad: Any) -> SmtpEndpo
         dsn_notify=adv.dsn_notify,
         dsn_ret=adv.dsn_ret,
     )
+
+
+def _protocol(smtp: SmtpSettings, adv: AdvancedSettings, preset: Protocol, bad: Report) -> Protocol:
+    """How to secure the connection: ``secure``, then ``protocol``, the JavaMail TLS keys, the
+    port and last the provider preset; every contradiction among them is reported."""
+    if not smtp.secure:
+        if smtp.protocol is not None:
+            bad(("smtp", "protocol"), "only applies when secure: true")
+        if adv.ssl_enable or adv.starttls_enable or adv.starttls_required:
+            bad(("smtp", "advanced"), "TLS keys conflict with secure: false")
+        return "none"
+    _check_secure_keys(smtp, adv, bad)
+    if smtp.protocol is not None:
+        if adv.ssl_enable and smtp.protocol == "starttls":
+            bad(("smtp", "protocol"), "conflicts with mail.smtp.ssl.enable: true")
+        return smtp.protocol
+    if adv.ssl_enable:
+        return "smtps"
+    if adv.starttls_enable:
+        return "starttls"
+    if smtp.port is not None:
+        return "smtps" if smtp.port == 465 else "starttls"
+    return preset
+
+
+def _check_secure_keys(smtp: SmtpSettings, adv: AdvancedSettings, bad: Report) -> None:
+    """With ``secure: true``, the advanced keys that would send in the clear or ask for both TLS kinds."""
+    if adv.starttls_required is False:
+        key = adv.sources.get("starttls.required", "mail.smtp.starttls.required")
+        bad(
+            ("smtp", "advanced", key),
+            'secure: true never sends in the clear; it cannot be "false"',
+        )
+    if adv.starttls_enable is False and adv.ssl_enable is not True and smtp.protocol != "smtps":
+        key = adv.sources.get("starttls.enable", "mail.smtp.starttls.enable")
+        bad(
+            ("smtp", "advanced", key),
+            "secure: true needs STARTTLS or SMTPS; use secure: false for a clear connection",
+        )
+    if adv.ssl_enable and adv.starttls_enable:
+        bad(
+            ("smtp", "advanced"),
+            "mail.smtp.ssl.enable and mail.smtp.starttls.enable are both true; pick one",
+        )
+
+
+def _auth_mode(smtp: SmtpSettings, bad: Report) -> AuthMode:
+    """``auth`` as given, or implied by which credential the section holds; checks that it is there."""
+    auth: AuthMode = smtp.auth or ("oauth" if smtp.oauth_profile else "password" if smtp.password else "none")
+    if auth == "password" and smtp.password is None:
+        bad(("smtp", "password"), "required when auth is password (or set auth: none)")
+    if auth == "oauth" and not smtp.oauth_profile:
+        bad(("smtp", "oauth_profile"), "required when auth is oauth")
+    if auth != "oauth" and smtp.oauth_profile:
+        bad(("smtp", "oauth_profile"), f"only used with auth: oauth (auth is {auth})")
+    return auth
+
+
+def _tls_range(min_tls: TlsName, adv: AdvancedSettings, bad: Report) -> tuple[TlsName, TlsName | None]:
+    """(lowest, highest) TLS version: ``mail.smtp.ssl.protocols`` narrows min_tls_version, never
+    widens it; the highest is None (the library's) unless those keys name one."""
+    if not adv.tls_versions:
+        return min_tls, None
+    allowed = [v for v in adv.tls_versions if TLS_VERSIONS.index(v) >= TLS_VERSIONS.index(min_tls)]
+    if not allowed:
+        key = adv.sources.get("ssl.protocols", "mail.smtp.ssl.protocols")
+        bad(
+            ("smtp", "advanced", key),
+            f"allows no TLS version at or above min_tls_version {min_tls}",
+        )
+        return min_tls, None
+    return allowed[0], allowed[-1]
+
+
+def _mechanisms(auth: AuthMode, adv: AdvancedSettings, bad: Report) -> tuple[str, ...]:
+    """AUTH mechanisms to try, in order: the advanced list (or the default for the auth mode)
+    less the disabled ones."""
+    default_order = ("XOAUTH2",) if auth == "oauth" else DEFAULT_MECHANISMS
+    order = adv.mechanisms or default_order
+    mechanisms = tuple(m for m in order if m not in adv.disabled_mechanisms and m in AUTH_MECHANISMS)
+    if auth != "none" and not mechanisms:
+        bad(("smtp", "advanced"), "every AUTH mechanism is disabled")
+    return mechanisms

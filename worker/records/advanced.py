@@ -121,43 +121,40 @@ def _disable(mechanism: str) -> Apply:
     return apply
 
 
+def _set(name: str, parse: Callable[[Any], Any]) -> Apply:
+    """Store the parsed value in one field; checked here, so a misspelt field fails on import,
+    not on the first account that uses the key."""
+    if name not in AdvancedSettings.__dataclass_fields__:
+        raise TypeError(f"AdvancedSettings has no field {name!r}")
+
+    def apply(s: AdvancedSettings, v: Any) -> AdvancedSettings:
+        return replace(s, **{name: parse(v)})
+
+    return apply
+
+
 # key suffix (after "mail.smtp.") → (what it does, how to apply it)
 KNOWN_KEYS: dict[str, tuple[str, Apply]] = {
     "auth.plain.disable": ("never use AUTH PLAIN", _disable("PLAIN")),
     "auth.login.disable": ("never use AUTH LOGIN", _disable("LOGIN")),
     "auth.cram-md5.disable": ("never use AUTH CRAM-MD5", _disable("CRAM-MD5")),
     "auth.xoauth2.disable": ("never use AUTH XOAUTH2", _disable("XOAUTH2")),
-    "auth.mechanisms": (
-        "allowed AUTH mechanisms in order of preference",
-        lambda s, v: replace(s, mechanisms=_mechanisms(v)),
-    ),
-    "timeout": ("command timeout (ms)", lambda s, v: replace(s, command_timeout=_millis(v))),
-    "connectiontimeout": (
-        "connect timeout (ms)",
-        lambda s, v: replace(s, connect_timeout=_millis(v)),
-    ),
-    "writetimeout": (
-        "message upload timeout (ms)",
-        lambda s, v: replace(s, write_timeout=_millis(v)),
-    ),
-    "localhost": ("EHLO name", lambda s, v: replace(s, ehlo_name=_text(v))),
-    "from": ("envelope sender (MAIL FROM)", lambda s, v: replace(s, envelope_from=_text(v))),
-    "ssl.protocols": (
-        "allowed TLS versions, e.g. TLSv1.2 TLSv1.3",
-        lambda s, v: replace(s, tls_versions=_tls_versions(v)),
-    ),
+    "auth.mechanisms": ("allowed AUTH mechanisms in order of preference", _set("mechanisms", _mechanisms)),
+    "timeout": ("command timeout (ms)", _set("command_timeout", _millis)),
+    "connectiontimeout": ("connect timeout (ms)", _set("connect_timeout", _millis)),
+    "writetimeout": ("message upload timeout (ms)", _set("write_timeout", _millis)),
+    "localhost": ("EHLO name", _set("ehlo_name", _text)),
+    "from": ("envelope sender (MAIL FROM)", _set("envelope_from", _text)),
+    "ssl.protocols": ("allowed TLS versions, e.g. TLSv1.2 TLSv1.3", _set("tls_versions", _tls_versions)),
     "ssl.checkserveridentity": (
         "check the server certificate's host name (default true)",
-        lambda s, v: replace(s, check_server_identity=_bool(v)),
+        _set("check_server_identity", _bool),
     ),
-    "starttls.required": (
-        "fail when STARTTLS is not offered",
-        lambda s, v: replace(s, starttls_required=_bool(v)),
-    ),
-    "starttls.enable": ("use STARTTLS", lambda s, v: replace(s, starttls_enable=_bool(v))),
-    "ssl.enable": ("use implicit TLS (SMTPS)", lambda s, v: replace(s, ssl_enable=_bool(v))),
-    "dsn.notify": ("DSN NOTIFY for each recipient", lambda s, v: replace(s, dsn_notify=_notify(v))),
-    "dsn.ret": ("DSN RET (FULL or HDRS)", lambda s, v: replace(s, dsn_ret=_ret(v))),
+    "starttls.required": ("fail when STARTTLS is not offered", _set("starttls_required", _bool)),
+    "starttls.enable": ("use STARTTLS", _set("starttls_enable", _bool)),
+    "ssl.enable": ("use implicit TLS (SMTPS)", _set("ssl_enable", _bool)),
+    "dsn.notify": ("DSN NOTIFY for each recipient", _set("dsn_notify", _notify)),
+    "dsn.ret": ("DSN RET (FULL or HDRS)", _set("dsn_ret", _ret)),
 }
 
 

@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from worker import settings
 from worker.errors import ConfigurationError, RecordError, RecordProblem
-from worker.mail import signing
 from worker.records.accounts import AccountRecord, EmailAccount, resolve_account
 from worker.records.auth_profiles import (
     AuthProfile,
@@ -29,6 +28,12 @@ from worker.records.auth_profiles import (
 )
 from worker.records.keystores import Keystore, KeystoreRecord
 from worker.records.secrets import Secret
+from worker.records.signing_material import (
+    dkim_key,
+    dkim_key_findings,
+    dkim_settings_findings,
+    smime_findings,
+)
 from worker.records.yamlsrc import YamlDocument, display_path, load_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -144,18 +149,10 @@ class Records:
         raise ConfigurationError(f"unknown account {name!r} (known accounts: {known})")
 
     def keystore(self, name: str) -> Keystore:
-        if name in self.keystores:
-            return self.keystores[name]
-        if name in self.keystore_problems:
-            raise RecordError(self.keystore_problems[name])
-        raise ConfigurationError(f"unknown keystore {name!r}")
+        return _named(self.keystores, self.keystore_problems, name, f"unknown keystore {name!r}")
 
     def profile(self, name: str) -> AuthProfile:
-        if name in self.profiles:
-            return self.profiles[name]
-        if name in self.profile_problems:
-            raise RecordError(self.profile_problems[name])
-        raise ConfigurationError(f"unknown auth profile {name!r}")
+        return _named(self.profiles, self.profile_problems, name, f"unknown auth profile {name!r}")
 
     def check(self, names: Iterable[str] | None = None) -> dict[str, list[RecordProblem]]:
         """Every problem that would stop each account from sending, by account name."""
@@ -224,7 +221,7 @@ class Records:
         where = f"keystore {keystore.name}" + (f" alias {entry.alias!r}" if entry.alias else "")
         return [
             replace(doc.problem((*loc, "keystore"), f"{where}: {f.reason}"), severity=f.severity)
-            for f in signing.smime_findings(entry, account.from_address)
+            for f in smime_findings(entry, account.from_address)
         ]
 
     def _check_dkim(self, doc: YamlDocument, account: EmailAccount) -> list[RecordProblem]:
@@ -233,7 +230,7 @@ class Records:
         assert settings is not None
         found = [
             replace(doc.problem(("dkim", field_name), f.reason), severity=f.severity)
-            for field_name, f in signing.dkim_settings_findings(settings, account.from_address)
+            for field_name, f in dkim_settings_findings(settings, account.from_address)
         ]
         key_field = "keystore" if settings.keystore else "private_key"
         if settings.private_key is not None:
@@ -241,15 +238,22 @@ class Records:
             if secret_problems:
                 return found + secret_problems
         try:
-            key, _files = signing.dkim_key(settings, self)
+            key, _files = dkim_key(settings, self)
         except ConfigurationError as exc:
             if settings.keystore:
                 return [*found, self._keystore_problem(doc, ("dkim",), exc)]
             return [*found, doc.problem(("dkim", key_field), str(exc))]
         return found + [
             replace(doc.problem(("dkim", key_field), f.reason), severity=f.severity)
-            for f in signing.dkim_key_findings(key)
+            for f in dkim_key_findings(key)
         ]
+
+    def _unknown_ref(
+        self, doc: YamlDocument, loc: tuple[str, ...], what: str, folder: str, known: Iterable[str]
+    ) -> RecordProblem:
+        """A reference to a record that is not there, naming the folder looked in and what it holds."""
+        names = ", ".join(sorted(known)) or "none"
+        return doc.problem(loc, f"no {what} in {display_path(self.config_dir / folder)} (known: {names})")
 
     def _check_keystore_ref(
         self, doc: YamlDocument, loc: tuple[str, ...], ref: str, *, truststore: bool = True
@@ -257,14 +261,7 @@ class Records:
         if ref in self.keystore_problems:
             return list(self.keystore_problems[ref])
         if ref not in self.keystores:
-            known = ", ".join(sorted(self.keystores)) or "none"
-            return [
-                doc.problem(
-                    loc,
-                    f"no keystore record {ref!r} in {display_path(self.config_dir / 'keystores')} "
-                    f"(known: {known})",
-                )
-            ]
+            return [self._unknown_ref(doc, loc, f"keystore record {ref!r}", "keystores", self.keystores)]
         keystore = self.keystores[ref]
         ks_doc = load_yaml(keystore.source)
         found: list[RecordProblem] = []
@@ -290,14 +287,7 @@ class Records:
         if ref in self.profile_problems:
             return list(self.profile_problems[ref])
         if ref not in self.profiles:
-            known = ", ".join(sorted(self.profiles)) or "none"
-            return [
-                doc.problem(
-                    loc,
-                    f"no auth profile {ref!r} in {display_path(self.config_dir / 'auth-profiles')} "
-                    f"(known: {known})",
-                )
-            ]
+            return [self._unknown_ref(doc, loc, f"auth profile {ref!r}", "auth-profiles", self.profiles)]
         profile = self.profiles[ref]
         allowed = _GRAPH_PROFILE_TYPES if loc[0] == "graph" else _SMTP_OAUTH_TYPES.get(account.provider)
         if allowed and profile.type not in allowed:
@@ -333,6 +323,16 @@ class Records:
                     reason = str(exc).removeprefix(f"keystore {ks}: ")
                     found.append(p_doc.problem(("certificate", "keystore"), reason))
         return found
+
+
+def _named(items: dict[str, T], problems: dict[str, list[RecordProblem]], name: str, unknown: str) -> T:
+    """A loaded record by name; a record that failed to load raises its own problems, so the
+    caller sees the file:line reasons and not just "unknown"."""
+    if name in items:
+        return items[name]
+    if name in problems:
+        raise RecordError(problems[name])
+    raise ConfigurationError(unknown)
 
 
 def _secret_problems(doc: YamlDocument, loc: tuple[str, ...], secret: Secret) -> list[RecordProblem]:

@@ -10,15 +10,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 Provider = Literal["gmail", "office365", "outlook", "yahoo", "icloud", "zoho", "other"]
-PROVIDERS: tuple[Provider, ...] = (
-    "gmail",
-    "office365",
-    "outlook",
-    "yahoo",
-    "icloud",
-    "zoho",
-    "other",
-)
 Protocol = Literal["none", "starttls", "smtps"]
 
 

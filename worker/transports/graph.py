@@ -221,6 +221,19 @@ class GraphTransport:
         except DeliveryError as exc:
             raise self._error(exc) from None
 
+    async def _post_mime(
+        self, path: str, data: bytes, *, what: str | None = None, sent: bool = False
+    ) -> httpx.Response:
+        """POST a MIME message to the mailbox's ``path`` as Graph takes one: base64 text."""
+        return await self._request(
+            "POST",
+            f"{self.user_url}/{path}",
+            what=what or path,
+            content=base64.b64encode(data),
+            headers={"Content-Type": "text/plain"},
+            sent=sent,
+        )
+
     async def _request(
         self,
         method: str,
@@ -322,14 +335,7 @@ class GraphTransport:
         data = with_bcc(message)
         if len(data) > LARGE_MESSAGE_BYTES:
             return await self._send_large(message, data)
-        response = await self._request(
-            "POST",
-            f"{self.user_url}/sendMail",
-            what="sendMail",
-            content=base64.b64encode(data),
-            headers={"Content-Type": "text/plain"},
-            sent=True,
-        )
+        response = await self._post_mime("sendMail", data, sent=True)
         if response.status_code == 202:
             return self._result(message, response)
         if response.status_code == 413:  # over the limit after all: take the large-message route
@@ -347,13 +353,7 @@ class GraphTransport:
                     "cannot be split off from attachments (a signed message, or a large body)"
                 )
             )
-        response = await self._request(
-            "POST",
-            f"{self.user_url}/messages",
-            what="create draft",
-            content=base64.b64encode(body),
-            headers={"Content-Type": "text/plain"},
-        )
+        response = await self._post_mime("messages", body, what="create draft")
         if response.status_code not in (200, 201):
             raise self._refusal(response, "create draft")
         draft_id = str(response.json().get("id") or "")

@@ -54,7 +54,6 @@ SHARE_PATIENCE = 0.05  # a send waits this long at its pool's share before askin
 DEMAND_GRACE = 1.0  # a pool with no send for this long steps out of the shares (worker/transports/pool.py)
 INLINE_WAIT = 0.5  # rate waits up to this are waited out on the loop (longer ones re-schedule)
 MAX_RESERVATION = 900.0  # never reserve a send time further ahead than this
-DAY_MINUTES = 1440
 
 # KEYS[1] slots zset, KEYS[2] wanted flag, KEYS[3] users zset; ARGV: now, lease, cap, token,
 # wanted TTL, this pool's name (it registers as a user of the account's slots)

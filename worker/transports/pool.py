@@ -4,7 +4,8 @@ Bounded, reusing connections (:class:`~worker.transports.smtp.SmtpConnection`),
 checking idle ones with NOOP, retiring them by age and message count, and
 retrying a message once on a fresh connection when a reused one was dropped or
 answered 421 before anything was accepted. With a limiter, every connection
-holds one of the account's slots (:mod:`worker.transports.limits`) and the pools
+holds one of the account's slots (:mod:`worker.transports.limits`; the sharing is
+:mod:`worker.transports.shares`) and the pools
 of all worker processes share them: even shares, an idle pool stepping out, a
 waiting send stretching into another pool's idle slot.
 """
@@ -26,24 +27,22 @@ from worker.errors import (
 from worker.records.accounts import EmailAccount
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 from worker.transports.limits import (
-    DEMAND_GRACE,
     SHARE_PATIENCE,
     SLOT_POLL,
-    SLOT_RENEW,
-    WANTED_CHECK,
     Limiter,
 )
 from worker.transports.oauth import TokenSource
-from worker.transports.smtp import RetryOnFresh, SmtpConnection, TokenProvider
+from worker.transports.shares import NO_SLOT, SlotShares
+from worker.transports.smtp import RetryOnFresh, SmtpConnection
+from worker.transports.smtp_auth import TokenProvider
 
 log = logging.getLogger("postroom.smtp")
 
 CHECK_SLOT_WAIT = 2.0  # a health check waits this long for a connection slot, else reports busy
 POOL_RECHECK = 1.0  # a send waiting for one of its pool's connections looks again this often
-_NO_SLOT = object()  # "no account slot free right now"
 
 
-class SmtpTransport:
+class SmtpTransport(SlotShares):
     """The per-account SMTP connection pool (one per account per worker process)."""
 
     name = "smtp"
@@ -108,52 +107,6 @@ class SmtpTransport:
             self._cond = asyncio.Condition()
         return self._cond
 
-    async def _try_slot(self, deadline: float) -> object:
-        """One of the account's connection slots: its token, None when unlimited, or _NO_SLOT
-        (LimitWait once ``deadline`` passed: the send is re-scheduled, no attempt spent)."""
-        if self.limiter is None:
-            return None
-        token = self.limiter.new_token()
-        if await self.limiter.try_slot(self.account.name, self.max_connections, token, user=self._user):
-            return token
-        if time.monotonic() > deadline:
-            raise LimitWait(
-                f"all {self.max_connections} connection slots of the account are in use by other workers",
-                account=self.account.name,
-                transport="smtp",
-                retry_after=1.0,
-            )
-        return _NO_SLOT
-
-    def _could_stretch(self) -> bool:
-        """Shared slots, and room in this pool for one more connection than it has."""
-        return self.limiter is not None and self._count < self.max_connections
-
-    def _may_stretch(self, asked: float) -> bool:
-        now = time.monotonic()
-        return (
-            self._could_stretch()
-            and not self._stretching
-            and now - asked > SHARE_PATIENCE
-            and now - self._stretched > SHARE_PATIENCE
-        )
-
-    async def _stretch(self) -> object:
-        """A send that waited SHARE_PATIENCE at this pool's share asks for one more of the
-        account's slots: free, or given up by another pool's connection that sat idle that long
-        (asking sets the wanted flag it watches). One send of a pool asks at a time, at most
-        every SHARE_PATIENCE. Without it, a message could wait a whole round of a slow server
-        for this pool's connections while another pool's sat idle (one of the last ten of 100
-        did, in the slow-1 bench)."""
-        assert self.limiter is not None
-        self._stretching, self._stretched = True, time.monotonic()
-        try:
-            token = self.limiter.new_token()
-            name, cap = self.account.name, self.max_connections
-            return token if await self.limiter.try_slot(name, cap, token, user=self._user) else _NO_SLOT
-        finally:
-            self._stretching = False
-
     async def _open(self, *, slot: object = None, slot_wait: float | None = None) -> SmtpConnection:
         """A new connection, holding one of the account's connection slots when limited
         (``slot``: one the caller already holds)."""
@@ -179,11 +132,6 @@ class SmtpTransport:
             self._heartbeat = asyncio.get_running_loop().create_task(self._renew())
         return conn
 
-    async def _release_slot(self, token: str) -> None:
-        if self.limiter is not None:
-            with contextlib.suppress(Exception):  # a lost release lapses with its lease
-                await self.limiter.release_slot(self.account.name, token)
-
     async def _close(self, conn: SmtpConnection, *, polite: bool = True) -> None:
         """Close a connection and give its slot back."""
         try:
@@ -208,75 +156,6 @@ class SmtpTransport:
         except Exception as exc:  # the connection is gone either way
             log.debug("account %s: closing a connection: %s", self.account.name, exc)
 
-    async def _renew(self) -> None:
-        """Keep the leases of this pool's connections alive, and keep to this pool's share of
-        the account's slots while other pools use them too (idle extra connections close now,
-        busy ones when their message is done)."""
-        assert self.limiter is not None
-        renewed = time.monotonic()
-        while self._live and not self._closed:
-            await asyncio.sleep(WANTED_CHECK)
-            await self._drop_strays()
-            try:
-                # a pool in demand claims its share; one with nothing to do steps out of them
-                user, leaving = (self._user, "") if self._in_demand() else ("", self._user)
-                if time.monotonic() - renewed >= SLOT_RENEW:
-                    tokens = [c.slot for c in self._live.values() if c.slot is not None]
-                    pools, wanted = await self.limiter.renew_slots(
-                        self.account.name, tokens, user, leaving=leaving
-                    )
-                    renewed = time.monotonic()
-                else:
-                    pools, wanted = await self.limiter.sharing(self.account.name, user, leaving=leaving)
-            except Exception:  # Redis trouble: if it lasts, the leases lapse and others may connect
-                log.warning("account %s: could not renew connection slots", self.account.name)
-                continue
-            if self._in_demand():  # sending: an even share
-                self._share = -(-self.max_connections // pools)
-            else:  # nothing to send lately: keep the connections only while nobody waits
-                self._share = 0 if wanted else self.max_connections
-            extra = len(self._live) - self._share
-            if extra <= 0 and wanted and not self._waiting:  # another pool waits: what sat idle goes
-                now = time.monotonic()
-                extra = sum(1 for c in self._idle if now - c.last_used > SHARE_PATIENCE)
-            if extra > 0 and self._idle:
-                cond = self._condition()
-                async with cond:
-                    idle, self._idle = self._idle[:extra], self._idle[extra:]
-                try:
-                    for conn in idle:
-                        await self._close(conn)
-                finally:
-                    async with cond:
-                        self._count -= len(idle)
-                        cond.notify_all()
-
-    async def _drop_strays(self) -> None:
-        """Give up connections whose socket is gone and that wait in no idle list: one a send
-        holds will be closed and uncounted by that send as well; one nobody holds any more (seen
-        after a Redis restart followed by the server's: every slot of the account kept leased by
-        dead connections for about a minute) would otherwise have its slot renewed for good."""
-        idle = {id(c) for c in self._idle}
-        strays = [c for key, c in self._live.items() if not c.usable and key not in idle]
-        for conn in strays:
-            self._live.pop(id(conn), None)
-            conn.client.close()
-            if conn.slot is not None:
-                token, conn.slot = conn.slot, None
-                await asyncio.shield(self._release_slot(token))
-        if strays:
-            log.info("account %s: gave up %d dead connections", self.account.name, len(strays))
-
-    def _in_demand(self) -> bool:
-        """Sends wait for a connection or hold one, or one did within DEMAND_GRACE. (Sends that
-        have waited a while count too: judged by the last ask alone, two pools whose sends all
-        wait would each think itself idle, hand its share to the other and keep one connection
-        each.) A pool with nothing to do steps out of the account's shares at once: the others
-        take its connections' slots within a second, not after USER_TTL (a slow server's last
-        messages waited on half the connections)."""
-        busy = self._count > len(self._idle)
-        return self._waiting > 0 or busy or time.monotonic() - self._last_demand < DEMAND_GRACE
-
     def _expired(self, conn: SmtpConnection, now: float) -> bool:
         return (
             not conn.usable
@@ -284,6 +163,16 @@ class SmtpTransport:
             or conn.messages >= self.max_messages_per_connection
             or now - conn.last_used > self.idle_timeout
         )
+
+    def _take_idle(self, now: float, to_close: list[SmtpConnection]) -> SmtpConnection | None:
+        """The most recently used idle connection not expired; expired ones go to ``to_close``."""
+        while self._idle:
+            conn = self._idle.pop()  # most recently used first
+            if not self._expired(conn, now):
+                return conn
+            to_close.append(conn)
+            self._count -= 1
+        return None
 
     async def _acquire(self, *, fresh: bool = False) -> SmtpConnection:
         """A connection for one transaction; ``fresh`` skips idle ones (used for the retry)."""
@@ -310,13 +199,7 @@ class SmtpTransport:
                 while True:
                     now = time.monotonic()
                     if not fresh:
-                        while self._idle and reuse is None:
-                            conn = self._idle.pop()  # most recently used first
-                            if self._expired(conn, now):
-                                to_close.append(conn)
-                                self._count -= 1
-                            else:
-                                reuse = conn
+                        reuse = self._take_idle(now, to_close)
                         if reuse is not None:
                             break
                     # a share of 0 (handed over while idle) is for idle times: with a send
@@ -325,7 +208,7 @@ class SmtpTransport:
                         # room here; with a limiter, also one of the account's slots (asked without
                         # waiting: a connection of this pool may come free first, see below)
                         token = await self._try_slot(deadline)
-                        if token is not _NO_SLOT:
+                        if token is not NO_SLOT:
                             self._count += 1  # reserve a place for the new connection
                             break
                         with contextlib.suppress(TimeoutError):  # woken by a released connection,
@@ -338,7 +221,7 @@ class SmtpTransport:
                         continue
                     if self._may_stretch(asked):
                         token = await self._stretch()
-                        if token is not _NO_SLOT:
+                        if token is not NO_SLOT:
                             self._count += 1
                             break
                     # woken when a connection comes free; and looking again now and then, since
@@ -471,24 +354,19 @@ class SmtpTransport:
         except LimitWait as exc:  # every connection is delivering: the check would break the cap
             report.ok = True
             report.detail["skipped"] = f"not connected: {exc.reason}"
-            report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
-            return report
         except DeliveryError as exc:
             report.error = str(exc)
             report.detail["error_class"] = type(exc).__name__
-            report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
-            if self._token_source is not None:
-                report.detail["oauth"] = self._token_source.describe()
-            return report
-        try:
-            report.ok = await conn.noop()
-            if not report.ok:
-                report.error = "server did not answer NOOP"
-            report.detail = conn.describe()
-            if self._token_source is not None:
-                report.detail["oauth"] = self._token_source.describe()
-        finally:
-            await self._close(conn)
+        else:
+            try:
+                report.ok = await conn.noop()
+                if not report.ok:
+                    report.error = "server did not answer NOOP"
+                report.detail = conn.describe()
+            finally:
+                await self._close(conn)
+        if self._token_source is not None and "skipped" not in report.detail:
+            report.detail["oauth"] = self._token_source.describe()
         report.detail["duration_ms"] = round((time.monotonic() - started) * 1000)
         return report
 

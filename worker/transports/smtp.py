@@ -5,7 +5,8 @@ opening it (STARTTLS required when ``secure``, minimum TLS version, verified
 certificate, chosen AUTH mechanism), then runs mail transactions on it. The
 per-account pool over these sessions is :mod:`worker.transports.pool`.
 
-aiosmtplib exceptions never leave this module: the steps of opening a
+Logging in is :mod:`worker.transports.smtp_auth` (the one place a secret is used).
+aiosmtplib exceptions never leave these modules: the steps of opening a
 session translate them with the one table in :mod:`worker.transports.smtp_errors`;
 a mail transaction classifies the replies it reads itself (a lost connection
 before the content went out is retried on a fresh one, after it never).
@@ -14,29 +15,24 @@ before the content went out is retried on a fresh one, after it never).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import aiosmtplib
 from aiosmtplib import (
-    SMTPAuthenticationError,
     SMTPConnectResponseError,
     SMTPException,
+    SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-from aiosmtplib.auth import auth_xoauth2_encode
 
 from worker.errors import (
     ConnectionFailed,
@@ -49,9 +45,10 @@ from worker.errors import (
     classify_smtp_reply,
 )
 from worker.records.accounts import SmtpEndpoint
-from worker.transports import pipelining
+from worker.transports import pipelining, smtp_auth
 from worker.transports.base import OutgoingMessage, SendResult
-from worker.transports.smtp_errors import CAUGHT, translate
+from worker.transports.smtp_auth import TokenProvider
+from worker.transports.smtp_errors import CAUGHT, broke_in_handshake, translate
 from worker.transports.tls import (
     below_minimum,
     client_context,
@@ -62,7 +59,6 @@ from worker.transports.tls import (
 
 log = logging.getLogger("postroom.smtp")
 
-TokenProvider = Callable[[bool], Awaitable[str]]  # (force_refresh) -> access token
 
 _CLOSE_WAIT = 2.0  # seconds to wait for a closed connection's socket to go away
 _PROTOCOL_NAMES = {"none": "none", "starttls": "STARTTLS", "smtps": "SMTPS"}
@@ -84,38 +80,6 @@ class RetryOnFresh(Exception):
     def __init__(self, error: DeliveryError) -> None:
         self.error = error
         super().__init__(str(error))
-
-
-_HANDSHAKE_BREAKS = (
-    ssl.SSLError,
-    ConnectionResetError,
-    ConnectionAbortedError,
-    BrokenPipeError,
-    SMTPServerDisconnected,
-)
-
-
-def _in_handshake(exc: BaseException) -> bool:
-    """The connection was up and broke in the TLS handshake (an alert, a reset, an EOF), not
-    refused or unreachable: only then can the server's TLS version be the cause."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, _HANDSHAKE_BREAKS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _xoauth2_challenge(message: str) -> str | None:
-    """``status 401, scope https://mail.google.com/`` from a base64 JSON error challenge."""
-    try:
-        data = json.loads(base64.b64decode(message.strip(), validate=True))
-    except (binascii.Error, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    parts = [f"{k} {data[k]}" for k in ("status", "scope", "schemes") if isinstance(data.get(k), str)]
-    return ", ".join(parts)[:200] or None
 
 
 def _client(ep: SmtpEndpoint, context: ssl.SSLContext | None) -> aiosmtplib.SMTP:
@@ -185,7 +149,9 @@ class SmtpConnection:
         try:
             await conn._connect()
             await conn._secure(context)
-            await conn._authenticate(token_provider)
+            conn.auth_mechanism = await smtp_auth.authenticate(
+                client, ep, conn.offered_mechanisms, token_provider, account=account, fail=conn._error
+            )
         except BaseException:
             await conn.close(polite=False)
             raise
@@ -211,7 +177,7 @@ class SmtpConnection:
                     timed_out=f"timed out connecting to {where}",
                 )
             )
-            if ep.protocol == "smtps" and not isinstance(exc, TimeoutError) and _in_handshake(exc):
+            if ep.protocol == "smtps" and not isinstance(exc, TimeoutError) and broke_in_handshake(exc):
                 error = await self._version_policy(error)
             raise error from None
         self.protocol = self.client.protocol
@@ -297,9 +263,9 @@ class SmtpConnection:
                         timed_out="timed out during the TLS handshake",
                     )
                 )
-                in_handshake = not isinstance(exc, SMTPResponseException | TimeoutError) and _in_handshake(
-                    exc
-                )
+                in_handshake = not isinstance(
+                    exc, SMTPResponseException | TimeoutError
+                ) and broke_in_handshake(exc)
                 raise (await self._version_policy(error) if in_handshake else error) from None
             await self._ehlo()
         if ep.protocol != "none":
@@ -318,79 +284,6 @@ class SmtpConnection:
                     )
                 )
 
-    async def _authenticate(self, token_provider: TokenProvider | None) -> None:
-        ep = self.endpoint
-        if ep.auth == "none":
-            return
-        if not self.client.supports_extension("auth"):
-            raise self._error(
-                SecurityPolicyError(
-                    "server offers no AUTH but the account is configured to log in"
-                    + ("" if ep.protocol != "none" else " (some servers only offer AUTH over TLS)")
-                )
-            )
-        usable = [m for m in ep.mechanisms if m in self.offered_mechanisms]
-        if not usable:
-            raise self._error(
-                SecurityPolicyError(
-                    f"no usable AUTH mechanism: server offers {' '.join(self.offered_mechanisms) or 'none'}, "
-                    f"account allows {' '.join(ep.mechanisms) or 'none'}"
-                )
-            )
-        mechanism = usable[0]
-        assert ep.username is not None
-        try:
-            if mechanism == "XOAUTH2":
-                if token_provider is None:
-                    raise self._error(SecurityPolicyError("XOAUTH2 needs an OAuth token provider"))
-                code, text = await self._xoauth2(ep.username, await self._token(token_provider, False))
-                if code >= 500:
-                    # the token may have been revoked or expired early: refresh once, then give up
-                    log.info("account %s: XOAUTH2 refused (%s); refreshing the token", self.account, code)
-                    code, text = await self._xoauth2(ep.username, await self._token(token_provider, True))
-                if code != 235:
-                    raise SMTPAuthenticationError(code, text)
-            else:
-                if ep.password is None:
-                    raise self._error(SecurityPolicyError("no password configured"))
-                secret = ep.password.reveal()
-                method = {
-                    "PLAIN": self.client.auth_plain,
-                    "LOGIN": self.client.auth_login,
-                    "CRAM-MD5": self.client.auth_crammd5,
-                }[mechanism]
-                await method(ep.username, secret)
-        except CAUGHT as exc:
-            raise self._error(
-                translate(exc, f"AUTH {mechanism}", lost="connection lost during AUTH")
-            ) from None
-        self.auth_mechanism = mechanism
-
-    async def _token(self, token_provider: TokenProvider, force: bool) -> str:
-        try:
-            return await token_provider(force)
-        except DeliveryError as exc:
-            raise self._error(exc) from None
-
-    async def _xoauth2(self, username: str, token: str) -> tuple[int, str]:
-        """One AUTH XOAUTH2 (RFC 7628 style): (final code, text).
-
-        A server that refuses the token answers 334 with a base64 JSON error
-        challenge; the client sends an empty line and gets the final 5xx.
-        The challenge's status and scope are kept in the text (never the token).
-        """
-        response = await self.client.execute_command(
-            b"AUTH", b"XOAUTH2", auth_xoauth2_encode(username, token)
-        )
-        challenge = None
-        if response.code == 334:
-            challenge = _xoauth2_challenge(response.message)
-            response = await self.client.execute_command(b"")
-        text = response.message
-        if challenge and response.code != 235:
-            text = f"{text} ({challenge})"
-        return response.code, text
-
     # ---- using -----------------------------------------------------------
 
     async def noop(self) -> bool:
@@ -407,24 +300,7 @@ class SmtpConnection:
         self.last_used = time.monotonic()
         client, ep = self.client, self.endpoint
         sender = ep.envelope_from or message.sender
-        needs_utf8 = not (sender + "".join(message.recipients)).isascii()
-        mail_options: list[str] = []
-        if client.supports_extension("size"):
-            mail_options.append(f"SIZE={len(message.data)}")
-        if client.supports_extension("8bitmime") and not message.data.isascii():
-            mail_options.append("BODY=8BITMIME")
-        if needs_utf8:
-            if not client.supports_extension("smtputf8"):
-                raise self._error(
-                    PermanentError("an address is not ASCII and the server does not support SMTPUTF8")
-                )
-            mail_options.append("SMTPUTF8")
-        dsn = client.supports_extension("dsn")
-        if dsn and ep.dsn_ret:
-            mail_options.append(f"RET={ep.dsn_ret}")
-        rcpt_options = [f"NOTIFY={ep.dsn_notify}"] if dsn and ep.dsn_notify else []
-        encoding = "utf-8" if needs_utf8 else "ascii"
-
+        mail_options, rcpt_options, encoding = self._envelope_options(sender, message)
         try:
             replies = await pipelining.send_envelope(
                 client,
@@ -445,21 +321,7 @@ class SmtpConnection:
         if replies.mail.code != pipelining.COMPLETED:
             await self._abandon(replies)
             raise await self._refused(replies.mail.code, replies.mail.message, "MAIL FROM") from None
-
-        results: dict[str, RecipientStatus] = {}
-        accepted: list[str] = []
-        for rcpt, reply in zip(message.recipients, replies.rcpts, strict=False):
-            if reply.code in pipelining.RCPT_ACCEPTED:
-                accepted.append(rcpt)
-                continue
-            if reply.code in (421, 432) or not client.is_connected:
-                client.close()
-                raise RetryOnFresh(
-                    self._error(classify_smtp_reply(reply.code, reply.message, stage="RCPT TO"))
-                ) from None
-            status = "deferred" if 400 <= reply.code < 500 else "failed"
-            results[rcpt] = RecipientStatus(status, reply.code, reply.message)
-
+        results, accepted = self._recipient_replies(message, replies)
         if not accepted:
             await self._abandon(replies)
             await self._reset()
@@ -481,18 +343,65 @@ class SmtpConnection:
                 for rcpt in accepted:
                     results[rcpt] = RecipientStatus("sent", data_reply.code, data_reply.message)
                 return SendResult(transport="smtp", security=self.security, recipients=results)
+        raise await self._content_refused(data_reply, accepted, results)
 
+    def _envelope_options(self, sender: str, message: OutgoingMessage) -> tuple[list[str], list[str], str]:
+        """MAIL FROM and RCPT TO parameters the server's extensions allow, and the envelope's
+        encoding. Raises a PermanentError for a non-ASCII address the server cannot take."""
+        client, ep = self.client, self.endpoint
+        needs_utf8 = not (sender + "".join(message.recipients)).isascii()
+        mail_options: list[str] = []
+        if client.supports_extension("size"):
+            mail_options.append(f"SIZE={len(message.data)}")
+        if client.supports_extension("8bitmime") and not message.data.isascii():
+            mail_options.append("BODY=8BITMIME")
+        if needs_utf8:
+            if not client.supports_extension("smtputf8"):
+                raise self._error(
+                    PermanentError("an address is not ASCII and the server does not support SMTPUTF8")
+                )
+            mail_options.append("SMTPUTF8")
+        dsn = client.supports_extension("dsn")
+        if dsn and ep.dsn_ret:
+            mail_options.append(f"RET={ep.dsn_ret}")
+        rcpt_options = [f"NOTIFY={ep.dsn_notify}"] if dsn and ep.dsn_notify else []
+        return mail_options, rcpt_options, "utf-8" if needs_utf8 else "ascii"
+
+    def _recipient_replies(
+        self, message: OutgoingMessage, replies: pipelining.EnvelopeReplies
+    ) -> tuple[dict[str, RecipientStatus], list[str]]:
+        """The refused recipients' results and the accepted recipients. Raises RetryOnFresh
+        when a RCPT reply closes the connection (421, 432, or it is gone)."""
+        results: dict[str, RecipientStatus] = {}
+        accepted: list[str] = []
+        for rcpt, reply in zip(message.recipients, replies.rcpts, strict=False):
+            if reply.code in pipelining.RCPT_ACCEPTED:
+                accepted.append(rcpt)
+                continue
+            if reply.code in (421, 432) or not self.client.is_connected:
+                self.client.close()
+                raise RetryOnFresh(
+                    self._error(classify_smtp_reply(reply.code, reply.message, stage="RCPT TO"))
+                ) from None
+            status = "deferred" if 400 <= reply.code < 500 else "failed"
+            results[rcpt] = RecipientStatus(status, reply.code, reply.message)
+        return results, accepted
+
+    async def _content_refused(
+        self, data_reply: SMTPResponse | None, accepted: list[str], results: dict[str, RecipientStatus]
+    ) -> DeliveryError | RetryOnFresh:
+        """DATA (or the content after it) refused: the accepted recipients' results, the error."""
         code, text = (data_reply.code, data_reply.message) if data_reply else (554, "no reply to DATA")
         error = classify_smtp_reply(code, text, stage="DATA")
         if isinstance(error, ServerBusy):
-            client.close()
-            raise RetryOnFresh(self._error(error)) from None
+            self.client.close()
+            return RetryOnFresh(self._error(error))
         status = "deferred" if error.transient else "failed"
         for rcpt in accepted:
             results[rcpt] = RecipientStatus(status, code, text)
         error.recipients = results
         await self._reset()
-        raise self._error(error) from None
+        return self._error(error)
 
     async def _abandon(self, replies: pipelining.EnvelopeReplies) -> None:
         """A 354 the message will not follow (MAIL or every RCPT refused): end its input empty."""

@@ -23,6 +23,7 @@ own row, so an aiosmtplib upgrade that adds one fails there rather than in produ
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -131,3 +132,23 @@ def translate(exc: BaseException, stage: str, *, lost: str = "", timed_out: str 
         if isinstance(exc, cls):
             return make(exc, stage, lost, timed_out)
     raise TypeError(f"not an SMTP or socket error: {type(exc).__name__}") from exc
+
+
+_HANDSHAKE_BREAKS = (
+    ssl.SSLError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+    SMTPServerDisconnected,
+)
+
+
+def broke_in_handshake(exc: BaseException) -> bool:
+    """The connection was up and broke in the TLS handshake (an alert, a reset, an EOF), not
+    refused or unreachable: only then can the server's TLS version be the cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _HANDSHAKE_BREAKS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

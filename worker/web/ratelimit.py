@@ -7,6 +7,7 @@ seconds, the address gets 429 (and nothing is checked) until the window ends.
 
 from __future__ import annotations
 
+import math
 import time
 
 import redis
@@ -47,3 +48,8 @@ class FailureLimiter:
             pipe.incr(key)
             pipe.expire(key, self.period + 1)
             pipe.execute()
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The ``Retry-After`` header of a 429: whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}

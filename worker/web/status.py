@@ -49,7 +49,11 @@ class Status:
     def __init__(
         self, store: JobStore, health: AccountHealth, records: Records | None, keys: BrokerKeys | None = None
     ) -> None:
-        self.keys = keys or BrokerKeys.of_app()
+        if keys is None:
+            from worker.queue.app import broker_keys  # the Celery app only where its keys are needed
+
+            keys = broker_keys()
+        self.keys = keys
         self.store = store
         self.redis: redis.Redis = store.redis
         self.health = health

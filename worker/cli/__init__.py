@@ -1,0 +1,41 @@
+"""The ``postroom`` command. Every command that prints data takes ``--json``.
+
+One module a room of commands: ``records`` (accounts, connectivity, API keys), ``jobs``
+(send, job, dead letters), ``ops`` (status, sweep, health, metrics), ``serve`` (the
+long-running ones); ``common`` holds what they share. This file only gathers them.
+"""
+
+from __future__ import annotations
+
+import click
+
+from worker.cli import jobs, ops, records, serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Postroom: an outbound mail queue (Celery workers on Redis, SMTP and Microsoft Graph)."""
+
+
+for command in (
+    records.accounts,
+    records.test_connectivity,
+    jobs.send_command,
+    jobs.job_command,
+    ops.status_command,
+    ops.sweep_command,
+    ops.health_command,
+    ops.metrics_command,
+    serve.http_command,
+    records.api_keys,
+    jobs.dead_letters,
+    serve.worker_command,
+    serve.beat_command,
+    serve.dev_smtp,
+    serve.up_command,
+):
+    main.add_command(command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""What every ``postroom`` command shares: JSON output, the producer, health and status views."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from worker.errors import RecordProblem
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def problem_dict(problem: RecordProblem) -> dict[str, Any]:
+    return {
+        "file": problem.file,
+        "line": problem.line,
+        "field": problem.field,
+        "reason": problem.reason,
+        "severity": problem.severity,
+        "text": str(problem),
+    }
+
+
+def open_producer() -> Any:
+    """The producer helper (worker/client.py), imported only by the commands that talk to Redis."""
+    from worker.client import Producer
+
+    return Producer()
+
+
+def health_of(made: Any) -> Any:
+    """The accounts' health records (worker/ops/health.py) through ``made``'s Redis."""
+    from worker.ops.health import AccountHealth
+    from worker.settings import load_settings
+
+    return AccountHealth(made.store.redis, pause_after=load_settings().pause_after, release=made.republish)
+
+
+def snapshot(made: Any) -> Any:
+    """What ``postroom status`` shows, read now (worker/web/status.py)."""
+    from worker.web.status import Status
+
+    return Status(made.store, health_of(made), made.records(fresh=True))

@@ -1,0 +1,264 @@
+"""``postroom send``, ``job`` and ``dead-letters …``: producing and following jobs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from worker.cli.common import emit_json, open_producer
+from worker.queue.jobrecord import JobState
+
+
+def _attachment(path: str) -> dict[str, str]:
+    import base64
+    import mimetypes
+    from pathlib import Path
+
+    file = Path(path)
+    content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    return {
+        "filename": file.name,
+        "content_type": content_type,
+        "content_base64": base64.b64encode(file.read_bytes()).decode("ascii"),
+    }
+
+
+def _header_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME:VALUE", param_hint=flag)
+        out[name.strip()] = value.strip()
+    return out
+
+
+@click.command("send")
+@click.option("--account", "-a", required=True, help="Account name (accounts/NAME.yaml).")
+@click.option("--kind", type=click.Choice(["notification", "auto-reply"]), default="notification")
+@click.option("--to", "to", multiple=True, help="Recipient (repeatable).")
+@click.option("--cc", multiple=True, help="Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, help="Bcc recipient (repeatable; never shown in headers).")
+@click.option("--subject", "-s", default="", help="Subject.")
+@click.option("--text", help="Plain-text body ('-' reads standard input).")
+@click.option("--html", help="HTML body.")
+@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False), help="File to attach.")
+@click.option("--header", multiple=True, help="Extra header NAME:VALUE (repeatable).")
+@click.option("--idempotency-key", help="The same key twice sends once.")
+@click.option("--message-id", help="Use this Message-ID instead of a generated one.")
+@click.option("--original-message-id", help="auto-reply: Message-ID of the message answered.")
+@click.option("--original-from", help="auto-reply: sender of the message answered.")
+@click.option("--original-subject", default="", help="auto-reply: its subject.")
+@click.option("--original-return-path", help="auto-reply: its return path ('' or '<>' for a bounce).")
+@click.option("--original-header", multiple=True, help="auto-reply: one of its headers NAME:VALUE.")
+@click.option("--payload", "payload_file", type=click.File("r"), help="Read the whole payload as JSON.")
+@click.option("--wait", type=float, default=None, help="Wait up to SECONDS for the outcome.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def send_command(
+    account: str,
+    kind: str,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    subject: str,
+    text: str | None,
+    html: str | None,
+    attach: tuple[str, ...],
+    header: tuple[str, ...],
+    idempotency_key: str | None,
+    message_id: str | None,
+    original_message_id: str | None,
+    original_from: str | None,
+    original_subject: str,
+    original_return_path: str | None,
+    original_header: tuple[str, ...],
+    payload_file: Any,
+    wait: float | None,
+    as_json: bool,
+) -> None:
+    """Enqueue a notification or an auto-reply; prints the job id."""
+    from worker.client import EnqueueError, PayloadError, message_fields
+
+    if text == "-":
+        text = sys.stdin.read()
+    payload: dict[str, Any] = json.load(payload_file) if payload_file else {}
+    payload.setdefault("account", account)
+    payload.setdefault("kind", kind)
+    fields = message_fields(
+        to,
+        subject,
+        text,
+        html,
+        cc=cc,
+        bcc=bcc,
+        attachments=[_attachment(p) for p in attach],
+        headers=_header_pairs(header, "--header"),
+        idempotency_key=idempotency_key,
+        message_id=message_id,
+    )
+    for key, value in fields.items():
+        if value not in (None, [], {}, ""):
+            payload[key] = value
+    if payload["kind"] == "auto-reply" and "original" not in payload:
+        original: dict[str, Any] = {
+            "subject": original_subject,
+            "headers": _header_pairs(original_header, "--original-header"),
+        }
+        if original_from:
+            original["from"] = original_from
+        if original_message_id:
+            original["message_id"] = original_message_id
+        if original_return_path is not None:
+            original["return_path"] = original_return_path
+        payload["original"] = original
+    try:
+        producer = open_producer()
+        job_id = producer.enqueue(payload)
+    except PayloadError as exc:
+        click.echo(f"refused: {exc}", err=True)
+        sys.exit(2)
+    except EnqueueError as exc:
+        click.echo(f"not enqueued: {exc}", err=True)
+        sys.exit(3)
+    if wait is None:
+        emit_json({"id": job_id}) if as_json else click.echo(job_id)
+        return
+    job = producer.wait(job_id, wait)
+    if as_json:
+        emit_json(job.as_dict() if job else {"id": job_id, "state": "unknown"})
+    else:
+        click.echo(job_id)
+        _print_job(job)
+    sys.exit(0 if job is not None and job.state in (JobState.SENT, JobState.SUPPRESSED) else 1)
+
+
+def _print_job(job: Any) -> None:
+    if job is None:
+        click.echo("state: unknown (no record)")
+        return
+    click.echo(f"state: {job.state}  attempts: {job.attempts}  account: {job.account}")
+    click.echo(
+        f"message-id: {job.message_id}  transport: {job.transport or '-'}  security: {job.security or '-'}"
+    )
+    for address, result in job.recipients.items():
+        code = "" if result.get("code") is None else result["code"]
+        click.echo(f"  {address}: {result.get('status')} {code} {result.get('message') or ''}".rstrip())
+    if job.last_error:
+        click.echo(f"last error: {job.last_error}")
+
+
+def _print_history(job: Any) -> None:
+    for entry in job.history or []:
+        error = entry.get("error") or ""
+        label = f"attempt {entry['attempt']}" if entry.get("attempt") is not None else "waiting"
+        click.echo(f"  {label}: {entry.get('outcome')} {error}".rstrip())
+
+
+@click.command("job")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def job_command(job_id: str, as_json: bool) -> None:
+    """Show a job: state, attempts, per-recipient results, transport, security, last error."""
+    job = open_producer().job(job_id)
+    if job is None:
+        if as_json:
+            emit_json({"id": job_id, "state": "unknown"})
+        else:
+            click.echo(f"no job {job_id}", err=True)
+        sys.exit(1)
+    if as_json:
+        emit_json(job.as_dict())
+    else:
+        click.echo(job.id)
+        _print_job(job)
+        _print_history(job)
+
+
+@click.group("dead-letters")
+def dead_letters() -> None:
+    """List, inspect, retry and purge jobs that failed permanently."""
+
+
+@dead_letters.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_list(as_json: bool) -> None:
+    rows = open_producer().store.dead_letters()
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no dead letters")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["failed_at"]))
+        click.echo(f"{row['id']}  {when}  {row['account']}  attempts={row['attempts']}  {row['error']}")
+
+
+@dead_letters.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_show(job_id: str, as_json: bool) -> None:
+    producer = open_producer()
+    job = producer.job(job_id)
+    if job is None or not producer.store.is_dead(job_id):
+        click.echo(f"no dead letter {job_id}", err=True)
+        sys.exit(1)
+    if as_json:
+        emit_json(job.as_dict(with_payload=True))
+        return
+    click.echo(job.id)
+    _print_job(job)
+    for entry in job.history or []:
+        click.echo(
+            f"  attempt {entry.get('attempt')}: {entry.get('outcome')} {entry.get('error') or ''}".rstrip()
+        )
+    if job.unreadable is not None:
+        raw = job.unreadable
+        click.echo(
+            f"unreadable message: {raw['size']} bytes from queue {raw['queue'] or '?'}"
+            + (f" (claimed id {raw['claimed_id']})" if raw["claimed_id"] else "")
+            + (f", first {raw['kept']} kept" if raw["kept"] < raw["size"] else "")
+        )
+        click.echo("raw (base64): " + raw["base64"])
+        return
+    click.echo("payload: " + json.dumps(job.payload, indent=2))
+
+
+@dead_letters.command("retry")
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_retry(job_ids: tuple[str, ...], retry_all: bool, as_json: bool) -> None:
+    """Re-enqueue dead letters (same job id, same Message-ID)."""
+    producer = open_producer()
+    ids = producer.store.dead_letter_ids() if retry_all else list(job_ids)
+    if not ids:
+        click.echo("nothing to retry (give job ids or --all)", err=True)
+        sys.exit(1)
+    retried, missing = producer.retry_dead_letters(ids)
+    if as_json:
+        emit_json({"retried": retried, "missing": missing})
+    else:
+        for job_id in retried:
+            click.echo(f"retried {job_id}")
+        for job_id in missing:
+            job = producer.job(job_id)
+            if job is not None and job.unreadable is not None:
+                click.echo(
+                    f"{job_id} is an unreadable message: nothing to retry (see show, then purge)", err=True
+                )
+            else:
+                click.echo(f"no dead letter {job_id}", err=True)
+    sys.exit(1 if missing else 0)
+
+
+@dead_letters.command("purge")
+@click.argument("job_ids", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead_purge(job_ids: tuple[str, ...], as_json: bool) -> None:
+    """Delete dead letters (all of them when no id is given)."""
+    removed = open_producer().store.purge(list(job_ids) or None)
+    emit_json({"purged": removed}) if as_json else click.echo(f"purged {removed}")
