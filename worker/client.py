@@ -21,11 +21,14 @@ from pydantic import ValidationError
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
 from worker.mail.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
+from worker.queue import brokers
+from worker.queue.brokers import BrokerView, celery_config
+from worker.queue.connect import safe_url
 from worker.queue.jobrecord import FINAL_STATES, Job
 from worker.queue.jobs import JobStore, new_job_id
 from worker.queue.runtime import RECORDS_RECHECK_SECONDS
 from worker.records.loader import Records
-from worker.settings import PUBLISH_RETRY_POLICY, broker_url, redis_url
+from worker.settings import PUBLISH_RETRY_POLICY, broker_kind, broker_url, load_settings, state_url
 
 
 class PayloadError(PostroomError, ValueError):
@@ -123,6 +126,7 @@ class Producer:
         app: Celery | None = None,
         accounts_dir: Path | None = None,
         config_dir: Path | None = None,
+        state: str | None = None,
     ) -> None:
         self.broker = broker or broker_url()
         self._records = records
@@ -131,20 +135,33 @@ class Producer:
         self._loaded: Records | None = None
         self._loaded_at = 0.0
         if app is None:
-            app = Celery("postroom-producer", broker=self.broker, set_as_current=False)
+            config = celery_config(self.broker, load_settings())  # the queue as the workers declare it
+            if broker_kind(self.broker) != "amqp":  # a producer gives up sooner than a worker
+                config["broker_transport_options"].update(socket_connect_timeout=5, socket_timeout=10)
+            app = Celery("postroom-producer", set_as_current=False)
             app.conf.update(
                 task_serializer="json",
                 broker_connection_retry_on_startup=True,
                 task_publish_retry=True,
                 task_publish_retry_policy=PUBLISH_RETRY_POLICY,
-                broker_transport_options={"socket_connect_timeout": 5, "socket_timeout": 10},
+                **config,
             )
         self.app = app
-        self.store = JobStore.from_url(redis_url(self.broker))
+        self.state = state or state_url(self.broker)
+        self.store = JobStore.from_url(self.state)
+        self._view: BrokerView | None = None
+
+    def broker_view(self) -> BrokerView:
+        """What ``status`` and the sweep read of this producer's broker (worker/queue/brokers.py)."""
+        if self._view is None:
+            self._view = brokers.broker_view(self.app, self.state, self.store.redis)
+        return self._view
 
     def close(self) -> None:
         """Release the broker and Redis connections."""
         self.app.close()
+        if self._view is not None:
+            self._view.close()
         self.store.redis.close()
 
     def records(self, *, fresh: bool = False) -> Records:
@@ -194,7 +211,7 @@ class Producer:
             (owner,) = self.store.create_claimed([(job_id, kwargs)], submitted_by=submitted_by)
         except Exception as exc:  # nothing was written (one MULTI/EXEC) or Redis is gone
             self._undo(job_id, kwargs)
-            raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
+            raise EnqueueError(f"could not enqueue (broker {safe_url(self.broker)}): {exc}") from exc
         if owner is not None:
             return owner
         try:
@@ -202,7 +219,7 @@ class Producer:
                 TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id, headers=job_headers(kwargs)
             )
         except Exception as exc:
-            _publish_failed(exc, [(job_id, kwargs)], self._undo, _safe_url(self.broker))
+            _publish_failed(exc, [(job_id, kwargs)], self._undo, safe_url(self.broker))
         return job_id
 
     def send_batch(
@@ -237,7 +254,7 @@ class Producer:
         except Exception as exc:
             for job_id, message in jobs:
                 self._undo(job_id, message)
-            raise EnqueueError(f"could not enqueue (broker {_safe_url(self.broker)}): {exc}") from exc
+            raise EnqueueError(f"could not enqueue (broker {safe_url(self.broker)}): {exc}") from exc
         for i, owner in enumerate(owners):
             if owner is not None:
                 result[i] = owner
@@ -248,7 +265,7 @@ class Producer:
             try:
                 self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
             except Exception as exc:
-                _publish_failed(exc, fresh, self._undo, _safe_url(self.broker))
+                _publish_failed(exc, fresh, self._undo, safe_url(self.broker))
         return result
 
     def republish(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
@@ -337,14 +354,6 @@ class Producer:
                 "idempotency_key": idempotency_key,
             }
         )
-
-
-def _safe_url(url: str) -> str:
-    """The broker URL without its password."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 _default: Producer | None = None

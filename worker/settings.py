@@ -32,9 +32,11 @@ _INTEGERS = frozenset(
         "coalesce",
         "pause_after",
         "metrics_port",
+        "rabbitmq_delivery_limit",
     }
 )
 LOG_FORMATS = ("text", "json")
+RABBITMQ_QUEUE_TYPES = ("quorum", "classic")
 
 
 def accounts_dir() -> Path:
@@ -63,6 +65,25 @@ def broker_url() -> str:
     return DEFAULT_BROKER_URL
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket", "sentinel")
+BROKER_SCHEMES = (*REDIS_SCHEMES, "amqp", "amqps", "pyamqp")
+
+
+def broker_kind(url: str) -> str:
+    """``redis`` (redis, rediss, unix, redis+socket), ``sentinel`` or ``amqp`` (RabbitMQ)."""
+    scheme = urlparse(url).scheme.lower()
+    if scheme == "sentinel":
+        return "sentinel"
+    if scheme in REDIS_SCHEMES:
+        return "redis"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "amqp"
+    raise ConfigurationError(
+        f"POSTROOM_BROKER_URL: unsupported scheme {scheme + '://' if scheme else '(none)'}; "
+        f"use one of {', '.join(s + '://' for s in BROKER_SCHEMES)}"
+    )
+
+
 def redis_url(broker: str) -> str:
     """The redis-py URL for a kombu broker URL (``redis+socket://`` → ``unix://``)."""
     parsed = urlparse(broker)
@@ -71,6 +92,44 @@ def redis_url(broker: str) -> str:
         db = query.get("virtual_host", query.get("db", ["0"]))[0]
         return f"unix://{parsed.path}?db={db}"
     return broker
+
+
+def state_url(broker: str | None = None) -> str:
+    """Where Postroom keeps its own state (job records, claims, limits, health, dead letters):
+    ``POSTROOM_REDIS_URL``, else the broker itself when it is Redis (DESIGN §9).
+
+    On a broker that is not Redis there is no default: a process that took messages it could
+    not record would lose them, so it refuses to start and names the setting."""
+    url = os.environ.get("POSTROOM_REDIS_URL", "").strip()
+    if url:
+        if urlparse(url).scheme.lower() not in REDIS_SCHEMES:
+            raise ConfigurationError(
+                f"POSTROOM_REDIS_URL: not a Redis URL (scheme {urlparse(url).scheme or '(none)'}://); "
+                f"use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+            )
+        return redis_url(url)
+    broker = broker or broker_url()
+    if broker_kind(broker) == "amqp":
+        raise ConfigurationError(
+            "POSTROOM_REDIS_URL is not set: the broker (POSTROOM_BROKER_URL) is RabbitMQ, and Postroom "
+            "keeps its job records, claims, limits, health and dead letters in Redis; set "
+            "POSTROOM_REDIS_URL=redis://HOST:6379/0 (or sentinel://…)"
+        )
+    return redis_url(broker)
+
+
+def sentinel_master(url: str = "") -> str:
+    """The master's name for a ``sentinel://`` URL: ``POSTROOM_SENTINEL_MASTER``, or the URL's
+    ``?master_name=``."""
+    name = os.environ.get("POSTROOM_SENTINEL_MASTER", "").strip()
+    if not name and url:
+        name = parse_qs(urlparse(url.split(";")[-1]).query).get("master_name", [""])[0]
+    if not name:
+        raise ConfigurationError(
+            "POSTROOM_SENTINEL_MASTER is not set: a sentinel:// URL needs the name of the master "
+            "the sentinels watch (sentinel.conf's `sentinel monitor NAME …`)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -123,7 +182,14 @@ class Settings:
     # The orphan sweep (worker/queue/sweep.py, run by the beat): a job whose message went missing from
     # the broker (a worker or Redis killed mid-hand-over) is published again after two sweeps.
     sweep_interval: float = 60.0
+    # On a broker that cannot list its messages (RabbitMQ) the sweep publishes again an open job
+    # whose record has not changed for this long (its producer died between recording and publishing).
+    sweep_unlisted_after: float = 3600.0
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
+    # RabbitMQ (worker/queue/brokers.py): a quorum queue (replicated, with a delivery limit after
+    # which a message that keeps killing its consumer goes to postroom.poison), or "classic".
+    rabbitmq_queue_type: str = "quorum"
+    rabbitmq_delivery_limit: int = 20  # deliveries of one message before it counts as poison
 
     def check(self) -> None:
         """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
@@ -154,6 +220,13 @@ class Settings:
             raise ConfigurationError(
                 "settings: pause_after, health_interval, health_timeout and sweep_interval must be positive"
             )
+        if self.rabbitmq_queue_type not in RABBITMQ_QUEUE_TYPES:
+            raise ConfigurationError(
+                f"settings: rabbitmq_queue_type must be one of {', '.join(RABBITMQ_QUEUE_TYPES)} "
+                f"(got {self.rabbitmq_queue_type!r})"
+            )
+        if self.rabbitmq_delivery_limit < 2:
+            raise ConfigurationError("settings: rabbitmq_delivery_limit must be at least 2")
         if self.coalesce < 1:
             raise ConfigurationError(f"settings: coalesce must be at least 1 (got {self.coalesce})")
         if self.retry.max_attempts < 1:
@@ -179,6 +252,8 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_PAUSE_AFTER": ("pause_after", None),
     "POSTROOM_METRICS_PORT": ("metrics_port", None),
     "POSTROOM_SWEEP_INTERVAL": ("sweep_interval", None),
+    "POSTROOM_SWEEP_UNLISTED_AFTER": ("sweep_unlisted_after", None),
+    "POSTROOM_RABBITMQ_DELIVERY_LIMIT": ("rabbitmq_delivery_limit", None),
 }
 
 
@@ -218,10 +293,15 @@ def load_settings() -> Settings:
     top.pop("worker_pool", None)
     log_format = os.environ.get("POSTROOM_LOG_FORMAT") or str(top.pop("log_format", "text"))
     top.pop("log_format", None)
+    queue_type = os.environ.get("POSTROOM_RABBITMQ_QUEUE_TYPE") or str(
+        top.pop("rabbitmq_queue_type", "quorum")
+    )
+    top.pop("rabbitmq_queue_type", None)
     settings = Settings(
         retry=retry,
         worker_pool=pool,
         log_format=log_format,
+        rabbitmq_queue_type=queue_type,
         **{k: _number(f"{path}: {k}", v, k in _INTEGERS) for k, v in top.items()},  # type: ignore[arg-type]
     )
     for env, (name, group) in _ENV_NUMBERS.items():

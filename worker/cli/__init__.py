@@ -7,12 +7,27 @@ long-running ones); ``common`` holds what they share. This file only gathers the
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from worker.cli import jobs, ops, records, serve
+from worker.errors import ConfigurationError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PostroomGroup(click.Group):
+    """A configuration error (a setting, a URL, a record) is one line naming what to fix and exit
+    status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            click.echo(f"postroom: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=PostroomGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Postroom: an outbound mail queue (Celery workers on Redis, SMTP and Microsoft Graph)."""
 

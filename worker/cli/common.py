@@ -25,6 +25,17 @@ def problem_dict(problem: RecordProblem) -> dict[str, Any]:
     }
 
 
+def check_deployment() -> None:
+    """Refuse to start a long-running process that could not record what it takes: the broker
+    URL must be one Postroom runs on, and Postroom's Redis known (DESIGN §9)."""
+    from worker.settings import broker_kind, broker_url, load_settings, state_url
+
+    broker = broker_url()
+    broker_kind(broker)
+    state_url(broker)
+    load_settings()
+
+
 def open_producer() -> Any:
     """The producer helper (worker/client.py), imported only by the commands that talk to Redis."""
     from worker.client import Producer
@@ -44,4 +55,4 @@ def snapshot(made: Any) -> Any:
     """What ``postroom status`` shows, read now (worker/web/status.py)."""
     from worker.web.status import Status
 
-    return Status(made.store, health_of(made), made.records(fresh=True))
+    return Status(made.store, health_of(made), made.records(fresh=True), made.broker_view())

@@ -69,12 +69,15 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
 def sweep_command(as_json: bool) -> None:
     """Publish again every job whose message went missing from the broker (the beat does this
     every sweep_interval): a job missing at two looks a few seconds apart is re-sent."""
-    from worker.mail.payload import QUEUE
     from worker.queue.sweep import Sweeper
+    from worker.settings import load_settings
 
     producer = open_producer()
     try:
-        sweeper = Sweeper(producer.store.redis, QUEUE, producer.republish)
+        after = load_settings().sweep_unlisted_after
+        sweeper = Sweeper(
+            producer.store.redis, producer.broker_view(), producer.republish, unlisted_after=after
+        )
         report = sweeper.run()
         if report.suspects and not report.skipped:
             time.sleep(sweeper.confirm + 0.1)

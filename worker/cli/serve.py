@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from worker.cli.common import emit_json
+from worker.cli.common import check_deployment, emit_json
 
 
 @click.command("http")
@@ -22,6 +22,7 @@ def http_command(port: int | None, host: str, print_openapi: bool) -> None:
     if print_openapi:
         emit_json(http.openapi_document())
         return
+    check_deployment()
     http.serve(host, port if port is not None else http.http_port())
 
 
@@ -33,6 +34,7 @@ def worker_command(ctx: click.Context, processes: int | None) -> None:
     its task threads (extra arguments go to every celery worker)."""
     from worker.run.workergroup import run_group
 
+    check_deployment()
     sys.exit(run_group(list(ctx.args), processes=processes))
 
 
@@ -40,6 +42,7 @@ def worker_command(ctx: click.Context, processes: int | None) -> None:
 @click.pass_context
 def beat_command(ctx: click.Context) -> None:
     """Run Celery beat (exactly one per deployment)."""
+    check_deployment()
     from worker.settings import var_dir
 
     var_dir().mkdir(parents=True, exist_ok=True)

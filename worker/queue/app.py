@@ -25,22 +25,16 @@ from celery.signals import (
 
 from worker import settings as settings_module
 from worker.mail.payload import HEALTH_TASK_NAME, QUEUE, SWEEP_TASK_NAME, TASK_NAME
-from worker.queue import broker
+from worker.queue import broker, brokers
 from worker.settings import PUBLISH_RETRY_POLICY
 
 settings = settings_module.load_settings()
 broker_url = settings_module.broker_url()
-transport_options = {
-    "visibility_timeout": settings.visibility_timeout,
-    # how often a worker looks for messages a dead worker left unacknowledged
-    # (kombu's default, interval x throttle, is ~100 s on top of the timeout)
-    "unacked_restore_interval": max(1, min(60, round(settings.visibility_timeout / 10))),
-    "unacked_restore_throttle": 1,
-    "socket_timeout": 15,
-    "socket_connect_timeout": 10,
-    "retry_on_timeout": True,
-    "health_check_interval": 30,
-}
+# Where job records, claims, limits, health and dead letters live: without it (a broker that is
+# not Redis and no POSTROOM_REDIS_URL) the app refuses to load, so no worker takes a message it
+# could not record (DESIGN §9).
+state_url = settings_module.state_url(broker_url)
+broker_config = brokers.celery_config(broker_url, settings)
 
 broker.install()  # kombu's Redis channel screens raw queue entries (worker/queue/broker.py)
 
@@ -50,10 +44,28 @@ def broker_keys() -> broker.BrokerKeys:
     return broker.BrokerKeys.from_options(app.conf.broker_transport_options)
 
 
+_views: dict[int, brokers.BrokerView] = {}
+
+
+def broker_view(state_client: Any) -> brokers.BrokerView:
+    """What ``status``, the sweep, coalescing and the reaper read of this app's broker
+    (worker/queue/brokers.py): one per process, on ``state_client`` when the broker is that Redis."""
+    view = _views.get(id(state_client))
+    if view is None:
+        view = _views[id(state_client)] = brokers.broker_view(app, state_url, state_client)
+    return view
+
+
+def broker_redis(state_client: Any) -> Any | None:
+    """The broker's Redis client (``state_client`` itself when they are one Redis), or None on
+    RabbitMQ."""
+    view = broker_view(state_client)
+    return view.client if isinstance(view, brokers.RedisBrokerView) else None
+
+
 app = Celery("postroom", include=["worker.queue.tasks"])
 app.conf.update(
-    broker_url=broker_url,
-    broker_transport_options=transport_options,
+    **broker_config,
     broker_connection_retry_on_startup=True,
     task_ignore_result=True,  # job state lives in Postroom's own records (postroom job ID)
     task_serializer="json",

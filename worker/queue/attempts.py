@@ -30,12 +30,11 @@ from worker.ops import counters
 from worker.ops.counters import Tally
 from worker.ops.health import AccountHealth
 from worker.queue import liveness
-from worker.queue.app import app, settings
+from worker.queue.app import app, broker_redis, settings, state_url
 from worker.queue.delivery import Delivery, Outcome, log_attempt
 from worker.queue.jobrecord import JobState, account_of, safe_text
 from worker.queue.jobs import JobStore
 from worker.queue.runtime import get_runtime
-from worker.settings import redis_url
 from worker.transports.limits import SLOT_WAIT
 
 log = logging.getLogger("postroom.attempts")
@@ -304,7 +303,8 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
 def delivery(store: JobStore) -> Delivery:
     """The pipeline on this process's runtime (its loop, pools and loop-side Redis client)."""
     runtime = get_runtime()
-    liveness.keep_beating(store.redis)  # renews this process's Message-ID claims while it lives
+    # renews this process's Message-ID claims while it lives
+    liveness.keep_beating(broker_redis(store.redis), state=store.redis)
     url = store_url()
     limiter = runtime.limiter(url, settings.job_ttl, slot_wait())
     return Delivery(store, runtime.marks(url, settings.job_ttl), runtime, settings, limiter)
@@ -317,7 +317,8 @@ def slot_wait() -> float:
 
 
 def store_url() -> str:
-    return redis_url(app.conf.broker_url)
+    """Where Postroom's state lives (POSTROOM_REDIS_URL, else the broker's Redis)."""
+    return state_url
 
 
 def _retry_plan(

@@ -31,6 +31,7 @@ import binascii
 import contextlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -123,6 +124,26 @@ def unacked_envelope(value: bytes | str) -> dict[str, Any] | None:
     if isinstance(entry, list) and entry and isinstance(entry[0], dict):
         return entry[0]
     return None
+
+
+# The task id in a kombu message's headers ("root_id", "parent_id" do not match: the quote
+# before ``id`` is part of the pattern). The body is base64, so nothing in it can match.
+TASK_ID_PATTERN = re.compile(r'"id": ?"([^"]+)"')
+BATCH_MARK = '"task": "postroom.send_batch"'
+
+
+def job_ids_in(message: str) -> Iterator[str]:
+    """The job ids a raw kombu message (or kombu's unacked entry around one) carries."""
+    if BATCH_MARK in message:  # one message, many jobs: their ids are in the body
+        try:
+            envelope = unacked_envelope(message) or json.loads(message)
+            body = json.loads(base64.b64decode(envelope["body"]))
+            yield from (str(j) for j in (body[1].get("job_ids") or []))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            pass
+    match = TASK_ID_PATTERN.search(message)
+    if match:
+        yield match.group(1)
 
 
 def delivered_tags(consumer: Any) -> list[str] | None:

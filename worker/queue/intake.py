@@ -39,7 +39,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME, job_headers
 from worker.queue import broker, liveness
 from worker.queue.delays import POLL, DelayQueue
-from worker.queue.jobrecord import safe_text
+from worker.queue.jobrecord import OPEN_STATES, JobState, safe_text
 from worker.queue.jobs import JobStore
 
 log = logging.getLogger("postroom.intake")
@@ -55,10 +55,9 @@ _store: JobStore | None = None
 def store() -> JobStore:
     global _store
     if _store is None:
-        from worker.queue.app import app, settings
-        from worker.settings import redis_url
+        from worker.queue.app import settings, state_url
 
-        _store = JobStore.from_url(redis_url(app.conf.broker_url), job_ttl=settings.job_ttl)
+        _store = JobStore.from_url(state_url, job_ttl=settings.job_ttl)
     return _store
 
 
@@ -188,11 +187,13 @@ broker.UNREADABLE[:] = [_quarantine_raw]
 
 
 def start_upkeep(consumer: Any) -> None:
-    """The heartbeat of this worker's consumer, the reaper of dead workers' messages and the
-    delay queue's mover, in one daemon thread of the worker's main process."""
-    from worker.queue.app import app, broker_keys, settings
+    """The heartbeat of this worker's consumer, the reaper of dead workers' messages, the delay
+    queue's mover and (RabbitMQ) the poison mover, in one daemon thread of the worker's main
+    process."""
+    from worker.queue.app import app, broker_keys, broker_redis, settings
 
     client = store().redis
+    on_broker = broker_redis(client)  # None on RabbitMQ
 
     def publish_due(job_id: str, kwargs: dict[str, Any]) -> None:
         with broker.at_head():  # its time has come: the next job taken, not behind the backlog
@@ -201,12 +202,48 @@ def start_upkeep(consumer: Any) -> None:
     delays = DelayQueue(client, publish_due)
     steps: list[tuple[float, Callable[[], object]]] = [(POLL, delays.move_due)]
     tags: Callable[[], list[str] | None] | None = None
-    if broker.delivered_tags(consumer) is not None:  # kombu's Redis transport: messages to restore
+    if on_broker is not None and broker.delivered_tags(consumer) is not None:  # messages to restore
         tags = lambda: broker.delivered_tags(consumer)  # noqa: E731
-        steps.append((liveness.REAP_EVERY, liveness.Reaper(client, broker_keys()).reap))
+        steps.append((liveness.REAP_EVERY, liveness.Reaper(on_broker, broker_keys()).reap))
+    if on_broker is None:
+        steps.append((POISON_EVERY, lambda: move_poison(app, settings)))
     # a task thread stuck past the hard time limit lets its jobs go (Celery stops only prefork's)
     limit = settings.time_limit if settings.worker_pool == "threads" else None
-    liveness.keep_beating(client, tags, more=steps, time_limit=limit)
+    liveness.keep_beating(on_broker, tags, more=steps, time_limit=limit, state=client)
+
+
+POISON_EVERY = 5.0
+
+
+def move_poison(app: Any, settings: Any, limit: int = 100) -> int:
+    """RabbitMQ: the messages its delivery limit set aside (``postroom.poison``: delivered that
+    often and never acknowledged, each took its worker down) into Postroom's dead letters."""
+    from worker.queue.brokers import amqp_queues
+
+    moved = 0
+    with app.connection_for_write() as connection:
+        poison = amqp_queues(settings)[1](connection.default_channel)
+        poison.declare()
+        while moved < limit:
+            message = poison.get(no_ack=False)
+            if message is None:
+                break
+            headers = message.headers if isinstance(message.headers, dict) else {}
+            count = safe_text(headers.get("x-delivery-count", "?"), 12)
+            reason = f"delivered {count} times and never finished (RabbitMQ's delivery limit)"
+            job_id = headers.get("id")
+            job = store().get(job_id) if isinstance(job_id, str) and job_id else None
+            if job is not None and job.state in OPEN_STATES:  # the job's own record ends dead
+                attempt = int(job.attempts or 0)
+                store().finish(
+                    job.id, job.account, state=JobState.DEAD, attempt=attempt, error=reason, counter="dead"
+                )
+                log.error("job %s: %s; dead-lettered", job.id, reason)
+                message.ack()
+            else:  # no job of its own (a batch, or a record gone): kept as it came
+                quarantine(message, reason)
+            moved += 1
+    return moved
 
 
 class Consumer(CeleryConsumer):

@@ -31,6 +31,7 @@ import redis
 
 from worker.keys import REDIS_TIMEOUTS, redis_key
 from worker.ops import counters
+from worker.queue import connect
 from worker.queue.deadletters import DeadLetters
 from worker.queue.jobrecord import (
     OPEN,
@@ -151,7 +152,7 @@ class JobStore(DeadLetters):
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True, **REDIS_TIMEOUTS), **kwargs)
+        return cls(connect.client(url, decode_responses=True, **REDIS_TIMEOUTS), **kwargs)
 
     # ---- enqueue side ----------------------------------------------------------
 

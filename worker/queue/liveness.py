@@ -159,11 +159,13 @@ class Heartbeat:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | None,
         consumer_tags: Callable[[], list[str] | None] | None = None,
         time_limit: float | None = None,
+        state: redis.Redis | None = None,
     ) -> None:
-        self.client = client
+        self.client = client  # the broker's Redis (None on RabbitMQ: nothing to say there)
+        self.state = state if state is not None else client  # where the Message-ID claims live
         self.consumer_tags = consumer_tags
         self.time_limit = time_limit
         self.holder = holder_id()
@@ -181,6 +183,13 @@ class Heartbeat:
         tags = self.consumer_tags() if self.consumer_tags is not None else None
         if tags and hostages:
             tags = [t for t in tags if t not in hostages]
+        if self.client is not None:
+            self._say_what_is_held(tags, hostages)
+        if self.state is not None:
+            CLAIMS.renew(self.state)  # the Message-ID claims of this process's running attempts
+
+    def _say_what_is_held(self, tags: list[str] | None, hostages: set[str]) -> None:
+        assert self.client is not None
         consumer, carried = holding_key(self.holder, "consumer"), holding_key(self.holder, "carried")
         with _released_lock:
             released = list(_released | hostages)
@@ -197,7 +206,6 @@ class Heartbeat:
         if released:
             with _released_lock:
                 _released.difference_update(released)  # (hostages are left out again at every beat)
-        CLAIMS.renew(self.client)  # the Message-ID claims of this process's running attempts
 
 
 class Reaper:
@@ -280,19 +288,22 @@ _beating: dict[int, Upkeep] = {}
 
 
 def keep_beating(
-    client: redis.Redis,
+    client: redis.Redis | None,
     consumer_tags: Callable[[], list[str] | None] | None = None,
     *,
     more: list[tuple[float, Callable[[], object]]] | None = None,
     time_limit: float | None = None,
+    state: redis.Redis | None = None,
 ) -> Upkeep:
     """This process's upkeep thread, started once per process: the heartbeat (with its
     consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
-    A process that only carries jobs (a prefork child) gets one beating its carried set."""
+    A process that only carries jobs (a prefork child) gets one beating its carried set.
+    ``client`` is the broker's Redis (None on RabbitMQ), ``state`` Postroom's (default: the same)."""
     running = _beating.get(os.getpid())
     if running is not None:
         return running
-    upkeep = Upkeep([(BEAT, Heartbeat(client, consumer_tags, time_limit).beat), *(more or [])]).start()
+    beat = Heartbeat(client, consumer_tags, time_limit, state=state).beat
+    upkeep = Upkeep([(BEAT, beat), *(more or [])]).start()
     _beating[os.getpid()] = upkeep
     return upkeep
 

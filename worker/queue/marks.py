@@ -143,9 +143,9 @@ class AsyncMarks:
     """
 
     def __init__(self, url: str, job_ttl: float) -> None:
-        import redis.asyncio
+        from worker.queue.connect import async_client
 
-        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, **REDIS_TIMEOUTS)
+        self.redis = async_client(url, decode_responses=True, **REDIS_TIMEOUTS)
         self.job_ttl = int(job_ttl)
         self._queued: list[tuple[Mark, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None

@@ -24,19 +24,17 @@ The beat runs ``postroom.sweep`` every ``sweep_interval`` seconds;
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import redis
 
 from worker.keys import redis_key
-from worker.queue.broker import BrokerKeys, unacked_envelope
+from worker.queue.brokers import BrokerView
 from worker.queue.delays import MOVING, RETRYING
 from worker.queue.jobrecord import OPEN, OPEN_STATES
 
@@ -45,10 +43,6 @@ log = logging.getLogger("postroom.sweep")
 SUSPECTS = redis_key("sweep", "suspects")
 LOCK = redis_key("sweep", "lock")
 _CHUNK = 500
-# The task id in a kombu message's headers ("root_id", "parent_id" do not match: the quote
-# before ``id`` is part of the pattern). The body is base64, so nothing in it can match.
-_TASK_ID = re.compile(r'"id": ?"([^"]+)"')
-_BATCH_MARK = '"task": "postroom.send_batch"'
 
 Republish = Callable[[str, dict[str, Any]], None]
 _RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -71,28 +65,26 @@ class SweepReport:
 
 
 class Sweeper:
-    """One sweep over the broker's Redis (the job store and the broker share it)."""
+    """One sweep: Postroom's records against what ``broker`` holds (worker/queue/brokers.py)."""
 
     def __init__(
         self,
         client: redis.Redis,
-        queue: str,
+        broker: BrokerView,
         republish: Republish,
         *,
         grace: float = 30.0,
         confirm: float = 5.0,
-        keys: BrokerKeys | None = None,
+        unlisted_after: float = 3600.0,
     ) -> None:
-        if keys is None:
-            from worker.queue.app import broker_keys  # the Celery app only where its keys are needed
-
-            keys = broker_keys()
-        self.client = client
-        self.queues = keys.queue_lists(queue)
+        self.client = client  # Postroom's state: the records, the delay queue, the held lists
+        self.broker = broker
         self.republish = republish
         self.grace = grace  # a job younger than this is not looked for at all
         self.confirm = confirm  # missing at two sweeps this far apart before it is published again
-        self.unacked_key = keys.unacked
+        # a broker that cannot list its messages (RabbitMQ): a job counts as missing only when its
+        # record has not changed for this long (a producer that died before it published)
+        self.unlisted_after = unlisted_after
 
     def run(self, now: float | None = None, *, lock_for: float = 300.0) -> SweepReport:
         now = time.time() if now is None else now
@@ -127,6 +119,11 @@ class Sweeper:
             self.client.delete(SUSPECTS)
             return
         present = self.locations()
+        listed = self.broker.job_ids()
+        if listed is None:  # the broker cannot say: only records unchanged for long are missing
+            present |= {j for j in alive if now - _updated_at(records[j]) < self.unlisted_after}
+        else:
+            present |= listed
         missing = [job_id for job_id in alive if job_id not in present]
         report.present = len(alive) - len(missing)
         new_suspects: dict[Any, str] = {}
@@ -169,20 +166,9 @@ class Sweeper:
         return out
 
     def locations(self) -> set[str]:
-        """Every job id with a message in the queue lists, kombu's unacked hash or a held list, or
-        waiting in the delay queue."""
+        """Every job id waiting in Postroom's own structures: the delay queue and the held lists of
+        paused accounts (the broker's messages are :meth:`BrokerView.job_ids`)."""
         found: set[str] = set()
-        for queue in self.queues:
-            start = 0
-            while True:
-                raw = cast(list[Any], self.client.lrange(queue, start, start + _CHUNK - 1))
-                for message in raw:
-                    found.update(_job_ids(_text(message)))
-                if len(raw) < _CHUNK:
-                    break
-                start += _CHUNK
-        for _, value in self.client.hscan_iter(self.unacked_key, count=_CHUNK):
-            found.update(_job_ids(_text(value)))
         for waiting in (RETRYING, MOVING):  # waiting for a retry in Postroom's delay queue
             found.update(_text(job_id) for job_id in cast(list[Any], self.client.zrange(waiting, 0, -1)))
         paused = {_text(name) for name in cast(set[Any], self.client.smembers(redis_key("paused")))}
@@ -205,18 +191,11 @@ class Sweeper:
         return True
 
 
-def _job_ids(message: str) -> Iterator[str]:
-    """The job ids a raw kombu message (or kombu's unacked entry around one) carries."""
-    if _BATCH_MARK in message:  # one message, many jobs: their ids are in the body
-        try:
-            envelope = unacked_envelope(message) or json.loads(message)
-            body = json.loads(base64.b64decode(envelope["body"]))
-            yield from (str(j) for j in (body[1].get("job_ids") or []))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            pass
-    match = _TASK_ID.search(message)
-    if match:
-        yield match.group(1)
+def _updated_at(fingerprint: str | None) -> float:
+    try:
+        return float((fingerprint or "").rsplit("/", 1)[-1])
+    except ValueError:
+        return 0.0
 
 
 def _text(value: Any) -> str:

@@ -36,7 +36,7 @@ from worker.mail.payload import (
 )
 from worker.ops.connectivity import check_connectivity
 from worker.queue import liveness
-from worker.queue.app import app, broker_keys, settings
+from worker.queue.app import app, broker_keys, broker_redis, broker_view, settings
 from worker.queue.attempts import (
     Step,
     account_health,
@@ -173,9 +173,9 @@ def _send_batch(messages: list[dict[str, Any]], job_ids: list[str]) -> dict[str,
 def _take_more(job_id: str, reserved: contextlib.ExitStack) -> list[Carried]:
     """Ready jobs to carry along with ``job_id`` (none when coalescing is off or Redis balks),
     counted in this process's in-flight bound (``reserved``) before the next task thread looks."""
-    if settings.coalesce <= 1:
-        return []
     drain = queue_drain()
+    if drain is None:
+        return []
     runtime = get_runtime()
     with runtime.taking:
         room = _rooms()
@@ -242,6 +242,7 @@ def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
     """Deliver this task's job and the carried ones together; the task's own step is returned
     (every retry waits in the delay queue, as a job of its own)."""
     drain = queue_drain()
+    assert drain is not None  # only a drain takes jobs to carry
     log.info("job %s: carrying %d more ready jobs from the queue", job_id, len(carried))
     readable = [c for c in carried if c.kwargs is not None]
     job_ids = [job_id, *(c.job_id for c in readable)]
@@ -264,12 +265,18 @@ def _carry(job_id: str, kwargs: dict[str, Any], carried: list[Carried]) -> Step:
     return steps[0]
 
 
-def queue_drain() -> QueueDrain:
+def queue_drain() -> QueueDrain | None:
+    """This process's drain, or None when coalescing is off (``coalesce: 1``, or a broker
+    whose queue it cannot read: RabbitMQ)."""
     global _drain
+    client = broker_redis(job_store().redis)
+    if settings.coalesce <= 1 or client is None:
+        return None
     if _drain is None:
-        liveness.keep_beating(job_store().redis)  # what this process carries is claimed while it lives
+        # what this process carries is claimed while it lives
+        liveness.keep_beating(client, state=job_store().redis)
         _drain = QueueDrain(
-            job_store().redis,
+            client,
             QUEUE,
             TASK_NAME,
             visibility_timeout=settings.visibility_timeout,
@@ -322,7 +329,9 @@ def health_check() -> dict[str, str]:
 
 def sweeper() -> Sweeper:
     """The orphan sweep over this app's broker (its jobs go back under their own ids)."""
-    return Sweeper(job_store().redis, QUEUE, release_held, grace=min(30.0, settings.sweep_interval))
+    store = job_store()
+    view, grace = broker_view(store.redis), min(30.0, settings.sweep_interval)
+    return Sweeper(store.redis, view, release_held, grace=grace, unlisted_after=settings.sweep_unlisted_after)
 
 
 @app.task(name=SWEEP_TASK_NAME, ignore_result=True)

@@ -24,7 +24,7 @@ from worker.records.loader import Records
 from worker.run.devsmtp import DEFAULT_PORT
 from worker.run.embedded import EmbeddedRedis, dies_with_parent
 from worker.run.workergroup import celery_command, celery_worker_args, process_count
-from worker.settings import load_settings, var_dir
+from worker.settings import load_settings, state_url, var_dir
 from worker.web.http import http_port
 
 
@@ -75,6 +75,7 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
         marker.write_text(embedded.url + "\n")
         _say(f"embedded Redis on {embedded.socket_path} (data in {embedded.data_dir}, AOF on)")
     else:
+        state_url(env["POSTROOM_BROKER_URL"])  # RabbitMQ without POSTROOM_REDIS_URL: refuse at once
         _say("broker from POSTROOM_BROKER_URL")
 
     children: dict[str, subprocess.Popen[bytes]] = {}

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from worker.client import EnqueueError, PayloadError, Producer
 from worker.keys import redis_key
 from worker.ops.health import AccountHealth
+from worker.queue.brokers import same_redis
 from worker.web import jsonbody
 from worker.web.api_auth import Key
 from worker.web.api_models import (
@@ -213,7 +214,9 @@ async def get_accounts(key: Key, context: Context) -> AccountsOut:
 
 def accounts_of(producer: Producer, key: ApiKey) -> AccountsOut:
     records = producer.records(fresh=True)
-    snapshot = Status(producer.store, AccountHealth(producer.store.redis), records).as_dict()
+    snapshot = Status(
+        producer.store, AccountHealth(producer.store.redis), records, producer.broker_view()
+    ).as_dict()
     out: dict[str, AccountOut] = {}
     for name in key.visible_accounts(records.account_names):
         data = snapshot["accounts"][name]
@@ -242,4 +245,15 @@ async def readyz(context: Context) -> JSONResponse:
         await run_in_threadpool(context.ready_client.ping)
     except redis.RedisError:
         return JSONResponse({"error": "the broker does not answer", "problems": []}, status_code=503)
+    if not same_redis(context.producer.broker, context.producer.state):
+        try:  # the broker is apart from Postroom's Redis: it must answer too
+            await run_in_threadpool(_broker_answers, context.producer.app)
+        except Exception as exc:
+            problem = f"the broker does not answer ({type(exc).__name__})"
+            return JSONResponse({"error": problem, "problems": []}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+def _broker_answers(app: Any) -> None:
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)

@@ -145,7 +145,9 @@ async def _refused(request: Request, exc: Refused) -> Response:
 
 def _snapshot(producer: Producer) -> dict[str, Any]:
     records = producer.records(fresh=True)
-    return Status(producer.store, AccountHealth(producer.store.redis), records).as_dict()
+    return Status(
+        producer.store, AccountHealth(producer.store.redis), records, producer.broker_view()
+    ).as_dict()
 
 
 def _account_row(name: str, info: dict[str, Any], now: float) -> dict[str, Any]:

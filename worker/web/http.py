@@ -31,14 +31,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import redis
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.requests import ClientDisconnect
 
 from worker.client import Producer
 from worker.mail.payload import SendPayload
-from worker.settings import redis_url
+from worker.queue import connect
 from worker.web import api, apikeys, dashboard, httpserver
 from worker.web.api_auth import RateLimiter
 from worker.web.api_models import BatchIn, HttpError
@@ -81,9 +80,7 @@ def create_app(
     are given. ``failures``: 401s allowed per client address (e.g. ``120/minute``)."""
     ring = KeyRing(config_dir or producer.config_dir, keys)
     count, period = apikeys.parse_rate(failures or auth_failures())
-    ready_client = redis.Redis.from_url(
-        redis_url(producer.broker), socket_connect_timeout=2, socket_timeout=2
-    )
+    ready_client = connect.client(producer.state, socket_connect_timeout=2, socket_timeout=2)
     app = FastAPI(
         title="Postroom submission API",
         version="1",

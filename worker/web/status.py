@@ -10,26 +10,20 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from worker.keys import redis_key
-from worker.mail.payload import QUEUE
 from worker.ops import counters
 from worker.ops.health import AccountHealth
-from worker.queue.broker import PRIORITY_STEPS, BrokerKeys
+from worker.queue.brokers import BrokerView
 from worker.queue.delays import MOVING, RETRYING
+from worker.queue.jobrecord import OPEN, JobState
 from worker.queue.jobs import JobStore
 from worker.records.loader import Records
 
 CERT_WARN_DAYS = 30
-
-
-def queue_names(queue: str = QUEUE, keys: BrokerKeys | None = None) -> dict[str, str]:
-    """Display name -> Redis list, for the queue and Celery's priority sub-queues."""
-    lists = (keys or BrokerKeys()).queue_lists(queue)
-    return {(queue if not p else f"{queue}.p{p}"): key for p, key in zip(PRIORITY_STEPS, lists, strict=True)}
 
 
 def _timestamp(value: Any) -> float | None:
@@ -47,13 +41,17 @@ class Status:
     """One snapshot of the deployment (built per command / per scrape)."""
 
     def __init__(
-        self, store: JobStore, health: AccountHealth, records: Records | None, keys: BrokerKeys | None = None
+        self,
+        store: JobStore,
+        health: AccountHealth,
+        records: Records | None,
+        broker: BrokerView | None = None,
     ) -> None:
-        if keys is None:
-            from worker.queue.app import broker_keys  # the Celery app only where its keys are needed
+        if broker is None:
+            from worker.queue.app import broker_view  # the Celery app only where its broker is needed
 
-            keys = broker_keys()
-        self.keys = keys
+            broker = broker_view(store.redis)
+        self.broker = broker
         self.store = store
         self.redis: redis.Redis = store.redis
         self.health = health
@@ -62,15 +60,15 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         now = time.time()
-        lists = queue_names(keys=self.keys)
+        depths = self.broker.depths()
+        unacked = self.broker.in_flight()
+        if unacked is None:  # the broker does not say (RabbitMQ): the jobs being sent
+            unacked = self._sending()
         with self.redis.pipeline(transaction=False) as pipe:
-            for key in lists.values():
-                pipe.llen(key)
-            pipe.hlen(self.keys.unacked)
             pipe.zcard(RETRYING)
             pipe.zcard(MOVING)
             pipe.zcard(self.store.dead_key)
-            *depths, unacked, retrying, moving, dead = pipe.execute()
+            retrying, moving, dead = pipe.execute()
         names = self.account_names
         states = self.health.account_states(names)
         last = self.health.last_many(names)
@@ -89,7 +87,7 @@ class Status:
                 name, states[name], last[name], windows[name], int(held), totals, history, paused, now
             )
         return {
-            "queues": {name: int(depth) for name, depth in zip(lists, depths, strict=True)},
+            "queues": depths,
             # messages workers hold: running, carried along or prefetched (retries wait in
             # Postroom's delay queue, worker/queue/delays.py, not in a worker)
             "in_flight": int(unacked),
@@ -99,6 +97,17 @@ class Status:
             "accounts": accounts,
             "generated_at": now,
         }
+
+    def _sending(self) -> int:
+        """Open jobs whose record says ``sending`` (what workers hold, when the broker cannot say)."""
+        count = 0
+        ids = [str(i) for i in cast(list[Any], self.redis.zrange(OPEN, 0, -1))]
+        for start in range(0, len(ids), 500):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids[start : start + 500]:
+                    pipe.hget(redis_key("job", job_id), "state")
+                count += sum(1 for state in pipe.execute() if state == JobState.SENDING)
+        return count
 
     def _account(
         self,
