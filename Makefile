@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 
 .PHONY: venv tools test lint typecheck pytest run clean
 
-$(BIN)/postroom: pyproject.toml
+$(BIN)/postroom: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/postroom
@@ -46,6 +46,16 @@ test: lint typecheck pytest
 
 run: venv
 	$(BIN)/postroom up
+
+# Refresh constraints.txt: the newest versions pyproject.toml allows, installed in a scratch venv
+# and frozen (then run make test, and commit both).
+.PHONY: lock
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --disable-pip-version-check '.[dev]'
+	{ sed -n '1,/^# Refresh/p' constraints.txt; \
+	  .lock-venv/bin/pip freeze --exclude-editable --disable-pip-version-check | grep -v '^postroom'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

@@ -1,7 +1,13 @@
-"""Deployment files: Procfile and docker-compose.yml (DESIGN §4, §7)."""
+"""Deployment files: Procfile, Dockerfile, constraints.txt and docker-compose.yml (DESIGN §4, §7, §9).
+
+docker-compose validates the file as it would deploy it (Debian's docker-compose: no engine
+is needed for ``config``); the checks below read what it resolved.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,7 +15,10 @@ from typing import Any
 
 import yaml
 
+from worker.records.loader import Records
+
 REPO = Path(__file__).resolve().parent.parent
+POSTROOM_SERVICES = ("worker", "beat", "http", "metrics", "mailcatcher")
 
 
 def test_procfile_runs_the_worker_and_one_beat() -> None:
@@ -21,33 +30,150 @@ def test_procfile_runs_the_worker_and_one_beat() -> None:
     }
 
 
-def compose_config() -> dict[str, Any]:
-    """The file as docker-compose itself resolves it (Debian's docker-compose; no engine needed)."""
+def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is not installed: `make test` installs Debian's docker-compose package"
-    done = subprocess.run(
-        [binary, "-f", str(REPO / "docker-compose.yml"), "config"],
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("POSTROOM_", "FLOWER_"))}
+    return subprocess.run(
+        [binary, "-f", str(REPO / "docker-compose.yml"), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**clean, **(env or {})},
+        cwd=REPO,
     )
+
+
+def compose_config(*profiles: str, **env: str) -> dict[str, Any]:
+    """The file as docker-compose itself resolves it."""
+    flags = [part for p in profiles for part in ("--profile", p)]
+    done = compose(*flags, "config", env={"FLOWER_BASIC_AUTH": "ops:test-pass", **env})
     assert done.returncode == 0, done.stderr
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     return config
 
 
-def test_docker_compose_is_valid_and_has_every_service() -> None:
+def test_compose_has_every_service_on_one_image_built_here() -> None:
     services = compose_config()["services"]
-    assert set(services) == {"redis", "worker", "beat", "flower", "mailcatcher", "metrics", "prometheus"}
-    assert "postroom metrics" in services["metrics"]["command"][-1]
-    assert any("prometheus.yml" in str(v) for v in services["prometheus"]["volumes"])
-    redis_command = " ".join(services["redis"]["command"])
-    assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
-    for name in ("worker", "beat"):
+    assert set(services) == {"redis", "rabbitmq", "flower", "prometheus", *POSTROOM_SERVICES}
+    assert services["rabbitmq"]["profiles"] == ["rabbitmq"]  # only with --profile rabbitmq
+    assert all("profiles" not in s for n, s in services.items() if n != "rabbitmq")
+    for name in POSTROOM_SERVICES:
+        service = services[name]
+        assert service["build"]["context"] == str(REPO) and service["image"] == "postroom:local", name
+        assert "pip install" not in str(service), f"{name} installs at start"
+    assert [services[n]["command"][0] for n in POSTROOM_SERVICES] == [
+        "worker",
+        "beat",
+        "http",
+        "metrics",
+        "dev-smtp",
+    ]
+    assert "8425:8425" in str(services["http"]["ports"][0])
+    assert services["beat"].get("deploy", {}).get("replicas", 1) == 1  # exactly one beat
+
+
+def test_images_are_pinned() -> None:
+    config = compose_config("rabbitmq")
+    for name, service in config["services"].items():
+        if "build" in service:
+            continue
+        image = service["image"]
+        tag = image.rsplit(":", 1)[-1] if ":" in image else ""
+        assert "@sha256:" in image or re.fullmatch(r"v?\d+\.\d+\.\d+.*", tag), f"{name}: {image} floats"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    bases = re.findall(r"^ARG PYTHON_IMAGE=(\S+)", dockerfile, re.M)
+    assert bases and re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", bases[0]), bases
+
+
+def test_the_image_is_multi_stage_installs_the_constraints_and_runs_as_a_user() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", dockerfile, re.M)) >= 2
+    assert "-c constraints.txt" in dockerfile and "COPY --from=build" in dockerfile
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert 'ENTRYPOINT ["postroom"]' in dockerfile
+
+
+def test_constraints_pin_every_package_and_bound_the_internals_postroom_uses() -> None:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[name.lower()] = version
+    assert {"celery", "kombu", "aiosmtplib", "redis", "amqp", "pytest"} <= set(pins)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for package in ("celery[redis]", "kombu", "aiosmtplib"):
+        bound = re.search(rf'"{re.escape(package)}>=[\d.]+,<([\d.]+)"', pyproject)
+        assert bound and bound.group(1).count(".") == 1, f"{package}: no upper bound on its minor version"
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and "\nlock:" in makefile
+
+
+def test_redis_persists_and_refuses_writes_when_full() -> None:
+    redis_service = compose_config()["services"]["redis"]
+    command = " ".join(redis_service["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert re.search(r"--maxmemory \d+[kmg]b", command), command
+    assert "redis-cli" in redis_service["healthcheck"]["test"]
+
+
+def test_healthchecks_use_postroom_health_and_readyz() -> None:
+    services = compose_config()["services"]
+    assert services["worker"]["healthcheck"]["test"] == ["CMD", "postroom", "health"]
+    assert "/readyz" in " ".join(services["http"]["healthcheck"]["test"])
+    assert "/metrics" in " ".join(services["metrics"]["healthcheck"]["test"])
+    rabbit = compose_config("rabbitmq")["services"]["rabbitmq"]
+    assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
+
+
+def test_secrets_come_from_compose_secrets_read_by_records_as_files() -> None:
+    config = compose_config()
+    secrets = config["secrets"]
+    assert secrets and all("file" in s for s in secrets.values())
+    examples = "\n".join(p.read_text() for p in (REPO / "accounts" / "examples").glob("*.yaml"))
+    for name in secrets:
+        assert f"{{file: /run/secrets/{name}}}" in examples, f"no record reads /run/secrets/{name}"
+        for service in ("worker", "beat", "http"):
+            assert name in [s["source"] for s in config["services"][service]["secrets"]], service
+    for service in POSTROOM_SERVICES:
+        assert "PASSWORD" not in str(config["services"][service].get("environment", {})).upper()
+
+
+def test_flower_needs_basic_auth_to_start() -> None:
+    done = compose("config")
+    assert done.returncode != 0 and "FLOWER_BASIC_AUTH" in done.stderr
+    assert compose_config()["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ops:test-pass"
+
+
+def test_every_worker_replica_reaches_the_mail_catcher_by_name(tmp_path: Path) -> None:
+    services = compose_config()["services"]
+    catcher = services["mailcatcher"]
+    assert "network_mode" not in catcher and catcher["command"][-4:] == [
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "1025",
+    ]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in services["worker"]["volumes"] if m.startswith("/")}
+    dev = Path(mounts["/srv/postroom/accounts/dev.yaml"])
+    (tmp_path / "accounts").mkdir()
+    (tmp_path / "config").mkdir()
+    shutil.copy(dev, tmp_path / "accounts" / "dev.yaml")
+    records = Records.load(tmp_path / "accounts", tmp_path / "config")
+    assert records.check() == {"dev": []}
+    account = yaml.safe_load(dev.read_text())["smtp"]
+    assert (account["host"], int(account["port"])) == ("mailcatcher", 1025)
+
+
+def test_the_rabbitmq_profile_keeps_the_state_in_redis() -> None:
+    amqp = "amqp://postroom:postroom@rabbitmq:5672/postroom"
+    services = compose_config("rabbitmq", POSTROOM_BROKER_URL=amqp)["services"]
+    for name in ("worker", "beat", "http"):
         env = services[name]["environment"]
-        assert env["POSTROOM_BROKER_URL"] == "redis://redis:6379/0"
-        assert services[name]["command"][-1].endswith(f"exec postroom {name}")
-    assert "scale" not in services["beat"] and services["beat"].get("deploy", {}).get("replicas", 1) == 1
-    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == "redis://redis:6379/0"
-    assert services["mailcatcher"]["network_mode"] == "service:worker"
+        assert env["POSTROOM_BROKER_URL"] == amqp and env["POSTROOM_REDIS_URL"] == "redis://redis:6379/0"
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"] == amqp
+    default = compose_config()["services"]["worker"]["environment"]
+    assert default["POSTROOM_BROKER_URL"] == default["POSTROOM_REDIS_URL"] == "redis://redis:6379/0"

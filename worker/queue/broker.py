@@ -313,7 +313,18 @@ class GuardedTransport(kombu_redis.Transport):
     Channel = GuardedChannel
 
 
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """The same guard on kombu's Sentinel channel (its pool asks the sentinels for the master)."""
+
+
+class GuardedSentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with :class:`GuardedSentinelChannel` (``sentinel://`` URLs)."""
+
+    Channel = GuardedSentinelChannel
+
+
 GUARDED_TRANSPORT = f"{__name__}:GuardedTransport"
+GUARDED_SENTINEL_TRANSPORT = f"{__name__}:GuardedSentinelTransport"
 
 
 def install() -> None:
@@ -326,3 +337,5 @@ def install() -> None:
     for alias in ("redis", "rediss"):
         transport.TRANSPORT_ALIASES[alias] = GUARDED_TRANSPORT
         cache.pop(alias, None)
+    transport.TRANSPORT_ALIASES["sentinel"] = GUARDED_SENTINEL_TRANSPORT
+    cache.pop("sentinel", None)
