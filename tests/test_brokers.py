@@ -295,3 +295,39 @@ def test_rabbitmq_redelivers_a_killed_workers_message_at_once(
         redelivered
     )  # RabbitMQ's own guarantee: the connection closed, the message is back
     assert sent < 60, sent  # DESIGN §4 (the dead worker's Message-ID claim has to lapse first)
+
+
+def test_rabbitmq_sweep_publishes_again_a_job_recorded_but_never_published(
+    rabbit_env: RabbitEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(mode="plain")
+    account = rabbit_env.account(unique("rmqs"), server)
+    producer = rabbit_env.producer()
+    try:
+        lost = producer.send_notification(account, ["lost@example.net"], "lost", "x")
+        with Connection(rabbit_env.broker_url) as conn:  # its message never reached RabbitMQ
+            channel: Any = conn.channel()
+            message = channel.basic_get("postroom", no_ack=True)
+            assert message is not None and message.headers["id"] == lost
+        waiting = producer.send_notification(account, ["waiting@example.net"], "waiting", "x")
+        for job_id in (lost, waiting):  # enqueued a minute ago: old enough to be looked for
+            rabbit_env.redis.zadd("postroom:open", {job_id: time.time() - 60})
+        fresh = json.loads(cli(rabbit_env, "sweep", "--json").stdout)
+        assert fresh["checked"] == 2 and fresh["republished"] == []  # unchanged for less than an hour
+        for job_id in (lost, waiting):  # both unchanged for two hours, as if their producer had died
+            rabbit_env.redis.hset(f"postroom:job:{job_id}", "updated_at", time.time() - 7200)
+        swept = json.loads(cli(rabbit_env, "sweep", "--json").stdout)
+        assert sorted(swept["republished"]) == sorted([lost, waiting])
+        assert rabbit_env.queue_length() == 3  # the waiting one, its copy, and the lost one again
+        worker = Worker(rabbit_env, tmp_path / "worker.log").start()
+        try:
+            assert finished(producer, lost).state == "sent" and finished(producer, waiting).state == "sent"
+            wait_for(lambda: rabbit_env.queue_length() == 0, 20, "the copy to be taken", worker)
+        finally:
+            worker.stop()
+    finally:
+        producer.close()
+    assert sorted(r.message["Subject"] for r in server.received) == [
+        "lost",
+        "waiting",
+    ]  # the copy did nothing

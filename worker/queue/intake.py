@@ -251,6 +251,14 @@ class Consumer(CeleryConsumer):
     and the worker's upkeep (heartbeat, reaper, delay mover: worker/queue/liveness.py) started
     once it is ready."""
 
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc,valid-type]
+        # Without Celery's native delayed delivery for quorum queues (RabbitMQ): Postroom never
+        # publishes an ETA (retries wait in its own delay queue, worker/queue/delays.py), and
+        # the step would declare some thirty exchanges and queues for nothing.
+        default_steps = [
+            s for s in CeleryConsumer.Blueprint.default_steps if not s.endswith(":DelayedDelivery")
+        ]
+
     def on_ready(self) -> None:
         super().on_ready()
         start_upkeep(self)
