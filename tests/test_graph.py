@@ -216,6 +216,25 @@ def test_a_message_without_bcc_goes_byte_for_byte(setup: Setup, cloud: CloudServ
     assert cloud.delivered[0].mime == msg.data
 
 
+def test_graph_takes_display_names_and_idn_domains_but_no_utf8_local_part(
+    setup: Setup, cloud: CloudServer
+) -> None:
+    setup.profile()
+    setup.graph_account()
+    msg = message(to=("Zoë Customer <zoe@bücher.example>",), bcc=("Audit <audit@contoso.com>",))
+    (result,) = run(send_and_close(setup.transport(), msg))
+    assert isinstance(result, SendResult), result
+    assert result.accepted == ["zoe@xn--bcher-kva.example", "audit@contoso.com"]
+    got = cloud.delivered[0].message
+    assert [(a.display_name, a.addr_spec) for a in got["To"].addresses] == [
+        ("Zoë Customer", "zoe@xn--bcher-kva.example")
+    ]
+    assert got["Bcc"] == "audit@contoso.com"
+    (refused,) = run(send_and_close(setup.transport(), message(to=("josé@example.net",))))
+    assert isinstance(refused, Rejected) and "SMTPUTF8" in str(refused), refused
+    assert len(cloud.delivered) == 1  # nothing was posted for it
+
+
 def test_the_token_is_cached_and_reused(setup: Setup, cloud: CloudServer) -> None:
     setup.profile()
     setup.graph_account()

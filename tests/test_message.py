@@ -40,7 +40,7 @@ def test_plain_text_message_headers() -> None:
     assert msg["Reply-To"] == "help@example.com"
     assert msg["Subject"] == "Your order"
     assert msg["Message-ID"] == "<fixed@example.com>"
-    assert msg["Date"] == "Thu, 01 Jan 1970 00:00:00 -0000"
+    assert msg["Date"] == "Thu, 01 Jan 1970 00:00:00 +0000"  # a real offset (-0000: zone unknown)
     assert msg["MIME-Version"] == "1.0"
     assert msg.get_content_type() == "text/plain"
     assert msg.get_content().replace("\r\n", "\n") == "Thanks!\n"

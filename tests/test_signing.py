@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from test_graph_queue import MAILBOX, GraphRecords
 
 from support.cloud import CloudServer
+from support.mailcheck import strict_parse
 from support.pki import Pki
 from support.queue import POSTROOM, QueueEnv, Worker, cli, finished, unique
 from support.signing_pki import P12_PASSWORD, SigningPki
@@ -448,6 +449,36 @@ def test_dkim_over_smime_verifies_with_dkimpy_and_openssl(
     assert not dkim.verify(tamper(signed), dnsfunc=dns_for("sel2026", "example.com", key))
     verified = openssl_verify(signed, spki.ca_file, tmp_path)
     assert verified.ok and same_cert(verified.signer, signer.cert)
+
+
+def test_signed_international_mail_reads_back_without_a_defect(
+    tree: SigningRecords, spki: SigningPki, tmp_path: Path
+) -> None:
+    name = unique("intl")
+    signer = spki.signer(f"{name}@example.com")
+    key, key_file = rsa_key_file(tmp_path)
+    tree.smtp_account(
+        name, None, keystore=tree.pkcs12_keystore(spki.pkcs12(signer, "k")),
+        dkim_lines=dkim_block("example.com", "sel2026", key_file),
+    )  # fmt: skip
+    records = load(tree)
+    built = build_message(
+        MessageSpec(
+            f"{name}@example.com",
+            display_name="Zoë's Shop",
+            to=['"Kraków, Office" <office@bücher.example>'],
+            subject="Zamówienie",
+            text=NON_ASCII,
+            attachments=[Attachment("lista.csv", "text/csv", "Zoë,Kraków\n".encode())],
+            own_headers={"List-Unsubscribe": "<https://example.com/u/1>"},
+        )
+    )
+    signed = signing.sign_message(built.data, records.account(name), records)
+    message = strict_parse(signed)
+    assert message["To"].addresses[0].addr_spec == "office@xn--bcher-kva.example"
+    assert message["Subject"] == "Zamówienie"
+    assert dkim.verify(signed, dnsfunc=dns_for("sel2026", "example.com", key))
+    assert openssl_verify(signed, spki.ca_file, tmp_path).ok
 
 
 def test_dkim_key_from_a_keystore_record(tree: SigningRecords, tmp_path: Path) -> None:

@@ -90,6 +90,7 @@ class MessageOptions(TypedDict, total=False):
     headers: Mapping[str, str] | None
     idempotency_key: str | None
     message_id: str | None
+    list_unsubscribe: Mapping[str, str] | None  # {url: https://…, mailto: addr}: RFC 8058 headers
 
 
 def message_fields(
@@ -112,6 +113,7 @@ def message_fields(
         "headers": dict(options.get("headers") or {}),
         "idempotency_key": options.get("idempotency_key"),
         "message_id": options.get("message_id"),
+        "list_unsubscribe": dict(options.get("list_unsubscribe") or {}) or None,
     }
 
 

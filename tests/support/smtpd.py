@@ -301,6 +301,7 @@ class SmtpServer:
         oauth_tokens: Callable[[], set[str]] | None = None,
         data_delay: float = 0.0,
         quit_delay: float = 0.0,
+        smtputf8: bool = True,
     ) -> None:
         self.mode = mode
         self.auth_required = auth_required
@@ -310,6 +311,7 @@ class SmtpServer:
         self.drop_after = drop_after
         self.dsn = dsn
         self.pipelining = pipelining  # advertise PIPELINING (RFC 2920), as most real servers do
+        self.smtputf8 = smtputf8  # offer SMTPUTF8 (RFC 6531); off: a UTF-8 address must be refused
         self.stall_mail_after = stall_mail_after  # the next MAIL after this many stalls once
         self.stall_seconds = stall_seconds
         self.stall_all = stall_all  # every MAIL after stall_mail_after stalls (until it is set to None)
@@ -380,7 +382,7 @@ class SmtpServer:
             auth_exclude_mechanism=[
                 m for m in ("PLAIN", "LOGIN", "XOAUTH2") if m not in self.auth_mechanisms
             ],
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=self.smtputf8,
             loop=self._loop,
         )
 

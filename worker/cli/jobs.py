@@ -50,6 +50,9 @@ def _header_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--header", multiple=True, help="Extra header NAME:VALUE (repeatable).")
 @click.option("--idempotency-key", help="The same key twice sends once.")
 @click.option("--message-id", help="Use this Message-ID instead of a generated one.")
+@click.option(
+    "--unsubscribe", multiple=True, help="One-click unsubscribe: an https:// URL and/or mailto:ADDRESS."
+)
 @click.option("--original-message-id", help="auto-reply: Message-ID of the message answered.")
 @click.option("--original-from", help="auto-reply: sender of the message answered.")
 @click.option("--original-subject", default="", help="auto-reply: its subject.")
@@ -71,6 +74,7 @@ def send_command(
     header: tuple[str, ...],
     idempotency_key: str | None,
     message_id: str | None,
+    unsubscribe: tuple[str, ...],
     original_message_id: str | None,
     original_from: str | None,
     original_subject: str,
@@ -99,6 +103,7 @@ def send_command(
         headers=_header_pairs(header, "--header"),
         idempotency_key=idempotency_key,
         message_id=message_id,
+        list_unsubscribe={("mailto" if u.startswith("mailto:") else "url"): u for u in unsubscribe},
     )
     for key, value in fields.items():
         if value not in (None, [], {}, ""):

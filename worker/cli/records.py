@@ -150,6 +150,8 @@ def test_connectivity(name: str, as_json: bool) -> None:
             )
         if dkim and "selector" in dkim:
             click.echo(f"  dkim: d={dkim['domain']} s={dkim['selector']} ({dkim['algorithm']})")
+        for warning in report.detail.get("warnings", []):
+            click.echo(f"  warning: {warning}")
         click.echo("OK" if report.ok else f"FAILED: {report.error}")
     sys.exit(0 if report.ok else 1)
 

@@ -11,7 +11,7 @@ import re
 
 from worker.mail.message import check_message_id
 from worker.mail.payload import OriginalMessage, SendPayload
-from worker.records.fields import check_address
+from worker.records.addresses import check_address, parse_mailbox
 
 _RE_PREFIX = re.compile(r"^\s*(re|aw|sv|antw|vs)\s*:", re.IGNORECASE)
 _DAEMONS = ("mailer-daemon", "postmaster", "noreply", "no-reply", "do-not-reply", "donotreply")
@@ -43,8 +43,8 @@ def suppression_reason(original: OriginalMessage) -> str | None:
             return "original has an empty return path (a bounce or notification)"
         if bare.split("@", 1)[0].lower() in _DAEMONS[:2]:
             return f"original's return path is {bare}"
-    if original.from_.split("@", 1)[0].lower() in _DAEMONS:
-        return f"original is from {original.from_}"
+    if parse_mailbox(original.from_).local.lower() in _DAEMONS:
+        return f"original is from {parse_mailbox(original.from_).address}"
     return None
 
 

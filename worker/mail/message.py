@@ -17,7 +17,8 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from email.generator import BytesGenerator
 from email.header import Header
 from email.mime.application import MIMEApplication
@@ -25,10 +26,10 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.nonmultipart import MIMENonMultipart
 from email.policy import compat32
-from email.utils import formataddr, formatdate
+from email.utils import format_datetime
 from io import BytesIO
 
-from worker.records.fields import CONTROL, check_address
+from worker.records.addresses import CONTROL, parse_mailbox
 
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
 # Headers Postroom sets itself, compared case-insensitively: the builder's own, the
@@ -74,6 +75,7 @@ class Attachment:
     filename: str
     content_type: str
     content: bytes
+    charset: str | None = None  # text/*: the producer's, else detected (us-ascii, utf-8)
 
 
 @dataclass(frozen=True)
@@ -185,10 +187,13 @@ def _encode(name: str, value: str) -> str:
 
 
 def _mailbox(address: str, name: str | None = None) -> str:
-    check_address(address)
-    if name:
+    """``address`` (``a@b`` or ``Name <a@b>``; ``name`` when it has none) as a header writes it:
+    the name RFC 2047 encoded when not ASCII, the domain in punycode."""
+    mailbox = parse_mailbox(address)
+    if name and mailbox.name is None:
         check_header_value("display name", name)
-    return formataddr((name or "", address), charset="utf-8")
+        mailbox = replace(mailbox, name=name)
+    return mailbox.header()
 
 
 def _text_part(body: str, subtype: str) -> MIMENonMultipart:
@@ -213,11 +218,25 @@ def check_content_type(value: str) -> str:
     return value
 
 
+def text_charset(content: bytes) -> str | None:
+    """``us-ascii`` or ``utf-8`` when ``content`` is that, else None (an unknown 8-bit charset)."""
+    if content.isascii():
+        return "us-ascii"
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "utf-8"
+
+
 def _attachment_part(att: Attachment) -> MIMEBase:
     maintype, _, subtype = check_content_type(att.content_type).partition("/")
     part = MIMEApplication(att.content, _subtype=subtype)
     if maintype != "application":
         part.replace_header("Content-Type", f"{maintype}/{subtype}")
+    charset = (att.charset or text_charset(att.content)) if maintype == "text" else None
+    if charset:  # a text attachment read in the wrong charset is mojibake (Zoë → ZoÃ«)
+        part.set_param("charset", check_text(charset, "attachment charset"))
     check_header_value("attachment filename", att.filename)
     if att.filename.isascii():
         part.add_header("Content-Disposition", "attachment", filename=att.filename)
@@ -237,9 +256,9 @@ def build_message(spec: MessageSpec, *, fast: bool = True) -> BuiltMessage:
     text, html = spec.text, spec.html
     if text is None and html is None:
         text = ""
-    recipients: list[str] = []
-    for address in (*spec.to, *spec.cc, *spec.bcc):
-        check_address(address)
+    recipients: list[str] = []  # the envelope: bare addresses, IDN domains in punycode
+    for written in (*spec.to, *spec.cc, *spec.bcc):
+        address = parse_mailbox(written).address
         if address.lower() not in (r.lower() for r in recipients):
             recipients.append(address)
     if not recipients:
@@ -257,7 +276,7 @@ def build_message(spec: MessageSpec, *, fast: bool = True) -> BuiltMessage:
         headers.append(("Reply-To", _mailbox(spec.reply_to)))
     headers += [
         ("Subject", _encode("Subject", check_header_value("Subject", spec.subject))),
-        ("Date", formatdate(spec.date if spec.date is not None else time.time(), localtime=False)),
+        ("Date", rfc5322_date(spec.date if spec.date is not None else time.time())),
         ("Message-ID", message_id),
     ]
     extra = [(check_header_name(n), v) for n, v in spec.headers.items()]
@@ -270,10 +289,35 @@ def build_message(spec: MessageSpec, *, fast: bool = True) -> BuiltMessage:
             raise ValueError(f"header {name} would appear twice")
         seen.add(name.lower())
 
-    data = _render_direct(headers, text, html) if fast and not spec.attachments else None
-    if data is None:
-        data = _render_mime(headers, text, html, spec.attachments)
+    data: bytes | None
+    if not all(value.isascii() for _, value in headers):  # a UTF-8 local part: RFC 6532 headers
+        data = _render_utf8(headers, text, html, spec.attachments)
+    else:
+        data = _render_direct(headers, text, html) if fast and not spec.attachments else None
+        if data is None:
+            data = _render_mime(headers, text, html, spec.attachments)
     return BuiltMessage(message_id=message_id, recipients=tuple(recipients), data=data)
+
+
+def rfc5322_date(timestamp: float) -> str:
+    """``Date`` in UTC with a real offset, ``+0000`` (formatdate's ``-0000`` means "zone
+    unknown", and strict parsers then return a naive datetime)."""
+    return format_datetime(datetime.fromtimestamp(timestamp, UTC))
+
+
+def _render_utf8(
+    headers: list[tuple[str, str]], text: str | None, html: str | None, attachments: Sequence[Attachment]
+) -> bytes:
+    """A message whose headers carry UTF-8 (RFC 6532, sent with SMTPUTF8): the headers written
+    here (the compat32 generator would RFC 2047-encode an address), the MIME body by
+    :func:`_render_mime`."""
+    lines = []
+    for name, value in headers:
+        folded = _fold(name, value)
+        if folded is None or any(len(line.encode("utf-8")) > 998 for line in folded.split("\r\n")):
+            raise ValueError(f"header {name} is too long")
+        lines.append(folded)
+    return "\r\n".join(lines).encode("utf-8") + b"\r\n" + _render_mime([], text, html, attachments)
 
 
 def _render_mime(

@@ -25,7 +25,8 @@ from worker.mail.message import (
     check_message_id,
     check_text,
 )
-from worker.records.fields import Address
+from worker.records.addresses import bare_address, check_address
+from worker.records.fields import MailboxText
 
 TASK_NAME = "postroom.send"
 HEALTH_TASK_NAME = "postroom.health_check"
@@ -102,6 +103,9 @@ class AttachmentIn(Strict):
         default="application/octet-stream", max_length=255, pattern=CONTENT_TYPE_PATTERN
     )  # type/subtype, RFC 6838 names: ASCII letters, digits and !#$&-^_.+
     content_base64: str
+    # a text/* attachment's charset; without it Postroom says us-ascii or utf-8 when the
+    # content is that, and nothing when it is neither (the reader guesses, as before)
+    charset: str | None = Field(default=None, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 
     @field_validator("content_base64")
     @classmethod
@@ -126,7 +130,7 @@ class OriginalMessage(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     message_id: MessageId = None
-    from_: Address = Field(alias="from")
+    from_: MailboxText = Field(alias="from")  # "Name <a@b>", as a received From header has it
     subject: SingleLine = ""
     headers: dict[str, str] = Field(default_factory=dict, max_length=MAX_ORIGINAL_HEADERS)
     return_path: SingleLine | None = None  # "" or "<>" means the null sender (a bounce)
@@ -149,14 +153,57 @@ class OriginalMessage(Strict):
         return None
 
 
+_UNSUBSCRIBE_URL = re.compile(r"https://[!-~]+", re.ASCII)  # printable ASCII, no spaces
+
+
+class ListUnsubscribe(Strict):
+    """``List-Unsubscribe`` (RFC 2369) and, with a url, ``List-Unsubscribe-Post:
+    List-Unsubscribe=One-Click`` (RFC 8058): what Gmail and Yahoo ask of bulk senders."""
+
+    url: str | None = Field(default=None, max_length=900)
+    mailto: str | None = Field(default=None, max_length=254)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and (not _UNSUBSCRIBE_URL.fullmatch(value) or any(c in value for c in "<>,")):
+            raise ValueError("must be an https:// URL of printable ASCII without spaces, <, > or commas")
+        return value
+
+    @field_validator("mailto")
+    @classmethod
+    def _mailto(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        address = bare_address(check_address(value.removeprefix("mailto:")))
+        if not address.isascii():
+            raise ValueError("a mailto address must be ASCII (a header URI)")
+        return address
+
+    @model_validator(mode="after")
+    def _some(self) -> ListUnsubscribe:
+        if self.url is None and self.mailto is None:
+            raise ValueError("list_unsubscribe needs url, mailto or both")
+        return self
+
+    def headers(self) -> dict[str, str]:
+        targets = [f"<{self.url}>"] if self.url else []
+        if self.mailto:
+            targets.append(f"<mailto:{self.mailto}>")
+        out = {"List-Unsubscribe": ", ".join(targets)}
+        if self.url:
+            out["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        return out
+
+
 class SendPayload(Strict):
     """Keyword arguments of the ``postroom.send`` task."""
 
     account: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: Literal["notification", "auto-reply"] = "notification"
-    to: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
-    bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    to: list[MailboxText] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    cc: list[MailboxText] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[MailboxText] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
     subject: SingleLine = ""
     text: str | None = None
     html: str | None = None
@@ -164,6 +211,7 @@ class SendPayload(Strict):
     headers: dict[str, str] = Field(default_factory=dict, max_length=MAX_HEADERS)
     original: OriginalMessage | None = None
     idempotency_key: str | None = None
+    list_unsubscribe: ListUnsubscribe | None = None  # RFC 8058 one-click unsubscribe (bulk mail)
     # assigned at enqueue; a producer may set its own (a bare id gets its angle brackets)
     message_id: MessageId = None
     enqueued_at: float | None = Field(

@@ -262,12 +262,29 @@ class DkimSigner:
                 self.domain.encode("ascii"),
                 self._key_pem,
                 canonicalize=self.canonicalization,
-                include_headers=[h.encode("ascii") for h in self.headers] if self.headers else None,
+                include_headers=self._signed_headers(data),
                 linesep=b"\r\n",
             )
         except dkim.DKIMException as exc:  # its messages may quote key parsing details: name the class only
             raise ConfigurationError(f"DKIM signing failed ({type(exc).__name__})") from None
         return bytes(header) + data
+
+    def _signed_headers(self, data: bytes) -> list[bytes]:
+        """The account's list (dkimpy's recommended set of those present without one), plus
+        the RFC 8058 pair when the message has it: a one-click unsubscribe that is not
+        signed does not count (RFC 8058 §4, Gmail and Yahoo)."""
+        if self.headers:
+            names = [h.encode("ascii") for h in self.headers]
+        else:
+            names = list(dkim.DKIM(data).default_sign_headers())
+        head = data.split(b"\r\n\r\n", 1)[0]
+        present = {
+            line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n") if line[:1] not in b" \t"
+        }
+        for name in (b"list-unsubscribe", b"list-unsubscribe-post"):
+            if name in present and name not in (n.lower() for n in names):
+                names.append(name)
+        return names
 
 
 # ---- loading, with a per-process cache --------------------------------------------------

@@ -10,6 +10,7 @@ from worker.errors import ConfigurationError
 from worker.mail.signing import describe_signing
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
+from worker.records.providers import basic_auth_warning
 from worker.transports.base import ConnectivityReport
 from worker.transports.factory import build_transport
 from worker.transports.graph import RESULT_LINE as GRAPH_RESULT_LINE
@@ -33,6 +34,9 @@ async def check_connectivity(
         report = await transport.check()
     finally:
         await transport.aclose()
+    auth = account.smtp.auth if account.smtp else None
+    if warning := basic_auth_warning(account.provider, account.send_using, auth):
+        report.detail.setdefault("warnings", []).append(warning)  # a warning: the account still works
     return with_signing(report, account, records)
 
 

@@ -35,6 +35,7 @@ from worker.queue.delivery import Delivery, Outcome, log_attempt
 from worker.queue.jobrecord import JobState, account_of, safe_text
 from worker.queue.jobs import JobStore
 from worker.queue.runtime import get_runtime
+from worker.records.addresses import bare_address
 from worker.transports.limits import SLOT_WAIT
 
 log = logging.getLogger("postroom.attempts")
@@ -171,7 +172,7 @@ def _conclude(
         retry_in = delay if outcome.state == JobState.RETRYING else None
     if outcome.state == JobState.DEAD and payload.kind == "auto-reply":
         # nothing was sent: the sender may be answered by a later job
-        store.release_auto_reply(account, autoreply.reply_recipient(payload), job_id)
+        store.release_auto_reply(account, bare_address(autoreply.reply_recipient(payload)), job_id)
     state = outcome.state
     counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
     store.finish_into(

@@ -37,6 +37,7 @@ from worker.queue.jobs import JobStore
 from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks
 from worker.queue.runtime import Runtime
 from worker.records.accounts import EmailAccount, Limits
+from worker.records.addresses import bare_address
 from worker.records.loader import Records
 from worker.settings import Settings
 from worker.transports.base import OutgoingMessage, SendResult, Transport
@@ -311,10 +312,11 @@ class Delivery:
         reason = autoreply.suppression_reason(payload.original)
         if reason:
             return Outcome(JobState.SUPPRESSED, reason=reason)
-        sender = autoreply.reply_recipient(payload)
-        if self.store.claim_auto_reply(account, sender, self.settings.auto_reply_window, job_id) is not None:
+        sender = autoreply.reply_recipient(payload)  # "Name <a@b>" as it came: the reply's To
+        bare = bare_address(sender)  # the window is per address, whatever name it came with
+        if self.store.claim_auto_reply(account, bare, self.settings.auto_reply_window, job_id) is not None:
             return Outcome(
-                JobState.SUPPRESSED, reason=f"{account} already auto-replied to {sender} within the window"
+                JobState.SUPPRESSED, reason=f"{account} already auto-replied to {bare} within the window"
             )
         return replace(
             spec,
@@ -400,8 +402,11 @@ def _spec(account: Any, payload: SendPayload, message_id: str) -> MessageSpec:
         subject=payload.subject,
         text=payload.text,
         html=payload.html,
-        attachments=[Attachment(a.filename, a.content_type, a.content()) for a in payload.attachments],
+        attachments=[
+            Attachment(a.filename, a.content_type, a.content(), a.charset) for a in payload.attachments
+        ],
         headers=dict(payload.headers),
+        own_headers=payload.list_unsubscribe.headers() if payload.list_unsubscribe else {},
         message_id=message_id,
         date=payload.enqueued_at,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,35 +14,8 @@ from pydantic import (
     ValidationInfo,
 )
 
+from worker.records.addresses import CONTROL, check_address, check_mailbox
 from worker.records.secrets import Secret
-
-# Deliberately simple: RFC 5322 allows more, but nothing a mail queue should accept
-# from a producer contains whitespace, angle brackets, quotes or control characters.
-_ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[^\s@<>()\[\],;:\"\\]+$")
-_DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-# C0 but TAB, DEL, C1 and lone surrogates: never in a value that ends up in a header
-CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def check_address(value: Any) -> str:
-    """Validate one bare email address (``user@example.com``); returns it stripped."""
-    if not isinstance(value, str):
-        raise ValueError("must be an email address")
-    text = value.strip()
-    if "\t" in text or CONTROL.search(text):
-        raise ValueError("an email address cannot contain control characters (CR/LF, DEL, C1)")
-    if not _ADDRESS.match(text) or len(text) > 254:
-        raise ValueError(f"{text!r} is not a valid email address")
-    local, domain = text.rsplit("@", 1)
-    if len(local) > 64 or local.startswith(".") or local.endswith(".") or ".." in local:
-        raise ValueError(f"{text!r} is not a valid email address")
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"{text!r} has an invalid domain") from None
-    if not all(_DOMAIN_LABEL.match(label) for label in ascii_domain.split(".")):
-        raise ValueError(f"{text!r} has an invalid domain")
-    return text
 
 
 def _tls_version(value: Any) -> Any:
@@ -68,7 +40,8 @@ def _single_line(value: Any) -> Any:
     return value
 
 
-Address = Annotated[str, PlainValidator(check_address)]
+Address = Annotated[str, PlainValidator(check_address)]  # bare: a@b (records)
+MailboxText = Annotated[str, PlainValidator(check_mailbox)]  # a@b or "Name <a@b>" (payloads)
 SecretField = Annotated[
     Secret, PlainValidator(_secret), PlainSerializer(lambda s: s.reference, return_type=str)
 ]

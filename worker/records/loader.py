@@ -27,6 +27,7 @@ from worker.records.auth_profiles import (
     profile_model,
 )
 from worker.records.keystores import Keystore, KeystoreRecord
+from worker.records.providers import basic_auth_warning
 from worker.records.secrets import Secret
 from worker.records.signing_material import (
     dkim_key,
@@ -187,6 +188,10 @@ class Records:
                 found += self._check_profile_ref(doc, loc, ref, account)
         if account.dkim is not None and account.dkim.private_key is not None:
             found += self._check_dkim(doc, account)
+        auth = account.smtp.auth if account.smtp else None
+        if warning := basic_auth_warning(account.provider, account.send_using, auth):
+            where = ("smtp", "auth") if doc.line_of(("smtp", "auth")) is not None else ("smtp",)
+            found.append(replace(doc.problem(where, warning), severity="warning"))
         return _dedupe(found)
 
     def _keystore_problem(

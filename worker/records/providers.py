@@ -92,3 +92,18 @@ def infer_provider(address: str | None) -> Provider:
 # Microsoft Graph sendMail per mailbox (DESIGN §5): 4 concurrent requests, 10,000 requests per
 # 10 minutes (1,000 a minute, spread evenly); Exchange's 10,000 recipients a day still apply.
 GRAPH_LIMITS = ProviderLimits(rate="1000/minute", max_connections=4, daily_recipients=10000)
+
+
+BASIC_AUTH_RETIREMENT = (
+    "Microsoft turns SMTP Basic authentication (auth: password) off by default for existing "
+    "Exchange Online tenants at the end of December 2026 (final removal to be announced in the "
+    "second half of 2027; tenants created after December 2026 never have it): move this account "
+    "to auth: oauth with a Microsoft auth profile, or to send_using: graph"
+)
+
+
+def basic_auth_warning(provider: str, send_using: str, auth: str | None) -> str | None:
+    """The warning for an Office 365 account still on SMTP Basic authentication (DESIGN §5)."""
+    if provider == "office365" and send_using == "smtp" and auth == "password":
+        return BASIC_AUTH_RETIREMENT
+    return None

@@ -332,6 +332,13 @@ class GraphTransport:
     # ---- sending ---------------------------------------------------------------------
 
     async def send(self, message: OutgoingMessage) -> SendResult:
+        if not "".join(message.recipients).isascii():  # IDN domains are punycode: only local parts
+            raise self._error(
+                Rejected(
+                    "a recipient's local part is not ASCII: Microsoft Graph's sendMail takes no "
+                    "SMTPUTF8 addresses (send it over SMTP to a server that offers SMTPUTF8)"
+                )
+            )
         data = with_bcc(message)
         if len(data) > LARGE_MESSAGE_BYTES:
             return await self._send_large(message, data)
