@@ -347,7 +347,7 @@ def test_fuzzing_from_the_openapi_document_finds_no_5xx(
     seen: set[int] = set()
 
     @settings(
-        max_examples=150,
+        max_examples=250,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,

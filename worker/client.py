@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
 from worker.mail.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
-from worker.queue import brokers
+from worker.queue import brokers, schedule
 from worker.queue.brokers import BrokerView, celery_config
 from worker.queue.connect import safe_url
 from worker.queue.jobrecord import FINAL_STATES, Job
 from worker.queue.jobs import JobStore, new_job_id
 from worker.queue.runtime import RECORDS_RECHECK_SECONDS
+from worker.queue.suppressions import Suppressions
 from worker.records.loader import Records
 from worker.settings import PUBLISH_RETRY_POLICY, broker_kind, broker_url, load_settings, state_url
 
@@ -91,6 +92,7 @@ class MessageOptions(TypedDict, total=False):
     idempotency_key: str | None
     message_id: str | None
     list_unsubscribe: Mapping[str, str] | None  # {url: https://…, mailto: addr}: RFC 8058 headers
+    send_at: float | str | None  # a scheduled send: UNIX seconds or ISO 8601 with an offset
 
 
 def message_fields(
@@ -114,6 +116,7 @@ def message_fields(
         "idempotency_key": options.get("idempotency_key"),
         "message_id": options.get("message_id"),
         "list_unsubscribe": dict(options.get("list_unsubscribe") or {}) or None,
+        "send_at": options.get("send_at"),
     }
 
 
@@ -131,13 +134,14 @@ class Producer:
         state: str | None = None,
     ) -> None:
         self.broker = broker or broker_url()
+        self.settings = load_settings()
         self._records = records
         self.accounts_dir = accounts_dir
         self.config_dir = config_dir
         self._loaded: Records | None = None
         self._loaded_at = 0.0
         if app is None:
-            config = celery_config(self.broker, load_settings())  # the queue as the workers declare it
+            config = celery_config(self.broker, self.settings)  # the queue as the workers declare it
             if broker_kind(self.broker) != "amqp":  # a producer gives up sooner than a worker
                 config["broker_transport_options"].update(socket_connect_timeout=5, socket_timeout=10)
             app = Celery("postroom-producer", set_as_current=False)
@@ -195,12 +199,21 @@ class Producer:
             raise PayloadError(
                 [f"{where}recipients: {count} recipients, over {account.name}'s limit of {limit}"]
             )
+        now = time.time()
+        if model.send_at is not None and model.send_at - now > self.settings.schedule_horizon:
+            days = self.settings.schedule_horizon / 86400
+            raise PayloadError([f"{where}send_at: more than {days:g} days ahead (schedule_horizon)"])
         return model.model_copy(
             update={
                 "message_id": model.message_id or make_message_id(account.from_address),
-                "enqueued_at": model.enqueued_at or time.time(),
+                # a scheduled job's clock (Date, max_age, latency) starts at its send_at
+                "enqueued_at": model.enqueued_at or max(now, model.send_at or 0.0),
             }
         )
+
+    def cancel(self, job_id: str, *, by: str = "") -> tuple[bool, str]:
+        """Cancel a job that has not started sending: (cancelled, its state; "" if unknown)."""
+        return schedule.cancel(self.store.redis, job_id, self.settings.job_ttl, by=by)
 
     def enqueue(self, payload: SendPayload | Mapping[str, Any], *, submitted_by: str = "") -> str:
         """Validate and enqueue; returns the job id (an existing one for a reused idempotency key).
@@ -300,9 +313,18 @@ class Producer:
                 missing.append(job_id)
                 continue
             payload["enqueued_at"] = time.time()
+            self._lift_suppressions(job_id, payload)
             self.republish(job_id, payload)
             retried.append(job_id)
         return retried, missing
+
+    def _lift_suppressions(self, job_id: str, payload: Mapping[str, Any]) -> None:
+        """A retried dead letter is offered to the addresses its own 5.1.x refusals suppressed."""
+        account = payload.get("account")
+        addresses = [a for k in ("to", "cc", "bcc") for a in payload.get(k) or [] if isinstance(a, str)]
+        if isinstance(account, str) and addresses:
+            with contextlib.suppress(ValueError):
+                Suppressions(self.store.redis, self.settings.suppression_ttl).lift(account, addresses, job_id)
 
     def job(self, job_id: str) -> Job | None:
         return self.store.get(job_id)

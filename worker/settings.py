@@ -185,6 +185,11 @@ class Settings:
     # On a broker that cannot list its messages (RabbitMQ) the sweep publishes again an open job
     # whose record has not changed for this long (its producer died between recording and publishing).
     sweep_unlisted_after: float = 3600.0
+    # How long an address stays on an account's suppression list (worker/queue/suppressions.py)
+    # after a 5.1.x refusal or an operator's add: a mailbox that comes back is tried after that.
+    suppression_ttl: float = 365 * 86400.0
+    # How far ahead send_at may be (worker/queue/schedule.py); further is refused at enqueue.
+    schedule_horizon: float = 90 * 86400.0
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
     # RabbitMQ (worker/queue/brokers.py): a quorum queue (replicated, with a delivery limit after
     # which a message that keeps killing its consumer goes to postroom.poison), or "classic".
@@ -253,6 +258,8 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_METRICS_PORT": ("metrics_port", None),
     "POSTROOM_SWEEP_INTERVAL": ("sweep_interval", None),
     "POSTROOM_SWEEP_UNLISTED_AFTER": ("sweep_unlisted_after", None),
+    "POSTROOM_SUPPRESSION_TTL": ("suppression_ttl", None),
+    "POSTROOM_SCHEDULE_HORIZON": ("schedule_horizon", None),
     "POSTROOM_RABBITMQ_DELIVERY_LIMIT": ("rabbitmq_delivery_limit", None),
 }
 

@@ -1,8 +1,8 @@
 """The ``postroom`` command. Every command that prints data takes ``--json``.
 
 One module a room of commands: ``records`` (accounts, connectivity, API keys), ``jobs``
-(send, job, dead letters), ``ops`` (status, sweep, health, metrics), ``serve`` (the
-long-running ones); ``common`` holds what they share. This file only gathers them.
+(send, job, dead letters), ``suppressions``, ``ops`` (status, sweep, health, metrics),
+``serve`` (the long-running ones); ``common`` holds what they share. This file only gathers them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from worker.cli import jobs, ops, records, serve
+from worker.cli import jobs, ops, records, serve, suppressions
 from worker.errors import ConfigurationError
 
 
@@ -37,6 +37,7 @@ for command in (
     records.test_connectivity,
     jobs.send_command,
     jobs.job_command,
+    jobs.cancel_command,
     ops.status_command,
     ops.sweep_command,
     ops.health_command,
@@ -44,6 +45,7 @@ for command in (
     serve.http_command,
     records.api_keys,
     jobs.dead_letters,
+    suppressions.suppressions,
     serve.worker_command,
     serve.beat_command,
     serve.dev_smtp,

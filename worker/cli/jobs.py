@@ -50,6 +50,7 @@ def _header_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--header", multiple=True, help="Extra header NAME:VALUE (repeatable).")
 @click.option("--idempotency-key", help="The same key twice sends once.")
 @click.option("--message-id", help="Use this Message-ID instead of a generated one.")
+@click.option("--at", "send_at", help="Send at this time (ISO 8601 with an offset, or UNIX seconds).")
 @click.option(
     "--unsubscribe", multiple=True, help="One-click unsubscribe: an https:// URL and/or mailto:ADDRESS."
 )
@@ -74,6 +75,7 @@ def send_command(
     header: tuple[str, ...],
     idempotency_key: str | None,
     message_id: str | None,
+    send_at: str | None,
     unsubscribe: tuple[str, ...],
     original_message_id: str | None,
     original_from: str | None,
@@ -104,6 +106,7 @@ def send_command(
         idempotency_key=idempotency_key,
         message_id=message_id,
         list_unsubscribe={("mailto" if u.startswith("mailto:") else "url"): u for u in unsubscribe},
+        send_at=float(send_at) if send_at and send_at.replace(".", "", 1).isdigit() else send_at,
     )
     for key, value in fields.items():
         if value not in (None, [], {}, ""):
@@ -181,6 +184,27 @@ def job_command(job_id: str, as_json: bool) -> None:
         click.echo(job.id)
         _print_job(job)
         _print_history(job)
+
+
+@click.command("cancel")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel_command(job_id: str, as_json: bool) -> None:
+    """Cancel a job that has not started sending (scheduled, queued, retrying or held); exit 1
+    when there is no such job or it is sending or has ended."""
+    producer = open_producer()
+    try:
+        cancelled, state = producer.cancel(job_id, by="postroom cancel")
+        job = producer.job(job_id)
+    finally:
+        producer.close()
+    if as_json:
+        emit_json({"id": job_id, "cancelled": cancelled, "state": job.state if job else "unknown"})
+    elif cancelled:
+        click.echo(f"cancelled {job_id} (it was {state})")
+    else:
+        click.echo(f"not cancelled: {'no such job' if not state else f'the job is {state}'}", err=True)
+    sys.exit(0 if cancelled else 1)
 
 
 @click.group("dead-letters")

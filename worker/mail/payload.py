@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -212,6 +214,8 @@ class SendPayload(Strict):
     original: OriginalMessage | None = None
     idempotency_key: str | None = None
     list_unsubscribe: ListUnsubscribe | None = None  # RFC 8058 one-click unsubscribe (bulk mail)
+    # a scheduled send: not before this time (UNIX seconds; ISO 8601 with an offset is read too)
+    send_at: float | None = None
     # assigned at enqueue; a producer may set its own (a bare id gets its angle brackets)
     message_id: MessageId = None
     enqueued_at: float | None = Field(
@@ -227,6 +231,25 @@ class SendPayload(Strict):
             if len(text) > MAX_HEADER_VALUE:
                 raise ValueError(f"header {name}: at most {MAX_HEADER_VALUE} characters")
         return value
+
+    @field_validator("send_at", mode="before")
+    @classmethod
+    def _send_at(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                when = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise ValueError("must be ISO 8601 (2026-12-24T09:00:00+01:00) or UNIX seconds") from None
+            if when.tzinfo is None:
+                raise ValueError("needs a UTC offset (2026-12-24T09:00:00+01:00 or …Z)")
+            value = when.timestamp()
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError("must be ISO 8601 with an offset or UNIX seconds")
+        if not 0 <= value <= MAX_ENQUEUED_AT:
+            raise ValueError("is not a time")
+        return float(value)
 
     @field_validator("idempotency_key")
     @classmethod

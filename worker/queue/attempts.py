@@ -29,7 +29,7 @@ from worker.mail.payload import QUEUE, TASK_NAME, SendPayload, job_headers
 from worker.ops import counters
 from worker.ops.counters import Tally
 from worker.ops.health import AccountHealth
-from worker.queue import liveness
+from worker.queue import liveness, schedule
 from worker.queue.app import app, broker_redis, settings, state_url
 from worker.queue.delivery import Delivery, Outcome, log_attempt
 from worker.queue.jobrecord import JobState, account_of, safe_text
@@ -74,6 +74,23 @@ class Step:
 def attempt(job_id: str, kwargs: Any) -> Step:
     """One attempt at one message (``postroom.send``): :func:`attempt_all` of one."""
     return attempt_all([job_id], [kwargs])[0]
+
+
+def _due_only(
+    store: JobStore, job_ids: list[str], valid: list[tuple[int, SendPayload]], steps: dict[int, Step]
+) -> list[tuple[int, SendPayload]]:
+    """The messages whose send_at has come; one that came early goes back to waiting (whatever
+    published it: a scheduled send is never sent before its time)."""
+    now, going = time.time(), []
+    for i, payload in valid:
+        if payload.send_at is not None and payload.send_at > now + 1.0:
+            if schedule.wait_again(store.redis, job_ids[i], payload.send_at):
+                steps[i] = Step(JobState.SCHEDULED, "not due yet: waits for its send_at")
+            else:
+                steps[i] = Step("skipped", "job already started or finished")
+        else:
+            going.append((i, payload))
+    return going
 
 
 def _hold(job_id: str, payload: SendPayload) -> Step | None:
@@ -236,6 +253,7 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
             valid.append((i, SendPayload.model_validate(kwargs)))
         except (ValidationError, RecursionError) as exc:
             steps[i] = dead_on_arrival(job_ids[i], kwargs, f"invalid payload: {_invalid(exc)}")
+    valid = _due_only(store, job_ids, valid, steps)
     paused = account_health().paused()
     if paused and any(payload.account in paused for _, payload in valid):
         going: list[tuple[int, SendPayload]] = []

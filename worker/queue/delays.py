@@ -38,6 +38,7 @@ log = logging.getLogger("postroom.delays")
 
 RETRYING = JobStore.retrying_key
 MOVING = redis_key("retrying", "moving")
+SCHEDULED = redis_key("scheduled")  # worker/queue/schedule.py
 POLL = 0.5  # seconds between looks for due jobs: a retry runs at most about this late
 STALE_AFTER = 30.0  # a job taken this long ago and still in ``moving`` is taken again
 BATCH = 200
@@ -71,11 +72,10 @@ class DelayQueue:
     def move_due(self, now: float | None = None, *, limit: int = BATCH) -> list[str]:
         """Publish every job due by ``now`` (at most ``limit``); returns their ids."""
         now = time.time() if now is None else now
-        due = [
+        due = [  # retries, then scheduled sends (worker/queue/schedule.py) that came due
             _text(j)
-            for j in cast(
-                list[Any], self._take(keys=[RETRYING, MOVING], args=[now, now - STALE_AFTER, limit])
-            )
+            for source in (RETRYING, SCHEDULED)
+            for j in cast(list[Any], self._take(keys=[source, MOVING], args=[now, now - STALE_AFTER, limit]))
         ]
         if not due:
             return []
@@ -86,7 +86,7 @@ class DelayQueue:
         moved: list[str] = []
         for job_id, (state, raw) in zip(due, records, strict=True):
             payload = json.loads(_text(raw)) if raw else None
-            if _text(state or "") == JobState.RETRYING and isinstance(payload, dict):
+            if _text(state or "") in (JobState.RETRYING, JobState.SCHEDULED) and isinstance(payload, dict):
                 self.publish(job_id, payload)
                 moved.append(job_id)
             else:

@@ -36,6 +36,7 @@ from worker.queue.jobrecord import JobState, history_word
 from worker.queue.jobs import JobStore
 from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks
 from worker.queue.runtime import Runtime
+from worker.queue.suppressions import Suppressions, hard_bounce
 from worker.records.accounts import EmailAccount, Limits
 from worker.records.addresses import bare_address
 from worker.records.loader import Records
@@ -173,6 +174,7 @@ class _Pending:
     outcome: Outcome | None = None  # set as soon as this message's attempt ended
     accepted_by: dict[str, RecipientStatus] = field(default_factory=dict)  # recipients the server took
     limits: Limits | None = None  # the account's rate and daily budget (None: none apply)
+    job_id: str = ""
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -201,6 +203,7 @@ class Delivery:
         self.limiter = limiter
         self.runtime = runtime
         self.settings = settings
+        self.suppressions = Suppressions(store.redis, settings.suppression_ttl)
 
     def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
         started = time.monotonic()
@@ -252,6 +255,7 @@ class Delivery:
             sender,
             data,
             limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
+            job_id=job_id,
         )
 
     def run_many(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
@@ -289,6 +293,7 @@ class Delivery:
                     recipients=already,
                     counts=False,
                 )
+        self._skip_suppressed(pending)
         held = [(p.account, p.message_id, p.token) for p in pending]
         CLAIMS.add(held)
         try:
@@ -300,9 +305,41 @@ class Delivery:
             self.store.release_many(
                 [(p.account, p.message_id, p.token) for p in pending if not p.marked and not p.accepted]
             )
+        self._note_hard_bounces(pending, outcomes)
         return [
             outcomes.get(i, Outcome(JobState.RETRYING, reason="not attempted")) for i in range(len(items))
         ]
+
+    def _skip_suppressed(self, pending: list[_Pending]) -> None:
+        """Recipients on their account's suppression list are never offered to the server: their
+        result is ``suppressed`` (worker/queue/suppressions.py)."""
+        listed = self.suppressions.among([(p.account, p.remaining) for p in pending])
+        for p, found in zip(pending, listed, strict=True):
+            for address, entry in found.items():
+                if entry.get("job_id") == p.job_id:  # this job's own hard bounce: it stays failed
+                    p.already[address] = {
+                        "status": "failed",
+                        "code": entry.get("code"),
+                        "message": entry["reason"],
+                    }
+                    continue
+                reason = f"suppressed ({entry.get('source')}): {entry.get('reason')}"
+                p.already[address] = {"status": "suppressed", "code": entry.get("code"), "message": reason}
+
+    def _note_hard_bounces(self, pending: list[_Pending], outcomes: dict[int, Outcome]) -> None:
+        """A permanent 5.1.x refusal of a mailbox puts it on the account's suppression list."""
+        for p in pending:
+            results = outcomes[p.index].recipients or {}
+            bounced = [
+                (address, str(r.get("message")), r.get("code"), p.job_id)
+                for address, r in results.items()
+                if address in p.remaining and hard_bounce(r)
+            ]
+            if bounced:
+                self.suppressions.add_many(p.account, bounced, source="automatic")
+                log.info(
+                    "account %s: %d address(es) suppressed after a 5.1.x refusal", p.account, len(bounced)
+                )
 
     def _auto_reply(
         self, job_id: str, payload: SendPayload, account: str, spec: MessageSpec
@@ -330,6 +367,9 @@ class Delivery:
     def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
         async def one(p: _Pending) -> Outcome:
             remaining = p.remaining
+            if not remaining and all(r.get("status") == "suppressed" for r in p.already.values()):
+                reason = "every recipient is on the account's suppression list"
+                return Outcome(JobState.SUPPRESSED, reason=reason, recipients=p.already)
             if not remaining:
                 return Outcome(
                     JobState.SENT, reason="already delivered (duplicate suppressed)", recipients=p.already

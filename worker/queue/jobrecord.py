@@ -28,12 +28,14 @@ class JobState(StrEnum):
     it (DESIGN §2). A StrEnum: each member is its string, in Redis and in JSON alike."""
 
     QUEUED = "queued"
+    SCHEDULED = "scheduled"  # waiting for its send_at in Postroom's delay queue
     SENDING = "sending"
     RETRYING = "retrying"
     HELD = "held"  # its account's circuit breaker is open; released when it closes
     SENT = "sent"
     DEAD = "dead"
     SUPPRESSED = "suppressed"
+    CANCELLED = "cancelled"  # postroom cancel / DELETE /v1/jobs/{id} before it was sent
 
 
 def history_word(state: JobState) -> str:
@@ -42,7 +44,9 @@ def history_word(state: JobState) -> str:
     return "retry" if state == JobState.RETRYING else str(state)
 
 
-OPEN_STATES = frozenset({JobState.QUEUED, JobState.SENDING, JobState.RETRYING, JobState.HELD})
+OPEN_STATES = frozenset(
+    {JobState.QUEUED, JobState.SCHEDULED, JobState.SENDING, JobState.RETRYING, JobState.HELD}
+)
 FINAL_STATES = frozenset(JobState) - OPEN_STATES
 
 

@@ -180,8 +180,11 @@ class JobStore(DeadLetters):
         claims: list[int | None] = []  # where each job's SET NX result is in the replies
         with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
             for job_id, payload in jobs:
-                key = _key("job", job_id)
-                pipe.hset(key, mapping=record_fields(job_id, payload, JobState.QUEUED, submitted_by))
+                key, due = _key("job", job_id), payload.get("send_at")
+                state = JobState.SCHEDULED if isinstance(due, float) and due > now else JobState.QUEUED
+                pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
+                if state == JobState.SCHEDULED:  # waits in Postroom's delay queue (worker/queue/schedule.py)
+                    pipe.zadd(_key("scheduled"), {job_id: float(due or 0)})
                 pipe.expire(key, self.job_ttl)
                 pipe.zadd(OPEN, {job_id: now})
                 idem = payload.get("idempotency_key")

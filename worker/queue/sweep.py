@@ -35,7 +35,7 @@ import redis
 
 from worker.keys import redis_key
 from worker.queue.brokers import BrokerView
-from worker.queue.delays import MOVING, RETRYING
+from worker.queue.delays import MOVING, RETRYING, SCHEDULED
 from worker.queue.jobrecord import OPEN, OPEN_STATES
 
 log = logging.getLogger("postroom.sweep")
@@ -169,7 +169,7 @@ class Sweeper:
         """Every job id waiting in Postroom's own structures: the delay queue and the held lists of
         paused accounts (the broker's messages are :meth:`BrokerView.job_ids`)."""
         found: set[str] = set()
-        for waiting in (RETRYING, MOVING):  # waiting for a retry in Postroom's delay queue
+        for waiting in (RETRYING, MOVING, SCHEDULED):  # waiting in Postroom's delay queue
             found.update(_text(job_id) for job_id in cast(list[Any], self.client.zrange(waiting, 0, -1)))
         paused = {_text(name) for name in cast(set[Any], self.client.smembers(redis_key("paused")))}
         for key in self.client.scan_iter(match=redis_key("held", "*"), count=_CHUNK):

@@ -202,6 +202,23 @@ async def get_job(job_id: str, key: Key, context: Context) -> BaseModel:
     return JobOut.model_validate(job.as_dict())
 
 
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobOut,
+    responses=error_responses(401, 404, 409, 429),
+    summary="Cancel a job this key enqueued that has not started sending (409 when it has)",
+)
+async def cancel_job(job_id: str, key: Key, context: Context) -> BaseModel:
+    job = await run_in_threadpool(context.producer.job, job_id) if len(job_id) <= 100 else None
+    if job is None or job.submitted_by != key.name:
+        raise HttpError(404, "no such job for this key")
+    cancelled, state = await run_in_threadpool(context.producer.cancel, job_id, by=f"API key {key.name}")
+    if not cancelled:
+        raise HttpError(409, f"the job is {state}: it can no longer be cancelled")
+    done = await run_in_threadpool(context.producer.job, job_id)
+    return JobOut.model_validate(done.as_dict() if done else job.as_dict())
+
+
 @router.get(
     "/v1/accounts",
     response_model=AccountsOut,

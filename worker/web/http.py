@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from worker.client import Producer
 from worker.mail.payload import SendPayload
 from worker.queue import connect
-from worker.web import api, apikeys, dashboard, httpserver
+from worker.web import api, api_suppressions, apikeys, dashboard, httpserver
 from worker.web.api_auth import RateLimiter
 from worker.web.api_models import BatchIn, HttpError
 from worker.web.apikeys import ApiKey
@@ -98,6 +98,7 @@ def create_app(
     app.exception_handler(HttpError)(api.http_error)
     app.exception_handler(ClientDisconnect)(api.client_gone)
     app.include_router(api.router)
+    app.include_router(api_suppressions.router)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

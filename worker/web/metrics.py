@@ -91,37 +91,48 @@ class RedisCollector(Collector):
         yield GaugeMetricFamily(
             "postroom_dead_letters", "Jobs in the dead letters", value=data["dead_letters"]
         )
-        state = GaugeMetricFamily(
-            "postroom_account_state", "1 for the account's current state", labels=["account", "state"]
-        )
-        held = GaugeMetricFamily(
-            "postroom_account_held_jobs", "Jobs held for a paused account", labels=["account"]
-        )
-        last_ok = GaugeMetricFamily(
-            "postroom_account_last_health_success_timestamp_seconds",
-            "When the account last passed a health check",
-            labels=["account"],
-        )
-        healthy = GaugeMetricFamily(
-            "postroom_account_healthy", "1 when the last check passed", labels=["account"]
-        )
-        expiry = GaugeMetricFamily(
-            "postroom_certificate_expiry_timestamp_seconds",
-            "Expiry of a certificate the account depends on",
-            labels=["account", "certificate"],
-        )
-        for name, info in data["accounts"].items():
-            for candidate in ("ok", "degraded", "paused"):
-                state.add_metric([name, candidate], 1.0 if info["state"] == candidate else 0.0)
-            held.add_metric([name], info["held"])
-            if info.get("last_success_at"):
-                last_ok.add_metric([name], info["last_success_at"])
-            health = info.get("health")
-            if health is not None:
-                healthy.add_metric([name], 1.0 if health.get("ok") else 0.0)
-            for label, when in info.get("certificates", {}).items():
-                expiry.add_metric([name, label], when)
-        yield from (state, held, last_ok, healthy, expiry)
+        yield from _account_families(data["accounts"])
+
+
+def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
+    """The per-account gauges of one snapshot."""
+    state = GaugeMetricFamily(
+        "postroom_account_state", "1 for the account's current state", labels=["account", "state"]
+    )
+    held = GaugeMetricFamily(
+        "postroom_account_held_jobs", "Jobs held for a paused account", labels=["account"]
+    )
+    suppressed = GaugeMetricFamily(
+        "postroom_account_suppressed_addresses",
+        "Addresses on the account's suppression list",
+        labels=["account"],
+    )
+    last_ok = GaugeMetricFamily(
+        "postroom_account_last_health_success_timestamp_seconds",
+        "When the account last passed a health check",
+        labels=["account"],
+    )
+    healthy = GaugeMetricFamily(
+        "postroom_account_healthy", "1 when the last check passed", labels=["account"]
+    )
+    expiry = GaugeMetricFamily(
+        "postroom_certificate_expiry_timestamp_seconds",
+        "Expiry of a certificate the account depends on",
+        labels=["account", "certificate"],
+    )
+    for name, info in accounts.items():
+        for candidate in ("ok", "degraded", "paused"):
+            state.add_metric([name, candidate], 1.0 if info["state"] == candidate else 0.0)
+        held.add_metric([name], info["held"])
+        suppressed.add_metric([name], info.get("suppressed", 0))
+        if info.get("last_success_at"):
+            last_ok.add_metric([name], info["last_success_at"])
+        health = info.get("health")
+        if health is not None:
+            healthy.add_metric([name], 1.0 if health.get("ok") else 0.0)
+        for label, when in info.get("certificates", {}).items():
+            expiry.add_metric([name, label], when)
+    yield from (state, held, suppressed, last_ok, healthy, expiry)
 
 
 def serve(port: int, snapshot: Any, host: str = "127.0.0.1") -> Any:

@@ -18,7 +18,7 @@ from worker.keys import redis_key
 from worker.ops import counters
 from worker.ops.health import AccountHealth
 from worker.queue.brokers import BrokerView
-from worker.queue.delays import MOVING, RETRYING
+from worker.queue.delays import MOVING, RETRYING, SCHEDULED
 from worker.queue.jobrecord import OPEN, JobState
 from worker.queue.jobs import JobStore
 from worker.records.loader import Records
@@ -68,7 +68,8 @@ class Status:
             pipe.zcard(RETRYING)
             pipe.zcard(MOVING)
             pipe.zcard(self.store.dead_key)
-            retrying, moving, dead = pipe.execute()
+            pipe.zcard(SCHEDULED)
+            retrying, moving, dead, scheduled = pipe.execute()
         names = self.account_names
         states = self.health.account_states(names)
         last = self.health.last_many(names)
@@ -79,13 +80,15 @@ class Status:
                 pipe.llen(redis_key("held", name))
                 pipe.hgetall(redis_key("stats", name))
                 pipe.lrange(redis_key("health-history", name), 0, -1)
+                pipe.hlen(redis_key("suppressed", name))
             per_account = pipe.execute()
         accounts: dict[str, Any] = {}
         for i, name in enumerate(names):
-            held, totals, history = per_account[3 * i : 3 * i + 3]
+            held, totals, history, suppressed = per_account[4 * i : 4 * i + 4]
             accounts[name] = self._account(
                 name, states[name], last[name], windows[name], int(held), totals, history, paused, now
             )
+            accounts[name]["suppressed"] = int(suppressed)  # addresses on its suppression list
         return {
             "queues": depths,
             # messages workers hold: running, carried along or prefetched (retries wait in
@@ -93,6 +96,7 @@ class Status:
             "in_flight": int(unacked),
             "retrying": int(retrying) + int(moving),
             "dead_letters": int(dead),
+            "scheduled": int(scheduled),  # waiting for their send_at (worker/queue/schedule.py)
             "held": sum(a["held"] for a in accounts.values()),
             "accounts": accounts,
             "generated_at": now,

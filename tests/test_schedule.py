@@ -1,0 +1,135 @@
+"""Scheduled sends (DESIGN §2 ``send_at``): kept in Postroom's delay queue, sent at their time
+and not before, across a SIGKILLed worker; ``postroom cancel`` and ``DELETE /v1/jobs/{id}``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.queue import QueueEnv, Worker, claim_database, cli, finished, unique, wait_for
+from support.smtpd import SmtpServer
+from support.web import ApiServer, write_key
+from worker.client import PayloadError, Producer
+from worker.queue.schedule import SCHEDULED
+from worker.web import http as http_api
+
+ServerFactory = Callable[..., SmtpServer]
+
+
+def test_a_scheduled_job_waits_for_its_time_then_is_sent_once(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("at"), server)
+    due = time.time() + 3
+    iso = datetime.fromtimestamp(due, UTC).isoformat()  # ISO 8601 with an offset
+    job_id = producer.send_notification(account, ["a@example.net"], "Later", "x", send_at=iso)
+    job = producer.job(job_id)
+    assert job is not None and job.state == "scheduled"
+    assert json.loads(cli(queue_env, "status", "--json").stdout)["scheduled"] >= 1
+    time.sleep(1.5)
+    assert server.received == []
+    sent = finished(producer, job_id, timeout=20)
+    assert sent.state == "sent" and len(server.received) == 1
+    assert server.received[0].at >= due - 0.05  # not before its time
+    assert server.received[0].at < due + 5
+    past = finished(producer, producer.send_notification(account, ["b@example.net"], "Now", "x", send_at=1.0))
+    assert past.state == "sent"  # a time already past: sent at once
+
+
+def test_bad_or_too_distant_send_at_is_refused(
+    producer: Producer, queue_env: QueueEnv, smtp_server: ServerFactory
+) -> None:
+    account = queue_env.account(unique("atbad"), smtp_server(mode="plain"))
+    for bad in ("tomorrow", "2026-12-24T09:00:00", True, float("nan"), time.time() + 91 * 86400):
+        with pytest.raises(PayloadError, match="send_at"):
+            producer.send_notification(account, ["a@example.net"], "x", "x", send_at=bad)
+
+
+@pytest.fixture
+def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
+    made = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
+    server = ApiServer(http_api.create_app(made, body_limit=64 * 1024, failures="100000/minute"))
+    yield server.url, made
+    server.stop()
+    made.close()
+
+
+def test_cancel_before_the_time_by_cli_and_http(
+    queue_env: QueueEnv,
+    worker: Worker,
+    producer: Producer,
+    api: tuple[str, Producer],
+    smtp_server: ServerFactory,
+) -> None:
+    server = smtp_server(mode="plain")
+    account = queue_env.account(unique("cancel"), server)
+    later = time.time() + 4
+    by_cli = producer.send_notification(account, ["a@example.net"], "Never", "x", send_at=later)
+    done = cli(queue_env, "cancel", by_cli, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"id": by_cli, "cancelled": True, "state": "cancelled"}
+    assert queue_env.redis.zscore(SCHEDULED, by_cli) is None
+    assert cli(queue_env, "cancel", by_cli).returncode == 1  # ended already
+    assert cli(queue_env, "cancel", "no-such-job").returncode == 1
+
+    base, _ = api
+    headers = {"Authorization": f"Bearer {write_key(queue_env, unique('k'), [account])}"}
+    reply = httpx.post(
+        f"{base}/v1/messages",
+        headers=headers,
+        json={"account": account, "to": ["b@example.net"], "text": "x", "send_at": time.time() + 30},
+    )
+    assert reply.status_code == 202, reply.text
+    by_http = reply.json()["job_id"]
+    cancelled = httpx.delete(f"{base}/v1/jobs/{by_http}", headers=headers)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert httpx.delete(f"{base}/v1/jobs/{by_http}", headers=headers).status_code == 409
+    other = {"Authorization": f"Bearer {write_key(queue_env, unique('k'), [account])}"}
+    assert httpx.delete(f"{base}/v1/jobs/{by_http}", headers=other).status_code == 404  # not its job
+
+    sent = finished(producer, producer.send_notification(account, ["c@example.net"], "Sent", "x"))
+    assert cli(queue_env, "cancel", sent.id).returncode == 1  # too late: it was sent
+    time.sleep(max(0.0, later + 1.5 - time.time()))
+    assert [r.message["Subject"] for r in server.received] == ["Sent"]  # the cancelled ones never went
+
+
+@pytest.fixture
+def own_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
+    env = QueueEnv(tmp_path, claim_database())
+    yield env
+    env.release()
+
+
+def test_a_scheduled_job_survives_a_sigkilled_worker_and_an_early_copy(
+    own_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = smtp_server(mode="plain")
+    account = own_env.account("kept", server)
+    producer = Producer(own_env.broker_url, accounts_dir=own_env.accounts, config_dir=own_env.config)
+    first = Worker(own_env, tmp_path / "worker-1.log").start()
+    second = Worker(own_env, tmp_path / "worker-2.log")
+    try:
+        due = time.time() + 6
+        job_id = producer.send_notification(account, ["k@example.net"], "Kept", "x", send_at=due)
+        job = producer.job(job_id)
+        assert job is not None
+        producer.republish(job_id, job.payload or {})  # a copy that reaches a worker early
+        wait_for(lambda: job_id in first.log(), 10, "the early copy to be taken", first)
+        again = producer.job(job_id)
+        assert again is not None and again.state == "scheduled" and server.received == []
+        first.kill()
+        second.start()
+        sent = finished(producer, job_id, timeout=30)
+        assert sent.state == "sent"
+    finally:
+        first.stop()
+        second.stop()
+        producer.close()
+    assert len(server.received) == 1 and server.received[0].at >= due - 0.05

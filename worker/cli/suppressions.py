@@ -1,0 +1,98 @@
+"""``postroom suppressions list|add|remove``: an account's suppression list (DESIGN §10)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from worker.cli.common import emit_json, open_producer
+
+
+def _list_of(producer: Any) -> Any:
+    from worker.queue.suppressions import Suppressions
+    from worker.settings import load_settings
+
+    return Suppressions(producer.store.redis, load_settings().suppression_ttl)
+
+
+def _known(producer: Any, account: str) -> None:
+    if account not in producer.records(fresh=True).account_names:
+        click.echo(f"unknown account {account!r}", err=True)
+        sys.exit(1)
+
+
+@click.group("suppressions")
+def suppressions() -> None:
+    """Addresses an account never offers to its server (added after a 5.1.x refusal, or by hand)."""
+
+
+@suppressions.command("list")
+@click.argument("account")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(account: str, as_json: bool) -> None:
+    """The account's suppressed addresses, oldest first."""
+    producer = open_producer()
+    try:
+        _known(producer, account)
+        entries = _list_of(producer).entries(account)
+    finally:
+        producer.close()
+    if as_json:
+        emit_json(entries)
+        return
+    for entry in entries:
+        when = datetime.fromtimestamp(entry["at"], UTC).strftime("%Y-%m-%d %H:%M")
+        until = datetime.fromtimestamp(entry["expires_at"], UTC).strftime("%Y-%m-%d")
+        reply = f"{entry['code']} {entry['reason']}" if entry.get("code") else entry["reason"]
+        click.echo(f"{entry['address']:<40} {when}  {entry['source']:<9} until {until}  {reply}")
+    if not entries:
+        click.echo(f"no suppressed addresses for {account}")
+
+
+@suppressions.command("add")
+@click.argument("account")
+@click.argument("address")
+@click.option("--reason", default="added by an operator", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def add_command(account: str, address: str, reason: str, as_json: bool) -> None:
+    """Suppress ADDRESS for ACCOUNT (until suppression_ttl has passed)."""
+    from worker.records.addresses import parse_mailbox
+
+    try:
+        parse_mailbox(address)
+    except ValueError as exc:
+        click.echo(f"{address!r}: {exc}", err=True)
+        sys.exit(2)
+    producer = open_producer()
+    try:
+        _known(producer, account)
+        entry = _list_of(producer).add(account, address, reason=reason, source="operator", now=time.time())
+    finally:
+        producer.close()
+    if as_json:
+        emit_json(entry)
+    else:
+        click.echo(f"suppressed {entry['address']} for {account}")
+
+
+@suppressions.command("remove")
+@click.argument("account")
+@click.argument("address")
+def remove_command(account: str, address: str) -> None:
+    """Take ADDRESS off ACCOUNT's list; exit 1 when it was not on it."""
+    producer = open_producer()
+    try:
+        removed = _list_of(producer).remove(account, address)
+    except ValueError as exc:
+        click.echo(f"{address!r}: {exc}", err=True)
+        sys.exit(2)
+    finally:
+        producer.close()
+    click.echo(
+        f"removed {address} from {account}'s suppressions" if removed else f"{address} was not suppressed"
+    )
+    sys.exit(0 if removed else 1)

@@ -1,0 +1,81 @@
+"""Scheduled sends and cancelling (DESIGN §2 ``send_at``, ``postroom cancel``).
+
+A job with ``send_at`` in the future is recorded ``scheduled`` and, in the same MULTI/EXEC,
+added to ``postroom:scheduled`` (a sorted set of job ids by due time) instead of being
+published: it waits in Redis, never in a worker or the broker, so no worker kill, restart
+or visibility timeout can lose it or send it early (long Celery ETAs are redelivered after
+the visibility timeout: celery#7009). The delay queue's mover (worker/queue/delays.py)
+publishes it when it is due, as it does a retry; a copy that reaches a worker early
+anyway goes back to waiting (worker/queue/attempts.py).
+
+:func:`cancel` ends a job that has not started sending (``queued``, ``scheduled``,
+``retrying`` or ``held``) as ``cancelled``, in one script; a message of it still in the
+broker finds the job ended and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, cast
+
+import redis
+
+from worker.keys import redis_key
+from worker.queue.jobrecord import OPEN, JobState, history_word
+
+SCHEDULED = redis_key("scheduled")
+CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.HELD)
+
+# KEYS: record, history, open, scheduled, retrying, moving. ARGV: job id, now, history entry,
+# ttl, the cancellable states... Returns {1, state before} or {0, state (or "")}.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, ''} end
+local ok = false
+for i = 5, #ARGV do if state == ARGV[i] then ok = true end end
+if not ok then return {0, state} end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[2], 'last_error', 'cancelled')
+redis.call('RPUSH', KEYS[2], ARGV[3])
+for i = 3, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1, state}
+"""
+
+
+def cancel(client: redis.Redis, job_id: str, job_ttl: float, *, by: str = "") -> tuple[bool, str]:
+    """Cancel ``job_id`` if it has not started sending: (cancelled, its state before or now;
+    "" when there is no such job)."""
+    from worker.queue.delays import MOVING, RETRYING
+
+    now = time.time()
+    entry = {"attempt": 0, "at": now, "outcome": history_word(JobState.CANCELLED), "error": "cancelled"}
+    if by:
+        entry["error"] = f"cancelled by {by}"
+    keys = [redis_key("job", job_id), redis_key("history", job_id), OPEN, SCHEDULED, RETRYING, MOVING]
+    args: list[Any] = [job_id, now, json.dumps(entry), max(int(job_ttl), 1), *CANCELLABLE]
+    done, state = cast(list[Any], client.eval(_CANCEL, len(keys), *keys, *args))
+    text = state.decode() if isinstance(state, bytes) else str(state)
+    return bool(done), text
+
+
+# KEYS: record, scheduled. ARGV: job id, due, now. Only a job not started or ended waits again.
+_WAIT_AGAIN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'scheduled' and state ~= 'retrying' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'scheduled', 'updated_at', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+
+def wait_again(client: redis.Redis, job_id: str, due: float) -> bool:
+    """Put a job whose message came early back to waiting for ``due`` (False: it had started
+    or ended, and stays as it is)."""
+    keys = [redis_key("job", job_id), SCHEDULED]
+    return bool(client.eval(_WAIT_AGAIN, len(keys), *keys, job_id, due, time.time()))
+
+
+def scheduled_count(client: redis.Redis) -> int:
+    return int(client.zcard(SCHEDULED))

@@ -1,0 +1,87 @@
+"""``/v1/accounts/{account}/suppressions``: an account's suppression list over HTTP (DESIGN §10),
+for the accounts the API key may send from (403 for any other, 404 for an unknown one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from worker.queue.suppressions import Suppressions
+from worker.records.addresses import parse_mailbox
+from worker.settings import load_settings
+from worker.web.api import Context
+from worker.web.api_auth import Key
+from worker.web.api_models import HttpError, error_responses
+from worker.web.apikeys import ApiKey
+
+router = APIRouter()
+PATH = "/v1/accounts/{account}/suppressions"
+
+
+class SuppressionOut(BaseModel):
+    address: str
+    reason: str
+    code: int | None = None
+    source: str
+    job_id: str | None = None
+    at: float
+    expires_at: float
+
+
+class SuppressionsOut(BaseModel):
+    account: str
+    suppressions: list[SuppressionOut]
+
+
+class SuppressionIn(BaseModel):
+    address: str = Field(max_length=320)
+    reason: str = Field(default="added through the API", max_length=300)
+
+
+def _lists(context: Any, key: ApiKey, account: str) -> Suppressions:
+    if not key.may_send_from(account):
+        raise HttpError(403, f"this key may not use account {account!r}")
+    if account not in context.producer.records().account_names:
+        raise HttpError(404, f"no account {account!r}")
+    return Suppressions(context.producer.store.redis, load_settings().suppression_ttl)
+
+
+def _address(value: str) -> str:
+    try:
+        return parse_mailbox(value).address
+    except ValueError as exc:
+        raise HttpError(422, "not an email address", [f"address: {exc}"]) from None
+
+
+@router.get(PATH, response_model=SuppressionsOut, responses=error_responses(401, 403, 404, 429),
+            summary="The account's suppressed addresses, oldest first")  # fmt: skip
+async def list_suppressions(account: str, key: Key, context: Context) -> SuppressionsOut:
+    lists = _lists(context, key, account)
+    entries = await run_in_threadpool(lists.entries, account)
+    return SuppressionsOut(account=account, suppressions=[SuppressionOut.model_validate(e) for e in entries])
+
+
+@router.post(PATH, status_code=201, response_model=SuppressionOut,
+             responses=error_responses(401, 403, 404, 422, 429),
+             summary="Suppress an address for the account")  # fmt: skip
+async def add_suppression(account: str, body: SuppressionIn, key: Key, context: Context) -> SuppressionOut:
+    lists = _lists(context, key, account)
+    address = _address(body.address)
+    entry = await run_in_threadpool(
+        lambda: lists.add(account, address, reason=f"{body.reason} (API key {key.name})", source="operator")
+    )
+    return SuppressionOut.model_validate(entry)
+
+
+@router.delete(PATH, status_code=204, responses=error_responses(401, 403, 404, 422, 429),
+               summary="Take an address off the account's list (404 when it was not on it)")  # fmt: skip
+async def remove_suppression(
+    account: str, key: Key, context: Context, address: str = Query(max_length=320)
+) -> Response:
+    lists = _lists(context, key, account)
+    if not await run_in_threadpool(lists.remove, account, _address(address)):
+        raise HttpError(404, f"{address} is not suppressed for {account}")
+    return Response(status_code=204)
