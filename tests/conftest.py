@@ -87,3 +87,17 @@ def producer(queue_env: QueueEnv) -> Iterator[Producer]:
     made = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
     yield made
     made.close()
+
+
+@pytest.fixture
+def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
+    """The HTTP API and dashboard (worker/web/http.py) over the session queue, on a port of its own."""
+    from support.web import ApiServer
+    from worker.web import http as http_api
+
+    producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
+    # the fuzz sends hundreds of requests without a key: the 401 limit has a test of its own
+    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024, failures="100000/minute"))
+    yield server.url, producer
+    server.stop()
+    producer.close()

@@ -28,16 +28,6 @@ ServerFactory = Callable[..., SmtpServer]
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 
 
-@pytest.fixture
-def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
-    producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
-    # the fuzz sends hundreds of requests without a key: the 401 limit has a test of its own
-    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024, failures="100000/minute"))
-    yield server.url, producer
-    server.stop()
-    producer.close()
-
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from support.queue import QueueEnv, Worker, claim_database, cli, finished, unique, wait_for
+from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import SmtpServer
-from support.web import ApiServer, write_key
+from support.web import write_key
 from worker.client import PayloadError, Producer
 from worker.queue.schedule import SCHEDULED
-from worker.web import http as http_api
 
 ServerFactory = Callable[..., SmtpServer]
 
@@ -50,15 +49,6 @@ def test_bad_or_too_distant_send_at_is_refused(
     for bad in ("tomorrow", "2026-12-24T09:00:00", True, float("nan"), time.time() + 91 * 86400):
         with pytest.raises(PayloadError, match="send_at"):
             producer.send_notification(account, ["a@example.net"], "x", "x", send_at=bad)
-
-
-@pytest.fixture
-def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
-    made = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
-    server = ApiServer(http_api.create_app(made, body_limit=64 * 1024, failures="100000/minute"))
-    yield server.url, made
-    server.stop()
-    made.close()
 
 
 def test_cancel_before_the_time_by_cli_and_http(
@@ -100,21 +90,14 @@ def test_cancel_before_the_time_by_cli_and_http(
     assert [r.message["Subject"] for r in server.received] == ["Sent"]  # the cancelled ones never went
 
 
-@pytest.fixture
-def own_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
-    env = QueueEnv(tmp_path, claim_database())
-    yield env
-    env.release()
-
-
 def test_a_scheduled_job_survives_a_sigkilled_worker_and_an_early_copy(
-    own_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+    own_queue: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
     server = smtp_server(mode="plain")
-    account = own_env.account("kept", server)
-    producer = Producer(own_env.broker_url, accounts_dir=own_env.accounts, config_dir=own_env.config)
-    first = Worker(own_env, tmp_path / "worker-1.log").start()
-    second = Worker(own_env, tmp_path / "worker-2.log")
+    account = own_queue.account("kept", server)
+    producer = Producer(own_queue.broker_url, accounts_dir=own_queue.accounts, config_dir=own_queue.config)
+    first = Worker(own_queue, tmp_path / "worker-1.log").start()
+    second = Worker(own_queue, tmp_path / "worker-2.log")
     try:
         due = time.time() + 6
         job_id = producer.send_notification(account, ["k@example.net"], "Kept", "x", send_at=due)

@@ -4,17 +4,16 @@ offer it, a job of only suppressed recipients ends ``suppressed``; CLI, HTTP, st
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from support.queue import QueueEnv, Worker, cli, finished, unique
 from support.smtpd import Rule, SmtpServer
-from support.web import ApiServer, write_key
+from support.web import write_key
 from worker.client import Producer
 from worker.queue.suppressions import Suppressions, hard_bounce
-from worker.web import http as http_api
 
 ServerFactory = Callable[..., SmtpServer]
 
@@ -109,15 +108,6 @@ def test_only_a_permanent_5_1_x_refusal_counts_as_a_hard_bounce(
     result: dict[str, object], bounce: bool
 ) -> None:
     assert hard_bounce(result) is bounce
-
-
-@pytest.fixture
-def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
-    producer = Producer(queue_env.broker_url, accounts_dir=queue_env.accounts, config_dir=queue_env.config)
-    server = ApiServer(http_api.create_app(producer, body_limit=64 * 1024, failures="100000/minute"))
-    yield server.url, producer
-    server.stop()
-    producer.close()
 
 
 def test_the_http_api_lists_adds_and_removes_for_its_own_accounts(
