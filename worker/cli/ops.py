@@ -70,11 +70,10 @@ def sweep_command(as_json: bool) -> None:
     """Publish again every job whose message went missing from the broker (the beat does this
     every sweep_interval): a job missing at two looks a few seconds apart is re-sent."""
     from worker.queue.sweep import Sweeper
-    from worker.settings import load_settings
 
     producer = open_producer()
     try:
-        after = load_settings().sweep_unlisted_after
+        after = producer.settings.sweep_unlisted_after
         sweeper = Sweeper(
             producer.store.redis, producer.broker_view(), producer.republish, unlisted_after=after
         )

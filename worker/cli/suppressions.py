@@ -14,9 +14,8 @@ from worker.cli.common import emit_json, open_producer
 
 def _list_of(producer: Any) -> Any:
     from worker.queue.suppressions import Suppressions
-    from worker.settings import load_settings
 
-    return Suppressions(producer.store.redis, load_settings().suppression_ttl)
+    return Suppressions(producer.store.redis, producer.settings.suppression_ttl)
 
 
 def _known(producer: Any, account: str) -> None:

@@ -31,14 +31,13 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
-from worker.queue.jobrecord import JobState
+from worker.queue.jobrecord import SCHEDULED, JobState
 from worker.queue.jobs import JobStore
 
 log = logging.getLogger("postroom.delays")
 
 RETRYING = JobStore.retrying_key
 MOVING = redis_key("retrying", "moving")
-SCHEDULED = redis_key("scheduled")  # worker/queue/schedule.py
 POLL = 0.5  # seconds between looks for due jobs: a retry runs at most about this late
 STALE_AFTER = 30.0  # a job taken this long ago and still in ``moving`` is taken again
 BATCH = 200

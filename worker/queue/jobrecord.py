@@ -21,6 +21,7 @@ from worker.ops import counters
 
 OPEN = redis_key("open")  # sorted set: jobs not ended yet, by enqueue time (worker/queue/sweep.py)
 DEAD = redis_key("dead")  # sorted set: dead-lettered job ids, by when they died
+SCHEDULED = redis_key("scheduled")  # sorted set: jobs waiting for their send_at (worker/queue/schedule.py)
 
 
 class JobState(StrEnum):

@@ -36,6 +36,7 @@ from worker.queue.deadletters import DeadLetters
 from worker.queue.jobrecord import (
     OPEN,
     OPEN_STATES,
+    SCHEDULED,
     Job,
     JobState,
     history_word,
@@ -184,7 +185,7 @@ class JobStore(DeadLetters):
                 state = JobState.SCHEDULED if isinstance(due, float) and due > now else JobState.QUEUED
                 pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
                 if state == JobState.SCHEDULED:  # waits in Postroom's delay queue (worker/queue/schedule.py)
-                    pipe.zadd(_key("scheduled"), {job_id: float(due or 0)})
+                    pipe.zadd(SCHEDULED, {job_id: float(due or 0)})
                 pipe.expire(key, self.job_ttl)
                 pipe.zadd(OPEN, {job_id: now})
                 idem = payload.get("idempotency_key")

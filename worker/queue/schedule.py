@@ -22,9 +22,8 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
-from worker.queue.jobrecord import OPEN, JobState, history_word
+from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, history_word
 
-SCHEDULED = redis_key("scheduled")
 CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.HELD)
 
 # KEYS: record, history, open, scheduled, retrying, moving. ARGV: job id, now, history entry,

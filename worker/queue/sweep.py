@@ -35,8 +35,8 @@ import redis
 
 from worker.keys import redis_key
 from worker.queue.brokers import BrokerView
-from worker.queue.delays import MOVING, RETRYING, SCHEDULED
-from worker.queue.jobrecord import OPEN, OPEN_STATES
+from worker.queue.delays import MOVING, RETRYING
+from worker.queue.jobrecord import OPEN, OPEN_STATES, SCHEDULED
 
 log = logging.getLogger("postroom.sweep")
 

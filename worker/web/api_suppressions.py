@@ -11,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.queue.suppressions import Suppressions
 from worker.records.addresses import parse_mailbox
-from worker.settings import load_settings
 from worker.web.api import Context
 from worker.web.api_auth import Key
 from worker.web.api_models import HttpError, error_responses
@@ -46,7 +45,7 @@ def _lists(context: Any, key: ApiKey, account: str) -> Suppressions:
         raise HttpError(403, f"this key may not use account {account!r}")
     if account not in context.producer.records().account_names:
         raise HttpError(404, f"no account {account!r}")
-    return Suppressions(context.producer.store.redis, load_settings().suppression_ttl)
+    return Suppressions(context.producer.store.redis, context.producer.settings.suppression_ttl)
 
 
 def _address(value: str) -> str:

@@ -17,9 +17,10 @@ import redis
 from worker.keys import redis_key
 from worker.ops import counters
 from worker.ops.health import AccountHealth
+from worker.queue import suppressions
 from worker.queue.brokers import BrokerView
-from worker.queue.delays import MOVING, RETRYING, SCHEDULED
-from worker.queue.jobrecord import OPEN, JobState
+from worker.queue.delays import MOVING, RETRYING
+from worker.queue.jobrecord import OPEN, SCHEDULED, JobState
 from worker.queue.jobs import JobStore
 from worker.records.loader import Records
 
@@ -80,7 +81,7 @@ class Status:
                 pipe.llen(redis_key("held", name))
                 pipe.hgetall(redis_key("stats", name))
                 pipe.lrange(redis_key("health-history", name), 0, -1)
-                pipe.hlen(redis_key("suppressed", name))
+                pipe.hlen(suppressions.key(name))
             per_account = pipe.execute()
         accounts: dict[str, Any] = {}
         for i, name in enumerate(names):
