@@ -154,7 +154,9 @@ class Producer:
             )
         self.app = app
         self.state = state or state_url(self.broker)
-        self.store = JobStore.from_url(self.state)
+        self.store = JobStore.from_url(
+            self.state, job_ttl=self.settings.job_ttl, event_retention=self.settings.webhook_retention
+        )
         self._view: BrokerView | None = None
 
     def broker_view(self) -> BrokerView:
@@ -213,7 +215,10 @@ class Producer:
 
     def cancel(self, job_id: str, *, by: str = "") -> tuple[bool, str]:
         """Cancel a job that has not started sending: (cancelled, its state; "" if unknown)."""
-        return schedule.cancel(self.store.redis, job_id, self.settings.job_ttl, by=by)
+        retention = self.settings.webhook_retention
+        return schedule.cancel(
+            self.store.redis, job_id, self.settings.job_ttl, by=by, event_retention=retention
+        )
 
     def enqueue(self, payload: SendPayload | Mapping[str, Any], *, submitted_by: str = "") -> str:
         """Validate and enqueue; returns the job id (an existing one for a reused idempotency key).

@@ -33,6 +33,7 @@ _INTEGERS = frozenset(
         "pause_after",
         "metrics_port",
         "rabbitmq_delivery_limit",
+        "webhook_concurrency",
     }
 )
 LOG_FORMATS = ("text", "json")
@@ -190,6 +191,13 @@ class Settings:
     suppression_ttl: float = 365 * 86400.0
     # How far ahead send_at may be (worker/queue/schedule.py); further is refused at enqueue.
     schedule_horizon: float = 90 * 86400.0
+    # Webhooks (worker/queue/outbox.py, webhook_sender.py): a delivery is retried with backoff
+    # (5 s doubling to 1 h) until it is webhook_give_up_after old, at least 24 hours; events and
+    # their deliveries are kept webhook_retention for `postroom webhooks replay`.
+    webhook_give_up_after: float = 86400.0
+    webhook_retention: float = 7 * 86400.0
+    webhook_concurrency: int = 8  # requests in flight per worker process
+    webhook_timeout: float = 10.0  # seconds per request (connect, send, answer)
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
     # RabbitMQ (worker/queue/brokers.py): a quorum queue (replicated, with a delivery limit after
     # which a message that keeps killing its consumer goes to postroom.poison), or "classic".
@@ -234,6 +242,13 @@ class Settings:
             raise ConfigurationError("settings: rabbitmq_delivery_limit must be at least 2")
         if self.coalesce < 1:
             raise ConfigurationError(f"settings: coalesce must be at least 1 (got {self.coalesce})")
+        if self.webhook_give_up_after < 86400 or self.webhook_retention < self.webhook_give_up_after:
+            raise ConfigurationError(
+                "settings: webhook_give_up_after must be at least 86400 (24 h of retries) and "
+                "webhook_retention at least as long"
+            )
+        if self.webhook_concurrency < 1 or self.webhook_timeout <= 0:
+            raise ConfigurationError("settings: webhook_concurrency and webhook_timeout must be positive")
         if self.retry.max_attempts < 1:
             raise ConfigurationError("settings: retry.max_attempts must be at least 1")
 
@@ -261,6 +276,10 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_SUPPRESSION_TTL": ("suppression_ttl", None),
     "POSTROOM_SCHEDULE_HORIZON": ("schedule_horizon", None),
     "POSTROOM_RABBITMQ_DELIVERY_LIMIT": ("rabbitmq_delivery_limit", None),
+    "POSTROOM_WEBHOOK_GIVE_UP_AFTER": ("webhook_give_up_after", None),
+    "POSTROOM_WEBHOOK_RETENTION": ("webhook_retention", None),
+    "POSTROOM_WEBHOOK_CONCURRENCY": ("webhook_concurrency", None),
+    "POSTROOM_WEBHOOK_TIMEOUT": ("webhook_timeout", None),
 }
 
 

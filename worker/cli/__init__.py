@@ -1,7 +1,7 @@
 """The ``postroom`` command. Every command that prints data takes ``--json``.
 
 One module a room of commands: ``records`` (accounts, connectivity, API keys), ``jobs``
-(send, job, dead letters), ``suppressions``, ``ops`` (status, sweep, health, metrics),
+(send, job, dead letters), ``suppressions``, ``webhooks``, ``ops`` (status, sweep, health, metrics),
 ``serve`` (the long-running ones); ``common`` holds what they share. This file only gathers them.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from worker.cli import jobs, ops, records, serve, suppressions
+from worker.cli import jobs, ops, records, serve, suppressions, webhooks
 from worker.errors import ConfigurationError
 
 
@@ -46,6 +46,7 @@ for command in (
     records.api_keys,
     jobs.dead_letters,
     suppressions.suppressions,
+    webhooks.webhooks,
     serve.worker_command,
     serve.beat_command,
     serve.dev_smtp,

@@ -60,6 +60,7 @@ def accounts_check(name: str | None, as_json: bool) -> None:
         click.echo(f"unknown account {name!r} (known accounts: {known})", err=True)
         sys.exit(1)
     results = records.check([name] if name else None)
+    hooks = records.check_webhooks() if name is None else {}
     others: list[RecordProblem] = []
     if name is None:  # unreferenced broken profiles/keystores are problems too
         for problems in (*records.profile_problems.values(), *records.keystore_problems.values()):
@@ -70,7 +71,7 @@ def accounts_check(name: str | None, as_json: bool) -> None:
     def errors(problems: list[RecordProblem]) -> list[RecordProblem]:  # warnings do not fail the check
         return [p for p in problems if p.severity == "error"]
 
-    ok = not errors(others) and all(not errors(ps) for ps in results.values())
+    ok = not errors(others) and all(not errors(ps) for ps in (*results.values(), *hooks.values()))
     if as_json:
         emit_json(
             {
@@ -80,6 +81,10 @@ def accounts_check(name: str | None, as_json: bool) -> None:
                     for n, ps in results.items()
                 },
                 "other_records": [problem_dict(p) for p in others],
+                "webhooks": {
+                    n: {"ok": not errors(ps), "problems": [problem_dict(p) for p in ps]}
+                    for n, ps in hooks.items()
+                },
             }
         )
     else:
@@ -90,6 +95,11 @@ def accounts_check(name: str | None, as_json: bool) -> None:
                 click.echo(str(problem))
         for problem in others:
             click.echo(str(problem))
+        for hook_name, problems in hooks.items():
+            if not errors(problems):
+                click.echo(f"webhook {hook_name}: ok")
+            for problem in problems:
+                click.echo(str(problem))
         if not results and not others:
             click.echo(f"no account records in {records.accounts_dir}/")
     sys.exit(0 if ok else 1)

@@ -141,5 +141,7 @@ def _start_runtime(**_: Any) -> None:
 @worker_shutdown.connect
 def _stop_runtime(**_: Any) -> None:
     from worker.queue.runtime import shutdown_runtime
+    from worker.queue.webhook_sender import stop_sender
 
+    stop_sender()
     shutdown_runtime()

@@ -47,7 +47,9 @@ _store: JobStore | None = None
 def job_store() -> JobStore:
     global _store
     if _store is None:
-        _store = JobStore.from_url(store_url(), job_ttl=settings.job_ttl)
+        _store = JobStore.from_url(
+            store_url(), job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
+        )
     return _store
 
 

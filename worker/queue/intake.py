@@ -57,7 +57,9 @@ def store() -> JobStore:
     if _store is None:
         from worker.queue.app import settings, state_url
 
-        _store = JobStore.from_url(state_url, job_ttl=settings.job_ttl)
+        _store = JobStore.from_url(
+            state_url, job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
+        )
     return _store
 
 
@@ -189,9 +191,12 @@ broker.UNREADABLE[:] = [_quarantine_raw]
 def start_upkeep(consumer: Any) -> None:
     """The heartbeat of this worker's consumer, the reaper of dead workers' messages, the delay
     queue's mover and (RabbitMQ) the poison mover, in one daemon thread of the worker's main
-    process."""
-    from worker.queue.app import app, broker_keys, broker_redis, settings
+    process; and the webhook sender (worker/queue/webhook_sender.py) in one of its own."""
+    from worker.queue.app import app, broker_keys, broker_redis, settings, state_url
+    from worker.queue.webhook_sender import start_sender
+    from worker.settings import config_dir
 
+    start_sender(state_url, config_dir(), settings)  # delivery events, in a thread of their own
     client = store().redis
     on_broker = broker_redis(client)  # None on RabbitMQ
 

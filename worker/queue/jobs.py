@@ -20,7 +20,6 @@ payloads carry account names, errors carry server replies.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -31,7 +30,7 @@ import redis
 
 from worker.keys import REDIS_TIMEOUTS, redis_key
 from worker.ops import counters
-from worker.queue import connect
+from worker.queue import connect, outbox
 from worker.queue.deadletters import DeadLetters
 from worker.queue.jobrecord import (
     OPEN,
@@ -42,6 +41,7 @@ from worker.queue.jobrecord import (
     history_word,
     record_fields,
 )
+from worker.queue.jobscripts import BEGIN, BEGIN_SHA, DISCARD, FINISH, HOLD
 from worker.queue.marks import (
     CLAIM_SCRIPT,
     CLAIM_SHA,
@@ -69,72 +69,6 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
-# KEYS[1] job hash; ARGV: now, ttl, JSON of the fields to create the record with when missing
-# (empty: report a missing record as -2 instead; -1 means the job already ended).
-_BEGIN = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'sent' or state == 'dead' or state == 'suppressed' then return {-1, false} end
-if not state then
-  if ARGV[3] == '' then return {-2, false} end
-  for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
-end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'sending', 'updated_at', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at')}
-"""
-# An attempt's end on the record, in one command instead of seven a job (see finish_into).
-# KEYS: job, history, open, dead, stats of the account. ARGV: job id, state, now, history entry,
-# history limit, ttl, "1" when the state is final (off the open list), counter ("" none; "dead"
-# counts failed too), then the record's field/value pairs.
-_FINISH = """
-for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('RPUSH', KEYS[2], ARGV[4])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
-if ARGV[7] == '1' then redis.call('ZREM', KEYS[3], ARGV[1]) end
-if ARGV[2] == 'dead' then
-  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-  redis.call('HSET', KEYS[1], 'failed_at', ARGV[3])
-  redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
-else
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-end
-if ARGV[8] == 'dead' then
-  redis.call('HINCRBY', KEYS[5], 'dead', 1)
-  redis.call('HINCRBY', KEYS[5], 'failed', 1)
-elseif ARGV[8] ~= '' then
-  redis.call('HINCRBY', KEYS[5], ARGV[8], 1)
-end
-return 1
-"""
-# A new job given up by its producer, all at once: record, history, open entry and (when it is
-# the job's own) its idempotency key. KEYS: job, history, open[, idem]; ARGV: job id.
-_DISCARD = """
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
-return 1
-"""
-# KEYS: paused set, held list, job, history, retrying. ARGV: account, held entry, record fields
-# (JSON, for a job without a record), now, reason, history entry, history limit, job id.
-_HOLD = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSETNX', KEYS[3], k, tostring(v)) end
-redis.call('HSET', KEYS[3], 'state', 'held', 'updated_at', ARGV[4], 'last_error', ARGV[5])
-redis.call('RPUSH', KEYS[4], ARGV[6])
-redis.call('LTRIM', KEYS[4], -tonumber(ARGV[7]), -1)
-redis.call('PERSIST', KEYS[3])
-redis.call('ZREM', KEYS[5], ARGV[8])
-return 1
-"""
-# Pipelines call the scripts by SHA: redis-py's Script objects would ask SCRIPT EXISTS on every
-# pipeline (an extra round trip); a Redis that lost them (a restart) gets them loaded again.
-_BEGIN_SHA = hashlib.sha1(_BEGIN.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
-
-
 def _pairs(flat: list[str]) -> dict[str, str]:
     """A hash as a script returns it (field, value, field, value, ...) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -145,11 +79,14 @@ class JobStore(DeadLetters):
 
     retrying_key = _key("retrying")  # zset: job id -> when its next attempt is due
 
-    def __init__(self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0) -> None:
+    def __init__(
+        self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0, event_retention: float = 7 * 86400.0
+    ) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
-        self._discard = client.register_script(_DISCARD)
-        self._hold = client.register_script(_HOLD)
+        self.event_retention = event_retention  # how long webhook events are kept (outbox.py)
+        self._discard = client.register_script(DISCARD)
+        self._hold = client.register_script(HOLD)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> JobStore:
@@ -248,7 +185,7 @@ class JobStore(DeadLetters):
         results = self._scripted(
             lambda pipe: [
                 # records normally exist: try without the fields to create them
-                pipe.evalsha(_BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, "")
+                pipe.evalsha(BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, "")
                 for job_id, _ in jobs
             ]
         )
@@ -261,7 +198,7 @@ class JobStore(DeadLetters):
                 created.append((job_id, json.dumps(record_fields(job_id, payload, JobState.QUEUED))))
             again = self._scripted(
                 lambda pipe: [
-                    pipe.evalsha(_BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, fields)
+                    pipe.evalsha(BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, fields)
                     for job_id, fields in created
                 ]
             )
@@ -324,7 +261,7 @@ class JobStore(DeadLetters):
                 except redis.exceptions.NoScriptError:
                     if attempt == 2:
                         raise
-            self.redis.script_load(_BEGIN)
+            self.redis.script_load(BEGIN)
             self.redis.script_load(RELEASE_SCRIPT)
             self.redis.script_load(MARK_SCRIPT)
             self.redis.script_load(CLAIM_SCRIPT)
@@ -425,7 +362,7 @@ class JobStore(DeadLetters):
         # EVALSHA: callers' pipelines mix other commands, and a Redis that lost its scripts must
         # not fail a finished job's record
         pipe.eval(
-            _FINISH,
+            FINISH,
             5,
             _key("job", job_id),
             _key("history", job_id),
@@ -440,6 +377,7 @@ class JobStore(DeadLetters):
             self.job_ttl,
             "0" if state in OPEN_STATES else "1",
             counter or "",
+            *outbox.emit_args(state, self.event_retention),
             *(part for item in fields.items() for part in item),
         )
         if state == JobState.RETRYING:

@@ -23,27 +23,35 @@ import redis
 
 from worker.keys import redis_key
 from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, history_word
+from worker.queue.outbox import EMIT_LUA, emit_args
 
 CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.HELD)
 
 # KEYS: record, history, open, scheduled, retrying, moving. ARGV: job id, now, history entry,
-# ttl, the cancellable states... Returns {1, state before} or {0, state (or "")}.
-_CANCEL = """
+# ttl, event type, event id, event retention (outbox.emit_args), the cancellable states...
+# Returns {1, state before} or {0, state (or "")}. The job.cancelled event is filed with it.
+_CANCEL = (
+    EMIT_LUA
+    + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0, ''} end
 local ok = false
-for i = 5, #ARGV do if state == ARGV[i] then ok = true end end
+for i = 8, #ARGV do if state == ARGV[i] then ok = true end end
 if not ok then return {0, state} end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[2], 'last_error', 'cancelled')
 redis.call('RPUSH', KEYS[2], ARGV[3])
 for i = 3, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+emit(KEYS[1], KEYS[2], ARGV[1], ARGV[5], ARGV[6], ARGV[2], ARGV[7])
 return {1, state}
 """
+)
 
 
-def cancel(client: redis.Redis, job_id: str, job_ttl: float, *, by: str = "") -> tuple[bool, str]:
+def cancel(
+    client: redis.Redis, job_id: str, job_ttl: float, *, by: str = "", event_retention: float = 7 * 86400.0
+) -> tuple[bool, str]:
     """Cancel ``job_id`` if it has not started sending: (cancelled, its state before or now;
     "" when there is no such job)."""
     from worker.queue.delays import MOVING, RETRYING
@@ -53,7 +61,8 @@ def cancel(client: redis.Redis, job_id: str, job_ttl: float, *, by: str = "") ->
     if by:
         entry["error"] = f"cancelled by {by}"
     keys = [redis_key("job", job_id), redis_key("history", job_id), OPEN, SCHEDULED, RETRYING, MOVING]
-    args: list[Any] = [job_id, now, json.dumps(entry), max(int(job_ttl), 1), *CANCELLABLE]
+    events = emit_args(JobState.CANCELLED, event_retention)
+    args: list[Any] = [job_id, now, json.dumps(entry), max(int(job_ttl), 1), *events, *CANCELLABLE]
     done, state = cast(list[Any], client.eval(_CANCEL, len(keys), *keys, *args))
     text = state.decode() if isinstance(state, bytes) else str(state)
     return bool(done), text

@@ -35,6 +35,7 @@ from worker.records.signing_material import (
     dkim_settings_findings,
     smime_findings,
 )
+from worker.records.webhooks import Webhook, WebhookRecord
 from worker.records.yamlsrc import YamlDocument, display_path, load_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -115,6 +116,15 @@ def _build_keystore(doc: YamlDocument) -> Keystore:
     return Keystore(doc.name, doc.path, _validate(doc, KeystoreRecord))
 
 
+def _build_webhook(doc: YamlDocument) -> Webhook:
+    return Webhook(doc.name, doc.path, _validate(doc, WebhookRecord))
+
+
+def load_webhooks(config_dir: Path) -> tuple[dict[str, Webhook], dict[str, list[RecordProblem]]]:
+    """``config/webhooks/*.yaml`` alone (the webhook sender re-reads them without the accounts)."""
+    return _load_all(config_dir / "webhooks", _build_webhook)
+
+
 @dataclass
 class Records:
     accounts_dir: Path
@@ -125,6 +135,8 @@ class Records:
     account_problems: dict[str, list[RecordProblem]] = field(default_factory=dict)
     profile_problems: dict[str, list[RecordProblem]] = field(default_factory=dict)
     keystore_problems: dict[str, list[RecordProblem]] = field(default_factory=dict)
+    webhooks: dict[str, Webhook] = field(default_factory=dict)
+    webhook_problems: dict[str, list[RecordProblem]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, accounts_dir: Path | None = None, config_dir: Path | None = None) -> Records:
@@ -134,6 +146,7 @@ class Records:
         self.accounts, self.account_problems = _load_all(acc_dir, _build_account)
         self.profiles, self.profile_problems = _load_all(cfg_dir / "auth-profiles", _build_profile)
         self.keystores, self.keystore_problems = _load_all(cfg_dir / "keystores", _build_keystore)
+        self.webhooks, self.webhook_problems = load_webhooks(cfg_dir)
         return self
 
     @property
@@ -159,6 +172,18 @@ class Records:
         """Every problem that would stop each account from sending, by account name."""
         wanted = list(names) if names is not None else self.account_names
         return {name: self._check_account(name) for name in wanted}
+
+    def check_webhooks(self) -> dict[str, list[RecordProblem]]:
+        """Every webhook record's problems (and warnings), by name: loading, its secret, the
+        accounts it names, a private target without ``allow_private``."""
+        out = {name: list(problems) for name, problems in self.webhook_problems.items()}
+        for name, hook in self.webhooks.items():
+            doc = load_yaml(hook.source)
+            out[name] = [
+                replace(doc.problem(loc, reason), severity=severity)
+                for loc, severity, reason in hook.findings(self.account_names)
+            ]
+        return dict(sorted(out.items()))
 
     def _check_account(self, name: str) -> list[RecordProblem]:
         if name in self.account_problems:

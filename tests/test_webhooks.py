@@ -1,0 +1,296 @@
+"""Webhooks (DESIGN §10): events filed with the state change, signed per Standard Webhooks
+(checked with the ``standardwebhooks`` package by a real receiver process), retried with the
+same ``webhook-id`` across 500s and a receiver SIGKILLed mid-run, replayed on demand; SSRF
+refused after DNS resolution; records checked with file:line; the secret shown once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook as Verifier
+
+from support.hookrecv import Receiver, free_port
+from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
+from support.smtpd import Rule, SmtpServer
+from worker.client import Producer
+from worker.queue import outbox
+from worker.queue.jobrecord import JobState
+from worker.queue.jobs import JobStore
+from worker.queue.webhook_sender import WebhookSender, retry_delay, sign
+from worker.records.loader import load_webhooks
+from worker.records.webhooks import new_secret
+from worker.settings import Settings
+from worker.transports.public_http import public_transport
+
+ServerFactory = Callable[..., SmtpServer]
+
+
+@pytest.fixture
+def hook_files(queue_env: QueueEnv) -> Iterator[list[str]]:
+    """Webhook names a test made in the session's config: removed after it (and unrouted)."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        (queue_env.config / "webhooks" / f"{name}.yaml").unlink(missing_ok=True)
+        queue_env.redis.hdel(outbox.ROUTES, name)
+
+
+def new_webhook(env: QueueEnv, name: str, url: str, *args: str) -> str:
+    made = cli(env, "webhooks", "new", name, "--url", url, *args)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert secret.startswith("whsec_") and "shown only now" in made.stderr
+    return secret
+
+
+def delivered(receiver: Receiver) -> set[tuple[str | None, str | None]]:
+    return {(r["job_id"], r["type"]) for r in receiver.requests() if r["answered"] == 204}
+
+
+def test_the_signature_verifies_with_the_standardwebhooks_package() -> None:
+    secret, body = new_secret(), b'{"type":"job.sent"}'
+    now = int(time.time())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(secret, "msg_1", now, body),
+    }
+    assert Verifier(secret).verify(body, headers) == {"type": "job.sent"}
+    headers["webhook-signature"] = sign(new_secret(), "msg_1", now, body)
+    with pytest.raises(Exception, match="No matching signature"):
+        Verifier(secret).verify(body, headers)
+
+
+def test_retries_back_off_from_5_seconds_to_an_hour() -> None:
+    delays = [retry_delay(n) for n in range(1, 40)]
+    assert 4.5 <= delays[0] <= 5.5 and 9 <= delays[1] <= 11
+    assert all(3240 <= d <= 3960 for d in delays[12:])  # capped at an hour (± jitter)
+    assert sum(delays) > 86400  # 39 attempts span more than the 24 h window
+
+
+def test_events_reach_a_receiver_that_fails_first_and_is_killed_mid_run(
+    queue_env: QueueEnv,
+    worker: Worker,
+    producer: Producer,
+    smtp_server: ServerFactory,
+    hook_files: list[str],
+    tmp_path: Path,
+) -> None:
+    server = smtp_server(
+        mode="plain",
+        rules=[
+            Rule("RCPT", 550, "5.1.1 No such user", match="gone@"),
+            Rule("RCPT", 451, "4.3.0 Later", match="slow@"),
+        ],
+    )
+    account = queue_env.account(unique("hook"), server)
+    name, port = unique("hook"), free_port()
+    hook_files.append(name)
+    secret = new_webhook(
+        queue_env, name, f"http://127.0.0.1:{port}/hook", "--account", account, "--allow-private"
+    )
+    record = queue_env.config / "webhooks" / f"{name}.yaml"
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    receiver = Receiver(tmp_path / "hooks.jsonl", secret, fail_first=1, port=port).start()
+    try:
+        sent = finished(
+            producer, producer.send_notification(account, ["ok@example.net"], "Hello there", "body")
+        )
+        assert sent.state == "sent"
+        wait_for(lambda: (sent.id, "job.sent") in delivered(receiver), 40, "job.sent after a 500", worker)
+        first, second = receiver.requests()[:2]
+        assert first["answered"] == 500 and second["answered"] == 204
+        assert first["webhook_id"] == second["webhook_id"]  # a retry keeps its webhook-id
+
+        receiver.kill()  # events of these jobs are attempted while nobody listens
+        failed = finished(producer, producer.send_notification(account, ["gone@example.net"], "s", "b"))
+        skipped = finished(producer, producer.send_notification(account, ["gone@example.net"], "s", "b"))
+        deferred = finished(producer, producer.send_notification(account, ["slow@example.net"], "s", "b"))
+        later = producer.send_notification(account, ["ok@example.net"], "s", "b", send_at=time.time() + 600)
+        assert producer.cancel(later)[0]
+        assert (failed.state, skipped.state, deferred.state) == ("dead", "suppressed", "dead")
+        wait_for(lambda: any(a["status"] is None for a in attempts(queue_env, name)), 20, "a refused attempt")
+        receiver.start()
+
+        expected = {
+            (failed.id, "job.failed"),
+            (skipped.id, "job.suppressed"),
+            (deferred.id, "job.deferred"),
+            (deferred.id, "job.failed"),
+            (later, "job.cancelled"),
+        }
+        wait_for(lambda: expected <= delivered(receiver), 90, "every event after the restart", worker)
+        requests = receiver.requests()
+        assert all(r["verified"] for r in requests)
+        by_id: dict[str, set[tuple[str, str]]] = {}
+        for r in requests:
+            by_id.setdefault(r["webhook_id"], set()).add((r["job_id"], r["type"]))
+        assert all(len(events) == 1 for events in by_id.values())  # duplicates share their webhook-id
+        deferrals = {i for i, ev in by_id.items() if ev == {(deferred.id, "job.deferred")}}
+        assert len(deferrals) == 2  # attempts 1 and 2 were deferred, each its own event
+        body = json.loads(
+            next(r["body"] for r in requests if r["type"] == "job.failed" and r["job_id"] == failed.id)
+        )
+        assert body["data"]["recipients"]["gone@example.net"]["code"] == 550
+        assert body["data"]["state"] == "dead" and "payload" not in body["data"]
+        assert body["timestamp"].endswith("Z")
+        assert all("Hello there" not in r["body"] for r in requests)  # never the message itself
+
+        listed = cli(queue_env, "webhooks", "list", "--json")
+        assert listed.returncode == 0 and secret not in listed.stdout
+        (row,) = [r for r in json.loads(listed.stdout) if r["name"] == name]
+        assert row["pending"] == 0 and row["delivered"] >= 7 and row["failed_attempts"] >= 2
+        assert secret not in worker.log() and secret not in json.dumps(attempts(queue_env, name))
+
+        original = second["webhook_id"]
+        again = cli(queue_env, "webhooks", "replay", sent.id, "--json")
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout) == {"replayed": [{"webhook": name, "event_id": original}]}
+        count = sum(r["webhook_id"] == original for r in requests)
+        wait_for(
+            lambda: sum(r["webhook_id"] == original for r in receiver.requests()) > count, 20, "the replay"
+        )
+    finally:
+        receiver.stop()
+
+
+def attempts(env: QueueEnv, name: str) -> list[dict[str, Any]]:
+    done = cli(env, "webhooks", "attempts", name, "--json", "--limit", "200")
+    assert done.returncode == 0, done.stderr
+    listed: list[dict[str, Any]] = json.loads(done.stdout)
+    return listed
+
+
+def test_a_private_target_is_refused_after_dns_resolution(
+    queue_env: QueueEnv,
+    worker: Worker,
+    producer: Producer,
+    smtp_server: ServerFactory,
+    hook_files: list[str],
+    tmp_path: Path,
+) -> None:
+    account = queue_env.account(unique("ssrf"), smtp_server(mode="plain"))
+    name, port = unique("ssrf"), free_port()
+    hook_files.append(name)
+    secret = new_webhook(queue_env, name, f"http://localhost:{port}/hook", "--account", account)
+    receiver = Receiver(tmp_path / "ssrf.jsonl", secret, port=port).start()
+    try:
+        checked = cli(queue_env, "accounts", "check", "--json")
+        problems = json.loads(checked.stdout)["webhooks"][name]["problems"]
+        assert checked.returncode == 1
+        assert any(p["field"] == "url" and p["line"] == 1 and "loopback" in p["reason"] for p in problems)
+        finished(producer, producer.send_notification(account, ["ok@example.net"], "s", "b"))
+        wait_for(lambda: attempts(queue_env, name), 20, "the refused attempt", worker)
+        (refused,) = attempts(queue_env, name)
+        assert refused["outcome"] == "retry" and refused["status"] is None
+        assert "localhost resolves to 127.0.0.1, a loopback address: refused" in refused["error"]
+        assert receiver.requests() == []  # nothing reached it
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/", "http://[::1]:9/", "http://169.254.169.254/", "http://10.1.2.3/"]
+)
+def test_the_guard_refuses_every_non_public_address(url: str) -> None:
+    async def post() -> None:
+        async with httpx.AsyncClient(transport=public_transport()) as client:
+            await client.post(url, content=b"{}")
+
+    with pytest.raises(httpx.ConnectError, match="refused"):
+        asyncio.run(post())
+
+
+def test_webhook_records_are_checked_with_file_and_line(own_queue: QueueEnv) -> None:
+    folder = own_queue.config / "webhooks"
+    folder.mkdir()
+    (folder / "typo.yaml").write_text(
+        'url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.bounced]\n'
+    )
+    key = new_secret()
+    (folder / "stray.yaml").write_text(
+        f"url: https://hooks.example.com/x\nsecret: {key}\naccounts: [nobody]\n"
+    )
+    (folder / "envref.yaml").write_text("url: https://hooks.example.com/y\nsecret: ${HOOK_SECRET_NOT_SET}\n")
+    done = cli(own_queue, "accounts", "check", "--json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)["webhooks"]
+    texts = {name: [p["text"] for p in entry["problems"]] for name, entry in report.items()}
+    typo = "\n".join(texts["typo"])
+    assert "webhooks/typo.yaml:1: url: must be an http(s) URL" in typo
+    assert "typo.yaml:2: secret:" in typo and "typo.yaml:3: events" in typo and "job.bounced" in typo
+    assert any("stray.yaml:3: accounts[0]: no account 'nobody'" in t for t in texts["stray"])
+    assert any("HOOK_SECRET_NOT_SET is not set" in t for t in texts["envref"])
+    hooks, problems = load_webhooks(own_queue.config)
+    assert set(hooks) == {"stray", "envref"} and set(problems) == {"typo"}
+    assert key not in repr(hooks["stray"]) and key not in done.stdout  # never the key itself
+
+
+def test_a_delivery_is_given_up_after_its_window_and_retried_with_backoff_before(
+    own_queue: QueueEnv, tmp_path: Path
+) -> None:
+    secret = new_secret()
+    receiver = Receiver(tmp_path / "down.jsonl", secret, fail_first=1000).start()
+    folder = own_queue.config / "webhooks"
+    folder.mkdir()
+    (folder / "down.yaml").write_text(f"url: {receiver.url}\nsecret: {secret}\nallow_private: true\n")
+    hooks, _ = load_webhooks(own_queue.config)
+    outbox.publish_routes(own_queue.redis, {"down": hooks["down"].route()})
+    store = JobStore(own_queue.redis)
+    settings = Settings()
+    sender = WebhookSender(f"redis://127.0.0.1:6379/{own_queue.db}", own_queue.config, settings)
+
+    def event_for(job_id: str) -> str:
+        own_queue.redis.hset(
+            f"postroom:job:{job_id}", mapping={"id": job_id, "account": "a", "state": "sending"}
+        )
+        store.finish(job_id, "a", state=JobState.SENT, attempt=1)
+        (event_id,) = outbox.Outbox(own_queue.redis, 3600).events_of_job(job_id)
+        return event_id
+
+    async def deliver(event_id: str) -> None:
+        client = sender_client(own_queue)
+        try:
+            await sender._deliver(client, hooks["down"], event_id)
+        finally:
+            await sender.aclose_clients()
+            await client.aclose()
+
+    try:
+        old = event_for("job-old")
+        own_queue.redis.hset(outbox.delivery_key("down", old), "created_at", time.time() - 86401)
+        asyncio.run(deliver(old))
+        assert own_queue.redis.hget(outbox.delivery_key("down", old), "state") == "failed"
+        assert own_queue.redis.zscore(outbox.due_key("down"), old) is None
+
+        fresh = event_for("job-new")
+        asyncio.run(deliver(fresh))
+        assert own_queue.redis.hget(outbox.delivery_key("down", fresh), "state") == "pending"
+        due = own_queue.redis.zscore(outbox.due_key("down"), fresh)
+        assert due is not None and 4.4 < due - time.time() < 5.6
+        stats = outbox.Outbox(own_queue.redis, 3600).stats("down")
+        assert stats == {"pending": 1, "delivered": 0, "failed_attempts": 2, "given_up": 1}
+        assert [r["verified"] for r in receiver.requests()] == [True, True]
+    finally:
+        receiver.stop()
+
+
+def sender_client(env: QueueEnv) -> Any:
+    import redis.asyncio
+
+    return redis.asyncio.Redis(host="127.0.0.1", port=6379, db=env.db, decode_responses=True)
+
+
+def test_no_webhook_means_no_event_is_kept(own_queue: QueueEnv) -> None:
+    store = JobStore(own_queue.redis)
+    own_queue.redis.hset("postroom:job:j1", mapping={"id": "j1", "account": "a", "state": "sending"})
+    store.finish("j1", "a", state=JobState.SENT, attempt=1)
+    assert own_queue.redis.keys("postroom:webhook:*") == []

@@ -1,0 +1,279 @@
+"""The webhook sender: each worker's main process delivers the outbox's due events.
+
+It runs in a thread of its own with its own event loop and its own httpx clients (one per
+webhook), so a slow or hostile receiver never delays mail: at most ``webhook_concurrency``
+requests in flight, each given ``webhook_timeout`` seconds, redirects not followed, answers
+not read beyond the status line. Every request is signed per Standard Webhooks
+(``webhook-id`` = the event id, the same on every retry; ``webhook-timestamp`` = now;
+``webhook-signature: v1,<base64 HMAC-SHA256(key, "id.timestamp.body")>``).
+
+Deliveries are taken from the outbox with a lease (worker/queue/outbox.py): a sender killed
+mid-request leaves its deliveries to be taken again when the lease ends. A non-2xx answer,
+a timeout or a refused connection is retried after 5 s, doubling to an hour, until the
+delivery is ``webhook_give_up_after`` old (24 h by default); then it is ``failed`` (and
+``postroom webhooks replay`` can send it again). The sender also publishes the routing
+table from ``config/webhooks/`` (re-read when a file changes) that the job store's scripts
+file events by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import redis.asyncio
+
+from worker.errors import ConfigurationError
+from worker.keys import REDIS_TIMEOUTS
+from worker.queue import connect
+from worker.queue.outbox import (
+    DONE_SCRIPT,
+    LOG_LIMIT,
+    ROUTES,
+    TAKE_SCRIPT,
+    delivery_key,
+    due_key,
+    event_body,
+    event_key,
+    log_key,
+    parse_event,
+    routes_table,
+    stats_key,
+)
+from worker.records.loader import load_webhooks
+from worker.records.webhooks import Webhook, key_bytes
+from worker.settings import Settings
+from worker.transports.public_http import public_transport
+
+log = logging.getLogger("postroom.webhooks")
+LEASE = 120.0  # seconds a taken delivery is this sender's before another may take it again
+POLL = 0.5  # seconds between looks at the due deliveries when there is nothing to do
+RECHECK = 2.0  # seconds between looks at config/webhooks/
+PUBLISH_EVERY = 30.0  # the routing table is written again this often (a flushed Redis gets it back)
+FIRST_RETRY, LAST_RETRY = 5.0, 3600.0
+
+
+def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header of Standard Webhooks (v1, HMAC-SHA256)."""
+    mac = hmac.new(key_bytes(secret), f"{event_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode("ascii")
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones: 5 s doubling to 1 h, ±10 %."""
+    base = min(FIRST_RETRY * float(2 ** min(max(attempts - 1, 0), 20)), LAST_RETRY)
+    return base * random.uniform(0.9, 1.1)
+
+
+@dataclass
+class Attempt:
+    status: int | None
+    error: str
+    ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+class WebhookSender:
+    def __init__(self, state_url: str, config_dir: Path, settings: Settings) -> None:
+        self.state_url = state_url
+        self.config_dir = config_dir
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="postroom-webhooks", daemon=True)
+        self._hooks: dict[str, Webhook] = {}
+        self._stamp: tuple[tuple[str, float], ...] | None = None
+        self._checked = self._published = 0.0
+        self._clients: dict[str, tuple[Webhook, httpx.AsyncClient]] = {}
+
+    def start(self) -> WebhookSender:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        asyncio.run(self.run())
+
+    async def run(self) -> None:
+        client = connect.async_client(self.state_url, decode_responses=True, **REDIS_TIMEOUTS)
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stop.is_set():
+                taken = 0
+                try:
+                    await self._refresh(client)
+                    taken = await self._take(client, in_flight)
+                except Exception as exc:  # Redis away, a record unreadable: next time
+                    log.warning("webhooks: %s", exc)
+                await asyncio.sleep(0.05 if taken else POLL)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+            await self.aclose_clients()
+            await client.aclose()
+
+    async def aclose_clients(self) -> None:
+        clients, self._clients = self._clients, {}
+        for _hook, http in clients.values():
+            await http.aclose()
+
+    async def _refresh(self, client: redis.asyncio.Redis) -> None:
+        """Re-read config/webhooks/ when a file changed; publish the routing table then (and
+        every PUBLISH_EVERY seconds)."""
+        now = time.monotonic()
+        if now - self._checked >= RECHECK:
+            self._checked = now
+            stamp = _stamp(self.config_dir / "webhooks")
+            if stamp != self._stamp:
+                hooks, problems = load_webhooks(self.config_dir)
+                for name, found in problems.items():
+                    log.error("webhook %s not used: %s", name, "; ".join(str(p) for p in found))
+                self._hooks, self._stamp, self._published = hooks, stamp, 0.0
+        if now - self._published >= PUBLISH_EVERY:
+            table = routes_table({name: hook.route() for name, hook in self._hooks.items()})
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.delete(ROUTES)
+                if table:
+                    pipe.hset(ROUTES, mapping=table)
+                await pipe.execute()
+            self._published = now
+
+    async def _take(self, client: redis.asyncio.Redis, in_flight: set[asyncio.Task[None]]) -> int:
+        taken = 0
+        for name, hook in self._hooks.items():
+            free = self.settings.webhook_concurrency - len(in_flight)
+            if free <= 0:
+                break
+            ids = await client.eval(TAKE_SCRIPT, 1, due_key(name), time.time(), LEASE, free)
+            for event_id in ids:
+                task = asyncio.create_task(self._deliver(client, hook, str(event_id)))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            taken += len(ids)
+        return taken
+
+    def _http(self, hook: Webhook) -> httpx.AsyncClient:
+        cached = self._clients.get(hook.name)
+        if cached is not None and cached[0] == hook:
+            return cached[1]
+        if cached is not None:
+            asyncio.get_running_loop().create_task(cached[1].aclose())
+        http = httpx.AsyncClient(
+            transport=public_transport(
+                allow_private=hook.record.allow_private, max_connections=self.settings.webhook_concurrency
+            ),
+            timeout=httpx.Timeout(self.settings.webhook_timeout),
+            follow_redirects=False,
+            trust_env=False,
+            headers={"user-agent": "Postroom-Webhooks/1"},
+        )
+        self._clients[hook.name] = (hook, http)
+        return http
+
+    async def _deliver(self, client: redis.asyncio.Redis, hook: Webhook, event_id: str) -> None:
+        name = hook.name
+        with_job = await client.get(event_key(event_id))
+        created, attempts = await client.hmget(delivery_key(name, event_id), ["created_at", "attempts"])
+        event = parse_event(with_job)
+        if event is None:
+            result = Attempt(None, "the event is no longer kept (webhook_retention) or unreadable", 0)
+        else:
+            result = await self._post(hook, event_id, event_body(event))
+        now = time.time()
+        tries = int(attempts or 0) + 1
+        age = now - float(created or now)
+        if result.ok:
+            outcome = "delivered"
+        elif event is None or age >= self.settings.webhook_give_up_after:
+            outcome = "failed"
+        else:
+            outcome = "retry"
+        next_at = now + retry_delay(tries) if outcome == "retry" else 0.0
+        event = event or {}
+        entry = {
+            "event_id": event_id, "type": event.get("type"), "job_id": event.get("job_id"),
+            "account": event.get("account"), "attempt": tries, "at": now, "status": result.status,
+            "error": result.error, "ms": result.ms, "outcome": outcome,
+            **({"next_at": round(next_at, 1)} if next_at else {}),
+        }  # fmt: skip
+        keys = [delivery_key(name, event_id), due_key(name), log_key(name), stats_key(name)]
+        retention = max(int(self.settings.webhook_retention), 60)
+        args: list[str | float] = [event_id, now, outcome, next_at, json.dumps(entry), LOG_LIMIT,
+                                   result.status or "", result.error, retention]  # fmt: skip
+        await client.eval(DONE_SCRIPT, len(keys), *keys, *args)
+        level = logging.INFO if result.ok else logging.WARNING
+        log.log(level, "webhook=%s event=%s attempt=%d outcome=%s status=%s%s", name, event_id, tries,
+                outcome, result.status, f" error={result.error!r}" if result.error else "")  # fmt: skip
+
+    async def _post(self, hook: Webhook, event_id: str, body: bytes) -> Attempt:
+        started = time.monotonic()
+
+        def took() -> int:
+            return int((time.monotonic() - started) * 1000)
+
+        try:
+            timestamp = int(time.time())
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": event_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign(hook.record.secret.reveal(), event_id, timestamp, body),
+            }
+            async with self._http(hook).stream("POST", hook.url, content=body, headers=headers) as reply:
+                status = reply.status_code
+        except ConfigurationError as exc:
+            return Attempt(None, f"secret: {exc}", took())
+        except httpx.TimeoutException:
+            return Attempt(None, f"no answer within {self.settings.webhook_timeout:g}s", took())
+        except httpx.HTTPError as exc:
+            return Attempt(None, f"{type(exc).__name__}: {exc}"[:300], took())
+        error = "" if 200 <= status < 300 else f"HTTP {status}"
+        return Attempt(status, error, took())
+
+
+def _stamp(folder: Path) -> tuple[tuple[str, float], ...]:
+    if not folder.is_dir():
+        return ()
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                out.append((str(path), path.stat().st_mtime))
+            except OSError:
+                continue
+    return tuple(out)
+
+
+_running: WebhookSender | None = None
+
+
+def start_sender(state_url: str, config_dir: Path, settings: Settings) -> WebhookSender:
+    """This process's sender, started once."""
+    global _running
+    if _running is None:
+        _running = WebhookSender(state_url, config_dir, settings).start()
+    return _running
+
+
+def stop_sender() -> None:
+    global _running
+    sender, _running = _running, None
+    if sender is not None:
+        sender.stop()

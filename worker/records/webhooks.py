@@ -1,0 +1,216 @@
+"""Webhook records (DESIGN §10): ``config/webhooks/NAME.yaml``, where delivery events go.
+
+::
+
+    url: https://hooks.example.com/postroom
+    secret: whsec_<base64>     # or ${ENV_VAR} or {file: path}; `postroom webhooks new` makes one
+    events: [job.sent, job.failed, job.deferred, job.suppressed, job.cancelled]   # default: all
+    accounts: [orders]         # default: every account
+    allow_private: false       # loopback / private / link-local targets refused unless true
+
+The secret is a Standard Webhooks key: ``whsec_`` and the base64 of 24 to 64 random bytes.
+A record never shows it: :class:`WebhookSecret` prints as a placeholder, and the key's bytes
+are read only by the signer (worker/queue/webhook_sender.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import PlainSerializer, PlainValidator, ValidationInfo, field_validator
+
+from worker.errors import ConfigurationError
+from worker.records.fields import RecordModel
+from worker.records.secrets import Secret
+
+EVENT_TYPES = ("job.sent", "job.deferred", "job.failed", "job.suppressed", "job.cancelled")
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every Standard Webhooks key, no secret
+Finding = tuple[tuple[str | int, ...], Literal["error", "warning"], str]  # field, severity, reason
+
+
+def key_bytes(text: str) -> bytes:
+    """The HMAC key of a ``whsec_`` secret (ConfigurationError, never the value, when it is bad)."""
+    if not text.startswith(SECRET_PREFIX):
+        raise ConfigurationError("a webhook secret starts with whsec_ (run `postroom webhooks new`)")
+    try:
+        key = base64.b64decode(text.removeprefix(SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigurationError("a webhook secret is whsec_ followed by base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ConfigurationError(f"a webhook secret's key is 24 to 64 bytes (this one: {len(key)})")
+    return key
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+class WebhookSecret:
+    """The record's secret: written in it (``whsec_…``, as ``webhooks new`` writes it) or a
+    :class:`Secret` reference. Its repr never holds the value."""
+
+    __slots__ = ("_literal", "reference")
+
+    def __init__(self, *, literal: str | None = None, reference: Secret | None = None) -> None:
+        self._literal = literal
+        self.reference = reference
+
+    def reveal(self) -> str:
+        if self._literal is not None:
+            return self._literal
+        assert self.reference is not None
+        return self.reference.reveal()
+
+    def problem(self) -> str | None:
+        """Why the key cannot be used now (unresolvable reference, bad form), or None."""
+        if self.reference is not None and (problem := self.reference.problem()):
+            return problem
+        try:
+            key_bytes(self.reveal())
+        except ConfigurationError as exc:
+            return str(exc)
+        return None
+
+    def __repr__(self) -> str:
+        return f"WebhookSecret({self.reference.reference if self.reference else 'whsec_…'})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WebhookSecret) and (self._literal, self.reference) == (
+            other._literal,
+            other.reference,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._literal, self.reference))
+
+
+def _webhook_secret(value: Any, info: ValidationInfo) -> WebhookSecret:
+    if isinstance(value, str) and value.strip().startswith(SECRET_PREFIX):
+        key_bytes(value.strip())  # a bad literal is refused at load, with its line
+        return WebhookSecret(literal=value.strip())
+    base_dir = (info.context or {}).get("base_dir")
+    return WebhookSecret(reference=Secret.parse(value, base_dir=Path(base_dir) if base_dir else None))
+
+
+def _secret_value(value: Any, info: ValidationInfo) -> WebhookSecret:
+    try:
+        return _webhook_secret(value, info)
+    except ConfigurationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+SecretKey = Annotated[WebhookSecret, PlainValidator(_secret_value), PlainSerializer(repr, return_type=str)]
+
+
+def private_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What kind of non-public address ``ip`` is (loopback, private, …), or None when public."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind, flag in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("private", ip.is_private),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("reserved", ip.is_reserved),
+    ):
+        if flag:
+            return kind
+    return None
+
+
+class WebhookRecord(RecordModel):
+    url: str
+    secret: SecretKey
+    events: tuple[str, ...] = EVENT_TYPES
+    accounts: tuple[str, ...] | None = None
+    allow_private: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("must be an http(s) URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials (the signature authenticates Postroom)")
+        if any(c in value for c in "\r\n\t "):
+            raise ValueError("must not contain spaces or line breaks")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [e for e in value if e not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event {unknown[0]!r} (events: {', '.join(EVENT_TYPES)})")
+        if not value:
+            raise ValueError("names no event (leave it out for all of them)")
+        return value
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A loaded webhook record."""
+
+    name: str
+    source: Path
+    record: WebhookRecord
+
+    @property
+    def url(self) -> str:
+        return self.record.url
+
+    def wants(self, event_type: str, account: str) -> bool:
+        rec = self.record
+        return event_type in rec.events and (rec.accounts is None or account in rec.accounts)
+
+    def route(self) -> dict[str, Any]:
+        """What the job store needs to know to file events for it (worker/queue/outbox.py)."""
+        rec = self.record
+        return {"events": list(rec.events), "accounts": list(rec.accounts) if rec.accounts else None}
+
+    def summary(self) -> dict[str, Any]:
+        """What ``webhooks list`` shows: everything but the secret."""
+        rec = self.record
+        return {
+            "name": self.name,
+            "url": rec.url,
+            "events": list(rec.events),
+            "accounts": list(rec.accounts) if rec.accounts is not None else None,
+            "allow_private": rec.allow_private,
+        }
+
+    def findings(self, accounts: Iterable[str]) -> list[Finding]:
+        """What ``accounts check`` reports beyond loading: (field, severity, reason)."""
+        rec = self.record
+        found: list[Finding] = []
+        if problem := rec.secret.problem():
+            found.append((("secret",), "error", problem))
+        known = set(accounts)
+        for i, name in enumerate(rec.accounts or ()):
+            if name not in known:
+                found.append((("accounts", i), "error", f"no account {name!r}"))
+        parts = urlsplit(rec.url)
+        host = parts.hostname or ""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        kind = private_address(ip) if ip is not None else ("loopback" if host == "localhost" else None)
+        if kind and not rec.allow_private:
+            reason = f"{host} is a {kind} address: refused unless allow_private: true"
+            found.append((("url",), "error", reason))
+        if parts.scheme == "http" and not rec.allow_private:
+            found.append((("url",), "warning", "plain http: events travel unencrypted (use https)"))
+        return found
