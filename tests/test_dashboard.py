@@ -508,3 +508,75 @@ def test_retrying_the_same_dead_letter_twice_re_enqueues_it_once(
     assert (retried, missing) == ([job.id], [job.id])
     assert finished(dashboard.producer, job.id).state == "sent"
     assert len(server.received) == 1
+
+
+def green(rgb: tuple[int, int, int]) -> bool:
+    """The sent line's colour (#1b7f3b in dashboard.css), give or take anti-aliasing."""
+    r, g, b = rgb
+    return g > 100 and g > r + 50 and g > b + 40
+
+
+def test_charts_the_account_page_and_cancelling_a_scheduled_job(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+    tmp_path: Path,
+) -> None:
+    from support.png import pixels
+
+    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="gone@")])
+    account = queue_env.account(unique("chart"), server)
+    producer = dashboard.producer
+    for to in ("a@example.net", "b@example.net", "gone@example.net"):
+        finished(producer, producer.send_notification(account, [to], "Chart", "x"))
+    later = producer.send_notification(
+        account, ["c@example.net"], "Later on", "x", send_at=time.time() + 3600
+    )
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(message.text))
+    login(page, dashboard.url, dashboard.operator)
+
+    for chart_id in (
+        "activity-hour-all",
+        "activity-day-all",
+        "latency-hour-all",
+        "latency-day-all",
+        "depth-day",
+    ):
+        expect(page.locator(f'svg[data-chart="{chart_id}"]')).to_be_visible()
+    chart = page.locator('svg[data-chart="activity-hour-all"]')
+    expect(chart.locator('[data-series="sent"]').first).to_be_attached()
+    shot = tmp_path / "activity.png"
+    chart.screenshot(path=str(shot))
+    page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)  # kept for a look when it fails
+    width, height, rgb = pixels(shot.read_bytes())
+    assert 600 <= width <= 606 and 190 <= height <= 196  # the chart's size (and its border)
+    assert sum(map(green, rgb)) > 20  # the sent line is drawn, in its colour
+    expect(page.locator('svg[data-chart="latency-hour-all"] [data-series="p95"]').first).to_be_attached()
+    expect(page.locator('svg[data-chart="depth-day"] [data-series="ready"]').first).to_be_attached()
+
+    page.click(f'tr[data-account="{account}"] td.name a')
+    expect(page.locator("h1")).to_have_text(f"Account {account}")
+    expect(
+        page.locator(f'svg[data-chart="activity-hour-{account}"] [data-series="sent"]').first
+    ).to_be_attached()
+    expect(page.locator(f'svg[data-chart="activity-hour-{account}"] text.legend.s-sent')).to_have_text(
+        "sent 2"
+    )
+    expect(page.locator('#suppressions tr[data-address="gone@example.net"]')).to_contain_text("5.1.1")
+    expect(page.locator("#health")).to_be_visible()
+    expect(page.locator("#certificates")).to_contain_text("No signing or client certificate")
+
+    page.click("header nav a:text('Scheduled')")
+    row = page.locator(f'tr[data-job="{later}"]')
+    expect(row.locator("td.subject")).to_have_text("Later on")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button.cancel").click()
+    expect(page.locator("p.done")).to_have_text("Cancelled.")
+    expect(page.locator(f'tr[data-job="{later}"]')).to_have_count(0)
+    job = producer.job(later)
+    assert job is not None and job.state == "cancelled"
+    assert not [text for text in console if "Content Security Policy" in text], console

@@ -7,7 +7,8 @@ deployment. Keys (all under ``postroom:``)::
     m:deliveries                 hash: "<account>|<transport>|<outcome>" -> count
     m:attempts                   hash: account -> attempts ended
     m:latency:<account>          hash: bucket upper bound (or "+Inf") -> count, "sum", "count"
-    w:<account>:m:<minute>       hash: sent / failed / retried / dead / suppressed, kept 2 hours
+    w:<account>:m:<minute>       hash: sent / failed / retried / dead / suppressed, and lat:<bound>
+                                 (the latency histogram of that minute's sends), kept 2 hours
     w:<account>:h:<hour>         the same per hour, kept 26 hours
 
 ``<account>`` is the job's account name only when it can be an account: a name
@@ -102,6 +103,8 @@ class Tally:
             self.latency[account][_bucket(latency)] += 1
             self.latency_sum[account] += latency
         names = ["dead", "failed"] if counter == "dead" else [counter] if counter else []
+        if latency is not None and outcome == "sent":  # the window's histogram (worker/ops/series.py)
+            names.append("lat:" + _bucket(latency))
         for step, span, ttl in (("m", 60, 7200), ("h", 3600, 26 * 3600)):
             key = f"{PREFIX}w:{account}:{step}:{int(now // span)}"
             for name in names:
@@ -152,5 +155,6 @@ def _sum(hashes: list[dict[str, str]]) -> dict[str, int]:
     total = dict.fromkeys(WINDOW_COUNTERS, 0)
     for fields in hashes:
         for name, value in fields.items():
-            total[name] = total.get(name, 0) + int(value)
+            if name in total:  # not the latency buckets beside them
+                total[name] += int(value)
     return total

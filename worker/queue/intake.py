@@ -37,9 +37,10 @@ from typing import Any
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME, job_headers
+from worker.ops import series
 from worker.queue import broker, liveness
 from worker.queue.delays import POLL, DelayQueue
-from worker.queue.jobrecord import OPEN_STATES, JobState, safe_text
+from worker.queue.jobrecord import OPEN_STATES, SCHEDULED, JobState, safe_text
 from worker.queue.jobs import JobStore
 
 log = logging.getLogger("postroom.intake")
@@ -192,7 +193,7 @@ def start_upkeep(consumer: Any) -> None:
     """The heartbeat of this worker's consumer, the reaper of dead workers' messages, the delay
     queue's mover and (RabbitMQ) the poison mover, in one daemon thread of the worker's main
     process; and the webhook sender (worker/queue/webhook_sender.py) in one of its own."""
-    from worker.queue.app import app, broker_keys, broker_redis, settings, state_url
+    from worker.queue.app import app, broker_keys, broker_redis, broker_view, settings, state_url
     from worker.queue.webhook_sender import start_sender
     from worker.settings import config_dir
 
@@ -205,7 +206,16 @@ def start_upkeep(consumer: Any) -> None:
             app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs))
 
     delays = DelayQueue(client, publish_due)
-    steps: list[tuple[float, Callable[[], object]]] = [(POLL, delays.move_due)]
+    view = broker_view(client)
+
+    def sample_depth() -> None:  # the dashboard's queue-depth chart (worker/ops/series.py)
+        with client.pipeline(transaction=False) as pipe:
+            pipe.zcard(JobStore.retrying_key)
+            pipe.zcard(SCHEDULED)
+            retrying, scheduled = pipe.execute()
+        series.record_depth(client, sum(view.depths().values()), int(retrying), int(scheduled))
+
+    steps: list[tuple[float, Callable[[], object]]] = [(POLL, delays.move_due), (DEPTH_EVERY, sample_depth)]
     tags: Callable[[], list[str] | None] | None = None
     if on_broker is not None and broker.delivered_tags(consumer) is not None:  # messages to restore
         tags = lambda: broker.delivered_tags(consumer)  # noqa: E731
@@ -218,6 +228,7 @@ def start_upkeep(consumer: Any) -> None:
 
 
 POISON_EVERY = 5.0
+DEPTH_EVERY = 60.0
 
 
 def move_poison(app: Any, settings: Any, limit: int = 100) -> int:

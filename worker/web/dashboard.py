@@ -1,7 +1,8 @@
 """The operator dashboard: server-rendered pages under ``/dashboard`` in the HTTP app.
 
-Pages: the overview (every account's state, last health line, certificate
-expiry and counts; queue depths, in flight, retrying, held), the dead letters
+Pages: the overview (charts of activity, latency and queue depth; every account's state,
+last health line, certificate expiry and counts; queue depths, in flight, retrying, held),
+an account page and the scheduled jobs (worker/web/dashboard_pages.py), the dead letters
 (retry or purge one, or all of those shown) and a job page (state,
 per-recipient results, attempts). They read the same Redis records as
 ``postroom status`` and act through the same functions as ``postroom
@@ -47,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from worker.client import Producer
 from worker.ops.health import AccountHealth
 from worker.queue.jobrecord import FINAL_STATES
-from worker.web import apikeys, dashboard_auth
+from worker.web import apikeys, dashboard_auth, dashboard_pages
 from worker.web.dashboard_auth import Change, Operator, current
 from worker.web.dashboard_core import (
     PREFIX,
@@ -127,6 +128,7 @@ def install(app: FastAPI, producer: Producer, ring: KeyRing, settings: Dashboard
     app.exception_handler(Refused)(_refused)
     app.include_router(dashboard_auth.router)
     app.include_router(router)
+    app.include_router(dashboard_pages.router)
 
 
 async def _login_needed(request: Request, exc: LoginNeeded) -> Response:
@@ -175,9 +177,12 @@ def _account_row(name: str, info: dict[str, Any], now: float) -> dict[str, Any]:
 @router.get("")
 async def overview(request: Request, session: Operator, state: State) -> Response:
     data = await call(_snapshot, state.producer)
+    charts = await call(dashboard_pages.activity_charts, state.producer)
     now = data["generated_at"]
     accounts = [_account_row(name, info, now) for name, info in data["accounts"].items()]
-    return render(request, "overview.html", session=session, refresh_url="", data=data, accounts=accounts)
+    return render(
+        request, "overview.html", session=session, refresh_url="", data=data, accounts=accounts, charts=charts
+    )
 
 
 def _dead_letter_page(producer: Producer) -> tuple[list[dict[str, Any]], int]:
