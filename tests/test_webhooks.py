@@ -148,6 +148,8 @@ def test_events_reach_a_receiver_that_fails_first_and_is_killed_mid_run(
         assert listed.returncode == 0 and secret not in listed.stdout
         (row,) = [r for r in json.loads(listed.stdout) if r["name"] == name]
         assert row["pending"] == 0 and row["delivered"] >= 7 and row["failed_attempts"] >= 2
+        status = json.loads(cli(queue_env, "status", "--json").stdout)["webhooks"][name]
+        assert status["pending"] == 0 and status["delivered"] == row["delivered"]
         assert secret not in worker.log() and secret not in json.dumps(attempts(queue_env, name))
 
         original = second["webhook_id"]

@@ -92,6 +92,7 @@ class RedisCollector(Collector):
             "postroom_dead_letters", "Jobs in the dead letters", value=data["dead_letters"]
         )
         yield from _account_families(data["accounts"])
+        yield from _webhook_families(data["webhooks"])
 
 
 def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
@@ -143,3 +144,20 @@ def serve(port: int, snapshot: Any, host: str = "127.0.0.1") -> Any:
     registry.register(RedisCollector(snapshot))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return server, thread
+
+
+def _webhook_families(webhooks: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    pending = GaugeMetricFamily(
+        "postroom_webhook_pending_deliveries",
+        "Webhook deliveries not yet taken by the receiver",
+        labels=["webhook"],
+    )
+    done = CounterMetricFamily(
+        "postroom_webhook_deliveries", "Webhook deliveries by outcome", labels=["webhook", "outcome"]
+    )
+    for name, stats in webhooks.items():
+        pending.add_metric([name], stats["pending"])
+        done.add_metric([name, "delivered"], stats["delivered"])
+        done.add_metric([name, "failed_attempt"], stats["failed_attempts"])
+        done.add_metric([name, "given_up"], stats["given_up"])
+    yield from (pending, done)

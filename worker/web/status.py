@@ -22,6 +22,7 @@ from worker.queue.brokers import BrokerView
 from worker.queue.delays import MOVING, RETRYING
 from worker.queue.jobrecord import OPEN, SCHEDULED, JobState
 from worker.queue.jobs import JobStore
+from worker.queue.outbox import Outbox
 from worker.records.loader import Records
 
 CERT_WARN_DAYS = 30
@@ -58,6 +59,13 @@ class Status:
         self.health = health
         self.records = records
         self.account_names = sorted(records.account_names) if records is not None else []
+
+    def _webhooks(self) -> dict[str, dict[str, int]]:
+        """Per webhook record: deliveries pending, delivered, given up (worker/queue/outbox.py)."""
+        if self.records is None:
+            return {}
+        outbox = Outbox(self.redis, 86400)
+        return {name: outbox.stats(name) for name in sorted(self.records.webhooks)}
 
     def as_dict(self) -> dict[str, Any]:
         now = time.time()
@@ -100,6 +108,7 @@ class Status:
             "scheduled": int(scheduled),  # waiting for their send_at (worker/queue/schedule.py)
             "held": sum(a["held"] for a in accounts.values()),
             "accounts": accounts,
+            "webhooks": self._webhooks(),
             "generated_at": now,
         }
 
