@@ -131,11 +131,11 @@ class Tally:
             pipe.zrem(retrying_key, *self.done_retrying)
 
 
-def windows(
-    client: redis.Redis, accounts: list[str], now: float | None = None
-) -> dict[str, dict[str, dict[str, int]]]:
-    """Per account, the counters of the last hour and the last day: {name: {hour: {..}, day: {..}}}."""
-    now = time.time() if now is None else now
+Window = list[dict[str, str]]  # the window hashes of consecutive minutes or hours, oldest first
+
+
+def window_hashes(client: redis.Redis, accounts: list[str], now: float) -> list[tuple[Window, Window]]:
+    """Per account, its window hashes of the last 60 minutes and of the last 24 hours (one round trip)."""
     minute, hour = int(now // 60), int(now // 3600)
     with client.pipeline(transaction=False) as pipe:
         for name in accounts:
@@ -144,11 +144,18 @@ def windows(
             for h in range(hour - 23, hour + 1):
                 pipe.hgetall(f"{PREFIX}w:{name}:h:{h}")
         raw = cast(list[dict[str, str]], pipe.execute())
-    out: dict[str, dict[str, dict[str, int]]] = {}
-    for i, name in enumerate(accounts):
-        chunk = raw[i * 84 : (i + 1) * 84]
-        out[name] = {"hour": _sum(chunk[:60]), "day": _sum(chunk[60:])}
-    return out
+    return [(raw[i * 84 : i * 84 + 60], raw[i * 84 + 60 : (i + 1) * 84]) for i in range(len(accounts))]
+
+
+def windows(
+    client: redis.Redis, accounts: list[str], now: float | None = None
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Per account, the counters of the last hour and the last day: {name: {hour: {..}, day: {..}}}."""
+    read = window_hashes(client, accounts, time.time() if now is None else now)
+    return {
+        name: {"hour": _sum(minutes), "day": _sum(hours)}
+        for name, (minutes, hours) in zip(accounts, read, strict=True)
+    }
 
 
 def _sum(hashes: list[dict[str, str]]) -> dict[str, int]:

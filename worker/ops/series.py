@@ -21,7 +21,8 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import PREFIX, redis_key
+from worker.keys import redis_key
+from worker.ops import counters
 
 DEPTH = redis_key("series", "depth")
 DAY_MINUTES = 1440
@@ -107,17 +108,8 @@ def activity(
 ) -> dict[str, dict[str, Series]]:
     """Per account and overall (key ``""``): {"hour": per minute, "day": per hour} series of
     sent, failed, retried, p50 and p95 (seconds), oldest first."""
-    now = time.time() if now is None else now
-    minute, hour = int(now // 60), int(now // 3600)
-    with client.pipeline(transaction=False) as pipe:
-        for name in accounts:
-            for m in range(minute - 59, minute + 1):
-                pipe.hgetall(f"{PREFIX}w:{name}:m:{m}")
-            for h in range(hour - 23, hour + 1):
-                pipe.hgetall(f"{PREFIX}w:{name}:h:{h}")
-        raw = cast(list[dict[str, str]], pipe.execute())
-    minutes = [raw[i * 84 : i * 84 + 60] for i in range(len(accounts))]
-    hours = [raw[i * 84 + 60 : (i + 1) * 84] for i in range(len(accounts))]
+    read = counters.window_hashes(client, accounts, time.time() if now is None else now)
+    minutes, hours = [m for m, _ in read], [h for _, h in read]
     out = {name: {"hour": _window(minutes[i]), "day": _window(hours[i])} for i, name in enumerate(accounts)}
     empty_hour: list[Mapping[str, str]] = [{}] * 60
     empty_day: list[Mapping[str, str]] = [{}] * 24
