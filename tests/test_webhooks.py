@@ -296,3 +296,18 @@ def test_no_webhook_means_no_event_is_kept(own_queue: QueueEnv) -> None:
     own_queue.redis.hset("postroom:job:j1", mapping={"id": "j1", "account": "a", "state": "sending"})
     store.finish("j1", "a", state=JobState.SENT, attempt=1)
     assert own_queue.redis.keys("postroom:webhook:*") == []
+
+
+def test_only_a_retry_that_spent_an_attempt_is_a_deferral(own_queue: QueueEnv) -> None:
+    outbox.publish_routes(own_queue.redis, {"all": {"events": ["job.deferred"], "accounts": ["a"]}})
+    store = JobStore(own_queue.redis)
+    own_queue.redis.hset("postroom:job:j2", mapping={"id": "j2", "account": "a", "state": "sending"})
+    store.finish("j2", "a", state=JobState.RETRYING, attempt=1, retry_in=5.0)  # a limit's wait: no attempt
+    assert outbox.Outbox(own_queue.redis, 3600).events_of_job("j2") == []
+    store.finish("j2", "a", state=JobState.RETRYING, attempt=1, retry_in=5.0, counter="retried")
+    (event_id,) = outbox.Outbox(own_queue.redis, 3600).events_of_job("j2")
+    event = outbox.Outbox(own_queue.redis, 3600).event(event_id)
+    assert event is not None and event["type"] == "job.deferred" and event["webhooks"] == ["all"]
+    assert json.loads(outbox.event_body(event))["data"]["state"] == "retrying"
+    store.finish("j2", "b", state=JobState.SENT, attempt=2)  # the route wants no job.sent
+    assert len(outbox.Outbox(own_queue.redis, 3600).events_of_job("j2")) == 1

@@ -377,7 +377,11 @@ class JobStore(DeadLetters):
             self.job_ttl,
             "0" if state in OPEN_STATES else "1",
             counter or "",
-            *outbox.emit_args(state, self.event_retention),
+            # a retry that spent no attempt (a provider limit's wait, a Message-ID held by another
+            # attempt) is no deferral a producer hears of; one that did counts "retried"
+            *outbox.emit_args(
+                state if state != JobState.RETRYING or counter == "retried" else "", self.event_retention
+            ),
             *(part for item in fields.items() for part in item),
         )
         if state == JobState.RETRYING:
