@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +313,37 @@ def test_only_a_retry_that_spent_an_attempt_is_a_deferral(own_queue: QueueEnv) -
     assert json.loads(outbox.event_body(event))["data"]["state"] == "retrying"
     store.finish("j2", "b", state=JobState.SENT, attempt=2)  # the route wants no job.sent
     assert len(outbox.Outbox(own_queue.redis, 3600).events_of_job("j2")) == 1
+
+
+def test_a_receiver_that_never_answers_costs_one_timeout(own_queue: QueueEnv) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does) and never says a word
+    try:
+        folder = own_queue.config / "webhooks"
+        folder.mkdir()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        (folder / "mute.yaml").write_text(f"url: {url}\nsecret: {new_secret()}\nallow_private: true\n")
+        hooks, _ = load_webhooks(own_queue.config)
+        outbox.publish_routes(own_queue.redis, {"mute": hooks["mute"].route()})
+        own_queue.redis.hset("postroom:job:j3", mapping={"id": "j3", "account": "a", "state": "sending"})
+        JobStore(own_queue.redis).finish("j3", "a", state=JobState.SENT, attempt=1)
+        (event_id,) = outbox.Outbox(own_queue.redis, 3600).events_of_job("j3")
+        settings = replace(Settings(), webhook_timeout=0.5)  # the mechanism, not the default's length
+        sender = WebhookSender(f"redis://127.0.0.1:6379/{own_queue.db}", own_queue.config, settings)
+
+        async def deliver() -> float:
+            client = sender_client(own_queue)
+            started = time.monotonic()
+            try:
+                await sender._deliver(client, hooks["mute"], event_id)
+            finally:
+                await sender.aclose_clients()
+                await client.aclose()
+            return time.monotonic() - started
+
+        assert asyncio.run(deliver()) < 5
+        (attempt,) = outbox.Outbox(own_queue.redis, 3600).attempts("mute")
+        assert attempt["outcome"] == "retry" and attempt["error"] == "no answer within 0.5s"
+    finally:
+        silent.close()

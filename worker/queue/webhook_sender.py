@@ -96,6 +96,7 @@ class WebhookSender:
         self._hooks: dict[str, Webhook] = {}
         self._stamp: tuple[tuple[str, float], ...] | None = None
         self._checked = self._published = 0.0
+        self._turn = 0
         self._clients: dict[str, tuple[Webhook, httpx.AsyncClient]] = {}
 
     def start(self) -> WebhookSender:
@@ -157,7 +158,9 @@ class WebhookSender:
 
     async def _take(self, client: redis.asyncio.Redis, in_flight: set[asyncio.Task[None]]) -> int:
         taken = 0
-        for name, hook in self._hooks.items():
+        hooks = list(self._hooks.items())
+        self._turn = (self._turn + 1) % max(len(hooks), 1)  # who is asked first goes round: no starving
+        for name, hook in hooks[self._turn :] + hooks[: self._turn]:
             free = self.settings.webhook_concurrency - len(in_flight)
             if free <= 0:
                 break
@@ -188,6 +191,12 @@ class WebhookSender:
         return http
 
     async def _deliver(self, client: redis.asyncio.Redis, hook: Webhook, event_id: str) -> None:
+        try:
+            await self._attempt(client, hook, event_id)
+        except Exception as exc:  # Redis away: the lease ends and it is taken again, same webhook-id
+            log.warning("webhook=%s event=%s: not recorded (%s); taken again later", hook.name, event_id, exc)
+
+    async def _attempt(self, client: redis.asyncio.Redis, hook: Webhook, event_id: str) -> None:
         name = hook.name
         with_job = await client.get(event_key(event_id))
         created, attempts = await client.hmget(delivery_key(name, event_id), ["created_at", "attempts"])
@@ -236,11 +245,12 @@ class WebhookSender:
                 "webhook-timestamp": str(timestamp),
                 "webhook-signature": sign(hook.record.secret.reveal(), event_id, timestamp, body),
             }
-            async with self._http(hook).stream("POST", hook.url, content=body, headers=headers) as reply:
-                status = reply.status_code
+            async with asyncio.timeout(self.settings.webhook_timeout * 2):  # a receiver dripping bytes
+                async with self._http(hook).stream("POST", hook.url, content=body, headers=headers) as reply:
+                    status = reply.status_code
         except ConfigurationError as exc:
             return Attempt(None, f"secret: {exc}", took())
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             return Attempt(None, f"no answer within {self.settings.webhook_timeout:g}s", took())
         except httpx.HTTPError as exc:
             return Attempt(None, f"{type(exc).__name__}: {exc}"[:300], took())
