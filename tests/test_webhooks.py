@@ -154,6 +154,14 @@ def test_events_reach_a_receiver_that_fails_first_and_is_killed_mid_run(
         assert status["pending"] == 0 and status["delivered"] == row["delivered"]
         assert secret not in worker.log() and secret not in json.dumps(attempts(queue_env, name))
 
+        from worker.web.dashboard_pages import _account_view
+
+        view = _account_view(producer, account)  # the account page's "its webhooks' recent deliveries"
+        assert view is not None
+        (shown,) = [h for h in view["webhooks"] if h["name"] == name]
+        assert shown["attempts"] and {a["account"] for a in shown["attempts"]} == {account}
+        assert secret not in json.dumps(view, default=str)
+
         original = second["webhook_id"]
         again = cli(queue_env, "webhooks", "replay", sent.id, "--json")
         assert again.returncode == 0, again.stderr
