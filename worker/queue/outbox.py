@@ -43,7 +43,7 @@ EVENTS = redis_key("webhook", "events")
 LOG_LIMIT = 200
 
 # The event a state change files, by the state the job is left in (others file none).
-EVENT_OF_STATE = {
+EVENT_OF_STATE: dict[str, str] = {  # JobState keys: a StrEnum member is its string
     JobState.SENT: "job.sent",
     JobState.RETRYING: "job.deferred",
     JobState.DEAD: "job.failed",
@@ -139,7 +139,7 @@ end
 def emit_args(state: str, retention: float) -> tuple[str, str, int]:
     """The ARGV a state-changing script passes to ``emit``: event type ("" for a state that
     files none), a fresh event id, the retention in seconds."""
-    event_type = EVENT_OF_STATE.get(JobState(state), "") if state in set(JobState) else ""
+    event_type = EVENT_OF_STATE.get(state, "")
     return event_type, new_event_id() if event_type else "", max(int(retention), 60)
 
 
@@ -221,7 +221,7 @@ class Outbox:
     """The outbox's reads and writes outside the state-changing scripts (synchronous: the CLI,
     the HTTP side and the dashboard; the sender has its async twin of :meth:`take`/:meth:`done`)."""
 
-    def __init__(self, client: redis.Redis, retention: float) -> None:
+    def __init__(self, client: redis.Redis, retention: float = 7 * 86400.0) -> None:
         self.redis = client
         self.retention = max(int(retention), 60)
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from worker.queue.marks import AsyncMarks
 from worker.records.accounts import EmailAccount
-from worker.records.loader import Records
+from worker.records.loader import Records, records_stamp
 from worker.transports.base import Transport
 from worker.transports.factory import build_transport
 from worker.transports.limits import Limiter
@@ -148,21 +148,8 @@ class Runtime:
     # ---- records: re-read only when a file changed ---------------------------------
 
     def _stamp(self, records: Records) -> tuple[tuple[str, float], ...]:
-        paths = []
-        for folder in (
-            records.accounts_dir,
-            records.config_dir / "auth-profiles",
-            records.config_dir / "keystores",
-        ):
-            if folder.is_dir():
-                paths += [p for p in folder.iterdir() if p.suffix in (".yaml", ".yml")]
-        stamp = []
-        for path in sorted(paths):
-            try:
-                stamp.append((str(path), path.stat().st_mtime))
-            except OSError:
-                continue
-        return tuple(stamp)
+        config = records.config_dir
+        return records_stamp((records.accounts_dir, config / "auth-profiles", config / "keystores"))
 
     def records(self, *, fresh: bool = False) -> Records:
         """The cached records, re-read when a file changed (checked every few seconds,

@@ -50,7 +50,7 @@ from worker.queue.outbox import (
     routes_table,
     stats_key,
 )
-from worker.records.loader import load_webhooks
+from worker.records.loader import load_webhooks, records_stamp
 from worker.records.webhooks import Webhook, key_bytes
 from worker.settings import Settings
 from worker.transports.public_http import public_transport
@@ -141,7 +141,7 @@ class WebhookSender:
         now = time.monotonic()
         if now - self._checked >= RECHECK:
             self._checked = now
-            stamp = _stamp(self.config_dir / "webhooks")
+            stamp = records_stamp([self.config_dir / "webhooks"])
             if stamp != self._stamp:
                 hooks, problems = load_webhooks(self.config_dir)
                 for name, found in problems.items():
@@ -172,12 +172,12 @@ class WebhookSender:
             taken += len(ids)
         return taken
 
-    def _http(self, hook: Webhook) -> httpx.AsyncClient:
+    async def _http(self, hook: Webhook) -> httpx.AsyncClient:
         cached = self._clients.get(hook.name)
         if cached is not None and cached[0] == hook:
             return cached[1]
         if cached is not None:
-            asyncio.get_running_loop().create_task(cached[1].aclose())
+            await cached[1].aclose()
         http = httpx.AsyncClient(
             transport=public_transport(
                 allow_private=hook.record.allow_private, max_connections=self.settings.webhook_concurrency
@@ -198,9 +198,11 @@ class WebhookSender:
 
     async def _attempt(self, client: redis.asyncio.Redis, hook: Webhook, event_id: str) -> None:
         name = hook.name
-        with_job = await client.get(event_key(event_id))
-        created, attempts = await client.hmget(delivery_key(name, event_id), ["created_at", "attempts"])
-        event = parse_event(with_job)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get(event_key(event_id))
+            pipe.hmget(delivery_key(name, event_id), ["created_at", "attempts"])
+            raw, (created, attempts) = await pipe.execute()
+        event = parse_event(raw)
         if event is None:
             result = Attempt(None, "the event is no longer kept (webhook_retention) or unreadable", 0)
         else:
@@ -246,7 +248,8 @@ class WebhookSender:
                 "webhook-signature": sign(hook.record.secret.reveal(), event_id, timestamp, body),
             }
             async with asyncio.timeout(self.settings.webhook_timeout * 2):  # a receiver dripping bytes
-                async with self._http(hook).stream("POST", hook.url, content=body, headers=headers) as reply:
+                http = await self._http(hook)
+                async with http.stream("POST", hook.url, content=body, headers=headers) as reply:
                     status = reply.status_code
         except ConfigurationError as exc:
             return Attempt(None, f"secret: {exc}", took())
@@ -256,19 +259,6 @@ class WebhookSender:
             return Attempt(None, f"{type(exc).__name__}: {exc}"[:300], took())
         error = "" if 200 <= status < 300 else f"HTTP {status}"
         return Attempt(status, error, took())
-
-
-def _stamp(folder: Path) -> tuple[tuple[str, float], ...]:
-    if not folder.is_dir():
-        return ()
-    out = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                out.append((str(path), path.stat().st_mtime))
-            except OSError:
-                continue
-    return tuple(out)
 
 
 _running: WebhookSender | None = None

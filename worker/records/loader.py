@@ -56,6 +56,18 @@ _SMTP_OAUTH_TYPES = {
 }
 
 
+def records_stamp(folders: Iterable[Path]) -> tuple[tuple[str, float], ...]:
+    """Every record file in ``folders`` with its mtime: compared with an earlier stamp, it says
+    whether a file was added, removed or changed (the caches re-read their records then)."""
+    stamp = []
+    for path in sorted(p for folder in folders for p in _record_files(folder)):
+        try:
+            stamp.append((str(path), path.stat().st_mtime))
+        except OSError:
+            continue
+    return tuple(stamp)
+
+
 def _record_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []

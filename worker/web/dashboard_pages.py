@@ -10,6 +10,7 @@ with the session's CSRF token, as every change on the dashboard).
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from typing import Any, cast
@@ -19,6 +20,7 @@ from fastapi.responses import Response
 from markupsafe import Markup
 
 from worker.client import Producer
+from worker.keys import redis_key
 from worker.ops import series
 from worker.ops.health import AccountHealth
 from worker.queue.jobrecord import SCHEDULED
@@ -113,16 +115,23 @@ async def account_page(request: Request, name: str, session: Operator, state: St
 def _scheduled(producer: Producer) -> tuple[list[dict[str, Any]], int]:
     client = producer.store.redis
     due = cast(list[tuple[str, float]], client.zrange(SCHEDULED, 0, SCHEDULED_SHOWN - 1, withscores=True))
+    with client.pipeline(transaction=False) as pipe:  # one round trip for every row's record
+        for job_id, _at in due:
+            pipe.hmget(redis_key("job", job_id), ["account", "state", "payload"])
+        records = cast(list[list[str | None]], pipe.execute())
     rows = []
-    for job_id, at in due:
-        job = producer.store.get(job_id)
-        payload = (job.payload if job else None) or {}
+    for (job_id, at), (account, job_state, raw) in zip(due, records, strict=True):
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            payload = {}
+        payload = payload if isinstance(payload, dict) else {}
         subject = payload.get("subject")
         rows.append({
             "id": job_id,
             "due": at,
-            "account": job.account if job else "?",
-            "state": job.state if job else "missing",
+            "account": account or "?",
+            "state": job_state or "missing",
             "subject": subject if isinstance(subject, str) else "",
             "recipients": sum(len(v) for f in ("to", "cc", "bcc") if isinstance(v := payload.get(f), list)),
         })  # fmt: skip

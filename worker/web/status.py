@@ -64,7 +64,7 @@ class Status:
         """Per webhook record: deliveries pending, delivered, given up (worker/queue/outbox.py)."""
         if self.records is None:
             return {}
-        outbox = Outbox(self.redis, 86400)
+        outbox = Outbox(self.redis)
         return {name: outbox.stats(name) for name in sorted(self.records.webhooks)}
 
     def as_dict(self) -> dict[str, Any]:
