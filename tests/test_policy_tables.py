@@ -14,7 +14,7 @@ no servers, no network; the jitter is pinned by replacing the ``random`` the pol
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -39,7 +39,6 @@ from worker.errors import (
 from worker.queue import attempts
 from worker.queue.delivery import Outcome, outcome_for_error, outcome_for_result
 from worker.queue.jobrecord import JobState
-from worker.queue.jobs import JobStore
 from worker.records.accounts import EmailAccount, GraphSettings, Limits
 from worker.settings import RetryPolicy, Settings
 from worker.transports.base import SendResult
@@ -628,16 +627,6 @@ def test_a_partly_accepted_message_retries_only_while_a_recipient_is_deferred(
     assert (outcome.transport, outcome.security) == ("smtp", "STARTTLS TLSv1.3")
 
 
-@dataclass
-class FakeStore:
-    """The one thing _retry_plan asks of the job store: give back an attempt that did not count."""
-
-    uncounted: list[str] = field(default_factory=list)
-
-    def uncount_attempt(self, job_id: str) -> None:
-        self.uncounted.append(job_id)
-
-
 DEFAULT = RetryPolicy()  # what config/settings.yaml ships: 8 attempts, 10 s doubling to 900 s, a day
 
 
@@ -738,7 +727,6 @@ def test_retry_plan(row: PlanRow, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attempts, "settings", Settings(retry=row.policy))
     monkeypatch.setattr("worker.settings.random", PinnedRandom(row.pick))
     monkeypatch.setattr(attempts, "random", PinnedRandom(row.pick))
-    store = FakeStore()
     failed = Outcome(
         JobState.RETRYING,
         reason="[orders] RCPT TO refused (server said: 451 4.7.1 try later)",
@@ -747,10 +735,9 @@ def test_retry_plan(row: PlanRow, monkeypatch: pytest.MonkeyPatch) -> None:
         limit_wait=row.limit_wait,
         code=451,
     )
-    outcome, delay = attempts._retry_plan(cast(JobStore, store), "job-1", row.attempt, row.age, failed)
+    outcome, delay = attempts._retry_plan(row.attempt, row.age, failed)
     assert outcome.state == row.state
     assert delay == pytest.approx(row.delay)
-    assert store.uncounted == ([] if row.counts else ["job-1"])
     if row.state == "dead":
         assert outcome.reason == f"retries exhausted ({row.why}): {failed.reason}"
         assert outcome.code == 451 and outcome.counts is row.counts  # the rest of the outcome is kept

@@ -112,6 +112,11 @@ def test_unreadable_entries_go_to_the_dead_letters_and_every_good_job_is_deliver
     for what, _, expected in UNREADABLE:
         assert any(expected in r for r in reasons), (what, expected, reasons)
     assert "Unrecoverable error" not in worker.log()
+    # an entry with a usable id keeps it: `postroom job <the producer's id>` tells what happened
+    _, body_12, _ = UNREADABLE[0]
+    kept = producer.job(json.loads(body_12)["headers"]["id"])
+    assert kept is not None and kept.state == "dead" and kept.unreadable is not None
+    assert "body is not [args, kwargs, embed]" in (kept.last_error or "")
 
 
 def test_an_unreadable_dead_letter_keeps_its_raw_bytes_and_is_listed_shown_and_purged(

@@ -8,6 +8,7 @@ split by what the job layer must do with them::
     PostroomError
     ├── ConfigurationError            record/secret problems (never retried)
     │   └── RecordError               ``file:line: field: reason`` (one or many)
+    ├── Superseded                    the attempt no longer holds its job: nothing was sent
     └── DeliveryError                 carries account, transport, code, enhanced status, text
         ├── TransientError            retry with backoff
         │   ├── ConnectionFailed      refused / timeout / lost / TLS handshake I/O
@@ -65,6 +66,12 @@ class RecordProblem:
         where = f"{self.file}:{self.line}" if self.line else self.file
         reason = f"warning: {self.reason}" if self.severity == "warning" else self.reason
         return f"{where}: {self.field}: {reason}" if self.field else f"{where}: {reason}"
+
+
+class Superseded(PostroomError):
+    """Raised by a transport right before a transaction would start (MAIL FROM, Graph's send)
+    when the attempt's fence says it no longer holds its job: its process froze (GC, VM pause,
+    SIGSTOP) past its claim and another attempt took the job over. Nothing was sent."""
 
 
 class RecordError(ConfigurationError):

@@ -176,7 +176,7 @@ def job_command(job_id: str, as_json: bool) -> None:
         if as_json:
             emit_json({"id": job_id, "state": "unknown"})
         else:
-            click.echo(f"no job {job_id}", err=True)
+            click.echo(f"no job {job_id}{NOT_READ_YET}", err=True)
         sys.exit(1)
     if as_json:
         emit_json(job.as_dict())
@@ -184,6 +184,11 @@ def job_command(job_id: str, as_json: bool) -> None:
         click.echo(job.id)
         _print_job(job)
         _print_history(job)
+
+
+# A job a producer published without the helper (plain Celery, celery-node) has a record from
+# the moment the first worker reads it off the queue.
+NOT_READ_YET = " (a job published without Postroom's helper has a record once a worker has read it)"
 
 
 @click.command("cancel")
@@ -202,8 +207,12 @@ def cancel_command(job_id: str, as_json: bool) -> None:
         emit_json({"id": job_id, "cancelled": cancelled, "state": job.state if job else "unknown"})
     elif cancelled:
         click.echo(f"cancelled {job_id} (it was {state})")
+    elif not state:
+        click.echo(f"not cancelled: no such job{NOT_READ_YET}", err=True)
+    elif state == JobState.SENDING:
+        click.echo("not cancelled: already under way (sending)", err=True)
     else:
-        click.echo(f"not cancelled: {'no such job' if not state else f'the job is {state}'}", err=True)
+        click.echo(f"not cancelled: the job is {state}", err=True)
     sys.exit(0 if cancelled else 1)
 
 

@@ -83,7 +83,6 @@ class Tally:
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.windows: dict[str, Counter[str]] = defaultdict(Counter)
         self.window_ttl: dict[str, int] = {}
-        self.done_retrying: list[str] = []  # job ids to drop from the retrying index
         self.signed_in: set[str] = set()  # accounts whose deliveries logged in
 
     def add(
@@ -112,7 +111,7 @@ class Tally:
             if names:
                 self.window_ttl[key] = ttl
 
-    def write_into(self, pipe: Any, retrying_key: str | None = None) -> None:
+    def write_into(self, pipe: Any) -> None:
         for field, count in self.deliveries.items():
             pipe.hincrby(PREFIX + "m:deliveries", field, count)
         for account, count in self.attempts.items():
@@ -127,8 +126,6 @@ class Tally:
             for name, count in names.items():
                 pipe.hincrby(key, name, count)
             pipe.expire(key, self.window_ttl[key])
-        if retrying_key and self.done_retrying:
-            pipe.zrem(retrying_key, *self.done_retrying)
 
 
 Window = list[dict[str, str]]  # the window hashes of consecutive minutes or hours, oldest first

@@ -170,20 +170,26 @@ class AccountHealth:
         return int(self.redis.llen(_key("held", name)))
 
     def release_held(self, name: str) -> int:
-        """Publish every held job (oldest first), then drop them from the list.
+        """Publish every job still held (oldest first), then drop them from the list; one that
+        is no longer ``held`` (cancelled meanwhile) is dropped unpublished.
 
         Published before removed: a crash in between enqueues a job twice, and
-        its job record skips the second copy; never the other way round.
+        its job record skips the second copy; never the other way round. (Should a job be
+        cancelled between this look and its run, the start of its attempt refuses it.)
         """
+        if self.release is None:
+            raise RuntimeError("AccountHealth needs a release function to resume accounts")
         key, released = _key("held", name), 0
         while True:
-            batch = cast(list[str], self.redis.lrange(key, 0, 99))
+            batch = [json.loads(raw) for raw in cast(list[str], self.redis.lrange(key, 0, 99))]
             if not batch:
                 return released
-            for raw in batch:
-                item = json.loads(raw)
-                if self.release is None:
-                    raise RuntimeError("AccountHealth needs a release function to resume accounts")
-                self.release(str(item["id"]), dict(item["kwargs"]))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for item in batch:
+                    pipe.hget(_key("job", str(item["id"])), "state")
+                states = pipe.execute()
+            for item, state in zip(batch, states, strict=True):
+                if state == "held":
+                    self.release(str(item["id"]), dict(item["kwargs"]))
+                    released += 1
             self.redis.ltrim(key, len(batch), -1)
-            released += len(batch)

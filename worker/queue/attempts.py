@@ -29,11 +29,11 @@ from worker.mail.payload import QUEUE, TASK_NAME, SendPayload, job_headers
 from worker.ops import counters
 from worker.ops.counters import Tally
 from worker.ops.health import AccountHealth
-from worker.queue import liveness, schedule
+from worker.queue import liveness
 from worker.queue.app import app, broker_redis, settings, state_url
 from worker.queue.delivery import Delivery, Outcome, log_attempt
-from worker.queue.jobrecord import JobState, account_of, safe_text
-from worker.queue.jobs import JobStore
+from worker.queue.jobrecord import JobState, account_of, history_word, safe_text
+from worker.queue.jobs import Begun, JobStore
 from worker.queue.runtime import get_runtime
 from worker.records.addresses import bare_address
 from worker.transports.limits import SLOT_WAIT
@@ -78,29 +78,36 @@ def attempt(job_id: str, kwargs: Any) -> Step:
     return attempt_all([job_id], [kwargs])[0]
 
 
-def _due_only(
-    store: JobStore, job_ids: list[str], valid: list[tuple[int, SendPayload]], steps: dict[int, Step]
-) -> list[tuple[int, SendPayload]]:
-    """The messages whose send_at has come; one that came early goes back to waiting (whatever
-    published it: a scheduled send is never sent before its time)."""
-    now, going = time.time(), []
-    for i, payload in valid:
-        if payload.send_at is not None and payload.send_at > now + 1.0:
-            if schedule.wait_again(store.redis, job_ids[i], payload.send_at):
-                steps[i] = Step(JobState.SCHEDULED, "not due yet: waits for its send_at")
-            else:
-                steps[i] = Step("skipped", "job already started or finished")
-        else:
-            going.append((i, payload))
-    return going
+def _not_due(payload: SendPayload, now: float) -> float | None:
+    """When a job whose send_at is still ahead is due (None: it is due now). Whatever published
+    it (the helper, plain Celery, celery-node, the delay queue early), a scheduled send is never
+    sent before its time: it waits in the schedule, where it can be cancelled."""
+    return payload.send_at if payload.send_at is not None and payload.send_at > now + 1.0 else None
+
+
+def _own_key_first(store: JobStore, job_id: str, payload: SendPayload, due: float | None) -> float | None:
+    """A scheduled job takes its idempotency key before it waits (the helper took it at enqueue);
+    one whose key belongs to another job starts now instead, and ends as that job's duplicate."""
+    if due is None or not payload.idempotency_key:
+        return due
+    return None if _duplicate_of(store, job_id, payload) else due
+
+
+def _not_started(begun: Begun) -> Step:
+    if begun.waits:
+        return Step(JobState.SCHEDULED, "not due yet: waits for its send_at")
+    return Step("skipped", f"job already {begun.state or 'finished'}")
 
 
 def _hold(job_id: str, payload: SendPayload) -> Step | None:
     """A job of a paused account waits in the account's held list (no attempt is spent);
     None when the account is not paused after all (it resumed a moment ago): deliver it."""
     reason = f"account {payload.account} is paused; held until it resumes"
-    if not job_store().hold_if_paused(job_id, payload.account, payload.to_task_kwargs(), reason):
+    held = job_store().hold_if_paused(job_id, payload.account, payload.to_task_kwargs(), reason)
+    if held == 0:
         return None
+    if held < 0:
+        return Step("skipped", "job already ended (a cancelled job is never held)")
     return Step(JobState.HELD, f"account {payload.account} is paused")
 
 
@@ -140,9 +147,12 @@ def dead_on_arrival(job_id: str, kwargs: Any, reason: str) -> Step:
     fields = _identity(kwargs)
     account = _counted(account_of(fields))
     begun = store.begin_attempt(job_id, fields)
-    if begun is None:
-        return Step("skipped", "job already finished")
-    store.finish(job_id, account, state=JobState.DEAD, attempt=begun[0], error=reason, counter="dead")
+    if not begun.started:
+        return _not_started(begun)
+    store.finish(
+        job_id, account, state=JobState.DEAD, attempt=begun.attempt, error=reason, counter="dead",
+        fence=begun.fence,
+    )  # fmt: skip
     return Step(JobState.DEAD, reason)
 
 
@@ -173,21 +183,26 @@ def _duplicate_of(store: JobStore, job_id: str, payload: SendPayload) -> str | N
     return owner if owner is not None and owner != job_id else None
 
 
-def _conclude(
-    store: JobStore,
-    pipe: Any,
-    job_id: str,
-    payload: SendPayload,
-    attempt_no: int,
-    age: float,
-    outcome: Outcome,
-    tally: Tally,
-) -> Step:
-    """Decide retry or not (by error class and settings) and queue the record on ``pipe``."""
+@dataclass
+class _Ended:
+    """One message's attempt, concluded: what is written to its record."""
+
+    index: int
+    payload: SendPayload
+    attempt: int
+    fence: str  # the attempt's token (worker/queue/jobscripts.py BEGIN)
+    outcome: Outcome
+    age: float
+
+
+def _conclude(store: JobStore, pipe: Any, job_id: str, ended: _Ended, tally: Tally) -> Step:
+    """Decide retry or not (by error class and settings) and queue the record on ``pipe``; the
+    record is written only while this attempt is still the job's current one (its fence)."""
+    payload, outcome = ended.payload, ended.outcome
     account = payload.account
     retry_in = None
     if outcome.state == JobState.RETRYING:
-        outcome, delay = _retry_plan(store, job_id, attempt_no, age, outcome)
+        outcome, delay = _retry_plan(ended.attempt, ended.age, outcome)
         retry_in = delay if outcome.state == JobState.RETRYING else None
     if outcome.state == JobState.DEAD and payload.kind == "auto-reply":
         # nothing was sent: the sender may be answered by a later job
@@ -199,15 +214,18 @@ def _conclude(
         job_id,
         _counted(account),
         state=state,
-        attempt=attempt_no,
+        attempt=ended.attempt,
         error=outcome.reason,
         recipients=outcome.recipients or None,
         transport=outcome.transport,
         security=outcome.security,
         retry_in=retry_in,
         counter=counter,
-        latency=age,
+        latency=ended.age,
         tally=tally,
+        fence=ended.fence,
+        uncount=retry_in is not None and not outcome.counts,
+        count=not outcome.superseded,
     )
     if outcome.state == JobState.SENT:
         tally.signed_in.add(account)
@@ -215,7 +233,7 @@ def _conclude(
 
 
 def _write_tally(pipe: Any, store: JobStore, tally: Tally) -> None:
-    tally.write_into(pipe, store.retrying_key)
+    tally.write_into(pipe)
     for account in tally.signed_in:
         account_health().auth_succeeded_into(pipe, account)
 
@@ -231,10 +249,13 @@ def cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
     reason = f"{runs} runs cut short: the worker died or handed it back every time (a poison message?)"
     fields = _identity(kwargs)
     begun = store.begin_attempt(job_id, fields)
-    if begun is None:
-        return Step("skipped", "job already finished")
+    if not begun.started:
+        return _not_started(begun)
     account = _counted(account_of(fields))
-    store.finish(job_id, account, state=JobState.DEAD, attempt=begun[0], error=reason, counter="dead")
+    store.finish(
+        job_id, account, state=JobState.DEAD, attempt=begun.attempt, error=reason, counter="dead",
+        fence=begun.fence,
+    )  # fmt: skip
     log.error("job %s: dead-lettered after %d runs cut short (a poison message?)", job_id, runs)
     return Step(JobState.DEAD, reason)
 
@@ -246,7 +267,8 @@ WAIT_RECHECK = 60.0
 
 def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
     """One attempt at each message, side by side (a batch, a carrying task, or one job): validate,
-    hold, begin, deliver, classify, record. One Step per message, in order."""
+    take in (a job without a record gets one; one not due yet waits in the schedule), hold,
+    begin, deliver, classify, record. One Step per message, in order."""
     store = job_store()
     steps: dict[int, Step] = {}
     valid: list[tuple[int, SendPayload]] = []
@@ -255,46 +277,45 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
             valid.append((i, SendPayload.model_validate(kwargs)))
         except (ValidationError, RecursionError) as exc:
             steps[i] = dead_on_arrival(job_ids[i], kwargs, f"invalid payload: {_invalid(exc)}")
-    valid = _due_only(store, job_ids, valid, steps)
+    now = time.time()
+    due = {i: _own_key_first(store, job_ids[i], p, _not_due(p, now)) for i, p in valid}
     paused = account_health().paused()
-    if paused and any(payload.account in paused for _, payload in valid):
+    if paused and any(payload.account in paused and due[i] is None for i, payload in valid):
         going: list[tuple[int, SendPayload]] = []
         for i, payload in valid:
-            held = _hold(job_ids[i], payload) if payload.account in paused else None
+            held = _hold(job_ids[i], payload) if payload.account in paused and due[i] is None else None
             if held is None:
                 going.append((i, payload))
             else:
                 steps[i] = held
         valid = going
-    begun = store.begin_many([(job_ids[i], payload.to_task_kwargs) for i, payload in valid])
-    policy, now = settings.retry, time.time()
+    begun = store.begin_many([(job_ids[i], payload.to_task_kwargs, due[i]) for i, payload in valid])
+    policy = settings.retry
     items: list[tuple[str, SendPayload, int]] = []
-    item_meta: list[tuple[int, SendPayload, int, float]] = []
-    finals: list[tuple[int, SendPayload, int, Outcome, float]] = []  # (index, payload, attempt, outcome, age)
+    item_meta: list[tuple[int, SendPayload, Begun]] = []
+    finals: list[_Ended] = []
     for (i, payload), began in zip(valid, begun, strict=True):
-        if began is None:
-            steps[i] = Step("skipped", "job already finished")
+        if not began.started:
+            steps[i] = _not_started(began)
             continue
-        attempt_no, enqueued_at = began
-        age = now - enqueued_at
+        attempt_no, age = began.attempt, now - began.enqueued_at
         if attempt_no > policy.max_attempts or age > policy.max_age:
             why = (
                 f"{attempt_no - 1} attempts"
                 if attempt_no > policy.max_attempts
                 else f"max_age {policy.max_age:.0f}s"
             )
-            finals.append(
-                (i, payload, attempt_no, Outcome(JobState.DEAD, reason=f"retries exhausted ({why})"), age)
-            )
+            exhausted = Outcome(JobState.DEAD, reason=f"retries exhausted ({why})")
+            finals.append(_Ended(i, payload, attempt_no, began.fence, exhausted, age))
             continue
         if owner := _duplicate_of(store, job_ids[i], payload):
             duplicate = Outcome(
                 JobState.SUPPRESSED, reason=f"duplicate of job {owner} (same idempotency_key)"
             )
-            finals.append((i, payload, attempt_no, duplicate, age))
+            finals.append(_Ended(i, payload, attempt_no, began.fence, duplicate, age))
             continue
         items.append((job_ids[i], payload, attempt_no))
-        item_meta.append((i, payload, attempt_no, age))
+        item_meta.append((i, payload, began))
 
     started = time.monotonic()
     try:
@@ -307,18 +328,34 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
             Outcome(JobState.RETRYING, reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items
         ]
     seconds = time.monotonic() - started
-    for (i, payload, attempt_no, age), outcome in zip(item_meta, outcomes, strict=True):
-        log_attempt(job_ids[i], payload.account, attempt_no, outcome, seconds)
-        finals.append((i, payload, attempt_no, outcome, age + seconds))
-
-    tally = Tally()
-    with store.redis.pipeline(transaction=False) as pipe:
-        for i, payload, attempt_no, outcome, age in finals:
-            steps[i] = _conclude(store, pipe, job_ids[i], payload, attempt_no, age, outcome, tally)
-        _write_tally(pipe, store, tally)
-        pipe.execute()
-    _count_auth_failures([(payload.account, outcome) for _, payload, _, outcome, _ in finals])
+    for (i, payload, began), outcome in zip(item_meta, outcomes, strict=True):
+        log_attempt(job_ids[i], payload.account, began.attempt, outcome, seconds)
+        age = now - began.enqueued_at + seconds
+        finals.append(_Ended(i, payload, began.attempt, began.fence, outcome, age))
+    _record(store, job_ids, finals, steps)
     return [steps[i] for i in range(len(messages))]
+
+
+def _record(store: JobStore, job_ids: list[str], finals: list[_Ended], steps: dict[int, Step]) -> None:
+    """Every concluded attempt's record, counters and events in one round trip. An attempt that
+    another one has superseded since it began (its process froze past its claim) writes
+    nothing: its step says so."""
+    tally = Tally()
+    at: dict[int, int] = {}
+    with store.redis.pipeline(transaction=False) as pipe:
+        for ended in finals:
+            at[ended.index] = len(pipe)  # where FINISH's answer will be
+            steps[ended.index] = _conclude(store, pipe, job_ids[ended.index], ended, tally)
+        _write_tally(pipe, store, tally)
+        replies = pipe.execute()
+    for ended in finals:
+        if not replies[at[ended.index]]:
+            steps[ended.index] = Step("skipped", "superseded: a later attempt took the job over")
+            log.warning(
+                "job %s: attempt %d was superseded by a later attempt; its outcome (%s) is not recorded",
+                job_ids[ended.index], ended.attempt, history_word(ended.outcome.state),
+            )  # fmt: skip
+    _count_auth_failures([(ended.payload.account, ended.outcome) for ended in finals])
 
 
 def delivery(store: JobStore) -> Delivery:
@@ -342,9 +379,7 @@ def store_url() -> str:
     return state_url
 
 
-def _retry_plan(
-    store: JobStore, job_id: str, attempt_no: int, age: float, outcome: Outcome
-) -> tuple[Outcome, float]:
+def _retry_plan(attempt_no: int, age: float, outcome: Outcome) -> tuple[Outcome, float]:
     """When to try again, or the dead-letter outcome when attempts or age run out.
 
     An attempt that never reached a server (``counts=False``: another attempt
@@ -354,8 +389,7 @@ def _retry_plan(
     policy = settings.retry
     if outcome.counts:
         delay = policy.delay(attempt_no, outcome.retry_after)
-    else:
-        store.uncount_attempt(job_id)
+    else:  # the attempt is taken back in the same write (finish_into's uncount)
         # a limit's wait is exact (its send time is reserved); a held claim's is spread out
         spread = 0.05 if outcome.limit_wait else random.uniform(0.1, 1.0)
         delay = min((outcome.retry_after or 0) + spread, WAIT_RECHECK)

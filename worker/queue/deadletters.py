@@ -19,7 +19,10 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
+from worker.mail.payload import TASK_ID
 from worker.queue.jobrecord import DEAD, OPEN, UNKNOWN_ACCOUNT, Job, JobState, history_word, safe_text
+from worker.queue.jobscripts import QUARANTINE
+from worker.queue.outbox import emit_args
 
 MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter
 _key = redis_key
@@ -30,6 +33,7 @@ class DeadLetters:
 
     redis: redis.Redis
     job_ttl: int
+    event_retention: float
     dead_key = DEAD
 
     def get(self, job_id: str) -> Job | None:  # pragma: no cover - the job store's
@@ -42,45 +46,44 @@ class DeadLetters:
         self, raw: bytes, reason: str, *, queue: str = "", claimed_id: Any = None, task: Any = None
     ) -> str:
         """A dead letter for a broker entry no job can be made of (undecodable, the wrong
-        shape, no id, an unknown task…): its reason and its raw bytes (base64, the first
-        :data:`MAX_RAW_KEPT`), listed, shown and purged like any other. Returns its id."""
-        job_id = f"unreadable-{uuid.uuid4()}"
+        shape, an unknown task…): its reason and its raw bytes (base64, the first
+        :data:`MAX_RAW_KEPT`), listed, shown and purged like any other. Filed under the
+        producer's own id (``claimed_id``) when it is a usable one no ended job has, so that
+        ``postroom job ID`` answers the producer; else under ``unreadable-<uuid>``. Returns the id."""
         now = time.time()
         kept = raw[:MAX_RAW_KEPT]
-        fields: dict[Any, str | int | float] = {
-            "id": job_id,
-            "state": JobState.DEAD,
-            "attempts": 0,
-            "account": UNKNOWN_ACCOUNT,
-            "kind": "unreadable",
-            "message_id": "",
-            "idempotency_key": "",
-            "payload": "",
-            "recipients": "{}",
-            "created_at": now,
-            "updated_at": now,
-            "enqueued_at": now,
-            "failed_at": now,
-            "last_error": f"unreadable message: {reason}",
-            "raw_base64": base64.b64encode(kept).decode(),
-            "raw_size": len(raw),
-            "raw_queue": safe_text(queue),
-            "raw_claimed_id": safe_text(claimed_id) if claimed_id is not None else "",
-            "raw_task": safe_text(task) if task is not None else "",
-        }
-        entry = {
-            "attempt": 0,
-            "at": now,
-            "outcome": history_word(JobState.DEAD),
-            "error": fields["last_error"],
-        }
-        with self.redis.pipeline() as pipe:  # MULTI/EXEC: the record and its dead-letter entry together
-            pipe.hset(_key("job", job_id), mapping=fields)
-            pipe.rpush(_key("history", job_id), json.dumps(entry))
-            pipe.zadd(_key("dead"), {job_id: now})
-            pipe.hincrby(_key("stats", UNKNOWN_ACCOUNT), "dead", 1)
-            pipe.execute()
-        return job_id
+        error = f"unreadable message: {reason}"
+        entry = json.dumps({"attempt": 0, "at": now, "outcome": history_word(JobState.DEAD), "error": error})
+        usable = isinstance(claimed_id, str) and TASK_ID.match(claimed_id) is not None
+        candidates = [claimed_id] if usable else []
+        for job_id in [*candidates, f"unreadable-{uuid.uuid4()}"]:
+            fields: dict[str, str | int | float] = {
+                "id": job_id,
+                "state": JobState.DEAD,
+                "attempts": 0,
+                "account": UNKNOWN_ACCOUNT,
+                "kind": "unreadable",
+                "message_id": "",
+                "idempotency_key": "",
+                "payload": "",
+                "recipients": "{}",
+                "created_at": now,
+                "updated_at": now,
+                "enqueued_at": now,
+                "failed_at": now,
+                "last_error": error,
+                "raw_base64": base64.b64encode(kept).decode(),
+                "raw_size": len(raw),
+                "raw_queue": safe_text(queue),
+                "raw_claimed_id": safe_text(claimed_id) if claimed_id is not None else "",
+                "raw_task": safe_text(task) if task is not None else "",
+            }
+            keys = [_key("job", job_id), _key("history", job_id), OPEN, DEAD, _key("stats", UNKNOWN_ACCOUNT)]
+            events = emit_args(JobState.DEAD, self.event_retention)
+            args = [job_id, now, json.dumps(fields), entry, *events]
+            if self.redis.eval(QUARANTINE, len(keys), *keys, *args):
+                return str(job_id)
+        raise AssertionError("unreachable: a fresh unreadable- id is never taken")  # pragma: no cover
 
     def dead_letters(self, *, limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
         """Dead letters, oldest first (or the newest ``limit`` of them, newest first)."""

@@ -14,6 +14,7 @@ server's 250 and that write.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from worker.errors import (
     DeliveryError,
     LimitWait,
     RecipientStatus,
+    Superseded,
     TransientError,
 )
 from worker.mail import autoreply
@@ -59,6 +61,7 @@ class Outcome:
     counts: bool = True  # False: nothing was tried (another attempt held the Message-ID)
     auth_failure: bool = False  # the server refused our credentials (the circuit breaker counts it)
     limit_wait: bool = False  # a provider limit: come back exactly at retry_after
+    superseded: bool = False  # the attempt lost its job to a later one before sending: nothing sent
 
 
 def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
@@ -383,7 +386,13 @@ class Delivery:
                         message_id=p.message_id,
                         recipients=len(remaining),
                     )
-                result = await p.transport.send(OutgoingMessage(p.message_id, p.sender, remaining, p.data))
+                fence = functools.partial(self.marks.holds, p.account, p.message_id, p.token)
+                outgoing = OutgoingMessage(p.message_id, p.sender, remaining, p.data, fence=fence)
+                result = await p.transport.send(outgoing)
+            except Superseded as exc:  # frozen past its claim: the later attempt sends, this one not
+                return Outcome(
+                    JobState.RETRYING, reason=str(exc), recipients=p.already, counts=False, superseded=True
+                )
             except DeliveryError as exc:
                 # an AuthenticationFailed flags the account: outcome_for_error sets auth_failure,
                 # which the attempt policy counts in the account's health (worker/ops/health.py)

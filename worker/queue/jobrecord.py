@@ -107,7 +107,10 @@ def record_fields(
         "recipients": "{}",
         "created_at": now,
         "updated_at": now,
-        "enqueued_at": _timestamp(payload.get("enqueued_at"), now),
+        # a scheduled job's clock (Date, max_age, latency) starts at its send_at
+        "enqueued_at": _timestamp(
+            payload.get("enqueued_at"), max(now, _timestamp(payload.get("send_at"), 0.0))
+        ),
         "submitted_by": submitted_by,  # the HTTP API key that enqueued it ("" otherwise)
     }
 

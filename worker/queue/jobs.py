@@ -24,6 +24,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -67,6 +68,57 @@ def _idem_key(payload: Mapping[str, Any]) -> str:
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What :meth:`JobStore.begin_many` decided for one job: an attempt started (``attempt``
+    > 0, with its ``fence``), or not, and the state the job is in then."""
+
+    attempt: int = 0
+    enqueued_at: float = 0.0
+    fence: str = ""  # this attempt's token: its outcome is written only while it is the record's
+    state: str = ""  # when not started: the job's state (ended, or waiting for its send_at)
+    waits: bool = False  # not due yet: it went (back) to waiting in the schedule
+
+    @property
+    def started(self) -> bool:
+        return self.attempt > 0
+
+    @classmethod
+    def from_reply(cls, reply: list[Any], now: float) -> Begun:
+        code, second, third = reply[0], reply[1], reply[2] if len(reply) > 2 else None
+        if int(code) > 0:
+            return cls(int(code), float(second or now), str(third))
+        return cls(state=str(second or ""), waits=int(code) == -3)
+
+
+def _ending(
+    state: JobState,
+    attempt: int,
+    now: float,
+    error: str | None,
+    retry_in: float | None,
+    recipients: Mapping[str, Mapping[str, Any]] | None,
+    transport: str | None,
+    security: str | None,
+) -> tuple[dict[str, Any], dict[str, str | int | float]]:
+    """An attempt's history entry and the record fields its end writes."""
+    entry: dict[str, Any] = {"attempt": attempt, "at": now, "outcome": history_word(state)}
+    if error:
+        entry["error"] = error
+    if retry_in is not None:
+        entry["retry_in"] = round(retry_in, 1)
+    fields: dict[str, str | int | float] = {"state": state, "updated_at": now}
+    if recipients is not None:
+        fields["recipients"] = json.dumps(dict(recipients))
+    if transport:
+        fields["transport"] = transport
+    if security:
+        fields["security"] = security
+    if error is not None:
+        fields["last_error"] = error
+    return entry, fields
 
 
 def _pairs(flat: list[str]) -> dict[str, str]:
@@ -168,46 +220,43 @@ class JobStore(DeadLetters):
 
     # ---- execution side -----------------------------------------------------------
 
-    def begin_attempt(self, job_id: str, payload: PayloadSource) -> tuple[int, float] | None:
-        """Count the attempt and mark the job ``sending``, in one round trip.
+    def begin_attempt(self, job_id: str, payload: PayloadSource) -> Begun:
+        """Count the attempt and mark the job ``sending``, in one round trip (see :meth:`begin_many`)."""
+        return self.begin_many([(job_id, payload, None)])[0]
 
-        Creates the record (from ``payload``, a mapping or a function giving
-        one, only called then) for a producer that enqueued without the helper.
-        Returns (attempt number, enqueued at), or None when the job already
-        ended (sent, dead or suppressed): a redelivery after a crash must not
-        start it again.
-        """
-        return self.begin_many([(job_id, payload)])[0]
+    def begin_many(self, jobs: Sequence[tuple[str, PayloadSource, float | None]]) -> list[Begun]:
+        """Start an attempt at each (job id, payload, due) in one round trip: the job store's
+        intake and the start of an attempt in one decision per job (``BEGIN``).
 
-    def begin_many(self, jobs: list[tuple[str, PayloadSource]]) -> list[tuple[int, float] | None]:
-        """:meth:`begin_attempt` for a whole batch in one round trip."""
+        A job without a record (its producer published without the helper) gets the record the
+        helper would have written, from its payload (a mapping or a function giving one, only
+        called then), listed among the open jobs. A job whose ``due`` (its send_at) is still
+        ahead waits in the schedule instead, cancellable from then on. A job that has ended
+        (sent, dead, suppressed or cancelled) is not started again."""
         now = time.time()
-        results = self._scripted(
-            lambda pipe: [
-                # records normally exist: try without the fields to create them
-                pipe.evalsha(BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, "")
-                for job_id, _ in jobs
-            ]
-        )
-        missing = [i for i, (attempts, _) in enumerate(results) if int(attempts) == -2]
+
+        def begin_all(starts: Sequence[tuple[str, str, float | None]]) -> list[Any]:
+            def commands(pipe: Any) -> None:
+                for job_id, fields, due in starts:
+                    keys = (_key("job", job_id), OPEN, SCHEDULED, self.retrying_key)
+                    when = due if due is not None else ""
+                    pipe.evalsha(BEGIN_SHA, 4, *keys, now, self.job_ttl, fields, when, job_id)
+
+            return self._scripted(commands)
+
+        # records normally exist: try without the fields to create them
+        results = begin_all([(job_id, "", due) for job_id, _, due in jobs])
+        missing = [i for i, result in enumerate(results) if int(result[0]) == -2]
         if missing:  # a producer that called send_task without the helper
             created = []
             for i in missing:
-                job_id, source = jobs[i]
+                job_id, source, due = jobs[i]
                 payload = source() if callable(source) else source
-                created.append((job_id, json.dumps(record_fields(job_id, payload, JobState.QUEUED))))
-            again = self._scripted(
-                lambda pipe: [
-                    pipe.evalsha(BEGIN_SHA, 1, _key("job", job_id), now, self.job_ttl, fields)
-                    for job_id, fields in created
-                ]
-            )
-            for i, result in zip(missing, again, strict=True):
+                fields = record_fields(job_id, payload, JobState.QUEUED)
+                created.append((job_id, json.dumps(fields), due))
+            for i, result in zip(missing, begin_all(created), strict=True):
                 results[i] = result
-        out: list[tuple[int, float] | None] = []
-        for attempts, enqueued_at in results:
-            out.append(None if int(attempts) < 0 else (int(attempts), float(enqueued_at or now)))
-        return out
+        return [Begun.from_reply(reply, now) for reply in results]
 
     def claim_many(
         self, claims: list[tuple[str, str, str]], ttl: float
@@ -307,10 +356,6 @@ class JobStore(DeadLetters):
             runs, _ = pipe.execute()
         return int(runs)
 
-    def uncount_attempt(self, job_id: str) -> None:
-        """Take back an attempt that never reached a server (see Outcome.counts)."""
-        self.redis.hincrby(_key("job", job_id), "attempts", -1)
-
     def finish(self, job_id: str, account: str, **fields: Any) -> None:
         """Record an attempt's end, its history entry, the account counters and, for
         ``dead``, the dead-letter entry: one round trip (see :meth:`finish_into`)."""
@@ -334,41 +379,32 @@ class JobStore(DeadLetters):
         counter: str | None = None,
         latency: float | None = None,
         tally: counters.Tally | None = None,
+        fence: str = "",
+        uncount: bool = False,
+        count: bool = True,
     ) -> None:
         """Queue :meth:`finish`'s commands on ``pipe`` (batches finish many in one round trip).
 
         ``latency``: seconds from enqueue to this outcome (the delivery-latency metric);
-        ``tally``: sum the counters there instead (a batch writes them once)."""
+        ``tally``: sum the counters there instead (a batch writes them once); ``fence``: the
+        attempt's token from :meth:`begin_many` — nothing is written when another attempt has
+        started since ("" writes whatever the record's); ``uncount``: take the attempt back (it
+        never reached a server); ``count``: False leaves the delivery counters alone (an attempt
+        that was superseded sent nothing)."""
         now = time.time()
-        entry: dict[str, Any] = {
-            "attempt": attempt,
-            "at": now,
-            "outcome": history_word(state),
-        }
-        if error:
-            entry["error"] = error
-        if retry_in is not None:
-            entry["retry_in"] = round(retry_in, 1)
-        fields: dict[Any, str | int | float] = {"state": state, "updated_at": now}
-        if recipients is not None:
-            fields["recipients"] = json.dumps(dict(recipients))
-        if transport:
-            fields["transport"] = transport
-        if security:
-            fields["security"] = security
-        if error is not None:
-            fields["last_error"] = error
+        entry, fields = _ending(state, attempt, now, error, retry_in, recipients, transport, security)
         # dead letters stay until purged (no TTL); the rest expire after job_ttl. EVAL, not
         # EVALSHA: callers' pipelines mix other commands, and a Redis that lost its scripts must
         # not fail a finished job's record
         pipe.eval(
             FINISH,
-            5,
+            6,
             _key("job", job_id),
             _key("history", job_id),
             OPEN,
             _key("dead"),
             _key("stats", account),
+            self.retrying_key,
             job_id,
             state,
             now,
@@ -382,14 +418,13 @@ class JobStore(DeadLetters):
             *outbox.emit_args(
                 state if state != JobState.RETRYING or counter == "retried" else "", self.event_retention
             ),
+            fence,
+            "1" if uncount else "0",
+            now + (retry_in or 0.0) if state == JobState.RETRYING else "",
             *(part for item in fields.items() for part in item),
         )
-        if state == JobState.RETRYING:
-            pipe.zadd(self.retrying_key, {job_id: now + (retry_in or 0.0)})
-        elif tally is not None:
-            tally.done_retrying.append(job_id)
-        else:
-            pipe.zrem(self.retrying_key, job_id)
+        if not count:
+            return
         if tally is not None:  # the caller writes the sums with tally.write_into(pipe)
             tally.add(account, transport=transport, outcome=state, counter=counter, latency=latency, now=now)
         else:
@@ -397,11 +432,12 @@ class JobStore(DeadLetters):
                 pipe, account, transport=transport, outcome=state, counter=counter, latency=latency, now=now
             )
 
-    def hold_if_paused(self, job_id: str, account: str, kwargs: Mapping[str, Any], reason: str) -> bool:
+    def hold_if_paused(self, job_id: str, account: str, kwargs: Mapping[str, Any], reason: str) -> int:
         """The job waits in its account's held list (worker/ops/health.py releases it) — only if the
         account is paused at this very moment, checked in the same script that files it: a
-        resume that drains the list just before can never leave a job behind in it. False: the
-        account is not paused (any more), and the caller delivers the job now.
+        resume that drains the list just before can never leave a job behind in it. Returns 1
+        (held); 0: the account is not paused (any more), and the caller delivers the job now; -1:
+        the job has ended (cancelled, say) and stays so.
 
         A job enqueued without the producer helper has no record yet: it gets one here."""
         now = time.time()
@@ -411,6 +447,7 @@ class JobStore(DeadLetters):
             _key("job", job_id),
             _key("history", job_id),
             self.retrying_key,
+            OPEN,
         ]
         args: list[str | float | int] = [
             account,
@@ -422,7 +459,7 @@ class JobStore(DeadLetters):
             _HISTORY_LIMIT,
             job_id,
         ]
-        return bool(self._hold(keys=keys, args=args))
+        return int(self._hold(keys=keys, args=args))
 
     # ---- auto-reply window -------------------------------------------------------
 

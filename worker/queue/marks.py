@@ -60,6 +60,22 @@ for k = 1, #KEYS, 2 do
 end
 return 1
 """
+# The fence, asked right before a transaction starts: is each claim still its attempt's token?
+# KEYS: claims; ARGV: ttl (ms), then one token per claim. 1 where it is (renewed for another
+# CLAIM_TTL: the transaction is about to run), 0 where it lapsed or another attempt holds it.
+HOLDS_SCRIPT = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+HOLDS_SHA = hashlib.sha1(HOLDS_SCRIPT.encode()).hexdigest()  # noqa: S324
 RELEASE_SHA = hashlib.sha1(RELEASE_SCRIPT.encode()).hexdigest()  # noqa: S324
 MARK_SHA = hashlib.sha1(MARK_SCRIPT.encode()).hexdigest()  # noqa: S324
 CLAIM_SHA = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()  # noqa: S324
@@ -149,6 +165,41 @@ class AsyncMarks:
         self.job_ttl = int(job_ttl)
         self._queued: list[tuple[Mark, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._asked: list[tuple[str, str, asyncio.Future[bool]]] = []
+        self._asker: asyncio.Task[None] | None = None
+
+    async def holds(self, account: str, message_id: str, token: str) -> bool:
+        """The fence: whether the attempt holding ``token`` still holds ``message_id``'s claim (its
+        process may have frozen past the claim's lapse while another attempt took over). The
+        questions of one loop turn go together in one script call; a Redis that cannot answer
+        counts as no (the send waits for a retry rather than risk going out twice)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bool] = loop.create_future()
+        self._asked.append((_key("claim", account, message_id), token, answer))
+        if self._asker is None or self._asker.done():
+            self._asker = loop.create_task(self._ask_queued())
+        return await answer
+
+    async def _ask_queued(self) -> None:
+        while self._asked:
+            batch, self._asked = self._asked, []
+            try:
+                keys, tokens = [k for k, _, _ in batch], [t for _, t, _ in batch]
+                args: list[str | int] = [*keys, CLAIM_TTL * 1000, *tokens]
+                try:
+                    replies = await self.redis.evalsha(HOLDS_SHA, len(keys), *args)
+                except redis.exceptions.NoScriptError:
+                    await self.redis.script_load(HOLDS_SCRIPT)
+                    replies = await self.redis.evalsha(HOLDS_SHA, len(keys), *args)
+            except Exception:
+                replies = [0] * len(batch)
+            except BaseException:  # cancelled: nobody may wait for an answer that never comes
+                for _, _, answer in batch:
+                    answer.cancel()
+                raise
+            for (_, _, answer), reply in zip(batch, replies, strict=True):
+                if not answer.done():
+                    answer.set_result(bool(int(reply)))
 
     async def mark_delivered(
         self, account: str, message_id: str, accepted: Mapping[str, RecipientStatus], release: str

@@ -6,11 +6,16 @@ published: it waits in Redis, never in a worker or the broker, so no worker kill
 or visibility timeout can lose it or send it early (long Celery ETAs are redelivered after
 the visibility timeout: celery#7009). The delay queue's mover (worker/queue/delays.py)
 publishes it when it is due, as it does a retry; a copy that reaches a worker early
-anyway goes back to waiting (worker/queue/attempts.py).
+anyway goes back to waiting (worker/queue/jobscripts.py ``BEGIN``), and so does a job a
+producer published with a future send_at without the helper (plain Celery, celery-node):
+the first worker that reads it records it ``scheduled``.
 
 :func:`cancel` ends a job that has not started sending (``queued``, ``scheduled``,
-``retrying`` or ``held``) as ``cancelled``, in one script; a message of it still in the
-broker finds the job ended and does nothing.
+``retrying`` or ``held``) as ``cancelled``, in one script. Cancel and the start of an attempt
+are one decision on the record: whichever script runs first wins, so a job is either cancelled
+(and never sent: the start of an attempt, a hold and a resume all refuse an ended job) or
+already ``sending`` (and the answer says so), never both. A message of a cancelled job still in
+the broker finds the job ended and does nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ local ok = false
 for i = 8, #ARGV do if state == ARGV[i] then ok = true end end
 if not ok then return {0, state} end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[2], 'last_error', 'cancelled')
+redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('RPUSH', KEYS[2], ARGV[3])
 for i = 3, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -66,23 +72,6 @@ def cancel(
     done, state = cast(list[Any], client.eval(_CANCEL, len(keys), *keys, *args))
     text = state.decode() if isinstance(state, bytes) else str(state)
     return bool(done), text
-
-
-# KEYS: record, scheduled. ARGV: job id, due, now. Only a job not started or ended waits again.
-_WAIT_AGAIN = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'scheduled' and state ~= 'retrying' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'scheduled', 'updated_at', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-
-def wait_again(client: redis.Redis, job_id: str, due: float) -> bool:
-    """Put a job whose message came early back to waiting for ``due`` (False: it had started
-    or ended, and stays as it is)."""
-    keys = [redis_key("job", job_id), SCHEDULED]
-    return bool(client.eval(_WAIT_AGAIN, len(keys), *keys, job_id, due, time.time()))
 
 
 def scheduled_count(client: redis.Redis) -> int:

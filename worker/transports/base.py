@@ -8,10 +8,11 @@ differ behind it. Transports raise only :mod:`worker.errors` delivery errors
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.errors import RecipientStatus
+from worker.errors import RecipientStatus, Superseded
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,15 @@ class OutgoingMessage:
     sender: str  # envelope sender (MAIL FROM)
     recipients: tuple[str, ...]  # envelope recipients: to + cc + bcc
     data: bytes  # the RFC 5322 message, CRLF line endings
+    # asked right before the transaction starts (after every wait: limiter, pool slot,
+    # connection): False means the attempt no longer holds its job, and the transport raises
+    # worker.errors.Superseded instead of sending. None: nothing to ask (a health check).
+    fence: Callable[[], Awaitable[bool]] | None = field(default=None, compare=False)
+
+    async def still_ours(self) -> None:
+        """Raise :class:`~worker.errors.Superseded` unless the fence says the attempt holds its job."""
+        if self.fence is not None and not await self.fence():
+            raise Superseded(f"{self.message_id}: another attempt holds this job now; nothing sent")
 
     def __repr__(self) -> str:
         return (

@@ -222,7 +222,13 @@ class GraphTransport:
             raise self._error(exc) from None
 
     async def _post_mime(
-        self, path: str, data: bytes, *, what: str | None = None, sent: bool = False
+        self,
+        path: str,
+        data: bytes,
+        *,
+        what: str | None = None,
+        sent: bool = False,
+        fence: OutgoingMessage | None = None,
     ) -> httpx.Response:
         """POST a MIME message to the mailbox's ``path`` as Graph takes one: base64 text."""
         return await self._request(
@@ -232,6 +238,7 @@ class GraphTransport:
             content=base64.b64encode(data),
             headers={"Content-Type": "text/plain"},
             sent=sent,
+            fence=fence,
         )
 
     async def _request(
@@ -245,11 +252,13 @@ class GraphTransport:
         headers: dict[str, str] | None = None,
         bearer: bool = True,
         sent: bool = False,
+        fence: OutgoingMessage | None = None,
     ) -> httpx.Response:
         """One Graph request under the mailbox cap; a 401 refreshes the token and retries once.
 
         ``sent``: once the request is written, a lost connection may mean Graph
-        accepted it (the error says so).
+        accepted it (the error says so). ``fence``: the message whose attempt must still hold
+        its job when the request goes out (asked after the mailbox slot is taken).
         """
         client = self._http()
         token = await self._token() if bearer else None
@@ -259,6 +268,8 @@ class GraphTransport:
                 request_headers["Authorization"] = f"Bearer {token.value}"
             try:
                 async with mailbox_semaphore(self.settings.user_principal_name), self._slot():
+                    if fence is not None:
+                        await fence.still_ours()  # after every wait, right before the send
                     self.requests += 1
                     response = await client.request(
                         method, url, content=content, json=json, headers=request_headers
@@ -342,7 +353,7 @@ class GraphTransport:
         data = with_bcc(message)
         if len(data) > LARGE_MESSAGE_BYTES:
             return await self._send_large(message, data)
-        response = await self._post_mime("sendMail", data, sent=True)
+        response = await self._post_mime("sendMail", data, sent=True, fence=message)
         if response.status_code == 202:
             return self._result(message, response)
         if response.status_code == 413:  # over the limit after all: take the large-message route
@@ -370,7 +381,9 @@ class GraphTransport:
         try:
             for filename, content_type, content in attachments:
                 await self._attach(draft_url, filename, content_type, content)
-            response = await self._request("POST", f"{draft_url}/send", what="send draft", sent=True)
+            response = await self._request(
+                "POST", f"{draft_url}/send", what="send draft", sent=True, fence=message
+            )
         except BaseException:
             await self._delete_draft(draft_url)
             raise

@@ -23,6 +23,7 @@ from worker.errors import (
     ConnectionFailed,
     DeliveryError,
     LimitWait,
+    Superseded,
 )
 from worker.records.accounts import EmailAccount
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
@@ -325,6 +326,7 @@ class SmtpTransport(SlotShares):
         for attempt in (1, 2):
             conn = await self._acquire(fresh=attempt == 2)
             try:
+                await message.still_ours()  # after every wait, right before MAIL FROM
                 result = await conn.send(message)
             except RetryOnFresh as retry:
                 await self._retire(conn)
@@ -334,8 +336,8 @@ class SmtpTransport(SlotShares):
                     "account %s: %s; retrying once on a fresh connection", self.account.name, retry.error
                 )
                 continue
-            except DeliveryError:  # a classified answer: the connection was reset or closed
-                await self._release(conn)
+            except (DeliveryError, Superseded):  # a classified answer (the connection was reset or
+                await self._release(conn)  # closed), or nothing sent at all: the connection is fine
                 raise
             except BaseException:  # cancelled or a bug mid-transaction: never reuse that connection
                 await self._discard(conn)

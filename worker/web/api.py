@@ -214,7 +214,8 @@ async def cancel_job(job_id: str, key: Key, context: Context) -> BaseModel:
         raise HttpError(404, "no such job for this key")
     cancelled, state = await run_in_threadpool(context.producer.cancel, job_id, by=f"API key {key.name}")
     if not cancelled:
-        raise HttpError(409, f"the job is {state}: it can no longer be cancelled")
+        under_way = " already under way" if state == "sending" else ""
+        raise HttpError(409, f"the job is{under_way} {state}: it can no longer be cancelled")
     done = await run_in_threadpool(context.producer.job, job_id)
     return JobOut.model_validate(done.as_dict() if done else job.as_dict())
 
