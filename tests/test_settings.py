@@ -72,3 +72,19 @@ def test_backoff_grows_with_jitter_and_honours_retry_after(monkeypatch: pytest.M
 def test_embedded_broker_url_maps_to_a_redis_socket_url() -> None:
     assert redis_url("redis+socket:///tmp/x/redis.sock") == "unix:///tmp/x/redis.sock?db=0"
     assert redis_url("redis://127.0.0.1:6379/3") == "redis://127.0.0.1:6379/3"
+
+
+def test_rabbitmq_api_is_an_http_url_and_a_bad_one_is_refused_without_echoing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTROOM_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("POSTROOM_RABBITMQ_API", raising=False)
+    assert load_settings().rabbitmq_api == ""  # derived from the broker URL (worker/queue/brokers.py)
+    (tmp_path / "settings.yaml").write_text("rabbitmq_api: https://mgmt.internal:15671\n")
+    assert load_settings().rabbitmq_api == "https://mgmt.internal:15671"
+    monkeypatch.setenv("POSTROOM_RABBITMQ_API", "amqp://admin:s3cret@mgmt.internal")
+    with pytest.raises(
+        ConfigurationError, match=r"rabbitmq_api \(POSTROOM_RABBITMQ_API\) must be an http"
+    ) as err:
+        load_settings()
+    assert "s3cret" not in str(err.value)

@@ -199,10 +199,15 @@ class Settings:
     webhook_concurrency: int = 8  # requests in flight per worker process
     webhook_timeout: float = 10.0  # seconds per request (connect, send, answer)
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
-    # RabbitMQ (worker/queue/brokers.py): a quorum queue (replicated, with a delivery limit after
-    # which a message that keeps killing its consumer goes to postroom.poison), or "classic".
+    # RabbitMQ (worker/queue/brokers.py): the queue type `postroom queues check` expects, a quorum
+    # queue (replicated, with a delivery limit after which a message that keeps killing its consumer
+    # goes to postroom.poison) or "classic". The queue is declared with no arguments: its type is the
+    # vhost's default; dead-lettering and the limit (rabbitmq_delivery_limit) are a policy's.
     rabbitmq_queue_type: str = "quorum"
     rabbitmq_delivery_limit: int = 20  # deliveries of one message before it counts as poison
+    # RabbitMQ's management HTTP API (`postroom queues`, the workers' and status's setup check):
+    # "" = http://<the broker's host>:15672 with the broker URL's credentials and vhost.
+    rabbitmq_api: str = ""
 
     def check(self) -> None:
         """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
@@ -237,6 +242,11 @@ class Settings:
             raise ConfigurationError(
                 f"settings: rabbitmq_queue_type must be one of {', '.join(RABBITMQ_QUEUE_TYPES)} "
                 f"(got {self.rabbitmq_queue_type!r})"
+            )
+        if self.rabbitmq_api and urlparse(self.rabbitmq_api).scheme not in ("http", "https"):
+            raise ConfigurationError(  # the URL itself is not echoed: it may carry a password
+                "settings: rabbitmq_api (POSTROOM_RABBITMQ_API) must be an http:// or https:// URL "
+                f"(got scheme {urlparse(self.rabbitmq_api).scheme or '(none)'}://)"
             )
         if self.rabbitmq_delivery_limit < 2:
             raise ConfigurationError("settings: rabbitmq_delivery_limit must be at least 2")
@@ -323,11 +333,14 @@ def load_settings() -> Settings:
         top.pop("rabbitmq_queue_type", "quorum")
     )
     top.pop("rabbitmq_queue_type", None)
+    api = os.environ.get("POSTROOM_RABBITMQ_API") or str(top.pop("rabbitmq_api", None) or "")
+    top.pop("rabbitmq_api", None)
     settings = Settings(
         retry=retry,
         worker_pool=pool,
         log_format=log_format,
         rabbitmq_queue_type=queue_type,
+        rabbitmq_api=api.strip(),
         **{k: _number(f"{path}: {k}", v, k in _INTEGERS) for k, v in top.items()},  # type: ignore[arg-type]
     )
     for env, (name, group) in _ENV_NUMBERS.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from worker.cli import jobs, ops, records, serve, suppressions, webhooks
+from worker.cli import jobs, ops, queues, records, serve, suppressions, webhooks
 from worker.errors import ConfigurationError
 
 
@@ -47,6 +47,7 @@ for command in (
     jobs.dead_letters,
     suppressions.suppressions,
     webhooks.webhooks,
+    queues.queues,
     serve.worker_command,
     serve.beat_command,
     serve.dev_smtp,

@@ -13,7 +13,7 @@ from worker.cli.common import emit_json, open_producer, snapshot
 
 
 def _print_status(data: dict[str, Any]) -> None:
-    from worker.web.status import health_line
+    from worker.web.status import health_line, setup_line
 
     now = data["generated_at"]
     queues = "  ".join(f"{name}={depth}" for name, depth in data["queues"].items())
@@ -22,6 +22,8 @@ def _print_status(data: dict[str, Any]) -> None:
         f"in flight: {data['in_flight']}  retrying: {data['retrying']}  held: {data['held']}  "
         f"dead letters: {data['dead_letters']}"
     )
+    if line := setup_line(data.get("broker_setup") or {}):
+        click.echo(line)
     click.echo("")
     columns = ("ACCOUNT", "STATE", "SENT 1h/24h", "FAILED", "RETRIED", "DEAD", "HELD")
     click.echo("{:<20} {:<9} {:>12} {:>7} {:>8} {:>5} {:>5}  HEALTH".format(*columns))
@@ -47,7 +49,7 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
     producer = open_producer()
     try:
         while True:
-            data = snapshot(producer).as_dict()
+            data = snapshot(producer).as_dict(setup=True)
             if as_json:
                 emit_json(data)
             else:

@@ -1,22 +1,18 @@
 """What differs between the brokers Postroom runs on (DESIGN §9), in one place.
 
-- **Redis** (``redis://``, ``rediss://``, ``unix://``) and **Redis Sentinel**
-  (``sentinel://h:p[;sentinel://h2:p2]/DB`` with ``POSTROOM_SENTINEL_MASTER``):
-  kombu's Redis transport. Postroom reads its structures (worker/queue/broker.py)
-  for coalescing, the orphan sweep, the reaper of dead workers' messages and
-  ``postroom status``.
-- **RabbitMQ** (``amqp://``): a durable quorum queue with a delivery limit (a
-  message that kills its consumer again and again goes to ``postroom.poison``,
-  which the workers move into Postroom's dead letters), publisher confirms, and
-  queue depth read from the broker. A killed worker's messages come back the moment
-  its connection drops (RabbitMQ's own guarantee), so there is no reaper; a
-  message cannot be taken half-way, so the sweep only looks for jobs a producer
-  recorded but never published; coalescing is off (basic.get per message would cost
-  more than the task it saves).
+- **Redis** (``redis://``, ``rediss://``, ``unix://``) and **Sentinel** (``sentinel://h:p[;…]/DB``
+  with ``POSTROOM_SENTINEL_MASTER``): kombu's Redis transport, whose structures Postroom reads
+  (worker/queue/broker.py) for coalescing, the sweep, the reaper and ``postroom status``.
+- **RabbitMQ** (``amqp://``): ``postroom`` is declared as every Celery client declares it
+  (durable, no arguments: its type is the vhost's default) unless it exists, else used as it
+  is; dead-lettering to ``postroom.poison`` and the delivery limit are the policy ``postroom
+  queues declare`` sets (worker/queue/rabbitmq.py). Publisher confirms; depth read from the
+  broker; a killed worker's messages come back when its connection drops (no reaper); the sweep
+  looks only for jobs recorded but never published; no coalescing (a basic.get per message
+  costs more than it saves).
 
-:func:`celery_config` is what the worker's app and every producer configure (they
-must declare the queue alike: RabbitMQ refuses a queue declared twice with other
-arguments); :func:`broker_view` is what ``status`` and the sweep read.
+:func:`celery_config` is what the worker's app and every producer configure;
+:func:`broker_view` is what ``status`` and the sweep read.
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from amqp import exceptions as amqp_errors
 from kombu import Exchange, Queue
 
 from worker.keys import REDIS_TIMEOUTS
@@ -50,44 +47,60 @@ def redis_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class SendQueue(Queue):
-    """The send queue, declared together with the queue its poison messages are dead-lettered to:
-    RabbitMQ drops a dead-lettered message whose queue does not exist, so whoever declares the
-    one (a worker, a producer) declares the other."""
+def ensure_queue(channel: Any, name: str) -> bool:
+    """Declare ``name`` as every Celery client does (durable, no arguments) unless it exists, else
+    use it as it is: RabbitMQ refuses a declaration unlike the first. True: declared now. On
+    channels of their own: a 404 or 406 closes the channel, and ``channel`` is the caller's."""
+    for passive in (True, False):
+        probe = channel.connection.channel()
+        try:
+            probe.queue_declare(name, passive=passive, durable=True, auto_delete=False)
+            return not passive
+        except amqp_errors.NotFound:  # not there: declare it
+            continue
+        except amqp_errors.PreconditionFailed:  # another client declared it first, otherwise
+            return False
+        finally:
+            if probe.is_open:
+                probe.close()
+    return False
+
+
+class SharedQueue(Queue):
+    """A queue other clients may declare first (:func:`ensure_queue`)."""
+
+    def declare(self, nowait: bool = False, channel: Any = None) -> Any:
+        ensure_queue(channel or self.channel, self.name)
+        return self.name
+
+
+class SendQueue(SharedQueue):
+    """The send queue with the poison queue (RabbitMQ drops a message dead-lettered to a queue
+    that does not exist), its exchange and binding (celery-node publishes to the default
+    exchange and declares neither). ``queue_arguments`` is never sent: Celery reads its
+    ``x-queue-type`` to use per-consumer prefetch, which a quorum queue requires (it refuses
+    global QoS) and a classic one takes alike."""
 
     attrs = (*Queue.attrs, ("poison", None))  # kept by kombu's copies (a bind is a copy)
     poison: Queue | None
 
     def declare(self, nowait: bool = False, channel: Any = None) -> Any:
-        name = super().declare(nowait=nowait, channel=channel)
+        channel = channel or self.channel
         if self.poison is not None:
-            self.poison.bind(channel or self.channel).declare(nowait=nowait)
-        return name
+            ensure_queue(channel, self.poison.name)
+        ensure_queue(channel, self.name)
+        self.exchange.declare(nowait=nowait, channel=channel)
+        self.queue_bind(nowait=nowait, channel=channel)
+        return self.name
 
 
 def amqp_queues(settings: Settings) -> tuple[SendQueue, Queue]:
-    """The send queue (a quorum queue: replicated, with a delivery limit and at-least-once
-    dead-lettering of the messages past it; a classic queue with ``rabbitmq_queue_type:
-    classic``) and the poison queue those messages go to (both durable)."""
-    arguments: dict[str, Any] = {
-        "x-queue-type": settings.rabbitmq_queue_type,
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": POISON_QUEUE,
-    }
-    if settings.rabbitmq_queue_type == "quorum":
-        arguments["x-delivery-limit"] = settings.rabbitmq_delivery_limit
-        arguments["x-dead-letter-strategy"] = "at-least-once"  # never dropped on the way (3.10+)
-        arguments["x-overflow"] = "reject-publish"  # what at-least-once needs
-    poison = Queue(
-        POISON_QUEUE,
-        Exchange("", type="direct"),
-        routing_key=POISON_QUEUE,
-        durable=True,
-        queue_arguments={"x-queue-type": settings.rabbitmq_queue_type},
-    )
+    """The send queue and the poison queue, both durable and declared with no arguments (their
+    type is the vhost's default; dead-lettering and the delivery limit are the policy's)."""
+    poison = SharedQueue(POISON_QUEUE, Exchange("", type="direct"), routing_key=POISON_QUEUE, durable=True)
     send = SendQueue(
         QUEUE, Exchange(QUEUE, type="direct", durable=True), routing_key=QUEUE, durable=True,
-        queue_arguments=arguments, poison=poison,
+        queue_arguments={"x-queue-type": "quorum"}, poison=poison,
     )  # fmt: skip
     return send, poison
 

@@ -31,7 +31,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -222,6 +222,9 @@ def start_upkeep(consumer: Any) -> None:
         steps.append((liveness.REAP_EVERY, liveness.Reaper(on_broker, broker_keys()).reap))
     if on_broker is None:
         steps.append((POISON_EVERY, lambda: move_poison(app, settings)))
+        from worker.queue.rabbitmq import report_setup_once
+
+        report_setup_once(str(app.conf.broker_url), settings)  # once, in a thread of its own
     # a task thread stuck past the hard time limit lets its jobs go (Celery stops only prefork's)
     limit = settings.time_limit if settings.worker_pool == "threads" else None
     liveness.keep_beating(on_broker, tags, more=steps, time_limit=limit, state=client)
@@ -239,7 +242,7 @@ def move_poison(app: Any, settings: Any, limit: int = 100) -> int:
     moved = 0
     with app.connection_for_write() as connection:
         poison = amqp_queues(settings)[1](connection.default_channel)
-        poison.declare()
+        poison.declare()  # declared with no arguments if missing, else used as it is
         while moved < limit:
             message = poison.get(no_ack=False)
             if message is None:
@@ -260,6 +263,34 @@ def move_poison(app: Any, settings: Any, limit: int = 100) -> int:
                 quarantine(message, reason)
             moved += 1
     return moved
+
+
+def eta_to_send_at(app: Any, message: Any) -> bool:
+    """A job published with Celery's ``countdown``/``eta`` becomes a scheduled send: its ETA is
+    its ``send_at`` (a message's own send_at wins), and it is published again without the ETA,
+    under its own id, then this copy is acknowledged. The first worker that runs it records it
+    ``scheduled`` in Postroom's schedule (durable, cancellable, never sent early), where Celery
+    would have held it in this worker's memory, unrecorded, until its time. False when it could
+    not be published (the broker away): Celery keeps it as an ETA task, as before."""
+    headers = message.headers
+    when = datetime.fromisoformat(str(headers["eta"]))  # the screen checked it is ISO 8601
+    due = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()  # naive: UTC
+    _, kwargs, _ = message.decode()  # the screen decoded it already: it is [args, kwargs, embed]
+    name, job_id = str(headers["task"]), str(headers["id"])
+    messages = kwargs.get("messages") if name == BATCH_TASK_NAME else [kwargs]
+    for payload in messages if isinstance(messages, list) else []:
+        if isinstance(payload, dict) and payload.get("send_at") is None:
+            payload["send_at"] = due
+    extra = job_headers(kwargs) if name == TASK_NAME else {}
+    try:
+        app.send_task(name, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=extra)
+    except Exception as exc:
+        log.warning("job %s: an ETA job could not be taken in as a scheduled send (%s)", job_id, exc)
+        return False
+    log.info("job %s: published with an ETA: taken in as a scheduled send", job_id)
+    if not message.acknowledged:
+        message.ack()
+    return True
 
 
 class Consumer(CeleryConsumer):
@@ -289,6 +320,12 @@ class Consumer(CeleryConsumer):
             if problem is not None:
                 return quarantine(message, problem)
             headers = message.headers if isinstance(message.headers, dict) else {}
+            if (
+                headers.get("eta")
+                and headers.get("task") in NEVER_EXPIRE
+                and eta_to_send_at(self.app, message)
+            ):
+                return None
             if headers.get("id") and message.delivery_tag:
                 liveness.TASKS.expect(str(headers["id"]), str(message.delivery_tag))
             try:

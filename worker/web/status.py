@@ -14,18 +14,22 @@ from typing import Any, cast
 
 import redis
 
+from worker.errors import ConfigurationError
 from worker.keys import redis_key
 from worker.ops import counters
 from worker.ops.health import AccountHealth
 from worker.queue import suppressions
-from worker.queue.brokers import BrokerView
+from worker.queue.brokers import AmqpBrokerView, BrokerView
 from worker.queue.delays import MOVING, RETRYING
 from worker.queue.jobrecord import OPEN, SCHEDULED, JobState
 from worker.queue.jobs import JobStore
 from worker.queue.outbox import Outbox
+from worker.queue.rabbitmq import read_setup
 from worker.records.loader import Records
 
 CERT_WARN_DAYS = 30
+SETUP_EVERY = 60.0  # seconds a broker-setup answer is reused (status --watch asks every 2 s)
+_setups: dict[str, tuple[float, dict[str, Any]]] = {}
 
 
 def _timestamp(value: Any) -> float | None:
@@ -67,7 +71,9 @@ class Status:
         outbox = Outbox(self.redis)
         return {name: outbox.stats(name) for name in sorted(self.records.webhooks)}
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, *, setup: bool = False) -> dict[str, Any]:
+        """The snapshot; with ``setup`` (``postroom status``) also what the broker's setup lacks,
+        which on RabbitMQ asks its management API (the per-request views leave it out)."""
         now = time.time()
         depths = self.broker.depths()
         unacked = self.broker.in_flight()
@@ -98,7 +104,7 @@ class Status:
                 name, states[name], last[name], windows[name], int(held), totals, history, paused, now
             )
             accounts[name]["suppressed"] = int(suppressed)  # addresses on its suppression list
-        return {
+        out = {
             "queues": depths,
             # messages workers hold: running, carried along or prefetched (retries wait in
             # Postroom's delay queue, worker/queue/delays.py, not in a worker)
@@ -111,6 +117,9 @@ class Status:
             "webhooks": self._webhooks(),
             "generated_at": now,
         }
+        if setup:
+            out["broker_setup"] = broker_setup(self.broker)
+        return out
 
     def _sending(self) -> int:
         """Open jobs whose record says ``sending`` (what workers hold, when the broker cannot say)."""
@@ -178,6 +187,41 @@ class Status:
             "certificates": certificates,
             "certificate_days_left": days_left,
         }
+
+
+def broker_setup(broker: BrokerView) -> dict[str, Any]:
+    """What the broker's setup lacks for Postroom: ``{broker, checked, ok, lacks, problems,
+    error}``. On RabbitMQ read from its management API (worker/queue/brokers.py) at most once a
+    minute per process; an API that cannot be reached is an ``error``, never a failure here."""
+    if not isinstance(broker, AmqpBrokerView):
+        return {"broker": "redis", "checked": True, "ok": True, "lacks": [], "problems": [], "error": None}
+    from worker.settings import load_settings
+
+    url = str(broker.app.conf.broker_url)
+    cached = _setups.get(url)
+    if cached is not None and time.monotonic() - cached[0] < SETUP_EVERY:
+        return cached[1]
+    report: dict[str, Any] = {"broker": "rabbitmq", "checked": False, "ok": None, "lacks": [], "problems": []}
+    try:
+        found = read_setup(url, load_settings(), timeout=3.0).as_dict()
+        report.update(
+            checked=True, ok=found["ok"], lacks=found["lacks"], problems=found["problems"], error=None
+        )
+    except ConfigurationError as exc:
+        report["error"] = str(exc)
+    _setups[url] = (time.monotonic(), report)
+    return report
+
+
+def setup_line(setup: dict[str, Any]) -> str | None:
+    """``postroom status``'s line on the broker's setup (None on Redis: nothing to set up)."""
+    if setup.get("broker") != "rabbitmq":
+        return None
+    if setup.get("error"):
+        return f"broker setup: not checked ({setup['error']})"
+    if setup.get("lacks"):
+        return f"broker setup: queue postroom lacks {', '.join(setup['lacks'])} (see postroom queues check)"
+    return "broker setup: ok (see postroom queues check)"
 
 
 def ago(when: float | None, now: float) -> str:
