@@ -17,7 +17,7 @@ import redis.asyncio
 from support.queue import QueueEnv
 from worker.errors import RecipientStatus
 from worker.queue.jobs import JobStore
-from worker.queue.marks import AsyncMarks
+from worker.queue.marks import FENCE_FRESH, AsyncMarks, Fence, fence_clock
 
 SENT = RecipientStatus("sent", 250, "ok")
 
@@ -83,3 +83,27 @@ def test_marks_that_wait_for_a_write_go_in_one_command_and_every_caller_hears_it
     assert replies <= 4, f"40 marks took {replies} commands"
     again = store.claim_many([("acct", m, "next") for m in ids], 60)
     assert all(claimed and list(delivered) == ["r@x"] for claimed, delivered in again)
+
+
+def test_the_fence_asks_redis_after_a_wait_and_says_no_once_another_attempt_holds_the_claim(
+    own_queue: QueueEnv,
+) -> None:
+    store = JobStore(own_queue.redis)
+    assert store.claim_many([("acct", "<f1@x>", "mine")], 60)[0][0]
+
+    async def scenario() -> tuple[bool, bool, bool, bool]:
+        marks = AsyncMarks(own_queue.broker_url, 60)
+        try:
+            fresh = Fence(marks, "acct", "<f1@x>", "mine", fence_clock())
+            waited = Fence(marks, "acct", "<f1@x>", "mine", fence_clock() - FENCE_FRESH - 1)
+            ours = await waited()  # asked Redis: the claim is still this attempt's
+            own_queue.redis.set("postroom:claim:acct:<f1@x>", "a later attempt")  # ours lapsed, taken
+            stale = Fence(marks, "acct", "<f1@x>", "mine", fence_clock() - 60)  # woken after a freeze
+            return await fresh(), ours, await waited(), await stale()
+        finally:
+            await marks.aclose()
+
+    fresh, ours, asked_just_now, woken = asyncio.run(scenario())
+    assert fresh and ours  # the claim answered a moment ago stands; after a wait Redis said yes
+    assert asked_just_now  # its answer a moment ago stands too (nobody can take a held claim)
+    assert not woken  # after the freeze: Redis says another attempt holds it

@@ -2,7 +2,8 @@
 
 One module a room of commands: ``records`` (accounts, connectivity, API keys), ``jobs``
 (send, job, dead letters), ``suppressions``, ``webhooks``, ``ops`` (status, sweep, health, metrics),
-``queues`` (the broker's queue setup), ``serve`` (the long-running ones); ``common`` holds what they share. This file only gathers them.
+``queues`` (the broker's queue setup), ``serve`` (the long-running ones); ``common`` holds what
+they share. This file only gathers them.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ server's 250 and that write.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from worker.mail.payload import SendPayload
 from worker.mail.signing import sign_message
 from worker.queue.jobrecord import JobState, history_word
 from worker.queue.jobs import JobStore
-from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks
+from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks, Fence, fence_clock
 from worker.queue.runtime import Runtime
 from worker.queue.suppressions import Suppressions, hard_bounce
 from worker.records.accounts import EmailAccount, Limits
@@ -178,6 +177,7 @@ class _Pending:
     accepted_by: dict[str, RecipientStatus] = field(default_factory=dict)  # recipients the server took
     limits: Limits | None = None  # the account's rate and daily budget (None: none apply)
     job_id: str = ""
+    fence: Fence | None = None  # asked right before the transaction (set once the claim is taken)
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -282,11 +282,13 @@ class Delivery:
 
         # a claim lives while its attempt does (renewed by this process's heartbeat) and is gone
         # CLAIM_TTL seconds after the process dies
+        claimed_at = fence_clock()  # before asking: each claim holds CLAIM_TTL from a moment after this
         claims = self.store.claim_many([(p.account, p.message_id, p.token) for p in ready], CLAIM_TTL)
         pending: list[_Pending] = []
         for p, (claimed, already) in zip(ready, claims, strict=True):
             p.already = already
             if claimed:
+                p.fence = Fence(self.marks, p.account, p.message_id, p.token, claimed_at)
                 pending.append(p)
             else:
                 outcomes[p.index] = Outcome(
@@ -386,8 +388,7 @@ class Delivery:
                         message_id=p.message_id,
                         recipients=len(remaining),
                     )
-                fence = functools.partial(self.marks.holds, p.account, p.message_id, p.token)
-                outgoing = OutgoingMessage(p.message_id, p.sender, remaining, p.data, fence=fence)
+                outgoing = OutgoingMessage(p.message_id, p.sender, remaining, p.data, fence=p.fence)
                 result = await p.transport.send(outgoing)
             except Superseded as exc:  # frozen past its claim: the later attempt sends, this one not
                 return Outcome(

@@ -147,6 +147,40 @@ return 0
 """
 CLAIMS = ClaimRegistry()
 
+# An answer that a claim is held, younger than this by the clock that runs on through a freeze,
+# stands for one asked now: the claim was set or renewed for CLAIM_TTL seconds at that moment, so
+# it cannot have lapsed since (no other attempt can hold it) unless this process was stopped
+# meanwhile — and then the clock shows it, and the fence asks Redis.
+FENCE_FRESH = 1.0
+
+
+def fence_clock() -> float:
+    """Seconds on a clock that keeps running while the process is stopped or the host sleeps
+    (CLOCK_BOOTTIME; CLOCK_MONOTONIC where there is none)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+class Fence:
+    """The fence of one attempt at one message (``OutgoingMessage.fence``): asked right before
+    the transaction starts, it answers whether the attempt still holds its Message-ID claim. An
+    answer younger than :data:`FENCE_FRESH` (the claim itself, taken just before the send) is
+    reused; after a longer wait (a rate limit, a pool slot, a connection, a freeze) Redis is asked
+    again, for every message in flight in one script call per loop turn (:meth:`AsyncMarks.holds`)."""
+
+    def __init__(self, marks: AsyncMarks, account: str, message_id: str, token: str, held_at: float) -> None:
+        self.marks, self.account, self.message_id, self.token = marks, account, message_id, token
+        self.held_at = held_at  # fence_clock() when the claim was last known to be held
+
+    async def __call__(self) -> bool:
+        asked = fence_clock()
+        if asked - self.held_at < FENCE_FRESH:
+            return True
+        if not await self.marks.holds(self.account, self.message_id, self.token):
+            return False
+        self.held_at = asked
+        return True
+
 
 class AsyncMarks:
     """The sent mark from the event loop (batches): no thread hop between a server's 250
