@@ -460,3 +460,17 @@ def test_a_celery_countdown_is_a_scheduled_send(matrix: Matrix) -> None:
     time.sleep(1.0)
     assert matrix.received(f"{subject} 2") == [] and (job := matrix.job(cancelled)) is not None
     assert job.state == "cancelled"
+
+
+def test_a_raw_send_at_past_the_horizon_is_a_dead_letter_as_the_helper_refuses_it(matrix: Matrix) -> None:
+    job_id = str(uuid.uuid4())
+    far = time.time() + 400 * 86400  # schedule_horizon is 90 days
+    celerynode.publish(
+        matrix.env.broker_url,
+        [{"name": "postroom.send", "id": job_id, "kwargs": payload("far", send_at=far)}],
+    )
+    wait_for(lambda: getattr(matrix.job(job_id), "state", "") == "dead", 20, "its dead letter", matrix.worker)
+    job = matrix.job(job_id)
+    assert job is not None and "send_at: more than 90 days ahead" in (job.last_error or "")
+    with pytest.raises(PayloadError, match="send_at: more than 90 days ahead"):
+        matrix.producer.enqueue(payload("far", send_at=far))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Collection
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import redis
 
@@ -70,6 +70,16 @@ def record_into(
     tally.write_into(pipe)
 
 
+class Counted(TypedDict):
+    """One outcome's counters, as :meth:`Tally.add` and :func:`record_into` take them."""
+
+    transport: str | None
+    outcome: str
+    counter: str | None
+    latency: float | None
+    now: float
+
+
 class Tally:
     """The counters of many outcomes, summed first and written as a few commands (a batch's
     or a carried group's pipeline: a handful of commands instead of a dozen per message).
@@ -111,20 +121,21 @@ class Tally:
             if names:
                 self.window_ttl[key] = ttl
 
-    def write_into(self, pipe: Any) -> None:
+    def write_into(self, pipe: Any, sign: int = 1) -> None:
+        """Add the sums (``sign`` -1: take them back, for outcomes a superseded attempt counted)."""
         for field, count in self.deliveries.items():
-            pipe.hincrby(PREFIX + "m:deliveries", field, count)
+            pipe.hincrby(PREFIX + "m:deliveries", field, sign * count)
         for account, count in self.attempts.items():
-            pipe.hincrby(PREFIX + "m:attempts", account, count)
+            pipe.hincrby(PREFIX + "m:attempts", account, sign * count)
         for account, buckets in self.latency.items():
             key = f"{PREFIX}m:latency:{account}"
             for bucket, count in buckets.items():
-                pipe.hincrby(key, bucket, count)
-            pipe.hincrbyfloat(key, "sum", round(self.latency_sum[account], 6))
-            pipe.hincrby(key, "count", sum(buckets.values()))
+                pipe.hincrby(key, bucket, sign * count)
+            pipe.hincrbyfloat(key, "sum", sign * round(self.latency_sum[account], 6))
+            pipe.hincrby(key, "count", sign * sum(buckets.values()))
         for key, names in self.windows.items():
             for name, count in names.items():
-                pipe.hincrby(key, name, count)
+                pipe.hincrby(key, name, sign * count)
             pipe.expire(key, self.window_ttl[key])
 
 

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from worker.mail import autoreply
 from worker.mail.payload import QUEUE, TASK_NAME, SendPayload, job_headers
 from worker.ops import counters
-from worker.ops.counters import Tally
+from worker.ops.counters import Counted, Tally
 from worker.ops.health import AccountHealth
 from worker.queue import liveness
 from worker.queue.app import app, broker_redis, settings, state_url
@@ -83,6 +83,22 @@ def _not_due(payload: SendPayload, now: float) -> float | None:
     it (the helper, plain Celery, celery-node, the delay queue early), a scheduled send is never
     sent before its time: it waits in the schedule, where it can be cancelled."""
     return payload.send_at if payload.send_at is not None and payload.send_at > now + 1.0 else None
+
+
+def _within_horizon(
+    job_ids: list[str], valid: list[tuple[int, SendPayload]], now: float, steps: dict[int, Step]
+) -> list[tuple[int, SendPayload]]:
+    """A send_at further ahead than ``schedule_horizon`` is refused at enqueue by the helper;
+    a producer that published without it gets the same answer, as a dead letter."""
+    horizon = settings.schedule_horizon
+    keep = []
+    for i, payload in valid:
+        if payload.send_at is not None and payload.send_at - now > horizon:
+            reason = f"invalid payload: send_at: more than {horizon / 86400:g} days ahead (schedule_horizon)"
+            steps[i] = dead_on_arrival(job_ids[i], payload.to_task_kwargs(), reason)
+        else:
+            keep.append((i, payload))
+    return keep
 
 
 def _own_key_first(store: JobStore, job_id: str, payload: SendPayload, due: float | None) -> float | None:
@@ -195,9 +211,12 @@ class _Ended:
     age: float
 
 
-def _conclude(store: JobStore, pipe: Any, job_id: str, ended: _Ended, tally: Tally) -> Step:
+def _conclude(
+    store: JobStore, pipe: Any, job_id: str, ended: _Ended, tally: Tally
+) -> tuple[Step, Counted | None]:
     """Decide retry or not (by error class and settings) and queue the record on ``pipe``; the
-    record is written only while this attempt is still the job's current one (its fence)."""
+    record is written only while this attempt is still the job's current one (its fence).
+    Returns the step and what was added to ``tally`` for it."""
     payload, outcome = ended.payload, ended.outcome
     account = payload.account
     retry_in = None
@@ -209,7 +228,7 @@ def _conclude(store: JobStore, pipe: Any, job_id: str, ended: _Ended, tally: Tal
         store.release_auto_reply(account, bare_address(autoreply.reply_recipient(payload)), job_id)
     state = outcome.state
     counter = ("retried" if outcome.counts else None) if retry_in is not None else outcome.state
-    store.finish_into(
+    counted = store.finish_into(
         pipe,
         job_id,
         _counted(account),
@@ -224,12 +243,13 @@ def _conclude(store: JobStore, pipe: Any, job_id: str, ended: _Ended, tally: Tal
         latency=ended.age,
         tally=tally,
         fence=ended.fence,
-        uncount=retry_in is not None and not outcome.counts,
+        # an attempt that never reached a server is taken back, whether it retries or dies
+        uncount=ended.outcome.state == JobState.RETRYING and not ended.outcome.counts,
         count=not outcome.superseded,
     )
     if outcome.state == JobState.SENT:
         tally.signed_in.add(account)
-    return Step(state, outcome.reason, retry_in)
+    return Step(state, outcome.reason, retry_in), counted
 
 
 def _write_tally(pipe: Any, store: JobStore, tally: Tally) -> None:
@@ -278,6 +298,7 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
         except (ValidationError, RecursionError) as exc:
             steps[i] = dead_on_arrival(job_ids[i], kwargs, f"invalid payload: {_invalid(exc)}")
     now = time.time()
+    valid = _within_horizon(job_ids, valid, now, steps)
     due = {i: _own_key_first(store, job_ids[i], p, _not_due(p, now)) for i, p in valid}
     paused = account_health().paused()
     if paused and any(payload.account in paused and due[i] is None for i, payload in valid):
@@ -340,21 +361,30 @@ def _record(store: JobStore, job_ids: list[str], finals: list[_Ended], steps: di
     """Every concluded attempt's record, counters and events in one round trip. An attempt that
     another one has superseded since it began (its process froze past its claim) writes
     nothing: its step says so."""
-    tally = Tally()
+    tally, undo = Tally(), Tally()
     at: dict[int, int] = {}
+    counted: dict[int, Counted | None] = {}
     with store.redis.pipeline(transaction=False) as pipe:
         for ended in finals:
             at[ended.index] = len(pipe)  # where FINISH's answer will be
-            steps[ended.index] = _conclude(store, pipe, job_ids[ended.index], ended, tally)
+            steps[ended.index], counted[ended.index] = _conclude(
+                store, pipe, job_ids[ended.index], ended, tally
+            )
         _write_tally(pipe, store, tally)
         replies = pipe.execute()
     for ended in finals:
         if not replies[at[ended.index]]:
+            if (entry := counted[ended.index]) is not None:  # counted with the rest: take it back
+                undo.add(_counted(ended.payload.account), **entry)
             steps[ended.index] = Step("skipped", "superseded: a later attempt took the job over")
             log.warning(
                 "job %s: attempt %d was superseded by a later attempt; its outcome (%s) is not recorded",
                 job_ids[ended.index], ended.attempt, history_word(ended.outcome.state),
             )  # fmt: skip
+    if undo.attempts:  # rare: only an attempt another one superseded while it ran
+        with store.redis.pipeline(transaction=False) as pipe:
+            undo.write_into(pipe, sign=-1)
+            pipe.execute()
     _count_auth_failures([(ended.payload.account, ended.outcome) for ended in finals])
 
 

@@ -48,7 +48,7 @@ class DeadLetters:
         """A dead letter for a broker entry no job can be made of (undecodable, the wrong
         shape, an unknown task…): its reason and its raw bytes (base64, the first
         :data:`MAX_RAW_KEPT`), listed, shown and purged like any other. Filed under the
-        producer's own id (``claimed_id``) when it is a usable one no ended job has, so that
+        producer's own id (``claimed_id``) when it is a usable one no job has yet, so that
         ``postroom job ID`` answers the producer; else under ``unreadable-<uuid>``. Returns the id."""
         now = time.time()
         kept = raw[:MAX_RAW_KEPT]

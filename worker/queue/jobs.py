@@ -175,7 +175,8 @@ class JobStore(DeadLetters):
                 pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
                 if state == JobState.SCHEDULED:  # waits in Postroom's delay queue (worker/queue/schedule.py)
                     pipe.zadd(SCHEDULED, {job_id: float(due or 0)})
-                pipe.expire(key, self.job_ttl)
+                # a scheduled job's record is kept until its time and job_ttl after it
+                pipe.expire(key, self.job_ttl + max(0, int(float(due or 0) - now)))
                 pipe.zadd(OPEN, {job_id: now})
                 idem = payload.get("idempotency_key")
                 if idem:
@@ -382,7 +383,7 @@ class JobStore(DeadLetters):
         fence: str = "",
         uncount: bool = False,
         count: bool = True,
-    ) -> None:
+    ) -> counters.Counted | None:
         """Queue :meth:`finish`'s commands on ``pipe`` (batches finish many in one round trip).
 
         ``latency``: seconds from enqueue to this outcome (the delivery-latency metric);
@@ -390,7 +391,8 @@ class JobStore(DeadLetters):
         attempt's token from :meth:`begin_many` — nothing is written when another attempt has
         started since ("" writes whatever the record's); ``uncount``: take the attempt back (it
         never reached a server); ``count``: False leaves the delivery counters alone (an attempt
-        that was superseded sent nothing)."""
+        that was superseded sent nothing). Returns what was counted (None: nothing), for a
+        caller that must take it back when FINISH refuses a superseded attempt's outcome."""
         now = time.time()
         entry, fields = _ending(state, attempt, now, error, retry_in, recipients, transport, security)
         # dead letters stay until purged (no TTL); the rest expire after job_ttl. EVAL, not
@@ -424,13 +426,15 @@ class JobStore(DeadLetters):
             *(part for item in fields.items() for part in item),
         )
         if not count:
-            return
+            return None
+        counted = counters.Counted(
+            transport=transport, outcome=state, counter=counter, latency=latency, now=now
+        )
         if tally is not None:  # the caller writes the sums with tally.write_into(pipe)
-            tally.add(account, transport=transport, outcome=state, counter=counter, latency=latency, now=now)
+            tally.add(account, **counted)
         else:
-            counters.record_into(
-                pipe, account, transport=transport, outcome=state, counter=counter, latency=latency, now=now
-            )
+            counters.record_into(pipe, account, **counted)
+        return counted
 
     def hold_if_paused(self, job_id: str, account: str, kwargs: Mapping[str, Any], reason: str) -> int:
         """The job waits in its account's held list (worker/ops/health.py releases it) — only if the

@@ -46,12 +46,15 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'state', 'scheduled', 'updated_at', ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
   redis.call('ZREM', KEYS[4], ARGV[5])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  -- kept until its time and job_ttl after it (a record that expired would lose the job)
+  local keep = math.ceil(tonumber(ARGV[4]) - tonumber(ARGV[1])) + tonumber(ARGV[2])
+  redis.call('EXPIRE', KEYS[1], math.max(keep, tonumber(ARGV[2])))
   return {-3, state, false}
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('HSET', KEYS[1], 'state', 'sending', 'updated_at', ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[5])  -- an entry of its schedule would start it a second time
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at'), fence}
 """
@@ -69,6 +72,8 @@ FINISH = (
     EMIT_LUA
     + """
 if ARGV[12] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[12] then return 0 end
+-- an end written from outside an attempt (no fence given) fences off any attempt still running
+if ARGV[12] == '' and ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'fence', 1) end
 for i = 15, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[13] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 if ARGV[14] ~= '' then redis.call('ZADD', KEYS[6], ARGV[14], ARGV[1])
@@ -130,23 +135,15 @@ return 1
 )
 # A dead letter for a broker entry no job could be made of, under the producer's own job id
 # when the entry carried a usable one (else an ``unreadable-…`` id): ``postroom job <that id>``
-# then tells the producer what happened. A job of that id that has ended is left alone (the
-# caller files the entry under a fresh id); an open one (the helper recorded it) ends dead with
-# the reason. KEYS: job, history, open, dead, stats. ARGV: job id, now, JSON of the record's
-# fields, history entry, event type, event id, retention. Returns 1, or 0 when the id is taken.
+# then tells the producer what happened. An id that already has a record is left alone (a job
+# of the helper's, perhaps under way: the caller files the entry under a fresh id). KEYS: job,
+# history, open, dead, stats. ARGV: job id, now, JSON of the record's fields, history entry,
+# event type, event id, retention. Returns 1, or 0 when the id is taken.
 QUARANTINE = (
-    ENDED_LUA
-    + EMIT_LUA
+    EMIT_LUA
     + """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state and ENDED[state] then return 0 end
-local fields = cjson.decode(ARGV[3])
-if state then
-  for _, k in ipairs({'id', 'account', 'kind', 'message_id', 'idempotency_key', 'payload',
-      'recipients', 'created_at', 'enqueued_at', 'attempts'}) do fields[k] = nil end
-end
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, tostring(v)) end
-redis.call('HINCRBY', KEYS[1], 'fence', 1)
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])

@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote, urlparse
 import httpx
 from amqp import exceptions as amqp_errors
 from kombu import Connection
+from kombu import exceptions as kombu_errors
 
 from worker.errors import ConfigurationError
 from worker.mail.payload import QUEUE
@@ -106,6 +107,7 @@ class QueueSetup:
     policy: str | None
     definition: dict[str, Any]  # the policy's, with the operator policy's limits
     poison_exists: bool
+    server_major: int = 3  # RabbitMQ's major version (4 gives quorum queues a delivery limit)
 
     @property
     def kind(self) -> str:
@@ -121,10 +123,18 @@ class QueueSetup:
         return bool(exchange == "" and key == POISON_QUEUE)
 
     @property
-    def delivery_limit(self) -> int | None:  # quorum queues only; the lower of argument and policy
+    def delivery_limit(self) -> int | None:
+        """Quorum queues only: the lower of argument and policy; RabbitMQ 4 gives every quorum
+        queue 20 when neither says (and -1, from either, means none)."""
+        if self.kind != "quorum":
+            return None
         given = (self.arguments.get("x-delivery-limit"), self.definition.get("delivery-limit"))
-        limits = [int(v) for v in given if isinstance(v, int | float)]
-        return min(limits) if limits and self.kind == "quorum" else None
+        limits = [int(v) for v in given if isinstance(v, int | float) and not isinstance(v, bool)]
+        if any(limit < 0 for limit in limits):
+            return None
+        if not limits and self.server_major >= 4:
+            return 20
+        return min(limits) if limits else None
 
     @property
     def plain_clients_compatible(self) -> bool:
@@ -186,6 +196,7 @@ def read_setup(broker: str, settings: Settings, *, timeout: float = 5.0) -> Queu
     api = ManagementApi.of(broker, settings)
     vhost = quote(api.vhost, safe="")
     with httpx.Client(timeout=timeout) as http:
+        overview = api.request(http, "GET", "overview") or {}
         about = api.request(http, "GET", f"vhosts/{vhost}")
         if about is None:
             raise api.error(f"has no vhost {api.vhost!r}", "check the vhost in POSTROOM_BROKER_URL")
@@ -207,8 +218,14 @@ def read_setup(broker: str, settings: Settings, *, timeout: float = 5.0) -> Queu
         api=api.base, vhost=api.vhost, vhost_default_type=None if default in (None, "undefined") else default,
         wanted_type=settings.rabbitmq_queue_type, exists=bool(queue), queue_type=kind,
         arguments=dict(queue.get("arguments") or {}), policy=chosen.get("name"), definition=definition,
-        poison_exists=poison is not None,
+        poison_exists=poison is not None, server_major=_major(overview.get("rabbitmq_version")),
     )  # fmt: skip
+
+
+def _major(version: Any) -> int:
+    """3 for "3.10.8", 4 for "4.1.0"; 3 when RabbitMQ does not say."""
+    match = re.match(r"(\d+)\.", str(version or ""))
+    return int(match.group(1)) if match else 3
 
 
 def declare_setup(broker: str, settings: Settings) -> tuple[QueueSetup, QueueSetup]:
@@ -231,7 +248,7 @@ def declare_setup(broker: str, settings: Settings) -> tuple[QueueSetup, QueueSet
     try:
         with Connection(broker, connect_timeout=10) as connection:
             amqp_queues(settings)[0](connection.default_channel).declare()
-    except (OSError, amqp_errors.AMQPError) as exc:
+    except (OSError, amqp_errors.AMQPError, kombu_errors.OperationalError) as exc:
         raise ConfigurationError(f"RabbitMQ at {connect.safe_url(broker)}: {exc}") from None
     return before, read_setup(broker, settings)
 

@@ -35,6 +35,10 @@ CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.
 # KEYS: record, history, open, scheduled, retrying, moving. ARGV: job id, now, history entry,
 # ttl, event type, event id, event retention (outbox.emit_args), the cancellable states...
 # Returns {1, state before} or {0, state (or "")}. The job.cancelled event is filed with it.
+# A job is under way while an attempt holds its Message-ID claim (a copy of it may have begun
+# and ended while another one still sends), and partly sent once a recipient is marked
+# delivered: either answers no, whatever the record's state says. The claim and mark keys are
+# named from the record (worker/queue/marks.py), read in the same step as the decision.
 _CANCEL = (
     EMIT_LUA
     + """
@@ -43,6 +47,16 @@ if not state then return {0, ''} end
 local ok = false
 for i = 8, #ARGV do if state == ARGV[i] then ok = true end end
 if not ok then return {0, state} end
+local account = redis.call('HGET', KEYS[1], 'account') or ''
+local mid = redis.call('HGET', KEYS[1], 'message_id') or ''
+if mid ~= '' then
+  if redis.call('EXISTS', '@claim' .. account .. ':' .. mid, '@claim' .. mid) > 0 then
+    return {0, 'sending'}
+  end
+  if redis.call('EXISTS', '@delivered' .. account .. ':' .. mid, '@delivered' .. mid) > 0 then
+    return {0, 'partly sent'}
+  end
+end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[2], 'last_error', 'cancelled')
 redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -51,14 +65,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 emit(KEYS[1], KEYS[2], ARGV[1], ARGV[5], ARGV[6], ARGV[2], ARGV[7])
 return {1, state}
-"""
+""".replace("@claim", redis_key("claim", "")).replace("@delivered", redis_key("delivered", ""))
 )
 
 
 def cancel(
     client: redis.Redis, job_id: str, job_ttl: float, *, by: str = "", event_retention: float = 7 * 86400.0
 ) -> tuple[bool, str]:
-    """Cancel ``job_id`` if it has not started sending: (cancelled, its state before or now;
+    """Cancel ``job_id`` if it has not started sending: (cancelled, its state before or now —
+    ``sending`` while an attempt holds its claim, ``partly sent`` once a recipient took it —
     "" when there is no such job)."""
     from worker.queue.delays import MOVING, RETRYING
 

@@ -209,6 +209,8 @@ def broker_setup(broker: BrokerView) -> dict[str, Any]:
         )
     except ConfigurationError as exc:
         report["error"] = str(exc)
+    except Exception as exc:  # an answer that is no JSON, a URL httpx cannot use: status goes on
+        report["error"] = f"RabbitMQ's management API: {type(exc).__name__}: {exc}"
     _setups[url] = (time.monotonic(), report)
     return report
 
