@@ -273,7 +273,7 @@ class WorkerProcess(CeleryProcess):
 
     def args(self) -> list[str]:
         return [
-            "worker", "-Q", "postroom", "-c", str(self.concurrency), "-l", self.level,
+            "worker", "-Q", "postroom.control", "-c", str(self.concurrency), "-l", self.level,
             "-n", f"chaos-{self.index}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
 

@@ -92,6 +92,7 @@ class SmtpTransport(SlotShares):
         self._retiring: set[asyncio.Task[None]] = set()  # connections closing in the background
         self._closed = False
         self.connections_opened = 0
+        self.send_seconds = 0.0  # how long a transaction takes here, smoothed (0: none yet)
 
     def __repr__(self) -> str:
         return (
@@ -102,6 +103,12 @@ class SmtpTransport(SlotShares):
     @property
     def open_connections(self) -> int:
         return self._count
+
+    @property
+    def connections_here(self) -> int:
+        """The connections this pool works with: those open and one more, within its share of
+        the account's slots (the dispatcher takes work for this many, worker/queue/dispatch.py)."""
+        return min(self.max_connections, max(1, self._share), self._count + 1)
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:
@@ -327,7 +334,10 @@ class SmtpTransport(SlotShares):
             conn = await self._acquire(fresh=attempt == 2)
             try:
                 await message.still_ours()  # after every wait, right before MAIL FROM
+                began = time.monotonic()
                 result = await conn.send(message)
+                took = time.monotonic() - began
+                self.send_seconds = took if not self.send_seconds else 0.8 * self.send_seconds + 0.2 * took
             except RetryOnFresh as retry:
                 await self._retire(conn)
                 if attempt == 2:
