@@ -1,7 +1,7 @@
 """The attempt policy: one module decides what an attempt at a job ends with.
 
-Every message — a ``postroom.send`` job, the messages of a ``postroom.send_batch``
-and the jobs a task carries along (worker/queue/drain.py) — goes through
+Every message — each job of a group the dispatcher took from the ready sets
+(worker/queue/dispatch.py), a single message or one of a batch — goes through
 :func:`attempt_all`: validated (a payload invalid in any field is dead-lettered
 with pydantic's reasons, :func:`dead_on_arrival`), held when its account is
 paused (worker/ops/health.py), begun (the attempt counted in its record; a job that
@@ -9,8 +9,7 @@ already ended is skipped), delivered by :class:`worker.queue.delivery.Delivery`,
 concluded here from the outcome's class and the settings: sent, suppressed,
 dead, or retrying — a retry, a limit wait or a claim wait is an entry of
 Postroom's delay queue written with the record (worker/queue/delays.py). Nothing in
-the delivery code decides whether to retry; the Celery tasks (worker/queue/tasks.py)
-only hand messages in.
+the delivery code decides whether to retry; the dispatcher only hands jobs in.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ log = logging.getLogger("postroom.dispatch")
 # shared by many; 4 measured ~3 % slower side by side). A slow server's backlog so waits in Redis,
 # for whichever worker's connection is free next, and never hides other accounts' jobs.
 MIN_DEPTH, MAX_DEPTH = 2, 8
-HOT_WINDOW = 0.1
+UNKNOWN_DEPTH = 4  # before this process has timed a transaction of the account: neither hoard
+HOT_WINDOW = 0.1  # a slow server's backlog nor starve a quick one for long (it is timed at once)
 UNKNOWN_ROOM = 4  # an account no record names: its jobs are dead-lettered, a few at a time
 IDLE_WAIT = 1.0
 
@@ -285,9 +286,9 @@ class Dispatcher:
 
 def depth(send_seconds: float) -> int:
     """Messages to keep in flight per connection, for transactions that take ``send_seconds``
-    (0.0: not known yet, taken as quick)."""
+    (0.0: not timed yet)."""
     if send_seconds <= 0:
-        return MAX_DEPTH
+        return UNKNOWN_DEPTH
     return max(MIN_DEPTH, min(MAX_DEPTH, 1 + math.ceil(HOT_WINDOW / send_seconds)))
 
 
