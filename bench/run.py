@@ -574,38 +574,85 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# The side client, a process of its own (a thread of this one would wait for this process's GIL
+# behind the sampler and the sink's counting, and report that as Redis's latency): it PINGs every
+# 5 ms and prints "<time_ns> <seconds waited>" for each.
+_SIDE_PING = """
+import sys, time, redis
+client = redis.Redis(sys.argv[1], int(sys.argv[2]), socket_timeout=10)
+client.ping()
+print("ready", flush=True)
+while True:
+    began = time.perf_counter()
+    try:
+        client.ping()
+    except redis.RedisError:
+        pass
+    print(time.time_ns(), time.perf_counter() - began, flush=True)
+    time.sleep(0.005)
+"""
+
+
 class SidePing:
-    """Another Redis client, PINGing every 5 ms in a thread of its own while ``measuring`` is set:
-    how long every other producer, worker and the HTTP API would have waited for Redis."""
+    """Another Redis client, PINGing every 5 ms in a process of its own; what it waited while
+    ``measuring`` (between :meth:`start` and :meth:`stop`) is how long every other producer,
+    worker and the HTTP API would have waited for Redis."""
 
     def __init__(self) -> None:
-        self.client = redis.Redis(REDIS_HOST, REDIS_PORT, socket_timeout=10)
-        self.measuring = threading.Event()
         self.worst = 0.0
         self.over = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._window: list[int] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
 
     def __enter__(self) -> SidePing:
-        self.client.ping()
-        self._thread.start()
+        self._proc = subprocess.Popen(  # noqa: S603 (our own interpreter and script)
+            [sys.executable, "-c", _SIDE_PING, REDIS_HOST, str(REDIS_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()  # "ready"
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.client.close()
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if self.measuring.is_set():
-                began = time.perf_counter()
-                with contextlib.suppress(redis.RedisError):
-                    self.client.ping()
-                waited = time.perf_counter() - began
-                self.worst = max(self.worst, waited)
-                self.over += waited > 0.010
-            self._stop.wait(0.005)
+    def start(self) -> None:
+        self._window = [time.time_ns()]
+
+    def stop(self) -> None:
+        """End the window and read what was waited in it (the samples up to its end)."""
+        ended = time.time_ns()
+        began = self._window[0] if self._window else ended
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not self._past(ended):
+            time.sleep(0.01)
+        for line in list(self._lines):
+            with contextlib.suppress(ValueError):
+                at, waited = line.split()
+                if began <= int(at) <= ended:
+                    self.worst = max(self.worst, float(waited))
+                    self.over += float(waited) > 0.010
+
+    def _past(self, ended: int) -> bool:
+        with contextlib.suppress(ValueError, IndexError):
+            return int(self._lines[-1].split()[0]) > ended
+        return False
+
+    def __exit__(self, *_: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
 
 
 class Bench:
@@ -781,7 +828,7 @@ class Bench:
         with TreeSampler(proc.pid) as sampler, SidePing() as ping:
             start = wait_start()
             self.slowlog_reset()
-            ping.measuring.set()
+            ping.start()
             cpu0, (redis0, calls0) = sampler.sample(), self.redis_counters()
             deadline = time.monotonic() + sc.timeout
             while not done():
@@ -791,7 +838,7 @@ class Bench:
                     raise ScenarioError(f"process exited with {proc.returncode} with {progress()}")
                 time.sleep(poll)
             cpu1, (redis1, calls1) = sampler.sample(), self.redis_counters()
-            ping.measuring.clear()
+            ping.stop()
             time.sleep(0.05)  # the last dump file's final write; then the sink's own timestamp
             end = end_ns()
             if settle:
