@@ -172,7 +172,7 @@ class Settings:
     # A worker process's dispatcher takes up to this many ready jobs at a time, fairly across the
     # accounts with room in it (worker/queue/dispatch.py): one Redis round trip per step for the
     # whole group. 1 takes them one by one.
-    coalesce: int = 32
+    coalesce: int = 64
     # Health checks (celery beat): every account's connectivity every health_interval seconds,
     # each check given up after health_timeout; pause_after failed checks (or authentication
     # failures of deliveries) in a row pause the account: its jobs are held, not burnt.
