@@ -166,8 +166,8 @@ class Settings:
     worker_pool: str = "threads"
     worker_concurrency: int = 16  # task threads (or processes, with prefork) per worker
     worker_processes: int = 0  # processes `postroom worker` and `up` run; 0 = one per CPU core
-    # Celery task events, for Flower. They cost two Redis PUBLISHes per task (the bench measured
-    # ~30% of single-message throughput); with 0, Flower still works: it switches them on itself.
+    # Celery task events, for Flower. Only the control tasks (health checks, sweeps) are Celery
+    # tasks, so they cost next to nothing; with 0, Flower still works: it switches them on itself.
     task_events: int = 1
     # A worker process's dispatcher takes up to this many ready jobs at a time, fairly across the
     # accounts with room in it (worker/queue/dispatch.py): one Redis round trip per step for the

@@ -87,6 +87,7 @@ class Dispatcher:
         from worker.queue.runtime import get_runtime
 
         get_runtime().on_room = self._room_freed
+        get_runtime().on_grown = self._room_grown
         self._listener.start()
         self._thread.start()
         return self
@@ -196,6 +197,15 @@ class Dispatcher:
             if self._freed[account] < step:
                 return
             self._freed[account] = 0
+        self._bell.set()
+
+    def _room_grown(self, account: str) -> None:
+        """The account's pool here took one more connection (on the loop): room for a
+        connection's worth more of its jobs, if it had used up its room — a slow server's
+        first round fills every connection without waiting for a message to finish."""
+        with self._lock:
+            if account not in self._wake_after:
+                return
         self._bell.set()
 
     @staticmethod

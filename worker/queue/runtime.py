@@ -52,6 +52,7 @@ class Runtime:
         self._in_flight: Counter[str] = Counter()  # messages per account being delivered now
         self._reserved = threading.local()  # per group thread: its taken jobs, counted already
         self.on_room: Callable[[str], None] | None = None  # a reserved message is done (the dispatcher)
+        self.on_grown: Callable[[str], None] | None = None  # a pool took one more connection (the same)
 
     def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
         """The async Redis client batches mark sent messages with, bound to this loop."""
@@ -218,10 +219,16 @@ class Runtime:
                 return cached[1]
             records = self._records or Records.load()
             transport = build_transport(account, records, limiter=self._limiter)
+            if hasattr(transport, "on_grown"):  # more connections: room for more of its jobs
+                transport.on_grown = lambda name=account.name: self._grown(name)
             self._transports[account.name] = (account, transport)
         if cached is not None:
             self.submit(cached[1].aclose())
         return transport
+
+    def _grown(self, account: str) -> None:
+        if self.on_grown is not None:
+            self.on_grown(account)
 
     def connections(self, account: str) -> tuple[int, float] | None:
         """The connections of ``account`` this process works with (its pool's ``connections_here``)
