@@ -273,7 +273,7 @@ class WorkerProcess(CeleryProcess):
 
     def args(self) -> list[str]:
         return [
-            "worker", "-Q", "postroom", "-c", str(self.concurrency), "-l", self.level,
+            "worker", "-Q", "postroom.control", "-c", str(self.concurrency), "-l", self.level,
             "-n", f"chaos-{self.index}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         ]  # fmt: skip
 
@@ -528,24 +528,18 @@ def fire(
 
 
 def held_jobs(redis_server: RedisServer, victim: WorkerProcess) -> list[str]:
-    """The job ids a worker process says it holds (its heartbeat's consumer and carried sets,
-    worker/queue/liveness.py), read just before it is killed: the jobs whose recovery time is measured."""
+    """The job ids a worker process holds (``taken:<holder>``: the ready jobs its dispatcher took,
+    running or about to, worker/queue/ready.py), read just before it is killed: the jobs whose
+    recovery time is measured."""
     if victim.process is None:
         return []
     client = redis.Redis(LOOPBACK, redis_server.port, decode_responses=True, socket_timeout=5)
     try:
         pid = f":{victim.process.pid}:"
-        tags: set[str] = set()
+        ids: list[str] = []
         for holder in cast(set[str], client.smembers("postroom:holders")):
             if pid in holder:
-                for part in ("consumer", "carried"):
-                    tags |= cast(set[str], client.smembers(f"postroom:holding:{holder}:{part}")) - {"-"}
-        ids = []
-        for raw in cast(list[str | None], client.hmget("unacked", sorted(tags))) if tags else []:
-            try:
-                ids.append(str(json.loads(raw or "")[0]["headers"]["id"]))
-            except (TypeError, ValueError, KeyError, IndexError):
-                continue
+                ids += cast(list[str], client.hkeys(f"postroom:taken:{holder}"))
         return ids
     except redis.RedisError:  # Redis down at that moment: nothing measured for this kill
         return []

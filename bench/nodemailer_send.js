@@ -2,7 +2,7 @@
 // COUNT messages straight to the sink (no queue, no worker). Run by bench/run.py
 // with NODE_PATH pointing at a temporary `npm install nodemailer`.
 //
-// usage: node nodemailer_send.js PORT COUNT BODY_FILE ID_PREFIX MAX_CONNECTIONS
+// usage: node nodemailer_send.js PORT COUNT BODY_FILE ID_PREFIX MAX_CONNECTIONS [ATTACHMENT_FILE]
 // prints "START <epoch ms>" just before the first sendMail and
 // "DONE <epoch ms> ok=<n> failed=<n>" when every message has settled, then waits
 // (at most 20 s) for the bench to stop it.
@@ -12,9 +12,13 @@ const fs = require('fs');
 const nodemailer = require('nodemailer');
 
 async function main() {
-  const [port, count, bodyFile, prefix, maxConnections] = process.argv.slice(2);
+  const [port, count, bodyFile, prefix, maxConnections, attachmentFile] = process.argv.slice(2);
   const total = Number(count);
   const text = fs.readFileSync(bodyFile, 'utf8');
+  // the same invoice on every message, as Postroom's rows send it
+  const attachments = attachmentFile
+    ? [{ filename: 'invoice.bin', contentType: 'application/octet-stream', content: fs.readFileSync(attachmentFile) }]
+    : [];
   const transport = nodemailer.createTransport({
     pool: true,
     host: '127.0.0.1',
@@ -37,6 +41,7 @@ async function main() {
           to: `rcpt${i}@example.net`,
           subject: `bench ${i}`,
           text,
+          attachments,
           messageId: `<${prefix}.${i}@example.com>`,
         })
         .then(

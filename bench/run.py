@@ -26,6 +26,7 @@ that a drift in machine load hits every row alike; the table shows medians.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -37,6 +38,7 @@ import math
 import os
 import platform
 import queue
+import random
 import re
 import shutil
 import signal
@@ -75,6 +77,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
 MB = 1024 * 1024
+CAP = 4  # the default connection cap of an account (provider "other"): Postroom's and Nodemailer's
 
 
 class ScenarioError(Exception):
@@ -492,13 +495,16 @@ class Scenario:
     batch_size: int = 50
     blocks: bool = False  # enqueue account by account instead of interleaved
     runs: int | None = None  # None: --runs
+    producer: str = "helper"  # helper (Producer) | celery (a plain Celery send_task) | http (the API)
+    attachment: int = 0  # bytes of a binary attachment (an invoice) on every message
 
     @property
     def worker(self) -> str:
         if self.kind == "nodemailer":
             return f"node, {self.max_connections} conns"
         each = f"{self.pool}x{self.concurrency}"
-        return f"{self.processes} procs x {each}" if self.processes > 1 else each
+        running = f"{self.processes} procs x {each}" if self.processes > 1 else each
+        return f"{running}, {self.max_connections} conns" if self.kind in ("postroom", "batch") else running
 
     @property
     def timeout(self) -> float:
@@ -515,6 +521,10 @@ class RunResult:
     redis_calls: int
     peak_rss: int
     note: str = ""
+    ping_worst_ms: float = math.nan  # the slowest PING another client saw during the run
+    ping_over_10ms: int = 0  # PINGs (one every 5 ms) that waited more than 10 ms
+    slowlog_worst_ms: float = math.nan  # Redis's SLOWLOG: the slowest command during the run
+    mem_per_job: float = math.nan  # bytes of Redis memory per queued job (before the worker ran)
 
     @property
     def rate(self) -> float:
@@ -564,6 +574,87 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+# The side client, a process of its own (a thread of this one would wait for this process's GIL
+# behind the sampler and the sink's counting, and report that as Redis's latency): it PINGs every
+# 5 ms and prints "<time_ns> <seconds waited>" for each.
+_SIDE_PING = """
+import sys, time, redis
+client = redis.Redis(sys.argv[1], int(sys.argv[2]), socket_timeout=10)
+client.ping()
+print("ready", flush=True)
+while True:
+    began = time.perf_counter()
+    try:
+        client.ping()
+    except redis.RedisError:
+        pass
+    print(time.time_ns(), time.perf_counter() - began, flush=True)
+    time.sleep(0.005)
+"""
+
+
+class SidePing:
+    """Another Redis client, PINGing every 5 ms in a process of its own; what it waited while
+    ``measuring`` (between :meth:`start` and :meth:`stop`) is how long every other producer,
+    worker and the HTTP API would have waited for Redis."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.over = 0
+        self._window: list[int] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> SidePing:
+        self._proc = subprocess.Popen(  # noqa: S603 (our own interpreter and script)
+            [sys.executable, "-c", _SIDE_PING, REDIS_HOST, str(REDIS_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()  # "ready"
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
+
+    def start(self) -> None:
+        self._window = [time.time_ns()]
+
+    def stop(self) -> None:
+        """End the window and read what was waited in it (the samples up to its end)."""
+        ended = time.time_ns()
+        began = self._window[0] if self._window else ended
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not self._past(ended):
+            time.sleep(0.01)
+        for line in list(self._lines):
+            with contextlib.suppress(ValueError):
+                at, waited = line.split()
+                if began <= int(at) <= ended:
+                    self.worst = max(self.worst, float(waited))
+                    self.over += float(waited) > 0.010
+
+    def _past(self, ended: int) -> bool:
+        with contextlib.suppress(ValueError, IndexError):
+            return int(self._lines[-1].split()[0]) > ended
+        return False
+
+    def __exit__(self, *_: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+
+
 class Bench:
     """The shared state of one bench invocation: Redis, sinks, temporary folders, processes."""
 
@@ -592,6 +683,7 @@ class Bench:
         self.own_calls = 0  # Redis commands the bench itself sent (not counted against the worker)
         self.claimed = False  # True once the database was flushed as the bench's own
         self._claim = self.redis.register_script(CLAIM_SCRIPT)
+        self._slowlog_was: str | None = None
 
     @property
     def sink_name(self) -> str:
@@ -611,14 +703,46 @@ class Bench:
         self.claimed = True
 
     def list_keys(self) -> list[bytes]:
-        return list(self.redis.scan_iter(count=1000, _type="LIST"))
+        """Where jobs wait to be taken: the broker's lists (a baseline's Celery queue, a raw
+        producer's messages) and Postroom's ready sets (worker/queue/ready.py)."""
+        lists = list(self.redis.scan_iter(count=1000, _type="LIST"))
+        return lists + list(self.redis.scan_iter(match=b"postroom:ready:*", count=1000, _type="ZSET"))
 
     def queued(self, keys: list[bytes]) -> int:
         self.own_calls += len(keys)
         with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.llen(key)
+                if key.startswith(b"postroom:ready:"):
+                    pipe.zcard(key)
+                else:
+                    pipe.llen(key)
             return sum(int(n) for n in pipe.execute())
+
+    def slowlog_reset(self) -> None:
+        """Log every command slower than 1 ms from now on (restored by :meth:`slowlog_restore`)."""
+        if self._slowlog_was is None:
+            self._slowlog_was = str(
+                self.redis.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+            )
+            self.redis.config_set("slowlog-log-slower-than", 1000)
+        self.redis.slowlog_reset()
+
+    def slowlog_worst(self) -> float:
+        entries = self.redis.slowlog_get(128)
+        if os.environ.get("BENCH_SLOWLOG"):  # what was slow, for a look (not in the report)
+            for e in sorted(entries, key=lambda e: -float(e["duration"]))[:5]:
+                print(
+                    f"\n    slowlog {float(e['duration']) / 1000:.1f} ms: {str(e['command'])[:160]}", end=""
+                )
+        return max((float(e["duration"]) / 1000 for e in entries), default=0.0)
+
+    def slowlog_restore(self) -> None:
+        if self._slowlog_was is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.config_set("slowlog-log-slower-than", self._slowlog_was)
+
+    def used_memory(self) -> int:
+        return int(self.redis.info("memory")["used_memory"])
 
     def redis_counters(self) -> tuple[float, int]:
         """Redis's CPU seconds and commands executed so far, less the bench's own polling."""
@@ -699,9 +823,12 @@ class Bench:
         poll: float = 0.05,
         settle: float = 0.0,
     ) -> RunResult:
-        """Run the clock from ``wait_start`` to ``done``, sampling ``proc``'s tree meanwhile."""
-        with TreeSampler(proc.pid) as sampler:
+        """Run the clock from ``wait_start`` to ``done``, sampling ``proc``'s tree meanwhile, and
+        a side client PINGing Redis every 5 ms (what every other producer and worker would wait)."""
+        with TreeSampler(proc.pid) as sampler, SidePing() as ping:
             start = wait_start()
+            self.slowlog_reset()
+            ping.start()
             cpu0, (redis0, calls0) = sampler.sample(), self.redis_counters()
             deadline = time.monotonic() + sc.timeout
             while not done():
@@ -711,6 +838,7 @@ class Bench:
                     raise ScenarioError(f"process exited with {proc.returncode} with {progress()}")
                 time.sleep(poll)
             cpu1, (redis1, calls1) = sampler.sample(), self.redis_counters()
+            ping.stop()
             time.sleep(0.05)  # the last dump file's final write; then the sink's own timestamp
             end = end_ns()
             if settle:
@@ -723,6 +851,9 @@ class Bench:
                 redis_cpu_s=redis1 - redis0,
                 redis_calls=calls1 - calls0,
                 peak_rss=sampler.peak_rss,
+                ping_worst_ms=ping.worst * 1000,
+                ping_over_10ms=ping.over,
+                slowlog_worst_ms=self.slowlog_worst(),
             )
 
     def sink_done(self, sink: Sink, expected: int) -> Callable[[], bool]:
@@ -742,7 +873,6 @@ class Bench:
 
     def run_postroom(self, sc: Scenario) -> RunResult:
         from worker.client import Producer  # here, so a broken worker/ fails its rows, not the bench
-        from worker.records.loader import Records
 
         batch = sc.kind == "batch"
         if batch and not hasattr(Producer, "send_batch"):
@@ -759,6 +889,16 @@ class Bench:
             for name in names:
                 (accounts_dir / f"{name}.yaml").write_text(account_yaml(name, sink.port, sc.max_connections))
             body = body_text(sc.body)
+            attachments = []
+            if sc.attachment:
+                content = base64.b64encode(self.attachment_bytes(sc.attachment)).decode()
+                attachments = [
+                    {
+                        "filename": "invoice.bin",
+                        "content_type": "application/octet-stream",
+                        "content_base64": content,
+                    }
+                ]
             payloads: list[dict[str, Any]] = [
                 {
                     # interleaved, as mixed traffic arrives; or one account's backlog after another's
@@ -768,21 +908,13 @@ class Bench:
                     "subject": f"bench {i}",
                     "text": body,
                     "message_id": f"<{prefix}.{i}@example.com>",
+                    **({"attachments": attachments} if attachments else {}),
                 }
                 for i in range(sc.msgs)
             ]
-            producer = Producer(self.broker_url, records=Records.load(accounts_dir, config_dir))
-            try:
-                if batch:
-                    for i in range(0, len(payloads), sc.batch_size):
-                        producer.send_batch(payloads[i : i + sc.batch_size])
-                else:
-                    for p in payloads:
-                        producer.send_notification(
-                            p["account"], p["to"], p["subject"], p["text"], message_id=p["message_id"]
-                        )
-            finally:
-                producer.close()
+            memory = self.used_memory()
+            self.enqueue(sc, payloads, accounts_dir, config_dir, workdir)
+            per_job = (self.used_memory() - memory) / sc.msgs
             keys = self.list_keys()
             initial = self.queued(keys)
             env = {
@@ -806,9 +938,87 @@ class Bench:
                 raise ScenarioError(f"{exc}{_log_tail(workdir / 'worker.log')}") from None
             finally:
                 self.procs.stop(proc)
+            result.mem_per_job = per_job
             return self.finish(result, sink)
         finally:
             sink.stop()
+
+    def attachment_bytes(self, size: int) -> bytes:
+        """Incompressible bytes (an invoice PDF's worth): the same for every row and for Nodemailer."""
+        path = self.tmp / f"attachment-{size}.bin"
+        if not path.exists():
+            path.write_bytes(random.Random(size).randbytes(size))
+        return path.read_bytes()
+
+    def enqueue(
+        self,
+        sc: Scenario,
+        payloads: list[dict[str, Any]],
+        accounts_dir: Path,
+        config_dir: Path,
+        workdir: Path,
+    ) -> None:
+        """Queue the row's jobs before the worker starts, as its producer would."""
+        from worker.client import Producer
+        from worker.records.loader import Records
+
+        if sc.producer == "celery":  # the README's first example: a plain Celery app's send_task
+            from celery import Celery
+
+            app = Celery("a-plain-celery-app", broker=self.broker_url, set_as_current=False)
+            try:
+                for payload in payloads:
+                    app.send_task("postroom.send", kwargs=payload, queue=POSTROOM_QUEUE)
+            finally:
+                app.close()
+            return
+        if sc.producer == "http":
+            self.enqueue_http(payloads, accounts_dir, config_dir, workdir)
+            return
+        producer = Producer(self.broker_url, records=Records.load(accounts_dir, config_dir))
+        try:
+            if sc.kind == "batch":
+                for i in range(0, len(payloads), sc.batch_size):
+                    producer.send_batch(payloads[i : i + sc.batch_size])
+            else:
+                for payload in payloads:
+                    producer.enqueue(payload)
+        finally:
+            producer.close()
+
+    def enqueue_http(
+        self, payloads: list[dict[str, Any]], accounts_dir: Path, config_dir: Path, workdir: Path
+    ) -> None:
+        """``postroom http`` (its own process, stopped before the worker starts) and one POST each."""
+        import httpx
+
+        from worker.web import apikeys
+
+        token = apikeys.new_token("bench")
+        (config_dir / "api-keys").mkdir(exist_ok=True)
+        accounts = sorted({str(p["account"]) for p in payloads})
+        (config_dir / "api-keys" / "bench.yaml").write_text(
+            f"hash: {apikeys.hash_token(token)}\naccounts: {json.dumps(accounts)}\nrate: 1000000/minute\n"
+        )
+        port = free_port()
+        env = {
+            "POSTROOM_BROKER_URL": self.broker_url,
+            "POSTROOM_ACCOUNTS_DIR": str(accounts_dir),
+            "POSTROOM_CONFIG_DIR": str(config_dir),
+            "POSTROOM_VAR_DIR": str(workdir / "var"),
+        }
+        args = [sys.executable, "-m", "worker.cli", "http", "--port", str(port)]
+        proc = self.procs.start(args, log=workdir / "http.log", env=_clean_env(env), cwd=workdir)
+        try:
+            wait_listening(port, proc, "postroom http")
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=f"http://{LOOPBACK}:{port}", headers=headers, timeout=30) as client:
+                for payload in payloads:
+                    reply = client.post("/v1/messages", json=payload)
+                    if reply.status_code != 202:
+                        raise ScenarioError(f"POST /v1/messages: {reply.status_code} {reply.text[:200]}")
+        finally:
+            self.procs.stop(proc)
 
     # ---- baselines --------------------------------------------------------------------------------------
 
@@ -905,6 +1115,9 @@ class Bench:
         try:
             args = [self.node, str(BENCH_DIR / "nodemailer_send.js"), str(sink.port), str(sc.msgs)]
             args += [str(self.body_file(sc.body)), prefix, str(sc.max_connections)]
+            if sc.attachment:
+                self.attachment_bytes(sc.attachment)
+                args.append(str(self.tmp / f"attachment-{sc.attachment}.bin"))
             env = {**os.environ, "NODE_PATH": str(node_modules)}
             proc = self.procs.start(args, log=workdir / "node.log", env=env, cwd=workdir, stdout_pipe=True)
             lines: queue.Queue[str] = queue.Queue()
@@ -1010,17 +1223,19 @@ def shipped_worker() -> tuple[str, int, int]:
 
 def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
     n = args.n or (300 if args.quick else 2000)
+    big = max(100, n // 10)  # the 1 MB rows: a tenth of the messages (a gigabyte through Redis otherwise)
     slow = args.slow_n or (30 if args.quick else 100)
     shipped = shipped_worker()
     # Postroom's rows run what `postroom worker` runs unless told otherwise (then the Worker column
-    # says what ran instead); the Celery baselines run prefork with one process per core
+    # says what ran instead), on an account with the default connection cap (4) unless the row says;
+    # Nodemailer gets the same cap. The Celery baselines run prefork with one process per core.
     fast: dict[str, Any] = {
         "pool": args.pool or shipped[0],
         "concurrency": args.concurrency or shipped[1],
         "processes": args.processes or shipped[2],
+        "max_connections": CAP,
     }
     baseline: dict[str, Any] = {"pool": "prefork", "concurrency": os.cpu_count() or 1}
-    tuned: dict[str, Any] = {"pool": "prefork", "concurrency": os.cpu_count() or 1}
     slowp: dict[str, Any] = {
         "pool": args.slow_pool or shipped[0],
         "concurrency": args.slow_concurrency or shipped[1],
@@ -1029,16 +1244,88 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
         "max_connections": 10,
     }
     bs = args.batch_size
-    return [
-        Scenario("single-1k", "Postroom, single-message jobs, 1 KB", "postroom", n, **fast),
-        Scenario("single-20k", "Postroom, single-message jobs, 20 KB", "postroom", n, body=20 * 1024, **fast),
-        Scenario("batch-1k", f"Postroom, batch jobs ({bs}/job), 1 KB", "batch", n, batch_size=bs, **fast),
+    kb, mb = 1024, 1024 * 1024
+    rows = [
+        Scenario("single-1k", "single jobs, 1 KB, Python helper", "postroom", n, **fast),
         Scenario(
-            "single-1k-prefork",
-            "Postroom, single-message jobs, 1 KB (tuned: -P prefork, one process per core)",
+            "single-1k-celery",
+            "single jobs, 1 KB, plain Celery send_task",
             "postroom",
             n,
-            **tuned,
+            producer="celery",
+            **fast,
+        ),
+        Scenario("single-1k-http", "single jobs, 1 KB, HTTP API", "postroom", n, producer="http", **fast),
+        Scenario("single-20k", "single jobs, 20 KB, Python helper", "postroom", n, body=20 * kb, **fast),
+        Scenario("single-100k", "single jobs, 100 KB, Python helper", "postroom", n, body=100 * kb, **fast),
+        Scenario(
+            "single-100k-celery",
+            "single jobs, 100 KB, plain Celery send_task",
+            "postroom",
+            n,
+            body=100 * kb,
+            producer="celery",
+            **fast,
+        ),
+        Scenario(
+            "single-100k-http",
+            "single jobs, 100 KB, HTTP API",
+            "postroom",
+            n,
+            body=100 * kb,
+            producer="http",
+            **fast,
+        ),
+        Scenario(
+            "single-1m",
+            "single jobs, 1 KB + a 1 MB attachment, Python helper",
+            "postroom",
+            big,
+            attachment=mb,
+            **fast,
+        ),
+        Scenario("batch-1k", f"batch jobs ({bs}/job), 1 KB", "batch", n, batch_size=bs, **fast),
+        Scenario(
+            "batch-100k", f"batch jobs ({bs}/job), 100 KB", "batch", n, body=100 * kb, batch_size=bs, **fast
+        ),
+        Scenario("nodemailer-1k", "baseline: Nodemailer pool, 1 KB", "nodemailer", n, max_connections=CAP),
+        Scenario(
+            "nodemailer-20k",
+            "baseline: Nodemailer pool, 20 KB",
+            "nodemailer",
+            n,
+            body=20 * kb,
+            max_connections=CAP,
+        ),
+        Scenario(
+            "nodemailer-100k",
+            "baseline: Nodemailer pool, 100 KB",
+            "nodemailer",
+            n,
+            body=100 * kb,
+            max_connections=CAP,
+        ),
+        Scenario(
+            "nodemailer-1m",
+            "baseline: Nodemailer pool, 1 KB + a 1 MB attachment",
+            "nodemailer",
+            big,
+            attachment=mb,
+            max_connections=CAP,
+        ),
+        Scenario(
+            "single-1k-16",
+            "single jobs, 1 KB, Python helper, 16 connections",
+            "postroom",
+            n,
+            **{**fast, "max_connections": 16},
+        ),
+        Scenario(
+            "nodemailer-1k-16",
+            "baseline: Nodemailer pool, 1 KB, 16 connections",
+            "nodemailer",
+            n,
+            max_connections=16,
         ),
         Scenario(
             "naive-1k",
@@ -1048,25 +1335,6 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
             **baseline,
         ),
         Scenario("noop", "baseline: no-op Celery task (same payload)", "noop", n, **baseline),
-        Scenario("nodemailer-1k", "baseline: Nodemailer pooled transport, 1 KB", "nodemailer", n),
-        # the same two at five times the messages, one run each (informational): Nodemailer's first
-        # 2,000 include V8 warming up, so the short rows flatter Postroom against it
-        Scenario(
-            "batch-long",
-            f"Postroom, batch jobs ({bs}/job), 1 KB, {5 * n} msgs (steady state)",
-            "batch",
-            5 * n,
-            batch_size=bs,
-            runs=1,
-            **fast,
-        ),
-        Scenario(
-            "nodemailer-long",
-            f"baseline: Nodemailer pooled transport, 1 KB, {5 * n} msgs",
-            "nodemailer",
-            5 * n,
-            runs=1,
-        ),
         Scenario("slow-1", "slow server (DATA +1 s): 1 account, 10 conns", "postroom", slow, **slowp),
         Scenario(
             "slow-4",
@@ -1076,26 +1344,9 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
             accounts=4,
             **slowp,
         ),
-        Scenario(
-            "slow-4-blocks",
-            "slow server: 4 accounts enqueued one after another (head-of-line)",
-            "postroom",
-            4 * slow,
-            accounts=4,
-            blocks=True,
-            runs=1,  # informational: one run keeps the full bench inside its 10 minutes
-            **slowp,
-        ),
         Scenario("rss-100", "100 account records, 1 msg each", "postroom", 100, accounts=100, **fast),
-        Scenario(
-            "rss-100-prefork",
-            "100 account records, 1 msg each (tuned: prefork)",
-            "postroom",
-            100,
-            accounts=100,
-            **tuned,
-        ),
     ]
+    return rows
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -1108,8 +1359,9 @@ def _fmt(value: float | None, spec: str) -> str:
 def results_table(rows: list[Row]) -> list[str]:
     out = [
         "| Scenario | Worker | Msgs | msgs/s (median) | min-max | worker CPU ms/msg | Redis CPU ms/msg "
-        "| Redis cmds/msg | peak RSS MB | Runs | Notes |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| Redis cmds/msg | worst PING ms | PINGs > 10 ms | slowest command ms | Redis KiB/queued job "
+        "| peak RSS MB | Runs | Notes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
         sc = row.scenario
@@ -1122,6 +1374,10 @@ def results_table(rows: list[Row]) -> list[str]:
         rcpu = row.median(lambda r: r.redis_cpu_s / r.msgs * 1000)
         calls = row.median(lambda r: r.redis_calls / r.msgs)
         rss = max((r.peak_rss for r in row.results), default=0) / MB if row.results else None
+        ping = max((r.ping_worst_ms for r in row.results), default=None)
+        over = max((r.ping_over_10ms for r in row.results), default=None)
+        slowest = max((r.slowlog_worst_ms for r in row.results), default=None)
+        memory = row.median(lambda r: r.mem_per_job / 1024)
         cells = [
             f"{sc.key}: {sc.label}",
             sc.worker,
@@ -1131,6 +1387,10 @@ def results_table(rows: list[Row]) -> list[str]:
             _fmt(cpu, ".2f"),
             _fmt(rcpu, ".2f"),
             _fmt(calls, ".1f"),
+            _fmt(ping, ".1f"),
+            "-" if over is None else str(over),
+            _fmt(slowest, ".1f"),
+            _fmt(memory, ".1f"),
             _fmt(rss, ".1f"),
             f"{len(row.results)}",
             "; ".join(notes).replace("|", "/"),
@@ -1160,21 +1420,71 @@ def checks(rows: dict[str, Row]) -> list[Check]:
         return Check(label, value, shown, f"≥ {target:g}x", None if value is None else value >= target)
 
     out = [
-        ratio("postroom single 1KB (shipped defaults) / naive", "single-1k", "naive-1k", 3.0),
-        ratio("postroom single 1KB (shipped defaults) / noop", "single-1k", "noop", 1.5),
-        ratio("postroom single 1KB, tuned prefork / naive", "single-1k-prefork", "naive-1k", 3.0),
-        ratio("postroom batch 1KB / naive", "batch-1k", "naive-1k", 5.0),
-        ratio("postroom batch 1KB / nodemailer", "batch-1k", "nodemailer-1k", 1.5),
+        ratio(f"single 1 KB, {who} / Nodemailer (same cap)", key, "nodemailer-1k", 0.8)
+        for who, key in (
+            ("helper", "single-1k"),
+            ("plain Celery", "single-1k-celery"),
+            ("HTTP", "single-1k-http"),
+        )
+    ]
+    out += [
+        ratio(f"single 100 KB, {who} / Nodemailer (same cap)", key, "nodemailer-100k", 1.0)
+        for who, key in (
+            ("helper", "single-100k"),
+            ("plain Celery", "single-100k-celery"),
+            ("HTTP", "single-100k-http"),
+        )
+    ]
+    out += [
+        ratio("batch 1 KB / Nodemailer (same cap)", "batch-1k", "nodemailer-1k", 1.5),
+        ratio("batch 100 KB / Nodemailer (same cap)", "batch-100k", "nodemailer-100k", 1.5),
+        ratio("single 1 KB / naive Celery", "single-1k", "naive-1k", 3.0),
         ratio("slow server: four accounts / one account", "slow-4", "slow-1", 3.5),
     ]
-    blocks = ratio(
-        "slow server: 4 accounts enqueued one after another / one account", "slow-4-blocks", "slow-1", 0
+    for label, key in (
+        ("1 MB attachment", "single-1m"),
+        ("20 KB", "single-20k"),
+        ("16 conns", "single-1k-16"),
+    ):
+        den = {"single-1m": "nodemailer-1m", "single-20k": "nodemailer-20k"}.get(key, "nodemailer-1k-16")
+        out.append(
+            replace(ratio(f"single {label} / Nodemailer (same cap)", key, den, 0), target="info", ok=None)
+        )
+    postroom = [r for r in rows.values() if r.results and r.scenario.kind in ("postroom", "batch")]
+    worst = max((res.ping_worst_ms for r in postroom for res in r.results), default=None)
+    over = sum(res.ping_over_10ms for r in postroom for res in r.results)
+    out.append(
+        Check(
+            "worst PING of a side client in any Postroom row",
+            worst,
+            "n/a" if worst is None else f"{worst:.1f} ms ({over} over 10 ms)",
+            "≤ 10 ms",
+            None if worst is None else worst <= 10,
+        )
     )
-    out.append(replace(blocks, target="info", ok=None))
-    steady = ratio(
-        "postroom batch 1KB / nodemailer, 5x the messages (steady state)", "batch-long", "nodemailer-long", 0
+    slowest = max((res.slowlog_worst_ms for r in postroom for res in r.results), default=None)
+    out.append(
+        Check(
+            "slowest Redis command (SLOWLOG) in any Postroom row",
+            slowest,
+            "n/a" if slowest is None else f"{slowest:.1f} ms",
+            "≤ 10 ms",
+            None if slowest is None else slowest <= 10,
+        )
     )
-    out.append(replace(steady, target="info", ok=None))
+    hundred = rows.get("single-100k")
+    if hundred is not None and hundred.results:
+        per_job = statistics.median(r.mem_per_job for r in hundred.results)
+        payload = 100 * 1024
+        out.append(
+            Check(
+                "Redis memory per queued 100 KB job (helper)",
+                per_job,
+                f"{per_job / 1024:.1f} KiB ({per_job / payload:.2f}x the payload)",
+                "≤ 1.3x payload + 2 KiB",
+                per_job <= 1.3 * payload + 2048,
+            )
+        )
     one = rate("slow-1")
     out.append(
         Check(
@@ -1185,22 +1495,17 @@ def checks(rows: dict[str, Row]) -> list[Check]:
             None if one is None else one >= 9.0,
         )
     )
-    rss_rows = [r for k, r in rows.items() if k.startswith("rss-") and r.results]
-    if rss_rows:
-        worst = max(max(res.peak_rss for res in r.results) for r in rss_rows) / MB
-        which = ", ".join(r.scenario.key for r in rss_rows)
+    rss = rows.get("rss-100")
+    if rss is not None and rss.results:
+        worst_rss = max(res.peak_rss for res in rss.results) / MB
         out.append(
             Check(
-                f"peak RSS per worker process, 100 accounts ({which})",
-                worst,
-                f"{worst:.1f} MB",
+                "peak RSS per worker process, 100 accounts",
+                worst_rss,
+                f"{worst_rss:.1f} MB",
                 "< 150 MB",
-                worst < 150,
+                worst_rss < 150,
             )
-        )
-    else:
-        out.append(
-            Check("peak RSS per worker process, 100 accounts", None, "n/a (rss-* missing)", "< 150 MB", None)
         )
     return out
 
@@ -1307,8 +1612,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         type=float,
-        default=540.0,
-        help="seconds; runs not started by then are skipped (keeps make bench < 10 min)",
+        default=1200.0,
+        help="seconds; runs not started by then are skipped (keeps make bench < 20 min)",
     )
     parser.add_argument(
         "--results",
@@ -1400,7 +1705,7 @@ def execute(bench: Bench, scenarios: list[Scenario], budget: float, t0: float) -
                 f"{res.seconds:.2f} s: {res.rate:.1f} msgs/s, "
                 f"worker CPU {res.cpu_s / res.msgs * 1000:.2f} ms/msg, "
                 f"Redis CPU {res.redis_cpu_s / res.msgs * 1000:.2f} ms/msg "
-                f"({res.redis_calls / res.msgs:.1f} cmds/msg), "
+                f"({res.redis_calls / res.msgs:.1f} cmds/msg), worst PING {res.ping_worst_ms:.1f} ms, "
                 f"peak RSS {res.peak_rss / MB:.1f} MB" + (f" ({res.note})" if res.note else ""),
                 flush=True,
             )
@@ -1459,6 +1764,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
             if bench is not None:
+                bench.slowlog_restore()
                 if bench.claimed:
                     with contextlib.suppress(redis.RedisError):
                         bench.redis.flushdb()  # leave the database empty, as the test suite expects

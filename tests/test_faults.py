@@ -128,6 +128,55 @@ def test_a_poison_message_is_dead_lettered_after_bounded_runs_and_the_rest_is_de
     assert all(MARKER not in str(r.message["Subject"]) for r in server.received)
 
 
+def test_a_poison_message_from_a_plain_celery_producer_ends_dead_and_takes_no_other_down(
+    fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+) -> None:
+    # Published by a plain Celery app: it kills the inbox reader while the batch it came in is
+    # taken in (its payload validated). The reaper puts that batch back, each entry flagged; a
+    # reader then takes flagged entries in one at a time, so only the poison dies again, and after
+    # max_attempts (2) such deaths it is a dead letter under its own id.
+    from celery import Celery
+
+    server = smtp_server(mode="plain")
+    account = fault_env.account("rawpoison", server)
+    kills = tmp_path / "poison-kills.log"
+    plain = Celery("a-plain-celery-app", broker=fault_env.broker_url, set_as_current=False)
+    try:
+
+        def publish(subject: str) -> str:
+            kwargs = {"account": account, "to": ["r@example.net"], "subject": subject, "text": "x"}
+            return str(plain.send_task("postroom.send", kwargs=kwargs, queue="postroom").id)
+
+        innocent = [publish(f"innocent {i}") for i in range(4)]
+        poison = publish(f"{MARKER} raw")
+        innocent += [publish(f"innocent {i}") for i in range(4, 8)]
+    finally:
+        plain.close()
+    producer = producer_for(fault_env)
+    worker = Worker(
+        fault_env,
+        tmp_path / "worker.log",
+        concurrency=1,
+        extra_args=("-I", "support.poison"),
+        extra_env={**POISON_ENV, "POSTROOM_TEST_POISON_LOG": str(kills)},
+    )
+    try:
+        worker.start()
+        restarts = keep_running(
+            [worker], lambda: all_final(producer, [*innocent, poison]), 120, "every job to end"
+        )
+        jobs = jobs_of(producer, innocent)
+        dead = producer.job(poison)
+    finally:
+        worker.stop()
+        producer.close()
+    runs = len(kills.read_text().splitlines()) if kills.exists() else 0
+    assert dead is not None and dead.state == "dead" and "poison" in (dead.last_error or ""), dead
+    assert runs == 3 and restarts == runs, (runs, restarts)  # its batch's run, then 2 alone
+    assert [j for j, job in jobs.items() if job is None or job.state != "sent"] == []
+    assert len(by_message_id(server)) == len(innocent) and max(by_message_id(server).values()) == 1
+
+
 # ---- (a) a worker SIGKILLed at different points -------------------------------------------------
 
 

@@ -15,7 +15,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from support.envelopes import send_kwargs
 from support.queue import QueueEnv, Worker, finished, wait_for
@@ -23,8 +22,9 @@ from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
 from worker.queue import liveness
 from worker.queue.broker import BrokerKeys
-from worker.queue.delays import MOVING, RETRYING, STALE_AFTER, DelayQueue
+from worker.queue.delays import RETRYING, DelayQueue
 from worker.queue.jobs import JobStore
+from worker.queue.ready import READY_ACCOUNTS, ReadyQueues, ready_key
 from worker.records.loader import Records
 
 # The shipped time limits and visibility timeout (support.queue shrinks only the retry delays).
@@ -35,62 +35,36 @@ PRODUCTION = {
 }
 
 
-class Published:
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    def __call__(self, job_id: str, kwargs: dict[str, Any]) -> None:
-        self.ids.append(job_id)
-
-
 def retrying(env: QueueEnv, job_id: str, due: float, state: str = "retrying") -> None:
-    env.redis.hset(
-        f"postroom:job:{job_id}", mapping={"state": state, "payload": json.dumps({"account": "a"})}
-    )
+    env.redis.hset(f"postroom:job:{job_id}", mapping={"state": state, "account": "a", "payload": "{}"})
     env.redis.zadd(RETRYING, {job_id: due})
 
 
-def test_the_delay_queue_publishes_a_job_when_it_is_due_and_not_before(own_queue: QueueEnv) -> None:
-    published = Published()
-    delays = DelayQueue(own_queue.redis, published)
+def test_the_delay_queue_makes_a_job_ready_when_it_is_due_and_not_before(own_queue: QueueEnv) -> None:
+    delays = DelayQueue(own_queue.redis)
     now = time.time()
     retrying(own_queue, "early", now + 60)
     retrying(own_queue, "due", now - 1)
     retrying(own_queue, "ended", now - 1, state="sent")  # sent meanwhile (a copy ran): dropped
-    assert delays.move_due(now) == ["due"] and published.ids == ["due"]
-    assert own_queue.redis.zrange(RETRYING, 0, -1) == ["early"] and own_queue.redis.zcard(MOVING) == 0
+    assert delays.move_due(now) == ["due"]
+    assert own_queue.redis.zrange(ready_key("a"), 0, -1) == ["due"]
+    assert own_queue.redis.hget("postroom:job:due", "state") == "queued"
+    assert own_queue.redis.zrange(RETRYING, 0, -1) == ["early"]
     assert delays.move_due(now + 61) == ["early"]
 
 
-def test_a_due_job_is_published_at_the_read_end_of_the_queue_not_behind_the_backlog(
-    own_queue: QueueEnv,
-) -> None:
-    """A retry that came due goes to the end of the queue kombu reads from: behind a backlog of
-    thousands it would run minutes after its time (95 s late in a 10,000-message chaos run)."""
-    from celery import Celery
-
-    from worker.mail.payload import QUEUE, TASK_NAME
-    from worker.queue import broker
-
-    broker.install()  # kombu's Redis URLs use Postroom's channel, as in every worker
-    app = Celery("at-head-test", broker=own_queue.broker_url, set_as_current=False)
-    try:
-        backlog = [str(app.send_task(TASK_NAME, kwargs={"n": n}, queue=QUEUE).id) for n in range(3)]
-        with broker.at_head():
-            due = str(app.send_task(TASK_NAME, kwargs={"n": "due"}, queue=QUEUE).id)
-        later = str(app.send_task(TASK_NAME, kwargs={"n": 4}, queue=QUEUE).id)  # back to normal
-    finally:
-        app.close()
-    entries = [json.loads(raw)["headers"]["id"] for raw in own_queue.redis.lrange(QUEUE, 0, -1)]
-    assert entries[::-1] == [due, *backlog, later]  # kombu's BRPOP takes from the right
-
-
-def test_a_job_whose_mover_died_is_taken_again_once_stale(own_queue: QueueEnv) -> None:
+def test_a_due_retry_is_taken_before_the_backlog_that_became_ready_after_it(own_queue: QueueEnv) -> None:
+    """A retry that came due is scored by its due time: behind a backlog of thousands it ran
+    minutes after its time once (95 s late in a 10,000-message chaos run)."""
     now = time.time()
-    own_queue.redis.hset("postroom:job:orphan", mapping={"state": "retrying", "payload": "{}"})
-    own_queue.redis.zadd(MOVING, {"orphan": now - STALE_AFTER - 1})  # taken, never published
-    published = Published()
-    assert DelayQueue(own_queue.redis, published).move_due(now) == ["orphan"]
+    for n in range(3):
+        own_queue.redis.hset(f"postroom:job:b{n}", mapping={"state": "queued", "account": "a"})
+        own_queue.redis.zadd(ready_key("a"), {f"b{n}": now + n})
+        own_queue.redis.sadd(READY_ACCOUNTS, "a")
+    retrying(own_queue, "due", now - 5)
+    DelayQueue(own_queue.redis).move_due(now + 10)
+    taken = ReadyQueues(own_queue.redis).take("h", 4, {"a": 4}, default_room=0)
+    assert [job_id for job_id, _, _ in taken] == ["due", "b0", "b1", "b2"]
 
 
 def unacked(env: QueueEnv, tag: str, age: float, job_id: str | None = None) -> str:
@@ -114,7 +88,6 @@ def test_the_reaper_restores_only_what_no_live_holder_claims(own_queue: QueueEnv
     (restored,) = own_queue.redis.lrange("postroom", 0, -1)
     message = json.loads(restored)
     assert message["headers"]["id"] == orphan and message["headers"]["redelivered"] is True
-    assert own_queue.redis.smembers(liveness.HOLDERS) == {"alive"}  # the dead one's keys are gone
 
 
 def test_a_heartbeat_claims_what_its_consumer_holds_and_lapses_when_it_stops(own_queue: QueueEnv) -> None:
@@ -146,10 +119,15 @@ def held_by_a_killed_worker(
     return killed_at, second
 
 
-def test_a_killed_workers_running_carried_and_prefetched_jobs_run_again_within_a_minute(
+def taken(env: QueueEnv) -> int:
+    """Jobs the worker processes hold (taken from their ready sets)."""
+    return sum(int(env.redis.hlen(key)) for key in env.redis.scan_iter(match="postroom:taken:*"))
+
+
+def test_a_killed_workers_taken_jobs_run_again_within_a_minute(
     own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
-    # every connection stalls at MAIL: the worker holds running, carried and prefetched jobs
+    # every connection stalls at MAIL: the worker holds jobs on its connections and waiting for one
     server = smtp_server(mode="plain", stall_mail_after=0, stall_seconds=600, stall_all=True)
     own_queue.account("held", server, limits={"max_connections": 2})
     producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
@@ -160,7 +138,7 @@ def test_a_killed_workers_running_carried_and_prefetched_jobs_run_again_within_a
         tmp_path,
         producer,
         ids,
-        lambda: server.stalls >= 2 and own_queue.redis.hlen("unacked") >= 3,
+        lambda: server.stalls >= 2 and taken(own_queue) >= 3,
     )
     try:
         for job_id in ids:
@@ -201,61 +179,44 @@ def test_a_retry_whose_worker_was_killed_runs_after_its_backoff_and_not_much_lat
     assert JobStore(own_queue.redis).get(job_id).attempts == 2  # type: ignore[union-attr]
 
 
-def test_carried_jobs_let_go_while_redis_was_away_are_restored_by_the_reaper(own_queue: QueueEnv) -> None:
-    """A carrying task failed while Redis restarted: its give-back could not be written, so the
-    jobs are still unacknowledged and in this live process's carried set. The next beat stops
-    claiming them, and the reaper restores them (not kombu, an hour later)."""
-    job_id = unacked(own_queue, "t-carried", age=60)
-    beat = liveness.Heartbeat(own_queue.redis)
-    own_queue.redis.sadd(liveness.carried_key(), "t-carried")
-    own_queue.redis.sadd(liveness.HOLDERS, beat.holder)
-    beat.beat()
-    reaper = liveness.Reaper(own_queue.redis, BrokerKeys())
-    assert reaper.reap() == 0  # claimed by a live holder
-    liveness.release_later(["t-carried"])
-    beat.beat()
-    assert reaper.reap() == 1
-    (restored,) = own_queue.redis.lrange("postroom", 0, -1)
-    assert json.loads(restored)["headers"]["id"] == job_id
-
-
-def test_a_task_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue: QueueEnv) -> None:
-    """The threads pool cannot stop a thread: a task past the hard time limit stops holding its
-    message and the jobs it carries (the reaper gives them back) and its Message-ID claims lapse."""
+def test_a_group_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue: QueueEnv) -> None:
+    """A thread cannot be stopped: a group past the hard time limit gives its jobs back to their
+    ready sets (counted as runs cut short) and its Message-ID claims lapse; a healthy control
+    task's message stays claimed."""
     from worker.queue.marks import CLAIMS
 
-    own = unacked(own_queue, "t-own", age=60)
-    carried = unacked(own_queue, "t-carried", age=60)
-    beat = liveness.Heartbeat(own_queue.redis, lambda: ["t-own", "t-other"], time_limit=0.3)
-    reaper = liveness.Reaper(own_queue.redis, BrokerKeys())
-    unacked(own_queue, "t-other", age=60)  # a healthy task's message: held throughout
+    own_queue.redis.hset("postroom:job:stuck", mapping={"state": "sending", "account": "a"})
+    own_queue.redis.zadd(ready_key("a"), {"stuck": time.time()})
+    own_queue.redis.sadd(READY_ACCOUNTS, "a")
+    beat = liveness.Heartbeat(own_queue.redis, lambda: ["t-other"], time_limit=0.3, state=own_queue.redis)
+    queues = ReadyQueues(own_queue.redis)
+    assert queues.take(beat.holder, 1, {"a": 1}, default_room=0) == [("stuck", "a", 0)]
+    with own_queue.redis.pipeline() as pipe:
+        queues.running_into(pipe, beat.holder, [("stuck", "a")])
+        pipe.execute()
     began, release = threading.Event(), threading.Event()
 
-    def stuck_task() -> None:
-        liveness.TASKS.expect(own, "t-own")
-        liveness.TASKS.started(own)
-        liveness.TASKS.carrying(["t-carried"])
-        own_queue.redis.sadd(liveness.carried_key(), "t-carried")
+    def stuck_group() -> None:
+        liveness.TASKS.started(None)
+        liveness.TASKS.carrying(["stuck"])
         CLAIMS.add([("a", "<stuck@example.com>", "token")])
         began.set()
         release.wait(30)
         liveness.TASKS.finished()
 
-    thread = threading.Thread(target=stuck_task)
+    thread = threading.Thread(target=stuck_group)
     thread.start()
     try:
         assert began.wait(10)
-        own_queue.redis.sadd(liveness.HOLDERS, beat.holder)
         beat.beat()
-        assert reaper.reap() == 0  # within its limit: everything claimed
+        assert own_queue.redis.hkeys(f"postroom:taken:{beat.holder}") == ["stuck"]  # within its limit
         time.sleep(0.5)
         beat.beat()
+        assert own_queue.redis.hkeys(f"postroom:taken:{beat.holder}") == []
+        assert own_queue.redis.zrange(ready_key("a"), 0, -1) == ["stuck"]
+        assert own_queue.redis.hget("postroom:job:stuck", "cut_short") == "1"
         consumer = own_queue.redis.smembers(liveness.holding_key(beat.holder, "consumer"))
         assert consumer == {"-", "t-other"}
-        assert own_queue.redis.smembers(liveness.carried_key()) == set()
-        assert reaper.reap() == 2
-        restored = {json.loads(m)["headers"]["id"] for m in own_queue.redis.lrange("postroom", 0, -1)}
-        assert restored == {own, carried}
         assert CLAIMS.drop_owned_by(thread.ident or 0) == 0  # already dropped: no longer renewed
     finally:
         release.set()

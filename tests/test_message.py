@@ -126,6 +126,25 @@ def test_duplicate_recipients_are_sent_once() -> None:
             headers={"X-Order": "42", "X-Long": "word " * 60, "X-Name": "värde"},
         ),
         MessageSpec("s@example.com", to=["a@example.net"], subject="", text=""),
+        MessageSpec(  # an invoice and an image: base64 parts, written directly too
+            "s@example.com",
+            to=["a@example.net"],
+            subject="Invoice",
+            text="See the attachment.\n",
+            html="<p>See the attachment.</p>",
+            attachments=[
+                Attachment("invoice-42.pdf", "application/pdf", bytes(range(256)) * 700),
+                Attachment("logo.png", "image/png", b"\x89PNG\r\n" + b"\x00\xff" * 50),
+                Attachment("empty.bin", "application/octet-stream", b""),
+            ],
+        ),
+        MessageSpec(
+            "s@example.com",
+            to=["a@example.net"],
+            subject="One part and a file",
+            text="x",
+            attachments=[Attachment("a.zip", "application/zip", b"PK\x03\x04" * 40)],
+        ),
     ],
 )
 def test_the_direct_renderer_writes_what_the_email_package_writes(
@@ -147,3 +166,6 @@ def test_the_direct_renderer_writes_what_the_email_package_writes(
     parts_a = [(p.get_content_type(), p.get_content()) for p in a.walk() if not p.is_multipart()]
     parts_b = [(p.get_content_type(), p.get_content()) for p in b.walk() if not p.is_multipart()]
     assert parts_a == parts_b
+    files_a = [(p.get_filename(), p["Content-Transfer-Encoding"]) for p in a.walk() if p.get_filename()]
+    files_b = [(p.get_filename(), p["Content-Transfer-Encoding"]) for p in b.walk() if p.get_filename()]
+    assert files_a == files_b

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import aiosmtplib
+import hypothesis
 import pytest
 
 from worker.transports import pipelining
@@ -306,3 +307,17 @@ def test_a_reply_that_arrives_before_the_one_ahead_of_it_is_picked_up_is_kept() 
             far.close()
 
     assert asyncio.run(go()) == ["one", "two"]
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(
+    hypothesis.strategies.lists(
+        hypothesis.strategies.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"x."])
+    )
+)
+def test_the_wire_form_is_aiosmtplibs_whatever_the_line_endings_and_dots(pieces: list[bytes]) -> None:
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    message = b"".join(pieces)
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+    assert pipelining.on_the_wire(message) == expected

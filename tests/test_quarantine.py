@@ -281,22 +281,10 @@ def test_broker_key_names_follow_the_transport_options() -> None:
     assert BrokerKeys.from_options(None).queue_lists("q")[0] == "q"
 
 
-def test_the_sweep_finds_in_flight_jobs_under_a_global_key_prefix(own_queue: QueueEnv) -> None:
-    from worker.queue.brokers import RedisBrokerView
-
-    keys = BrokerKeys.from_options({"global_keyprefix": "pfx:"})
-    job_id = str(uuid.uuid4())
-    entry = json.loads(send_kwargs(valid_kwargs(), task_id=job_id))
-    own_queue.redis.hset(keys.unacked, "tag", json.dumps([entry, "", "postroom"]))
-    assert job_id in (RedisBrokerView(own_queue.redis, keys).job_ids() or ())
-    assert job_id not in (RedisBrokerView(own_queue.redis, BrokerKeys()).job_ids() or ())
-
-
 def test_the_sweep_lock_is_released_only_by_its_holder(own_queue: QueueEnv) -> None:
-    from worker.queue.brokers import RedisBrokerView
     from worker.queue.sweep import LOCK, Sweeper
 
-    sweeper = Sweeper(own_queue.redis, RedisBrokerView(own_queue.redis, BrokerKeys()), lambda *_: None)
+    sweeper = Sweeper(own_queue.redis, lambda *_: None)
 
     def outlived(now: float, report: Any) -> None:  # our lock lapsed and another sweep took it
         own_queue.redis.set(LOCK, "another sweep", ex=60)

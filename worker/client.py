@@ -3,7 +3,9 @@
 Producers in other languages call ``send_task("postroom.send", kwargs=PAYLOAD,
 queue="postroom")`` directly (see the README); this helper adds the checks a
 producer wants *before* anything is enqueued: the payload is valid, the
-account exists and its record is sound, the idempotency key is new.
+account exists and its record is sound, the idempotency key is new. It writes the
+job straight into Postroom's ready queues (worker/queue/ready.py), in one transaction
+with its record: no broker message, the payload stored once.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 from celery import Celery
-from kombu.exceptions import EncodeError
 from pydantic import ValidationError
 
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
-from worker.mail.payload import BATCH_TASK_NAME, MAX_BATCH, QUEUE, TASK_NAME, SendPayload, job_headers
-from worker.queue import brokers, schedule
+from worker.mail.payload import MAX_BATCH, SendPayload
+from worker.queue import brokers, ready, schedule
 from worker.queue.brokers import BrokerView, celery_config
 from worker.queue.connect import safe_url
-from worker.queue.jobrecord import FINAL_STATES, Job
+from worker.queue.jobrecord import FINAL_STATES, Job, JobState
 from worker.queue.jobs import JobStore, new_job_id
 from worker.queue.runtime import RECORDS_RECHECK_SECONDS
 from worker.queue.suppressions import Suppressions
@@ -41,34 +42,12 @@ class PayloadError(PostroomError, ValueError):
 
 
 class EnqueueError(PostroomError):
-    """The job could not be enqueued, or it is not known whether its message reached the
-    broker. In the second case its record is kept (``recorded``): the orphan sweep publishes
-    it if the message never arrived, and a retry with the same idempotency key returns it."""
+    """The job could not be enqueued: Redis did not take the transaction that records it, so
+    nothing of it is kept (a retry with the same idempotency key enqueues it once)."""
 
     def __init__(self, message: str, *, recorded: list[str] | None = None) -> None:
         super().__init__(message)
-        self.recorded = recorded or []
-
-
-# Errors raised before a message is handed to the broker's connection: nothing can have arrived.
-_NEVER_SENT: tuple[type[BaseException], ...] = (EncodeError, TypeError, ValueError)
-
-
-def _publish_failed(
-    exc: Exception, jobs: Sequence[tuple[str, Mapping[str, Any]]], undo: Any, broker: str
-) -> None:
-    """After ``send_task`` raised: forget the jobs when nothing can have reached the broker;
-    otherwise keep their records and claims (the sweep decides) and say so."""
-    if isinstance(exc, _NEVER_SENT):
-        for job_id, kwargs in jobs:
-            undo(job_id, kwargs)
-        raise EnqueueError(f"could not enqueue (broker {broker}): {exc}") from exc
-    raise EnqueueError(
-        f"could not confirm the enqueue (broker {broker}): {exc}; the job is recorded and will be"
-        " sent once (the orphan sweep publishes it if its message never arrived): retry with the"
-        " same idempotency_key to get its id",
-        recorded=[job_id for job_id, _ in jobs],
-    ) from exc
+        self.recorded = recorded or []  # kept for callers of earlier releases: always empty now
 
 
 def describe_validation_error(error: ValidationError) -> list[str]:
@@ -224,34 +203,17 @@ class Producer:
         """Validate and enqueue; returns the job id (an existing one for a reused idempotency key).
 
         ``submitted_by`` names the HTTP API key that asked, kept in the job record."""
-        model = self.validate(payload)
-        job_id = new_job_id()
-        kwargs = model.to_task_kwargs()
-        try:
-            (owner,) = self.store.create_claimed([(job_id, kwargs)], submitted_by=submitted_by)
-        except Exception as exc:  # nothing was written (one MULTI/EXEC) or Redis is gone
-            self._undo(job_id, kwargs)
-            raise EnqueueError(f"could not enqueue (broker {safe_url(self.broker)}): {exc}") from exc
-        if owner is not None:
-            return owner
-        try:
-            self.app.send_task(
-                TASK_NAME, kwargs=kwargs, queue=QUEUE, task_id=job_id, headers=job_headers(kwargs)
-            )
-        except Exception as exc:
-            _publish_failed(exc, [(job_id, kwargs)], self._undo, safe_url(self.broker))
-        return job_id
+        return self._enqueue([self.validate(payload)], submitted_by)[0]
 
     def send_batch(
         self, payloads: Sequence[SendPayload | Mapping[str, Any]], *, submitted_by: str = ""
     ) -> list[str]:
-        """Validate every payload, then enqueue them as one ``postroom.send_batch`` job.
+        """Validate every payload, then enqueue them all in one transaction.
 
-        Each message still gets a job id of its own (returned in order), its own
-        Message-ID, state, retries and dead-letter entry. One invalid payload
-        refuses the whole batch (PayloadError names it as ``messages[i].field``)
-        and nothing is enqueued. A reused idempotency key returns the job that
-        owns it and that message is left out of the batch.
+        Each message gets a job id of its own (returned in order), its own Message-ID, state,
+        retries and dead-letter entry; the workers send them side by side. One invalid payload
+        refuses the whole batch (PayloadError names it as ``messages[i].field``) and nothing is
+        enqueued. A reused idempotency key returns the job that owns it.
         """
         if not payloads:
             raise PayloadError(["messages: a batch needs at least one message"])
@@ -266,41 +228,23 @@ class Producer:
                 problems += exc.problems
         if problems:
             raise PayloadError(problems)
+        return self._enqueue(models, submitted_by)
+
+    def _enqueue(self, models: Sequence[SendPayload], submitted_by: str) -> list[str]:
+        """Record the jobs in one transaction, each ready for every worker at once (its payload
+        stored once, in its record: worker/queue/ready.py) or waiting for its send_at."""
         jobs = [(new_job_id(), model.to_task_kwargs()) for model in models]
-        result = [job_id for job_id, _ in jobs]
-        fresh: list[tuple[str, dict[str, Any]]] = []
         try:
             owners = self.store.create_claimed(jobs, submitted_by=submitted_by)
-        except Exception as exc:
-            for job_id, message in jobs:
-                self._undo(job_id, message)
-            raise EnqueueError(f"could not enqueue (broker {safe_url(self.broker)}): {exc}") from exc
-        for i, owner in enumerate(owners):
-            if owner is not None:
-                result[i] = owner
-            else:
-                fresh.append(jobs[i])
-        if fresh:
-            kwargs = {"messages": [m for _, m in fresh], "job_ids": [job_id for job_id, _ in fresh]}
-            try:
-                self.app.send_task(BATCH_TASK_NAME, kwargs=kwargs, queue=QUEUE)
-            except Exception as exc:
-                _publish_failed(exc, fresh, self._undo, safe_url(self.broker))
-        return result
+        except Exception as exc:  # nothing was written (one MULTI/EXEC) or Redis is gone
+            raise EnqueueError(f"could not enqueue (Redis {safe_url(self.state)}): {exc}") from exc
+        return [owner or job_id for (job_id, _), owner in zip(jobs, owners, strict=True)]
 
     def republish(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
-        """Publish a job that has a record again, under its own id (a retried dead letter, a held
-        job released, a job the orphan sweep found without a message)."""
-        self.app.send_task(
-            TASK_NAME, kwargs=dict(kwargs), queue=QUEUE, task_id=job_id, headers=job_headers(kwargs)
-        )
-
-    def _undo(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
-        """Forget a job whose publishing failed (its record, and its key if it is its own), in
-        one step. When Redis is down this fails too: the record then stays, and the orphan sweep
-        publishes the job — so a retry with the same key returns a job that will be sent."""
-        with contextlib.suppress(Exception):  # the broker is down; the original error is what matters
-            self.store.discard(job_id, kwargs)
+        """Make a job that has a record ready again (a retried dead letter, a held job released, a
+        job the sweep found nowhere): into its account's ready set, under its own id."""
+        states = (JobState.QUEUED, JobState.HELD, JobState.RETRYING, JobState.SCHEDULED, JobState.SENDING)
+        ready.make_ready(self.store.redis, job_id, str(kwargs.get("account", "")), states)
 
     def retry_dead_letters(self, job_ids: Iterable[str]) -> tuple[list[str], list[str]]:
         """Put dead letters back on the queue with their job ids and Message-IDs (what the

@@ -166,13 +166,13 @@ class Settings:
     worker_pool: str = "threads"
     worker_concurrency: int = 16  # task threads (or processes, with prefork) per worker
     worker_processes: int = 0  # processes `postroom worker` and `up` run; 0 = one per CPU core
-    # Celery task events, for Flower. They cost two Redis PUBLISHes per task (the bench measured
-    # ~30% of single-message throughput); with 0, Flower still works: it switches them on itself.
+    # Celery task events, for Flower. Only the control tasks (health checks, sweeps) are Celery
+    # tasks, so they cost next to nothing; with 0, Flower still works: it switches them on itself.
     task_events: int = 1
-    # With a backlog queued, one postroom.send task carries up to this many ready single-message
-    # jobs taken straight from the queue (worker/queue/drain.py): Celery's per-task cost is paid once
-    # for all of them. 1 turns it off.
-    coalesce: int = 32
+    # A worker process's dispatcher takes up to this many ready jobs at a time, fairly across the
+    # accounts with room in it (worker/queue/dispatch.py): one Redis round trip per step for the
+    # whole group. 1 takes them one by one.
+    coalesce: int = 64
     # Health checks (celery beat): every account's connectivity every health_interval seconds,
     # each check given up after health_timeout; pause_after failed checks (or authentication
     # failures of deliveries) in a row pause the account: its jobs are held, not burnt.
@@ -180,11 +180,11 @@ class Settings:
     health_timeout: float = 30.0
     pause_after: int = 3
     metrics_port: int = 9464  # `postroom metrics` and `postroom up` (POSTROOM_METRICS_PORT)
-    # The orphan sweep (worker/queue/sweep.py, run by the beat): a job whose message went missing from
-    # the broker (a worker or Redis killed mid-hand-over) is published again after two sweeps.
+    # The orphan sweep (worker/queue/sweep.py, run by the beat): an open job found in none of the
+    # places its state says it waits is made ready again after two sweeps.
     sweep_interval: float = 60.0
-    # On a broker that cannot list its messages (RabbitMQ) the sweep publishes again an open job
-    # whose record has not changed for this long (its producer died between recording and publishing).
+    # Read by earlier releases (RabbitMQ's sweep, when jobs waited in the broker); kept so that a
+    # settings file naming it still loads. Jobs wait in Redis now, where the sweep looks them up.
     sweep_unlisted_after: float = 3600.0
     # How long an address stays on an account's suppression list (worker/queue/suppressions.py)
     # after a 5.1.x refusal or an operator's add: a mailbox that comes back is tried after that.

@@ -135,7 +135,9 @@ class QueueEnv:
         return name
 
     def queue_length(self) -> int:
-        return int(self.redis.llen("postroom"))
+        """Jobs waiting to be taken: in the broker's queue (not taken in yet) and in the ready sets."""
+        ready = sum(int(self.redis.zcard(key)) for key in self.redis.scan_iter(match="postroom:ready:*"))
+        return int(self.redis.llen("postroom")) + ready
 
     def release(self) -> None:
         self.redis.flushdb()
@@ -164,7 +166,7 @@ class Worker:
     def start(self, timeout: float = 30.0) -> Worker:
         args = [
             sys.executable, "-m", "celery", "-A", "worker.queue.app", "worker",
-            "-Q", "postroom", "-c", str(self.concurrency), "-l", "INFO",
+            "-Q", "postroom.control", "-c", str(self.concurrency), "-l", "INFO",
             "-n", f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
             "--without-gossip", "--without-mingle", *self.extra_args,
         ]  # fmt: skip

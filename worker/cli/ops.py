@@ -69,16 +69,13 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
 @click.command("sweep")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sweep_command(as_json: bool) -> None:
-    """Publish again every job whose message went missing from the broker (the beat does this
-    every sweep_interval): a job missing at two looks a few seconds apart is re-sent."""
+    """Make ready again every open job found nowhere it can wait (the beat does this every
+    sweep_interval): a job missing at two looks a few seconds apart goes back to its ready set."""
     from worker.queue.sweep import Sweeper
 
     producer = open_producer()
     try:
-        after = producer.settings.sweep_unlisted_after
-        sweeper = Sweeper(
-            producer.store.redis, producer.broker_view(), producer.republish, unlisted_after=after
-        )
+        sweeper = Sweeper(producer.store.redis, producer.republish)
         report = sweeper.run()
         if report.suspects and not report.skipped:
             time.sleep(sweeper.confirm + 0.1)
@@ -94,10 +91,10 @@ def sweep_command(as_json: bool) -> None:
     else:
         click.echo(
             f"open jobs {report.open_jobs}, looked for {report.checked}, "
-            f"published again {len(report.republished)}, still missing {report.suspects}"
+            f"made ready again {len(report.republished)}, still missing {report.suspects}"
         )
         for job_id in report.republished:
-            click.echo(f"  published again {job_id}")
+            click.echo(f"  made ready again {job_id}")
 
 
 @click.command("health")

@@ -11,6 +11,7 @@ unacknowledged message older than it, ETA or not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -24,7 +25,14 @@ from celery.signals import (
 )
 
 from worker import settings as settings_module
-from worker.mail.payload import HEALTH_TASK_NAME, QUEUE, SWEEP_TASK_NAME, TASK_NAME
+from worker.mail.payload import (
+    BATCH_TASK_NAME,
+    CONTROL_QUEUE,
+    HEALTH_TASK_NAME,
+    QUEUE,
+    SWEEP_TASK_NAME,
+    TASK_NAME,
+)
 from worker.queue import broker, brokers
 from worker.settings import PUBLISH_RETRY_POLICY
 
@@ -45,6 +53,9 @@ def broker_keys() -> broker.BrokerKeys:
 
 
 _views: dict[int, brokers.BrokerView] = {}
+# Called first on the worker's shutdown, before its loop and pools go (registered by the modules
+# above this one that run beside Celery's consumer: worker/queue/process.py).
+ON_SHUTDOWN: list[Callable[[], None]] = []
 
 
 def broker_view(state_client: Any) -> brokers.BrokerView:
@@ -70,8 +81,10 @@ app.conf.update(
     task_ignore_result=True,  # job state lives in Postroom's own records (postroom job ID)
     task_serializer="json",
     accept_content=["json"],
-    task_default_queue=QUEUE,
-    task_routes={TASK_NAME: {"queue": QUEUE}},
+    # Celery's consumer reads the control queue (health checks, sweeps); the jobs' queue is read
+    # by Postroom's own inbox (worker/queue/inbox.py), in batches
+    task_default_queue=CONTROL_QUEUE,
+    task_routes={TASK_NAME: {"queue": QUEUE}, BATCH_TASK_NAME: {"queue": QUEUE}},
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     task_acks_on_failure_or_timeout=True,
@@ -95,12 +108,12 @@ app.conf.update(
         "postroom-health-check": {
             "task": HEALTH_TASK_NAME,
             "schedule": settings.health_interval,
-            "options": {"queue": QUEUE, "expires": settings.health_interval},
+            "options": {"queue": CONTROL_QUEUE, "expires": settings.health_interval},
         },
         "postroom-sweep": {
             "task": SWEEP_TASK_NAME,
             "schedule": settings.sweep_interval,
-            "options": {"queue": QUEUE, "expires": settings.sweep_interval},
+            "options": {"queue": CONTROL_QUEUE, "expires": settings.sweep_interval},
         },
     },
 )
@@ -110,7 +123,7 @@ app.conf.update(
 def _check_at_start(**_: Any) -> None:
     """The one beat checks every account as soon as it starts (its schedule's first run is one
     interval later): an operator sees real health lines at once, not "no check yet" for minutes."""
-    app.send_task(HEALTH_TASK_NAME, queue=QUEUE, expires=settings.health_interval)
+    app.send_task(HEALTH_TASK_NAME, queue=CONTROL_QUEUE, expires=settings.health_interval)
 
 
 @task_prerun.connect
@@ -143,5 +156,7 @@ def _stop_runtime(**_: Any) -> None:
     from worker.queue.runtime import shutdown_runtime
     from worker.queue.webhook_sender import stop_sender
 
+    for stop in ON_SHUTDOWN:  # worker/queue/process.py: take nothing more, let running groups finish
+        stop()
     stop_sender()
     shutdown_runtime()

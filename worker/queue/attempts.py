@@ -1,7 +1,7 @@
 """The attempt policy: one module decides what an attempt at a job ends with.
 
-Every message — a ``postroom.send`` job, the messages of a ``postroom.send_batch``
-and the jobs a task carries along (worker/queue/drain.py) — goes through
+Every message — each job of a group the dispatcher took from the ready sets
+(worker/queue/dispatch.py), a single message or one of a batch — goes through
 :func:`attempt_all`: validated (a payload invalid in any field is dead-lettered
 with pydantic's reasons, :func:`dead_on_arrival`), held when its account is
 paused (worker/ops/health.py), begun (the attempt counted in its record; a job that
@@ -9,8 +9,7 @@ already ended is skipped), delivered by :class:`worker.queue.delivery.Delivery`,
 concluded here from the outcome's class and the settings: sent, suppressed,
 dead, or retrying — a retry, a limit wait or a claim wait is an entry of
 Postroom's delay queue written with the record (worker/queue/delays.py). Nothing in
-the delivery code decides whether to retry; the Celery tasks (worker/queue/tasks.py)
-only hand messages in.
+the delivery code decides whether to retry; the dispatcher only hands jobs in.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -25,14 +25,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from worker.mail import autoreply
-from worker.mail.payload import QUEUE, TASK_NAME, SendPayload, job_headers
+from worker.mail.payload import SendPayload
 from worker.ops import counters
 from worker.ops.counters import Counted, Tally
 from worker.ops.health import AccountHealth
-from worker.queue import liveness
-from worker.queue.app import app, broker_redis, settings, state_url
+from worker.queue import liveness, ready
+from worker.queue.app import broker_redis, settings, state_url
 from worker.queue.delivery import Delivery, Outcome, log_attempt
-from worker.queue.jobrecord import JobState, account_of, history_word, safe_text
+from worker.queue.jobrecord import JobState, account_of, describe, history_word
 from worker.queue.jobs import Begun, JobStore
 from worker.queue.runtime import get_runtime
 from worker.records.addresses import bare_address
@@ -51,14 +51,6 @@ def job_store() -> JobStore:
             store_url(), job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
         )
     return _store
-
-
-def describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors(include_input=False, include_url=False)[:20]:
-        where = ".".join(safe_text(p, 40) for p in item["loc"]) or "payload"
-        parts.append(f"{where}: {safe_text(item['msg'].removeprefix('Value error, '), 300)}")
-    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -135,8 +127,10 @@ def _count_auth_failures(outcomes: list[tuple[str, Outcome]]) -> None:
 
 
 def release_held(job_id: str, kwargs: dict[str, Any]) -> None:
-    """Back on the queue, under its own job id (its record and Message-ID are kept)."""
-    app.send_task(TASK_NAME, kwargs=kwargs, task_id=job_id, queue=QUEUE, headers=job_headers(kwargs))
+    """Ready again, under its own job id (its record and Message-ID are kept) — if it is still
+    held (or, for the sweep, open and found nowhere)."""
+    states = (JobState.HELD, JobState.QUEUED, JobState.RETRYING, JobState.SCHEDULED, JobState.SENDING)
+    ready.make_ready(job_store().redis, job_id, str(kwargs.get("account", "")), states)
 
 
 _health: AccountHealth | None = None
@@ -258,12 +252,13 @@ def _write_tally(pipe: Any, store: JobStore, tally: Tally) -> None:
         account_health().auth_succeeded_into(pipe, account)
 
 
-def cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
-    """Count a run of a redelivered job before any of its own code runs (a payload may kill its
-    worker before an attempt is counted, e.g. while it is validated); once more than
-    ``max_attempts`` runs were cut short, the job is dead-lettered instead of run again."""
+def cut_short_too_often(job_id: str, kwargs: dict[str, Any], runs: int | None = None) -> Step | None:
+    """Count a run of a job whose last run died before any of its own code runs (a payload may
+    kill its worker before an attempt is counted, e.g. while it is validated) — ``runs``: the
+    count its holder's reaper already made; once more than ``max_attempts`` runs were cut
+    short, the job is dead-lettered instead of run again."""
     store = job_store()
-    runs = store.count_cut_short(job_id)
+    runs = store.count_cut_short(job_id) if runs is None else runs
     if runs <= settings.retry.max_attempts:
         return None
     reason = f"{runs} runs cut short: the worker died or handed it back every time (a poison message?)"
@@ -285,10 +280,13 @@ def cut_short_too_often(job_id: str, kwargs: dict[str, Any]) -> Step | None:
 WAIT_RECHECK = 60.0
 
 
-def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
-    """One attempt at each message, side by side (a batch, a carrying task, or one job): validate,
-    take in (a job without a record gets one; one not due yet waits in the schedule), hold,
-    begin, deliver, classify, record. One Step per message, in order."""
+def attempt_all(
+    job_ids: list[str], messages: list[Any], *, also: Callable[[Any], None] | None = None
+) -> list[Step]:
+    """One attempt at each message, side by side (a group the dispatcher took): validate, hold,
+    begin (a job not due yet goes back to waiting), deliver, classify, record. One Step per
+    message, in order. ``also`` adds commands to the last round trip (the dispatcher lets its
+    jobs go there)."""
     store = job_store()
     steps: dict[int, Step] = {}
     valid: list[tuple[int, SendPayload]] = []
@@ -353,11 +351,17 @@ def attempt_all(job_ids: list[str], messages: list[Any]) -> list[Step]:
         log_attempt(job_ids[i], payload.account, began.attempt, outcome, seconds)
         age = now - began.enqueued_at + seconds
         finals.append(_Ended(i, payload, began.attempt, began.fence, outcome, age))
-    _record(store, job_ids, finals, steps)
+    _record(store, job_ids, finals, steps, also)
     return [steps[i] for i in range(len(messages))]
 
 
-def _record(store: JobStore, job_ids: list[str], finals: list[_Ended], steps: dict[int, Step]) -> None:
+def _record(
+    store: JobStore,
+    job_ids: list[str],
+    finals: list[_Ended],
+    steps: dict[int, Step],
+    also: Callable[[Any], None] | None = None,
+) -> None:
     """Every concluded attempt's record, counters and events in one round trip. An attempt that
     another one has superseded since it began (its process froze past its claim) writes
     nothing: its step says so."""
@@ -371,6 +375,8 @@ def _record(store: JobStore, job_ids: list[str], finals: list[_Ended], steps: di
                 store, pipe, job_ids[ended.index], ended, tally
             )
         _write_tally(pipe, store, tally)
+        if also is not None:
+            also(pipe)
         replies = pipe.execute()
     for ended in finals:
         if not replies[at[ended.index]]:

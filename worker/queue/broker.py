@@ -1,11 +1,12 @@
 """The one module that knows kombu's Redis transport from the inside.
 
-Postroom reads and writes kombu's own structures in three places — coalescing
-(:mod:`worker.queue.drain` takes ready messages and files them as unacknowledged),
-the orphan sweep (:mod:`worker.queue.sweep` looks for a job's message) and
-``postroom status`` (queue depths, messages in flight) — and it guards kombu's
-read of a raw queue entry. Everything those need to know about kombu's
-private layout lives here, so a kombu upgrade is checked in one file:
+Postroom reads and writes kombu's own structures in three places — its inbox
+(:mod:`worker.queue.inbox` takes raw entries from the ``postroom`` lists),
+the reaper (:mod:`worker.queue.liveness` restores a dead worker's unacknowledged
+control messages) and ``postroom status`` (queue depths, messages in flight) — and
+it guards kombu's read of a raw queue entry (Celery's consumer, on the control queue).
+Everything those need to know about kombu's private layout lives here, so a kombu
+upgrade is checked in one file:
 
 - key names: the unacknowledged hash and index (transport options
   ``unacked_key`` / ``unacked_index_key``), the priority sub-queues
@@ -28,18 +29,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
-import re
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
-from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
 
 log = logging.getLogger("postroom.broker")
@@ -126,26 +123,6 @@ def unacked_envelope(value: bytes | str) -> dict[str, Any] | None:
     return None
 
 
-# The task id in a kombu message's headers ("root_id", "parent_id" do not match: the quote
-# before ``id`` is part of the pattern). The body is base64, so nothing in it can match.
-TASK_ID_PATTERN = re.compile(r'"id": ?"([^"]+)"')
-BATCH_MARK = '"task": "postroom.send_batch"'
-
-
-def job_ids_in(message: str) -> Iterator[str]:
-    """The job ids a raw kombu message (or kombu's unacked entry around one) carries."""
-    if BATCH_MARK in message:  # one message, many jobs: their ids are in the body
-        try:
-            envelope = unacked_envelope(message) or json.loads(message)
-            body = json.loads(base64.b64decode(envelope["body"]))
-            yield from (str(j) for j in (body[1].get("job_ids") or []))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            pass
-    match = TASK_ID_PATTERN.search(message)
-    if match:
-        yield match.group(1)
-
-
 def delivered_tags(consumer: Any) -> list[str] | None:
     """The delivery tags a Celery consumer holds unacknowledged right now (kombu's virtual QoS
     keeps them in ``_delivered``: prefetched, running, and waiting for an ETA), or None when
@@ -201,23 +178,6 @@ def restore_unacked(client: Any, keys: BrokerKeys, tags: list[str]) -> int:
     return restored
 
 
-_AT_HEAD = threading.local()
-
-
-@contextlib.contextmanager
-def at_head() -> Iterator[None]:
-    """Messages published by this thread inside go to the read end of their queue (RPUSH: the
-    next one a worker takes) instead of behind the backlog (kombu's LPUSH). For retries and
-    limit waits that came due: behind a backlog of thousands they ran minutes after their
-    time (seen in a 10,000-message chaos run: 95 s late)."""
-    before = getattr(_AT_HEAD, "on", False)
-    _AT_HEAD.on = True
-    try:
-        yield
-    finally:
-        _AT_HEAD.on = before
-
-
 class GuardedChannel(kombu_redis.Channel):
     """kombu's Redis channel, with every entry read from a queue screened before kombu sees it,
     and one synchronous Redis client per channel instead of a new one for every ack, reject
@@ -234,20 +194,6 @@ class GuardedChannel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._sync_client = create(self)
         return client
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        if not getattr(_AT_HEAD, "on", False):
-            super()._put(queue, message, **kwargs)
-            return
-        # kombu 5.x's Channel._put, with RPUSH for LPUSH (queues without x-expires: Postroom's)
-        self_: Any = self
-        key = self_._q_for_pri(queue, self_._get_message_priority(message, reverse=False))
-        batch = kwargs.pop("_publish_batch", None)
-        if batch is not None:
-            batch.add("rpush", key, kombu_json.dumps(message))
-            return
-        with self.conn_or_acquire() as client:
-            client.rpush(key, kombu_json.dumps(message))
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.x's Channel._brpop_read, with the entry screened (see the module docstring)

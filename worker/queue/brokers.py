@@ -24,9 +24,9 @@ from amqp import exceptions as amqp_errors
 from kombu import Exchange, Queue
 
 from worker.keys import REDIS_TIMEOUTS
-from worker.mail.payload import QUEUE
+from worker.mail.payload import CONTROL_QUEUE, QUEUE
 from worker.queue import connect
-from worker.queue.broker import PRIORITY_STEPS, BrokerKeys, job_ids_in
+from worker.queue.broker import PRIORITY_STEPS, BrokerKeys
 from worker.settings import Settings, broker_kind, redis_url, sentinel_master
 
 POISON_QUEUE = f"{QUEUE}.poison"
@@ -67,10 +67,15 @@ def ensure_queue(channel: Any, name: str) -> bool:
 
 
 class SharedQueue(Queue):
-    """A queue other clients may declare first (:func:`ensure_queue`)."""
+    """A queue other clients may declare first (:func:`ensure_queue`), with its exchange and
+    binding when it has a named exchange."""
 
     def declare(self, nowait: bool = False, channel: Any = None) -> Any:
-        ensure_queue(channel or self.channel, self.name)
+        channel = channel or self.channel
+        ensure_queue(channel, self.name)
+        if self.exchange is not None and self.exchange.name:
+            self.exchange.declare(nowait=nowait, channel=channel)
+            self.queue_bind(nowait=nowait, channel=channel)
         return self.name
 
 
@@ -88,10 +93,20 @@ class SendQueue(SharedQueue):
         channel = channel or self.channel
         if self.poison is not None:
             ensure_queue(channel, self.poison.name)
-        ensure_queue(channel, self.name)
-        self.exchange.declare(nowait=nowait, channel=channel)
-        self.queue_bind(nowait=nowait, channel=channel)
-        return self.name
+        return super().declare(nowait=nowait, channel=channel)
+
+
+def control_queue() -> SharedQueue:
+    """The control queue (health checks, sweeps): the one Celery's consumer reads. Declared as
+    every client declares a queue; ``queue_arguments`` is never sent (see SendQueue)."""
+    exchange = Exchange(CONTROL_QUEUE, type="direct", durable=True)
+    return SharedQueue(
+        CONTROL_QUEUE,
+        exchange,
+        routing_key=CONTROL_QUEUE,
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
 
 
 def amqp_queues(settings: Settings) -> tuple[SendQueue, Queue]:
@@ -114,7 +129,7 @@ def celery_config(url: str, settings: Settings) -> dict[str, Any]:
             "broker_url": url,
             "broker_transport_options": {"confirm_publish": True},
             "broker_heartbeat": 30,
-            "task_queues": [amqp_queues(settings)[0]],
+            "task_queues": [control_queue()],  # the jobs' queue is read by worker/queue/inbox.py
             "worker_detect_quorum_queues": True,
         }
     options = redis_transport_options(settings)
@@ -132,10 +147,6 @@ class BrokerView(Protocol):
 
     def in_flight(self) -> int | None:
         """Messages workers hold unacknowledged, or None when the broker does not say."""
-
-    def job_ids(self) -> set[str] | None:
-        """The job id of every message in the broker (waiting or held), or None when the
-        broker cannot list its messages."""
 
     def close(self) -> None: ...
 
@@ -166,21 +177,6 @@ class RedisBrokerView:
     def in_flight(self) -> int | None:
         return int(self.client.hlen(self.keys.unacked))
 
-    def job_ids(self) -> set[str] | None:
-        found: set[str] = set()
-        for key in self.lists().values():
-            start = 0
-            while True:
-                raw = list(self.client.lrange(key, start, start + _CHUNK - 1))
-                for message in raw:
-                    found.update(job_ids_in(_text(message)))
-                if len(raw) < _CHUNK:
-                    break
-                start += _CHUNK
-        for _, value in self.client.hscan_iter(self.keys.unacked, count=_CHUNK):
-            found.update(job_ids_in(_text(value)))
-        return found
-
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
@@ -205,9 +201,6 @@ class AmqpBrokerView:
         return out
 
     def in_flight(self) -> int | None:
-        return None
-
-    def job_ids(self) -> set[str] | None:
         return None
 
     def close(self) -> None:

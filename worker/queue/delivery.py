@@ -370,6 +370,8 @@ class Delivery:
         )
 
     def _send_all(self, pending: list[_Pending]) -> list[Outcome]:
+        done_with = self.runtime.releaser()  # each message out of flight as it ends, not its group
+
         async def one(p: _Pending) -> Outcome:
             remaining = p.remaining
             if not remaining and all(r.get("status") == "suppressed" for r in p.already.values()):
@@ -416,6 +418,7 @@ class Delivery:
             # kept on the message itself: a time limit that ends the rest of the batch must not
             # rewrite what this one already ended with (a 550 stays a 550, never "timed out")
             p.outcome = outcome
+            done_with(p.account)
             return outcome
 
         async def everything() -> list[Outcome]:

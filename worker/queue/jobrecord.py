@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 from worker.keys import redis_key
 from worker.ops import counters
 
@@ -71,6 +73,15 @@ def safe_text(value: Any, limit: int = 200) -> str:
         text = f"<{type(value).__name__}>"
     text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[: limit * 2])
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe(error: ValidationError) -> str:
+    """A payload's validation errors as a dead letter's reason: ``field.0: what is wrong; …``."""
+    parts = []
+    for item in error.errors(include_input=False, include_url=False)[:20]:
+        where = ".".join(safe_text(p, 40) for p in item["loc"]) or "payload"
+        parts.append(f"{where}: {safe_text(item['msg'].removeprefix('Value error, '), 300)}")
+    return "; ".join(parts)
 
 
 def _timestamp(value: Any, default: float) -> float:

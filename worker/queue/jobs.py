@@ -31,7 +31,7 @@ import redis
 
 from worker.keys import REDIS_TIMEOUTS, redis_key
 from worker.ops import counters
-from worker.queue import connect, outbox
+from worker.queue import connect, outbox, ready
 from worker.queue.deadletters import DeadLetters
 from worker.queue.jobrecord import (
     OPEN,
@@ -160,14 +160,15 @@ class JobStore(DeadLetters):
         """Records for new jobs, each claiming its idempotency key in the same transaction.
 
         Returns, per job, None (created; its key, if any, is its own) or the job that
-        already owns its key (nothing of this one is kept). Record and claim come
-        together, so a key never names a job without a record; and a job with a record
-        gets published — by its producer or, if the producer failed half-way, by the
-        orphan sweep — so a producer that retries after an error with the same key is
-        given a job that will be sent, never one that was lost.
+        already owns its key (nothing of this one is kept). Record, claim and its place in
+        its account's ready set (worker/queue/ready.py; the schedule for a job not due yet)
+        come together: a key never names a job without a record, and a job with a record is
+        ready for every worker at once — so a producer that retries after an error with the
+        same key is given a job that will be sent, never one that was lost.
         """
         now = time.time()
         claims: list[int | None] = []  # where each job's SET NX result is in the replies
+        accounts: set[str] = set()
         with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
             for job_id, payload in jobs:
                 key, due = _key("job", job_id), payload.get("send_at")
@@ -175,6 +176,9 @@ class JobStore(DeadLetters):
                 pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
                 if state == JobState.SCHEDULED:  # waits in Postroom's delay queue (worker/queue/schedule.py)
                     pipe.zadd(SCHEDULED, {job_id: float(due or 0)})
+                else:
+                    ready.add_into(pipe, job_id, str(payload["account"]), now)
+                    accounts.add(str(payload["account"]))
                 # a scheduled job's record is kept until its time and job_ttl after it
                 pipe.expire(key, self.job_ttl + max(0, int(float(due or 0) - now)))
                 pipe.zadd(OPEN, {job_id: now})
@@ -184,6 +188,8 @@ class JobStore(DeadLetters):
                     pipe.set(_idem_key(payload), job_id, nx=True, ex=self.job_ttl)
                 else:
                     claims.append(None)
+            for account in sorted(accounts):
+                ready.ring_into(pipe, account)
             replies = pipe.execute()
         owners: list[str | None] = []
         for (job_id, payload), at in zip(jobs, claims, strict=True):
@@ -198,7 +204,7 @@ class JobStore(DeadLetters):
 
     def discard(self, job_id: str, payload: Mapping[str, Any]) -> None:
         """Forget a new job its producer gave up on, in one step (its key too, if it is its own)."""
-        keys = [_key("job", job_id), _key("history", job_id), OPEN]
+        keys = [_key("job", job_id), _key("history", job_id), OPEN, ready.ready_key(str(payload["account"]))]
         if payload.get("idempotency_key"):
             keys.append(_idem_key(payload))
         self._discard(keys=keys, args=[job_id])
@@ -243,7 +249,7 @@ class JobStore(DeadLetters):
                     when = due if due is not None else ""
                     pipe.evalsha(BEGIN_SHA, 4, *keys, now, self.job_ttl, fields, when, job_id)
 
-            return self._scripted(commands)
+            return self.scripted(commands)
 
         # records normally exist: try without the fields to create them
         results = begin_all([(job_id, "", due) for job_id, _, due in jobs])
@@ -265,7 +271,7 @@ class JobStore(DeadLetters):
         """Claim each (account, message_id) for an attempt (its token) and read the recipients
         already delivered, for many in one round trip: (claimed, delivered) per claim."""
         seconds = max(int(ttl), 1)
-        raw = self._scripted(
+        raw = self.scripted(
             lambda pipe: [
                 pipe.evalsha(
                     CLAIM_SHA,
@@ -297,12 +303,13 @@ class JobStore(DeadLetters):
         """Give up (account, message_id, token) claims (only those the token still holds)."""
         if not claims:
             return
-        self._scripted(
+        self.scripted(
             lambda pipe: [pipe.evalsha(RELEASE_SHA, 1, _key("claim", a, m), token) for a, m, token in claims]
         )
 
-    def _scripted(self, commands: Callable[[Any], object]) -> list[Any]:
-        """Run a pipeline whose commands call the scripts by SHA, loading them if Redis lost them."""
+    def scripted(self, commands: Callable[[Any], object], *scripts: str) -> list[Any]:
+        """Run a pipeline whose commands call the scripts by SHA, loading them (the store's own and
+        ``scripts``) if Redis lost them."""
         for attempt in (1, 2):
             with self.redis.pipeline(transaction=False) as pipe:
                 commands(pipe)
@@ -315,6 +322,8 @@ class JobStore(DeadLetters):
             self.redis.script_load(RELEASE_SCRIPT)
             self.redis.script_load(MARK_SCRIPT)
             self.redis.script_load(CLAIM_SCRIPT)
+            for script in scripts:
+                self.redis.script_load(script)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def mark_many(self, marks: list[Mark]) -> None:
@@ -329,7 +338,7 @@ class JobStore(DeadLetters):
         pause = 0.1
         while True:  # every command is idempotent: a pipeline cut short may run again
             try:
-                self._scripted(commands)
+                self.scripted(commands)
                 return
             except REDIS_UNAVAILABLE:
                 if time.monotonic() + pause > deadline:

@@ -59,6 +59,44 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at'), fence}
 """
 )
+# A job taken in (worker/queue/admission.py): a producer published it without the helper (plain
+# Celery, celery-node), or the helper's record is here already. KEYS: job, open, scheduled,
+# ready:<account>, ready-accounts, idempotency key (the job key again when it has none). ARGV:
+# now, ttl, JSON of the record's small fields (the payload apart: it is stored as it came, never
+# decoded here), the payload, when it is due ("" = now), job id, its score in the ready set,
+# "1" when KEYS[6] is its idempotency key, the account, the bell channel. A new record is made
+# as the helper makes it (its key claimed, listed open); a job due now joins its account's
+# ready set, one not due waits in the schedule. Returns {1, state}: ready; {-3, state}: it
+# waits; {-1, state}: it has ended, or is held or under way already (a copy: nothing to do).
+ADMIT = (
+    ENDED_LUA
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
+  redis.call('HSET', KEYS[1], 'payload', ARGV[4])
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  if ARGV[8] == '1' then redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[2]) end
+  state = 'queued'
+end
+if ENDED[state] or (state ~= 'queued' and state ~= 'scheduled' and state ~= 'retrying') then
+  return {-1, state}
+end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'state', 'scheduled', 'updated_at', ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+  local keep = math.ceil(tonumber(ARGV[5]) - tonumber(ARGV[1])) + tonumber(ARGV[2])
+  redis.call('EXPIRE', KEYS[1], math.max(keep, tonumber(ARGV[2])))
+  return {-3, state}
+end
+redis.call('ZADD', KEYS[4], 'NX', ARGV[7], ARGV[6])
+redis.call('SADD', KEYS[5], ARGV[9])
+redis.call('PUBLISH', ARGV[10], ARGV[9])
+return {1, state}
+"""
+)
+ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 # An attempt's end on the record, in one command instead of seven a job (see finish_into).
 # KEYS: job, history, open, dead, stats of the account, retrying. ARGV: job id, state, now,
 # history entry, history limit, ttl, "1" when the state is final (off the open list), counter
@@ -74,7 +112,7 @@ FINISH = (
 if ARGV[12] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[12] then return 0 end
 -- an end written from outside an attempt (no fence given) fences off any attempt still running
 if ARGV[12] == '' and ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'fence', 1) end
-for i = 15, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 15))
 if ARGV[13] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 if ARGV[14] ~= '' then redis.call('ZADD', KEYS[6], ARGV[14], ARGV[1])
 else redis.call('ZREM', KEYS[6], ARGV[1]) end
@@ -100,12 +138,14 @@ emit(KEYS[1], KEYS[2], ARGV[1], ARGV[9], ARGV[10], ARGV[3], ARGV[11])
 return 1
 """
 )
-# A new job given up by its producer, all at once: record, history, open entry and (when it is
-# the job's own) its idempotency key. KEYS: job, history, open[, idem]; ARGV: job id.
+# A new job given up by its producer, all at once: record, history, open and ready entries and
+# (when it is the job's own) its idempotency key. KEYS: job, history, open, ready set[, idem];
+# ARGV: job id.
 DISCARD = """
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
-if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+redis.call('ZREM', KEYS[4], ARGV[1])
+if KEYS[5] and redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
 return 1
 """
 # KEYS: paused set, held list, job, history, retrying, open. ARGV: account, held entry, record

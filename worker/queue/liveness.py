@@ -6,19 +6,22 @@ outlast the longest task). Postroom does not wait for that. Every worker process
 says what it holds, under its own holder id (host, pid and a nonce):
 
 - ``postroom:holding:<holder>:consumer`` — the delivery tags its Celery consumer
-  holds unacknowledged (prefetched, running, waiting for an ETA), written anew
-  every :data:`BEAT` seconds by its :class:`Upkeep` thread;
-- ``postroom:holding:<holder>:carried`` — the tags of the jobs its tasks carry
-  (:mod:`worker.queue.drain` adds and removes them in the scripts that take and
-  acknowledge them);
-
-both expiring :data:`LAPSE` seconds after the last beat, and the holder listed in
+  holds unacknowledged (control tasks: prefetched or running), written anew
+  every :data:`BEAT` seconds by its :class:`Upkeep` thread,
+expiring :data:`LAPSE` seconds after the last beat, and the holder listed in
 ``postroom:holders``. A process that dies (SIGKILL, OOM, power) stops beating,
 its keys expire, and the :class:`Reaper` that every worker runs finds kombu's
 unacknowledged entries that are older than :data:`GRACE` and that no live holder
 claims, and restores them at the head of their queue, flagged ``redelivered``
 (worker/queue/broker.py), as kombu's own restore would an hour later. kombu's restore
 is still there as the last resort.
+
+The ready jobs a process's dispatcher took (``postroom:taken:<holder>``, worker/queue/ready.py)
+and the broker entries its inbox took (``postroom:inbox:<holder>``, worker/queue/inbox.py) are
+held the same way, under ``holding:<holder>:alive`` in Postroom's own Redis: a holder whose key
+lapsed has its jobs put back in their ready sets (each counted as a run cut short) and its
+inbox back on the queue (each entry's runs counted: one that keeps killing its reader ends in
+the dead letters), by whichever worker's reaper sees it first.
 
 A copy restored while its holder was in fact alive (its beat stalled for
 :data:`LAPSE` seconds) runs twice at worst; the job record and the Message-ID
@@ -53,15 +56,6 @@ GRACE = 15.0  # an unacknowledged entry younger than this is never restored (its
 REAP_EVERY = 2.0
 
 _holder: tuple[int, str] | None = None
-# Carried tags this process has let go of while Redis could not be told (an ack or a give-back
-# that failed): its next beat stops claiming them, so the reaper can restore what is still there.
-_released: set[str] = set()
-_released_lock = threading.Lock()
-
-
-def release_later(tags: list[str]) -> None:
-    with _released_lock:
-        _released.update(tags)
 
 
 @dataclass
@@ -150,12 +144,9 @@ def holding_key(holder: str, part: str) -> str:
     return redis_key("holding", holder, part)
 
 
-def carried_key() -> str:
-    return holding_key(holder_id(), "carried")
-
-
 class Heartbeat:
-    """One process's beat: its consumer's tags (if it has a consumer) and its carried set kept alive."""
+    """One process's beat: its consumer's tags (if it has a consumer) and what it took (its ready
+    jobs and its inbox) kept alive; a group past its time limit lets its jobs go."""
 
     def __init__(
         self,
@@ -184,28 +175,92 @@ class Heartbeat:
         if tags and hostages:
             tags = [t for t in tags if t not in hostages]
         if self.client is not None:
-            self._say_what_is_held(tags, hostages)
+            self._say_what_is_held(tags)
         if self.state is not None:
+            self._say_alive(hostages)
             CLAIMS.renew(self.state)  # the Message-ID claims of this process's running attempts
 
-    def _say_what_is_held(self, tags: list[str] | None, hostages: set[str]) -> None:
+    def _say_alive(self, hostages: set[str]) -> None:
+        """This process holds its taken jobs and its inbox for another LAPSE seconds (in
+        Postroom's Redis); jobs of a group past its time limit go back to their ready sets."""
+        assert self.state is not None
+        with self.state.pipeline(transaction=True) as pipe:
+            pipe.sadd(HOLDERS, self.holder)
+            pipe.set(holding_key(self.holder, "alive"), "1", ex=int(LAPSE))
+            pipe.execute()
+        if hostages:
+            from worker.queue.ready import ReadyQueues
+
+            restored = ReadyQueues(self.state).restore(self.holder, sorted(hostages), cut_short=True)
+            if restored:
+                log.error("%d jobs of a group past its time limit went back to their ready sets", restored)
+
+    def _say_what_is_held(self, tags: list[str] | None) -> None:
         assert self.client is not None
-        consumer, carried = holding_key(self.holder, "consumer"), holding_key(self.holder, "carried")
-        with _released_lock:
-            released = list(_released | hostages)
+        consumer = holding_key(self.holder, "consumer")
         with self.client.pipeline(transaction=True) as pipe:  # MULTI: never seen half-written
             pipe.sadd(HOLDERS, self.holder)
-            if released:
-                pipe.srem(carried, *released)
             if self.consumer_tags is not None:
                 pipe.delete(consumer)
                 pipe.sadd(consumer, "-", *(tags or []))  # "-": the key exists even when nothing is held
                 pipe.expire(consumer, int(LAPSE))
-            pipe.expire(carried, int(LAPSE))
             pipe.execute()
-        if released:
-            with _released_lock:
-                _released.difference_update(released)  # (hostages are left out again at every beat)
+
+
+def taken_count(state: redis.Redis) -> int:
+    """Jobs the live worker processes hold right now (taken from their ready sets)."""
+    from worker.queue.ready import taken_key
+
+    holders = [_text(h) for h in cast(set[Any], state.smembers(HOLDERS))]
+    with state.pipeline(transaction=False) as pipe:
+        for holder in holders:
+            pipe.exists(holding_key(holder, "alive"))
+            pipe.hlen(taken_key(holder))
+        replies = pipe.execute()
+    return sum(int(n) for alive, n in zip(replies[0::2], replies[1::2], strict=True) if alive)
+
+
+class HolderReaper:
+    """Gives back what dead holders took: their ready jobs (in Postroom's Redis) and their inbox
+    entries (in the broker's Redis, when it is one)."""
+
+    def __init__(self, state: redis.Redis, broker: redis.Redis | None, keys: BrokerKeys | None) -> None:
+        self.state = state
+        self.broker = broker
+        self.keys = keys
+
+    def reap(self) -> int:
+        holders = [_text(h) for h in cast(set[Any], self.state.smembers(HOLDERS))]
+        if not holders:
+            return 0
+        with self.state.pipeline(transaction=False) as pipe:
+            for holder in holders:
+                pipe.exists(*(holding_key(holder, part) for part in ("alive", "consumer")))
+            alive = pipe.execute()
+        gone = [holder for holder, live in zip(holders, alive, strict=True) if not live]
+        restored = 0
+        for holder in gone:
+            restored += self._give_back(holder)
+            self.state.srem(HOLDERS, holder)
+            if self.broker is not None and self.broker is not self.state:  # the broker's own registry
+                self.broker.srem(HOLDERS, holder)
+        return restored
+
+    def _give_back(self, holder: str) -> int:
+        from worker.queue.ready import ReadyQueues
+
+        jobs = ReadyQueues(self.state).restore(holder, cut_short=True)
+        entries = 0
+        if self.broker is not None and self.keys is not None:
+            from worker.queue.inbox import give_back
+
+            entries = give_back(self.broker, self.keys, holder, runs=self.state)
+        if jobs or entries:
+            log.warning(
+                "holder %s stopped beating: %d jobs back in their ready sets, %d entries back on the queue",
+                holder, jobs, entries,
+            )  # fmt: skip
+        return jobs + entries
 
 
 class Reaper:
@@ -228,21 +283,12 @@ class Reaper:
             return 0
         holders = [_text(h) for h in cast(set[Any], self.client.smembers(HOLDERS))]
         claimed: set[str] = set()
-        gone: list[str] = []
         with self.client.pipeline(transaction=False) as pipe:
             for holder in holders:
                 pipe.smembers(holding_key(holder, "consumer"))
-                pipe.smembers(holding_key(holder, "carried"))
-                pipe.exists(holding_key(holder, "consumer"), holding_key(holder, "carried"))
             replies = pipe.execute()
-        for i, holder in enumerate(holders):
-            consumer, carried, alive = replies[3 * i : 3 * i + 3]
-            claimed.update(_text(t) for t in consumer)
-            claimed.update(_text(t) for t in carried)
-            if not alive:
-                gone.append(holder)
-        if gone:
-            self.client.srem(HOLDERS, *gone)
+        for held in replies:  # (HolderReaper forgets a dead holder once it gave its work back)
+            claimed.update(_text(t) for t in held)
         orphans = [tag for tag in old if tag not in claimed]
         if not orphans:
             return 0
@@ -297,7 +343,7 @@ def keep_beating(
 ) -> Upkeep:
     """This process's upkeep thread, started once per process: the heartbeat (with its
     consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
-    A process that only carries jobs (a prefork child) gets one beating its carried set.
+    A prefork child gets one too (its claims are renewed while it lives).
     ``client`` is the broker's Redis (None on RabbitMQ), ``state`` Postroom's (default: the same)."""
     running = _beating.get(os.getpid())
     if running is not None:

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -50,8 +50,9 @@ class Runtime:
         self._marks: AsyncMarks | None = None
         self._limiter: Limiter | None = None
         self._in_flight: Counter[str] = Counter()  # messages per account being delivered now
-        self._reserved = threading.local()  # per task thread: carried jobs already counted
-        self.taking = threading.Lock()  # one task thread at a time decides what to carry
+        self._reserved = threading.local()  # per group thread: its taken jobs, counted already
+        self.on_room: Callable[[str], None] | None = None  # a reserved message is done (the dispatcher)
+        self.on_grown: Callable[[str], None] | None = None  # a pool took one more connection (the same)
 
     def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
         """The async Redis client batches mark sent messages with, bound to this loop."""
@@ -68,6 +69,11 @@ class Runtime:
                 self._limiter = Limiter(marks.redis, slot_wait=slot_wait)
             return self._limiter
 
+    def in_flight_accounts(self) -> list[str]:
+        """The accounts with a message in flight in this process right now."""
+        with self._lock:
+            return list(self._in_flight)
+
     def in_flight(self, account: str) -> int:
         """Messages of ``account`` this process is delivering (or waiting to) right now."""
         with self._lock:
@@ -76,23 +82,51 @@ class Runtime:
     @contextlib.contextmanager
     def sending(self, accounts: list[str]) -> Iterator[None]:
         """Count these messages as in flight while the block runs (those this thread reserved
-        when it took them to carry are counted already)."""
+        when its group was taken are counted already)."""
         with self._counted(Counter(accounts) - self._held()):
             yield
 
     @contextlib.contextmanager
     def reserving(self, accounts: list[str]) -> Iterator[None]:
-        """Count jobs taken to carry as in flight from the moment they are taken: task threads
-        that take at the same time must see each other's, or one process carries far more than
-        its bound of an account's backlog (and another worker finds nothing left to take)."""
+        """Count a group's taken jobs as in flight while it runs (worker/queue/dispatch.py): the
+        dispatcher must see them, or one process takes far more than its bound of an account's
+        backlog (and another worker finds nothing left to take)."""
         counts = Counter(accounts)
         before = self._held()
-        self._reserved.counts = before + counts
+        held = self._reserved.counts = before + counts  # released() takes from it, message by message
+        with self._lock:
+            self._in_flight.update(counts)
         try:
-            with self._counted(counts):
-                yield
+            yield
         finally:
             self._reserved.counts = before
+            with self._lock:
+                left = held - before
+                self._in_flight.subtract(left)
+                for name in left:
+                    if self._in_flight[name] <= 0:
+                        del self._in_flight[name]
+
+    def releaser(self) -> Callable[[str], None]:
+        """For the loop, from a group's thread: counts one of the group's messages out of flight as
+        soon as it is done, while the rest of its group may run on for seconds (a slow server):
+        the dispatcher sees the room at once and ``on_room`` hears of it."""
+        held = getattr(self._reserved, "counts", None)
+        if not held:
+            return lambda account: None
+
+        def release(account: str) -> None:
+            with self._lock:
+                if held[account] <= 0:
+                    return
+                held[account] -= 1
+                self._in_flight[account] -= 1
+                if self._in_flight[account] <= 0:
+                    del self._in_flight[account]
+            if self.on_room is not None:
+                self.on_room(account)
+
+        return release
 
     def _held(self) -> Counter[str]:
         return getattr(self._reserved, "counts", None) or Counter()
@@ -151,6 +185,13 @@ class Runtime:
         config = records.config_dir
         return records_stamp((records.accounts_dir, config / "auth-profiles", config / "keystores"))
 
+    def cached_records(self) -> Records | None:
+        """The cache as it is (None before the first look), without counting as a look: the
+        dispatcher asks for the accounts' limits every second, and a send must still see a
+        record edited a moment ago."""
+        with self._lock:
+            return self._records
+
     def records(self, *, fresh: bool = False) -> Records:
         """The cached records, re-read when a file changed (checked every few seconds,
         or now with ``fresh``, used when a job names an account the cache lacks)."""
@@ -178,10 +219,30 @@ class Runtime:
                 return cached[1]
             records = self._records or Records.load()
             transport = build_transport(account, records, limiter=self._limiter)
+            if hasattr(transport, "on_grown"):  # more connections: room for more of its jobs
+                transport.on_grown = lambda name=account.name: self._grown(name)
             self._transports[account.name] = (account, transport)
         if cached is not None:
             self.submit(cached[1].aclose())
         return transport
+
+    def _grown(self, account: str) -> None:
+        if self.on_grown is not None:
+            self.on_grown(account)
+
+    def connections(self, account: str) -> tuple[int, float] | None:
+        """The connections of ``account`` this process works with (its pool's ``connections_here``)
+        and how long a transaction takes on them (0.0: not known yet): (1, 0.0) before it has a
+        pool, None when its transport has no connections to count (Graph)."""
+        with self._lock:
+            cached = self._transports.get(account)
+        if cached is None:
+            return 1, 0.0
+        count = getattr(cached[1], "connections_here", None)
+        if not isinstance(count, int):
+            return None
+        seconds = getattr(cached[1], "send_seconds", 0.0)
+        return count, seconds if isinstance(seconds, float) else 0.0
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:

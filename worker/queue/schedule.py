@@ -57,6 +57,7 @@ if mid ~= '' then
     return {0, 'partly sent'}
   end
 end
+redis.call('ZREM', '@ready' .. account, ARGV[1])  -- its place in its account's ready set
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[2], 'last_error', 'cancelled')
 redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -65,7 +66,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 emit(KEYS[1], KEYS[2], ARGV[1], ARGV[5], ARGV[6], ARGV[2], ARGV[7])
 return {1, state}
-""".replace("@claim", redis_key("claim", "")).replace("@delivered", redis_key("delivered", ""))
+""".replace("@claim", redis_key("claim", ""))
+    .replace("@delivered", redis_key("delivered", ""))
+    .replace("@ready", redis_key("ready", ""))
 )
 
 

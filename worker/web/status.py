@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -20,11 +20,13 @@ from worker.ops import counters
 from worker.ops.health import AccountHealth
 from worker.queue import suppressions
 from worker.queue.brokers import AmqpBrokerView, BrokerView
-from worker.queue.delays import MOVING, RETRYING
-from worker.queue.jobrecord import OPEN, SCHEDULED, JobState
+from worker.queue.delays import RETRYING
+from worker.queue.jobrecord import SCHEDULED
 from worker.queue.jobs import JobStore
+from worker.queue.liveness import taken_count
 from worker.queue.outbox import Outbox
 from worker.queue.rabbitmq import read_setup
+from worker.queue.ready import ReadyQueues
 from worker.records.loader import Records
 
 CERT_WARN_DAYS = 30
@@ -75,16 +77,16 @@ class Status:
         """The snapshot; with ``setup`` (``postroom status``) also what the broker's setup lacks,
         which on RabbitMQ asks its management API (the per-request views leave it out)."""
         now = time.time()
-        depths = self.broker.depths()
-        unacked = self.broker.in_flight()
-        if unacked is None:  # the broker does not say (RabbitMQ): the jobs being sent
-            unacked = self._sending()
+        ready = ReadyQueues(self.redis)
+        waiting = ready.depths()  # per account: due now, not taken yet (worker/queue/ready.py)
+        # the broker's queue: messages of producers that did not use the helper, not taken in yet
+        depths = {**self.broker.depths(), "ready": sum(waiting.values())}
+        unacked = taken_count(self.redis)  # taken by the workers: being sent, or next on a connection
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(RETRYING)
-            pipe.zcard(MOVING)
             pipe.zcard(self.store.dead_key)
             pipe.zcard(SCHEDULED)
-            retrying, moving, dead, scheduled = pipe.execute()
+            retrying, dead, scheduled = pipe.execute()
         names = self.account_names
         states = self.health.account_states(names)
         last = self.health.last_many(names)
@@ -104,12 +106,13 @@ class Status:
                 name, states[name], last[name], windows[name], int(held), totals, history, paused, now
             )
             accounts[name]["suppressed"] = int(suppressed)  # addresses on its suppression list
+            accounts[name]["ready"] = waiting.get(name, 0)  # due now, waiting for a worker
         out = {
             "queues": depths,
-            # messages workers hold: running, carried along or prefetched (retries wait in
-            # Postroom's delay queue, worker/queue/delays.py, not in a worker)
+            # jobs workers hold: being sent or next on a connection (retries wait in Postroom's
+            # delay queue, worker/queue/delays.py, not in a worker)
             "in_flight": int(unacked),
-            "retrying": int(retrying) + int(moving),
+            "retrying": int(retrying),
             "dead_letters": int(dead),
             "scheduled": int(scheduled),  # waiting for their send_at (worker/queue/schedule.py)
             "held": sum(a["held"] for a in accounts.values()),
@@ -120,17 +123,6 @@ class Status:
         if setup:
             out["broker_setup"] = broker_setup(self.broker)
         return out
-
-    def _sending(self) -> int:
-        """Open jobs whose record says ``sending`` (what workers hold, when the broker cannot say)."""
-        count = 0
-        ids = [str(i) for i in cast(list[Any], self.redis.zrange(OPEN, 0, -1))]
-        for start in range(0, len(ids), 500):
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids[start : start + 500]:
-                    pipe.hget(redis_key("job", job_id), "state")
-                count += sum(1 for state in pipe.execute() if state == JobState.SENDING)
-        return count
 
     def _account(
         self,

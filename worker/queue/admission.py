@@ -1,0 +1,130 @@
+"""Taking a job in: a payload from a producer that did not use the helper becomes the job the
+helper would have made.
+
+Plain Celery and celery-node messages (read off the broker by worker/queue/inbox.py), and a
+``postroom.send`` that Celery itself hands a task: each payload is validated (an invalid one is a
+dead letter under its own id, with every reason), given what the helper would have given it (a
+Message-ID, the time its clock starts), and recorded with its idempotency key in one script
+(``ADMIT``, worker/queue/jobscripts.py), which also puts a job due now in its account's ready
+set (worker/queue/ready.py) and one not due yet in the schedule. The payload is stored once, as
+it came: no script decodes it. A copy of a job already recorded (a redelivery) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from worker.errors import ConfigurationError
+from worker.keys import redis_key
+from worker.mail.message import message_id_for
+from worker.mail.payload import SendPayload
+from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, describe, record_fields
+from worker.queue.jobs import JobStore
+from worker.queue.jobscripts import ADMIT, ADMIT_SHA
+from worker.queue.ready import BELL, READY_ACCOUNTS, ready_key
+from worker.records.loader import Records
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What taking one job in decided."""
+
+    job_id: str
+    state: str  # "ready", "scheduled", "dead", or the state of a job already taken in
+    reason: str | None = None
+    account: str | None = None  # set for a ready job
+
+
+class Admission:
+    """Takes payloads in for one process (its job store, records and settings)."""
+
+    def __init__(
+        self, store: JobStore, records: Any, *, schedule_horizon: float, dead_on_arrival: Any
+    ) -> None:
+        self.store = store
+        self.records = records  # () -> Records: the process's cache (worker/queue/runtime.py)
+        self.horizon = schedule_horizon
+        self.dead_on_arrival = dead_on_arrival  # (job id, kwargs, reason) -> Step (attempts.py)
+
+    def admit(self, jobs: Sequence[tuple[str, Any]]) -> list[Admitted]:
+        """Take in each (job id, payload) — one round trip for all of them (plus one per dead one)."""
+        now = time.time()
+        out: dict[int, Admitted] = {}
+        valid: list[tuple[int, str, SendPayload]] = []
+        for i, (job_id, kwargs) in enumerate(jobs):
+            problem, payload = self._check(kwargs, now)
+            if problem is not None or payload is None:
+                step = self.dead_on_arrival(job_id, kwargs, f"invalid payload: {problem}")
+                out[i] = Admitted(job_id, str(step.state), step.reason)
+            else:
+                valid.append((i, job_id, self._completed(job_id, payload, now)))
+        if valid:
+            replies = self._scripted(valid, now)
+            for (i, job_id, payload), (code, state) in zip(valid, replies, strict=True):
+                code = int(code)
+                if code == 1:
+                    out[i] = Admitted(job_id, "ready", account=payload.account)
+                elif code == -3:
+                    out[i] = Admitted(job_id, JobState.SCHEDULED, "not due yet: waits for its send_at")
+                else:
+                    out[i] = Admitted(job_id, _text(state), "taken in already")
+        return [out[i] for i in range(len(jobs))]
+
+    def _check(self, kwargs: Any, now: float) -> tuple[str | None, SendPayload | None]:
+        try:
+            payload = SendPayload.model_validate(kwargs)
+        except ValidationError as exc:
+            return describe(exc), None
+        except RecursionError:
+            return "nested too deeply", None
+        if payload.send_at is not None and payload.send_at - now > self.horizon:
+            return f"send_at: more than {self.horizon / 86400:g} days ahead (schedule_horizon)", None
+        return None, payload
+
+    def _completed(self, job_id: str, payload: SendPayload, now: float) -> SendPayload:
+        """What the helper adds at enqueue: a Message-ID (when the account is known: its
+        domain), and the time the job's clock starts (its send_at, when later)."""
+        update: dict[str, Any] = {}
+        if payload.enqueued_at is None:
+            update["enqueued_at"] = max(now, payload.send_at or 0.0)
+        if payload.message_id is None:
+            records: Records = self.records()
+            try:
+                domain = records.account(payload.account).from_address.rsplit("@", 1)[-1]
+            except ConfigurationError:  # an unknown or broken account: its attempt says so
+                domain = None
+            if domain:
+                update["message_id"] = message_id_for(job_id, domain)
+        return payload.model_copy(update=update) if update else payload
+
+    def _scripted(self, valid: list[tuple[int, str, SendPayload]], now: float) -> list[Any]:
+        store = self.store
+
+        def commands(pipe: Any) -> None:
+            for _, job_id, payload in valid:
+                kwargs = payload.to_task_kwargs()
+                fields = record_fields(job_id, kwargs, JobState.QUEUED)
+                body = str(fields.pop("payload"))
+                due = payload.send_at if payload.send_at is not None and payload.send_at > now + 1.0 else ""
+                idem = redis_key("idem", payload.account, payload.idempotency_key or "")
+                keys = [
+                    redis_key("job", job_id), OPEN, SCHEDULED, ready_key(payload.account), READY_ACCOUNTS,
+                    idem if payload.idempotency_key else redis_key("job", job_id),
+                ]  # fmt: skip
+                args = [
+                    now, store.job_ttl, json.dumps(fields), body, due, job_id, now,
+                    "1" if payload.idempotency_key else "0", payload.account, BELL,
+                ]  # fmt: skip
+                pipe.evalsha(ADMIT_SHA, len(keys), *keys, *args)
+
+        return store.scripted(commands, ADMIT)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

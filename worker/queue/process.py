@@ -1,0 +1,146 @@
+"""What a worker process runs beside Celery's consumer, started once that consumer is ready.
+
+- the **inbox reader** (worker/queue/inbox.py): the broker's ``postroom`` queue, taken in batches
+  and turned into jobs (worker/queue/admission.py);
+- the **dispatcher** (worker/queue/dispatch.py): ready jobs, taken in groups and sent;
+- the **upkeep** thread (worker/queue/liveness.py): the heartbeat (this process holds what it
+  took), the reapers (of what dead holders took), the delay queue's mover (retries and
+  scheduled sends that came due), the queue-depth samples and, on RabbitMQ, the poison mover;
+- the **webhook sender** (worker/queue/webhook_sender.py).
+
+Celery's own consumer reads only ``postroom.control`` (health checks, sweeps). Stopped in order
+on the worker's shutdown: nothing more is taken, running groups finish, the rest stays ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from worker.mail.payload import CONTROL_QUEUE
+from worker.ops import series
+from worker.queue import app as app_module
+from worker.queue import broker, liveness
+from worker.queue import intake as intake_hooks
+from worker.queue.delays import POLL, DelayQueue
+from worker.queue.jobrecord import SCHEDULED
+from worker.queue.jobs import JobStore
+
+log = logging.getLogger("postroom.process")
+
+POISON_EVERY = 5.0
+DEPTH_EVERY = 60.0
+_running: dict[str, Any] = {}
+
+
+def admission() -> Any:
+    """This process's admission (worker/queue/admission.py) on its job store and records."""
+    made = _running.get("admission")
+    if made is None:
+        from worker.queue.admission import Admission
+        from worker.queue.app import settings
+        from worker.queue.attempts import dead_on_arrival
+        from worker.queue.intake import store
+        from worker.queue.runtime import get_runtime
+
+        made = _running["admission"] = Admission(
+            store(),
+            get_runtime().records,
+            schedule_horizon=settings.schedule_horizon,
+            dead_on_arrival=dead_on_arrival,
+        )
+    return made
+
+
+def start(consumer: Any) -> None:
+    """Start the inbox reader, the dispatcher, the upkeep thread and the webhook sender."""
+    from worker.queue.app import app, broker_redis, settings, state_url
+    from worker.queue.intake import store
+    from worker.queue.webhook_sender import start_sender
+    from worker.settings import config_dir
+
+    if _running.get("started"):
+        return
+    _running["started"] = True
+    start_sender(state_url, config_dir(), settings)  # delivery events, in a thread of their own
+    client = store().redis
+    on_broker = broker_redis(client)  # None on RabbitMQ
+    _start_upkeep(consumer, client, on_broker)
+    _start_sending(app, client, on_broker, settings)
+
+
+def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None:
+    from worker.queue.app import broker_keys
+    from worker.queue.dispatch import Dispatcher
+    from worker.queue.inbox import AmqpInbox, InboxReader, Intake, RedisInbox
+    from worker.queue.intake import store
+
+    def forward(name: str, task_id: str, args: Any, kwargs: Any) -> None:  # a beat of an earlier release
+        app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, queue=CONTROL_QUEUE)
+
+    source: Any = AmqpInbox(app, settings)
+    if on_broker is not None:  # its own client, answering bytes: an entry may be anything
+        from worker.keys import REDIS_TIMEOUTS
+        from worker.queue.app import broker_url
+        from worker.queue.connect import client as redis_client
+        from worker.settings import redis_url
+
+        raw = redis_client(redis_url(broker_url), decode_responses=False, **REDIS_TIMEOUTS)
+        source = RedisInbox(raw, broker_keys(), liveness.holder_id())
+    dispatcher = _running["dispatcher"] = Dispatcher(client, settings).start()
+    intake = Intake(
+        admission(), store().quarantine, forward, client, settings.retry.max_attempts, alone=dispatcher.alone
+    )
+    _running["inbox"] = InboxReader(source, intake)
+    _running["inbox"].start()
+
+
+def stop(timeout: float) -> None:
+    """Take nothing more in; let the running groups finish (up to ``timeout`` seconds)."""
+    reader, dispatcher = _running.pop("inbox", None), _running.pop("dispatcher", None)
+    if reader is not None:
+        reader.stop()
+    if dispatcher is not None:
+        dispatcher.stop(timeout)
+
+
+def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
+    from worker.queue.app import app, broker_keys, broker_view, settings
+    from worker.queue.intake import move_poison
+
+    delays = DelayQueue(client)
+    view = broker_view(client)
+
+    def sample_depth() -> None:  # the dashboard's queue-depth chart (worker/ops/series.py)
+        from worker.queue.ready import ReadyQueues
+
+        with client.pipeline(transaction=False) as pipe:
+            pipe.zcard(JobStore.retrying_key)
+            pipe.zcard(SCHEDULED)
+            retrying, scheduled = pipe.execute()
+        queued = sum(view.depths().values()) + sum(ReadyQueues(client).depths().values())
+        series.record_depth(client, queued, int(retrying), int(scheduled))
+
+    keys = broker_keys() if on_broker is not None else None
+    holders = liveness.HolderReaper(client, on_broker, keys)
+    steps: list[tuple[float, Callable[[], object]]] = [
+        (POLL, delays.move_due),
+        (DEPTH_EVERY, sample_depth),
+        (liveness.REAP_EVERY, holders.reap),
+    ]
+    tags: Callable[[], list[str] | None] | None = None
+    if keys is not None and broker.delivered_tags(consumer) is not None:  # control messages
+        tags = lambda: broker.delivered_tags(consumer)  # noqa: E731
+        steps.append((liveness.REAP_EVERY, liveness.Reaper(on_broker, keys).reap))
+    if on_broker is None:
+        steps.append((POISON_EVERY, lambda: move_poison(app, settings)))
+        from worker.queue.rabbitmq import report_setup_once
+
+        report_setup_once(str(app.conf.broker_url), settings)  # once, in a thread of its own
+    # a group (or a task thread) stuck past the hard time limit lets its jobs go
+    liveness.keep_beating(on_broker, tags, more=steps, time_limit=settings.time_limit, state=client)
+
+
+intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (worker/queue/intake.py)
+app_module.ON_SHUTDOWN.append(lambda: stop(app_module.settings.time_limit))  # before the loop goes
