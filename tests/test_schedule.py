@@ -107,8 +107,12 @@ def test_a_scheduled_job_survives_a_sigkilled_worker_and_an_early_copy(
         producer.republish(job_id, job.payload or {})  # ready early: a worker takes it before its time
 
         def taken_and_waiting_again() -> bool:
+            # Taken off the ready set and put back to wait by the worker: the record says so too
+            # (the schedule entry alone is no proof, the early copy never removed it).
             waiting = own_queue.redis.zscore("postroom:scheduled", job_id) is not None
-            return own_queue.redis.zscore("postroom:ready:kept", job_id) is None and waiting
+            record = producer.job(job_id)
+            back = record is not None and record.state == "scheduled"
+            return own_queue.redis.zscore("postroom:ready:kept", job_id) is None and waiting and back
 
         wait_for(taken_and_waiting_again, 10, "the early copy to be taken", first)
         again = producer.job(job_id)
