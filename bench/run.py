@@ -1552,7 +1552,12 @@ leaving the queue to the sink's timestamp of the last of the N messages, counted
 sink (no-op: until nothing is queued or unacknowledged; Nodemailer: from its first `sendMail`).
 msgs/s is the median over the runs (min-max beside it). Worker CPU is user+sys of the worker's
 process tree over the same interval (for Nodemailer, the node process); Redis CPU is `INFO cpu`
-over it (job records cost Redis time). Peak RSS is the largest single process of the tree, sampled
+over it (job records cost Redis time; a plain Celery row also pays for taking its jobs in during the
+clock, which the helper and HTTP rows did at enqueue). Worst PING and PINGs > 10 ms: a side client in
+a process of its own PINGs Redis every 5 ms during the drain (what every other producer and worker
+waits); slowest command: Redis's SLOWLOG over the drain. Redis KiB per queued job: `used_memory`
+after filling the queue, less before, over N (a plain Celery row: the jobs in kombu's list, as the
+client wrote them). Peak RSS is the largest single process of the tree, sampled
 every 100 ms from /proc (VmRSS and VmHWM), worst run. Postroom and the Celery baselines use the same
 broker, database and worker flags (acks_late, prefetch 1, `--without-gossip --without-mingle`).
 Slow server: the sink waits 1 s before answering DATA; four accounts share one sink, jobs

@@ -15,7 +15,6 @@ published here (by a beat of an earlier release) go on to the control queue.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Any, cast
 
 from worker.keys import redis_key
 from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME
-from worker.queue.broker import BrokerKeys, read_entry
+from worker.queue.broker import BrokerKeys, read_entry, read_message
 from worker.queue.jobrecord import safe_text
 from worker.queue.screen import NEVER_EXPIRE, body_problem, header_problem
 
@@ -85,12 +84,9 @@ class Entry:
 
 def from_redis(raw: bytes) -> Entry:
     """A raw kombu entry from a Redis list."""
-    envelope, problem = read_entry(raw)
+    envelope, data, problem = read_message(raw)
     if envelope is None:
         return Entry(raw, None, None, None, None, problem)
-    body = envelope.get("body") or ""
-    properties = envelope.get("properties") or {}
-    data = base64.b64decode(body) if properties.get("body_encoding") == "base64" else str(body).encode()
     headers = envelope.get("headers")
     redelivered = isinstance(headers, dict) and headers.get("redelivered") is True
     return Entry(
