@@ -523,6 +523,8 @@ class RunResult:
     note: str = ""
     ping_worst_ms: float = math.nan  # the slowest PING another client saw during the run
     ping_over_10ms: int = 0  # PINGs (one every 5 ms) that waited more than 10 ms
+    ping_lag_ms: float = math.nan  # the side client's own worst oversleep (the machine's latency)
+    ping_realtime: bool = False  # the side client ran SCHED_FIFO: its PINGs never waited for a CPU
     slowlog_worst_ms: float = math.nan  # Redis's SLOWLOG: the slowest command during the run
     mem_per_job: float = math.nan  # bytes of Redis memory per queued job (before the worker ran)
 
@@ -575,21 +577,29 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 # The side client, a process of its own (a thread of this one would wait for this process's GIL
-# behind the sampler and the sink's counting, and report that as Redis's latency): it PINGs every
-# 5 ms and prints "<time_ns> <seconds waited>" for each.
+# behind the sampler and the sink's counting, and report that as Redis's latency), SCHED_FIFO when
+# allowed (else its own wait for a CPU on a busy machine would be counted as Redis's): it PINGs
+# every 5 ms and prints "<time_ns> <seconds waited> <seconds it overslept its 5 ms>" for each.
 _SIDE_PING = """
-import sys, time, redis
+import os, sys, time, redis
+try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    realtime = "1"
+except (AttributeError, OSError):
+    realtime = "0"
 client = redis.Redis(sys.argv[1], int(sys.argv[2]), socket_timeout=10)
 client.ping()
-print("ready", flush=True)
+print("ready", realtime, flush=True)
 while True:
     began = time.perf_counter()
     try:
         client.ping()
     except redis.RedisError:
         pass
-    print(time.time_ns(), time.perf_counter() - began, flush=True)
+    waited = time.perf_counter() - began
+    slept = time.perf_counter()
     time.sleep(0.005)
+    print(time.time_ns(), waited, time.perf_counter() - slept - 0.005, flush=True)
 """
 
 
@@ -601,6 +611,8 @@ class SidePing:
     def __init__(self) -> None:
         self.worst = 0.0
         self.over = 0
+        self.lag_worst = 0.0  # the side client's own worst oversleep: the machine's, not Redis's
+        self.realtime = False  # it runs SCHED_FIFO (root): its PINGs never wait for a CPU
         self._window: list[int] = []
         self._proc: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
@@ -613,7 +625,7 @@ class SidePing:
             text=True,
         )
         assert self._proc.stdout is not None
-        self._proc.stdout.readline()  # "ready"
+        self.realtime = self._proc.stdout.readline().split()[-1:] == ["1"]  # "ready 1|0"
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -635,10 +647,11 @@ class SidePing:
             time.sleep(0.01)
         for line in list(self._lines):
             with contextlib.suppress(ValueError):
-                at, waited = line.split()
+                at, waited, lag = line.split()
                 if began <= int(at) <= ended:
                     self.worst = max(self.worst, float(waited))
                     self.over += float(waited) > 0.010
+                    self.lag_worst = max(self.lag_worst, float(lag))
 
     def _past(self, ended: int) -> bool:
         with contextlib.suppress(ValueError, IndexError):
@@ -684,6 +697,8 @@ class Bench:
         self.claimed = False  # True once the database was flushed as the bench's own
         self._claim = self.redis.register_script(CLAIM_SCRIPT)
         self._slowlog_was: str | None = None
+        self.side_realtime: bool | None = None  # the side client ran SCHED_FIFO in every run
+        self.redis_sched = "scheduling unknown"  # how the kernel ran the Redis server meanwhile
 
     @property
     def sink_name(self) -> str:
@@ -853,6 +868,8 @@ class Bench:
                 peak_rss=sampler.peak_rss,
                 ping_worst_ms=ping.worst * 1000,
                 ping_over_10ms=ping.over,
+                ping_lag_ms=ping.lag_worst * 1000,
+                ping_realtime=ping.realtime,
                 slowlog_worst_ms=self.slowlog_worst(),
             )
 
@@ -1543,7 +1560,42 @@ def environment(bench: Bench) -> list[str]:
         f"- Celery {version('celery')}, kombu {version('kombu')}, aiosmtplib {version('aiosmtplib')}; "
         f"Redis {redis_version} on {REDIS_HOST}:{REDIS_PORT} db {bench.db}",
         f"- Sink: {bench.sink_name}; Node: {node}",
+        f"- Scheduling: Redis {bench.redis_sched}; the side client that PINGs "
+        + ("SCHED_FIFO (its PINGs never wait for a CPU)" if bench.side_realtime else "the default policy"),
     ]
+
+
+def redis_policy(client: redis.Redis) -> str:
+    """How the kernel schedules the Redis server (its process id from INFO; same machine)."""
+    try:
+        pid = int(client.info("server")["process_id"])
+        policy = os.sched_getscheduler(pid)
+    except (redis.RedisError, KeyError, ValueError, OSError):
+        return "scheduling unknown"
+    if policy == os.SCHED_FIFO:
+        return "SCHED_FIFO (--redis-realtime: never preempted; not how Redis runs by default)"
+    return "the default policy (SCHED_OTHER: it shares the cores with everything else)"
+
+
+@contextlib.contextmanager
+def redis_realtime(client: redis.Redis, on: bool) -> Iterator[None]:
+    """With ``on``, every thread of the Redis server SCHED_FIFO for the block, then back."""
+    if not on:
+        yield
+        return
+    pid = int(client.info("server")["process_id"])
+    tasks = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    try:
+        for tid in tasks:
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(10))
+    except PermissionError as exc:
+        raise SystemExit(f"--redis-realtime: cannot change Redis's scheduling ({exc}); run as root") from exc
+    try:
+        yield
+    finally:
+        for tid in tasks:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 METHOD = """\
@@ -1626,6 +1678,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to write the Markdown report (default bench/RESULTS.md for a full run; "
         "--quick and --only runs write nothing unless given)",
     )
+    parser.add_argument(
+        "--redis-realtime",
+        action="store_true",
+        help="run the Redis server SCHED_FIFO for the bench (root, a Redis on this machine): tells "
+        "Redis's own blocking apart from Redis waiting for a CPU on a small machine. Not a default: "
+        "RESULTS.md says so when it was on",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep worker logs and sink dumps")
     parser.add_argument("--list", action="store_true", help="list the scenarios (keys for --only) and exit")
     args = parser.parse_args(argv)
@@ -1706,11 +1765,14 @@ def execute(bench: Bench, scenarios: list[Scenario], budget: float, t0: float) -
                 print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
                 continue
             row.results.append(res)
+            bench.side_realtime = res.ping_realtime and bench.side_realtime is not False
             print(
                 f"{res.seconds:.2f} s: {res.rate:.1f} msgs/s, "
                 f"worker CPU {res.cpu_s / res.msgs * 1000:.2f} ms/msg, "
                 f"Redis CPU {res.redis_cpu_s / res.msgs * 1000:.2f} ms/msg "
-                f"({res.redis_calls / res.msgs:.1f} cmds/msg), worst PING {res.ping_worst_ms:.1f} ms, "
+                f"({res.redis_calls / res.msgs:.1f} cmds/msg), worst PING {res.ping_worst_ms:.1f} ms "
+                f"(side client {'SCHED_FIFO' if res.ping_realtime else 'normal'}, its own worst "
+                f"oversleep {res.ping_lag_ms:.1f} ms, slowest command {res.slowlog_worst_ms:.1f} ms), "
                 f"peak RSS {res.peak_rss / MB:.1f} MB" + (f" ({res.note})" if res.note else ""),
                 flush=True,
             )
@@ -1751,7 +1813,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"Redis db {bench.db}, temp {tmp}",
                 flush=True,
             )
-            rows = execute(bench, scenarios, args.budget, t0)
+            with redis_realtime(bench.redis, args.redis_realtime):
+                bench.redis_sched = redis_policy(bench.redis)
+                rows = execute(bench, scenarios, args.budget, t0)
             elapsed = time.monotonic() - t0
             text = report(bench, rows, started, command, elapsed)
             print()
