@@ -47,6 +47,29 @@ def test_a_take_is_fair_across_accounts_within_each_ones_room(own_queue: QueueEn
     assert c == [j for j, acc, _ in taken if acc == "c"]
 
 
+def test_jobs_that_already_waited_their_turn_go_ahead_of_a_backlog(own_queue: QueueEnv) -> None:
+    # 2,000 jobs queued before; a dead holder's job, a due retry and a released hold must not wait
+    # behind them (minutes at a slow account's pace: the 60 s liveness bound would be missed)
+    from worker.queue.delays import RETRYING, DelayQueue
+    from worker.queue.ready import make_ready
+
+    queues = ReadyQueues(own_queue.redis)
+    backlog = ready(own_queue, "deep", 2000)
+    now = time.time()
+    own_queue.redis.zadd(ready_key("deep"), {j: now - 2000 + i for i, j in enumerate(backlog)})  # all older
+    [(held, _, _)] = queues.take("dead-holder", 1, {"deep": 1}, default_room=0)
+    assert held == backlog[0]
+    assert queues.restore("dead-holder", cut_short=True) == 1
+    own_queue.redis.hset("postroom:job:retry-1", mapping={"state": "retrying", "account": "deep"})
+    own_queue.redis.zadd(RETRYING, {"retry-1": time.time()})  # due now, after the restore
+    assert DelayQueue(own_queue.redis).move_due() == ["retry-1"]
+    own_queue.redis.hset("postroom:job:hold-1", mapping={"state": "held", "account": "deep"})
+    assert make_ready(own_queue.redis, "hold-1", "deep", ["held"])
+    first = [j for j, _, _ in queues.take("h", 3, {"deep": 3}, default_room=0)]
+    assert first == [held, "retry-1", "hold-1"]  # ahead of the backlog, in the order they came
+    assert [j for j, _, _ in queues.take("h", 1, {"deep": 1}, default_room=0)] == [backlog[1]]
+
+
 def test_an_account_unknown_to_the_worker_gets_the_default_room(own_queue: QueueEnv) -> None:
     ready(own_queue, "ghost", 10)
     taken = ReadyQueues(own_queue.redis).take("h", 32, {}, default_room=4)

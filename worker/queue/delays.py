@@ -9,8 +9,9 @@ connection slot not free yet) and claim waits all go this way.
 
 Every worker process's upkeep thread (worker/queue/liveness.py) runs :meth:`DelayQueue.move_due`
 every :data:`POLL` seconds: one script moves the due jobs into their accounts' ready sets
-(worker/queue/ready.py), scored by when they came due — ahead of every job that became ready
-later, so a due retry never waits behind a backlog — and rings the dispatchers' bell. A job
+(worker/queue/ready.py), scored by when they came due less ``ready.AHEAD`` — ahead of every job
+that arrived the ordinary way, so a due retry or send_at never waits behind a backlog — and
+rings the dispatchers' bell. A job
 whose record is no longer waiting (it ended, was cancelled, or was retried by hand) is only
 dropped. Moving is one atomic step: no job is half-moved when a worker dies.
 """
@@ -26,7 +27,7 @@ import redis
 from worker.keys import redis_key
 from worker.queue.jobrecord import SCHEDULED
 from worker.queue.jobs import JobStore
-from worker.queue.ready import BELL, READY_ACCOUNTS, ready_key
+from worker.queue.ready import AHEAD, BELL, READY_ACCOUNTS, ready_key
 
 log = logging.getLogger("postroom.delays")
 
@@ -37,7 +38,8 @@ BATCH = 200
 
 # KEYS: the waiting set (retrying or scheduled), ready-accounts. ARGV: now, limit, bell channel.
 # Returns the ids moved to their ready sets.
-_MOVE_DUE = """
+_MOVE_DUE = (
+    """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = {}
 for i = 1, #due, 2 do
@@ -48,14 +50,17 @@ for i = 1, #due, 2 do
   if state == 'retrying' or state == 'scheduled' then
     local account = redis.call('HGET', job, 'account') or ''
     redis.call('HSET', job, 'state', 'queued')
-    redis.call('ZADD', '@ready' .. account, 'NX', at, id)
+    redis.call('ZADD', '@ready' .. account, 'NX', tonumber(at) - @ahead, id)
     redis.call('SADD', KEYS[2], account)
     moved[#moved + 1] = id
   end
 end
 if #moved > 0 then redis.call('PUBLISH', ARGV[3], 'due') end
 return moved
-""".replace("@job", redis_key("job", "")).replace("@ready", ready_key(""))
+""".replace("@job", redis_key("job", ""))
+    .replace("@ready", ready_key(""))
+    .replace("@ahead", f"{AHEAD:.0f}")
+)
 
 
 class DelayQueue:

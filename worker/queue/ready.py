@@ -3,7 +3,8 @@
 Every job that is due — whatever produced it (the helper, the HTTP API, a plain Celery or
 celery-node message taken in by worker/queue/inbox.py), a retry or a scheduled send whose time
 came (worker/queue/delays.py), a held job released, a dead letter retried — is one member of
-``ready:<account>`` (scored by when it became due: oldest first) and its account a member of
+``ready:<account>`` (scored by when it became due: oldest first; a job that already waited its turn
+— a retry, a send_at reached, one given back — ahead of those, :data:`AHEAD`) and its account a member of
 ``ready-accounts``. Its payload is in its record (``job:<id>``) only: stored once.
 
 A worker process's dispatcher (worker/queue/dispatch.py) takes up to ``coalesce`` jobs at a time,
@@ -33,6 +34,12 @@ from worker.keys import redis_key
 
 READY_ACCOUNTS = redis_key("ready-accounts")
 BELL = redis_key("bell")
+# A job that already waited its turn (given back by a holder that died, a retry or a scheduled
+# send whose time came, a released hold, a dead letter retried) is scored this much lower than
+# the time it became ready: ahead of every job that arrived the ordinary way, oldest first among
+# its kind. Behind a deep backlog it would wait for all of it (minutes), and a dead worker's jobs
+# must run again within a minute whatever the depth.
+AHEAD = 1e10
 
 
 def ready_key(account: str) -> str:
@@ -86,10 +93,10 @@ end
 return out
 """.replace("@ready", ready_key("")).replace("@job", redis_key("job", ""))
 
-# Jobs a holder held, back to their ready sets: KEYS: taken:<holder>, ready-accounts. ARGV: now,
-# "1" to count a run cut short for each job that was running (its holder died, or gave up on it
-# past the time limit; a job only waiting for its turn in that process is not counted), then the
-# job ids (none: every one the holder held). Only a job still waiting to start or caught
+# Jobs a holder held, back to their ready sets: KEYS: taken:<holder>, ready-accounts. ARGV: score
+# (now - AHEAD), "1" to count a run cut short for each job that was running (its holder died, or
+# gave up on it past the time limit; a job only waiting for its turn in that process is not
+# counted), then the job ids (none: every one the holder held). Only a job still waiting to start or caught
 # mid-attempt ("queued", "sending") goes back; one that waits elsewhere (retrying, scheduled,
 # held) or has ended is only let go. A taken entry's value is its account, followed by
 # " running" once its group started (:meth:`ReadyQueues.running_into`). Returns how many went back.
@@ -128,7 +135,7 @@ return n
 
 # A job back in its ready set, ``queued`` again — only if its state is one of ARGV[5..] (a held job
 # cancelled meanwhile stays cancelled). KEYS: job, ready:<account>, ready-accounts. ARGV: job id,
-# score, account, bell channel, the states it may come from. Returns 1 when it was made ready.
+# score (now - AHEAD), account, bell channel, the states it may come from. Returns 1 when it was made ready.
 MAKE_READY = """
 local state = redis.call('HGET', KEYS[1], 'state')
 local ok = false
@@ -146,7 +153,7 @@ def make_ready(client: redis.Redis, job_id: str, account: str, from_states: Iter
     """Make ``job_id`` ready again if it is in one of ``from_states`` (a released hold, a retried
     dead letter, a job the sweep found nowhere): ``queued``, in its account's ready set."""
     keys = [redis_key("job", job_id), ready_key(account), READY_ACCOUNTS]
-    args: list[str | float] = [job_id, time.time(), account, BELL, *from_states]
+    args: list[str | float] = [job_id, time.time() - AHEAD, account, BELL, *from_states]
     return bool(client.eval(MAKE_READY, len(keys), *keys, *args))
 
 
@@ -204,7 +211,7 @@ class ReadyQueues:
     def restore(self, holder: str, job_ids: Iterable[str] = (), *, cut_short: bool) -> int:
         """Put jobs ``holder`` held back in their ready sets (all of them when none are named)."""
         keys = [taken_key(holder), READY_ACCOUNTS]
-        return int(self._restore(keys=keys, args=[time.time(), "1" if cut_short else "0", *job_ids]))
+        return int(self._restore(keys=keys, args=[time.time() - AHEAD, "1" if cut_short else "0", *job_ids]))
 
     def depths(self) -> dict[str, int]:
         """Ready jobs per account (only the accounts that have some)."""
