@@ -1,4 +1,4 @@
-"""Brokers past one Redis (DESIGN §9): Postroom's state apart from the broker, RabbitMQ.
+"""Brokers past one Redis (contract §9): Postroom's state apart from the broker, RabbitMQ.
 
 The RabbitMQ tests run a real worker (the shipped defaults but for fast retries) on the
 RabbitMQ this kind of machine runs, in a vhost of their own (with default queue type quorum,
@@ -409,7 +409,7 @@ def test_rabbitmq_a_killed_workers_job_runs_again_within_a_minute(
     # the job waited in Postroom's Redis, taken by the killed process: its holder's heartbeat
     # lapses (15 s) and a reaper puts it back, as on Redis
     assert redelivered < 30, redelivered
-    assert sent < 60, sent  # DESIGN §4 (the dead worker's Message-ID claim has to lapse first)
+    assert sent < 60, sent  # contract §4 (the dead worker's Message-ID claim has to lapse first)
 
 
 def test_rabbitmq_sweep_makes_ready_again_a_job_found_nowhere(

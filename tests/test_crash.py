@@ -1,4 +1,4 @@
-"""A worker SIGKILLed in the middle of a batch: nothing lost, nothing sent twice (DESIGN §4)."""
+"""A worker SIGKILLed in the middle of a batch: nothing lost, nothing sent twice (contract §4)."""
 
 from __future__ import annotations
 

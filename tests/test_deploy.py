@@ -1,4 +1,4 @@
-"""Deployment files: Procfile, Dockerfile, constraints.txt and docker-compose.yml (DESIGN §4, §7, §9).
+"""Deployment files: Procfile, Dockerfile, constraints.txt and docker-compose.yml (contract §4, §7, §9).
 
 docker-compose validates the file as it would deploy it (Debian's docker-compose: no engine
 is needed for ``config``); the checks below read what it resolved.

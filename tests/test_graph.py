@@ -1,4 +1,4 @@
-"""Graph delivery and OAuth 2.0 against a local identity platform, Graph and Google (DESIGN §1, §3, §5, §6).
+"""Graph delivery and OAuth 2.0 against a local identity platform, Graph and Google (contract §1, §3, §5, §6).
 
 Everything here is real: TLS with the test CA, MSAL talking HTTP to the fake
 identity platform, httpx talking to the fake Graph, PyJWT assertions verified

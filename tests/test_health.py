@@ -168,7 +168,7 @@ def test_checks_pause_broken_accounts_hold_their_jobs_and_release_them_when_fixe
         assert info["last_hour"]["sent"] == 1 and info["held"] == 0 and info["last_success_at"]
         assert status["accounts"][locked]["held"] == 1 and status["accounts"]["down"]["held"] == 1
 
-        # health: JSON per DESIGN §8, and a failing exit code while any account is unhealthy
+        # health: JSON per contract §8, and a failing exit code while any account is unhealthy
         health = ops.run("health", "--json")
         assert health.returncode == 1
         accounts = json.loads(health.stdout)["accounts"]

@@ -1,4 +1,4 @@
-"""Mail that real servers and clients accept (DESIGN §2): addresses with display names, IDN
+"""Mail that real servers and clients accept (contract §2): addresses with display names, IDN
 domains, UTF-8 local parts (SMTPUTF8), Date, Message-IDs, text attachment charsets, RFC 8058
 one-click unsubscribe inside DKIM, and the Basic-auth retirement warning.
 

@@ -1,4 +1,4 @@
-"""Table-driven unit tests of the three delivery policies (DESIGN §3, config/settings.yaml).
+"""Table-driven unit tests of the three delivery policies (contract §3, config/settings.yaml).
 
 1. Reply classification: an SMTP reply (code + RFC 3463 enhanced status), an aiosmtplib
    exception, or a Graph HTTP status -> which family of worker.errors it lands in.
@@ -6,7 +6,7 @@
    a retrying Outcome + attempt number + age -> retry in N seconds, or a dead letter.
 3. The backoff: RetryPolicy.delay's schedule (base, doubling, cap, jitter bounds, Retry-After).
 
-Expected values come from DESIGN §3 (the failure table) and the documented intent of the code
+Expected values come from contract §3 (the failure table) and the documented intent of the code
 (docstrings, config/settings.yaml), not from what the code happens to return. Pure: no Redis,
 no servers, no network; the jitter is pinned by replacing the ``random`` the policy modules use.
 """
@@ -79,7 +79,7 @@ class Reply:
     enhanced: str | None
 
 
-# DESIGN §3: 421/432/450/451/452/454 and enhanced 4.x.x transient (421/432 also close the
+# contract §3: 421/432/450/451/452/454 and enhanced 4.x.x transient (421/432 also close the
 # connection: ServerBusy); SMTP 5xx (550, 552, 553, 554, ...) permanent; 535 permanent and
 # the account flagged (AuthenticationFailed).
 SMTP_REPLIES: list[Any] = [
@@ -126,12 +126,12 @@ SMTP_REPLIES: list[Any] = [
         Reply(441, "4.4.1 No answer from host", "DATA", TransientError, "4.4.1"), id="other-4xx-441-transient"
     ),
     pytest.param(
-        # the basic code is 4xx, which DESIGN names transient: a 5.x.x text does not make it permanent
+        # the basic code is 4xx, which the contract names transient: a 5.x.x text does not make it permanent
         Reply(450, "5.1.1 mismatched enhanced code", "RCPT TO", TransientError, "5.1.1"),
         id="450-with-5.x.x-enhanced-stays-transient",
     ),
     pytest.param(
-        # DESIGN: "enhanced 4.x.x" is transient, whatever the basic code says
+        # the contract: "enhanced 4.x.x" is transient, whatever the basic code says
         Reply(550, "4.7.1 Temporarily rate limited, try later", "RCPT TO", TransientError, "4.7.1"),
         id="550-with-4.x.x-enhanced-is-transient",
     ),
@@ -188,7 +188,7 @@ SMTP_REPLIES: list[Any] = [
     pytest.param(Reply(550, "Mailbox unavailable", "RCPT TO", Rejected, None), id="550-no-enhanced"),
     pytest.param(Reply(551, "5.1.6 User not local", "RCPT TO", Rejected, "5.1.6"), id="551-user-not-local"),
     pytest.param(
-        # DESIGN §3 lists 552 as permanent (RFC 5321 4.5.3.1.10 lets a client read a 552 to RCPT as
+        # contract §3 lists 552 as permanent (RFC 5321 4.5.3.1.10 lets a client read a 552 to RCPT as
         # 452; Postroom follows its own contract)
         Reply(552, "5.2.2 Mailbox full", "RCPT TO", Rejected, "5.2.2"),
         id="552-mailbox-full-is-permanent",
@@ -394,7 +394,7 @@ class GraphRow:
     retry_after: float | None
 
 
-# DESIGN §3: 429, 503, 504 and 5xx transient, honouring Retry-After; 401 after one refresh is
+# contract §3: 429, 503, 504 and 5xx transient, honouring Retry-After; 401 after one refresh is
 # permanent and flags the account. graph.py's docstring: other 4xx are permanent.
 GRAPH_STATUSES: list[Any] = [
     pytest.param(GraphRow(429, "30", TransientError, 30.0), id="429-retry-after-seconds"),
@@ -600,7 +600,7 @@ FAILED = RecipientStatus("failed", 550, "5.1.1 User unknown")
             id="one-deferred-retries",
         ),
         pytest.param(
-            # a 5xx recipient is final (DESIGN §3): the others were sent, nothing to retry
+            # a 5xx recipient is final (contract §3): the others were sent, nothing to retry
             {"a": SENT, "b": FAILED},
             "sent",
             550,

@@ -1,4 +1,4 @@
-"""Scheduled sends (DESIGN §2 ``send_at``): kept in Postroom's delay queue, sent at their time
+"""Scheduled sends (contract §2 ``send_at``): kept in Postroom's delay queue, sent at their time
 and not before, across a SIGKILLed worker; ``postroom cancel`` and ``DELETE /v1/jobs/{id}``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Redis Sentinel for broker and state (DESIGN §9): a failover under a running worker.
+"""Redis Sentinel for broker and state (contract §9): a failover under a running worker.
 
 The test starts a master, a replica and a sentinel (redis-server processes on ports of
 their own), runs a real worker and a producer on ``sentinel://…`` with

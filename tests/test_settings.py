@@ -1,4 +1,4 @@
-"""config/settings.yaml and its POSTROOM_* overrides (DESIGN §3, §4)."""
+"""config/settings.yaml and its POSTROOM_* overrides (contract §3, §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SMTP transport against real aiosmtpd servers with real TLS (DESIGN §1, §3, §5)."""
+"""The SMTP transport against real aiosmtpd servers with real TLS (contract §1, §3, §5)."""
 
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def test_no_usable_mechanism_is_a_clear_error(accounts: Accounts, smtp_server: S
     assert "server offers PLAIN, account allows LOGIN" in str(error)
 
 
-# ---- reply classification (DESIGN §3) --------------------------------------------------
+# ---- reply classification (contract §3) --------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Suppression lists (DESIGN §10): a 5.1.x refusal suppresses the address, later jobs never
+"""Suppression lists (contract §10): a 5.1.x refusal suppresses the address, later jobs never
 offer it, a job of only suppressed recipients ends ``suppressed``; CLI, HTTP, status, expiry."""
 
 from __future__ import annotations

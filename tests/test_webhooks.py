@@ -1,4 +1,4 @@
-"""Webhooks (DESIGN §10): events filed with the state change, signed per Standard Webhooks
+"""Webhooks (contract §10): events filed with the state change, signed per Standard Webhooks
 (checked with the ``standardwebhooks`` package by a real receiver process), retried with the
 same ``webhook-id`` across 500s and a receiver SIGKILLed mid-run, replayed on demand; SSRF
 refused after DNS resolution; records checked with file:line; the secret shown once."""

@@ -62,7 +62,7 @@ def describe_validation_error(error: ValidationError) -> list[str]:
 
 
 class MessageOptions(TypedDict, total=False):
-    """A notification's optional message fields, as keyword arguments (DESIGN §2)."""
+    """A notification's optional message fields, as keyword arguments (contract §2)."""
 
     cc: Sequence[str]
     bcc: Sequence[str]

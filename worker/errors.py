@@ -35,7 +35,7 @@ from typing import Literal
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
-# Transient: every 4xx reply and every enhanced 4.x.x (DESIGN §3 names 421, 432, 450, 451,
+# Transient: every 4xx reply and every enhanced 4.x.x (contract §3 names 421, 432, 450, 451,
 # 452, 454; RFC 5321 makes every 4xx so): see classify_smtp_reply.
 
 # Replies after which the server is going away: the connection must not be reused.
@@ -198,7 +198,7 @@ def classify_smtp_reply(
     stage: str,
     account: str | None = None,
 ) -> DeliveryError:
-    """Map one SMTP reply to the error class DESIGN §3 assigns it."""
+    """Map one SMTP reply to the error class contract §3 assigns it."""
     enhanced = parse_enhanced_status(text)
     where = f"{stage} refused"
     if code in CLOSING_SMTP_CODES:

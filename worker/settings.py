@@ -97,7 +97,7 @@ def redis_url(broker: str) -> str:
 
 def state_url(broker: str | None = None) -> str:
     """Where Postroom keeps its own state (job records, claims, limits, health, dead letters):
-    ``POSTROOM_REDIS_URL``, else the broker itself when it is Redis (DESIGN §9).
+    ``POSTROOM_REDIS_URL``, else the broker itself when it is Redis (contract §9).
 
     On a broker that is not Redis there is no default: a process that took messages it could
     not record would lose them, so it refuses to start and names the setting."""
@@ -210,7 +210,7 @@ class Settings:
     rabbitmq_api: str = ""
 
     def check(self) -> None:
-        """The ordering DESIGN §4 requires: soft < hard < visibility; retries well below it."""
+        """The ordering contract §4 requires: soft < hard < visibility; retries well below it."""
         if not self.soft_time_limit < self.time_limit < self.visibility_timeout:
             raise ConfigurationError(
                 "settings: need soft_time_limit < time_limit < visibility_timeout, got "

@@ -27,7 +27,7 @@ def problem_dict(problem: RecordProblem) -> dict[str, Any]:
 
 def check_deployment() -> None:
     """Refuse to start a long-running process that could not record what it takes: the broker
-    URL must be one Postroom runs on, and Postroom's Redis known (DESIGN §9)."""
+    URL must be one Postroom runs on, and Postroom's Redis known (contract §9)."""
     from worker.settings import broker_kind, broker_url, load_settings, state_url
 
     broker = broker_url()

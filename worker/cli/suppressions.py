@@ -1,4 +1,4 @@
-"""``postroom suppressions list|add|remove``: an account's suppression list (DESIGN §10)."""
+"""``postroom suppressions list|add|remove``: an account's suppression list (contract §10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``postroom webhooks new|list|attempts|replay``: where delivery events go (DESIGN §10)."""
+"""``postroom webhooks new|list|attempts|replay``: where delivery events go (contract §10)."""
 
 from __future__ import annotations
 

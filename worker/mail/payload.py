@@ -1,4 +1,4 @@
-"""The producer contract: the ``postroom.send`` payload (DESIGN §2).
+"""The producer contract: the ``postroom.send`` payload (contract §2).
 
 Validated with pydantic at enqueue (so the producer gets the reason and nothing
 is enqueued) and again at execution (a producer in another language may have

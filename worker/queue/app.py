@@ -1,4 +1,4 @@
-"""The Celery application, configured per DESIGN §4.
+"""The Celery application, configured per contract §4.
 
 ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged
 only after its task finished, and a worker that dies mid-task gives the message
@@ -40,7 +40,7 @@ settings = settings_module.load_settings()
 broker_url = settings_module.broker_url()
 # Where job records, claims, limits, health and dead letters live: without it (a broker that is
 # not Redis and no POSTROOM_REDIS_URL) the app refuses to load, so no worker takes a message it
-# could not record (DESIGN §9).
+# could not record (contract §9).
 state_url = settings_module.state_url(broker_url)
 broker_config = brokers.celery_config(broker_url, settings)
 
@@ -102,7 +102,7 @@ app.conf.update(
     # crashing the consumer (worker/queue/intake.py)
     worker_consumer="worker.queue.intake:Consumer",
     enable_utc=True,
-    # The one beat (DESIGN §7) checks every account; a run that could not start within one
+    # The one beat (contract §7) checks every account; a run that could not start within one
     # interval expires instead of piling up behind the next.
     beat_schedule={
         "postroom-health-check": {

@@ -1,4 +1,4 @@
-"""What differs between the brokers Postroom runs on (DESIGN §9), in one place.
+"""What differs between the brokers Postroom runs on (contract §9), in one place.
 
 - **Redis** (``redis://``, ``rediss://``, ``unix://``) and **Sentinel** (``sentinel://h:p[;…]/DB``
   with ``POSTROOM_SENTINEL_MASTER``): kombu's Redis transport, whose structures Postroom reads

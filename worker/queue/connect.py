@@ -1,4 +1,4 @@
-"""Redis clients from any URL form DESIGN §9 names, for Postroom's state and a Redis broker.
+"""Redis clients from any URL form contract §9 names, for Postroom's state and a Redis broker.
 
 redis-py's ``from_url`` reads ``redis://``, ``rediss://`` and ``unix://``. A
 ``sentinel://h:p[;sentinel://h2:p2]/DB`` URL (kombu's form) becomes a client of

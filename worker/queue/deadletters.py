@@ -1,5 +1,5 @@
 """Dead letters: jobs that ended ``dead`` (and broker entries no job could be made of),
-kept until an operator retries or purges them (DESIGN §3: nothing is dropped silently).
+kept until an operator retries or purges them (contract §3: nothing is dropped silently).
 
 Keys (under ``postroom:``): ``dead``, a sorted set of job ids by when they died; each dead
 letter's record and history stay (``job:<id>``, ``history:<id>``) without a TTL.

@@ -3,7 +3,7 @@
 Runs in the Celery task's thread; only the network part (and the sent mark
 right after it) runs on the process loop (``Runtime.run``).
 
-Duplicate suppression (DESIGN §4): before talking to a server the attempt
+Duplicate suppression (contract §4): before talking to a server the attempt
 claims the Message-ID; recipients the server accepted are written to
 ``delivered:<account>:<message_id>`` right after its 250, and every later attempt (a
 retry, a redelivery after a crash, a retried dead letter) sends only to the

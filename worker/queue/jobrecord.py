@@ -28,7 +28,7 @@ SCHEDULED = redis_key("scheduled")  # sorted set: jobs waiting for their send_at
 
 class JobState(StrEnum):
     """A job's state as its record, ``postroom job --json``, the HTTP API and the dashboard spell
-    it (DESIGN §2). A StrEnum: each member is its string, in Redis and in JSON alike."""
+    it (contract §2). A StrEnum: each member is its string, in Redis and in JSON alike."""
 
     QUEUED = "queued"
     SCHEDULED = "scheduled"  # waiting for its send_at in Postroom's delay queue
@@ -128,7 +128,7 @@ def record_fields(
 
 @dataclass
 class Job:
-    """A job record as ``postroom job ID --json`` shows it (DESIGN §8 keys)."""
+    """A job record as ``postroom job ID --json`` shows it (contract §8 keys)."""
 
     id: str
     state: str

@@ -13,7 +13,7 @@ Keys (all under ``postroom:``)::
 
 What a record holds and how it reads back: worker/queue/jobrecord.py. The dead letters'
 side of the store: worker/queue/deadletters.py. The Message-ID claims and sent marks
-(``claim:``, ``delivered:``, scoped per account, DESIGN §2): worker/queue/marks.py, whose
+(``claim:``, ``delivered:``, scoped per account, contract §2): worker/queue/marks.py, whose
 scripts the store runs in its pipelines. Everything stored is secret-free by construction:
 payloads carry account names, errors carry server replies.
 """

@@ -1,4 +1,4 @@
-"""The webhook outbox (DESIGN §10): delivery events kept in Redis until a receiver took them.
+"""The webhook outbox (contract §10): delivery events kept in Redis until a receiver took them.
 
 An event is filed by the very script that changes the job's state (``_FINISH`` in
 worker/queue/jobscripts.py, the cancel script in worker/queue/schedule.py), through
@@ -163,7 +163,7 @@ def iso(at: float) -> str:
 
 
 def event_body(event: Mapping[str, Any]) -> bytes:
-    """The request body (DESIGN §10): ``{type, timestamp, data}``, ``data`` the job as
+    """The request body (contract §10): ``{type, timestamp, data}``, ``data`` the job as
     ``postroom job --json`` showed it at the moment of the event."""
     record = event.get("record")
     history = event.get("history")

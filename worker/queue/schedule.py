@@ -1,4 +1,4 @@
-"""Scheduled sends and cancelling (DESIGN §2 ``send_at``, ``postroom cancel``).
+"""Scheduled sends and cancelling (contract §2 ``send_at``, ``postroom cancel``).
 
 A job with ``send_at`` in the future is recorded ``scheduled`` and, in the same MULTI/EXEC,
 added to ``postroom:scheduled`` (a sorted set of job ids by due time) instead of being

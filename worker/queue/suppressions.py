@@ -1,4 +1,4 @@
-"""Suppression lists, one per account (DESIGN §10): a mailbox that does not exist is not tried
+"""Suppression lists, one per account (contract §10): a mailbox that does not exist is not tried
 again and again (repeated hard bounces cost the account its reputation with Gmail, Yahoo and
 Microsoft).
 

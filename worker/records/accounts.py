@@ -1,7 +1,7 @@
 """Email account records (outbound part) and their resolution into ready settings.
 
 ``AccountRecord`` is the YAML as written (field names are the contract in
-DESIGN §1). :func:`resolve_account` applies provider presets and the
+contract §1). :func:`resolve_account` applies provider presets and the
 ``advanced`` overrides and checks cross-field rules, producing an immutable
 :class:`EmailAccount` that the transports use without further parsing.
 """
@@ -185,7 +185,7 @@ class SmtpEndpoint:
 
     @property
     def security_label(self) -> str:
-        """The DESIGN §6 result line for this endpoint."""
+        """The contract §6 result line for this endpoint."""
         return {
             "none": "SMTP (Connect using default)",
             "smtps": "SMTP (Connect using SMTPS)",
@@ -310,7 +310,7 @@ def _resolve_limits(record: AccountRecord, provider: Provider) -> Limits:
     """The record's limits, each one not given taken from the provider preset."""
     preset = PRESETS[provider]
     limits_rec = record.limits or LimitsSettings()
-    # Graph has limits of its own (DESIGN §5): 4 concurrent requests and 10,000 requests per
+    # Graph has limits of its own (contract §5): 4 concurrent requests and 10,000 requests per
     # 10 minutes per mailbox, instead of SMTP AUTH's 3 connections and 30 messages a minute
     preset_limits = GRAPH_LIMITS if record.send_using == "graph" else preset.limits
     return Limits(

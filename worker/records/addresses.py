@@ -1,4 +1,4 @@
-"""Email addresses as producers write them: ``a@b`` or ``Display Name <a@b>`` (DESIGN §2).
+"""Email addresses as producers write them: ``a@b`` or ``Display Name <a@b>`` (contract §2).
 
 - An internationalised domain (``bücher.example``) is checked and converted by IDNA 2008
   (the ``idna`` package, with UTS #46 mapping: ``BÜCHER.example`` works too) and goes out

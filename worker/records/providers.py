@@ -36,7 +36,7 @@ PRESETS: dict[Provider, Preset] = {
         "starttls",
         ProviderLimits(max_connections=3, daily_recipients=2000, max_recipients_per_message=100),
     ),
-    # Exchange Online SMTP AUTH: 30 msgs/min, 10,000 recipients/day, 3 connections (DESIGN §5)
+    # Exchange Online SMTP AUTH: 30 msgs/min, 10,000 recipients/day, 3 connections (contract §5)
     "office365": Preset(
         "smtp.office365.com",
         587,
@@ -89,7 +89,7 @@ def infer_provider(address: str | None) -> Provider:
     )  # type: ignore[return-value]
 
 
-# Microsoft Graph sendMail per mailbox (DESIGN §5): 4 concurrent requests, 10,000 requests per
+# Microsoft Graph sendMail per mailbox (contract §5): 4 concurrent requests, 10,000 requests per
 # 10 minutes (1,000 a minute, spread evenly); Exchange's 10,000 recipients a day still apply.
 GRAPH_LIMITS = ProviderLimits(rate="1000/minute", max_connections=4, daily_recipients=10000)
 
@@ -103,7 +103,7 @@ BASIC_AUTH_RETIREMENT = (
 
 
 def basic_auth_warning(provider: str, send_using: str, auth: str | None) -> str | None:
-    """The warning for an Office 365 account still on SMTP Basic authentication (DESIGN §5)."""
+    """The warning for an Office 365 account still on SMTP Basic authentication (contract §5)."""
     if provider == "office365" and send_using == "smtp" and auth == "password":
         return BASIC_AUTH_RETIREMENT
     return None

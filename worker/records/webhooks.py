@@ -1,4 +1,4 @@
-"""Webhook records (DESIGN §10): ``config/webhooks/NAME.yaml``, where delivery events go.
+"""Webhook records (contract §10): ``config/webhooks/NAME.yaml``, where delivery events go.
 
 ::
 

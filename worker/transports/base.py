@@ -70,7 +70,7 @@ class ConnectivityReport:
 
     account: str
     ok: bool
-    result: str  # the DESIGN §6 line, e.g. "SMTP (Connect using STARTTLS)"
+    result: str  # the contract §6 line, e.g. "SMTP (Connect using STARTTLS)"
     detail: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     checked_at: float = field(default_factory=time.time)

@@ -14,7 +14,7 @@ its attachments, each attachment added (a plain POST under
 
 One ``httpx.AsyncClient`` per account (keep-alive, bounded connections), at
 most :data:`MAILBOX_CONCURRENCY` requests in flight per mailbox in the process
-(DESIGN §5). Failures follow DESIGN §3: 429/503/504/5xx are transient with
+(contract §5). Failures follow contract §3: 429/503/504/5xx are transient with
 Retry-After; 401 refreshes the token once, then fails as an authentication
 error; other 4xx are permanent. Tokens never appear in errors or logs.
 """
@@ -62,7 +62,7 @@ LARGE_MESSAGE_BYTES = 3 * 1024 * 1024
 SMALL_ATTACHMENT_BYTES = 3 * 1024 * 1024
 # Upload session chunks: at most 4 MB each, a multiple of 320 KiB as Graph recommends.
 UPLOAD_CHUNK_BYTES = 10 * 320 * 1024
-MAILBOX_CONCURRENCY = 4  # concurrent requests per mailbox (DESIGN §5)
+MAILBOX_CONCURRENCY = 4  # concurrent requests per mailbox (contract §5)
 MAX_RETRY_AFTER = 3600.0
 RESULT_LINE = "Microsoft Graph (HTTPS)"
 

@@ -1,4 +1,4 @@
-"""Provider limits shared by every worker process and machine, kept in Redis (DESIGN §5).
+"""Provider limits shared by every worker process and machine, kept in Redis (contract §5).
 
 Three limits per account (presets supply them, records override):
 

@@ -1,4 +1,4 @@
-"""``/v1/accounts/{account}/suppressions``: an account's suppression list over HTTP (DESIGN §10),
+"""``/v1/accounts/{account}/suppressions``: an account's suppression list over HTTP (contract §10),
 for the accounts the API key may send from (403 for any other, 404 for an unknown one)."""
 
 from __future__ import annotations

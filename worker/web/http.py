@@ -1,7 +1,7 @@
 """The HTTP submission API: producers in any language enqueue with an API key.
 
 ``POST /v1/messages`` and ``POST /v1/batches`` take the ``postroom.send``
-payload (DESIGN §2) and go through :class:`worker.client.Producer`, so the
+payload (contract §2) and go through :class:`worker.client.Producer`, so the
 validation and its messages are the ones a Python producer gets. Every
 ``/v1`` request needs ``Authorization: Bearer <name>.<secret>`` (see
 worker/web/apikeys.py); a key sends only from its accounts, within its request
