@@ -25,7 +25,7 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
-from worker.queue.jobrecord import SCHEDULED
+from worker.queue.jobrecord import SCHEDULED, lua_words
 from worker.queue.jobs import JobStore
 from worker.queue.ready import AHEAD, BELL, READY_ACCOUNTS, ready_key
 
@@ -38,7 +38,7 @@ BATCH = 200
 
 # KEYS: the waiting set (retrying or scheduled), ready-accounts. ARGV: now, limit, bell channel.
 # Returns the ids moved to their ready sets.
-_MOVE_DUE = (
+_MOVE_DUE = lua_words(
     """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = {}
@@ -47,9 +47,9 @@ for i = 1, #due, 2 do
   redis.call('ZREM', KEYS[1], id)
   local job = '@job' .. id
   local state = redis.call('HGET', job, 'state')
-  if state == 'retrying' or state == 'scheduled' then
+  if state == $state.retrying or state == $state.scheduled then
     local account = redis.call('HGET', job, 'account') or ''
-    redis.call('HSET', job, 'state', 'queued')
+    redis.call('HSET', job, 'state', $state.queued)
     redis.call('ZADD', '@ready' .. account, 'NX', tonumber(at) - @ahead, id)
     redis.call('SADD', KEYS[2], account)
     moved[#moved + 1] = id

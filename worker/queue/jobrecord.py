@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,26 @@ class JobState(StrEnum):
     DEAD = "dead"
     SUPPRESSED = "suppressed"
     CANCELLED = "cancelled"  # postroom cancel / DELETE /v1/jobs/{id} before it was sent
+
+
+_LUA_WORD = re.compile(r"\$(state|counter)\.([a-z_]+)")
+
+
+def lua_words(script: str) -> str:
+    """``script`` with each ``$state.<name>`` (a :class:`JobState`) and ``$counter.<name>`` (an
+    account's delivery counter, worker/ops/counters.py) written as that word, quoted: the Lua
+    scripts spell no state or counter themselves, so this enum and the counters' list stay the
+    one vocabulary. A name neither knows fails at import."""
+
+    def word(match: re.Match[str]) -> str:
+        kind, name = match.groups()
+        if kind == "state":
+            return f"'{JobState(name).value}'"
+        if name not in counters.WINDOW_COUNTERS:
+            raise ValueError(f"no delivery counter named {name!r}")
+        return f"'{name}'"
+
+    return _LUA_WORD.sub(word, script)
 
 
 def history_word(state: JobState) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from worker.queue.jobrecord import FINAL_STATES
+from worker.queue.jobrecord import FINAL_STATES, lua_words
 from worker.queue.outbox import EMIT_LUA
 
 
@@ -30,7 +30,7 @@ ENDED_LUA = "local ENDED = " + _lua_set(FINAL_STATES) + "\n"
 # Returns {attempts, enqueued_at, fence}: begun, the fence being this attempt's token (every start
 # takes a new one, and FINISH writes only for the attempt holding the current one);
 # {-1, state}: the job has ended; {-2}: no record; {-3, state}: it waits for its time.
-BEGIN = (
+BEGIN = lua_words(
     ENDED_LUA
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -38,12 +38,14 @@ if not state then
   if ARGV[3] == '' then return {-2, false, false} end
   for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
   redis.call('ZADD', KEYS[2], ARGV[1], ARGV[5])
-  state = 'queued'
+  state = $state.queued
 end
 if ENDED[state] then return {-1, state, false} end
 if ARGV[4] ~= '' then
-  if state ~= 'queued' and state ~= 'scheduled' and state ~= 'retrying' then return {-1, state, false} end
-  redis.call('HSET', KEYS[1], 'state', 'scheduled', 'updated_at', ARGV[1])
+  if state ~= $state.queued and state ~= $state.scheduled and state ~= $state.retrying then
+    return {-1, state, false}
+  end
+  redis.call('HSET', KEYS[1], 'state', $state.scheduled, 'updated_at', ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
   redis.call('ZREM', KEYS[4], ARGV[5])
   -- kept until its time and job_ttl after it (a record that expired would lose the job)
@@ -53,7 +55,7 @@ if ARGV[4] ~= '' then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-redis.call('HSET', KEYS[1], 'state', 'sending', 'updated_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', $state.sending, 'updated_at', ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[5])  -- an entry of its schedule would start it a second time
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at'), fence}
@@ -68,7 +70,7 @@ return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at'), fence}
 # as the helper makes it (its key claimed, listed open); a job due now joins its account's
 # ready set, one not due waits in the schedule. Returns {1, state}: ready; {-3, state}: it
 # waits; {-1, state}: it has ended, or is held or under way already (a copy: nothing to do).
-ADMIT = (
+ADMIT = lua_words(
     ENDED_LUA
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -78,13 +80,13 @@ if not state then
   redis.call('ZADD', KEYS[2], ARGV[1], ARGV[6])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   if ARGV[8] == '1' then redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[2]) end
-  state = 'queued'
+  state = $state.queued
 end
-if ENDED[state] or (state ~= 'queued' and state ~= 'scheduled' and state ~= 'retrying') then
+if ENDED[state] or (state ~= $state.queued and state ~= $state.scheduled and state ~= $state.retrying) then
   return {-1, state}
 end
 if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', 'scheduled', 'updated_at', ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', $state.scheduled, 'updated_at', ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
   local keep = math.ceil(tonumber(ARGV[5]) - tonumber(ARGV[1])) + tonumber(ARGV[2])
   redis.call('EXPIRE', KEYS[1], math.max(keep, tonumber(ARGV[2])))
@@ -106,7 +108,7 @@ ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 - Redis names
 # field/value pairs. Returns 0 and writes nothing when another attempt has started since this
 # one (its fence is no longer the record's: a process that froze and woke late). The event is
 # filed after the record changed: it carries the new state.
-FINISH = (
+FINISH = lua_words(
     EMIT_LUA
     + """
 if ARGV[12] ~= '' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[12] then return 0 end
@@ -119,7 +121,7 @@ else redis.call('ZREM', KEYS[6], ARGV[1]) end
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 if ARGV[7] == '1' then redis.call('ZREM', KEYS[3], ARGV[1]) end
-if ARGV[2] == 'dead' then
+if ARGV[2] == $state.dead then
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
   redis.call('HSET', KEYS[1], 'failed_at', ARGV[3])
   redis.call('PERSIST', KEYS[1])
@@ -128,9 +130,9 @@ else
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-if ARGV[8] == 'dead' then
-  redis.call('HINCRBY', KEYS[5], 'dead', 1)
-  redis.call('HINCRBY', KEYS[5], 'failed', 1)
+if ARGV[8] == $counter.dead then
+  redis.call('HINCRBY', KEYS[5], $counter.dead, 1)
+  redis.call('HINCRBY', KEYS[5], $counter.failed, 1)
 elseif ARGV[8] ~= '' then
   redis.call('HINCRBY', KEYS[5], ARGV[8], 1)
 end
@@ -153,7 +155,7 @@ return 1
 # Returns 1 (held), 0 (the account is not paused: deliver it) or -1 (the job has ended, a
 # cancelled one included: it stays ended). Holding takes a new fence: no earlier attempt's
 # outcome is written over it.
-HOLD = (
+HOLD = lua_words(
     ENDED_LUA
     + """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -164,7 +166,7 @@ if not state then
   redis.call('ZADD', KEYS[6], ARGV[4], ARGV[8])
 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], 'state', 'held', 'updated_at', ARGV[4], 'last_error', ARGV[5])
+redis.call('HSET', KEYS[3], 'state', $state.held, 'updated_at', ARGV[4], 'last_error', ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'fence', 1)
 redis.call('RPUSH', KEYS[4], ARGV[6])
 redis.call('LTRIM', KEYS[4], -tonumber(ARGV[7]), -1)
@@ -179,7 +181,7 @@ return 1
 # of the helper's, perhaps under way: the caller files the entry under a fresh id). KEYS: job,
 # history, open, dead, stats. ARGV: job id, now, JSON of the record's fields, history entry,
 # event type, event id, retention. Returns 1, or 0 when the id is taken.
-QUARANTINE = (
+QUARANTINE = lua_words(
     EMIT_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -189,7 +191,7 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
-redis.call('HINCRBY', KEYS[5], 'dead', 1)
+redis.call('HINCRBY', KEYS[5], $counter.dead, 1)
 emit(KEYS[1], KEYS[2], ARGV[1], ARGV[5], ARGV[6], ARGV[2], ARGV[7])
 return 1
 """

@@ -31,6 +31,7 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
+from worker.queue.jobrecord import lua_words
 
 READY_ACCOUNTS = redis_key("ready-accounts")
 BELL = redis_key("bell")
@@ -100,7 +101,7 @@ return out
 # mid-attempt ("queued", "sending") goes back; one that waits elsewhere (retrying, scheduled,
 # held) or has ended is only let go. A taken entry's value is its account, followed by
 # " running" once its group started (:meth:`ReadyQueues.running_into`). Returns how many went back.
-RESTORE = (
+RESTORE = lua_words(
     """
 local ids = {}
 if #ARGV > 2 then
@@ -117,7 +118,7 @@ for _, id in ipairs(ids) do
     redis.call('HDEL', KEYS[1], id)
     local job = '@job' .. id
     local state = redis.call('HGET', job, 'state')
-    if state == 'queued' or state == 'sending' then
+    if state == $state.queued or state == $state.sending then
       if ARGV[2] == '1' and space then redis.call('HINCRBY', job, 'cut_short', 1) end
       redis.call('ZADD', '@ready' .. account, 'NX', ARGV[1], id)
       redis.call('SADD', KEYS[2], account)
@@ -136,17 +137,17 @@ return n
 # A job back in its ready set, ``queued`` again — only if its state is one of ARGV[5..] (a held job
 # cancelled meanwhile stays cancelled). KEYS: job, ready:<account>, ready-accounts. ARGV: job id,
 # score (now - AHEAD), account, bell channel, the states it may come from. Returns 1 when it was made ready.
-MAKE_READY = """
+MAKE_READY = lua_words("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local ok = false
 for i = 5, #ARGV do if state == ARGV[i] then ok = true end end
 if not ok then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued')
+redis.call('HSET', KEYS[1], 'state', $state.queued)
 redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 return 1
-"""
+""")
 
 
 def make_ready(client: redis.Redis, job_id: str, account: str, from_states: Iterable[str]) -> bool:

@@ -27,7 +27,7 @@ from typing import Any, cast
 import redis
 
 from worker.keys import redis_key
-from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, history_word
+from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, history_word, lua_words
 from worker.queue.outbox import EMIT_LUA, emit_args
 
 CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.HELD)
@@ -39,7 +39,7 @@ CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.
 # and ended while another one still sends), and partly sent once a recipient is marked
 # delivered: either answers no, whatever the record's state says. The claim and mark keys are
 # named from the record (worker/queue/marks.py), read in the same step as the decision.
-_CANCEL = (
+_CANCEL = lua_words(
     EMIT_LUA
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -51,14 +51,14 @@ local account = redis.call('HGET', KEYS[1], 'account') or ''
 local mid = redis.call('HGET', KEYS[1], 'message_id') or ''
 if mid ~= '' then
   if redis.call('EXISTS', '@claim' .. account .. ':' .. mid, '@claim' .. mid) > 0 then
-    return {0, 'sending'}
+    return {0, $state.sending}
   end
   if redis.call('EXISTS', '@delivered' .. account .. ':' .. mid, '@delivered' .. mid) > 0 then
     return {0, 'partly sent'}
   end
 end
 redis.call('ZREM', '@ready' .. account, ARGV[1])  -- its place in its account's ready set
-redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[2], 'last_error', 'cancelled')
+redis.call('HSET', KEYS[1], 'state', $state.cancelled, 'updated_at', ARGV[2], 'last_error', $state.cancelled)
 redis.call('HINCRBY', KEYS[1], 'fence', 1)
 redis.call('RPUSH', KEYS[2], ARGV[3])
 for i = 3, 6 do redis.call('ZREM', KEYS[i], ARGV[1]) end
