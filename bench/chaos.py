@@ -617,10 +617,34 @@ def message_id_of(run_tag: str, i: int) -> str:
 
 def nothing_pending(store: redis.Redis) -> bool:
     """No message left anywhere a worker could still get it from (the queue and its priority
-    sub-queues, kombu's unacknowledged set, jobs waiting for a retry)."""
+    sub-queues, kombu's unacknowledged set, the ready sets, what worker processes took, jobs
+    waiting for a retry)."""
     queues = ["postroom", *(f"postroom\x06\x16{priority}" for priority in (3, 6, 9))]
     queued = sum(int(store.llen(queue)) for queue in queues)
+    queued += sum(int(store.zcard(key)) for key in store.scan_iter(match="postroom:ready:*", count=1000))
+    queued += sum(int(store.hlen(key)) for key in store.scan_iter(match="postroom:taken:*", count=1000))
     return queued == 0 and int(store.hlen("unacked")) == 0 and int(store.zcard("postroom:retrying")) == 0
+
+
+def where_is(store: redis.Redis, job_id: str, account: str) -> list[str]:
+    """Where a job that has not ended waits: the delay queue, its ready set, or the taken set of
+    a worker process (alive or not) — what a stall report needs to name its cause."""
+    where = [
+        name
+        for name, key in (
+            ("retrying", "postroom:retrying"),
+            ("scheduled", "postroom:scheduled"),
+            (f"ready:{account}", f"postroom:ready:{account}"),
+        )
+        if store.zscore(key, job_id) is not None
+    ]
+    for key in store.scan_iter(match="postroom:taken:*", count=1000):
+        held = store.hget(key, job_id)
+        if held is not None:
+            holder = str(key.decode() if isinstance(key, bytes) else key).removeprefix("postroom:taken:")
+            alive = bool(store.exists(f"postroom:holding:{holder}:alive"))
+            where.append(f"taken by {holder} ({'alive' if alive else 'not beating'}): {held!r}")
+    return where
 
 
 def all_ended(store: redis.Redis, job_ids: list[str]) -> bool:
@@ -674,14 +698,8 @@ def tally(
             unfinished[str(state)] = unfinished.get(str(state), 0) + 1
             if len(examples) < 5:
                 last = store.lrange(f"postroom:history:{job_id}", -2, -1)
-                where = [
-                    name
-                    for name, key in (
-                        ("retrying", "postroom:retrying"),
-                        ("moving", "postroom:retrying:moving"),
-                    )
-                    if store.zscore(key, job_id) is not None
-                ]
+                account = store.hget(f"postroom:job:{job_id}", "account") or ""
+                where = where_is(store, job_id, str(account))
                 examples.append({"job": job_id, "state": state, "last": last, "in": where})
     return {
         "n": args.n,
@@ -730,7 +748,10 @@ def report(f: dict[str, Any]) -> None:
         f"{f['enqueue_errors']} enqueue errors retried by the producer"
     )
     if not f["finished"]:
-        print("NOT FINISHED: some jobs had not ended at the timeout")
+        print(f"NOT FINISHED: some jobs had not ended at the timeout: {f['unfinished']}")
+        for example in f["unfinished_examples"]:
+            where = example["in"] or "nothing"
+            print(f"  {example['job']} {example['state']} in {where}; last {example['last']}")
     print(f"sent          {f['sent']}")
     print(f"delivered     {f['delivered']}")
     print(

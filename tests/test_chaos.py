@@ -30,7 +30,8 @@ def test_chaos_at_ci_size_loses_nothing_and_duplicates_only_in_the_window() -> N
     assert done.stdout.strip(), done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     summary = {k: v for k, v in figures.items() if k not in ("events", "duplicates")}
-    assert figures["finished"], (summary, done.stderr[-2000:])
+    unended = (figures["unfinished"], figures["unfinished_examples"])
+    assert figures["finished"], (unended, done.stderr[-2000:], summary)
     # the faults really happened
     assert figures["worker_kills"] == 3 and figures["redis_restarts"] == 1, figures
     assert figures["smtp_drops"] == 4 and figures["smtp_restarts"] == 1, figures

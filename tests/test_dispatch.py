@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from support.queue import QueueEnv, Worker, wait_for
+from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
 from worker.queue.ready import READY_ACCOUNTS, ReadyQueues, ready_key, taken_key
@@ -68,6 +68,38 @@ def test_jobs_that_already_waited_their_turn_go_ahead_of_a_backlog(own_queue: Qu
     first = [j for j, _, _ in queues.take("h", 3, {"deep": 3}, default_room=0)]
     assert first == [held, "retry-1", "hold-1"]  # ahead of the backlog, in the order they came
     assert [j for j, _, _ in queues.take("h", 1, {"deep": 1}, default_room=0)] == [backlog[1]]
+
+
+def test_a_job_a_live_worker_holds_in_redis_but_runs_nowhere_is_given_back(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+) -> None:
+    # A take or a group cut off by a Redis restart half-way leaves its jobs in the taken set of
+    # a process that lives on (so no reaper looks at them) and runs them nowhere: seen so twice
+    # by the process's own upkeep, they go back to their ready sets and are sent.
+    server = smtp_server(mode="plain")
+    account = own_queue.account("strays", server)
+    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    worker = Worker(own_queue, tmp_path / "worker.log", concurrency=1)
+    try:
+        job_id = producer.send_notification(account, ["s@example.net"], "Stray", "x")
+        own_queue.redis.zrem(ready_key(account), job_id)  # as if taken, and the taker lost it
+        own_queue.redis.srem(READY_ACCOUNTS, account)
+        worker.start()
+        holders: list[str] = []
+
+        def beating() -> bool:
+            names = [str(h) for h in own_queue.redis.smembers("postroom:holders")]
+            holders[:] = [h for h in names if own_queue.redis.exists(f"postroom:holding:{h}:alive")]
+            return len(holders) == 1
+
+        wait_for(beating, 30, "the worker process to beat", worker)
+        own_queue.redis.hset(taken_key(holders[0]), job_id, f"{account} running")
+        sent = finished(producer, job_id, timeout=30)
+        assert sent.state == "sent" and len(server.received) == 1
+        assert not own_queue.redis.hexists(taken_key(holders[0]), job_id)
+    finally:
+        worker.stop()
+        producer.close()
 
 
 def test_an_account_unknown_to_the_worker_gets_the_default_room(own_queue: QueueEnv) -> None:

@@ -30,13 +30,13 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from worker.keys import redis_key
 from worker.queue import liveness
-from worker.queue.ready import BELL, ReadyQueues
+from worker.queue.ready import BELL, ReadyQueues, taken_key
 
 log = logging.getLogger("postroom.dispatch")
 
@@ -80,6 +80,8 @@ class Dispatcher:
         self._offset = 0
         self._wake_after: dict[str, int] = {}  # accounts short of room: wake after this many done
         self._freed: Counter[str] = Counter()
+        self._held: set[str] = set()  # taken and not yet let go by a group of this process
+        self._suspects: set[str] = set()  # held in Redis, not here, at the last look (strays)
         self._thread = threading.Thread(target=self._run, name="postroom-dispatch", daemon=True)
         self._listener = threading.Thread(target=self._listen, name="postroom-bell", daemon=True)
 
@@ -176,12 +178,18 @@ class Dispatcher:
             }
             self._freed.clear()
             self._pending.update(taken)
+            self._held.update(job_id for job_id, _, _ in pairs)
         if not pairs:
             return []
-        with self.client.pipeline(transaction=False) as pipe:
-            for job_id, _, _ in pairs:
-                pipe.hget(redis_key("job", job_id), "payload")
-            payloads: list[Any] = pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for job_id, _, _ in pairs:
+                    pipe.hget(redis_key("job", job_id), "payload")
+                payloads: list[Any] = pipe.execute()
+        except BaseException:  # taken in Redis, run by nobody here: give_back_strays() finds them
+            with self._lock:
+                self._held.difference_update(job_id for job_id, _, _ in pairs)
+            raise
         return [
             Taken(job_id, account, _json(payload), cut_short)
             for (job_id, account, cut_short), payload in zip(pairs, payloads, strict=True)
@@ -268,9 +276,26 @@ class Dispatcher:
         finally:
             liveness.TASKS.finished()
             with self._lock:
+                self._held.difference_update(ids)  # let go here; what Redis still holds is a stray
                 self._running -= 1
                 self._lock.notify_all()
             self._bell.set()  # room came free: take again now, not at the next bell
+
+    def give_back_strays(self) -> int:
+        """Jobs this process's taken set holds in Redis that no group here runs or will run, back
+        to their ready sets. A take or a group cut off by a Redis error half-way (Redis restarted,
+        and its answer or the give-back was lost) leaves them there, and a live holder's jobs are
+        never reaped: they would wait for good. A job is a stray only when seen so at two looks in
+        a row (one just taken is counted here within milliseconds of its take)."""
+        in_redis = {_text(j) for j in cast(list[Any], self.client.hkeys(taken_key(self.holder)))}
+        with self._lock:
+            strays = in_redis - self._held
+        again, self._suspects = strays & self._suspects, strays
+        if not again:
+            return 0
+        back = self.ready.restore(self.holder, sorted(again), cut_short=False)
+        log.warning("dispatch: %d taken jobs no group here was running went back to their ready sets", back)
+        return back
 
     def _release(self, ids: list[str]) -> None:
         with self.client.pipeline(transaction=False) as pipe:

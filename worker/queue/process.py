@@ -105,6 +105,15 @@ def stop(timeout: float) -> None:
         dispatcher.stop(timeout)
 
 
+STRAYS_EVERY = 5.0  # seconds between looks for taken jobs this process lost track of
+
+
+def _give_back_strays() -> None:
+    dispatcher = _running.get("dispatcher")
+    if dispatcher is not None:
+        dispatcher.give_back_strays()
+
+
 def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
     from worker.queue.app import app, broker_keys, broker_view, settings
     from worker.queue.intake import move_poison
@@ -128,6 +137,7 @@ def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
         (POLL, delays.move_due),
         (DEPTH_EVERY, sample_depth),
         (liveness.REAP_EVERY, holders.reap),
+        (STRAYS_EVERY, _give_back_strays),
     ]
     tags: Callable[[], list[str] | None] | None = None
     if keys is not None and broker.delivered_tags(consumer) is not None:  # control messages
