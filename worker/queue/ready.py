@@ -3,9 +3,9 @@
 Every job that is due — whatever produced it (the helper, the HTTP API, a plain Celery or
 celery-node message taken in by worker/queue/inbox.py), a retry or a scheduled send whose time
 came (worker/queue/delays.py), a held job released, a dead letter retried — is one member of
-``ready:<account>`` (scored by when it became due: oldest first; a job that already waited its turn
-— a retry, a send_at reached, one given back — ahead of those, :data:`AHEAD`) and its account a member of
-``ready-accounts``. Its payload is in its record (``job:<id>``) only: stored once.
+``ready:<account>`` (scored by when it became due: oldest first; a job that already waited its
+turn — a retry, a send_at reached, one given back — ahead of those, :data:`AHEAD`) and its
+account a member of ``ready-accounts``. Its payload is in its record (``job:<id>``) only: stored once.
 
 A worker process's dispatcher (worker/queue/dispatch.py) takes up to ``coalesce`` jobs at a time,
 fairly across the accounts that have room in it, in one script (:data:`TAKE`): O(jobs taken +
@@ -97,8 +97,8 @@ return out
 # Jobs a holder held, back to their ready sets: KEYS: taken:<holder>, ready-accounts. ARGV: score
 # (now - AHEAD), "1" to count a run cut short for each job that was running (its holder died, or
 # gave up on it past the time limit; a job only waiting for its turn in that process is not
-# counted), then the job ids (none: every one the holder held). Only a job still waiting to start or caught
-# mid-attempt ("queued", "sending") goes back; one that waits elsewhere (retrying, scheduled,
+# counted), then the job ids (none: every one the holder held). Only a job still waiting to
+# start or caught mid-attempt ("queued", "sending") goes back; one that waits elsewhere (retrying, scheduled,
 # held) or has ended is only let go. A taken entry's value is its account, followed by
 # " running" once its group started (:meth:`ReadyQueues.running_into`). Returns how many went back.
 RESTORE = lua_words(
@@ -136,7 +136,8 @@ return n
 
 # A job back in its ready set, ``queued`` again — only if its state is one of ARGV[5..] (a held job
 # cancelled meanwhile stays cancelled). KEYS: job, ready:<account>, ready-accounts. ARGV: job id,
-# score (now - AHEAD), account, bell channel, the states it may come from. Returns 1 when it was made ready.
+# score (now - AHEAD), account, bell channel, the states it may come from. Returns 1 when it was
+# made ready.
 MAKE_READY = lua_words("""
 local state = redis.call('HGET', KEYS[1], 'state')
 local ok = false
