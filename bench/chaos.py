@@ -14,7 +14,7 @@ its own and on loopback only:
   to the sink with ``--max-connections``;
 * the one beat an operator runs, with the orphan sweep every
   ``--sweep-interval`` seconds (a message lost between kombu's ``BRPOP`` and
-  its unacknowledged registration is published again; worker/queue/sweep.py).
+  its unacknowledged registration is published again; worker/queue/process/sweep.py).
 
 A producer thread enqueues the N messages through :class:`worker.client.Producer`
 (each with an idempotency key and a fixed Message-ID; an ``EnqueueError`` —
@@ -529,7 +529,7 @@ def fire(
 
 def held_jobs(redis_server: RedisServer, victim: WorkerProcess) -> list[str]:
     """The job ids a worker process holds (``taken:<holder>``: the ready jobs its dispatcher took,
-    running or about to, worker/queue/ready.py), read just before it is killed: the jobs whose
+    running or about to, worker/queue/store/ready.py), read just before it is killed: the jobs whose
     recovery time is measured."""
     if victim.process is None:
         return []

@@ -719,7 +719,7 @@ class Bench:
 
     def list_keys(self) -> list[bytes]:
         """Where jobs wait to be taken: the broker's lists (a baseline's Celery queue, a raw
-        producer's messages) and Postroom's ready sets (worker/queue/ready.py)."""
+        producer's messages) and Postroom's ready sets (worker/queue/store/ready.py)."""
         lists = list(self.redis.scan_iter(count=1000, _type="LIST"))
         return lists + list(self.redis.scan_iter(match=b"postroom:ready:*", count=1000, _type="ZSET"))
 

@@ -27,10 +27,10 @@ from support import celerynode, rabbit
 from support.queue import POSTROOM, QueueEnv, Worker, claim_database, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
+from worker.db import connect
 from worker.errors import ConfigurationError
-from worker.queue import connect
-from worker.queue.brokers import POISON_QUEUE, SendQueue, amqp_queues, celery_config
-from worker.queue.rabbitmq import ManagementApi, QueueSetup
+from worker.queue.broker.kinds import POISON_QUEUE, SendQueue, amqp_queues, celery_config
+from worker.queue.broker.rabbitmq import ManagementApi, QueueSetup
 from worker.settings import Settings, broker_kind, sentinel_master, state_url
 
 ServerFactory = Callable[..., SmtpServer]

@@ -19,7 +19,7 @@ from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.ops.health import AccountHealth
-from worker.queue.jobrecord import FINAL_STATES
+from worker.queue.store.jobrecord import FINAL_STATES
 from worker.records.webhooks import new_secret
 
 TRIES = 50

@@ -1,4 +1,4 @@
-"""The ready sets and the dispatcher (worker/queue/ready.py, worker/queue/dispatch.py).
+"""The ready sets and the dispatcher (worker/queue/store/ready.py, worker/queue/pipeline/dispatch.py).
 
 The take script against the real Redis: fair across accounts, bounded by each account's room,
 O(what it takes); a real worker sending a backlog in groups with every job keeping its own
@@ -16,7 +16,7 @@ from pathlib import Path
 from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
-from worker.queue.ready import READY_ACCOUNTS, ReadyQueues, ready_key, taken_key
+from worker.queue.store.ready import READY_ACCOUNTS, ReadyQueues, ready_key, taken_key
 from worker.records.loader import Records
 
 
@@ -50,8 +50,8 @@ def test_a_take_is_fair_across_accounts_within_each_ones_room(own_queue: QueueEn
 def test_jobs_that_already_waited_their_turn_go_ahead_of_a_backlog(own_queue: QueueEnv) -> None:
     # 2,000 jobs queued before; a dead holder's job, a due retry and a released hold must not wait
     # behind them (minutes at a slow account's pace: the 60 s liveness bound would be missed)
-    from worker.queue.delays import RETRYING, DelayQueue
-    from worker.queue.ready import make_ready
+    from worker.queue.store.delays import RETRYING, DelayQueue
+    from worker.queue.store.ready import make_ready
 
     queues = ReadyQueues(own_queue.redis)
     backlog = ready(own_queue, "deep", 2000)

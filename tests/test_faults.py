@@ -22,7 +22,7 @@ from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.redisproc import RedisProcess
 from support.smtpd import SmtpServer
 from worker.client import EnqueueError, Producer
-from worker.queue.jobrecord import Job
+from worker.queue.store.jobrecord import Job
 from worker.records.loader import Records
 
 TESTS = Path(__file__).resolve().parent

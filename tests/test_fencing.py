@@ -1,6 +1,6 @@
 """The job store's decisions about one job, against a real Redis: the intake of a job without a
 record, the fence that keeps a superseded attempt's outcome off the record, and cancel as one
-decision with everything that could still send (worker/queue/jobscripts.py, schedule.py)."""
+decision with everything that could still send (worker/queue/store/jobscripts.py, schedule.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 
 from support.queue import QueueEnv
 from worker.ops.counters import Tally
-from worker.queue import schedule
-from worker.queue.jobrecord import SCHEDULED, JobState
-from worker.queue.jobs import JobStore
+from worker.queue.store import schedule
+from worker.queue.store.jobrecord import SCHEDULED, JobState
+from worker.queue.store.jobs import JobStore
 
 PAYLOAD = {"account": "acct", "to": ["a@example.net"], "text": "x", "message_id": "<m1@example.net>"}
 

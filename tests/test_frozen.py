@@ -5,8 +5,8 @@ Real processes with production settings: two ``postroom worker`` groups (no flag
 process per core, the shipped time limits, retry delays and coalescing) share a queue of jobs to
 a server that takes 0.5 s per DATA; one group is frozen for 45 s (a VM pause, a long GC, a
 swapped host) while it holds jobs on connections, in its pool's wait and carried along. The
-survivor gets them back by heartbeat (worker/queue/liveness.py) and sends them; the woken one
-asks its fence right before each MAIL FROM (worker/queue/marks.py ``holds``) and stands down.
+survivor gets them back by heartbeat (worker/queue/process/liveness.py) and sends them; the woken one
+asks its fence right before each MAIL FROM (worker/queue/store/marks.py ``holds``) and stands down.
 What may still go twice is only what was inside DATA at the freeze.
 """
 

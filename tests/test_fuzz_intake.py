@@ -27,8 +27,8 @@ from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.mail.payload import TASK_ID
-from worker.queue.broker import BrokerKeys
-from worker.queue.jobs import JobStore
+from worker.queue.broker.kombu_redis import BrokerKeys
+from worker.queue.store.jobs import JobStore
 from worker.records.loader import Records
 
 JSON = st.recursive(

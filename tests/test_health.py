@@ -26,10 +26,10 @@ from support.queue import WRONG_PASSWORD, QueueEnv, Worker, claim_database, wait
 from support.smtpd import PASSWORD, SmtpServer
 from worker.client import Producer
 from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
-from worker.queue.delivery import LOG_FORMAT, Outcome, log_attempt
-from worker.queue.jobrecord import JobState
-from worker.queue.jobs import JobStore
-from worker.queue.runtime import RECORDS_RECHECK_SECONDS
+from worker.queue.pipeline.delivery import LOG_FORMAT, Outcome, log_attempt
+from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
+from worker.queue.store.jobrecord import JobState
+from worker.queue.store.jobs import JobStore
 from worker.records.loader import Records
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from support.queue import QueueEnv
 from worker.mail.message import MessageSpec, build_message, check_message_id, message_id_for
 from worker.mail.payload import DEFAULT_MAX_MESSAGE_BYTES, SendPayload, max_message_bytes
-from worker.queue.delivery import Delivery, Outcome, _spec, stable_message_id
-from worker.queue.jobs import JobStore
+from worker.queue.pipeline.delivery import Delivery, Outcome, _spec, stable_message_id
+from worker.queue.store.jobs import JobStore
 from worker.settings import Settings
 
 BASE: dict[str, Any] = {"account": "orders", "to": ["alice@example.net"], "subject": "Hi", "text": "Body"}

@@ -109,3 +109,57 @@ def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
     typed = tmp_path / "c.py"
     typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
     assert _runtime_imports("pkg.c", typed, known | {"pkg.c"}) == set()
+
+
+# The rooms of worker/queue, bottom first (ARCHITECTURE.md): a room imports only from its own
+# room and the rooms below it; the modules directly in worker/queue (the worker's composition:
+# app, service, tasks) may import any room. "Import" includes imports inside functions.
+QUEUE_ROOMS = ("store", "events", "broker", "process", "pipeline")
+# Below worker/queue: nothing here imports it (Redis clients and key names live in worker/db).
+BELOW_QUEUE = ("worker.db", "worker.mail", "worker.ops", "worker.records", "worker.transports",
+               "worker.settings", "worker.errors")  # fmt: skip
+
+
+def _queue_level(module: str) -> int | None:
+    if not module.startswith("worker.queue."):
+        return None
+    room = module.split(".")[2]
+    return QUEUE_ROOMS.index(room) if room in QUEUE_ROOMS else len(QUEUE_ROOMS)
+
+
+def _climbs(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower room of worker/queue (or from below it) up into a higher one."""
+    found = []
+    for name, targets in sorted(graph.items()):
+        below = name.startswith(BELOW_QUEUE)
+        level = _queue_level(name)
+        for target in sorted(targets):
+            into = _queue_level(target)
+            if into is None:
+                continue
+            if below or (level is not None and into > level):
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_queue_rooms_import_only_downwards() -> None:
+    modules = _modules()
+    graph = {name: _runtime_imports(name, path, set(modules)) for name, path in modules.items()}
+    assert {
+        name.split(".")[2] for name in modules if name.count(".") >= 3 and name.startswith("worker.queue.")
+    } == set(QUEUE_ROOMS)
+    assert _climbs(graph) == []
+
+
+def test_the_room_check_sees_a_climb() -> None:
+    """The check above can fail: the store importing the pipeline, or ops importing the queue."""
+    graph = {
+        "worker.queue.store.jobs": {"worker.queue.pipeline.attempts", "worker.queue.store.ready"},
+        "worker.queue.pipeline.attempts": {"worker.queue.store.jobs"},
+        "worker.ops.health": {"worker.queue.store.jobs"},
+        "worker.queue.tasks": {"worker.queue.pipeline.attempts"},
+    }
+    assert _climbs(graph) == [
+        "worker.ops.health -> worker.queue.store.jobs",
+        "worker.queue.store.jobs -> worker.queue.pipeline.attempts",
+    ]

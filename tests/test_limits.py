@@ -15,7 +15,7 @@ from support.queue import QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.errors import LimitWait
-from worker.queue.jobrecord import Job
+from worker.queue.store.jobrecord import Job
 from worker.records.loader import Records
 from worker.transports.limits import Limiter
 

@@ -1,4 +1,4 @@
-"""The delay queue and the heartbeat reaper (worker/queue/delays.py, worker/queue/liveness.py).
+"""The delay queue and the heartbeat reaper (worker/queue/store/delays.py, worker/queue/process/liveness.py).
 
 Unit tests run the real scripts against the real Redis; the kill tests SIGKILL
 real worker processes running the shipped settings (the hour-long visibility
@@ -20,11 +20,12 @@ from support.envelopes import send_kwargs
 from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
-from worker.queue import liveness
-from worker.queue.broker import BrokerKeys
-from worker.queue.delays import RETRYING, DelayQueue
-from worker.queue.jobs import JobStore
-from worker.queue.ready import READY_ACCOUNTS, ReadyQueues, ready_key
+from worker.queue.broker.kombu_redis import BrokerKeys
+from worker.queue.broker.taskclock import TASKS
+from worker.queue.process import liveness
+from worker.queue.store.delays import RETRYING, DelayQueue
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.ready import READY_ACCOUNTS, ReadyQueues, ready_key
 from worker.records.loader import Records
 
 # The shipped time limits and visibility timeout (support.queue shrinks only the retry delays).
@@ -183,7 +184,7 @@ def test_a_group_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue
     """A thread cannot be stopped: a group past the hard time limit gives its jobs back to their
     ready sets (counted as runs cut short) and its Message-ID claims lapse; a healthy control
     task's message stays claimed."""
-    from worker.queue.marks import CLAIMS
+    from worker.queue.store.marks import CLAIMS
 
     own_queue.redis.hset("postroom:job:stuck", mapping={"state": "sending", "account": "a"})
     own_queue.redis.zadd(ready_key("a"), {"stuck": time.time()})
@@ -197,12 +198,12 @@ def test_a_group_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue
     began, release = threading.Event(), threading.Event()
 
     def stuck_group() -> None:
-        liveness.TASKS.started(None)
-        liveness.TASKS.carrying(["stuck"])
+        TASKS.started(None)
+        TASKS.carrying(["stuck"])
         CLAIMS.add([("a", "<stuck@example.com>", "token")])
         began.set()
         release.wait(30)
-        liveness.TASKS.finished()
+        TASKS.finished()
 
     thread = threading.Thread(target=stuck_group)
     thread.start()
@@ -221,4 +222,4 @@ def test_a_group_stuck_past_its_time_limit_lets_its_jobs_and_claims_go(own_queue
     finally:
         release.set()
         thread.join(10)
-    assert liveness.TASKS.hostages() == set()
+    assert TASKS.hostages() == set()

@@ -16,8 +16,8 @@ import redis.asyncio
 
 from support.queue import QueueEnv
 from worker.errors import RecipientStatus
-from worker.queue.jobs import JobStore
-from worker.queue.marks import FENCE_FRESH, AsyncMarks, Fence, fence_clock
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.marks import FENCE_FRESH, AsyncMarks, Fence, fence_clock
 
 SENT = RecipientStatus("sent", 250, "ok")
 

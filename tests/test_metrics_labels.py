@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.queue import QueueEnv, unique
 from support.smtpd import SmtpServer
 from worker.client import Producer
-from worker.keys import PREFIX
+from worker.db.keys import PREFIX
 from worker.ops.health import AccountHealth
-from worker.queue.jobs import JobStore
+from worker.queue.store.jobs import JobStore
 from worker.web import metrics
 from worker.web.status import Status
 

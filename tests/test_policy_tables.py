@@ -36,9 +36,9 @@ from worker.errors import (
     classify_smtp_reply,
     parse_enhanced_status,
 )
-from worker.queue import attempts
-from worker.queue.delivery import Outcome, outcome_for_error, outcome_for_result
-from worker.queue.jobrecord import JobState
+from worker.queue.pipeline import attempts
+from worker.queue.pipeline.delivery import Outcome, outcome_for_error, outcome_for_result
+from worker.queue.store.jobrecord import JobState
 from worker.records.accounts import EmailAccount, GraphSettings, Limits
 from worker.settings import RetryPolicy, Settings
 from worker.transports.base import SendResult

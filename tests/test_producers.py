@@ -5,7 +5,7 @@ Celery app's ``send_task`` (the README's first example), celery-node (npm, a pro
 wrote) and the HTTP API — against one real worker, one SMTP server and one webhook receiver, and
 must end the same way: the job's record and state (as ``postroom job --json`` prints it), what
 the server received, the dead letter, the webhook events. Jobs a producer published without the
-helper get their record from the first worker that reads them (worker/queue/jobscripts.py
+helper get their record from the first worker that reads them (worker/queue/store/jobscripts.py
 ``BEGIN``): scheduled, cancellable, deduplicated, dead-lettered under their own id.
 
 Every cell is submitted at once by a module fixture (the whole matrix costs one wait, not one per
@@ -34,7 +34,7 @@ from support.queue import QueueEnv, Worker, claim_database, cli, wait_for
 from support.smtpd import SmtpServer
 from support.web import ApiServer, write_key
 from worker.client import PayloadError, Producer
-from worker.queue.jobrecord import FINAL_STATES, Job
+from worker.queue.store.jobrecord import FINAL_STATES, Job
 from worker.records.webhooks import new_secret
 from worker.web import http as http_api
 

@@ -23,8 +23,8 @@ from support.envelopes import celery_headers, envelope, push, send_kwargs
 from support.queue import QueueEnv, Worker, cli, finished, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
-from worker.queue.broker import BrokerKeys
-from worker.queue.jobs import JobStore
+from worker.queue.broker.kombu_redis import BrokerKeys
+from worker.queue.store.jobs import JobStore
 from worker.records.loader import Records
 
 
@@ -282,7 +282,7 @@ def test_broker_key_names_follow_the_transport_options() -> None:
 
 
 def test_the_sweep_lock_is_released_only_by_its_holder(own_queue: QueueEnv) -> None:
-    from worker.queue.sweep import LOCK, Sweeper
+    from worker.queue.process.sweep import LOCK, Sweeper
 
     sweeper = Sweeper(own_queue.redis, lambda *_: None)
 

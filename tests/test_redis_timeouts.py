@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.keys import REDIS_TIMEOUTS
-from worker.queue.jobs import JobStore
-from worker.queue.marks import AsyncMarks
+from worker.db.keys import REDIS_TIMEOUTS
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.marks import AsyncMarks
 
 
 @pytest.fixture

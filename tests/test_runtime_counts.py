@@ -1,4 +1,4 @@
-"""A process's in-flight counts (worker/queue/runtime.py): carried jobs count from the moment they are
+"""A process's in-flight counts (worker/queue/process/runtime.py): carried jobs count from the moment they are
 taken, once, so task threads taking at the same time keep to the per-process bound."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.queue.runtime import Runtime
+from worker.queue.process.runtime import Runtime
 
 
 @pytest.fixture

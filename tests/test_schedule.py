@@ -16,7 +16,7 @@ from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import SmtpServer
 from support.web import write_key
 from worker.client import PayloadError, Producer
-from worker.queue.jobrecord import SCHEDULED
+from worker.queue.store.jobrecord import SCHEDULED
 
 ServerFactory = Callable[..., SmtpServer]
 

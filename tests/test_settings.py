@@ -79,7 +79,7 @@ def test_rabbitmq_api_is_an_http_url_and_a_bad_one_is_refused_without_echoing_it
 ) -> None:
     monkeypatch.setenv("POSTROOM_CONFIG_DIR", str(tmp_path))
     monkeypatch.delenv("POSTROOM_RABBITMQ_API", raising=False)
-    assert load_settings().rabbitmq_api == ""  # derived from the broker URL (worker/queue/brokers.py)
+    assert load_settings().rabbitmq_api == ""  # derived from the broker URL (worker/queue/broker/kinds.py)
     (tmp_path / "settings.yaml").write_text("rabbitmq_api: https://mgmt.internal:15671\n")
     assert load_settings().rabbitmq_api == "https://mgmt.internal:15671"
     monkeypatch.setenv("POSTROOM_RABBITMQ_API", "amqp://admin:s3cret@mgmt.internal")

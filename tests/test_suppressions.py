@@ -13,7 +13,7 @@ from support.queue import QueueEnv, Worker, cli, finished, unique
 from support.smtpd import Rule, SmtpServer
 from support.web import write_key
 from worker.client import Producer
-from worker.queue.suppressions import Suppressions, hard_bounce
+from worker.queue.store.suppressions import Suppressions, hard_bounce
 
 ServerFactory = Callable[..., SmtpServer]
 

@@ -1,4 +1,4 @@
-"""The orphan sweep (worker/queue/sweep.py) against real Redis and a real worker.
+"""The orphan sweep (worker/queue/process/sweep.py) against real Redis and a real worker.
 
 Every open job waits in one place, by its state (a ready set, a worker's taken hash, the delay
 queue, a held list). The tests take a job out of its place by hand — what a Redis that lost
@@ -22,12 +22,12 @@ from support.smtpd import SmtpServer
 from worker.client import EnqueueError, Producer
 from worker.mail.payload import SWEEP_TASK_NAME
 from worker.ops.health import AccountHealth
-from worker.queue import liveness
-from worker.queue.app import app
-from worker.queue.jobrecord import OPEN
-from worker.queue.jobs import JobStore
-from worker.queue.ready import ReadyQueues, ready_key
-from worker.queue.sweep import LOCK, Sweeper
+from worker.queue.broker.celery_app import app
+from worker.queue.process import liveness
+from worker.queue.process.sweep import LOCK, Sweeper
+from worker.queue.store.jobrecord import OPEN
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.ready import ReadyQueues, ready_key
 from worker.records.loader import Records
 
 READY = ready_key("swept")

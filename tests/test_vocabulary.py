@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from worker.ops.counters import WINDOW_COUNTERS
-from worker.queue.jobrecord import JobState, lua_words
+from worker.queue.store.jobrecord import JobState, lua_words
 
 WORKER = Path(__file__).resolve().parent.parent / "worker"
 WORDS = "|".join(sorted({*JobState, *WINDOW_COUNTERS}))
 SPELLED = re.compile(rf"""(['"])({WORDS})\1""")
-# Webhook delivery statistics (worker/queue/outbox.py) count their own "failed" attempts: a
+# Webhook delivery statistics (worker/queue/events/outbox.py) count their own "failed" attempts: a
 # word of the webhooks' vocabulary, not a job's.
 NOT_A_JOB_WORD = re.compile(r"HINCRBY', KEYS\[4\], 'failed'")
 

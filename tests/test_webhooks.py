@@ -23,10 +23,11 @@ from support.hookrecv import Receiver, free_port
 from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
-from worker.queue import outbox
-from worker.queue.jobrecord import JobState
-from worker.queue.jobs import JobStore
-from worker.queue.webhook_sender import WebhookSender, retry_delay, sign
+from worker.queue.events import outbox
+from worker.queue.events.webhook_sender import WebhookSender, retry_delay, sign
+from worker.queue.store import emit
+from worker.queue.store.jobrecord import JobState
+from worker.queue.store.jobs import JobStore
 from worker.records.loader import load_webhooks
 from worker.records.webhooks import new_secret
 from worker.settings import Settings
@@ -42,7 +43,7 @@ def hook_files(queue_env: QueueEnv) -> Iterator[list[str]]:
     yield names
     for name in names:
         (queue_env.config / "webhooks" / f"{name}.yaml").unlink(missing_ok=True)
-        queue_env.redis.hdel(outbox.ROUTES, name)
+        queue_env.redis.hdel(emit.ROUTES, name)
 
 
 def new_webhook(env: QueueEnv, name: str, url: str, *args: str) -> str:
@@ -283,15 +284,15 @@ def test_a_delivery_is_given_up_after_its_window_and_retried_with_backoff_before
 
     try:
         old = event_for("job-old")
-        own_queue.redis.hset(outbox.delivery_key("down", old), "created_at", time.time() - 86401)
+        own_queue.redis.hset(emit.delivery_key("down", old), "created_at", time.time() - 86401)
         asyncio.run(deliver(old))
-        assert own_queue.redis.hget(outbox.delivery_key("down", old), "state") == "failed"
-        assert own_queue.redis.zscore(outbox.due_key("down"), old) is None
+        assert own_queue.redis.hget(emit.delivery_key("down", old), "state") == "failed"
+        assert own_queue.redis.zscore(emit.due_key("down"), old) is None
 
         fresh = event_for("job-new")
         asyncio.run(deliver(fresh))
-        assert own_queue.redis.hget(outbox.delivery_key("down", fresh), "state") == "pending"
-        due = own_queue.redis.zscore(outbox.due_key("down"), fresh)
+        assert own_queue.redis.hget(emit.delivery_key("down", fresh), "state") == "pending"
+        due = own_queue.redis.zscore(emit.due_key("down"), fresh)
         assert due is not None and 4.4 < due - time.time() < 5.6
         stats = outbox.Outbox(own_queue.redis, 3600).stats("down")
         assert stats == {"pending": 1, "delivered": 0, "failed_attempts": 2, "given_up": 1}

@@ -1,7 +1,7 @@
 """``postroom worker`` with no flags: one Celery worker process per core, supervised.
 
 Real processes on the real Redis: the group delivers, a worker process killed
-with SIGKILL is started again (and its jobs come back, worker/queue/liveness.py), a
+with SIGKILL is started again (and its jobs come back, worker/queue/process/liveness.py), a
 SIGTERM stops every process warmly with exit status 0, and a SIGKILL of the
 supervisor itself takes the whole group down (PR_SET_PDEATHSIG).
 """

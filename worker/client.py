@@ -4,7 +4,7 @@ Producers in other languages call ``send_task("postroom.send", kwargs=PAYLOAD,
 queue="postroom")`` directly (see the README); this helper adds the checks a
 producer wants *before* anything is enqueued: the payload is valid, the
 account exists and its record is sound, the idempotency key is new. It writes the
-job straight into Postroom's ready queues (worker/queue/ready.py), in one transaction
+job straight into Postroom's ready queues (worker/queue/store/ready.py), in one transaction
 with its record: no broker message, the payload stored once.
 """
 
@@ -19,16 +19,17 @@ from typing import Any, TypedDict, Unpack
 from celery import Celery
 from pydantic import ValidationError
 
+from worker.db.connect import safe_url
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
 from worker.mail.payload import MAX_BATCH, SendPayload
-from worker.queue import brokers, ready, schedule
-from worker.queue.brokers import BrokerView, celery_config
-from worker.queue.connect import safe_url
-from worker.queue.jobrecord import FINAL_STATES, Job, JobState
-from worker.queue.jobs import JobStore, new_job_id
-from worker.queue.runtime import RECORDS_RECHECK_SECONDS
-from worker.queue.suppressions import Suppressions
+from worker.queue.broker import kinds as brokers
+from worker.queue.broker.kinds import BrokerView, celery_config
+from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
+from worker.queue.store import ready, schedule
+from worker.queue.store.jobrecord import FINAL_STATES, Job, JobState
+from worker.queue.store.jobs import JobStore, new_job_id
+from worker.queue.store.suppressions import Suppressions
 from worker.records.loader import Records
 from worker.settings import PUBLISH_RETRY_POLICY, broker_kind, broker_url, load_settings, state_url
 
@@ -139,7 +140,7 @@ class Producer:
         self._view: BrokerView | None = None
 
     def broker_view(self) -> BrokerView:
-        """What ``status`` and the sweep read of this producer's broker (worker/queue/brokers.py)."""
+        """What ``status`` and the sweep read of this producer's broker (worker/queue/broker/kinds.py)."""
         if self._view is None:
             self._view = brokers.broker_view(self.app, self.state, self.store.redis)
         return self._view
@@ -232,7 +233,7 @@ class Producer:
 
     def _enqueue(self, models: Sequence[SendPayload], submitted_by: str) -> list[str]:
         """Record the jobs in one transaction, each ready for every worker at once (its payload
-        stored once, in its record: worker/queue/ready.py) or waiting for its send_at."""
+        stored once, in its record: worker/queue/store/ready.py) or waiting for its send_at."""
         jobs = [(new_job_id(), model.to_task_kwargs()) for model in models]
         try:
             owners = self.store.create_claimed(jobs, submitted_by=submitted_by)

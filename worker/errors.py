@@ -20,7 +20,7 @@ split by what the job layer must do with them::
             └── SecurityPolicyError   no STARTTLS, TLS below minimum, untrusted cert
 
 Retries exhausted (max attempts or max age) is no exception: the attempt policy
-(worker/queue/attempts.py) turns the last retrying outcome into a dead one.
+(worker/queue/pipeline/attempts.py) turns the last retrying outcome into a dead one.
 
 Nothing in this module ever formats a secret: errors are built from server
 replies and record field names only.

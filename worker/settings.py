@@ -170,7 +170,7 @@ class Settings:
     # tasks, so they cost next to nothing; with 0, Flower still works: it switches them on itself.
     task_events: int = 1
     # A worker process's dispatcher takes up to this many ready jobs at a time, fairly across the
-    # accounts with room in it (worker/queue/dispatch.py): one Redis round trip per step for the
+    # accounts with room in it (worker/queue/pipeline/dispatch.py): one Redis round trip per step for the
     # whole group. 1 takes them one by one.
     coalesce: int = 64
     # Health checks (celery beat): every account's connectivity every health_interval seconds,
@@ -180,18 +180,18 @@ class Settings:
     health_timeout: float = 30.0
     pause_after: int = 3
     metrics_port: int = 9464  # `postroom metrics` and `postroom up` (POSTROOM_METRICS_PORT)
-    # The orphan sweep (worker/queue/sweep.py, run by the beat): an open job found in none of the
+    # The orphan sweep (worker/queue/process/sweep.py, run by the beat): an open job found in none of the
     # places its state says it waits is made ready again after two sweeps.
     sweep_interval: float = 60.0
     # Read by earlier releases (RabbitMQ's sweep, when jobs waited in the broker); kept so that a
     # settings file naming it still loads. Jobs wait in Redis now, where the sweep looks them up.
     sweep_unlisted_after: float = 3600.0
-    # How long an address stays on an account's suppression list (worker/queue/suppressions.py)
+    # How long an address stays on an account's suppression list (worker/queue/store/suppressions.py)
     # after a 5.1.x refusal or an operator's add: a mailbox that comes back is tried after that.
     suppression_ttl: float = 365 * 86400.0
-    # How far ahead send_at may be (worker/queue/schedule.py); further is refused at enqueue.
+    # How far ahead send_at may be (worker/queue/store/schedule.py); further is refused at enqueue.
     schedule_horizon: float = 90 * 86400.0
-    # Webhooks (worker/queue/outbox.py, webhook_sender.py): a delivery is retried with backoff
+    # Webhooks (worker/queue/events/outbox.py, webhook_sender.py): a delivery is retried with backoff
     # (5 s doubling to 1 h) until it is webhook_give_up_after old, at least 24 hours; events and
     # their deliveries are kept webhook_retention for `postroom webhooks replay`.
     webhook_give_up_after: float = 86400.0
@@ -199,7 +199,7 @@ class Settings:
     webhook_concurrency: int = 8  # requests in flight per worker process
     webhook_timeout: float = 10.0  # seconds per request (connect, send, answer)
     log_format: str = "text"  # the per-attempt delivery line: text (key=value) or json
-    # RabbitMQ (worker/queue/brokers.py): the queue type `postroom queues check` expects, a quorum
+    # RabbitMQ (worker/queue/broker/kinds.py): the queue type `postroom queues check` expects, a quorum
     # queue (replicated, with a delivery limit after which a message that keeps killing its consumer
     # goes to postroom.poison) or "classic". The queue is declared with no arguments: its type is the
     # vhost's default; dead-lettering and the limit (rabbitmq_delivery_limit) are a policy's.

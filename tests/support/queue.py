@@ -4,7 +4,7 @@ Every test session gets its own Redis database number on 127.0.0.1:6379 (an
 empty one, flushed again at the end) and its own ``accounts/`` and ``config/``
 folders; workers see them through the same environment variables an operator
 would set. Retry delays and time limits are shrunk so that retries happen in
-seconds; the visibility timeout is not (worker/queue/liveness.py brings a dead
+seconds; the visibility timeout is not (worker/queue/process/liveness.py brings a dead
 worker's messages back).
 """
 

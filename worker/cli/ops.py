@@ -71,7 +71,7 @@ def status_command(as_json: bool, watch: bool, interval: float) -> None:
 def sweep_command(as_json: bool) -> None:
     """Make ready again every open job found nowhere it can wait (the beat does this every
     sweep_interval): a job missing at two looks a few seconds apart goes back to its ready set."""
-    from worker.queue.sweep import Sweeper
+    from worker.queue.process.sweep import Sweeper
 
     producer = open_producer()
     try:

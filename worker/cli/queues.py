@@ -4,7 +4,7 @@ On RabbitMQ the queue ``postroom`` is declared with no arguments, as every Celer
 declares it (celery-node, a plain Celery app), so whoever publishes first creates it alike;
 what Postroom needs beyond that (dead-lettering to ``postroom.poison``, a delivery limit, a
 quorum queue) comes from the vhost and a policy, which only an operator's command sets.
-The management API and RabbitMQ's rules live in worker/queue/rabbitmq.py; this is the door.
+The management API and RabbitMQ's rules live in worker/queue/broker/rabbitmq.py; this is the door.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _print(data: dict[str, Any]) -> None:
 def check_command(as_json: bool) -> None:
     """What the queue's setup lacks, each with what it costs and how to fix it; exit 1 when
     something is missing (RabbitMQ, through its management API; nothing to set up on Redis)."""
-    from worker.queue.rabbitmq import read_setup
+    from worker.queue.broker.rabbitmq import read_setup
 
     rabbit = _on_rabbitmq()
     if rabbit is None:
@@ -92,7 +92,7 @@ def declare_command(as_json: bool) -> None:
     (dead-lettering to postroom.poison; on a quorum queue the delivery limit,
     rabbitmq_delivery_limit), and both queues, declared with no arguments when missing. Then
     what ``check`` says (exit 1 when something is still missing)."""
-    from worker.queue.rabbitmq import declare_setup
+    from worker.queue.broker.rabbitmq import declare_setup
 
     rabbit = _on_rabbitmq()
     if rabbit is None:

@@ -13,7 +13,7 @@ from worker.cli.common import emit_json, open_producer
 
 
 def _list_of(producer: Any) -> Any:
-    from worker.queue.suppressions import Suppressions
+    from worker.queue.store.suppressions import Suppressions
 
     return Suppressions(producer.store.redis, producer.settings.suppression_ttl)
 

@@ -16,14 +16,14 @@ from worker.records.webhooks import EVENT_TYPES
 
 
 def _outbox(producer: Any) -> Any:
-    from worker.queue.outbox import Outbox
+    from worker.queue.events.outbox import Outbox
 
     return Outbox(producer.store.redis, producer.settings.webhook_retention)
 
 
 def _publish(producer: Any) -> None:
     """The routing table from the records as they are now (the workers publish it too)."""
-    from worker.queue.outbox import publish_routes
+    from worker.queue.events.outbox import publish_routes
 
     records = producer.records(fresh=True)
     publish_routes(producer.store.redis, {n: hook.route() for n, hook in records.webhooks.items()})

@@ -35,7 +35,7 @@ HEALTH_TASK_NAME = "postroom.health_check"
 SWEEP_TASK_NAME = "postroom.sweep"
 BATCH_TASK_NAME = "postroom.send_batch"
 MAX_BATCH = 1000  # messages per postroom.send_batch job
-QUEUE = "postroom"  # the jobs: read by Postroom's own inbox (worker/queue/inbox.py)
+QUEUE = "postroom"  # the jobs: read by Postroom's own inbox (worker/queue/broker/inbox.py)
 CONTROL_QUEUE = "postroom.control"  # health checks and sweeps: what Celery's consumer reads
 # A postroom.send message's header naming its account (set by every Postroom producer, not
 # required of others): a carrying task picks jobs of accounts with room without decoding bodies.

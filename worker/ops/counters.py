@@ -28,7 +28,7 @@ from typing import Any, TypedDict, cast
 
 import redis
 
-from worker.keys import PREFIX
+from worker.db.keys import PREFIX
 from worker.records.loader import valid_record_name
 
 UNKNOWN = "(unknown)"  # the one label of every account name that is not an account's

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key as _key
+from worker.db.keys import redis_key as _key
 
 HISTORY = 20
 HEALTH_TTL = 7 * 86400

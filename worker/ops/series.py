@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.ops import counters
 
 DEPTH = redis_key("series", "depth")

@@ -2,11 +2,12 @@
 message Celery itself was handed.
 
 Jobs are not Celery tasks in a worker: Postroom's inbox reads the ``postroom`` queue in batches
-(worker/queue/inbox.py) and its dispatcher sends ready jobs in groups (worker/queue/dispatch.py),
+(worker/queue/broker/inbox.py) and its dispatcher sends ready jobs in groups
+(worker/queue/pipeline/dispatch.py),
 since Celery's per-task work costs more than sending the mail. Celery's consumer reads
 ``postroom.control``. Should a ``postroom.send`` or ``postroom.send_batch`` still reach a Celery
 task (a worker started with ``-Q postroom``, a message routed to the control queue), the task
-takes its jobs in exactly as the inbox would (worker/queue/admission.py): a run of it that was cut
+takes its jobs in exactly as the inbox would (worker/queue/store/admission.py): a run of it that was cut
 short is counted, so a poison message ends in the dead letters after bounded runs.
 """
 
@@ -25,8 +26,10 @@ from celery.exceptions import Reject
 
 from worker.mail.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, SWEEP_TASK_NAME, TASK_NAME
 from worker.ops.connectivity import check_connectivity
-from worker.queue.app import app, settings
-from worker.queue.attempts import (
+from worker.queue.broker.celery_app import app, settings
+from worker.queue.broker.inbox import usable_job_ids
+from worker.queue.broker.intake import store as intake_store
+from worker.queue.pipeline.attempts import (
     account_health,
     cut_short_too_often,
     job_store,
@@ -34,13 +37,11 @@ from worker.queue.attempts import (
     slot_wait,
     store_url,
 )
-from worker.queue.delivery import LOG_FORMAT
-from worker.queue.inbox import usable_job_ids
-from worker.queue.intake import store as intake_store
-from worker.queue.jobrecord import safe_text
-from worker.queue.process import admission
-from worker.queue.runtime import get_runtime
-from worker.queue.sweep import Sweeper
+from worker.queue.pipeline.delivery import LOG_FORMAT
+from worker.queue.process.runtime import get_runtime
+from worker.queue.process.sweep import Sweeper
+from worker.queue.service import admission
+from worker.queue.store.jobrecord import safe_text
 from worker.records.loader import Records
 from worker.transports.base import ConnectivityReport
 
@@ -163,7 +164,7 @@ def sweeper() -> Sweeper:
 
 @app.task(name=SWEEP_TASK_NAME, ignore_result=True)
 def sweep() -> dict[str, Any]:
-    """Make ready again the open jobs found nowhere they can wait (worker/queue/sweep.py).
+    """Make ready again the open jobs found nowhere they can wait (worker/queue/process/sweep.py).
 
     Scheduled by the one beat every sweep_interval, with an expiry of one interval."""
     report = sweeper().run(lock_for=max(60.0, settings.sweep_interval))

@@ -10,7 +10,7 @@
 
 The secret is a Standard Webhooks key: ``whsec_`` and the base64 of 24 to 64 random bytes.
 A record never shows it: :class:`WebhookSecret` prints as a placeholder, and the key's bytes
-are read only by the signer (worker/queue/webhook_sender.py).
+are read only by the signer (worker/queue/events/webhook_sender.py).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class Webhook:
         return event_type in rec.events and (rec.accounts is None or account in rec.accounts)
 
     def route(self) -> dict[str, Any]:
-        """What the job store needs to know to file events for it (worker/queue/outbox.py)."""
+        """What the job store needs to know to file events for it (worker/queue/events/outbox.py)."""
         rec = self.record
         return {"events": list(rec.events), "accounts": list(rec.accounts) if rec.accounts else None}
 

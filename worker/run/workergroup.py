@@ -6,7 +6,7 @@ threads it has. Why threads inside each: a job waits on a slow SMTP server or on
 Graph for seconds; a thread waiting costs nothing, a prefork child waiting is a
 core's worth of capacity gone (bench/RESULTS.md measures both). Each process has
 its own event loop, connection pools, heartbeat and holder id
-(worker/queue/liveness.py), so a process that dies has its jobs restored by the others
+(worker/queue/process/liveness.py), so a process that dies has its jobs restored by the others
 within seconds.
 
 The group is supervised here: a stop (SIGTERM, SIGINT, SIGHUP) is passed to every

@@ -40,8 +40,8 @@ import time
 import uuid
 from typing import Any
 
+from worker.db.keys import PREFIX
 from worker.errors import LimitWait, Rejected
-from worker.keys import PREFIX
 
 SLOT_LEASE = 15.0  # seconds a connection slot lives without renewal (a crashed worker's lapse)
 SLOT_RENEW = 5.0  # how often a pool renews its connections' leases

@@ -115,7 +115,7 @@ class SmtpTransport(SlotShares):
     @property
     def connections_here(self) -> int:
         """The connections this pool works with: those open and one more, within its share of
-        the account's slots (the dispatcher takes work for this many, worker/queue/dispatch.py)."""
+        the account's slots (the dispatcher takes work for this many, worker/queue/pipeline/dispatch.py)."""
         return min(self.max_connections, max(1, self._share), self._count + 1)
 
     def _condition(self) -> asyncio.Condition:

@@ -18,9 +18,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from worker.client import EnqueueError, PayloadError, Producer
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.ops.health import AccountHealth
-from worker.queue.brokers import same_redis
+from worker.queue.broker.kinds import same_redis
 from worker.web import jsonbody
 from worker.web.api_auth import Key
 from worker.web.api_models import (

@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.web import apikeys
 from worker.web.api_models import HttpError
 from worker.web.apikeys import ApiKey

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, create_model
 
 from worker.mail.payload import MAX_BATCH, SendPayload
-from worker.queue.jobrecord import Job
+from worker.queue.store.jobrecord import Job
 
 
 class Problem(BaseModel):
@@ -35,7 +35,7 @@ class BatchIn(BaseModel):
     messages: list[SendPayload] = Field(max_length=MAX_BATCH)
 
 
-# A job as GET /v1/jobs/{id} shows it: the fields of worker.queue.jobrecord.Job that Job.as_dict()
+# A job as GET /v1/jobs/{id} shows it: the fields of worker.queue.store.jobrecord.Job that Job.as_dict()
 # writes, every one required (as_dict always writes them), typed as in the dataclass except
 # where as_dict fills in a value.
 _JOB_FIELDS_NOT_SHOWN = frozenset({"enqueued_at", "payload", "submitted_by", "unreadable"})

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from worker.queue.suppressions import Suppressions
+from worker.queue.store.suppressions import Suppressions
 from worker.records.addresses import parse_mailbox
 from worker.web.api import Context
 from worker.web.api_auth import Key

@@ -7,7 +7,7 @@ an account page and the scheduled jobs (worker/web/dashboard_pages.py), the dead
 per-recipient results, attempts). They read the same Redis records as
 ``postroom status`` and act through the same functions as ``postroom
 dead-letters`` (:meth:`worker.client.Producer.retry_dead_letters`,
-:meth:`worker.queue.jobs.JobStore.purge`).
+:meth:`worker.queue.store.jobs.JobStore.purge`).
 
 Access: an operator key (an API key record with ``operator: true``, see
 worker/web/apikeys.py) typed into the login form opens a session: a random id in
@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.client import Producer
 from worker.ops.health import AccountHealth
-from worker.queue.jobrecord import FINAL_STATES
+from worker.queue.store.jobrecord import FINAL_STATES
 from worker.web import apikeys, dashboard_auth, dashboard_pages
 from worker.web.dashboard_auth import Change, Operator, current
 from worker.web.dashboard_core import (

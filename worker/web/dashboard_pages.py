@@ -20,12 +20,12 @@ from fastapi.responses import Response
 from markupsafe import Markup
 
 from worker.client import Producer
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.ops import series
 from worker.ops.health import AccountHealth
-from worker.queue.jobrecord import SCHEDULED
-from worker.queue.outbox import Outbox
-from worker.queue.suppressions import Suppressions
+from worker.queue.events.outbox import Outbox
+from worker.queue.store.jobrecord import SCHEDULED
+from worker.queue.store.suppressions import Suppressions
 from worker.web.charts import line_chart
 from worker.web.dashboard_auth import Change, Operator
 from worker.web.dashboard_core import PREFIX, Refused, State, call, redirect, render

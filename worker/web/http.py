@@ -36,8 +36,8 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import ClientDisconnect
 
 from worker.client import Producer
+from worker.db import connect
 from worker.mail.payload import SendPayload
-from worker.queue import connect
 from worker.web import api, api_suppressions, apikeys, dashboard, httpserver
 from worker.web.api_auth import RateLimiter
 from worker.web.api_models import BatchIn, HttpError

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from worker.queue.runtime import RECORDS_RECHECK_SECONDS
+from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
 from worker.settings import config_dir as default_config_dir
 from worker.web import apikeys
 from worker.web.apikeys import ApiKey

@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from worker.keys import PREFIX
+from worker.db.keys import PREFIX
 from worker.ops.counters import LATENCY_BUCKETS, UNKNOWN, account_label
 
 _WORD = re.compile(r"[a-z0-9_-]{1,32}")

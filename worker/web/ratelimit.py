@@ -13,7 +13,7 @@ import time
 import redis
 from starlette.requests import Request
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 
 
 def client_address(request: Request) -> str:

@@ -12,7 +12,7 @@ from typing import cast
 
 import redis
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.web.apikeys import ApiKey
 from worker.web.keyring import KeyRing
 

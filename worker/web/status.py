@@ -14,19 +14,19 @@ from typing import Any
 
 import redis
 
+from worker.db.keys import redis_key
 from worker.errors import ConfigurationError
-from worker.keys import redis_key
 from worker.ops import counters
 from worker.ops.health import AccountHealth
-from worker.queue import suppressions
-from worker.queue.brokers import AmqpBrokerView, BrokerView
-from worker.queue.delays import RETRYING
-from worker.queue.jobrecord import SCHEDULED
-from worker.queue.jobs import JobStore
-from worker.queue.liveness import taken_count
-from worker.queue.outbox import Outbox
-from worker.queue.rabbitmq import read_setup
-from worker.queue.ready import ReadyQueues
+from worker.queue.broker.kinds import AmqpBrokerView, BrokerView
+from worker.queue.broker.rabbitmq import read_setup
+from worker.queue.events.outbox import Outbox
+from worker.queue.process.liveness import taken_count
+from worker.queue.store import suppressions
+from worker.queue.store.delays import RETRYING
+from worker.queue.store.jobrecord import SCHEDULED
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.ready import ReadyQueues
 from worker.records.loader import Records
 
 CERT_WARN_DAYS = 30
@@ -56,7 +56,9 @@ class Status:
         broker: BrokerView | None = None,
     ) -> None:
         if broker is None:
-            from worker.queue.app import broker_view  # the Celery app only where its broker is needed
+            from worker.queue.broker.celery_app import (
+                broker_view,  # the Celery app only where its broker is needed
+            )
 
             broker = broker_view(store.redis)
         self.broker = broker
@@ -67,7 +69,7 @@ class Status:
         self.account_names = sorted(records.account_names) if records is not None else []
 
     def _webhooks(self) -> dict[str, dict[str, int]]:
-        """Per webhook record: deliveries pending, delivered, given up (worker/queue/outbox.py)."""
+        """Per webhook record: deliveries pending, delivered, given up (worker/queue/events/outbox.py)."""
         if self.records is None:
             return {}
         outbox = Outbox(self.redis)
@@ -78,7 +80,7 @@ class Status:
         which on RabbitMQ asks its management API (the per-request views leave it out)."""
         now = time.time()
         ready = ReadyQueues(self.redis)
-        waiting = ready.depths()  # per account: due now, not taken yet (worker/queue/ready.py)
+        waiting = ready.depths()  # per account: due now, not taken yet (worker/queue/store/ready.py)
         # the broker's queue: messages of producers that did not use the helper, not taken in yet
         depths = {**self.broker.depths(), "ready": sum(waiting.values())}
         unacked = taken_count(self.redis)  # taken by the workers: being sent, or next on a connection
@@ -110,11 +112,11 @@ class Status:
         out = {
             "queues": depths,
             # jobs workers hold: being sent or next on a connection (retries wait in Postroom's
-            # delay queue, worker/queue/delays.py, not in a worker)
+            # delay queue, worker/queue/store/delays.py, not in a worker)
             "in_flight": int(unacked),
             "retrying": int(retrying),
             "dead_letters": int(dead),
-            "scheduled": int(scheduled),  # waiting for their send_at (worker/queue/schedule.py)
+            "scheduled": int(scheduled),  # waiting for their send_at (worker/queue/store/schedule.py)
             "held": sum(a["held"] for a in accounts.values()),
             "accounts": accounts,
             "webhooks": self._webhooks(),
@@ -183,7 +185,7 @@ class Status:
 
 def broker_setup(broker: BrokerView) -> dict[str, Any]:
     """What the broker's setup lacks for Postroom: ``{broker, checked, ok, lacks, problems,
-    error}``. On RabbitMQ read from its management API (worker/queue/brokers.py) at most once a
+    error}``. On RabbitMQ read from its management API (worker/queue/broker/kinds.py) at most once a
     minute per process; an API that cannot be reached is an ``error``, never a failure here."""
     if not isinstance(broker, AmqpBrokerView):
         return {"broker": "redis", "checked": True, "ok": True, "lacks": [], "problems": [], "error": None}

@@ -1,12 +1,12 @@
 """Taking a job in: a payload from a producer that did not use the helper becomes the job the
 helper would have made.
 
-Plain Celery and celery-node messages (read off the broker by worker/queue/inbox.py), and a
+Plain Celery and celery-node messages (read off the broker by worker/queue/broker/inbox.py), and a
 ``postroom.send`` that Celery itself hands a task: each payload is validated (an invalid one is a
 dead letter under its own id, with every reason), given what the helper would have given it (a
 Message-ID, the time its clock starts), and recorded with its idempotency key in one script
-(``ADMIT``, worker/queue/jobscripts.py), which also puts a job due now in its account's ready
-set (worker/queue/ready.py) and one not due yet in the schedule. The payload is stored once, as
+(``ADMIT``, worker/queue/store/jobscripts.py), which also puts a job due now in its account's ready
+set (worker/queue/store/ready.py) and one not due yet in the schedule. The payload is stored once, as
 it came: no script decodes it. A copy of a job already recorded (a redelivery) changes nothing.
 """
 
@@ -20,14 +20,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from worker.db.keys import redis_key
 from worker.errors import ConfigurationError
-from worker.keys import redis_key
 from worker.mail.message import message_id_for
 from worker.mail.payload import SendPayload
-from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, describe, record_fields
-from worker.queue.jobs import JobStore
-from worker.queue.jobscripts import ADMIT, ADMIT_SHA
-from worker.queue.ready import BELL, READY_ACCOUNTS, ready_key
+from worker.queue.store.jobrecord import OPEN, SCHEDULED, JobState, describe, record_fields
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.jobscripts import ADMIT, ADMIT_SHA
+from worker.queue.store.ready import BELL, READY_ACCOUNTS, ready_key
 from worker.records.loader import Records
 
 
@@ -48,7 +48,7 @@ class Admission:
         self, store: JobStore, records: Any, *, schedule_horizon: float, dead_on_arrival: Any
     ) -> None:
         self.store = store
-        self.records = records  # () -> Records: the process's cache (worker/queue/runtime.py)
+        self.records = records  # () -> Records: the process's cache (worker/queue/process/runtime.py)
         self.horizon = schedule_horizon
         self.dead_on_arrival = dead_on_arrival  # (job id, kwargs, reason) -> Step (attempts.py)
 

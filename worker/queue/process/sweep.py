@@ -2,10 +2,10 @@
 
 Every job with a record is listed in ``open`` (a sorted set, by enqueue time) until it reaches a
 final state, and waits in exactly one place, by its state: ``queued`` in its account's ready set
-(worker/queue/ready.py) or taken by a live worker process, ``sending`` taken by a live worker
+(worker/queue/store/ready.py) or taken by a live worker process, ``sending`` taken by a live worker
 process, ``retrying`` and ``scheduled`` in Postroom's delay queue, ``held`` in its paused
 account's held list. Every step between them is one script, and a worker that dies has what it
-took put back by the reapers (worker/queue/liveness.py); the sweep is the net under all of that
+took put back by the reapers (worker/queue/process/liveness.py); the sweep is the net under all of that
 (a Redis that lost its last second of writes in a crash, a bug): it looks each open job older
 than ``grace`` up where its state says it waits — a few O(1) reads a job, nothing proportional to
 a queue's depth. A job missing is only a *suspect* at first; missing again at a sweep at least
@@ -28,11 +28,11 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
-from worker.queue.delays import RETRYING
-from worker.queue.jobrecord import OPEN, OPEN_STATES, SCHEDULED
-from worker.queue.liveness import HOLDERS, holding_key
-from worker.queue.ready import ready_key, taken_key
+from worker.db.keys import redis_key
+from worker.queue.process.liveness import HOLDERS, holding_key
+from worker.queue.store.delays import RETRYING
+from worker.queue.store.jobrecord import OPEN, OPEN_STATES, SCHEDULED
+from worker.queue.store.ready import ready_key, taken_key
 
 log = logging.getLogger("postroom.sweep")
 

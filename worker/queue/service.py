@@ -1,12 +1,12 @@
 """What a worker process runs beside Celery's consumer, started once that consumer is ready.
 
-- the **inbox reader** (worker/queue/inbox.py): the broker's ``postroom`` queue, taken in batches
-  and turned into jobs (worker/queue/admission.py);
-- the **dispatcher** (worker/queue/dispatch.py): ready jobs, taken in groups and sent;
-- the **upkeep** thread (worker/queue/liveness.py): the heartbeat (this process holds what it
+- the **inbox reader** (worker/queue/broker/inbox.py): the broker's ``postroom`` queue, taken in batches
+  and turned into jobs (worker/queue/store/admission.py);
+- the **dispatcher** (worker/queue/pipeline/dispatch.py): ready jobs, taken in groups and sent;
+- the **upkeep** thread (worker/queue/process/liveness.py): the heartbeat (this process holds what it
   took), the reapers (of what dead holders took), the delay queue's mover (retries and
   scheduled sends that came due), the queue-depth samples and, on RabbitMQ, the poison mover;
-- the **webhook sender** (worker/queue/webhook_sender.py).
+- the **webhook sender** (worker/queue/events/webhook_sender.py).
 
 Celery's own consumer reads only ``postroom.control`` (health checks, sweeps). Stopped in order
 on the worker's shutdown: nothing more is taken, running groups finish, the rest stays ready.
@@ -18,14 +18,19 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from celery.signals import worker_process_init
+
 from worker.mail.payload import CONTROL_QUEUE
 from worker.ops import series
-from worker.queue import app as app_module
-from worker.queue import broker, liveness
-from worker.queue import intake as intake_hooks
-from worker.queue.delays import POLL, DelayQueue
-from worker.queue.jobrecord import SCHEDULED
-from worker.queue.jobs import JobStore
+from worker.queue.broker import celery_app as app_module
+from worker.queue.broker import intake as intake_hooks
+from worker.queue.broker import kombu_redis as broker
+from worker.queue.events.webhook_sender import stop_sender
+from worker.queue.process import liveness
+from worker.queue.process.runtime import get_runtime, shutdown_runtime
+from worker.queue.store.delays import POLL, DelayQueue
+from worker.queue.store.jobrecord import SCHEDULED
+from worker.queue.store.jobs import JobStore
 
 log = logging.getLogger("postroom.process")
 
@@ -35,14 +40,13 @@ _running: dict[str, Any] = {}
 
 
 def admission() -> Any:
-    """This process's admission (worker/queue/admission.py) on its job store and records."""
+    """This process's admission (worker/queue/store/admission.py) on its job store and records."""
     made = _running.get("admission")
     if made is None:
-        from worker.queue.admission import Admission
-        from worker.queue.app import settings
-        from worker.queue.attempts import dead_on_arrival
-        from worker.queue.intake import store
-        from worker.queue.runtime import get_runtime
+        from worker.queue.broker.celery_app import settings
+        from worker.queue.broker.intake import store
+        from worker.queue.pipeline.attempts import dead_on_arrival
+        from worker.queue.store.admission import Admission
 
         made = _running["admission"] = Admission(
             store(),
@@ -55,9 +59,9 @@ def admission() -> Any:
 
 def start(consumer: Any) -> None:
     """Start the inbox reader, the dispatcher, the upkeep thread and the webhook sender."""
-    from worker.queue.app import app, broker_redis, settings, state_url
-    from worker.queue.intake import store
-    from worker.queue.webhook_sender import start_sender
+    from worker.queue.broker.celery_app import app, broker_redis, settings, state_url
+    from worker.queue.broker.intake import store
+    from worker.queue.events.webhook_sender import start_sender
     from worker.settings import config_dir
 
     if _running.get("started"):
@@ -71,19 +75,19 @@ def start(consumer: Any) -> None:
 
 
 def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None:
-    from worker.queue.app import broker_keys
-    from worker.queue.dispatch import Dispatcher
-    from worker.queue.inbox import AmqpInbox, InboxReader, Intake, RedisInbox
-    from worker.queue.intake import store
+    from worker.queue.broker.celery_app import broker_keys
+    from worker.queue.broker.inbox import AmqpInbox, InboxReader, Intake, RedisInbox
+    from worker.queue.broker.intake import store
+    from worker.queue.pipeline.dispatch import Dispatcher
 
     def forward(name: str, task_id: str, args: Any, kwargs: Any) -> None:  # a beat of an earlier release
         app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, queue=CONTROL_QUEUE)
 
     source: Any = AmqpInbox(app, settings)
     if on_broker is not None:  # its own client, answering bytes: an entry may be anything
-        from worker.keys import REDIS_TIMEOUTS
-        from worker.queue.app import broker_url
-        from worker.queue.connect import client as redis_client
+        from worker.db.connect import client as redis_client
+        from worker.db.keys import REDIS_TIMEOUTS
+        from worker.queue.broker.celery_app import broker_url
         from worker.settings import redis_url
 
         raw = redis_client(redis_url(broker_url), decode_responses=False, **REDIS_TIMEOUTS)
@@ -115,14 +119,14 @@ def _give_back_strays() -> None:
 
 
 def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
-    from worker.queue.app import app, broker_keys, broker_view, settings
-    from worker.queue.intake import move_poison
+    from worker.queue.broker.celery_app import app, broker_keys, broker_view, settings
+    from worker.queue.broker.intake import move_poison
 
     delays = DelayQueue(client)
     view = broker_view(client)
 
     def sample_depth() -> None:  # the dashboard's queue-depth chart (worker/ops/series.py)
-        from worker.queue.ready import ReadyQueues
+        from worker.queue.store.ready import ReadyQueues
 
         with client.pipeline(transaction=False) as pipe:
             pipe.zcard(JobStore.retrying_key)
@@ -145,12 +149,20 @@ def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
         steps.append((liveness.REAP_EVERY, liveness.Reaper(on_broker, keys).reap))
     if on_broker is None:
         steps.append((POISON_EVERY, lambda: move_poison(app, settings)))
-        from worker.queue.rabbitmq import report_setup_once
+        from worker.queue.broker.rabbitmq import report_setup_once
 
         report_setup_once(str(app.conf.broker_url), settings)  # once, in a thread of its own
     # a group (or a task thread) stuck past the hard time limit lets its jobs go
     liveness.keep_beating(on_broker, tags, more=steps, time_limit=settings.time_limit, state=client)
 
 
-intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (worker/queue/intake.py)
-app_module.ON_SHUTDOWN.append(lambda: stop(app_module.settings.time_limit))  # before the loop goes
+@worker_process_init.connect
+def _start_runtime(**_: Any) -> None:
+    """A fresh loop in each pool process, created after the fork."""
+    get_runtime()
+
+
+intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (worker/queue/broker/intake.py)
+app_module.ON_SHUTDOWN.extend(  # in this order: nothing more taken, running groups end, then the loop
+    [lambda: stop(app_module.settings.time_limit), stop_sender, shutdown_runtime]
+)

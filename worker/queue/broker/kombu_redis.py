@@ -1,8 +1,8 @@
 """The one module that knows kombu's Redis transport from the inside.
 
 Postroom reads and writes kombu's own structures in three places — its inbox
-(:mod:`worker.queue.inbox` takes raw entries from the ``postroom`` lists),
-the reaper (:mod:`worker.queue.liveness` restores a dead worker's unacknowledged
+(:mod:`worker.queue.broker.inbox` takes raw entries from the ``postroom`` lists),
+the reaper (:mod:`worker.queue.process.liveness` restores a dead worker's unacknowledged
 control messages) and ``postroom status`` (queue depths, messages in flight) — and
 it guards kombu's read of a raw queue entry (Celery's consumer, on the control queue).
 Everything those need to know about kombu's private layout lives here, so a kombu
@@ -21,7 +21,7 @@ upgrade is checked in one file:
   non-JSON entry, or one without the properties kombu files it by, would
   otherwise raise inside the worker's event loop ("Unrecoverable error") after
   ``BRPOP`` already removed it from the queue. The entry goes to
-  :data:`UNREADABLE` (Postroom's dead letters, see :mod:`worker.queue.intake`) and
+  :data:`UNREADABLE` (Postroom's dead letters, see :mod:`worker.queue.broker.intake`) and
   the worker reads the next one.
 """
 
@@ -44,7 +44,7 @@ log = logging.getLogger("postroom.broker")
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: <queue><sep><priority> sub-queues
 PRIORITY_STEPS = (0, 3, 6, 9)
 
-# Called with (raw entry, reason, queue) for an entry kombu cannot deliver; set by worker.queue.intake.
+# Called with (raw entry, reason, queue) for an entry kombu cannot deliver; set by worker.queue.broker.intake.
 # It must record the entry durably or raise (the entry is then put back at the end of the queue).
 Unreadable = Callable[[bytes, str, str], None]
 UNREADABLE: list[Unreadable] = []

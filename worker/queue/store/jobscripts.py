@@ -1,6 +1,6 @@
-"""The job store's Lua scripts (worker/queue/jobs.py): each state change in one step.
+"""The job store's Lua scripts (worker/queue/store/jobs.py): each state change in one step.
 
-``FINISH`` files the change's delivery event in the same script (worker/queue/outbox.py).
+``FINISH`` files the change's delivery event in the same script (worker/queue/events/outbox.py).
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from worker.queue.jobrecord import FINAL_STATES, lua_words
-from worker.queue.outbox import EMIT_LUA
+from worker.queue.store.emit import EMIT_LUA
+from worker.queue.store.jobrecord import FINAL_STATES, lua_words
 
 
 def _lua_set(states: Iterable[str]) -> str:
@@ -61,7 +61,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at'), fence}
 """
 )
-# A job taken in (worker/queue/admission.py): a producer published it without the helper (plain
+# A job taken in (worker/queue/store/admission.py): a producer published it without the helper (plain
 # Celery, celery-node), or the helper's record is here already. KEYS: job, open, scheduled,
 # ready:<account>, ready-accounts, idempotency key (the job key again when it has none). ARGV:
 # now, ttl, JSON of the record's small fields (the payload apart: it is stored as it came, never
@@ -103,7 +103,7 @@ ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 - Redis names
 # KEYS: job, history, open, dead, stats of the account, retrying. ARGV: job id, state, now,
 # history entry, history limit, ttl, "1" when the state is final (off the open list), counter
 # ("" none; "dead" counts failed too), the event type ("" none), its id and retention
-# (outbox.emit_args), the attempt's fence ("" = write whatever the record's), "1" to take the
+# (emit.emit_args), the attempt's fence ("" = write whatever the record's), "1" to take the
 # attempt back (it never reached a server), when a retry is due ("" = none), then the record's
 # field/value pairs. Returns 0 and writes nothing when another attempt has started since this
 # one (its fence is no longer the record's: a process that froze and woke late). The event is

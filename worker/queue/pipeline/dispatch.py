@@ -1,8 +1,8 @@
 """The dispatcher: each worker process takes ready jobs in groups and runs their attempts.
 
-One thread per worker process takes up to ``coalesce`` ready jobs at a time (worker/queue/ready.py:
+One thread per worker process takes up to ``coalesce`` ready jobs at a time (worker/queue/store/ready.py:
 one script, fair across the accounts that have room here) and hands each group to one of
-``worker_concurrency`` threads, which runs :func:`worker.queue.attempts.attempt_all` on it —
+``worker_concurrency`` threads, which runs :func:`worker.queue.pipeline.attempts.attempt_all` on it —
 validate, begin, build, sign, claim, send, record, for the whole group at once, on the
 process's event loop and pooled connections. Several groups are in flight at a time, so while
 one message is inside DATA the next ones of its account are already built, signed and claimed,
@@ -15,7 +15,7 @@ connection its pool has open, and as many for one more, within the pool's share 
 connection comes free, and never hides other accounts' jobs); a paused account's jobs
 go to its held list (worker/ops/health.py), unspent. A job whose last run died (its holder's
 reaper put it back, counted) runs alone, and after ``max_attempts`` such runs is dead-lettered; a
-group still running past the hard time limit gives its jobs back (worker/queue/liveness.py).
+group still running past the hard time limit gives its jobs back (worker/queue/process/liveness.py).
 With nothing ready the thread sleeps until the bell rings (a producer, the delay queue, a
 released hold) or a second has passed.
 """
@@ -34,9 +34,10 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
-from worker.queue import liveness
-from worker.queue.ready import BELL, ReadyQueues, taken_key
+from worker.db.keys import redis_key
+from worker.queue.broker.taskclock import TASKS
+from worker.queue.process import liveness
+from worker.queue.store.ready import BELL, ReadyQueues, taken_key
 
 log = logging.getLogger("postroom.dispatch")
 
@@ -86,7 +87,7 @@ class Dispatcher:
         self._listener = threading.Thread(target=self._listen, name="postroom-bell", daemon=True)
 
     def start(self) -> Dispatcher:
-        from worker.queue.runtime import get_runtime
+        from worker.queue.process.runtime import get_runtime
 
         get_runtime().on_room = self._room_freed
         get_runtime().on_grown = self._room_grown
@@ -138,7 +139,7 @@ class Dispatcher:
     def _rooms(self) -> tuple[dict[str, int], dict[str, int]]:
         """How many more jobs of each account this process may take now, and the depth behind
         each account's bound (see depth())."""
-        from worker.queue.runtime import get_runtime
+        from worker.queue.process.runtime import get_runtime
 
         runtime = get_runtime()
         with self._lock:
@@ -196,7 +197,7 @@ class Dispatcher:
         ]
 
     def _room_freed(self, account: str) -> None:
-        """A message of a group is done (on the loop, worker/queue/runtime.py releaser())."""
+        """A message of a group is done (on the loop, worker/queue/process/runtime.py releaser())."""
         with self._lock:
             step = self._wake_after.get(account)
             if step is None:
@@ -241,8 +242,8 @@ class Dispatcher:
     # ---- a group, on one of the executor's threads ----------------------------------------
 
     def _run_group(self, group: list[Taken]) -> None:
-        from worker.queue.attempts import attempt_all, cut_short_too_often
-        from worker.queue.runtime import get_runtime
+        from worker.queue.pipeline.attempts import attempt_all, cut_short_too_often
+        from worker.queue.process.runtime import get_runtime
 
         accounts = [t.account for t in group]
         ids = [t.job_id for t in group]
@@ -251,8 +252,8 @@ class Dispatcher:
                 with self._lock:
                     self._pending.subtract(accounts)
                     self._pending += Counter()  # drop the zeros
-                liveness.TASKS.started(None)
-                liveness.TASKS.carrying(ids)
+                TASKS.started(None)
+                TASKS.carrying(ids)
                 runnable = [t for t in group if t.payload is not None]
                 if len(group) == 1 and group[0].cut_short:  # it runs alone now: a death counts again
                     with self.client.pipeline(transaction=False) as pipe:
@@ -274,7 +275,7 @@ class Dispatcher:
             with contextlib.suppress(redis.RedisError):
                 self.ready.restore(self.holder, ids, cut_short=False)
         finally:
-            liveness.TASKS.finished()
+            TASKS.finished()
             with self._lock:
                 self._held.difference_update(ids)  # let go here; what Redis still holds is a stray
                 self._running -= 1

@@ -1,7 +1,7 @@
 """The screen every broker message passes before a job is made of it: what Celery's strategy
 (or Postroom's own inbox) would choke on in its headers, and whether its decoded body is a call
-of the task it names. Pure functions: used by Celery's consumer (worker/queue/intake.py) and by
-Postroom's inbox (worker/queue/inbox.py) alike.
+of the task it names. Pure functions: used by Celery's consumer (worker/queue/broker/intake.py) and by
+Postroom's inbox (worker/queue/broker/inbox.py) alike.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from worker.mail.payload import BATCH_TASK_NAME, TASK_ID, TASK_NAME
-from worker.queue.jobrecord import safe_text
+from worker.queue.store.jobrecord import safe_text
 
 _EMBED_KEYS = frozenset({"callbacks", "errbacks", "chain", "chord", "group", "parent_id", "root_id"})
 # Headers Celery's request reads as text (names, ids, log reprs).

@@ -1,14 +1,14 @@
 """The attempt policy: one module decides what an attempt at a job ends with.
 
 Every message — each job of a group the dispatcher took from the ready sets
-(worker/queue/dispatch.py), a single message or one of a batch — goes through
+(worker/queue/pipeline/dispatch.py), a single message or one of a batch — goes through
 :func:`attempt_all`: validated (a payload invalid in any field is dead-lettered
 with pydantic's reasons, :func:`dead_on_arrival`), held when its account is
 paused (worker/ops/health.py), begun (the attempt counted in its record; a job that
-already ended is skipped), delivered by :class:`worker.queue.delivery.Delivery`, and
+already ended is skipped), delivered by :class:`worker.queue.pipeline.delivery.Delivery`, and
 concluded here from the outcome's class and the settings: sent, suppressed,
 dead, or retrying — a retry, a limit wait or a claim wait is an entry of
-Postroom's delay queue written with the record (worker/queue/delays.py). Nothing in
+Postroom's delay queue written with the record (worker/queue/store/delays.py). Nothing in
 the delivery code decides whether to retry; the dispatcher only hands jobs in.
 """
 
@@ -29,12 +29,13 @@ from worker.mail.payload import SendPayload
 from worker.ops import counters
 from worker.ops.counters import Counted, Tally
 from worker.ops.health import AccountHealth
-from worker.queue import liveness, ready
-from worker.queue.app import broker_redis, settings, state_url
-from worker.queue.delivery import Delivery, Outcome, log_attempt
-from worker.queue.jobrecord import JobState, account_of, describe, history_word
-from worker.queue.jobs import Begun, JobStore
-from worker.queue.runtime import get_runtime
+from worker.queue.broker.celery_app import broker_redis, settings, state_url
+from worker.queue.pipeline.delivery import Delivery, Outcome, log_attempt
+from worker.queue.process import liveness
+from worker.queue.process.runtime import get_runtime
+from worker.queue.store import ready
+from worker.queue.store.jobrecord import JobState, account_of, describe, history_word
+from worker.queue.store.jobs import Begun, JobStore
 from worker.records.addresses import bare_address
 from worker.transports.limits import SLOT_WAIT
 
@@ -150,7 +151,7 @@ def _invalid(exc: Exception) -> str:
 def dead_on_arrival(job_id: str, kwargs: Any, reason: str) -> Step:
     """A job that cannot even be read goes straight to the dead letters, with the reason.
 
-    Its payload was not validated: only what ``worker.queue.jobs`` can record safely of it is kept
+    Its payload was not validated: only what ``worker.queue.store.jobs`` can record safely of it is kept
     (a well-formed account name, else ``(unknown)``; ids and times as checked text), so this
     path itself cannot fail on whatever a producer sent."""
     store = job_store()
@@ -200,7 +201,7 @@ class _Ended:
     index: int
     payload: SendPayload
     attempt: int
-    fence: str  # the attempt's token (worker/queue/jobscripts.py BEGIN)
+    fence: str  # the attempt's token (worker/queue/store/jobscripts.py BEGIN)
     outcome: Outcome
     age: float
 

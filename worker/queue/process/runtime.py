@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from worker.queue.marks import AsyncMarks
+from worker.queue.store.marks import AsyncMarks
 from worker.records.accounts import EmailAccount
 from worker.records.loader import Records, records_stamp
 from worker.transports.base import Transport
@@ -88,7 +88,7 @@ class Runtime:
 
     @contextlib.contextmanager
     def reserving(self, accounts: list[str]) -> Iterator[None]:
-        """Count a group's taken jobs as in flight while it runs (worker/queue/dispatch.py): the
+        """Count a group's taken jobs as in flight while it runs (worker/queue/pipeline/dispatch.py): the
         dispatcher must see them, or one process takes far more than its bound of an account's
         backlog (and another worker finds nothing left to take)."""
         counts = Counter(accounts)

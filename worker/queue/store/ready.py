@@ -1,17 +1,17 @@
 """Postroom's own ready queues: the jobs due now, one sorted set per account, taken by workers.
 
 Every job that is due — whatever produced it (the helper, the HTTP API, a plain Celery or
-celery-node message taken in by worker/queue/inbox.py), a retry or a scheduled send whose time
-came (worker/queue/delays.py), a held job released, a dead letter retried — is one member of
+celery-node message taken in by worker/queue/broker/inbox.py), a retry or a scheduled send whose time
+came (worker/queue/store/delays.py), a held job released, a dead letter retried — is one member of
 ``ready:<account>`` (scored by when it became due: oldest first; a job that already waited its
 turn — a retry, a send_at reached, one given back — ahead of those, :data:`AHEAD`) and its
 account a member of ``ready-accounts``. Its payload is in its record (``job:<id>``) only: stored once.
 
-A worker process's dispatcher (worker/queue/dispatch.py) takes up to ``coalesce`` jobs at a time,
+A worker process's dispatcher (worker/queue/pipeline/dispatch.py) takes up to ``coalesce`` jobs at a time,
 fairly across the accounts that have room in it, in one script (:data:`TAKE`): O(jobs taken +
 accounts waiting), never O(queue depth) and never reading a body. What it takes it holds in
 ``taken:<holder>`` (job id → account) until the attempt is recorded; a holder that stops
-beating (worker/queue/liveness.py) has its jobs put back by any worker's reaper, each counted as
+beating (worker/queue/process/liveness.py) has its jobs put back by any worker's reaper, each counted as
 a run cut short (so a job that kills its worker runs alone, and after ``max_attempts`` such runs
 is dead-lettered). Keys (under ``postroom:``)::
 
@@ -30,8 +30,8 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
-from worker.queue.jobrecord import lua_words
+from worker.db.keys import redis_key
+from worker.queue.store.jobrecord import lua_words
 
 READY_ACCOUNTS = redis_key("ready-accounts")
 BELL = redis_key("bell")

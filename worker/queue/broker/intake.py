@@ -15,10 +15,10 @@ in a loop while the rest of the queue waits).
 before Celery's strategy sees it (:func:`problem_with`: headers, task name,
 decodable body of the right shape, arguments the task accepts), and routes
 Celery's own "bad message" handlers to the same place. An unusable message is
-written to the dead letters (:meth:`worker.queue.jobs.JobStore.quarantine`: the
+written to the dead letters (:meth:`worker.queue.store.jobs.JobStore.quarantine`: the
 reason and the raw bytes), then acknowledged; the worker reads on. Entries
 kombu itself cannot read (not JSON, no delivery tag) are caught one level down,
-in :mod:`worker.queue.broker`, and end in the same place.
+in :mod:`worker.queue.broker.kombu_redis`, and end in the same place.
 
 Payloads that have the right shape but are invalid in a field are the task's
 business: they reach ``postroom.send``, which dead-letters them with pydantic's
@@ -34,15 +34,16 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from worker.queue import broker, liveness
-from worker.queue.jobrecord import OPEN_STATES, JobState, safe_text
-from worker.queue.jobs import JobStore
-from worker.queue.screen import NEVER_EXPIRE, body_problem, header_problem
+from worker.queue.broker import kombu_redis as broker
+from worker.queue.broker.screen import NEVER_EXPIRE, body_problem, header_problem
+from worker.queue.broker.taskclock import TASKS
+from worker.queue.store.jobrecord import OPEN_STATES, JobState, safe_text
+from worker.queue.store.jobs import JobStore
 
 log = logging.getLogger("postroom.intake")
 
 _store: JobStore | None = None
-# What starts once the consumer is ready (worker/queue/process.py registers itself: this module
+# What starts once the consumer is ready (worker/queue/service.py registers itself: this module
 # is below it and must not import it).
 ON_READY: list[Callable[[Any], None]] = []
 
@@ -50,7 +51,7 @@ ON_READY: list[Callable[[Any], None]] = []
 def store() -> JobStore:
     global _store
     if _store is None:
-        from worker.queue.app import settings, state_url
+        from worker.queue.broker.celery_app import settings, state_url
 
         _store = JobStore.from_url(
             state_url, job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
@@ -124,7 +125,7 @@ broker.UNREADABLE[:] = [_quarantine_raw]
 def move_poison(app: Any, settings: Any, limit: int = 100) -> int:
     """RabbitMQ: the messages its delivery limit set aside (``postroom.poison``: delivered that
     often and never acknowledged, each took its worker down) into Postroom's dead letters."""
-    from worker.queue.brokers import amqp_queues
+    from worker.queue.broker.kinds import amqp_queues
 
     moved = 0
     with app.connection_for_write() as connection:
@@ -154,12 +155,12 @@ def move_poison(app: Any, settings: Any, limit: int = 100) -> int:
 
 class Consumer(CeleryConsumer):
     """Celery's consumer, with unusable messages dead-lettered instead of dropped or fatal,
-    and the worker's upkeep (heartbeat, reaper, delay mover: worker/queue/liveness.py) started
+    and the worker's upkeep (heartbeat, reaper, delay mover: worker/queue/process/liveness.py) started
     once it is ready."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc,valid-type]
         # Without Celery's native delayed delivery for quorum queues (RabbitMQ): Postroom never
-        # publishes an ETA (retries wait in its own delay queue, worker/queue/delays.py), and
+        # publishes an ETA (retries wait in its own delay queue, worker/queue/store/delays.py), and
         # the step would declare some thirty exchanges and queues for nothing.
         default_steps = [
             s for s in CeleryConsumer.Blueprint.default_steps if not s.endswith(":DelayedDelivery")
@@ -167,7 +168,7 @@ class Consumer(CeleryConsumer):
 
     def on_ready(self) -> None:
         super().on_ready()
-        for start in ON_READY:  # worker/queue/process.py: the inbox, the dispatcher, the upkeep
+        for start in ON_READY:  # worker/queue/service.py: the inbox, the dispatcher, the upkeep
             start(self)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
@@ -181,7 +182,7 @@ class Consumer(CeleryConsumer):
                 return quarantine(message, problem)
             headers = message.headers if isinstance(message.headers, dict) else {}
             if headers.get("id") and message.delivery_tag:
-                liveness.TASKS.expect(str(headers["id"]), str(message.delivery_tag))
+                TASKS.expect(str(headers["id"]), str(message.delivery_tag))
             try:
                 return handle(message)
             except connection_errors:

@@ -4,9 +4,9 @@ A job with ``send_at`` in the future is recorded ``scheduled`` and, in the same 
 added to ``postroom:scheduled`` (a sorted set of job ids by due time) instead of being
 published: it waits in Redis, never in a worker or the broker, so no worker kill, restart
 or visibility timeout can lose it or send it early (long Celery ETAs are redelivered after
-the visibility timeout: celery#7009). The delay queue's mover (worker/queue/delays.py)
+the visibility timeout: celery#7009). The delay queue's mover (worker/queue/store/delays.py)
 publishes it when it is due, as it does a retry; a copy that reaches a worker early
-anyway goes back to waiting (worker/queue/jobscripts.py ``BEGIN``), and so does a job a
+anyway goes back to waiting (worker/queue/store/jobscripts.py ``BEGIN``), and so does a job a
 producer published with a future send_at without the helper (plain Celery, celery-node):
 the first worker that reads it records it ``scheduled``.
 
@@ -26,19 +26,19 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
-from worker.queue.jobrecord import OPEN, SCHEDULED, JobState, history_word, lua_words
-from worker.queue.outbox import EMIT_LUA, emit_args
+from worker.db.keys import redis_key
+from worker.queue.store.emit import EMIT_LUA, emit_args
+from worker.queue.store.jobrecord import OPEN, SCHEDULED, JobState, history_word, lua_words
 
 CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.HELD)
 
 # KEYS: record, history, open, scheduled, retrying, moving. ARGV: job id, now, history entry,
-# ttl, event type, event id, event retention (outbox.emit_args), the cancellable states...
+# ttl, event type, event id, event retention (emit.emit_args), the cancellable states...
 # Returns {1, state before} or {0, state (or "")}. The job.cancelled event is filed with it.
 # A job is under way while an attempt holds its Message-ID claim (a copy of it may have begun
 # and ended while another one still sends), and partly sent once a recipient is marked
 # delivered: either answers no, whatever the record's state says. The claim and mark keys are
-# named from the record (worker/queue/marks.py), read in the same step as the decision.
+# named from the record (worker/queue/store/marks.py), read in the same step as the decision.
 _CANCEL = lua_words(
     EMIT_LUA
     + """
@@ -78,7 +78,7 @@ def cancel(
     """Cancel ``job_id`` if it has not started sending: (cancelled, its state before or now —
     ``sending`` while an attempt holds its claim, ``partly sent`` once a recipient took it —
     "" when there is no such job)."""
-    from worker.queue.delays import MOVING, RETRYING
+    from worker.queue.store.delays import MOVING, RETRYING
 
     now = time.time()
     entry = {"attempt": 0, "at": now, "outcome": history_word(JobState.CANCELLED), "error": "cancelled"}

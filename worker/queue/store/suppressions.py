@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.records.addresses import bare_address
 
 SOURCES = ("automatic", "operator")

@@ -1,6 +1,6 @@
 """RabbitMQ's management HTTP API: what the queue's setup lacks, and setting it up.
 
-Postroom declares ``postroom`` as every Celery client does (worker/queue/brokers.py), so its type
+Postroom declares ``postroom`` as every Celery client does (worker/queue/broker/kinds.py), so its type
 is the vhost's default and dead-lettering and the delivery limit come from a policy. This module
 reads what RabbitMQ has (the vhost, both queues, the policies) for ``postroom queues check``,
 ``postroom status`` and the workers' one log line, and sets the policy for ``postroom queues
@@ -22,10 +22,10 @@ from amqp import exceptions as amqp_errors
 from kombu import Connection
 from kombu import exceptions as kombu_errors
 
+from worker.db import connect
 from worker.errors import ConfigurationError
 from worker.mail.payload import QUEUE
-from worker.queue import connect
-from worker.queue.brokers import POISON_QUEUE, amqp_queues
+from worker.queue.broker.kinds import POISON_QUEUE, amqp_queues
 from worker.settings import Settings, broker_kind
 
 POLICY = QUEUE  # the policy `postroom queues declare` sets: dead-lettering and the delivery limit

@@ -2,11 +2,11 @@
 
 - **Redis** (``redis://``, ``rediss://``, ``unix://``) and **Sentinel** (``sentinel://h:p[;…]/DB``
   with ``POSTROOM_SENTINEL_MASTER``): kombu's Redis transport, whose structures Postroom reads
-  (worker/queue/broker.py) for coalescing, the sweep, the reaper and ``postroom status``.
+  (worker/queue/broker/kombu_redis.py) for coalescing, the sweep, the reaper and ``postroom status``.
 - **RabbitMQ** (``amqp://``): ``postroom`` is declared as every Celery client declares it
   (durable, no arguments: its type is the vhost's default) unless it exists, else used as it
   is; dead-lettering to ``postroom.poison`` and the delivery limit are the policy ``postroom
-  queues declare`` sets (worker/queue/rabbitmq.py). Publisher confirms; depth read from the
+  queues declare`` sets (worker/queue/broker/rabbitmq.py). Publisher confirms; depth read from the
   broker; a killed worker's messages come back when its connection drops (no reaper); the sweep
   looks only for jobs recorded but never published; no coalescing (a basic.get per message
   costs more than it saves).
@@ -23,10 +23,10 @@ from typing import Any, Protocol
 from amqp import exceptions as amqp_errors
 from kombu import Exchange, Queue
 
-from worker.keys import REDIS_TIMEOUTS
+from worker.db import connect
+from worker.db.keys import REDIS_TIMEOUTS
 from worker.mail.payload import CONTROL_QUEUE, QUEUE
-from worker.queue import connect
-from worker.queue.broker import PRIORITY_STEPS, BrokerKeys
+from worker.queue.broker.kombu_redis import PRIORITY_STEPS, BrokerKeys
 from worker.settings import Settings, broker_kind, redis_url, sentinel_master
 
 POISON_QUEUE = f"{QUEUE}.poison"
@@ -129,7 +129,7 @@ def celery_config(url: str, settings: Settings) -> dict[str, Any]:
             "broker_url": url,
             "broker_transport_options": {"confirm_publish": True},
             "broker_heartbeat": 30,
-            "task_queues": [control_queue()],  # the jobs' queue is read by worker/queue/inbox.py
+            "task_queues": [control_queue()],  # the jobs' queue is read by worker/queue/broker/inbox.py
             "worker_detect_quorum_queues": True,
         }
     options = redis_transport_options(settings)

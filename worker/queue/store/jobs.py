@@ -9,11 +9,11 @@ Keys (all under ``postroom:``)::
     autoreply:<account>:<to> set when an auto-reply went to that sender (expires after the window)
     stats:<account>          hash: sent / failed / retried / dead / suppressed counters
     retrying                 sorted set of jobs waiting for a retry, by when it is due
-    open                     sorted set of jobs not ended yet, by enqueue time (worker/queue/sweep.py)
+    open                     sorted set of jobs not ended yet, by enqueue time (worker/queue/process/sweep.py)
 
-What a record holds and how it reads back: worker/queue/jobrecord.py. The dead letters'
-side of the store: worker/queue/deadletters.py. The Message-ID claims and sent marks
-(``claim:``, ``delivered:``, scoped per account, contract §2): worker/queue/marks.py, whose
+What a record holds and how it reads back: worker/queue/store/jobrecord.py. The dead letters'
+side of the store: worker/queue/store/deadletters.py. The Message-ID claims and sent marks
+(``claim:``, ``delivered:``, scoped per account, contract §2): worker/queue/store/marks.py, whose
 scripts the store runs in its pipelines. Everything stored is secret-free by construction:
 payloads carry account names, errors carry server replies.
 """
@@ -29,11 +29,12 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import REDIS_TIMEOUTS, redis_key
+from worker.db import connect
+from worker.db.keys import REDIS_TIMEOUTS, redis_key
 from worker.ops import counters
-from worker.queue import connect, outbox, ready
-from worker.queue.deadletters import DeadLetters
-from worker.queue.jobrecord import (
+from worker.queue.store import emit, ready
+from worker.queue.store.deadletters import DeadLetters
+from worker.queue.store.jobrecord import (
     OPEN,
     OPEN_STATES,
     SCHEDULED,
@@ -42,8 +43,8 @@ from worker.queue.jobrecord import (
     history_word,
     record_fields,
 )
-from worker.queue.jobscripts import BEGIN, BEGIN_SHA, DISCARD, FINISH, HOLD
-from worker.queue.marks import (
+from worker.queue.store.jobscripts import BEGIN, BEGIN_SHA, DISCARD, FINISH, HOLD
+from worker.queue.store.marks import (
     CLAIM_SCRIPT,
     CLAIM_SHA,
     MARK_PATIENCE,
@@ -136,7 +137,7 @@ class JobStore(DeadLetters):
     ) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
-        self.event_retention = event_retention  # how long webhook events are kept (outbox.py)
+        self.event_retention = event_retention  # how long webhook events are kept (emit.py)
         self._discard = client.register_script(DISCARD)
         self._hold = client.register_script(HOLD)
 
@@ -161,7 +162,7 @@ class JobStore(DeadLetters):
 
         Returns, per job, None (created; its key, if any, is its own) or the job that
         already owns its key (nothing of this one is kept). Record, claim and its place in
-        its account's ready set (worker/queue/ready.py; the schedule for a job not due yet)
+        its account's ready set (worker/queue/store/ready.py; the schedule for a job not due yet)
         come together: a key never names a job without a record, and a job with a record is
         ready for every worker at once — so a producer that retries after an error with the
         same key is given a job that will be sent, never one that was lost.
@@ -174,7 +175,9 @@ class JobStore(DeadLetters):
                 key, due = _key("job", job_id), payload.get("send_at")
                 state = JobState.SCHEDULED if isinstance(due, float) and due > now else JobState.QUEUED
                 pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
-                if state == JobState.SCHEDULED:  # waits in Postroom's delay queue (worker/queue/schedule.py)
+                if (
+                    state == JobState.SCHEDULED
+                ):  # waits in Postroom's delay queue (worker/queue/store/schedule.py)
                     pipe.zadd(SCHEDULED, {job_id: float(due or 0)})
                 else:
                     ready.add_into(pipe, job_id, str(payload["account"]), now)
@@ -426,7 +429,7 @@ class JobStore(DeadLetters):
             counter or "",
             # a retry that spent no attempt (a provider limit's wait, a Message-ID held by another
             # attempt) is no deferral a producer hears of; one that did counts "retried"
-            *outbox.emit_args(
+            *emit.emit_args(
                 state if state != JobState.RETRYING or counter == "retried" else "", self.event_retention
             ),
             fence,

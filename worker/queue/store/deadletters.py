@@ -3,7 +3,7 @@ kept until an operator retries or purges them (contract §3: nothing is dropped 
 
 Keys (under ``postroom:``): ``dead``, a sorted set of job ids by when they died; each dead
 letter's record and history stay (``job:<id>``, ``history:<id>``) without a TTL.
-A part of the job store (:class:`worker.queue.jobs.JobStore` is one), kept apart because
+A part of the job store (:class:`worker.queue.store.jobs.JobStore` is one), kept apart because
 it is the operators' side of it: the CLI's ``dead-letters`` and the dashboard act here.
 """
 
@@ -18,11 +18,11 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.mail.payload import TASK_ID
-from worker.queue.jobrecord import DEAD, OPEN, UNKNOWN_ACCOUNT, Job, JobState, history_word, safe_text
-from worker.queue.jobscripts import QUARANTINE
-from worker.queue.outbox import emit_args
+from worker.queue.store.emit import emit_args
+from worker.queue.store.jobrecord import DEAD, OPEN, UNKNOWN_ACCOUNT, Job, JobState, history_word, safe_text
+from worker.queue.store.jobscripts import QUARANTINE
 
 MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter
 _key = redis_key

@@ -1,7 +1,7 @@
 """A job's record: its states, the fields a new record starts with, and :class:`Job`, the
 record as ``postroom job --json``, the HTTP API and the dashboard read it.
 
-Pure code (no Redis): the store (worker/queue/jobs.py) writes these fields, everything
+Pure code (no Redis): the store (worker/queue/store/jobs.py) writes these fields, everything
 else reads them through :class:`Job`. Safe for any payload, validated or not: what a
 producer wrote never becomes a key, a label or a field unchecked.
 """
@@ -19,12 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.ops import counters
 
-OPEN = redis_key("open")  # sorted set: jobs not ended yet, by enqueue time (worker/queue/sweep.py)
+OPEN = redis_key("open")  # sorted set: jobs not ended yet, by enqueue time (worker/queue/process/sweep.py)
 DEAD = redis_key("dead")  # sorted set: dead-lettered job ids, by when they died
-SCHEDULED = redis_key("scheduled")  # sorted set: jobs waiting for their send_at (worker/queue/schedule.py)
+SCHEDULED = redis_key(
+    "scheduled"
+)  # sorted set: jobs waiting for their send_at (worker/queue/store/schedule.py)
 
 
 class JobState(StrEnum):

@@ -7,7 +7,7 @@ not read beyond the status line. Every request is signed per Standard Webhooks
 (``webhook-id`` = the event id, the same on every retry; ``webhook-timestamp`` = now;
 ``webhook-signature: v1,<base64 HMAC-SHA256(key, "id.timestamp.body")>``).
 
-Deliveries are taken from the outbox with a lease (worker/queue/outbox.py): a sender killed
+Deliveries are taken from the outbox with a lease (worker/queue/events/outbox.py): a sender killed
 mid-request leaves its deliveries to be taken again when the lease ends. A non-2xx answer,
 a timeout or a refused connection is retried after 5 s, doubling to an hour, until the
 delivery is ``webhook_give_up_after`` old (24 h by default); then it is ``failed`` (and
@@ -33,23 +33,20 @@ from pathlib import Path
 import httpx
 import redis.asyncio
 
+from worker.db import connect
+from worker.db.keys import REDIS_TIMEOUTS
 from worker.errors import ConfigurationError
-from worker.keys import REDIS_TIMEOUTS
-from worker.queue import connect
-from worker.queue.outbox import (
+from worker.queue.events.outbox import (
     DONE_SCRIPT,
     LOG_LIMIT,
-    ROUTES,
     TAKE_SCRIPT,
-    delivery_key,
-    due_key,
     event_body,
-    event_key,
     log_key,
     parse_event,
     routes_table,
     stats_key,
 )
+from worker.queue.store.emit import ROUTES, delivery_key, due_key, event_key
 from worker.records.loader import load_webhooks, records_stamp
 from worker.records.webhooks import Webhook, key_bytes
 from worker.settings import Settings

@@ -1,5 +1,5 @@
 """The broker's ``postroom`` queue as an inbox: every message any producer published there, taken
-in batches by each worker process and turned into jobs (worker/queue/admission.py).
+in batches by each worker process and turned into jobs (worker/queue/store/admission.py).
 
 Celery's consumer would make one task of every message — receive, dispatch, events,
 acknowledgement: more CPU than sending the mail — so Postroom reads the queue itself (Celery's
@@ -7,9 +7,9 @@ consumer reads only ``postroom.control``: health checks and sweeps). On Redis an
 to a batch of entries (and a byte budget) from the read end of kombu's lists into
 ``inbox:<holder>`` in one script — moved, never decoded there — screens and admits them, then
 drops the inbox; a worker that dies meanwhile has its inbox put back by the reaper
-(worker/queue/liveness.py). On RabbitMQ it consumes with a prefetch of a batch and acknowledges
+(worker/queue/process/liveness.py). On RabbitMQ it consumes with a prefetch of a batch and acknowledges
 after admitting. Entries no job can be made of are dead letters with the reason (the screen of
-worker/queue/intake.py); a Celery ETA becomes the job's send_at; health checks and sweeps
+worker/queue/broker/intake.py); a Celery ETA becomes the job's send_at; health checks and sweeps
 published here (by a beat of an earlier release) go on to the control queue.
 """
 
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from worker.keys import redis_key
+from worker.db.keys import redis_key
 from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME
-from worker.queue.broker import BrokerKeys, read_entry, read_message
-from worker.queue.jobrecord import safe_text
-from worker.queue.screen import NEVER_EXPIRE, body_problem, header_problem
+from worker.queue.broker.kombu_redis import BrokerKeys, read_entry, read_message
+from worker.queue.broker.screen import NEVER_EXPIRE, body_problem, header_problem
+from worker.queue.store.jobrecord import safe_text
 
 log = logging.getLogger("postroom.inbox")
 
@@ -189,7 +189,7 @@ class Intake:
         max_runs: int,
         alone: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
-        self.admission = admission  # worker/queue/admission.py
+        self.admission = admission  # worker/queue/store/admission.py
         self.quarantine = quarantine  # JobStore.quarantine
         self.forward = forward  # (task name, task id, args, kwargs): to the control queue
         self.state = state  # Postroom's Redis (the entries' run counts)
@@ -198,7 +198,7 @@ class Intake:
 
     def take_in(self, entries: Sequence[Entry], queue: str = QUEUE) -> list[Entry]:
         """Admit the jobs of ``entries``. An entry a reader already died on (flagged redelivered by
-        the reaper, worker/queue/inbox.py ``give_back``) is taken in on its own: the first such
+        the reaper, worker/queue/broker/inbox.py ``give_back``) is taken in on its own: the first such
         one of a batch after the rest, the others deferred (returned: the caller puts them back
         on the queue), so a poison entry takes nothing else down with it; one that killed its
         reader more than ``max_runs`` times is a dead letter."""
@@ -310,7 +310,7 @@ RUNS_TTL = 7 * 86400
 
 
 def give_back(client: Any, keys: BrokerKeys, holder: str, *, runs: Any, queue: str = QUEUE) -> int:
-    """A dead holder's inbox back at the read end of the queue (worker/queue/liveness.py), each
+    """A dead holder's inbox back at the read end of the queue (worker/queue/process/liveness.py), each
     entry flagged ``redelivered`` and its runs counted (in ``runs``, Postroom's Redis): a reader
     takes such an entry in on its own, and one that keeps killing its reader ends in the dead
     letters. Entries that are no kombu message go back as they were (the screen refuses them)."""
@@ -353,14 +353,14 @@ class AmqpInbox:
     def _connect(self) -> None:
         from kombu import Consumer
 
-        from worker.queue.brokers import amqp_queues
+        from worker.queue.broker.kinds import amqp_queues
 
         connection = self.app.connection_for_read()
         connection.ensure_connection(max_retries=1)
         channel = connection.channel()
         channel.basic_qos(0, BATCH, False)
         send_queue = amqp_queues(self.settings)[0](channel)
-        send_queue.declare()  # as every client declares it (worker/queue/brokers.py)
+        send_queue.declare()  # as every client declares it (worker/queue/broker/kinds.py)
         Consumer(channel, [send_queue], on_message=self._collect, no_ack=False).consume()
         self._connection = connection
 

@@ -13,11 +13,11 @@ expiring :data:`LAPSE` seconds after the last beat, and the holder listed in
 its keys expire, and the :class:`Reaper` that every worker runs finds kombu's
 unacknowledged entries that are older than :data:`GRACE` and that no live holder
 claims, and restores them at the head of their queue, flagged ``redelivered``
-(worker/queue/broker.py), as kombu's own restore would an hour later. kombu's restore
+(worker/queue/broker/kombu_redis.py), as kombu's own restore would an hour later. kombu's restore
 is still there as the last resort.
 
-The ready jobs a process's dispatcher took (``postroom:taken:<holder>``, worker/queue/ready.py)
-and the broker entries its inbox took (``postroom:inbox:<holder>``, worker/queue/inbox.py) are
+The ready jobs a process's dispatcher took (``postroom:taken:<holder>``, worker/queue/store/ready.py)
+and the broker entries its inbox took (``postroom:inbox:<holder>``, worker/queue/broker/inbox.py) are
 held the same way, under ``holding:<holder>:alive`` in Postroom's own Redis: a holder whose key
 lapsed has its jobs put back in their ready sets (each counted as a run cut short) and its
 inbox back on the queue (each entry's runs counted: one that keeps killing its reader ends in
@@ -38,14 +38,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
-from worker.queue.broker import BrokerKeys, restore_unacked
-from worker.queue.marks import CLAIMS
+from worker.db.keys import redis_key
+from worker.queue.broker.kombu_redis import BrokerKeys, restore_unacked
+from worker.queue.broker.taskclock import TASKS
+from worker.queue.store.marks import CLAIMS
 
 log = logging.getLogger("postroom.liveness")
 
@@ -56,80 +56,6 @@ GRACE = 15.0  # an unacknowledged entry younger than this is never restored (its
 REAP_EVERY = 2.0
 
 _holder: tuple[int, str] | None = None
-
-
-@dataclass
-class _Running:
-    started: float
-    tags: set[str]  # its own message's delivery tag and the tags of the jobs it carries
-    overdue: bool = False
-
-
-class TaskClock:
-    """When each running task started and what it holds, by thread.
-
-    Celery enforces its hard time limit only where it can kill the process
-    (prefork); a thread of the threads pool cannot be stopped. So Postroom
-    enforces it here: a task still running past the limit stops holding its
-    jobs — its process's heartbeat no longer claims their messages (the reaper
-    gives them back to the queue) nor renews their Message-ID claims (another
-    attempt may send them) — and an error names it. If the thread ever wakes, its
-    sends are kept from going twice by the sent marks, as after a kill."""
-
-    EXPECTED_MAX = 10_000  # delivery tags of messages received and not yet started, kept at most
-
-    def __init__(self) -> None:
-        self._running: dict[int, _Running] = {}
-        self._expected: dict[str, str] = {}  # task id -> its message's delivery tag
-        self._lock = threading.Lock()
-
-    def expect(self, task_id: str, tag: str) -> None:
-        """The consumer received ``task_id``'s message (Celery's task request does not carry it)."""
-        with self._lock:
-            if len(self._expected) >= self.EXPECTED_MAX:  # messages that never started (revoked, …)
-                for old in list(self._expected)[: self.EXPECTED_MAX // 2]:
-                    del self._expected[old]
-            self._expected[task_id] = tag
-
-    def started(self, task_id: str | None) -> None:
-        with self._lock:
-            tag = self._expected.pop(task_id, None) if task_id else None
-            self._running[threading.get_ident()] = _Running(time.monotonic(), {tag} if tag else set())
-
-    def carrying(self, tags: list[str]) -> None:
-        with self._lock:
-            running = self._running.get(threading.get_ident())
-            if running is not None:
-                running.tags.update(tags)
-
-    def let_go(self, tags: list[str]) -> None:
-        with self._lock:
-            running = self._running.get(threading.get_ident())
-            if running is not None:
-                running.tags.difference_update(tags)
-
-    def finished(self) -> None:
-        with self._lock:
-            self._running.pop(threading.get_ident(), None)
-
-    def overdue(self, limit: float, now: float | None = None) -> list[tuple[int, float, int]]:
-        """Tasks that went past ``limit`` seconds since the last call: (thread, age, jobs held)."""
-        now = time.monotonic() if now is None else now
-        late = []
-        with self._lock:
-            for thread, running in self._running.items():
-                if not running.overdue and now - running.started > limit:
-                    running.overdue = True
-                    late.append((thread, now - running.started, len(running.tags)))
-        return late
-
-    def hostages(self) -> set[str]:
-        """The tags held by tasks past their time limit: no longer claimed by this process."""
-        with self._lock:
-            return {tag for running in self._running.values() if running.overdue for tag in running.tags}
-
-
-TASKS = TaskClock()
 
 
 def holder_id() -> str:
@@ -189,7 +115,7 @@ class Heartbeat:
             pipe.set(holding_key(self.holder, "alive"), "1", ex=int(LAPSE))
             pipe.execute()
         if hostages:
-            from worker.queue.ready import ReadyQueues
+            from worker.queue.store.ready import ReadyQueues
 
             restored = ReadyQueues(self.state).restore(self.holder, sorted(hostages), cut_short=True)
             if restored:
@@ -209,7 +135,7 @@ class Heartbeat:
 
 def taken_count(state: redis.Redis) -> int:
     """Jobs the live worker processes hold right now (taken from their ready sets)."""
-    from worker.queue.ready import taken_key
+    from worker.queue.store.ready import taken_key
 
     holders = [_text(h) for h in cast(set[Any], state.smembers(HOLDERS))]
     with state.pipeline(transaction=False) as pipe:
@@ -247,12 +173,12 @@ class HolderReaper:
         return restored
 
     def _give_back(self, holder: str) -> int:
-        from worker.queue.ready import ReadyQueues
+        from worker.queue.store.ready import ReadyQueues
 
         jobs = ReadyQueues(self.state).restore(holder, cut_short=True)
         entries = 0
         if self.broker is not None and self.keys is not None:
-            from worker.queue.inbox import give_back
+            from worker.queue.broker.inbox import give_back
 
             entries = give_back(self.broker, self.keys, holder, runs=self.state)
         if jobs or entries:

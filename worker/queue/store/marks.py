@@ -5,7 +5,7 @@ Message-ID; this process's heartbeat renews the claims its attempts hold (:data:
 dead attempt's claim is gone within :data:`CLAIM_TTL` seconds. A sent mark
 (``postroom:delivered:<account>:<message-id>``) is written right after the server's 250 and
 lists the recipients it accepted: a later attempt never offers them again. The job store
-(:mod:`worker.queue.jobs`) runs these scripts in its pipelines; :class:`AsyncMarks` writes the
+(:mod:`worker.queue.store.jobs`) runs these scripts in its pipelines; :class:`AsyncMarks` writes the
 marks from the event loop.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 
 import redis
 
+from worker.db.keys import REDIS_TIMEOUTS, redis_key
 from worker.errors import RecipientStatus
-from worker.keys import REDIS_TIMEOUTS, redis_key
 
 _key = redis_key
 
@@ -105,7 +105,7 @@ MARK_GATHER = 0.002
 
 class ClaimRegistry:
     """The Message-ID claims this process's attempts hold, renewed by its heartbeat
-    (worker/queue/liveness.py) every few seconds while they run: a claim outlives its attempt by at
+    (worker/queue/process/liveness.py) every few seconds while they run: a claim outlives its attempt by at
     most :data:`CLAIM_TTL` seconds, however long the attempt was allowed to take. Each claim
     remembers the thread that took it: a thread stuck past its time limit has its claims
     dropped (no longer renewed), so that another worker may send what it was sending."""
@@ -197,7 +197,7 @@ class AsyncMarks:
     """
 
     def __init__(self, url: str, job_ttl: float) -> None:
-        from worker.queue.connect import async_client
+        from worker.db.connect import async_client
 
         self.redis = async_client(url, decode_responses=True, **REDIS_TIMEOUTS)
         self.job_ttl = int(job_ttl)

@@ -33,11 +33,11 @@ from worker.mail import autoreply
 from worker.mail.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.mail.payload import SendPayload
 from worker.mail.signing import sign_message
-from worker.queue.jobrecord import JobState, history_word
-from worker.queue.jobs import JobStore
-from worker.queue.marks import CLAIM_TTL, CLAIMS, AsyncMarks, Fence, fence_clock
-from worker.queue.runtime import Runtime
-from worker.queue.suppressions import Suppressions, hard_bounce
+from worker.queue.process.runtime import Runtime
+from worker.queue.store.jobrecord import JobState, history_word
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.marks import CLAIM_TTL, CLAIMS, AsyncMarks, Fence, fence_clock
+from worker.queue.store.suppressions import Suppressions, hard_bounce
 from worker.records.accounts import EmailAccount, Limits
 from worker.records.addresses import bare_address
 from worker.records.loader import Records
@@ -317,7 +317,7 @@ class Delivery:
 
     def _skip_suppressed(self, pending: list[_Pending]) -> None:
         """Recipients on their account's suppression list are never offered to the server: their
-        result is ``suppressed`` (worker/queue/suppressions.py)."""
+        result is ``suppressed`` (worker/queue/store/suppressions.py)."""
         listed = self.suppressions.among([(p.account, p.remaining) for p in pending])
         for p, found in zip(pending, listed, strict=True):
             for address, entry in found.items():

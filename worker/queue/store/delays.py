@@ -3,13 +3,13 @@ worker.
 
 A job that must try again later is only a member of ``postroom:retrying`` (a sorted set of job
 ids by due time), written in the same script as its record's ``retrying`` state (FINISH,
-worker/queue/jobscripts.py); a scheduled send is a member of ``postroom:scheduled``
-(worker/queue/schedule.py). Its payload is in its record. Retries, limit waits (a rate or a
+worker/queue/store/jobscripts.py); a scheduled send is a member of ``postroom:scheduled``
+(worker/queue/store/schedule.py). Its payload is in its record. Retries, limit waits (a rate or a
 connection slot not free yet) and claim waits all go this way.
 
-Every worker process's upkeep thread (worker/queue/liveness.py) runs :meth:`DelayQueue.move_due`
+Every worker process's upkeep thread (worker/queue/process/liveness.py) runs :meth:`DelayQueue.move_due`
 every :data:`POLL` seconds: one script moves the due jobs into their accounts' ready sets
-(worker/queue/ready.py), scored by when they came due less ``ready.AHEAD`` — ahead of every job
+(worker/queue/store/ready.py), scored by when they came due less ``ready.AHEAD`` — ahead of every job
 that arrived the ordinary way, so a due retry or send_at never waits behind a backlog — and
 rings the dispatchers' bell. A job
 whose record is no longer waiting (it ended, was cancelled, or was retried by hand) is only
@@ -24,10 +24,10 @@ from typing import Any, cast
 
 import redis
 
-from worker.keys import redis_key
-from worker.queue.jobrecord import SCHEDULED, lua_words
-from worker.queue.jobs import JobStore
-from worker.queue.ready import AHEAD, BELL, READY_ACCOUNTS, ready_key
+from worker.db.keys import redis_key
+from worker.queue.store.jobrecord import SCHEDULED, lua_words
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.ready import AHEAD, BELL, READY_ACCOUNTS, ready_key
 
 log = logging.getLogger("postroom.delays")
 
@@ -73,7 +73,7 @@ class DelayQueue:
     def move_due(self, now: float | None = None, *, limit: int = BATCH) -> list[str]:
         """Make every job due by ``now`` ready (at most ``limit`` of each kind); returns their ids."""
         now = time.time() if now is None else now
-        moved = [  # retries, then scheduled sends (worker/queue/schedule.py) that came due
+        moved = [  # retries, then scheduled sends (worker/queue/store/schedule.py) that came due
             _text(j)
             for source in (RETRYING, SCHEDULED)
             for j in cast(list[Any], self._move(keys=[source, READY_ACCOUNTS], args=[now, limit, BELL]))

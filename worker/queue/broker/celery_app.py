@@ -1,0 +1,149 @@
+"""The Celery application, configured per contract §4.
+
+``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged
+only after its task finished, and a worker that dies mid-task gives the message
+back (attempts are counted in the job record, so a poison message still ends
+in the dead letters). Prefetch 1 so a slow account cannot hoard messages.
+soft < hard time limit < visibility timeout, and retry countdowns are capped
+well below the visibility timeout: kombu's Redis transport redelivers any
+unacknowledged message older than it, ETA or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.signals import (
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+
+from worker import settings as settings_module
+from worker.mail.payload import (
+    BATCH_TASK_NAME,
+    CONTROL_QUEUE,
+    HEALTH_TASK_NAME,
+    QUEUE,
+    SWEEP_TASK_NAME,
+    TASK_NAME,
+)
+from worker.queue.broker import kinds as brokers
+from worker.queue.broker import kombu_redis as broker
+from worker.queue.broker.taskclock import TASKS
+from worker.settings import PUBLISH_RETRY_POLICY
+
+settings = settings_module.load_settings()
+broker_url = settings_module.broker_url()
+# Where job records, claims, limits, health and dead letters live: without it (a broker that is
+# not Redis and no POSTROOM_REDIS_URL) the app refuses to load, so no worker takes a message it
+# could not record (contract §9).
+state_url = settings_module.state_url(broker_url)
+broker_config = brokers.celery_config(broker_url, settings)
+
+broker.install()  # kombu's Redis channel screens raw queue entries (worker/queue/broker/kombu_redis.py)
+
+
+def broker_keys() -> broker.BrokerKeys:
+    """kombu's key names on this app's broker (its transport options; worker/queue/broker/kombu_redis.py)."""
+    return broker.BrokerKeys.from_options(app.conf.broker_transport_options)
+
+
+_views: dict[int, brokers.BrokerView] = {}
+# Called first on the worker's shutdown, before its loop and pools go (registered by the modules
+# above this one that run beside Celery's consumer: worker/queue/service.py).
+ON_SHUTDOWN: list[Callable[[], None]] = []
+
+
+def broker_view(state_client: Any) -> brokers.BrokerView:
+    """What ``status``, the sweep, coalescing and the reaper read of this app's broker
+    (worker/queue/broker/kinds.py): one per process, on ``state_client`` when the broker is that Redis."""
+    view = _views.get(id(state_client))
+    if view is None:
+        view = _views[id(state_client)] = brokers.broker_view(app, state_url, state_client)
+    return view
+
+
+def broker_redis(state_client: Any) -> Any | None:
+    """The broker's Redis client (``state_client`` itself when they are one Redis), or None on
+    RabbitMQ."""
+    view = broker_view(state_client)
+    return view.client if isinstance(view, brokers.RedisBrokerView) else None
+
+
+app = Celery("postroom", include=["worker.queue.tasks"])
+app.conf.update(
+    **broker_config,
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,  # job state lives in Postroom's own records (postroom job ID)
+    task_serializer="json",
+    accept_content=["json"],
+    # Celery's consumer reads the control queue (health checks, sweeps); the jobs' queue is read
+    # by Postroom's own inbox (worker/queue/broker/inbox.py), in batches
+    task_default_queue=CONTROL_QUEUE,
+    task_routes={TASK_NAME: {"queue": QUEUE}, BATCH_TASK_NAME: {"queue": QUEUE}},
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_acks_on_failure_or_timeout=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.soft_time_limit,
+    task_time_limit=settings.time_limit,
+    task_publish_retry=True,
+    task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+    worker_send_task_events=bool(settings.task_events),  # Flower works unchanged
+    task_send_sent_event=bool(settings.task_events),
+    worker_pool=settings.worker_pool,
+    worker_concurrency=settings.worker_concurrency,
+    worker_hijack_root_logger=False,
+    # messages no job can be made of go to the dead letters instead of being dropped or
+    # crashing the consumer (worker/queue/broker/intake.py)
+    worker_consumer="worker.queue.broker.intake:Consumer",
+    enable_utc=True,
+    # The one beat (contract §7) checks every account; a run that could not start within one
+    # interval expires instead of piling up behind the next.
+    beat_schedule={
+        "postroom-health-check": {
+            "task": HEALTH_TASK_NAME,
+            "schedule": settings.health_interval,
+            "options": {"queue": CONTROL_QUEUE, "expires": settings.health_interval},
+        },
+        "postroom-sweep": {
+            "task": SWEEP_TASK_NAME,
+            "schedule": settings.sweep_interval,
+            "options": {"queue": CONTROL_QUEUE, "expires": settings.sweep_interval},
+        },
+    },
+)
+
+
+@beat_init.connect
+def _check_at_start(**_: Any) -> None:
+    """The one beat checks every account as soon as it starts (its schedule's first run is one
+    interval later): an operator sees real health lines at once, not "no check yet" for minutes."""
+    app.send_task(HEALTH_TASK_NAME, queue=CONTROL_QUEUE, expires=settings.health_interval)
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    """Every task's start, by thread: one stuck past its hard time limit lets its jobs go
+    (worker/queue/process/liveness.py, TaskClock)."""
+    TASKS.started(task_id)
+
+
+@task_postrun.connect
+def _task_finished(**_: Any) -> None:
+    TASKS.finished()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    """The worker's shutdown: the hooks of what runs beside Celery's consumer, in the order they
+    were registered (worker/queue/service.py: take nothing more, let running groups finish, stop
+    the webhook sender, then the loop)."""
+    for stop in ON_SHUTDOWN:
+        stop()

@@ -1,0 +1,1 @@
+"""The pipeline: ready jobs taken in groups, one attempt each, delivered through a transport."""
