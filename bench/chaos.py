@@ -72,7 +72,7 @@ MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(?:\r?\n[ \t]+)?(<[^<>\s]+>)", re.I
 KILL_WINDOW = 1.0  # a message accepted this long before a worker kill may lack its sent mark
 REDIS_WINDOW = 1.0  # ... or accepted while Redis was down, or this long around it
 STALLED = 45.0  # seconds without a delivery while nothing is pending: the rest will not come
-REPLY_LOST = "the server may have accepted the message"  # worker/transports/smtp.py's words
+REPLY_LOST = "the server may have accepted the message"  # worker/transports/smtp/session.py's words
 
 
 def free_port() -> int:

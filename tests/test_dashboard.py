@@ -25,7 +25,7 @@ from support.smtpd import PASSWORD, Rule, SmtpServer
 from support.web import ApiServer, write_key
 from worker.client import Producer
 from worker.web import http as http_api
-from worker.web.dashboard import SESSION_COOKIE, DashboardSettings
+from worker.web.dashboard.app import SESSION_COOKIE, DashboardSettings
 
 ServerFactory = Callable[..., SmtpServer]
 CHROMIUM = os.environ.get("POSTROOM_TEST_CHROMIUM", "/usr/bin/chromium")

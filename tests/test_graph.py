@@ -41,7 +41,7 @@ from worker.transports import oauth
 from worker.transports.base import OutgoingMessage, SendResult
 from worker.transports.factory import build_transport
 from worker.transports.graph import GraphTransport
-from worker.transports.pool import SmtpTransport
+from worker.transports.smtp.pool import SmtpTransport
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 MAILBOX = "orders@contoso.com"

@@ -21,7 +21,7 @@ from support.web import ApiServer, postroom_http, write_key
 from worker.client import Producer
 from worker.web import http as http_api
 from worker.web import httpserver
-from worker.web.dashboard import DashboardSettings
+from worker.web.dashboard.app import DashboardSettings
 from worker.web.jsonbody import MAX_DEPTH
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))

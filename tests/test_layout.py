@@ -163,3 +163,17 @@ def test_the_room_check_sees_a_climb() -> None:
         "worker.ops.health -> worker.queue.store.jobs",
         "worker.queue.store.jobs -> worker.queue.pipeline.attempts",
     ]
+
+
+MAX_FOLDER_MODULES = 12  # modules directly in one folder (its __init__.py not counted)
+
+
+def test_no_folder_holds_more_than_a_dozen_modules() -> None:
+    """More than a dozen modules side by side is a room that holds several concerns: give each
+    its own folder (as queue/, web/ and transports/smtp/ do)."""
+    crowded = {}
+    for folder in [WORKER, *(p for p in WORKER.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+        modules = [p.name for p in folder.glob("*.py") if p.name != "__init__.py"]
+        if len(modules) > MAX_FOLDER_MODULES:
+            crowded[str(folder.relative_to(WORKER.parent))] = len(modules)
+    assert crowded == {}

@@ -199,7 +199,7 @@ def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
     """An idle pool hands its connections over when another worker waits for the account's
     slots; once the other is done, the first pool must open one again when a send comes."""
     from worker.transports.base import OutgoingMessage
-    from worker.transports.pool import SmtpTransport
+    from worker.transports.smtp.pool import SmtpTransport
 
     server = smtp_server(mode="plain")
     limits_env.account("handover", server, limits={"max_connections": 1})
@@ -239,7 +239,7 @@ def test_a_dead_connection_no_send_holds_gives_its_slot_back(
     state a Redis restart followed by the server's left pools in: every slot of the account
     leased by dead connections for about a minute) must not keep its slot lease renewed."""
     from worker.transports.base import OutgoingMessage
-    from worker.transports.pool import SmtpTransport
+    from worker.transports.smtp.pool import SmtpTransport
 
     server = smtp_server(mode="plain")
     limits_env.account("strays", server, limits={"max_connections": 1})
@@ -271,7 +271,7 @@ def _stretching(limits_env: QueueEnv, server: SmtpServer, name: str, each: int, 
     """Two pools of account ``name`` (cap ``2 x each``) open ``each`` connections apiece; then
     the first sends ``then`` more while the second sits idle. Returns how long those took."""
     from worker.transports.base import OutgoingMessage
-    from worker.transports.pool import SmtpTransport
+    from worker.transports.smtp.pool import SmtpTransport
 
     limits_env.account(name, server, limits={"max_connections": 2 * each})
     account = Records.load(limits_env.accounts, limits_env.config).account(name)

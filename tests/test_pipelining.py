@@ -1,4 +1,4 @@
-"""SMTP PIPELINING (RFC 2920) on aiosmtplib's protocol (worker/transports/pipelining.py).
+"""SMTP PIPELINING (RFC 2920) on aiosmtplib's protocol (worker/transports/smtp/pipelining.py).
 
 The module reads a pipelined group's replies through aiosmtplib's private protocol state. These
 tests pin that against a real socket server that answers in the awkward pieces real networks
@@ -19,7 +19,7 @@ import aiosmtplib
 import hypothesis
 import pytest
 
-from worker.transports import pipelining
+from worker.transports.smtp import pipelining
 
 Chunking = Literal["together", "bytewise", "split"]
 

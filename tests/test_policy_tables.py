@@ -44,7 +44,7 @@ from worker.settings import RetryPolicy, Settings
 from worker.transports.base import SendResult
 from worker.transports.graph import MAX_RETRY_AFTER, GraphTransport, parse_retry_after
 from worker.transports.oauth import TokenSource
-from worker.transports.smtp_errors import translate
+from worker.transports.smtp.errors import translate
 
 Pick = Literal["low", "high"]
 

@@ -1,4 +1,4 @@
-"""The dashboard's time series (worker/ops/series.py) and its SVG charts (worker/web/charts.py)."""
+"""The dashboard's time series (worker/ops/series.py) and its SVG charts (worker/web/dashboard/charts.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from support.queue import QueueEnv
 from worker.ops import counters, series
-from worker.web.charts import line_chart, nice_ceiling
+from worker.web.dashboard.charts import line_chart, nice_ceiling
 
 
 def test_quantiles_are_read_from_the_histogram_like_prometheus() -> None:

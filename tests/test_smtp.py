@@ -32,7 +32,7 @@ from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
 from worker.transports.base import OutgoingMessage
 from worker.transports.factory import build_transport
-from worker.transports.pool import SmtpTransport
+from worker.transports.smtp.pool import SmtpTransport
 
 PASSWORD = "s3cret-pass"
 ServerFactory = Callable[..., SmtpServer]

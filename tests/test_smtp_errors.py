@@ -1,4 +1,4 @@
-"""The one table that turns aiosmtplib's exceptions into Postroom's (worker/transports/smtp_errors.py).
+"""The one table that turns aiosmtplib's exceptions into Postroom's (worker/transports/smtp/errors.py).
 
 Pure unit tests: every class aiosmtplib exports has its own row and becomes a delivery error
 of the family its meaning says; the session tests (tests/test_smtp.py) drive the same table
@@ -22,7 +22,7 @@ from worker.errors import (
     ServerBusy,
     TransientError,
 )
-from worker.transports.smtp_errors import TABLE, translate
+from worker.transports.smtp.errors import TABLE, translate
 
 EXPORTED = sorted(
     (cls for cls in vars(aiosmtplib).values() if inspect.isclass(cls) and issubclass(cls, BaseException)),

@@ -160,7 +160,7 @@ def test_events_reach_a_receiver_that_fails_first_and_is_killed_mid_run(
         assert status["pending"] == 0 and status["delivered"] == row["delivered"]
         assert secret not in worker.log() and secret not in json.dumps(attempts(queue_env, name))
 
-        from worker.web.dashboard_pages import _account_view
+        from worker.web.dashboard.accounts import _account_view
 
         view = _account_view(producer, account)  # the account page's "its webhooks' recent deliveries"
         assert view is not None

@@ -9,7 +9,7 @@ from worker.transports import oauth
 from worker.transports.base import Transport
 from worker.transports.graph import GraphTransport
 from worker.transports.limits import Limiter
-from worker.transports.pool import SmtpTransport
+from worker.transports.smtp.pool import SmtpTransport
 
 
 def build_transport(account: EmailAccount, records: Records, *, limiter: Limiter | None = None) -> Transport:

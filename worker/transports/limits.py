@@ -51,7 +51,9 @@ SLOT_WAIT = 20.0  # how long a send waits for a connection slot before it is re-
 WANTED_TTL = 5
 USER_TTL = 3.0  # a pool that has not asked for slots for this long no longer takes a share
 SHARE_PATIENCE = 0.05  # a send waits this long at its pool's share before asking past it
-DEMAND_GRACE = 1.0  # a pool with no send for this long steps out of the shares (worker/transports/pool.py)
+DEMAND_GRACE = (
+    1.0  # a pool with no send for this long steps out of the shares (worker/transports/smtp/pool.py)
+)
 INLINE_WAIT = 0.5  # rate waits up to this are waited out on the loop (longer ones re-schedule)
 MAX_RESERVATION = 900.0  # never reserve a send time further ahead than this
 

@@ -8,11 +8,11 @@ worker/web/apikeys.py); a key sends only from its accounts, within its request
 rate, and sees only the jobs it enqueued. A client address that keeps
 presenting no valid key gets 429 for a while (``POSTROOM_HTTP_AUTH_FAILURES``,
 120/minute). ``/healthz`` answers while the process runs, ``/readyz`` when
-the broker answers too. The operator dashboard (worker/web/dashboard.py) is served
+the broker answers too. The operator dashboard (worker/web/dashboard/app.py) is served
 under ``/dashboard`` by the same app.
 
-This module builds the app and serves it; the routes are in worker/web/api.py
-(the key check in worker/web/api_auth.py, the models in worker/web/api_models.py).
+This module builds the app and serves it; the routes are in worker/web/api/routes.py
+(the key check in worker/web/api/auth.py, the models in worker/web/api/models.py).
 
 The OpenAPI document the app serves is checked in as ``worker/web/openapi.json``
 (``postroom http --openapi`` prints it; a test keeps the two equal).
@@ -38,11 +38,14 @@ from starlette.requests import ClientDisconnect
 from worker.client import Producer
 from worker.db import connect
 from worker.mail.payload import SendPayload
-from worker.web import api, api_suppressions, apikeys, dashboard, httpserver
-from worker.web.api_auth import RateLimiter
-from worker.web.api_models import BatchIn, HttpError
+from worker.web import apikeys, httpserver
+from worker.web.api import routes as api
+from worker.web.api import suppressions as api_suppressions
+from worker.web.api.auth import RateLimiter
+from worker.web.api.models import BatchIn, HttpError
 from worker.web.apikeys import ApiKey
-from worker.web.dashboard import DashboardSettings
+from worker.web.dashboard import app as dashboard
+from worker.web.dashboard.app import DashboardSettings
 from worker.web.keyring import KeyRing
 from worker.web.ratelimit import FailureLimiter
 

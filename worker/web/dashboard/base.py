@@ -21,9 +21,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.concurrency import run_in_threadpool
 
 from worker.client import Producer
+from worker.web.dashboard.sessions import Session, SessionStore
 from worker.web.keyring import KeyRing
 from worker.web.ratelimit import FailureLimiter
-from worker.web.sessions import Session, SessionStore
 
 log = logging.getLogger("postroom.dashboard")
 

@@ -3,11 +3,11 @@
 It owns one TCP connection and enforces the account's security rules while
 opening it (STARTTLS required when ``secure``, minimum TLS version, verified
 certificate, chosen AUTH mechanism), then runs mail transactions on it. The
-per-account pool over these sessions is :mod:`worker.transports.pool`.
+per-account pool over these sessions is :mod:`worker.transports.smtp.pool`.
 
-Logging in is :mod:`worker.transports.smtp_auth` (the one place a secret is used).
+Logging in is :mod:`worker.transports.smtp.auth` (the one place a secret is used).
 aiosmtplib exceptions never leave these modules: the steps of opening a
-session translate them with the one table in :mod:`worker.transports.smtp_errors`;
+session translate them with the one table in :mod:`worker.transports.smtp.errors`;
 a mail transaction classifies the replies it reads itself (a lost connection
 before the content went out is retried on a fresh one, after it never).
 """
@@ -45,10 +45,11 @@ from worker.errors import (
     classify_smtp_reply,
 )
 from worker.records.accounts import SmtpEndpoint
-from worker.transports import pipelining, smtp_auth
 from worker.transports.base import OutgoingMessage, SendResult
-from worker.transports.smtp_auth import TokenProvider
-from worker.transports.smtp_errors import CAUGHT, broke_in_handshake, translate
+from worker.transports.smtp import auth as smtp_auth
+from worker.transports.smtp import pipelining
+from worker.transports.smtp.auth import TokenProvider
+from worker.transports.smtp.errors import CAUGHT, broke_in_handshake, translate
 from worker.transports.tls import (
     below_minimum,
     client_context,

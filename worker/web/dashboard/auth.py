@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse, Response
 
 from worker.web import apikeys
-from worker.web.dashboard_core import (
+from worker.web.dashboard.base import (
     PREFIX,
     SESSION_COOKIE,
     LoginNeeded,
@@ -26,8 +26,8 @@ from worker.web.dashboard_core import (
     render,
     state_of,
 )
+from worker.web.dashboard.sessions import Session
 from worker.web.ratelimit import client_address, retry_after
-from worker.web.sessions import Session
 
 log = logging.getLogger("postroom.dashboard")
 

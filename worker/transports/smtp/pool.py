@@ -1,11 +1,11 @@
 """The per-account SMTP pool the delivery pipeline uses: :class:`SmtpTransport`.
 
-Bounded, reusing connections (:class:`~worker.transports.smtp.SmtpConnection`),
+Bounded, reusing connections (:class:`~worker.transports.smtp.session.SmtpConnection`),
 checking idle ones with NOOP, retiring them by age and message count, and
 retrying a message once on a fresh connection when a reused one was dropped or
 answered 421 before anything was accepted. With a limiter, every connection
 holds one of the account's slots (:mod:`worker.transports.limits`; the sharing is
-:mod:`worker.transports.shares`) and the pools
+:mod:`worker.transports.smtp.shares`) and the pools
 of all worker processes share them: even shares, an idle pool stepping out, a
 waiting send stretching into another pool's idle slot.
 """
@@ -34,9 +34,9 @@ from worker.transports.limits import (
     Limiter,
 )
 from worker.transports.oauth import TokenSource
-from worker.transports.shares import NO_SLOT, SlotShares
-from worker.transports.smtp import RetryOnFresh, SmtpConnection
-from worker.transports.smtp_auth import TokenProvider
+from worker.transports.smtp.auth import TokenProvider
+from worker.transports.smtp.session import RetryOnFresh, SmtpConnection
+from worker.transports.smtp.shares import NO_SLOT, SlotShares
 
 log = logging.getLogger("postroom.smtp")
 

@@ -4,7 +4,7 @@ every other worker process (:mod:`worker.transports.limits` keeps the slots in R
 Each connection holds a leased slot; the pool renews the leases, keeps to an even share
 while other pools are busy too, steps out of the shares when idle, and lets a send that
 waited long enough stretch into a slot another pool left idle.
-:class:`~worker.transports.pool.SmtpTransport` is one (this is its mixin): the pool's own
+:class:`~worker.transports.smtp.pool.SmtpTransport` is one (this is its mixin): the pool's own
 connections, idle list and waiting sends stay there.
 """
 
@@ -18,7 +18,7 @@ import time
 from worker.errors import LimitWait
 from worker.records.accounts import EmailAccount
 from worker.transports.limits import DEMAND_GRACE, SHARE_PATIENCE, SLOT_RENEW, WANTED_CHECK, Limiter
-from worker.transports.smtp import SmtpConnection
+from worker.transports.smtp.session import SmtpConnection
 
 log = logging.getLogger("postroom.smtp")
 

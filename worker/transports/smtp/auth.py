@@ -1,6 +1,6 @@
 """Logging in on an SMTP session: the account's AUTH mechanism, password or XOAUTH2.
 
-Apart from the session (worker/transports/smtp.py) because it is the one place that
+Apart from the session (worker/transports/smtp/session.py) because it is the one place that
 handles a secret: the password is revealed only for the AUTH command, a token only
 for XOAUTH2, and neither ever reaches an error, a log line or a reply text.
 """
@@ -19,7 +19,7 @@ from aiosmtplib.auth import auth_xoauth2_encode
 
 from worker.errors import DeliveryError, SecurityPolicyError
 from worker.records.accounts import SmtpEndpoint
-from worker.transports.smtp_errors import CAUGHT, translate
+from worker.transports.smtp.errors import CAUGHT, translate
 
 log = logging.getLogger("postroom.smtp")
 

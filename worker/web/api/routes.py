@@ -1,5 +1,5 @@
 """The /v1 routes and the health checks, as an APIRouter: what each request does once
-:mod:`worker.web.api_auth` has let it in (``create_app`` puts the :class:`ApiContext` on
+:mod:`worker.web.api.auth` has let it in (``create_app`` puts the :class:`ApiContext` on
 ``app.state``)."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from worker.db.keys import redis_key
 from worker.ops.health import AccountHealth
 from worker.queue.broker.kinds import same_redis
 from worker.web import jsonbody
-from worker.web.api_auth import Key
-from worker.web.api_models import (
+from worker.web.api.auth import Key
+from worker.web.api.models import (
     Accepted,
     AccountHealthOut,
     AccountOut,

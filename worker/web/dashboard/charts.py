@@ -8,9 +8,14 @@ Content-Security-Policy does not allow. Every text in it is escaped.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from datetime import datetime
 
 from markupsafe import Markup, escape
+
+from worker.client import Producer
+from worker.ops import series
 
 Line = tuple[str, Sequence[float | None]]  # series name (its CSS class s-<name>), values oldest first
 WIDTH, HEIGHT = 600, 190
@@ -95,3 +100,34 @@ def line_chart(
                 parts.append(f'<circle class="s-{escape(name)}" data-series="{escape(name)}" {dot}/>')
     parts.append("</svg>")
     return Markup("".join(parts))  # noqa: S704 - every text in it went through escape()
+
+
+def _clock(at: float) -> str:
+    return datetime.fromtimestamp(at).strftime("%H:%M")
+
+
+def activity_charts(producer: Producer, account: str | None = None) -> list[Markup]:
+    """The charts of one account, or of the whole deployment (with queue depth) when None."""
+    client = producer.store.redis
+    now = time.time()
+    names = [account] if account else producer.records(fresh=True).account_names
+    data = series.activity(client, names, now)[account or ""]
+    key = account or "all"
+    hour, day = data["hour"], data["day"]
+    hour_ends = {"first": _clock(now - 59 * 60), "last": _clock(now)}
+    day_ends = {"first": _clock(now - 23 * 3600), "last": _clock(now)}
+    charts = [
+        line_chart(f"activity-hour-{key}", "Per minute, last hour",
+                   [(n, hour[n]) for n in series.ACTIVITY], **hour_ends),
+        line_chart(f"activity-day-{key}", "Per hour, last day",
+                   [(n, day[n]) for n in series.ACTIVITY], **day_ends),
+        line_chart(f"latency-hour-{key}", "Delivery latency per minute, last hour",
+                   [("p50", hour["p50"]), ("p95", hour["p95"])], unit="s", **hour_ends),
+        line_chart(f"latency-day-{key}", "Delivery latency per hour, last day",
+                   [("p50", day["p50"]), ("p95", day["p95"])], unit="s", **day_ends),
+    ]  # fmt: skip
+    if account is None:
+        depth = series.depth_series(client, now)
+        lines = [(name, depth[name]) for name in ("ready", "retrying", "scheduled")]
+        charts.append(line_chart("depth-day", "Queue depth per minute, last day", lines, **day_ends))
+    return charts

@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.queue.store.suppressions import Suppressions
 from worker.records.addresses import parse_mailbox
-from worker.web.api import Context
-from worker.web.api_auth import Key
-from worker.web.api_models import HttpError, error_responses
+from worker.web.api.auth import Key
+from worker.web.api.models import HttpError, error_responses
+from worker.web.api.routes import Context
 from worker.web.apikeys import ApiKey
 
 router = APIRouter()

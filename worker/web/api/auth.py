@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from worker.db.keys import redis_key
 from worker.web import apikeys
-from worker.web.api_models import HttpError
+from worker.web.api.models import HttpError
 from worker.web.apikeys import ApiKey
 from worker.web.keyring import KeyRing
 from worker.web.ratelimit import FailureLimiter, client_address, retry_after

@@ -1,0 +1,75 @@
+"""An account's page: its activity charts, health history, certificate expiry, suppressions
+and its webhooks' latest attempts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from worker.client import Producer
+from worker.ops.health import AccountHealth
+from worker.queue.events.outbox import Outbox
+from worker.queue.store.suppressions import Suppressions
+from worker.web.dashboard.auth import Operator
+from worker.web.dashboard.base import (
+    PREFIX,
+    Refused,
+    State,
+    call,
+    render,
+)
+from worker.web.dashboard.charts import activity_charts
+from worker.web.status import CERT_WARN_DAYS, Status, health_line
+
+router = APIRouter(prefix=PREFIX, include_in_schema=False)
+
+
+SUPPRESSIONS_SHOWN = 100
+
+
+def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
+    records = producer.records(fresh=True)
+    if name not in records.account_names:
+        return None
+    client = producer.store.redis
+    health = AccountHealth(client)
+    info = Status(producer.store, health, records, producer.broker_view()).as_dict()["accounts"][name]
+    now = time.time()
+    suppressions = Suppressions(client, producer.settings.suppression_ttl)
+    outbox = Outbox(client, producer.settings.webhook_retention)
+    hooks = [
+        {
+            **hook.summary(),
+            **outbox.stats(hook_name),
+            "attempts": outbox.attempts(hook_name, 10, account=name),
+        }
+        for hook_name, hook in sorted(records.webhooks.items())
+        if hook.record.accounts is None or name in hook.record.accounts
+    ]
+    account = records.accounts.get(name)
+    return {
+        "name": name,
+        "summary": account.summary() if account else None,
+        "info": info,
+        "health_now": health_line(info.get("health"), now),
+        "history": list(reversed(health.history(name))),
+        "certificates": [
+            (label, days, days < CERT_WARN_DAYS)
+            for label, days in sorted(info["certificate_days_left"].items())
+        ],
+        "suppressions": suppressions.entries(name)[:SUPPRESSIONS_SHOWN],
+        "suppressed": suppressions.count(name),
+        "webhooks": hooks,
+        "charts": activity_charts(producer, name),
+    }
+
+
+@router.get("/accounts/{name}")
+async def account_page(request: Request, name: str, session: Operator, state: State) -> Response:
+    view = await call(_account_view, state.producer, name)
+    if view is None:
+        raise Refused(404, "No such account.")
+    return render(request, "account.html", session=session, refresh_url=f"/accounts/{name}", account=view)
