@@ -18,8 +18,8 @@ from support.hookrecv import Receiver
 from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
+from worker.db.vocabulary import FINAL_STATES
 from worker.ops.health import AccountHealth
-from worker.queue.store.jobrecord import FINAL_STATES
 from worker.records.webhooks import new_secret
 
 TRIES = 50

@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 
 from support.queue import QueueEnv
+from worker.db.vocabulary import JobState
 from worker.ops.counters import Tally
 from worker.queue.store import schedule
-from worker.queue.store.jobrecord import SCHEDULED, JobState
+from worker.queue.store.jobrecord import SCHEDULED
 from worker.queue.store.jobs import JobStore
 
 PAYLOAD = {"account": "acct", "to": ["a@example.net"], "text": "x", "message_id": "<m1@example.net>"}

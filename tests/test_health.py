@@ -25,10 +25,10 @@ from support.pki import Pki
 from support.queue import WRONG_PASSWORD, QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import PASSWORD, SmtpServer
 from worker.client import Producer
+from worker.db.vocabulary import JobState
 from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
 from worker.queue.pipeline.delivery import LOG_FORMAT, Outcome, log_attempt
 from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
-from worker.queue.store.jobrecord import JobState
 from worker.queue.store.jobs import JobStore
 from worker.records.loader import Records
 

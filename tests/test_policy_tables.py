@@ -22,6 +22,7 @@ import aiosmtplib
 import httpx
 import pytest
 
+from worker.db.vocabulary import JobState
 from worker.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -38,7 +39,6 @@ from worker.errors import (
 )
 from worker.queue.pipeline import attempts
 from worker.queue.pipeline.delivery import Outcome, outcome_for_error, outcome_for_result
-from worker.queue.store.jobrecord import JobState
 from worker.records.accounts import EmailAccount, GraphSettings, Limits
 from worker.settings import RetryPolicy, Settings
 from worker.transports.base import SendResult

@@ -34,7 +34,8 @@ from support.queue import QueueEnv, Worker, claim_database, cli, wait_for
 from support.smtpd import SmtpServer
 from support.web import ApiServer, write_key
 from worker.client import PayloadError, Producer
-from worker.queue.store.jobrecord import FINAL_STATES, Job
+from worker.db.vocabulary import FINAL_STATES
+from worker.queue.store.jobrecord import Job
 from worker.records.webhooks import new_secret
 from worker.web import http as http_api
 

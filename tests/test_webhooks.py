@@ -23,10 +23,10 @@ from support.hookrecv import Receiver, free_port
 from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
+from worker.db.vocabulary import JobState
 from worker.queue.events import outbox
 from worker.queue.events.webhook_sender import WebhookSender, retry_delay, sign
 from worker.queue.store import emit
-from worker.queue.store.jobrecord import JobState
 from worker.queue.store.jobs import JobStore
 from worker.records.loader import load_webhooks
 from worker.records.webhooks import new_secret

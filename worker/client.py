@@ -20,6 +20,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from worker.db.connect import safe_url
+from worker.db.vocabulary import FINAL_STATES, JobState
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
 from worker.mail.payload import MAX_BATCH, SendPayload
@@ -27,7 +28,7 @@ from worker.queue.broker import kinds as brokers
 from worker.queue.broker.kinds import BrokerView, celery_config
 from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
 from worker.queue.store import ready, schedule
-from worker.queue.store.jobrecord import FINAL_STATES, Job, JobState
+from worker.queue.store.jobrecord import Job
 from worker.queue.store.jobs import JobStore, new_job_id
 from worker.queue.store.suppressions import Suppressions
 from worker.records.loader import Records

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from worker.cli.common import emit_json, open_producer
-from worker.queue.store.jobrecord import JobState
+from worker.db.vocabulary import JobState
 
 
 def _attachment(path: str) -> dict[str, str]:

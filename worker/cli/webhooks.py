@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from worker.cli.common import emit_json, open_producer
-from worker.records.webhooks import EVENT_TYPES
+from worker.db.vocabulary import EVENT_TYPES
 
 
 def _outbox(producer: Any) -> Any:

@@ -29,12 +29,12 @@ from typing import Any, TypedDict, cast
 import redis
 
 from worker.db.keys import PREFIX
+from worker.db.vocabulary import WINDOW_COUNTERS, counted_as
 from worker.records.loader import valid_record_name
 
 UNKNOWN = "(unknown)"  # the one label of every account name that is not an account's
 # enqueue -> accepted by the server, seconds
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0)
-WINDOW_COUNTERS = ("sent", "failed", "retried", "dead", "suppressed")
 
 
 def account_label(account: str, known: Collection[str] | None = None) -> str:
@@ -111,7 +111,7 @@ class Tally:
         if latency is not None and outcome == "sent":
             self.latency[account][_bucket(latency)] += 1
             self.latency_sum[account] += latency
-        names = ["dead", "failed"] if counter == "dead" else [counter] if counter else []
+        names = counted_as(counter)
         if latency is not None and outcome == "sent":  # the window's histogram (worker/ops/series.py)
             names.append("lat:" + _bucket(latency))
         for step, span, ttl in (("m", 60, 7200), ("h", 3600, 26 * 3600)):

@@ -27,11 +27,11 @@ from urllib.parse import urlsplit
 
 from pydantic import PlainSerializer, PlainValidator, ValidationInfo, field_validator
 
+from worker.db.vocabulary import EVENT_TYPES
 from worker.errors import ConfigurationError
 from worker.records.fields import RecordModel
 from worker.records.secrets import Secret
 
-EVENT_TYPES = ("job.sent", "job.deferred", "job.failed", "job.suppressed", "job.cancelled")
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every Standard Webhooks key, no secret
 Finding = tuple[tuple[str | int, ...], Literal["error", "warning"], str]  # field, severity, reason
 

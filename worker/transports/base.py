@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from worker.db.vocabulary import RecipientState
 from worker.errors import RecipientStatus, Superseded
 
 
@@ -53,15 +54,15 @@ class SendResult:
 
     @property
     def accepted(self) -> list[str]:
-        return self.by_status("sent")
+        return self.by_status(RecipientState.SENT)
 
     @property
     def deferred(self) -> list[str]:
-        return self.by_status("deferred")
+        return self.by_status(RecipientState.DEFERRED)
 
     @property
     def failed(self) -> list[str]:
-        return self.by_status("failed")
+        return self.by_status(RecipientState.FAILED)
 
 
 @dataclass

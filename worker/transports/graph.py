@@ -40,6 +40,7 @@ from urllib.parse import quote
 
 import httpx
 
+from worker.db.vocabulary import RecipientState
 from worker.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -333,7 +334,7 @@ class GraphTransport:
         return f"HTTPS {version}" if version else "HTTPS"
 
     def _result(self, message: OutgoingMessage, response: httpx.Response) -> SendResult:
-        status = RecipientStatus("sent", response.status_code, "Accepted by Graph")
+        status = RecipientStatus(RecipientState.SENT, response.status_code, "Accepted by Graph")
         return SendResult(
             transport="graph",
             security=self._security(response),

@@ -34,10 +34,11 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
+from worker.db.vocabulary import OPEN_STATES, JobState
 from worker.queue.broker import kombu_redis as broker
 from worker.queue.broker.screen import NEVER_EXPIRE, body_problem, header_problem
 from worker.queue.broker.taskclock import TASKS
-from worker.queue.store.jobrecord import OPEN_STATES, JobState, safe_text
+from worker.queue.store.jobrecord import safe_text
 from worker.queue.store.jobs import JobStore
 
 log = logging.getLogger("postroom.intake")

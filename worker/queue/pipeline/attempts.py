@@ -19,11 +19,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
+from worker.db.vocabulary import SKIPPED, JobState, Skipped, history_word
 from worker.mail import autoreply
 from worker.mail.payload import SendPayload
 from worker.ops import counters
@@ -34,7 +35,7 @@ from worker.queue.pipeline.delivery import Delivery, Outcome, log_attempt
 from worker.queue.process import liveness
 from worker.queue.process.runtime import get_runtime
 from worker.queue.store import ready
-from worker.queue.store.jobrecord import JobState, account_of, describe, history_word
+from worker.queue.store.jobrecord import account_of, describe
 from worker.queue.store.jobs import Begun, JobStore
 from worker.records.addresses import bare_address
 from worker.transports.limits import SLOT_WAIT
@@ -58,7 +59,7 @@ def job_store() -> JobStore:
 class Step:
     """What one attempt at one message ended with."""
 
-    state: JobState | Literal["skipped"]  # skipped: nothing done, the job had already ended
+    state: JobState | Skipped  # skipped: nothing done, the job had already ended
     reason: str | None = None
     retry_in: float | None = None  # set when state is "retrying"
 
@@ -105,7 +106,7 @@ def _own_key_first(store: JobStore, job_id: str, payload: SendPayload, due: floa
 def _not_started(begun: Begun) -> Step:
     if begun.waits:
         return Step(JobState.SCHEDULED, "not due yet: waits for its send_at")
-    return Step("skipped", f"job already {begun.state or 'finished'}")
+    return Step(SKIPPED, f"job already {begun.state or 'finished'}")
 
 
 def _hold(job_id: str, payload: SendPayload) -> Step | None:
@@ -116,7 +117,7 @@ def _hold(job_id: str, payload: SendPayload) -> Step | None:
     if held == 0:
         return None
     if held < 0:
-        return Step("skipped", "job already ended (a cancelled job is never held)")
+        return Step(SKIPPED, "job already ended (a cancelled job is never held)")
     return Step(JobState.HELD, f"account {payload.account} is paused")
 
 
@@ -383,7 +384,7 @@ def _record(
         if not replies[at[ended.index]]:
             if (entry := counted[ended.index]) is not None:  # counted with the rest: take it back
                 undo.add(_counted(ended.payload.account), **entry)
-            steps[ended.index] = Step("skipped", "superseded: a later attempt took the job over")
+            steps[ended.index] = Step(SKIPPED, "superseded: a later attempt took the job over")
             log.warning(
                 "job %s: attempt %d was superseded by a later attempt; its outcome (%s) is not recorded",
                 job_ids[ended.index], ended.attempt, history_word(ended.outcome.state),

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from worker.db.vocabulary import JobState, RecipientState, history_word
 from worker.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -34,7 +35,6 @@ from worker.mail.message import Attachment, MessageSpec, build_message, message_
 from worker.mail.payload import SendPayload
 from worker.mail.signing import sign_message
 from worker.queue.process.runtime import Runtime
-from worker.queue.store.jobrecord import JobState, history_word
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.marks import CLAIM_TTL, CLAIMS, AsyncMarks, Fence, fence_clock
 from worker.queue.store.suppressions import Suppressions, hard_bounce
@@ -122,7 +122,9 @@ def outcome_for_error(
         recipients.setdefault(
             rcpt,
             RecipientStatus(
-                "deferred" if exc.transient else "failed", exc.code, exc.server_text or exc.reason
+                RecipientState.DEFERRED if exc.transient else RecipientState.FAILED,
+                exc.code,
+                exc.server_text or exc.reason,
             ).as_dict(),
         )
     state = JobState.RETRYING if isinstance(exc, TransientError) else JobState.DEAD
@@ -323,13 +325,17 @@ class Delivery:
             for address, entry in found.items():
                 if entry.get("job_id") == p.job_id:  # this job's own hard bounce: it stays failed
                     p.already[address] = {
-                        "status": "failed",
+                        "status": RecipientState.FAILED,
                         "code": entry.get("code"),
                         "message": entry["reason"],
                     }
                     continue
                 reason = f"suppressed ({entry.get('source')}): {entry.get('reason')}"
-                p.already[address] = {"status": "suppressed", "code": entry.get("code"), "message": reason}
+                p.already[address] = {
+                    "status": RecipientState.SUPPRESSED,
+                    "code": entry.get("code"),
+                    "message": reason,
+                }
 
     def _note_hard_bounces(self, pending: list[_Pending], outcomes: dict[int, Outcome]) -> None:
         """A permanent 5.1.x refusal of a mailbox puts it on the account's suppression list."""

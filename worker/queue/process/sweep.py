@@ -29,9 +29,10 @@ from typing import Any, cast
 import redis
 
 from worker.db.keys import redis_key
+from worker.db.vocabulary import OPEN_STATES
 from worker.queue.process.liveness import HOLDERS, holding_key
 from worker.queue.store.delays import RETRYING
-from worker.queue.store.jobrecord import OPEN, OPEN_STATES, SCHEDULED
+from worker.queue.store.jobrecord import OPEN, SCHEDULED
 from worker.queue.store.ready import ready_key, taken_key
 
 log = logging.getLogger("postroom.sweep")

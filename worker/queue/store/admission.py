@@ -21,10 +21,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.db.keys import redis_key
+from worker.db.vocabulary import JobState
 from worker.errors import ConfigurationError
 from worker.mail.message import message_id_for
 from worker.mail.payload import SendPayload
-from worker.queue.store.jobrecord import OPEN, SCHEDULED, JobState, describe, record_fields
+from worker.queue.store.jobrecord import OPEN, SCHEDULED, describe, record_fields
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.jobscripts import ADMIT, ADMIT_SHA
 from worker.queue.store.ready import BELL, READY_ACCOUNTS, ready_key

@@ -19,9 +19,10 @@ from typing import Any, cast
 import redis
 
 from worker.db.keys import redis_key
+from worker.db.vocabulary import JobState, history_word
 from worker.mail.payload import TASK_ID
 from worker.queue.store.emit import emit_args
-from worker.queue.store.jobrecord import DEAD, OPEN, UNKNOWN_ACCOUNT, Job, JobState, history_word, safe_text
+from worker.queue.store.jobrecord import DEAD, OPEN, UNKNOWN_ACCOUNT, Job, safe_text
 from worker.queue.store.jobscripts import QUARANTINE
 
 MAX_RAW_KEPT = 64 * 1024  # bytes of an unreadable message kept (base64) with its dead letter

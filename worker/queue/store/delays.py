@@ -25,7 +25,8 @@ from typing import Any, cast
 import redis
 
 from worker.db.keys import redis_key
-from worker.queue.store.jobrecord import SCHEDULED, lua_words
+from worker.db.vocabulary import lua_words
+from worker.queue.store.jobrecord import SCHEDULED
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.ready import AHEAD, BELL, READY_ACCOUNTS, ready_key
 

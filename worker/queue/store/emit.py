@@ -10,19 +10,11 @@ from __future__ import annotations
 import uuid
 
 from worker.db.keys import PREFIX, redis_key
-from worker.queue.store.jobrecord import JobState
+from worker.db.vocabulary import EVENT_OF_STATE
 
 ROUTES = redis_key("webhook", "routes")
 EVENTS = redis_key("webhook", "events")
 
-# The event a state change files, by the state the job is left in (others file none).
-EVENT_OF_STATE: dict[str, str] = {  # JobState keys: a StrEnum member is its string
-    JobState.SENT: "job.sent",
-    JobState.RETRYING: "job.deferred",
-    JobState.DEAD: "job.failed",
-    JobState.SUPPRESSED: "job.suppressed",
-    JobState.CANCELLED: "job.cancelled",
-}
 # The record fields an event carries: those `postroom job --json` shows, never the payload.
 SNAPSHOT_FIELDS = (
     "id", "state", "attempts", "account", "transport", "security", "message_id", "recipients",

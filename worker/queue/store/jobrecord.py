@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 
 from worker.db.keys import redis_key
+from worker.db.vocabulary import JobState
 from worker.ops import counters
 
 OPEN = redis_key("open")  # sorted set: jobs not ended yet, by enqueue time (worker/queue/process/sweep.py)
@@ -27,53 +26,6 @@ DEAD = redis_key("dead")  # sorted set: dead-lettered job ids, by when they died
 SCHEDULED = redis_key(
     "scheduled"
 )  # sorted set: jobs waiting for their send_at (worker/queue/store/schedule.py)
-
-
-class JobState(StrEnum):
-    """A job's state as its record, ``postroom job --json``, the HTTP API and the dashboard spell
-    it (contract §2). A StrEnum: each member is its string, in Redis and in JSON alike."""
-
-    QUEUED = "queued"
-    SCHEDULED = "scheduled"  # waiting for its send_at in Postroom's delay queue
-    SENDING = "sending"
-    RETRYING = "retrying"
-    HELD = "held"  # its account's circuit breaker is open; released when it closes
-    SENT = "sent"
-    DEAD = "dead"
-    SUPPRESSED = "suppressed"
-    CANCELLED = "cancelled"  # postroom cancel / DELETE /v1/jobs/{id} before it was sent
-
-
-_LUA_WORD = re.compile(r"\$(state|counter)\.([a-z_]+)")
-
-
-def lua_words(script: str) -> str:
-    """``script`` with each ``$state.<name>`` (a :class:`JobState`) and ``$counter.<name>`` (an
-    account's delivery counter, worker/ops/counters.py) written as that word, quoted: the Lua
-    scripts spell no state or counter themselves, so this enum and the counters' list stay the
-    one vocabulary. A name neither knows fails at import."""
-
-    def word(match: re.Match[str]) -> str:
-        kind, name = match.groups()
-        if kind == "state":
-            return f"'{JobState(name).value}'"
-        if name not in counters.WINDOW_COUNTERS:
-            raise ValueError(f"no delivery counter named {name!r}")
-        return f"'{name}'"
-
-    return _LUA_WORD.sub(word, script)
-
-
-def history_word(state: JobState) -> str:
-    """An attempt's end as its history entry and the delivery log line spell it: the state it
-    left the job in, ``retrying`` written ``retry`` (as every release has written it)."""
-    return "retry" if state == JobState.RETRYING else str(state)
-
-
-OPEN_STATES = frozenset(
-    {JobState.QUEUED, JobState.SCHEDULED, JobState.SENDING, JobState.RETRYING, JobState.HELD}
-)
-FINAL_STATES = frozenset(JobState) - OPEN_STATES
 
 
 UNKNOWN_ACCOUNT = counters.UNKNOWN  # the account of a job whose payload names none that could exist

@@ -31,18 +31,11 @@ import redis
 
 from worker.db import connect
 from worker.db.keys import REDIS_TIMEOUTS, redis_key
+from worker.db.vocabulary import OPEN_STATES, JobState, history_word
 from worker.ops import counters
 from worker.queue.store import emit, ready
 from worker.queue.store.deadletters import DeadLetters
-from worker.queue.store.jobrecord import (
-    OPEN,
-    OPEN_STATES,
-    SCHEDULED,
-    Job,
-    JobState,
-    history_word,
-    record_fields,
-)
+from worker.queue.store.jobrecord import OPEN, SCHEDULED, Job, record_fields
 from worker.queue.store.jobscripts import BEGIN, BEGIN_SHA, DISCARD, FINISH, HOLD
 from worker.queue.store.marks import (
     CLAIM_SCRIPT,

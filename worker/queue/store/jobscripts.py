@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from worker.db.vocabulary import FINAL_STATES, lua_words
 from worker.queue.store.emit import EMIT_LUA
-from worker.queue.store.jobrecord import FINAL_STATES, lua_words
 
 
 def _lua_set(states: Iterable[str]) -> str:

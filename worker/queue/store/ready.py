@@ -31,7 +31,7 @@ from typing import Any, cast
 import redis
 
 from worker.db.keys import redis_key
-from worker.queue.store.jobrecord import lua_words
+from worker.db.vocabulary import lua_words
 
 READY_ACCOUNTS = redis_key("ready-accounts")
 BELL = redis_key("bell")

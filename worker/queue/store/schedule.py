@@ -27,8 +27,9 @@ from typing import Any, cast
 import redis
 
 from worker.db.keys import redis_key
+from worker.db.vocabulary import JobState, history_word, lua_words
 from worker.queue.store.emit import EMIT_LUA, emit_args
-from worker.queue.store.jobrecord import OPEN, SCHEDULED, JobState, history_word, lua_words
+from worker.queue.store.jobrecord import OPEN, SCHEDULED
 
 CANCELLABLE = (JobState.QUEUED, JobState.SCHEDULED, JobState.RETRYING, JobState.HELD)
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 import redis
 
 from worker.db.keys import redis_key
+from worker.db.vocabulary import RecipientState
 from worker.records.addresses import bare_address
 
 SOURCES = ("automatic", "operator")
@@ -37,7 +38,7 @@ def hard_bounce(result: Mapping[str, Any]) -> bool:
     """Whether a recipient result is a permanent refusal of the mailbox itself (5.1.x)."""
     code, message = result.get("code"), str(result.get("message") or "")
     return (
-        result.get("status") == "failed"
+        result.get("status") == RecipientState.FAILED
         and isinstance(code, int)
         and 500 <= code < 600
         and message.lstrip().startswith("5.1.")

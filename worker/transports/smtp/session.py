@@ -34,6 +34,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
+from worker.db.vocabulary import RecipientState
 from worker.errors import (
     ConnectionFailed,
     DeliveryError,
@@ -342,7 +343,7 @@ class SmtpConnection:
             if data_reply.code == pipelining.COMPLETED:
                 self.messages += 1
                 for rcpt in accepted:
-                    results[rcpt] = RecipientStatus("sent", data_reply.code, data_reply.message)
+                    results[rcpt] = RecipientStatus(RecipientState.SENT, data_reply.code, data_reply.message)
                 return SendResult(transport="smtp", security=self.security, recipients=results)
         raise await self._content_refused(data_reply, accepted, results)
 
@@ -384,7 +385,7 @@ class SmtpConnection:
                 raise RetryOnFresh(
                     self._error(classify_smtp_reply(reply.code, reply.message, stage="RCPT TO"))
                 ) from None
-            status = "deferred" if 400 <= reply.code < 500 else "failed"
+            status = RecipientState.DEFERRED if 400 <= reply.code < 500 else RecipientState.FAILED
             results[rcpt] = RecipientStatus(status, reply.code, reply.message)
         return results, accepted
 
@@ -397,7 +398,7 @@ class SmtpConnection:
         if isinstance(error, ServerBusy):
             self.client.close()
             return RetryOnFresh(self._error(error))
-        status = "deferred" if error.transient else "failed"
+        status = RecipientState.DEFERRED if error.transient else RecipientState.FAILED
         for rcpt in accepted:
             results[rcpt] = RecipientStatus(status, code, text)
         error.recipients = results

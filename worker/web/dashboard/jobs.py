@@ -13,7 +13,8 @@ from fastapi.responses import Response
 
 from worker.client import Producer
 from worker.db.keys import redis_key
-from worker.queue.store.jobrecord import FINAL_STATES, SCHEDULED
+from worker.db.vocabulary import FINAL_STATES
+from worker.queue.store.jobrecord import SCHEDULED
 from worker.web.dashboard.auth import Change, Operator
 from worker.web.dashboard.base import (
     PREFIX,
