@@ -28,9 +28,8 @@ from worker.client import Producer
 from worker.db.vocabulary import JobState
 from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
 from worker.queue.pipeline.delivery import LOG_FORMAT, Outcome, log_attempt
-from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
 from worker.queue.store.jobs import JobStore
-from worker.records.loader import Records
+from worker.records.loader import RECORDS_RECHECK_SECONDS, Records
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 ServerFactory = Callable[..., SmtpServer]

@@ -114,7 +114,7 @@ def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
 # The rooms of worker/queue, bottom first (ARCHITECTURE.md): a room imports only from its own
 # room and the rooms below it; the modules directly in worker/queue (the worker's composition:
 # app, service, tasks) may import any room. "Import" includes imports inside functions.
-QUEUE_ROOMS = ("store", "events", "broker", "process", "pipeline")
+QUEUE_ROOMS = ("store", "broker", "events", "process", "pipeline")
 # Below worker/queue: nothing here imports it (Redis clients and key names live in worker/db).
 BELOW_QUEUE = ("worker.db", "worker.mail", "worker.ops", "worker.records", "worker.transports",
                "worker.settings", "worker.errors")  # fmt: skip
@@ -177,3 +177,15 @@ def test_no_folder_holds_more_than_a_dozen_modules() -> None:
         if len(modules) > MAX_FOLDER_MODULES:
             crowded[str(folder.relative_to(WORKER.parent))] = len(modules)
     assert crowded == {}
+
+
+def test_no_module_rebinds_a_global() -> None:
+    """What a process makes once lives in its one ProcessState (worker/queue/broker/process_state.py)
+    or behind functools.cache, never in a module variable a function rebinds."""
+    rebinds = [
+        f"{path.relative_to(WORKER)}:{node.lineno} global {', '.join(node.names)}"
+        for path in _modules().values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Global)
+    ]
+    assert rebinds == []

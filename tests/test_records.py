@@ -610,3 +610,27 @@ def test_documented_examples_pass_check_once_their_secrets_exist(
 
 
 RecordWriter = Callable[[str, str], Path]
+
+
+def test_a_record_cache_reads_again_only_when_a_file_changed(tmp_path: Path) -> None:
+    """The one reload rule (worker/records/loader.py, RecordCache): files looked at no more than
+    every recheck seconds (at once when fresh), records read again only when one changed."""
+    from worker.records.loader import RecordCache
+
+    folder = tmp_path / "things"
+    folder.mkdir()
+    loads: list[int] = []
+
+    def load() -> int:
+        loads.append(len(list(folder.glob("*.yaml"))))
+        return loads[-1]
+
+    cache = RecordCache(lambda: [folder], load, recheck=3600)
+    assert cache.peek() is None
+    assert cache.get() == 0 and cache.get() == 0 and len(loads) == 1
+    (folder / "a.yaml").write_text("x: 1\n")
+    assert cache.get() == 0  # not looked at again before the recheck
+    assert cache.get(fresh=True) == 1 and len(loads) == 2
+    assert cache.get(fresh=True) == 1 and len(loads) == 2  # looked, nothing changed: not read
+    (folder / "a.yaml").unlink()
+    assert cache.get(fresh=True) == 0 and cache.peek() == 0 and len(loads) == 3

@@ -11,6 +11,7 @@ with its record: no broker message, the payload stored once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,6 @@ from worker.mail.message import make_message_id
 from worker.mail.payload import MAX_BATCH, SendPayload
 from worker.queue.broker import kinds as brokers
 from worker.queue.broker.kinds import BrokerView, celery_config
-from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
 from worker.queue.store import ready, schedule
 from worker.queue.store.jobrecord import Job
 from worker.queue.store.jobs import JobStore, new_job_id
@@ -119,8 +119,7 @@ class Producer:
         self._records = records
         self.accounts_dir = accounts_dir
         self.config_dir = config_dir
-        self._loaded: Records | None = None
-        self._loaded_at = 0.0
+        self._loaded = Records.cache(accounts_dir, config_dir)
         if app is None:
             config = celery_config(self.broker, self.settings)  # the queue as the workers declare it
             if broker_kind(self.broker) != "amqp":  # a producer gives up sooner than a worker
@@ -154,14 +153,12 @@ class Producer:
         self.store.redis.close()
 
     def records(self, *, fresh: bool = False) -> Records:
-        """Fixed records if given; else read from disk, again after a couple of seconds
-        (or at once with ``fresh``), so an account added a moment ago counts."""
+        """Fixed records if given; else read from disk, again when a record file changed (looked
+        at every couple of seconds, or at once with ``fresh``: an account added a moment ago
+        counts)."""
         if self._records is not None:
             return self._records
-        now = time.monotonic()
-        if fresh or self._loaded is None or now - self._loaded_at > RECORDS_RECHECK_SECONDS:
-            self._loaded, self._loaded_at = Records.load(self.accounts_dir, self.config_dir), now
-        return self._loaded
+        return self._loaded.get(fresh=fresh)
 
     def validate(self, payload: SendPayload | Mapping[str, Any], *, where: str = "") -> SendPayload:
         """The payload as it will be enqueued, or PayloadError with every reason."""
@@ -331,14 +328,10 @@ class Producer:
         )
 
 
-_default: Producer | None = None
-
-
+@functools.cache
 def default_producer() -> Producer:
-    global _default
-    if _default is None:
-        _default = Producer()
-    return _default
+    """The producer the module-level helpers use (one per process, made on first use)."""
+    return Producer()
 
 
 def send_notification(

@@ -25,6 +25,7 @@ from worker.ops import series
 from worker.queue.broker import celery_app as app_module
 from worker.queue.broker import intake as intake_hooks
 from worker.queue.broker import kombu_redis as broker
+from worker.queue.broker.process_state import this_process
 from worker.queue.events.webhook_sender import stop_sender
 from worker.queue.process import liveness
 from worker.queue.process.runtime import get_runtime, shutdown_runtime
@@ -36,48 +37,45 @@ log = logging.getLogger("postroom.process")
 
 POISON_EVERY = 5.0
 DEPTH_EVERY = 60.0
-_running: dict[str, Any] = {}
 
 
 def admission() -> Any:
     """This process's admission (worker/queue/store/admission.py) on its job store and records."""
-    made = _running.get("admission")
-    if made is None:
-        from worker.queue.broker.celery_app import settings
-        from worker.queue.broker.intake import store
+
+    def make() -> Any:
+        from worker.queue.broker.celery_app import job_store, settings
         from worker.queue.pipeline.attempts import dead_on_arrival
         from worker.queue.store.admission import Admission
 
-        made = _running["admission"] = Admission(
-            store(),
+        return Admission(
+            job_store(),
             get_runtime().records,
             schedule_horizon=settings.schedule_horizon,
             dead_on_arrival=dead_on_arrival,
         )
-    return made
+
+    return this_process().once("admission", make)
 
 
 def start(consumer: Any) -> None:
     """Start the inbox reader, the dispatcher, the upkeep thread and the webhook sender."""
-    from worker.queue.broker.celery_app import app, broker_redis, settings, state_url
-    from worker.queue.broker.intake import store
+    from worker.queue.broker.celery_app import app, broker_redis, job_store, settings, state_url
     from worker.queue.events.webhook_sender import start_sender
     from worker.settings import config_dir
 
-    if _running.get("started"):
+    if this_process().get("started"):
         return
-    _running["started"] = True
+    this_process().put("started", True)
     start_sender(state_url, config_dir(), settings)  # delivery events, in a thread of their own
-    client = store().redis
+    client = job_store().redis
     on_broker = broker_redis(client)  # None on RabbitMQ
     _start_upkeep(consumer, client, on_broker)
     _start_sending(app, client, on_broker, settings)
 
 
 def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None:
-    from worker.queue.broker.celery_app import broker_keys
+    from worker.queue.broker.celery_app import broker_keys, job_store
     from worker.queue.broker.inbox import AmqpInbox, InboxReader, Intake, RedisInbox
-    from worker.queue.broker.intake import store
     from worker.queue.pipeline.dispatch import Dispatcher
 
     def forward(name: str, task_id: str, args: Any, kwargs: Any) -> None:  # a beat of an earlier release
@@ -92,17 +90,24 @@ def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None
 
         raw = redis_client(redis_url(broker_url), decode_responses=False, **REDIS_TIMEOUTS)
         source = RedisInbox(raw, broker_keys(), liveness.holder_id())
-    dispatcher = _running["dispatcher"] = Dispatcher(client, settings).start()
+    dispatcher = Dispatcher(client, settings).start()
+    this_process().put("dispatcher", dispatcher)
     intake = Intake(
-        admission(), store().quarantine, forward, client, settings.retry.max_attempts, alone=dispatcher.alone
+        admission(),
+        job_store().quarantine,
+        forward,
+        client,
+        settings.retry.max_attempts,
+        alone=dispatcher.alone,
     )
-    _running["inbox"] = InboxReader(source, intake)
-    _running["inbox"].start()
+    reader = InboxReader(source, intake)
+    this_process().put("inbox", reader)
+    reader.start()
 
 
 def stop(timeout: float) -> None:
     """Take nothing more in; let the running groups finish (up to ``timeout`` seconds)."""
-    reader, dispatcher = _running.pop("inbox", None), _running.pop("dispatcher", None)
+    reader, dispatcher = this_process().drop("inbox"), this_process().drop("dispatcher")
     if reader is not None:
         reader.stop()
     if dispatcher is not None:
@@ -113,7 +118,7 @@ STRAYS_EVERY = 5.0  # seconds between looks for taken jobs this process lost tra
 
 
 def _give_back_strays() -> None:
-    dispatcher = _running.get("dispatcher")
+    dispatcher = this_process().get("dispatcher")
     if dispatcher is not None:
         dispatcher.give_back_strays()
 

@@ -26,13 +26,11 @@ from celery.exceptions import Reject
 
 from worker.mail.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, SWEEP_TASK_NAME, TASK_NAME
 from worker.ops.connectivity import check_connectivity
-from worker.queue.broker.celery_app import app, settings
+from worker.queue.broker.celery_app import app, job_store, settings
 from worker.queue.broker.inbox import usable_job_ids
-from worker.queue.broker.intake import store as intake_store
 from worker.queue.pipeline.attempts import (
     account_health,
     cut_short_too_often,
-    job_store,
     release_held,
     slot_wait,
     store_url,
@@ -69,7 +67,7 @@ def send_batch(
     them, ``<batch task id>-<index>``."""
     if not isinstance(messages, list):
         reason = f"postroom.send_batch: messages is a {type(messages).__name__}, not a list"
-        intake_store().quarantine(safe_text(messages, 4096).encode(), reason, claimed_id=self.request.id)
+        job_store().quarantine(safe_text(messages, 4096).encode(), reason, claimed_id=self.request.id)
         return {"dead": 1}
     if not usable_job_ids(job_ids, len(messages)):
         job_ids = [f"{self.request.id}-{i}" for i in range(len(messages))]

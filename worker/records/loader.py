@@ -9,10 +9,12 @@ prints.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from pydantic import ValidationError
 
@@ -66,6 +68,45 @@ def records_stamp(folders: Iterable[Path]) -> tuple[tuple[str, float], ...]:
         except OSError:
             continue
     return tuple(stamp)
+
+
+RECORDS_RECHECK_SECONDS = 2.0  # how often a cache looks whether its record files changed
+
+
+class RecordCache(Generic[T]):
+    """Records read from folders and kept: the one reload rule of every cache of them (accounts
+    and their profiles and keystores, API keys, webhooks). The files' stamp (:func:`records_stamp`)
+    is looked at no more than every :data:`RECORDS_RECHECK_SECONDS` (at once when asked
+    ``fresh``: a name the cache lacks may have just been added); the records are read again when it
+    changed. Thread-safe; a load that fails keeps nothing and raises."""
+
+    def __init__(
+        self,
+        folders: Callable[[], Iterable[Path]],
+        load: Callable[[], T],
+        recheck: float = RECORDS_RECHECK_SECONDS,
+    ) -> None:
+        self._folders, self._load, self._recheck = folders, load, recheck
+        self._value: T | None = None
+        self._stamp: tuple[tuple[str, float], ...] = ()
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def get(self, *, fresh: bool = False) -> T:
+        with self._lock:
+            now = time.monotonic()
+            if self._value is not None and not fresh and now - self._checked < self._recheck:
+                return self._value
+            self._checked = now
+            stamp = records_stamp(self._folders())
+            if self._value is None or stamp != self._stamp:
+                self._value, self._stamp = self._load(), stamp
+            return self._value
+
+    def peek(self) -> T | None:
+        """What the cache holds (None before the first read), without looking at the files."""
+        with self._lock:
+            return self._value
 
 
 def _record_files(directory: Path) -> list[Path]:
@@ -160,6 +201,16 @@ class Records:
         self.keystores, self.keystore_problems = _load_all(cfg_dir / "keystores", _build_keystore)
         self.webhooks, self.webhook_problems = load_webhooks(cfg_dir)
         return self
+
+    @classmethod
+    def cache(cls, accounts_dir: Path | None = None, config_dir: Path | None = None) -> RecordCache[Records]:
+        """The records, kept and read again when an account, auth profile or keystore file changed."""
+
+        def folders() -> tuple[Path, ...]:
+            config = config_dir or settings.config_dir()
+            return (accounts_dir or settings.accounts_dir(), config / "auth-profiles", config / "keystores")
+
+        return RecordCache(folders, lambda: cls.load(accounts_dir, config_dir))
 
     @property
     def account_names(self) -> list[str]:

@@ -4,11 +4,9 @@ so that neither has to import the other for it."""
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from pathlib import Path
 
-from worker.queue.process.runtime import RECORDS_RECHECK_SECONDS
+from worker.records.loader import RecordCache
 from worker.settings import config_dir as default_config_dir
 from worker.web import apikeys
 from worker.web.apikeys import ApiKey
@@ -17,32 +15,34 @@ log = logging.getLogger("postroom.http")
 
 
 class KeyRing:
-    """The API key records, read again from disk every couple of seconds."""
+    """The API key records, read again from disk when one changed (worker/records/loader.py,
+    RecordCache)."""
 
     def __init__(self, config_dir: Path | None, fixed: dict[str, ApiKey] | None = None) -> None:
         self.config_dir = config_dir
-        self._keys = fixed
-        self._fixed = fixed is not None
-        self._loaded_at = 0.0
-        self._lock = threading.Lock()
+        self._fixed = fixed
+        self._cache = RecordCache(lambda: [self._folder()], self._load)
+
+    def _folder(self) -> Path:
+        return (self.config_dir or default_config_dir()) / "api-keys"
+
+    def _load(self) -> dict[str, ApiKey]:
+        keys, problems = apikeys.load_api_keys(self.config_dir or default_config_dir())
+        for name, found in problems.items():
+            for problem in found:
+                log.warning("api key %s not loaded: %s", name, problem)
+        return keys
 
     def keys(self, wanted: str = "") -> dict[str, ApiKey]:
-        """Every loaded key; read again when stale, or when ``wanted`` has a record not loaded yet."""
-        if self._fixed and self._keys is not None:
-            return self._keys
-        with self._lock:
-            now = time.monotonic()
-            folder = (self.config_dir or default_config_dir()) / "api-keys"
-            new = (
-                self._keys is not None
-                and wanted not in self._keys
-                and apikeys.valid_name(wanted)
-                and (folder / f"{wanted}.yaml").is_file()
-            )
-            if new or self._keys is None or now - self._loaded_at > RECORDS_RECHECK_SECONDS:
-                keys, problems = apikeys.load_api_keys(self.config_dir or default_config_dir())
-                for name, found in problems.items():
-                    for problem in found:
-                        log.warning("api key %s not loaded: %s", name, problem)
-                self._keys, self._loaded_at = keys, now
-            return self._keys
+        """Every loaded key; read again when a file changed, or at once when ``wanted`` has a
+        record not loaded yet."""
+        if self._fixed is not None:
+            return self._fixed
+        keys = self._cache.get()
+        if (
+            wanted not in keys
+            and apikeys.valid_name(wanted)
+            and (self._folder() / f"{wanted}.yaml").is_file()
+        ):
+            keys = self._cache.get(fresh=True)
+        return keys

@@ -34,7 +34,9 @@ from worker.mail.payload import (
 )
 from worker.queue.broker import kinds as brokers
 from worker.queue.broker import kombu_redis as broker
+from worker.queue.broker.process_state import this_process
 from worker.queue.broker.taskclock import TASKS
+from worker.queue.store.jobs import JobStore
 from worker.settings import PUBLISH_RETRY_POLICY
 
 settings = settings_module.load_settings()
@@ -53,7 +55,6 @@ def broker_keys() -> broker.BrokerKeys:
     return broker.BrokerKeys.from_options(app.conf.broker_transport_options)
 
 
-_views: dict[int, brokers.BrokerView] = {}
 # Called first on the worker's shutdown, before its loop and pools go (registered by the modules
 # above this one that run beside Celery's consumer: worker/queue/service.py).
 ON_SHUTDOWN: list[Callable[[], None]] = []
@@ -62,10 +63,19 @@ ON_SHUTDOWN: list[Callable[[], None]] = []
 def broker_view(state_client: Any) -> brokers.BrokerView:
     """What ``status``, the sweep, coalescing and the reaper read of this app's broker
     (worker/queue/broker/kinds.py): one per process, on ``state_client`` when the broker is that Redis."""
-    view = _views.get(id(state_client))
-    if view is None:
-        view = _views[id(state_client)] = brokers.broker_view(app, state_url, state_client)
-    return view
+    return this_process().once(
+        f"broker-view:{id(state_client)}", lambda: brokers.broker_view(app, state_url, state_client)
+    )
+
+
+def job_store() -> JobStore:
+    """This process's job store, on the state Redis (one per process)."""
+    return this_process().once(
+        "job-store",
+        lambda: JobStore.from_url(
+            state_url, job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
+        ),
+    )
 
 
 def broker_redis(state_client: Any) -> Any | None:

@@ -43,21 +43,16 @@ from worker.queue.store.jobs import JobStore
 
 log = logging.getLogger("postroom.intake")
 
-_store: JobStore | None = None
 # What starts once the consumer is ready (worker/queue/service.py registers itself: this module
 # is below it and must not import it).
 ON_READY: list[Callable[[Any], None]] = []
 
 
 def store() -> JobStore:
-    global _store
-    if _store is None:
-        from worker.queue.broker.celery_app import settings, state_url
+    """This process's job store (worker/queue/broker/celery_app.py: one per process)."""
+    from worker.queue.broker.celery_app import job_store
 
-        _store = JobStore.from_url(
-            state_url, job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
-        )
-    return _store
+    return job_store()
 
 
 def raw_bytes(message: Any) -> bytes:

@@ -36,6 +36,7 @@ import redis.asyncio
 from worker.db import connect
 from worker.db.keys import REDIS_TIMEOUTS
 from worker.errors import ConfigurationError
+from worker.queue.broker.process_state import this_process
 from worker.queue.events.outbox import (
     DONE_SCRIPT,
     LOG_LIMIT,
@@ -47,7 +48,7 @@ from worker.queue.events.outbox import (
     stats_key,
 )
 from worker.queue.store.emit import ROUTES, delivery_key, due_key, event_key
-from worker.records.loader import load_webhooks, records_stamp
+from worker.records.loader import RecordCache, load_webhooks
 from worker.records.webhooks import Webhook, key_bytes
 from worker.settings import Settings
 from worker.transports.public_http import public_transport
@@ -91,8 +92,8 @@ class WebhookSender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="postroom-webhooks", daemon=True)
         self._hooks: dict[str, Webhook] = {}
-        self._stamp: tuple[tuple[str, float], ...] | None = None
-        self._checked = self._published = 0.0
+        self._records = RecordCache(lambda: [config_dir / "webhooks"], self._load, recheck=RECHECK)
+        self._published = 0.0
         self._turn = 0
         self._clients: dict[str, tuple[Webhook, httpx.AsyncClient]] = {}
 
@@ -132,18 +133,19 @@ class WebhookSender:
         for _hook, http in clients.values():
             await http.aclose()
 
+    def _load(self) -> dict[str, Webhook]:
+        hooks, problems = load_webhooks(self.config_dir)
+        for name, found in problems.items():
+            log.error("webhook %s not used: %s", name, "; ".join(str(p) for p in found))
+        return hooks
+
     async def _refresh(self, client: redis.asyncio.Redis) -> None:
         """Re-read config/webhooks/ when a file changed; publish the routing table then (and
         every PUBLISH_EVERY seconds)."""
         now = time.monotonic()
-        if now - self._checked >= RECHECK:
-            self._checked = now
-            stamp = records_stamp([self.config_dir / "webhooks"])
-            if stamp != self._stamp:
-                hooks, problems = load_webhooks(self.config_dir)
-                for name, found in problems.items():
-                    log.error("webhook %s not used: %s", name, "; ".join(str(p) for p in found))
-                self._hooks, self._stamp, self._published = hooks, stamp, 0.0
+        hooks = self._records.get()
+        if hooks is not self._hooks:  # read again: publish the new table now
+            self._hooks, self._published = hooks, 0.0
         if now - self._published >= PUBLISH_EVERY:
             table = routes_table({name: hook.route() for name, hook in self._hooks.items()})
             async with client.pipeline(transaction=True) as pipe:
@@ -258,19 +260,14 @@ class WebhookSender:
         return Attempt(status, error, took())
 
 
-_running: WebhookSender | None = None
-
-
 def start_sender(state_url: str, config_dir: Path, settings: Settings) -> WebhookSender:
     """This process's sender, started once."""
-    global _running
-    if _running is None:
-        _running = WebhookSender(state_url, config_dir, settings).start()
-    return _running
+    return this_process().once(
+        "webhook-sender", lambda: WebhookSender(state_url, config_dir, settings).start()
+    )
 
 
 def stop_sender() -> None:
-    global _running
-    sender, _running = _running, None
+    sender = this_process().drop("webhook-sender")
     if sender is not None:
         sender.stop()

@@ -30,7 +30,8 @@ from worker.mail.payload import SendPayload
 from worker.ops import counters
 from worker.ops.counters import Counted, Tally
 from worker.ops.health import AccountHealth
-from worker.queue.broker.celery_app import broker_redis, settings, state_url
+from worker.queue.broker.celery_app import broker_redis, job_store, settings, state_url
+from worker.queue.broker.process_state import this_process
 from worker.queue.pipeline.delivery import Delivery, Outcome, log_attempt
 from worker.queue.process import liveness
 from worker.queue.process.runtime import get_runtime
@@ -41,18 +42,6 @@ from worker.records.addresses import bare_address
 from worker.transports.limits import SLOT_WAIT
 
 log = logging.getLogger("postroom.attempts")
-
-
-_store: JobStore | None = None
-
-
-def job_store() -> JobStore:
-    global _store
-    if _store is None:
-        _store = JobStore.from_url(
-            store_url(), job_ttl=settings.job_ttl, event_retention=settings.webhook_retention
-        )
-    return _store
 
 
 @dataclass(frozen=True)
@@ -135,14 +124,12 @@ def release_held(job_id: str, kwargs: dict[str, Any]) -> None:
     ready.make_ready(job_store().redis, job_id, str(kwargs.get("account", "")), states)
 
 
-_health: AccountHealth | None = None
-
-
 def account_health() -> AccountHealth:
-    global _health
-    if _health is None:
-        _health = AccountHealth(job_store().redis, pause_after=settings.pause_after, release=release_held)
-    return _health
+    """This process's view of its accounts' health (one per process)."""
+    return this_process().once(
+        "account-health",
+        lambda: AccountHealth(job_store().redis, pause_after=settings.pause_after, release=release_held),
+    )
 
 
 def _invalid(exc: Exception) -> str:

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -44,6 +42,7 @@ import redis
 
 from worker.db.keys import redis_key
 from worker.queue.broker.kombu_redis import BrokerKeys, restore_unacked
+from worker.queue.broker.process_state import this_process
 from worker.queue.broker.taskclock import TASKS
 from worker.queue.store.marks import CLAIMS
 
@@ -55,15 +54,10 @@ LAPSE = 15.0  # a holder that has not beaten for this long is dead (its keys exp
 GRACE = 15.0  # an unacknowledged entry younger than this is never restored (its holder may not have said yet)
 REAP_EVERY = 2.0
 
-_holder: tuple[int, str] | None = None
-
 
 def holder_id() -> str:
-    """This process's holder id (a new one after a fork)."""
-    global _holder
-    if _holder is None or _holder[0] != os.getpid():
-        _holder = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
-    return _holder[1]
+    """This process's holder id (a new one after a fork: worker/queue/broker/process_state.py)."""
+    return this_process().holder
 
 
 def holding_key(holder: str, part: str) -> str:

@@ -15,22 +15,21 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from worker.queue.broker.process_state import this_process
 from worker.queue.store.marks import AsyncMarks
 from worker.records.accounts import EmailAccount
-from worker.records.loader import Records, records_stamp
+from worker.records.loader import Records
 from worker.transports.base import Transport
 from worker.transports.factory import build_transport
 from worker.transports.limits import Limiter
 
 T = TypeVar("T")
 log = logging.getLogger("postroom.runtime")
-RECORDS_RECHECK_SECONDS = 2.0
 CANCEL_WAIT_SECONDS = 10.0
 
 
@@ -43,9 +42,7 @@ class Runtime:
         self._thread = threading.Thread(target=self._run_loop, name="postroom-loop", daemon=True)
         self._thread.start()
         self._lock = threading.Lock()
-        self._records: Records | None = None
-        self._records_stamp: tuple[tuple[str, float], ...] = ()
-        self._records_checked = 0.0
+        self._records = Records.cache()
         self._transports: dict[str, tuple[EmailAccount, Transport]] = {}
         self._marks: AsyncMarks | None = None
         self._limiter: Limiter | None = None
@@ -181,35 +178,16 @@ class Runtime:
 
     # ---- records: re-read only when a file changed ---------------------------------
 
-    def _stamp(self, records: Records) -> tuple[tuple[str, float], ...]:
-        config = records.config_dir
-        return records_stamp((records.accounts_dir, config / "auth-profiles", config / "keystores"))
-
     def cached_records(self) -> Records | None:
         """The cache as it is (None before the first look), without counting as a look: the
         dispatcher asks for the accounts' limits every second, and a send must still see a
         record edited a moment ago."""
-        with self._lock:
-            return self._records
+        return self._records.peek()
 
     def records(self, *, fresh: bool = False) -> Records:
-        """The cached records, re-read when a file changed (checked every few seconds,
-        or now with ``fresh``, used when a job names an account the cache lacks)."""
-        with self._lock:
-            now = time.monotonic()
-            recent = now - self._records_checked < RECORDS_RECHECK_SECONDS
-            if self._records is not None and recent and not fresh:
-                return self._records
-            self._records_checked = now
-            if self._records is None:
-                self._records = Records.load()
-                self._records_stamp = self._stamp(self._records)
-                return self._records
-            stamp = self._stamp(self._records)
-            if stamp != self._records_stamp:
-                self._records = Records.load()
-                self._records_stamp = self._stamp(self._records)
-            return self._records
+        """The cached records, re-read when a file changed (worker/records/loader.py,
+        RecordCache; ``fresh`` when a job names an account the cache lacks)."""
+        return self._records.get(fresh=fresh)
 
     def transport(self, account: EmailAccount) -> Transport:
         """The pooled transport for ``account``; replaced when its record changed."""
@@ -217,7 +195,7 @@ class Runtime:
             cached = self._transports.get(account.name)
             if cached is not None and (cached[0] is account or cached[0] == account):
                 return cached[1]
-            records = self._records or Records.load()
+            records = self._records.peek() or self._records.get()
             transport = build_transport(account, records, limiter=self._limiter)
             if hasattr(transport, "on_grown"):  # more connections: room for more of its jobs
                 transport.on_grown = lambda name=account.name: self._grown(name)
@@ -266,24 +244,14 @@ class Runtime:
             self.loop.close()
 
 
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-
-
 def get_runtime() -> Runtime:
     """This process's runtime, created on first use (and anew in a forked child)."""
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None or _runtime.pid != os.getpid():
-            _runtime = Runtime()
-        return _runtime
+    return this_process().once("runtime", Runtime)
 
 
 def shutdown_runtime() -> None:
-    global _runtime
-    with _runtime_lock:
-        runtime, _runtime = _runtime, None
-    if runtime is not None and runtime.pid == os.getpid():
+    runtime = this_process().drop("runtime")
+    if runtime is not None:
         runtime.close()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -64,16 +65,13 @@ log = logging.getLogger("postroom.smtp")
 
 _CLOSE_WAIT = 2.0  # seconds to wait for a closed connection's socket to go away
 _PROTOCOL_NAMES = {"none": "none", "starttls": "STARTTLS", "smtps": "SMTPS"}
-_ehlo_name_cache: str | None = None
 
 
+@functools.cache
 def default_ehlo_name() -> str:
     """This host's FQDN, or an address literal when it has none (RFC 5321 §4.1.4)."""
-    global _ehlo_name_cache
-    if _ehlo_name_cache is None:
-        name = socket.gethostname()
-        _ehlo_name_cache = name if "." in name else "[127.0.0.1]"
-    return _ehlo_name_cache
+    name = socket.gethostname()
+    return name if "." in name else "[127.0.0.1]"
 
 
 class RetryOnFresh(Exception):

@@ -1,0 +1,65 @@
+"""The one object a worker process keeps what it makes once in: :class:`ProcessState`, found
+through :func:`this_process`, made on first use and anew in a forked child (a fork starts with
+nothing of its parent's: no loop, no connection, no thread).
+
+What lives in it: this process's holder id, and what the modules register by name with
+:meth:`ProcessState.once` — the job store and the broker views (celery_app.py), the account
+health (pipeline/attempts.py), the runtime (process/runtime.py), the webhook sender
+(events/webhook_sender.py), the inbox reader and the dispatcher (service.py). One lock, one
+lifetime, one place to look; no module keeps process state of its own. The settings and the
+Celery app are configuration, built once when worker/queue/broker/celery_app.py is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
+
+
+class ProcessState:
+    """What one process made once, by name."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        # what this process holds (taken jobs, its inbox, its consumer's messages) is kept under it
+        self.holder = f"{socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:8]}"
+        self._made: dict[str, Any] = {}
+        self._lock = threading.RLock()
+
+    def once(self, name: str, make: Callable[[], T]) -> T:
+        """The thing registered as ``name``, made by ``make`` the first time it is asked for."""
+        with self._lock:
+            if name not in self._made:
+                self._made[name] = make()
+            return cast(T, self._made[name])
+
+    def get(self, name: str) -> Any | None:
+        with self._lock:
+            return self._made.get(name)
+
+    def put(self, name: str, thing: Any) -> None:
+        with self._lock:
+            self._made[name] = thing
+
+    def drop(self, name: str) -> Any | None:
+        """Forget ``name`` and give it back (to be stopped or closed by the caller)."""
+        with self._lock:
+            return self._made.pop(name, None)
+
+
+_LOCK = threading.Lock()
+_THIS: list[ProcessState] = []  # the one object (a list, so no module rebinds a global)
+
+
+def this_process() -> ProcessState:
+    """This process's state (a new one after a fork)."""
+    with _LOCK:
+        if not _THIS or _THIS[0].pid != os.getpid():
+            _THIS[:] = [ProcessState()]
+        return _THIS[0]
