@@ -24,7 +24,7 @@ import pytest
 
 from support.cloud import CLIENT_ID, TENANT, CloudServer, Reply, app_certificate, service_account
 from support.pki import Pki
-from support.smtpd import SmtpServer
+from support.smtpd import SmtpServer, xoauth2_server
 from worker.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -550,15 +550,7 @@ def gmail_setup(setup: Setup, cloud: CloudServer, pki: Pki, *, key_file: Path | 
         f"type: jwt_bearer\nservice_account_file: {key_file or path}\nsubject: {GMAIL_USER}\n"
         f"token_url: {cloud.google_token_url}\ntruststore: test-ca\n",
     )
-    server = SmtpServer(
-        mode="starttls",
-        cert=pki.server_cert,
-        key=pki.server_key,
-        auth_required=True,
-        auth_mechanisms=("XOAUTH2",),
-        username=GMAIL_USER,
-        oauth_tokens=cloud.valid_tokens,
-    )
+    server = xoauth2_server(pki.server_cert, pki.server_key, GMAIL_USER, cloud.valid_tokens)
     setup.write(
         "accounts/gmail.yaml",
         f"provider: gmail\nsmtp:\n  address: {GMAIL_USER}\n  host: 127.0.0.1\n  port: {server.port}\n"

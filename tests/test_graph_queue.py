@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Any
 
 from support.cloud import CLIENT_ID, CloudServer, Reply, service_account
 from support.pki import Pki
 from support.queue import QueueEnv, Worker, cli, finished, unique
-from support.smtpd import SmtpServer
+from support.smtpd import xoauth2_server
 from worker.client import Producer
 
 MAILBOX = "orders@contoso.com"
@@ -50,21 +49,6 @@ class GraphRecords:
             f"  auth_profile: {name}-app\n  base_url: {self.cloud.url}\n  truststore: cloud-ca\n"
         )
         return name
-
-
-def _redis_dump(env: QueueEnv) -> str:
-    values: list[Any] = []
-    for key in env.redis.keys("*"):
-        kind = env.redis.type(key)
-        if kind == "hash":
-            values += env.redis.hgetall(key).items()
-        elif kind == "string":
-            values.append(env.redis.get(key))
-        elif kind == "zset":
-            values += env.redis.zrange(key, 0, -1)
-        elif kind == "list":
-            values += env.redis.lrange(key, 0, -1)
-    return "\n".join(str(v) for v in values)
 
 
 def test_a_graph_account_delivers_like_an_smtp_one(
@@ -160,7 +144,7 @@ def test_a_wrong_client_secret_is_dead_lettered_with_a_clear_reason_and_no_secre
         json.dumps(dead.as_dict(with_payload=True)),
         cli(queue_env, "job", dead.id, "--json").stdout,
         cli(queue_env, "dead-letters", "show", dead.id, "--json").stdout,
-        _redis_dump(queue_env),
+        queue_env.dump(),
         worker.log(),
     ]
     for text in shown:
@@ -181,15 +165,7 @@ def test_gmail_jwt_token_xoauth2_delivers_through_the_queue(
         f"type: jwt_bearer\nservice_account_file: {key_path}\nsubject: {user}\n"
         f"token_url: {cloud.google_token_url}\ntruststore: cloud-ca\n"
     )
-    server = SmtpServer(
-        mode="starttls",
-        cert=pki.server_cert,
-        key=pki.server_key,
-        auth_required=True,
-        auth_mechanisms=("XOAUTH2",),
-        username=user,
-        oauth_tokens=cloud.valid_tokens,
-    )
+    server = xoauth2_server(pki.server_cert, pki.server_key, user, cloud.valid_tokens)
     try:
         (queue_env.accounts / f"{name}.yaml").write_text(
             f"provider: gmail\nsmtp:\n  address: {user}\n  host: 127.0.0.1\n  port: {server.port}\n"
@@ -204,7 +180,7 @@ def test_gmail_jwt_token_xoauth2_delivers_through_the_queue(
     (claims,) = cloud.google_claims
     assert claims["iss"] == sa_email and claims["sub"] == user
     key_line = private_pem.splitlines()[1]
-    for text in (worker.log(), _redis_dump(queue_env)):
+    for text in (worker.log(), queue_env.dump()):
         assert key_line not in text
         for token in cloud.valid_tokens():
             assert token not in text

@@ -47,6 +47,20 @@ def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordTree
     yield RecordTree(tmp_path)
 
 
+def advanced_account(tree: RecordTree, login: str, advanced: str) -> Records:
+    """``accounts/a.yaml``: an SMTP account (``login``: its auth or password line) whose
+    ``advanced:`` is the given YAML (inline, or block lines at line 6 on), and the records loaded."""
+    block = (
+        advanced
+        if advanced.startswith(" {")
+        else "\n" + textwrap.indent(textwrap.dedent(advanced).strip(), "    ")
+    )
+    tree.account(
+        "a", f"smtp:\n  address: a@example.com\n  host: h.example.com\n  {login}\n  advanced:{block}\n"
+    )
+    return tree.load()
+
+
 def test_office365_preset_fills_host_port_protocol_and_limits(tree: RecordTree) -> None:
     tree.account(
         "orders",
@@ -338,27 +352,26 @@ def test_cross_field_rules(tree: RecordTree) -> None:
 
 
 def test_advanced_keys_map_onto_real_settings(tree: RecordTree) -> None:
-    tree.account(
-        "a",
-        """
-        smtp:
-          address: a@example.com
-          host: h.example.com
-          password: ${PW}
-          advanced:
-            mail.smtp.auth.plain.disable: "true"
-            mail.smtp.timeout: 12000
-            mail.smtp.connectiontimeout: "3000"
-            mail.smtp.writetimeout: 60000
-            mail.smtp.localhost: mailer.example.com
-            mail.smtp.from: bounces@example.com
-            mail.smtps.ssl.protocols: TLSv1.2 TLSv1.3
-            mail.smtp.ssl.checkserveridentity: false
-            mail.smtp.starttls.required: "true"
-            mail.smtp.dsn.notify: FAILURE,DELAY
+    smtp = (
+        advanced_account(
+            tree,
+            "password: ${PW}",
+            """
+        mail.smtp.auth.plain.disable: "true"
+        mail.smtp.timeout: 12000
+        mail.smtp.connectiontimeout: "3000"
+        mail.smtp.writetimeout: 60000
+        mail.smtp.localhost: mailer.example.com
+        mail.smtp.from: bounces@example.com
+        mail.smtps.ssl.protocols: TLSv1.2 TLSv1.3
+        mail.smtp.ssl.checkserveridentity: false
+        mail.smtp.starttls.required: "true"
+        mail.smtp.dsn.notify: FAILURE,DELAY
         """,
+        )
+        .account("a")
+        .smtp
     )
-    smtp = tree.load().account("a").smtp
     assert smtp is not None
     assert smtp.mechanisms == ("LOGIN", "CRAM-MD5")
     assert (smtp.command_timeout, smtp.connect_timeout, smtp.data_timeout) == (12.0, 3.0, 60.0)
@@ -370,35 +383,31 @@ def test_advanced_keys_map_onto_real_settings(tree: RecordTree) -> None:
 
 
 def test_auth_mechanisms_key_sets_order(tree: RecordTree) -> None:
-    tree.account(
-        "a",
-        """
-        smtp:
-          address: a@example.com
-          host: h.example.com
-          password: ${PW}
-          advanced: {mail.smtp.auth.mechanisms: LOGIN PLAIN, mail.smtp.auth.login.disable: "false"}
-        """,
+    smtp = (
+        advanced_account(
+            tree,
+            "password: ${PW}",
+            ' {mail.smtp.auth.mechanisms: LOGIN PLAIN, mail.smtp.auth.login.disable: "false"}',
+        )
+        .account("a")
+        .smtp
     )
-    smtp = tree.load().account("a").smtp
     assert smtp is not None and smtp.mechanisms == ("LOGIN", "PLAIN")
 
 
 def test_unknown_advanced_key_lists_the_known_ones(tree: RecordTree) -> None:
-    tree.account(
-        "a",
-        """
-        smtp:
-          address: a@example.com
-          host: h.example.com
-          auth: none
-          advanced:
-            mail.smtp.auth.plian.disable: "true"
-            mail.imaps.timeout: 1000
-            mail.smtp.timeout: soon
+    problems = [
+        str(p)
+        for p in advanced_account(
+            tree,
+            "auth: none",
+            """
+        mail.smtp.auth.plian.disable: "true"
+        mail.imaps.timeout: 1000
+        mail.smtp.timeout: soon
         """,
-    )
-    problems = [str(p) for p in tree.load().account_problems["a"]]
+        ).account_problems["a"]
+    ]
     assert problems[0].startswith(
         "accounts/a.yaml:6: smtp.advanced.mail.smtp.auth.plian.disable: unknown key; "
         'did you mean "mail.smtp.auth.plain.disable"? known keys: mail.smtp.auth.plain.disable, '
@@ -414,18 +423,13 @@ def test_unknown_advanced_key_lists_the_known_ones(tree: RecordTree) -> None:
 
 
 def test_secure_account_refuses_optional_starttls(tree: RecordTree) -> None:
-    tree.account(
-        "a",
+    (problem,) = advanced_account(
+        tree,
+        "auth: none",
         """
-        smtp:
-          address: a@example.com
-          host: h.example.com
-          auth: none
-          advanced:
-            mail.smtp.starttls.required: "false"
+        mail.smtp.starttls.required: "false"
         """,
-    )
-    (problem,) = tree.load().account_problems["a"]
+    ).account_problems["a"]
     assert str(problem) == (
         "accounts/a.yaml:6: smtp.advanced.mail.smtp.starttls.required: "
         'secure: true never sends in the clear; it cannot be "false"'
@@ -433,17 +437,9 @@ def test_secure_account_refuses_optional_starttls(tree: RecordTree) -> None:
 
 
 def test_every_mechanism_disabled_is_an_error(tree: RecordTree) -> None:
-    tree.account(
-        "a",
-        """
-        smtp:
-          address: a@example.com
-          host: h.example.com
-          password: ${PW}
-          advanced: {mail.smtp.auth.mechanisms: PLAIN, mail.smtp.auth.plain.disable: "true"}
-        """,
-    )
-    (problem,) = tree.load().account_problems["a"]
+    (problem,) = advanced_account(
+        tree, "password: ${PW}", ' {mail.smtp.auth.mechanisms: PLAIN, mail.smtp.auth.plain.disable: "true"}'
+    ).account_problems["a"]
     assert str(problem) == "accounts/a.yaml:5: smtp.advanced: every AUTH mechanism is disabled"
 
 

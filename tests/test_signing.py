@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 import dkim
 import pytest
@@ -664,7 +663,7 @@ def test_dkim_over_smime_through_smtp_and_secrets_stay_out_of_every_output(
     signer_key_body = signer.key_pem.decode().splitlines()[1]
     outputs = {
         "worker log": worker.log(),
-        "redis": redis_dump(queue_env),
+        "redis": queue_env.dump(),
         "job json": cli(queue_env, "job", job.id, "--json").stdout,
         "dead letters": cli(queue_env, "dead-letters", "list", "--json").stdout,
         "connectivity": cli(queue_env, "test-connectivity", name, "--json").stdout,
@@ -683,21 +682,6 @@ def load_queue_keystore(env: QueueEnv, account: str) -> Keystore:
     signing_settings = records.account(account).signing
     assert signing_settings is not None
     return records.keystore(signing_settings.keystore)
-
-
-def redis_dump(env: QueueEnv) -> str:
-    values: list[Any] = []
-    for key in env.redis.keys("*"):
-        kind = env.redis.type(key)
-        if kind == "hash":
-            values += env.redis.hgetall(key).items()
-        elif kind == "string":
-            values.append(env.redis.get(key))
-        elif kind == "zset":
-            values += env.redis.zrange(key, 0, -1)
-        elif kind == "list":
-            values += env.redis.lrange(key, 0, -1)
-    return "\n".join(str(v) for v in values)
 
 
 def test_connectivity_shows_the_signing_certificate_and_days_to_expiry(

@@ -8,9 +8,11 @@ certificate for ``localhost``/``127.0.0.1`` and one for the wrong host name);
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,34 +36,78 @@ def _key() -> Key:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def key_usage(*, ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; a leaf signs (and commits to) content."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=not ca,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: Any) -> bytes:
+    return bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def certificate(
+    subject: x509.Name,
+    public_key: Any,
+    issuer: tuple[x509.Name, Any],
+    valid: tuple[datetime, datetime],
+    extensions: Sequence[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """One certificate: ``issuer`` is (its name, its private key); each extension with its
+    criticality. Every certificate of the suite (TLS and signing) is built here."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0])
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer[1], hashes.SHA256())
+
+
+def ca_extensions(key: Any, *, path_length: int | None = None, issuer_key: Any = None) -> list[Any]:
+    """What a CA certificate carries (the authority key id when another CA issued it)."""
+    found: list[Any] = [
+        (x509.BasicConstraints(ca=True, path_length=path_length), True),
+        (key_usage(ca=True), True),
+        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+    ]
+    if issuer_key is not None:
+        found.append((x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False))
+    return found
+
+
 def _ca(common_name: str) -> tuple[x509.Certificate, Key]:
     key = _key()
     now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+    name = _name(common_name)
+    cert = certificate(
+        name,
+        key.public_key(),
+        (name, key),
+        (now - timedelta(days=1), now + timedelta(days=30)),
+        ca_extensions(key),
     )
     return cert, key
 
@@ -72,21 +118,17 @@ def _server(
     ca_cert, ca_key = ca
     key = _key()
     now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=20))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    cert = certificate(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+        key.public_key(),
+        (ca_cert.subject, ca_key),
+        (now - timedelta(days=1), now + timedelta(days=20)),
+        [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.SubjectAlternativeName(names), False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+        ],
     )
     return cert, key
 
@@ -113,18 +155,12 @@ class Pki:
 
         def write_cert(name: str, cert: x509.Certificate) -> Path:
             path = root / name
-            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            path.write_bytes(cert_pem(cert))
             return path
 
         def write_key(name: str, key: Key) -> Path:
             path = root / name
-            path.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+            path.write_bytes(key_pem(key))
             return path
 
         ca = _ca("Postroom Test CA")

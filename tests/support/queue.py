@@ -134,6 +134,21 @@ class QueueEnv:
         (self.accounts / f"{name}.yaml").write_text("\n".join(lines) + "\n")
         return name
 
+    def dump(self) -> str:
+        """Every value this database holds, as text: where a test looks for a leaked secret."""
+        values: list[Any] = []
+        for key in self.redis.keys("*"):
+            kind = self.redis.type(key)
+            if kind == "hash":
+                values += self.redis.hgetall(key).items()
+            elif kind == "string":
+                values.append(self.redis.get(key))
+            elif kind == "zset":
+                values += self.redis.zrange(key, 0, -1)
+            elif kind == "list":
+                values += self.redis.lrange(key, 0, -1)
+        return "\n".join(str(v) for v in values)
+
     def queue_length(self) -> int:
         """Jobs waiting to be taken: in the broker's queue (not taken in yet) and in the ready sets."""
         ready = sum(int(self.redis.zcard(key)) for key in self.redis.scan_iter(match="postroom:ready:*"))

@@ -22,32 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from support.pki import ca_extensions, cert_pem, certificate, key_pem, key_usage
+
 SignerKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 P12_PASSWORD = "p12-signing-Secret-7f3a"
-
-
-def _ku(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=not ca,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: SignerKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 @dataclass(frozen=True)
@@ -64,11 +42,11 @@ class Signer:
 
     @property
     def cert_pem(self) -> bytes:
-        return _pem(self.cert)
+        return cert_pem(self.cert)
 
     @property
     def key_pem(self) -> bytes:
-        return _key_pem(self.key)
+        return key_pem(self.key)
 
 
 class SigningPki:
@@ -80,44 +58,23 @@ class SigningPki:
         now = datetime.now(UTC)
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Postroom Signing Test Root")])
-        self.ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(self.ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=2))
-            .not_valid_after(now + timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ku(ca=True), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key()), critical=False
-            )
-            .sign(self.ca_key, hashes.SHA256())
+        self.ca_cert = certificate(
+            ca_name,
+            self.ca_key.public_key(),
+            (ca_name, self.ca_key),
+            (now - timedelta(days=2), now + timedelta(days=3650)),
+            ca_extensions(self.ca_key),
         )
         self.sub_key = ec.generate_private_key(ec.SECP256R1())
-        self.sub_cert = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Postroom Signing Test Sub CA")])
-            )
-            .issuer_name(ca_name)
-            .public_key(self.sub_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=2))
-            .not_valid_after(now + timedelta(days=1825))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ku(ca=True), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.sub_key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False
-            )
-            .sign(self.ca_key, hashes.SHA256())
+        self.sub_cert = certificate(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Postroom Signing Test Sub CA")]),
+            self.sub_key.public_key(),
+            (ca_name, self.ca_key),
+            (now - timedelta(days=2), now + timedelta(days=1825)),
+            ca_extensions(self.sub_key, path_length=0, issuer_key=self.ca_key),
         )
         self.ca_file = root / "signing-root.pem"
-        self.ca_file.write_bytes(_pem(self.ca_cert))
+        self.ca_file.write_bytes(cert_pem(self.ca_cert))
         self.chain = [self.sub_cert, self.ca_cert]
 
     def signer(
@@ -144,29 +101,23 @@ class SigningPki:
                 now + timedelta(days=days),
             )
         )
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Postroom tests"),
-                        x509.NameAttribute(NameOID.COMMON_NAME, name or email),
-                    ]
-                )
-            )
-            .issuer_name(self.sub_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(before)
-            .not_valid_after(after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_ku(ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(email)]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.sub_key.public_key()), critical=False
-            )
-            .sign(self.sub_key, hashes.SHA256())
+        cert = certificate(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Postroom tests"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name or email),
+                ]
+            ),
+            key.public_key(),
+            (self.sub_cert.subject, self.sub_key),
+            (before, after),
+            [
+                (x509.BasicConstraints(ca=False, path_length=None), True),
+                (key_usage(ca=False), True),
+                (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False),
+                (x509.SubjectAlternativeName([x509.RFC822Name(email)]), False),
+                (x509.AuthorityKeyIdentifier.from_issuer_public_key(self.sub_key.public_key()), False),
+            ],
         )
         return Signer(email, key, cert)
 
@@ -214,6 +165,6 @@ class SigningPki:
     def pem(self, signer: Signer, key: SignerKey | None = None) -> tuple[Path, Path]:
         """(key file, chain file: leaf first, then the CAs) for a PEM keystore."""
         key_path, chain_path = self._path(".key"), self._path("-chain.pem")
-        key_path.write_bytes(_key_pem(key or signer.key))
-        chain_path.write_bytes(signer.cert_pem + b"".join(_pem(c) for c in self.chain))
+        key_path.write_bytes(key_pem(key or signer.key))
+        chain_path.write_bytes(signer.cert_pem + b"".join(cert_pem(c) for c in self.chain))
         return key_path, chain_path

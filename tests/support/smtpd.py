@@ -415,3 +415,17 @@ class SmtpServer:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+def xoauth2_server(cert: Path, key: Path, user: str, tokens: Callable[[], set[str]]) -> SmtpServer:
+    """Gmail's submission server as the tests stand it in: STARTTLS, XOAUTH2 only, for ``user``,
+    accepting the access tokens ``tokens()`` lists (the token endpoint's)."""
+    return SmtpServer(
+        mode="starttls",
+        cert=cert,
+        key=key,
+        auth_required=True,
+        auth_mechanisms=("XOAUTH2",),
+        username=user,
+        oauth_tokens=tokens,
+    )

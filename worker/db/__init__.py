@@ -1,1 +1,3 @@
-"""Postroom's one database, Redis: every key name (keys.py) and every client (connect.py)."""
+"""Postroom's one database, Redis: every key name (keys.py), every client (connect.py), and the
+one vocabulary of what is kept there (vocabulary.py: states, history words, recipient results,
+event types, counters)."""

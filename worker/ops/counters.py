@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Collection
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict, Unpack, cast
 
 import redis
 
@@ -53,20 +53,12 @@ def _bucket(seconds: float) -> str:
 
 
 def record_into(
-    pipe: Any,
-    account: str,
-    *,
-    transport: str | None,
-    outcome: str,
-    counter: str | None,
-    latency: float | None,
-    now: float,
-    known: Collection[str] | None = None,
+    pipe: Any, account: str, *, known: Collection[str] | None = None, **counted: Unpack[Counted]
 ) -> None:
     """Queue one attempt's counters on ``pipe`` (the job record's own pipeline); ``known``:
     the accounts that exist (see :func:`account_label`)."""
     tally = Tally(known)
-    tally.add(account, transport=transport, outcome=outcome, counter=counter, latency=latency, now=now)
+    tally.add(account, **counted)
     tally.write_into(pipe)
 
 

@@ -14,13 +14,7 @@ from worker.ops.health import AccountHealth
 from worker.queue.events.outbox import Outbox
 from worker.queue.store.suppressions import Suppressions
 from worker.web.dashboard.auth import Operator
-from worker.web.dashboard.base import (
-    PREFIX,
-    Refused,
-    State,
-    call,
-    render,
-)
+from worker.web.dashboard.base import PREFIX, Refused, State, call, render
 from worker.web.dashboard.charts import activity_charts
 from worker.web.status import CERT_WARN_DAYS, Status, health_line
 

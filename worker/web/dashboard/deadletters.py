@@ -14,15 +14,7 @@ from fastapi.responses import Response
 
 from worker.client import Producer
 from worker.web.dashboard.auth import Change, Operator
-from worker.web.dashboard.base import (
-    PREFIX,
-    DashboardState,
-    Refused,
-    State,
-    call,
-    redirect,
-    render,
-)
+from worker.web.dashboard.base import PREFIX, DashboardState, Refused, State, call, redirect, render
 from worker.web.dashboard.sessions import Session
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)

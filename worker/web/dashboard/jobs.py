@@ -16,14 +16,7 @@ from worker.db.keys import redis_key
 from worker.db.vocabulary import FINAL_STATES
 from worker.queue.store.jobrecord import SCHEDULED
 from worker.web.dashboard.auth import Change, Operator
-from worker.web.dashboard.base import (
-    PREFIX,
-    Refused,
-    State,
-    call,
-    redirect,
-    render,
-)
+from worker.web.dashboard.base import PREFIX, Refused, State, call, redirect, render
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 

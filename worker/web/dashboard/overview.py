@@ -11,12 +11,7 @@ from fastapi.responses import Response
 from worker.client import Producer
 from worker.ops.health import AccountHealth
 from worker.web.dashboard.auth import Operator
-from worker.web.dashboard.base import (
-    PREFIX,
-    State,
-    call,
-    render,
-)
+from worker.web.dashboard.base import PREFIX, State, call, render
 from worker.web.dashboard.charts import activity_charts
 from worker.web.status import CERT_WARN_DAYS, Status, health_line
 
