@@ -31,7 +31,7 @@ def test_sigkill_mid_batch_loses_nothing_and_sends_nothing_twice(
     # The server stalls once at MAIL; the worker is killed while it waits there.
     # (A kill between the server's 250 and the sent mark is the documented
     # duplicate window; with one process stalled at MAIL nothing is inside it.)
-    # One connection: the worker carries many jobs at once (worker/queue/drain.py), and with a
+    # One connection: the worker carries many jobs at once (worker/queue/pipeline/dispatch.py), and with a
     # single connection their sends still go one after another, so the kill lands at MAIL.
     server = smtp_server(mode="plain", stall_mail_after=KILL_AFTER, stall_seconds=30)
     account = crash_env.account("batch", server, limits={"max_connections": 1})

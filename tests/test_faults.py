@@ -197,10 +197,10 @@ def frozen(server: SmtpServer, quiet: float = 0.5) -> Callable[[], bool]:
 def test_sigkill_while_carried_groups_send_on_several_connections(
     fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
-    # Two worker processes, each carrying groups of jobs (worker/queue/drain.py) over 3 connections
-    # of their own; after 150 messages every MAIL stalls, and both are SIGKILLed while all their
-    # connections wait there. The carried jobs come back through kombu's unacked sweep, the claims
-    # of the dead attempts expire, and the restarted workers deliver the rest.
+    # Two worker processes, each carrying groups of jobs (worker/queue/pipeline/dispatch.py) over
+    # 3 connections of their own; after 150 messages every MAIL stalls, and both are SIGKILLed
+    # while all their connections wait there. The carried jobs come back through kombu's unacked
+    # sweep, the claims of the dead attempts expire, and the restarted workers deliver the rest.
     total, freeze_after = 400, 150
     server = smtp_server(mode="plain", stall_mail_after=freeze_after, stall_all=True, stall_seconds=60)
     account = fault_env.account("several", server, limits={"max_connections": 3})

@@ -6,7 +6,7 @@ that process die on the marker too).
 A payload whose subject contains :data:`MARKER` kills the worker process
 (SIGKILL, as a segfault or the OOM killer would) the moment the worker
 validates it — before Postroom has counted an attempt for it, and whether it
-is the task's own message or one carried along with it (worker/queue/drain.py).
+is the task's own message or one carried along with it (worker/queue/pipeline/dispatch.py).
 Each kill is first appended to the file named by ``POSTROOM_TEST_POISON_LOG``.
 """
 
