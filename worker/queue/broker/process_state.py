@@ -4,10 +4,11 @@ nothing of its parent's: no loop, no connection, no thread).
 
 What lives in it: this process's holder id, and what the modules register by name with
 :meth:`ProcessState.once` — the job store and the broker views (celery_app.py), the account
-health (pipeline/attempts.py), the runtime (process/runtime.py), the webhook sender
-(events/webhook_sender.py), the inbox reader and the dispatcher (service.py). One lock, one
-lifetime, one place to look; no module keeps process state of its own. The settings and the
-Celery app are configuration, built once when worker/queue/broker/celery_app.py is imported.
+health (pipeline/attempts.py), the runtime (process/runtime.py), the upkeep thread
+(process/liveness.py), the webhook sender (events/webhook_sender.py), the inbox reader and the
+dispatcher (service.py). One lock, one lifetime, one place to look; no module keeps process
+state of its own. The settings and the Celery app are configuration, built once when
+worker/queue/broker/celery_app.py is imported.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ worker that does not beat would have its messages restored under it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -250,9 +249,6 @@ class Upkeep:
             self._stop.wait(tick)
 
 
-_beating: dict[int, Upkeep] = {}
-
-
 def keep_beating(
     client: redis.Redis | None,
     consumer_tags: Callable[[], list[str] | None] | None = None,
@@ -265,13 +261,11 @@ def keep_beating(
     consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
     A prefork child gets one too (its claims are renewed while it lives).
     ``client`` is the broker's Redis (None on RabbitMQ), ``state`` Postroom's (default: the same)."""
-    running = _beating.get(os.getpid())
-    if running is not None:
-        return running
-    beat = Heartbeat(client, consumer_tags, time_limit, state=state).beat
-    upkeep = Upkeep([(BEAT, beat), *(more or [])]).start()
-    _beating[os.getpid()] = upkeep
-    return upkeep
+    def start() -> Upkeep:
+        beat = Heartbeat(client, consumer_tags, time_limit, state=state).beat
+        return Upkeep([(BEAT, beat), *(more or [])]).start()
+
+    return this_process().once("upkeep", start)
 
 
 def _text(value: Any) -> str:
