@@ -261,6 +261,7 @@ def keep_beating(
     consumer's tags when it has a consumer), and ``more`` steps (the reaper, the delay mover).
     A prefork child gets one too (its claims are renewed while it lives).
     ``client`` is the broker's Redis (None on RabbitMQ), ``state`` Postroom's (default: the same)."""
+
     def start() -> Upkeep:
         beat = Heartbeat(client, consumer_tags, time_limit, state=state).beat
         return Upkeep([(BEAT, beat), *(more or [])]).start()
