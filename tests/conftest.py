@@ -10,7 +10,7 @@ import pytest
 
 from support.cloud import CloudServer
 from support.pki import Pki
-from support.queue import QueueEnv, Worker, claim_database, ensure_redis
+from support.queue import Live, QueueEnv, Worker, claim_database, ensure_redis
 from support.smtpd import SmtpServer
 from worker.client import Producer
 
@@ -101,3 +101,11 @@ def api(queue_env: QueueEnv) -> Iterator[tuple[str, Producer]]:
     yield server.url, producer
     server.stop()
     producer.close()
+
+
+@pytest.fixture
+def live(
+    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: Callable[..., SmtpServer]
+) -> Live:
+    """The queue, a running worker, a producer and the SMTP server factory, in one."""
+    return Live(queue_env, worker, producer, smtp_server)

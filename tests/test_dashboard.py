@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -88,6 +88,28 @@ def dashboard(queue_env: QueueEnv) -> Iterator[Dashboard]:
     producer.close()
 
 
+class Ui(NamedTuple):
+    """What the browser tests take, as one fixture: the queue, a running worker, the dashboard,
+    a browser context and the SMTP server factory."""
+
+    queue_env: QueueEnv
+    worker: Worker
+    dashboard: Dashboard
+    context: BrowserContext
+    smtp_server: ServerFactory
+
+
+@pytest.fixture
+def ui(
+    queue_env: QueueEnv,
+    worker: Worker,
+    dashboard: Dashboard,
+    context: BrowserContext,
+    smtp_server: ServerFactory,
+) -> Ui:
+    return Ui(queue_env, worker, dashboard, context, smtp_server)
+
+
 def login(page: Page, base: str, token: str) -> None:
     """Log in through the form, the way an operator does (starting from any dashboard page)."""
     page.goto(f"{base}/dashboard")
@@ -145,13 +167,8 @@ def test_login_and_the_account_table_renders_and_refreshes(
         producer.close()
 
 
-def test_a_dead_letter_retried_by_clicking_its_button_arrives(
-    queue_env: QueueEnv,
-    worker: Worker,
-    dashboard: Dashboard,
-    context: BrowserContext,
-    smtp_server: ServerFactory,
-) -> None:
+def test_a_dead_letter_retried_by_clicking_its_button_arrives(ui: Ui) -> None:
+    queue_env, worker, dashboard, context, smtp_server = ui
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
     account = queue_env.account(unique("dash"), server)
     job = dead_letter(dashboard.producer, account, "Dead, then delivered")
@@ -176,13 +193,8 @@ def test_a_dead_letter_retried_by_clicking_its_button_arrives(
     assert [delivered(server, job.message_id)] == [True] and len(server.received) == 1
 
 
-def test_purge_from_the_browser_empties_the_dead_letters(
-    queue_env: QueueEnv,
-    worker: Worker,
-    dashboard: Dashboard,
-    context: BrowserContext,
-    smtp_server: ServerFactory,
-) -> None:
+def test_purge_from_the_browser_empties_the_dead_letters(ui: Ui) -> None:
+    queue_env, _, dashboard, context, smtp_server = ui
     server = smtp_server(mode="plain", rules=[Rule("DATA", 554, "5.7.1 Spam")])
     account = queue_env.account(unique("purge"), server)
     first, second, third = (dead_letter(dashboard.producer, account, f"D{i}") for i in range(3))
@@ -252,13 +264,8 @@ class Attacker:
         self.server.server_close()
 
 
-def test_a_forged_cross_site_post_is_refused_and_changes_nothing(
-    queue_env: QueueEnv,
-    worker: Worker,
-    dashboard: Dashboard,
-    context: BrowserContext,
-    smtp_server: ServerFactory,
-) -> None:
+def test_a_forged_cross_site_post_is_refused_and_changes_nothing(ui: Ui) -> None:
+    queue_env, _, dashboard, context, smtp_server = ui
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
     account = queue_env.account(unique("csrf"), server)
     job = dead_letter(dashboard.producer, account)
@@ -319,14 +326,8 @@ def test_a_forged_cross_site_post_is_refused_and_changes_nothing(
     assert not dashboard.producer.store.is_dead(job.id)
 
 
-def test_a_producer_key_cannot_log_in_and_no_page_shows_a_secret(
-    queue_env: QueueEnv,
-    worker: Worker,
-    dashboard: Dashboard,
-    context: BrowserContext,
-    smtp_server: ServerFactory,
-    pki: Pki,
-) -> None:
+def test_a_producer_key_cannot_log_in_and_no_page_shows_a_secret(ui: Ui, pki: Pki) -> None:
+    queue_env, _, dashboard, context, smtp_server = ui
     producer_key = write_key(queue_env, unique("shop"), ["*"])
     page = context.new_page()
     for wrong in (producer_key, dashboard.operator + "x", "nonsense"):
@@ -387,13 +388,8 @@ def test_a_producer_key_cannot_log_in_and_no_page_shows_a_secret(
     assert old.status_code == 303 and "/dashboard/login" in old.headers["location"]
 
 
-def test_the_job_page_shows_per_recipient_results_and_never_the_payload(
-    queue_env: QueueEnv,
-    worker: Worker,
-    dashboard: Dashboard,
-    context: BrowserContext,
-    smtp_server: ServerFactory,
-) -> None:
+def test_the_job_page_shows_per_recipient_results_and_never_the_payload(ui: Ui) -> None:
+    queue_env, _, dashboard, context, smtp_server = ui
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="bad")])
     account = queue_env.account(unique("rcpt"), server)
     marker = uuid.uuid4().hex
@@ -516,14 +512,8 @@ def green(rgb: tuple[int, int, int]) -> bool:
     return g > 100 and g > r + 50 and g > b + 40
 
 
-def test_charts_the_account_page_and_cancelling_a_scheduled_job(
-    queue_env: QueueEnv,
-    worker: Worker,
-    dashboard: Dashboard,
-    context: BrowserContext,
-    smtp_server: ServerFactory,
-    tmp_path: Path,
-) -> None:
+def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path: Path) -> None:
+    queue_env, _, dashboard, context, smtp_server = ui
     from support.png import pixels
 
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="gone@")])

@@ -21,9 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
 from support.mailcheck import strict_parse
-from support.queue import QueueEnv, Worker, cli, finished, unique
+from support.queue import Live, QueueEnv, Worker, cli, finished, unique
 from support.smtpd import SmtpServer
-from worker.client import Producer
 from worker.mail.message import build_message
 from worker.mail.payload import SendPayload
 from worker.mail.signing import DkimSigner
@@ -247,9 +246,8 @@ def test_producers_cannot_write_the_unsubscribe_headers_themselves() -> None:
 # ---- through a real worker and server --------------------------------------------------------
 
 
-def test_smtputf8_is_used_when_offered_and_refused_by_name_when_not(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_smtputf8_is_used_when_offered_and_refused_by_name_when_not(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     offered = smtp_server(mode="plain")
     plain = smtp_server(mode="plain", smtputf8=False)
     with_utf8 = queue_env.account(unique("utf8"), offered)

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from support.pki import Pki
-from support.queue import WRONG_PASSWORD, QueueEnv, Worker, cli, finished, unique, wait_for
+from support.queue import WRONG_PASSWORD, Live, QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import PASSWORD, Rule, SmtpServer
 from worker.client import PayloadError, Producer
 
@@ -31,9 +31,8 @@ def send_task(env: QueueEnv, task: str, kwargs: dict[str, Any]) -> str:
 # ---- delivery -------------------------------------------------------------------------
 
 
-def test_notification_is_delivered_with_every_field(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_notification_is_delivered_with_every_field(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("notify"), server, display_name="Example Notices")
     job_id = producer.send_notification(
@@ -72,10 +71,9 @@ def test_notification_is_delivered_with_every_field(
     assert as_json["recipients"]["to@example.net"]["status"] == "sent" and as_json["last_error"] is None
 
 
-def test_a_producer_without_the_helper_uses_send_task(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_producer_without_the_helper_uses_send_task(live: Live) -> None:
     """The documented interface for producers in any language: the task name, the queue, JSON kwargs."""
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("raw"), server)
     job_id = send_task(
@@ -89,9 +87,8 @@ def test_a_producer_without_the_helper_uses_send_task(
     assert got.message["Message-ID"] == f"<{job_id}@example.com>" == job.message_id
 
 
-def test_451_then_accept_is_delivered_once_on_the_second_attempt(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_451_then_accept_is_delivered_once_on_the_second_attempt(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain", rules=[Rule("MAIL", 451, "4.3.0 Try again later", times=1)])
     account = queue_env.account(unique("retry"), server)
     job = finished(producer, producer.send_notification(account, ["a@example.net"], "Hi", "x"))
@@ -101,9 +98,8 @@ def test_451_then_accept_is_delivered_once_on_the_second_attempt(
     assert len(server.received) == 1
 
 
-def test_550_is_dead_lettered_after_exactly_one_attempt_and_can_be_retried(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_550_is_dead_lettered_after_exactly_one_attempt_and_can_be_retried(live: Live) -> None:
+    queue_env, worker, producer, smtp_server = live
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
     account = queue_env.account(unique("dead"), server)
     job_id = producer.send_notification(account, ["gone@example.net"], "Hi", "x")
@@ -134,9 +130,8 @@ def test_550_is_dead_lettered_after_exactly_one_attempt_and_can_be_retried(
     ]
 
 
-def test_dead_letters_purge(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_dead_letters_purge(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain", rules=[Rule("DATA", 554, "5.7.1 Spam")])
     account = queue_env.account(unique("purge"), server)
     job_id = producer.send_notification(account, ["a@example.net"], "Hi", "x")
@@ -147,9 +142,8 @@ def test_dead_letters_purge(
     assert cli(queue_env, "dead-letters", "show", job_id).returncode == 1
 
 
-def test_partial_refusal_retries_only_the_deferred_recipient(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_partial_refusal_retries_only_the_deferred_recipient(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     rules = [
         Rule("RCPT", 550, "5.1.1 No such user", match="bad"),
         Rule("RCPT", 452, "4.2.2 Mailbox full", match="later", times=1),
@@ -168,9 +162,8 @@ def test_partial_refusal_retries_only_the_deferred_recipient(
     assert len({r.message["Message-ID"] for r in server.received}) == 1
 
 
-def test_the_same_idempotency_key_sends_once(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_the_same_idempotency_key_sends_once(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("idem"), server)
     first = producer.send_notification(account, ["a@example.net"], "Hi", "x", idempotency_key="order-42")
@@ -186,9 +179,8 @@ def test_the_same_idempotency_key_sends_once(
 # ---- auto-replies ----------------------------------------------------------------------
 
 
-def test_auto_reply_threads_and_is_sent_once_per_sender_within_the_window(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_auto_reply_threads_and_is_sent_once_per_sender_within_the_window(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("reply"), server)
     original = {
@@ -225,13 +217,9 @@ def test_auto_reply_threads_and_is_sent_once_per_sender_within_the_window(
     ],
 )
 def test_auto_replies_to_automatic_mail_are_suppressed(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    original: dict[str, Any],
-    why: str,
+    live: Live, original: dict[str, Any], why: str
 ) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("supp"), server)
     full = {"from": "bob@example.net", "subject": "Hello", "message_id": "<m@example.net>", **original}
@@ -281,9 +269,8 @@ def test_oversized_attachments_are_refused(
         producer.send_notification(account, ["a@example.net"], "Hi", "x", attachments=[attachment])
 
 
-def test_a_bad_payload_that_skipped_validation_is_dead_lettered_with_the_reason(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_bad_payload_that_skipped_validation_is_dead_lettered_with_the_reason(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("skip"), server)
     kwargs = {"account": account, "to": ["a@example.net"], "headers": {"X-A": "1\r\nBcc: v@example.net"}}
@@ -316,9 +303,8 @@ def test_cli_send_refuses_clearly_and_delivers_with_wait(
 # ---- secrets --------------------------------------------------------------------------------
 
 
-def test_secrets_never_reach_payloads_records_results_or_logs(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory, pki: Pki
-) -> None:
+def test_secrets_never_reach_payloads_records_results_or_logs(live: Live, pki: Pki) -> None:
+    queue_env, worker, producer, smtp_server = live
     (queue_env.config / "keystores" / "queue-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
     server = smtp_server(mode="starttls", auth_required=True)
     tls: dict[str, Any] = {
@@ -365,9 +351,8 @@ def _redis_values(env: QueueEnv, key: str) -> list[Any]:
 # ---- batch jobs -----------------------------------------------------------------------------
 
 
-def test_a_batch_gives_every_message_its_own_fate(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_batch_gives_every_message_its_own_fate(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     rules = [
         Rule("RCPT", 550, "5.1.1 No such user", match="bad"),
         Rule("RCPT", 451, "4.3.0 Try later", match="later", times=1),
@@ -405,9 +390,8 @@ def test_a_batch_with_one_bad_message_is_refused_whole(
     assert len(queue_env.redis.keys("postroom:job:*")) == jobs_before
 
 
-def test_a_raw_batch_without_job_ids_is_delivered(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_raw_batch_without_job_ids_is_delivered(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("rawbatch"), server)
     messages = [{"account": account, "to": [f"r{i}@example.net"], "text": "x"} for i in range(3)]
@@ -419,9 +403,8 @@ def test_a_raw_batch_without_job_ids_is_delivered(
     )
 
 
-def test_a_slow_server_does_not_hold_up_other_sends_of_the_same_worker_process(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_slow_server_does_not_hold_up_other_sends_of_the_same_worker_process(live: Live) -> None:
+    queue_env, worker, producer, smtp_server = live
     slow = smtp_server(mode="plain", stall_mail_after=0, stall_seconds=3)
     fast = smtp_server(mode="plain")
     slow_account = queue_env.account(unique("slow"), slow)
@@ -435,9 +418,8 @@ def test_a_slow_server_does_not_hold_up_other_sends_of_the_same_worker_process(
     assert finished(producer, slow_job).state == "sent"
 
 
-def test_a_raw_producer_reusing_an_idempotency_key_sends_once(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_raw_producer_reusing_an_idempotency_key_sends_once(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("rawidem"), server)
     payload = {"account": account, "to": ["a@example.net"], "text": "x", "idempotency_key": "invoice-7"}
@@ -448,9 +430,8 @@ def test_a_raw_producer_reusing_an_idempotency_key_sends_once(
     assert len(server.received) == 1
 
 
-def test_a_redis_that_lost_its_scripts_gets_them_again(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_redis_that_lost_its_scripts_gets_them_again(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("noscript"), server)
     queue_env.redis.script_flush()  # as after a Redis restart

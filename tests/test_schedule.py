@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
+from support.queue import Live, QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import SmtpServer
 from support.web import write_key
 from worker.client import PayloadError, Producer
@@ -21,9 +21,8 @@ from worker.queue.store.jobrecord import SCHEDULED
 ServerFactory = Callable[..., SmtpServer]
 
 
-def test_a_scheduled_job_waits_for_its_time_then_is_sent_once(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_scheduled_job_waits_for_its_time_then_is_sent_once(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     account = queue_env.account(unique("at"), server)
     due = time.time() + 3

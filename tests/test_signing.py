@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
+from typing import NamedTuple
 
 import dkim
 import pytest
@@ -31,7 +32,7 @@ from test_graph_queue import MAILBOX, GraphRecords
 from support.cloud import CloudServer
 from support.mailcheck import strict_parse
 from support.pki import Pki
-from support.queue import POSTROOM, QueueEnv, Worker, cli, finished, unique
+from support.queue import POSTROOM, Live, QueueEnv, Worker, cli, finished, unique
 from support.signing_pki import P12_PASSWORD, SigningPki
 from support.smtpd import SmtpServer
 from worker.client import Producer
@@ -502,14 +503,9 @@ def queue_records(queue_env: QueueEnv, spki: SigningPki) -> SigningRecords:
 
 
 def test_smime_over_smtp_with_a_keytool_alias_verifies_after_delivery(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    spki: SigningPki,
-    queue_records: SigningRecords,
-    tmp_path: Path,
+    live: Live, spki: SigningPki, queue_records: SigningRecords, tmp_path: Path
 ) -> None:
+    _, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     name = unique("signed")
     decoy, chosen = spki.signer(f"decoy-{name}@example.com"), spki.signer(f"{name}@example.com")
@@ -539,14 +535,9 @@ def test_smime_over_smtp_with_a_keytool_alias_verifies_after_delivery(
 
 
 def test_pem_keystore_and_blank_alias_sign_attachments_and_non_ascii_bodies(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    spki: SigningPki,
-    queue_records: SigningRecords,
-    tmp_path: Path,
+    live: Live, spki: SigningPki, queue_records: SigningRecords, tmp_path: Path
 ) -> None:
+    _, _, producer, smtp_server = live
     server = smtp_server(mode="plain")
     pem_name, p12_name = unique("pem"), unique("blank")
     pem_signer = spki.signer(f"{pem_name}@example.com", rsa_key=False)
@@ -620,14 +611,9 @@ def test_broken_signing_material_dead_letters_the_job_and_nothing_is_sent(
 
 
 def test_dkim_over_smime_through_smtp_and_secrets_stay_out_of_every_output(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    spki: SigningPki,
-    queue_records: SigningRecords,
-    tmp_path: Path,
+    live: Live, spki: SigningPki, queue_records: SigningRecords, tmp_path: Path
 ) -> None:
+    queue_env, worker, producer, smtp_server = live
     server = smtp_server(mode="plain")
     name = unique("dkim")
     signer = spki.signer(f"{name}@example.com")
@@ -738,7 +724,20 @@ def test_connectivity_shows_the_signing_certificate_and_days_to_expiry(
 # ---- through the queue: Graph ----------------------------------------------------------------------
 
 
-def test_smime_and_dkim_over_graph_mime_mode_verify(
+class SignedGraph(NamedTuple):
+    """A Graph account (``name``) on the cloud stand-in, a running worker, and what its signing
+    records are made of: what the Graph signing tests take, as one fixture."""
+
+    queue_env: QueueEnv
+    producer: Producer
+    cloud: CloudServer
+    spki: SigningPki
+    queue_records: SigningRecords
+    name: str
+
+
+@pytest.fixture
+def signed_graph(
     queue_env: QueueEnv,
     worker: Worker,
     producer: Producer,
@@ -746,10 +745,13 @@ def test_smime_and_dkim_over_graph_mime_mode_verify(
     pki: Pki,
     spki: SigningPki,
     queue_records: SigningRecords,
-    tmp_path: Path,
-) -> None:
-    graph = GraphRecords(queue_env, pki, cloud)
-    name = graph.account()
+) -> SignedGraph:
+    name = GraphRecords(queue_env, pki, cloud).account()
+    return SignedGraph(queue_env, producer, cloud, spki, queue_records, name)
+
+
+def test_smime_and_dkim_over_graph_mime_mode_verify(signed_graph: SignedGraph, tmp_path: Path) -> None:
+    queue_env, producer, cloud, spki, queue_records, name = signed_graph
     signer = spki.signer(MAILBOX)
     key, key_file = rsa_key_file(queue_records.secrets)
     store = queue_records.pkcs12_keystore(
@@ -781,16 +783,9 @@ def test_smime_and_dkim_over_graph_mime_mode_verify(
 
 
 def test_a_graph_account_with_broken_signing_is_dead_lettered_before_any_request(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    cloud: CloudServer,
-    pki: Pki,
-    spki: SigningPki,
-    queue_records: SigningRecords,
+    signed_graph: SignedGraph,
 ) -> None:
-    graph = GraphRecords(queue_env, pki, cloud)
-    name = graph.account()
+    queue_env, producer, cloud, spki, queue_records, name = signed_graph
     store = queue_records.pkcs12_keystore(spki.pkcs12(spki.signer(MAILBOX, expired=True), "old"))
     account_file = queue_env.accounts / f"{name}.yaml"
     account_file.write_text(account_file.read_text() + f"  signing: {{keystore: {store}}}\n")

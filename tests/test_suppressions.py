@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from support.queue import QueueEnv, Worker, cli, finished, unique
+from support.queue import Live, QueueEnv, cli, finished, unique
 from support.smtpd import Rule, SmtpServer
 from support.web import write_key
 from worker.client import Producer
@@ -25,9 +25,8 @@ def suppressed(env: QueueEnv, account: str) -> list[dict[str, object]]:
     return listed
 
 
-def test_a_5_1_1_refusal_suppresses_the_address_and_later_jobs_skip_it(
-    queue_env: QueueEnv, worker: Worker, producer: Producer, smtp_server: ServerFactory
-) -> None:
+def test_a_5_1_1_refusal_suppresses_the_address_and_later_jobs_skip_it(live: Live) -> None:
+    queue_env, _, producer, smtp_server = live
     server = smtp_server(
         mode="plain",
         rules=[

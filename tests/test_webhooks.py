@@ -20,9 +20,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
 from support.hookrecv import Receiver, free_port
-from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
+from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer
-from worker.client import Producer
 from worker.db.vocabulary import JobState
 from worker.queue.events import outbox
 from worker.queue.events.webhook_sender import WebhookSender, retry_delay, sign
@@ -80,13 +79,9 @@ def test_retries_back_off_from_5_seconds_to_an_hour() -> None:
 
 
 def test_events_reach_a_receiver_that_fails_first_and_is_killed_mid_run(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    hook_files: list[str],
-    tmp_path: Path,
+    live: Live, hook_files: list[str], tmp_path: Path
 ) -> None:
+    queue_env, worker, producer, smtp_server = live
     server = smtp_server(
         mode="plain",
         rules=[
@@ -188,13 +183,9 @@ def attempts(env: QueueEnv, name: str) -> list[dict[str, Any]]:
 
 
 def test_a_private_target_is_refused_after_dns_resolution(
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    hook_files: list[str],
-    tmp_path: Path,
+    live: Live, hook_files: list[str], tmp_path: Path
 ) -> None:
+    queue_env, worker, producer, smtp_server = live
     account = queue_env.account(unique("ssrf"), smtp_server(mode="plain"))
     name, port = unique("ssrf"), free_port()
     hook_files.append(name)

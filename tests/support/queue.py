@@ -18,11 +18,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from support.smtpd import PASSWORD, SmtpServer
+from worker.client import Producer
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -261,3 +262,14 @@ def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+class Live(NamedTuple):
+    """What most end-to-end tests take, as one fixture (``live`` in conftest.py): the session's
+    queue, its running worker, a producer and the SMTP server factory. Unpack it:
+    ``queue_env, worker, producer, smtp_server = live``."""
+
+    queue_env: QueueEnv
+    worker: Worker
+    producer: Producer
+    smtp_server: Callable[..., SmtpServer]
