@@ -76,7 +76,7 @@ WINDOW_COUNTERS = ("sent", "failed", "retried", "dead", "suppressed")
 def counted_as(counter: str | None) -> list[str]:
     """The window counters an attempt's end adds one to: a dead job counts ``dead`` and
     ``failed`` (the same jobs, under the contract's two names)."""
-    if counter is None or counter == "":
+    if not counter:
         return []
     return ["dead", "failed"] if counter == JobState.DEAD else [counter]
 

@@ -34,7 +34,11 @@ class ProcessState:
         self._lock = threading.RLock()
 
     def once(self, name: str, make: Callable[[], T]) -> T:
-        """The thing registered as ``name``, made by ``make`` the first time it is asked for."""
+        """The thing registered as ``name``, made by ``make`` the first time it is asked for.
+        Asked for on the hot path (the job store, the runtime): once made, no lock is taken."""
+        made = self._made.get(name)  # one dict read: atomic
+        if made is not None:
+            return cast(T, made)
         with self._lock:
             if name not in self._made:
                 self._made[name] = make()

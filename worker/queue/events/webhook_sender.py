@@ -56,7 +56,6 @@ from worker.transports.public_http import public_transport
 log = logging.getLogger("postroom.webhooks")
 LEASE = 120.0  # seconds a taken delivery is this sender's before another may take it again
 POLL = 0.5  # seconds between looks at the due deliveries when there is nothing to do
-RECHECK = 2.0  # seconds between looks at config/webhooks/
 PUBLISH_EVERY = 30.0  # the routing table is written again this often (a flushed Redis gets it back)
 FIRST_RETRY, LAST_RETRY = 5.0, 3600.0
 
@@ -92,7 +91,7 @@ class WebhookSender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="postroom-webhooks", daemon=True)
         self._hooks: dict[str, Webhook] = {}
-        self._records = RecordCache(lambda: [config_dir / "webhooks"], self._load, recheck=RECHECK)
+        self._records = RecordCache(lambda: [config_dir / "webhooks"], self._load)
         self._published = 0.0
         self._turn = 0
         self._clients: dict[str, tuple[Webhook, httpx.AsyncClient]] = {}
