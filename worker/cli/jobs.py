@@ -112,17 +112,16 @@ def send_command(
         if value not in (None, [], {}, ""):
             payload[key] = value
     if payload["kind"] == "auto-reply" and "original" not in payload:
-        original: dict[str, Any] = {
+        given = {  # an empty --original-return-path is the null sender "<>", so it counts
+            "from": original_from or None,
+            "message_id": original_message_id or None,
+            "return_path": original_return_path,
+        }
+        payload["original"] = {
             "subject": original_subject,
             "headers": _header_pairs(original_header, "--original-header"),
+            **{key: value for key, value in given.items() if value is not None},
         }
-        if original_from:
-            original["from"] = original_from
-        if original_message_id:
-            original["message_id"] = original_message_id
-        if original_return_path is not None:
-            original["return_path"] = original_return_path
-        payload["original"] = original
     try:
         producer = open_producer()
         job_id = producer.enqueue(payload)

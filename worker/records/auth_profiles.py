@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import Field, field_validator, model_validator
 
 from worker.errors import ConfigurationError
-from worker.records.fields import Address, RecordModel, SecretField
+from worker.records.fields import Address, Loaded, RecordModel, SecretField
 
 MS_GRAPH_DEFAULT_SCOPE = "https://graph.microsoft.com/.default"
 
@@ -91,11 +91,7 @@ def profile_model(data: dict[str, Any]) -> type[AuthProfileRecord] | str:
 
 
 @dataclass(frozen=True)
-class AuthProfile:
-    name: str
-    source: Path
-    record: AuthProfileRecord
-
+class AuthProfile(Loaded[AuthProfileRecord]):
     @property
     def type(self) -> str:
         return self.record.type

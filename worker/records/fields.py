@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -53,3 +54,15 @@ class RecordModel(BaseModel):
     """Base of record models: unknown fields are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+RecordT = TypeVar("RecordT", bound=RecordModel)
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[RecordT]):
+    """A record as the loader found it: its name (the file's stem), its file, its fields."""
+
+    name: str
+    source: Path
+    record: RecordT

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
 from pydantic import model_validator
 
 from worker.errors import ConfigurationError
-from worker.records.fields import RecordModel, SecretField
+from worker.records.fields import Loaded, RecordModel, SecretField
 
 
 class KeystoreRecord(RecordModel):
@@ -55,12 +55,8 @@ class KeystoreRecord(RecordModel):
 
 
 @dataclass(frozen=True)
-class Keystore:
+class Keystore(Loaded[KeystoreRecord]):
     """A validated keystore record, ready to open."""
-
-    name: str
-    source: Path
-    record: KeystoreRecord
 
     def _file(self, value: str) -> Path:
         path = Path(value).expanduser()

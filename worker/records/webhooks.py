@@ -29,7 +29,7 @@ from pydantic import PlainSerializer, PlainValidator, ValidationInfo, field_vali
 
 from worker.db.vocabulary import EVENT_TYPES
 from worker.errors import ConfigurationError
-from worker.records.fields import RecordModel
+from worker.records.fields import Loaded, RecordModel
 from worker.records.secrets import Secret
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every Standard Webhooks key, no secret
@@ -160,12 +160,8 @@ class WebhookRecord(RecordModel):
 
 
 @dataclass(frozen=True)
-class Webhook:
+class Webhook(Loaded[WebhookRecord]):
     """A loaded webhook record."""
-
-    name: str
-    source: Path
-    record: WebhookRecord
 
     @property
     def url(self) -> str:
