@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,34 @@ def test_rabbitmq_api_is_an_http_url_and_a_bad_one_is_refused_without_echoing_it
     ) as err:
         load_settings()
     assert "s3cret" not in str(err.value)
+
+
+IMPORT_EVERY_MODULE = """
+import importlib, pkgutil, sys, worker
+for found in pkgutil.walk_packages(worker.__path__, "worker."):
+    if not found.name.endswith("__main__"):
+        importlib.import_module(found.name)
+from worker.queue.broker import celery_app
+assert celery_app.configuration.cache_info().currsize == 0, "settings were read at import"
+assert celery_app.current_app.cache_info().currsize == 0, "the Celery app was built at import"
+import worker.queue.app
+try:
+    worker.queue.app.app  # what celery -A asks for as a worker starts: now the settings are read
+except Exception as exc:
+    sys.exit(f"at start: {exc}")
+"""
+
+
+def test_importing_a_module_reads_no_settings_and_builds_no_app(tmp_path: Path) -> None:
+    """Every module imports with a settings file that cannot be read and a broker that has no
+    store for job records; the settings are read, and the app built, when a worker starts."""
+    (tmp_path / "settings.yaml").write_text("retry: [not: valid\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+    env |= {"POSTROOM_BROKER_URL": "amqp://guest@127.0.0.1:1//", "POSTROOM_CONFIG_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERY_MODULE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("at start: ") and "settings.yaml:2: invalid YAML" in done.stderr, (
+        done.stderr
+    )

@@ -1,14 +1,35 @@
 """The Celery app a worker runs: ``celery -A worker.queue.app worker`` (what ``postroom worker``
 starts), and beat's.
 
-The app is configured in worker/queue/broker/celery_app.py; this module adds what a worker runs
-with it: the tasks (worker/queue/tasks.py) and what runs beside Celery's consumer
-(worker/queue/service.py), both registered when they are imported.
+Importing this module builds nothing. Celery asks it for ``app`` as it starts, and
+:func:`worker_app` then builds it, once: the app of worker/queue/broker/celery_app.py, its tasks
+(worker/queue/tasks.py), what runs beside Celery's consumer (worker/queue/service.py) and the
+log format.
 """
 
 from __future__ import annotations
 
-from worker.queue import service, tasks
-from worker.queue.broker.celery_app import app
+import functools
+from typing import Any
 
-__all__ = ["app", "service", "tasks"]
+from celery import Celery
+
+from worker.queue import service, tasks
+from worker.queue.broker.celery_app import current_app, settings
+from worker.queue.pipeline.delivery import LOG_FORMAT
+
+
+@functools.cache
+def worker_app() -> Celery:
+    app = current_app()
+    LOG_FORMAT.json = settings().log_format == "json"
+    tasks.register(app)
+    service.register()
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``worker.queue.app.app``, the attribute ``celery -A`` looks for."""
+    if name == "app":
+        return worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,14 +43,13 @@ def admission() -> Any:
     """This process's admission (worker/queue/store/admission.py) on its job store and records."""
 
     def make() -> Any:
-        from worker.queue.broker.celery_app import job_store, settings
         from worker.queue.pipeline.attempts import dead_on_arrival
         from worker.queue.store.admission import Admission
 
         return Admission(
-            job_store(),
+            app_module.job_store(),
             get_runtime().records,
-            schedule_horizon=settings.schedule_horizon,
+            schedule_horizon=app_module.settings().schedule_horizon,
             dead_on_arrival=dead_on_arrival,
         )
 
@@ -59,22 +58,21 @@ def admission() -> Any:
 
 def start(consumer: Any) -> None:
     """Start the inbox reader, the dispatcher, the upkeep thread and the webhook sender."""
-    from worker.queue.broker.celery_app import app, broker_redis, job_store, settings, state_url
     from worker.queue.events.webhook_sender import start_sender
     from worker.settings import config_dir
 
     if this_process().get("started"):
         return
     this_process().put("started", True)
-    start_sender(state_url, config_dir(), settings)  # delivery events, in a thread of their own
-    client = job_store().redis
-    on_broker = broker_redis(client)  # None on RabbitMQ
+    config = app_module.configuration()
+    start_sender(config.state_url, config_dir(), config.settings)  # delivery events, in a thread of its own
+    client = app_module.job_store().redis
+    on_broker = app_module.broker_redis(client)  # None on RabbitMQ
     _start_upkeep(consumer, client, on_broker)
-    _start_sending(app, client, on_broker, settings)
+    _start_sending(app_module.current_app(), client, on_broker, config.settings)
 
 
 def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None:
-    from worker.queue.broker.celery_app import broker_keys, job_store
     from worker.queue.broker.inbox import AmqpInbox, InboxReader, Intake, RedisInbox
     from worker.queue.pipeline.dispatch import Dispatcher
 
@@ -85,16 +83,15 @@ def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None
     if on_broker is not None:  # its own client, answering bytes: an entry may be anything
         from worker.db.connect import client as redis_client
         from worker.db.keys import REDIS_TIMEOUTS
-        from worker.queue.broker.celery_app import broker_url
         from worker.settings import redis_url
 
-        raw = redis_client(redis_url(broker_url), decode_responses=False, **REDIS_TIMEOUTS)
-        source = RedisInbox(raw, broker_keys(), liveness.holder_id())
+        raw = redis_client(redis_url(app_module.broker_url()), decode_responses=False, **REDIS_TIMEOUTS)
+        source = RedisInbox(raw, app_module.broker_keys(), liveness.holder_id())
     dispatcher = Dispatcher(client, settings).start()
     this_process().put("dispatcher", dispatcher)
     intake = Intake(
         admission(),
-        job_store().quarantine,
+        app_module.job_store().quarantine,
         forward,
         client,
         settings.retry.max_attempts,
@@ -124,11 +121,11 @@ def _give_back_strays() -> None:
 
 
 def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
-    from worker.queue.broker.celery_app import app, broker_keys, broker_view, settings
     from worker.queue.broker.intake import move_poison
 
+    app, settings = app_module.current_app(), app_module.settings()
     delays = DelayQueue(client)
-    view = broker_view(client)
+    view = app_module.broker_view(client)
 
     def sample_depth() -> None:  # the dashboard's queue-depth chart (worker/ops/series.py)
         from worker.queue.store.ready import ReadyQueues
@@ -140,7 +137,7 @@ def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
         queued = sum(view.depths().values()) + sum(ReadyQueues(client).depths().values())
         series.record_depth(client, queued, int(retrying), int(scheduled))
 
-    keys = broker_keys() if on_broker is not None else None
+    keys = app_module.broker_keys() if on_broker is not None else None
     holders = liveness.HolderReaper(client, on_broker, keys)
     steps: list[tuple[float, Callable[[], object]]] = [
         (POLL, delays.move_due),
@@ -161,13 +158,16 @@ def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
     liveness.keep_beating(on_broker, tags, more=steps, time_limit=settings.time_limit, state=client)
 
 
-@worker_process_init.connect
 def _start_runtime(**_: Any) -> None:
     """A fresh loop in each pool process, created after the fork."""
     get_runtime()
 
 
-intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (worker/queue/broker/intake.py)
-app_module.ON_SHUTDOWN.extend(  # in this order: nothing more taken, running groups end, then the loop
-    [lambda: stop(app_module.settings.time_limit), stop_sender, shutdown_runtime]
-)
+def register() -> None:
+    """Hook what runs beside Celery's consumer into the worker's start and stop (called once, by
+    worker/queue/app.py as it builds the worker's app)."""
+    worker_process_init.connect(_start_runtime, weak=False, dispatch_uid="postroom-runtime")
+    intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (broker/intake.py)
+    app_module.ON_SHUTDOWN.extend(  # in this order: nothing more taken, running groups end, the loop
+        [lambda: stop(app_module.settings().time_limit), stop_sender, shutdown_runtime]
+    )

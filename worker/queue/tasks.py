@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Reject
 
 from worker.mail.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, SWEEP_TASK_NAME, TASK_NAME
 from worker.ops.connectivity import check_connectivity
-from worker.queue.broker.celery_app import app, job_store, settings
+from worker.queue.broker.celery_app import job_store, settings
 from worker.queue.broker.inbox import usable_job_ids
 from worker.queue.pipeline.attempts import (
     account_health,
@@ -35,7 +35,6 @@ from worker.queue.pipeline.attempts import (
     slot_wait,
     store_url,
 )
-from worker.queue.pipeline.delivery import LOG_FORMAT
 from worker.queue.process.runtime import get_runtime
 from worker.queue.process.sweep import Sweeper
 from worker.queue.service import admission
@@ -44,11 +43,9 @@ from worker.records.loader import Records
 from worker.transports.base import ConnectivityReport
 
 log = logging.getLogger("postroom.tasks")
-LOG_FORMAT.json = settings.log_format == "json"
 STORE_TROUBLE_PAUSE = 1.0
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=None)
 def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     """Take one job in (``postroom.send``); see the README for the payload."""
     job_id = str(self.request.id)
@@ -59,7 +56,6 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     return {"state": taken.state, "reason": taken.reason}
 
 
-@app.task(name=BATCH_TASK_NAME, bind=True, max_retries=None)
 def send_batch(
     self: Task[Any, Any], /, messages: list[dict[str, Any]], job_ids: list[str] | None = None
 ) -> dict[str, int]:
@@ -114,7 +110,6 @@ def _store_trouble_requeues(what: str) -> Iterator[None]:
         raise Reject(f"job store unavailable: {exc}", requeue=True) from exc
 
 
-@app.task(name=HEALTH_TASK_NAME, ignore_result=True)
 def health_check() -> dict[str, str]:
     """Check every account's connectivity (nothing is sent) and move the circuit breaker.
 
@@ -124,9 +119,9 @@ def health_check() -> dict[str, str]:
     """
     records = Records.load()
     names = sorted(records.account_names)
-    timeout = settings.health_timeout
+    timeout = settings().health_timeout
 
-    limiter = get_runtime().limiter(store_url(), settings.job_ttl, slot_wait())  # checks count too
+    limiter = get_runtime().limiter(store_url(), settings().job_ttl, slot_wait())  # checks count too
 
     async def one(name: str) -> ConnectivityReport:
         try:
@@ -157,15 +152,14 @@ def health_check() -> dict[str, str]:
 
 def sweeper() -> Sweeper:
     """The orphan sweep (its jobs made ready again under their own ids)."""
-    return Sweeper(job_store().redis, release_held, grace=min(30.0, settings.sweep_interval))
+    return Sweeper(job_store().redis, release_held, grace=min(30.0, settings().sweep_interval))
 
 
-@app.task(name=SWEEP_TASK_NAME, ignore_result=True)
 def sweep() -> dict[str, Any]:
     """Make ready again the open jobs found nowhere they can wait (worker/queue/process/sweep.py).
 
     Scheduled by the one beat every sweep_interval, with an expiry of one interval."""
-    report = sweeper().run(lock_for=max(60.0, settings.sweep_interval))
+    report = sweeper().run(lock_for=max(60.0, settings().sweep_interval))
     if report.republished or report.suspects:
         log.info(
             "sweep open=%d checked=%d suspects=%d republished=%d",
@@ -175,3 +169,11 @@ def sweep() -> dict[str, Any]:
             len(report.republished),
         )
     return report.as_dict()
+
+
+def register(app: Celery) -> None:
+    """Give ``app`` its tasks (called once, by worker/queue/app.py as it builds a worker's app)."""
+    app.task(name=TASK_NAME, bind=True, max_retries=None)(send)
+    app.task(name=BATCH_TASK_NAME, bind=True, max_retries=None)(send_batch)
+    app.task(name=HEALTH_TASK_NAME, ignore_result=True)(health_check)
+    app.task(name=SWEEP_TASK_NAME, ignore_result=True)(sweep)

@@ -7,8 +7,8 @@ What lives in it: this process's holder id, and what the modules register by nam
 health (pipeline/attempts.py), the runtime (process/runtime.py), the upkeep thread
 (process/liveness.py), the webhook sender (events/webhook_sender.py), the inbox reader and the
 dispatcher (service.py). One lock, one lifetime, one place to look; no module keeps process
-state of its own. The settings and the Celery app are configuration, built once when
-worker/queue/broker/celery_app.py is imported.
+state of its own. The settings and the Celery app are configuration, made once on first use
+(worker/queue/broker/celery_app.py) and kept by a forked child.
 """
 
 from __future__ import annotations

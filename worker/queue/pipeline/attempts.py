@@ -73,7 +73,7 @@ def _within_horizon(
 ) -> list[tuple[int, SendPayload]]:
     """A send_at further ahead than ``schedule_horizon`` is refused at enqueue by the helper;
     a producer that published without it gets the same answer, as a dead letter."""
-    horizon = settings.schedule_horizon
+    horizon = settings().schedule_horizon
     keep = []
     for i, payload in valid:
         if payload.send_at is not None and payload.send_at - now > horizon:
@@ -128,7 +128,7 @@ def account_health() -> AccountHealth:
     """This process's view of its accounts' health (one per process)."""
     return this_process().once(
         "account-health",
-        lambda: AccountHealth(job_store().redis, pause_after=settings.pause_after, release=release_held),
+        lambda: AccountHealth(job_store().redis, pause_after=settings().pause_after, release=release_held),
     )
 
 
@@ -248,7 +248,7 @@ def cut_short_too_often(job_id: str, kwargs: dict[str, Any], runs: int | None = 
     short, the job is dead-lettered instead of run again."""
     store = job_store()
     runs = store.count_cut_short(job_id) if runs is None else runs
-    if runs <= settings.retry.max_attempts:
+    if runs <= settings().retry.max_attempts:
         return None
     reason = f"{runs} runs cut short: the worker died or handed it back every time (a poison message?)"
     fields = _identity(kwargs)
@@ -298,7 +298,7 @@ def attempt_all(
                 steps[i] = held
         valid = going
     begun = store.begin_many([(job_ids[i], payload.to_task_kwargs, due[i]) for i, payload in valid])
-    policy = settings.retry
+    policy = settings().retry
     items: list[tuple[str, SendPayload, int]] = []
     item_meta: list[tuple[int, SendPayload, Begun]] = []
     finals: list[_Ended] = []
@@ -389,19 +389,19 @@ def delivery(store: JobStore) -> Delivery:
     # renews this process's Message-ID claims while it lives
     liveness.keep_beating(broker_redis(store.redis), state=store.redis)
     url = store_url()
-    limiter = runtime.limiter(url, settings.job_ttl, slot_wait())
-    return Delivery(store, runtime.marks(url, settings.job_ttl), runtime, settings, limiter)
+    limiter = runtime.limiter(url, settings().job_ttl, slot_wait())
+    return Delivery(store, runtime.marks(url, settings().job_ttl), runtime, settings(), limiter)
 
 
 def slot_wait() -> float:
     """How long a send waits for an account's connection slot before it is re-scheduled:
     well inside the soft time limit, so the wait never costs the job an attempt."""
-    return min(SLOT_WAIT, settings.soft_time_limit / 4)
+    return min(SLOT_WAIT, settings().soft_time_limit / 4)
 
 
 def store_url() -> str:
     """Where Postroom's state lives (POSTROOM_REDIS_URL, else the broker's Redis)."""
-    return state_url
+    return state_url()
 
 
 def _retry_plan(attempt_no: int, age: float, outcome: Outcome) -> tuple[Outcome, float]:
@@ -411,7 +411,7 @@ def _retry_plan(attempt_no: int, age: float, outcome: Outcome) -> tuple[Outcome,
     held the Message-ID) is not counted against max_attempts; it waits for that
     claim to expire, and only max_age bounds it.
     """
-    policy = settings.retry
+    policy = settings().retry
     if outcome.counts:
         delay = policy.delay(attempt_no, outcome.retry_after)
     else:  # the attempt is taken back in the same write (finish_into's uncount)
