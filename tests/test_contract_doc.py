@@ -13,10 +13,17 @@ CITED = re.compile(r"contract §(\d+)((?:, §\d+)*)")
 
 
 def _sources() -> list[Path]:
-    files = [*ROOT.joinpath("worker").rglob("*.py"), *ROOT.joinpath("tests").rglob("*.py")]
-    files += [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *ROOT.joinpath("config").rglob("*.yaml")]
-    files += list(ROOT.joinpath("docs").rglob("*.md"))
-    return [f for f in files if f.is_file()]
+    """Every file of the project's own (what git tracks, less the lock and data files)."""
+    import subprocess
+
+    tracked = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    text = {".py", ".md", ".yaml", ".yml", ".toml", ".html", ".js", ".css", ".sh", ".txt", ".cfg", ""}
+    files = [ROOT / name for name in tracked if name and Path(name).suffix in text]
+    return [f for f in files if f.is_file() and f.name != "constraints.txt"]
 
 
 def _sections() -> set[int]:
