@@ -25,7 +25,7 @@ from kombu import Producer as KombuProducer
 
 from support import celerynode, rabbit
 from support.queue import POSTROOM, QueueEnv, Worker, claim_database, cli, finished, unique, wait_for
-from support.smtpd import Rule, SmtpServer
+from support.smtpd import Rule, SmtpServer, unknown_user
 from worker.client import Producer
 from worker.db import connect
 from worker.errors import ConfigurationError
@@ -273,7 +273,7 @@ def test_rabbitmq_delivers_retries_dead_letters_and_reports_depth(
     assert setup["policy"]["name"] == "postroom" and setup["dead_lettering"] and setup["delivery_limit"] == 20
     assert setup["poison_queue"]["exists"] and setup["plain_clients_compatible"] and setup["ok"]
     flaky = smtp_server(mode="plain", rules=[Rule("MAIL", 451, "4.3.0 Try again later", times=1)])
-    gone = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    gone = smtp_server(mode="plain", rules=[unknown_user()])
     plain = smtp_server(mode="plain")
     retried_account = rabbit_env.account(unique("rmq"), flaky)
     dead_account = rabbit_env.account(unique("rmqdead"), gone)

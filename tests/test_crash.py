@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from support.queue import QueueEnv, Worker, claim_database, wait_for
+from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.records.loader import Records
@@ -17,16 +15,8 @@ BATCH = 1000
 KILL_AFTER = 300
 
 
-@pytest.fixture
-def crash_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
-    """A queue of its own: the shared session worker must not take these jobs."""
-    env = QueueEnv(tmp_path, claim_database())
-    yield env
-    env.release()
-
-
 def test_sigkill_mid_batch_loses_nothing_and_sends_nothing_twice(
-    crash_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
     # The server stalls once at MAIL; the worker is killed while it waits there.
     # (A kill between the server's 250 and the sent mark is the documented
@@ -34,11 +24,11 @@ def test_sigkill_mid_batch_loses_nothing_and_sends_nothing_twice(
     # One connection: the worker carries many jobs at once (worker/queue/pipeline/dispatch.py), and with a
     # single connection their sends still go one after another, so the kill lands at MAIL.
     server = smtp_server(mode="plain", stall_mail_after=KILL_AFTER, stall_seconds=30)
-    account = crash_env.account("batch", server, limits={"max_connections": 1})
-    records = Records.load(crash_env.accounts, crash_env.config)
-    producer = Producer(crash_env.broker_url, records=records)
-    first = Worker(crash_env, tmp_path / "worker-1.log", concurrency=1).start()
-    second = Worker(crash_env, tmp_path / "worker-2.log", concurrency=1)
+    account = own_queue.account("batch", server, limits={"max_connections": 1})
+    records = Records.load(own_queue.accounts, own_queue.config)
+    producer = Producer(own_queue.broker_url, records=records)
+    first = Worker(own_queue, tmp_path / "worker-1.log", concurrency=1).start()
+    second = Worker(own_queue, tmp_path / "worker-2.log", concurrency=1)
     try:
         job_ids = [
             producer.send_notification(account, [f"r{i}@example.net"], f"batch {i}", "x")
@@ -62,4 +52,4 @@ def test_sigkill_mid_batch_loses_nothing_and_sends_nothing_twice(
     counts = Counter(r.message["Message-ID"] for r in server.received)
     assert len(counts) == BATCH, "a message was lost"
     assert [mid for mid, n in counts.items() if n > 1] == [], "a message was sent twice"
-    assert crash_env.queue_length() == 0
+    assert own_queue.queue_length() == 0

@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect, s
 
 from support.pki import Pki
 from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
-from support.smtpd import PASSWORD, Rule, SmtpServer
+from support.smtpd import PASSWORD, Rule, SmtpServer, unknown_user
 from support.web import ApiServer, write_key
 from worker.client import Producer
 from worker.web import http as http_api
@@ -169,7 +169,7 @@ def test_login_and_the_account_table_renders_and_refreshes(
 
 def test_a_dead_letter_retried_by_clicking_its_button_arrives(ui: Ui) -> None:
     queue_env, worker, dashboard, context, smtp_server = ui
-    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    server = smtp_server(mode="plain", rules=[unknown_user()])
     account = queue_env.account(unique("dash"), server)
     job = dead_letter(dashboard.producer, account, "Dead, then delivered")
     server.rules.clear()  # the mailbox exists now
@@ -266,7 +266,7 @@ class Attacker:
 
 def test_a_forged_cross_site_post_is_refused_and_changes_nothing(ui: Ui) -> None:
     queue_env, _, dashboard, context, smtp_server = ui
-    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    server = smtp_server(mode="plain", rules=[unknown_user()])
     account = queue_env.account(unique("csrf"), server)
     job = dead_letter(dashboard.producer, account)
     server.rules.clear()  # a retry would now be delivered: nothing may arrive
@@ -342,16 +342,8 @@ def test_a_producer_key_cannot_log_in_and_no_page_shows_a_secret(ui: Ui, pki: Pk
         expect(page).to_have_url(re.compile(r"/dashboard/login\?next=%2Fdashboard%2Fdead-letters$"))
 
     # an account with a password, and a dead letter of it (a 535 for the wrong one)
-    (queue_env.config / "keystores" / "dash-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
     server = smtp_server(mode="starttls", auth_required=True)
-    tls: dict[str, Any] = {
-        "secure": True,
-        "auth": "password",
-        "truststore": "dash-ca",
-        "user_id": "user@example.com",
-    }
-    queue_env.account(unique("pw"), server, password="${QUEUE_TEST_PASSWORD}", **tls)
-    wrong = queue_env.account(unique("wrongpw"), server, password="${QUEUE_TEST_WRONG_PASSWORD}", **tls)
+    _, wrong = queue_env.password_accounts(server, pki.ca_cert)
     job = dead_letter(dashboard.producer, wrong)
     assert "535" in (job.last_error or "")
 
@@ -390,7 +382,7 @@ def test_a_producer_key_cannot_log_in_and_no_page_shows_a_secret(ui: Ui, pki: Pk
 
 def test_the_job_page_shows_per_recipient_results_and_never_the_payload(ui: Ui) -> None:
     queue_env, _, dashboard, context, smtp_server = ui
-    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="bad")])
+    server = smtp_server(mode="plain", rules=[unknown_user("bad")])
     account = queue_env.account(unique("rcpt"), server)
     marker = uuid.uuid4().hex
     job_id = dashboard.producer.enqueue(
@@ -498,7 +490,7 @@ def test_retrying_the_same_dead_letter_twice_re_enqueues_it_once(
     queue_env: QueueEnv, worker: Worker, dashboard: Dashboard, smtp_server: ServerFactory
 ) -> None:
     """What a double click on Retry (or two operators at once) does: one job on the queue."""
-    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", times=1)])
+    server = smtp_server(mode="plain", rules=[unknown_user(times=1)])
     job = dead_letter(dashboard.producer, queue_env.account(unique("twice"), server))
     retried, missing = dashboard.producer.retry_dead_letters([job.id, job.id])
     assert (retried, missing) == ([job.id], [job.id])
@@ -516,7 +508,7 @@ def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path
     queue_env, _, dashboard, context, smtp_server = ui
     from support.png import pixels
 
-    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user", match="gone@")])
+    server = smtp_server(mode="plain", rules=[unknown_user("gone@")])
     account = queue_env.account(unique("chart"), server)
     producer = dashboard.producer
     for to in ("a@example.net", "b@example.net", "gone@example.net"):

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import Rule, SmtpServer
-from worker.client import Producer
 from worker.queue.store.ready import READY_ACCOUNTS, ReadyQueues, ready_key, taken_key
-from worker.records.loader import Records
 
 
 def ready(env: QueueEnv, account: str, n: int, prefix: str = "") -> list[str]:
@@ -78,7 +76,7 @@ def test_a_job_a_live_worker_holds_in_redis_but_runs_nowhere_is_given_back(
     # by the process's own upkeep, they go back to their ready sets and are sent.
     server = smtp_server(mode="plain")
     account = own_queue.account("strays", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     worker = Worker(own_queue, tmp_path / "worker.log", concurrency=1)
     try:
         job_id = producer.send_notification(account, ["s@example.net"], "Stray", "x")
@@ -114,7 +112,7 @@ def test_a_backlog_is_sent_in_groups_and_every_job_keeps_its_own_fate(
     # 60 jobs ready before any worker runs; one of them is refused once (451)
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 451, "4.3.0 later", times=1, match="r7@")])
     account = own_queue.account("backlog", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     worker = Worker(own_queue, tmp_path / "worker.log", concurrency=1)
     try:
         job_ids = [
@@ -147,7 +145,7 @@ def test_a_slow_accounts_backlog_never_holds_up_another_accounts_jobs(
     fast_server = smtp_server(mode="plain")
     slow = own_queue.account("slow", slow_server, limits={"max_connections": 1})
     fast = own_queue.account("fast", fast_server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     worker = Worker(own_queue, tmp_path / "worker.log", concurrency=1).start()
     try:
         for i in range(40):

@@ -15,30 +15,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-from support.queue import QueueEnv, Worker, claim_database, wait_for
+from support.queue import QueueEnv, Worker, wait_for
 from support.redisproc import RedisProcess
 from support.smtpd import SmtpServer
 from worker.client import EnqueueError, Producer
 from worker.queue.store.jobrecord import Job
-from worker.records.loader import Records
 
 TESTS = Path(__file__).resolve().parent
 FINAL = ("sent", "dead", "suppressed")
-
-
-@pytest.fixture
-def fault_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
-    """A Redis database of its own: the shared session worker must not take these jobs."""
-    env = QueueEnv(tmp_path, claim_database())
-    yield env
-    env.release()
-
-
-def producer_for(env: QueueEnv) -> Producer:
-    return Producer(env.broker_url, records=Records.load(env.accounts, env.config))
 
 
 def jobs_of(producer: Producer, job_ids: list[str]) -> dict[str, Job | None]:
@@ -47,6 +35,29 @@ def jobs_of(producer: Producer, job_ids: list[str]) -> dict[str, Job | None]:
 
 def all_final(producer: Producer, job_ids: list[str]) -> bool:
     return all((job := producer.job(j)) is not None and job.state in FINAL for j in job_ids)
+
+
+def enqueue_many(producer: Producer, account: str, numbers: range, subject: str) -> list[str]:
+    """One notification per number, each to its own address (r<n>@example.net)."""
+    return [
+        producer.send_notification(account, [f"r{i}@example.net"], f"{subject} {i}", "x") for i in numbers
+    ]
+
+
+def not_sent(jobs: dict[str, Job | None]) -> list[str]:
+    return [j for j, job in jobs.items() if job is None or job.state != "sent"]
+
+
+def stalled_backlog(
+    env: QueueEnv, smtp_server: Callable[..., SmtpServer], name: str, total: int, stall: tuple[int, float]
+) -> tuple[SmtpServer, Producer, list[str]]:
+    """``total`` jobs of one account (3 connections) to a server that accepts ``stall[0]``
+    messages, then holds every MAIL for ``stall[1]`` seconds."""
+    after, seconds = stall
+    server = smtp_server(mode="plain", stall_mail_after=after, stall_all=True, stall_seconds=seconds)
+    account = env.account(name, server, limits={"max_connections": 3})
+    producer = env.producer()
+    return server, producer, enqueue_many(producer, account, range(total), name)
 
 
 def by_message_id(*servers: SmtpServer) -> Counter[str]:
@@ -80,48 +91,61 @@ POISON_ENV = {
 }
 
 
-def test_a_poison_message_is_dead_lettered_after_bounded_runs_and_the_rest_is_delivered(
-    fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
-) -> None:
-    # The poison kills its worker while the payload is validated: before any attempt of it
-    # is counted, and the first time while it is carried by another job's task (it sits
-    # right behind that job in the backlog), together with 30 innocent jobs.
-    server = smtp_server(mode="plain")
-    account = fault_env.account("poison", server)
+class PoisonRun(NamedTuple):
+    jobs: dict[str, Job | None]  # the innocent ones
+    dead: Job | None  # the poison's
+    restarts: int  # of the worker, each time the poison killed it
+    runs: int  # of the poison, as support/poison.py logged them
+
+
+def run_with_poison(
+    env: QueueEnv, tmp_path: Path, innocent: list[str], poison: str, timeout: float
+) -> PoisonRun:
+    """One worker (concurrency 1, the poison module loaded) restarted whenever it dies, until
+    every job has ended."""
     kills = tmp_path / "poison-kills.log"
-    producer = producer_for(fault_env)
+    producer = env.producer()
     worker = Worker(
-        fault_env,
+        env,
         tmp_path / "worker.log",
         concurrency=1,
         extra_args=("-I", "support.poison"),
         extra_env={**POISON_ENV, "POSTROOM_TEST_POISON_LOG": str(kills)},
     )
     try:
-        innocent = [
-            producer.send_notification(account, [f"r{i}@example.net"], f"innocent {i}", "x") for i in range(3)
-        ]
-        poison = producer.send_notification(account, ["p@example.net"], f"{MARKER} 1", "x")
-        innocent += [
-            producer.send_notification(account, [f"r{i}@example.net"], f"innocent {i}", "x")
-            for i in range(3, 40)
-        ]
         worker.start()
-        restarts = keep_running(
-            [worker], lambda: all_final(producer, [*innocent, poison]), 90, "every job to end"
-        )
-        jobs = jobs_of(producer, innocent)
-        dead = producer.job(poison)
+        every = [*innocent, poison]
+        restarts = keep_running([worker], lambda: all_final(producer, every), timeout, "every job to end")
+        jobs, dead = jobs_of(producer, innocent), producer.job(poison)
     finally:
         worker.stop()
         producer.close()
     runs = len(kills.read_text().splitlines()) if kills.exists() else 0
+    return PoisonRun(jobs, dead, restarts, runs)
+
+
+def test_a_poison_message_is_dead_lettered_after_bounded_runs_and_the_rest_is_delivered(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+) -> None:
+    # The poison kills its worker while the payload is validated: before any attempt of it
+    # is counted, and the first time while it is carried by another job's task (it sits
+    # right behind that job in the backlog), together with 30 innocent jobs.
+    server = smtp_server(mode="plain")
+    account = own_queue.account("poison", server)
+    producer = own_queue.producer()
+    try:
+        innocent = enqueue_many(producer, account, range(3), "innocent")
+        poison = producer.send_notification(account, ["p@example.net"], f"{MARKER} 1", "x")
+        innocent += enqueue_many(producer, account, range(3, 40), "innocent")
+    finally:
+        producer.close()
+    jobs, dead, restarts, runs = run_with_poison(own_queue, tmp_path, innocent, poison, 90)
     assert dead is not None and dead.state == "dead", dead
     assert "poison" in (dead.last_error or ""), dead.last_error
     # the first run (carried, not counted) and max_attempts (2) counted runs: no more
     assert runs == 3, f"the poison ran {runs} times"
     assert restarts == runs
-    assert [j for j, job in jobs.items() if job is None or job.state != "sent"] == []
+    assert not_sent(jobs) == []
     counts = by_message_id(server)
     assert len(counts) == len(innocent)
     assert max(counts.values()) == 1
@@ -129,7 +153,7 @@ def test_a_poison_message_is_dead_lettered_after_bounded_runs_and_the_rest_is_de
 
 
 def test_a_poison_message_from_a_plain_celery_producer_ends_dead_and_takes_no_other_down(
-    fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
     # Published by a plain Celery app: it kills the inbox reader while the batch it came in is
     # taken in (its payload validated). The reaper puts that batch back, each entry flagged; a
@@ -138,9 +162,8 @@ def test_a_poison_message_from_a_plain_celery_producer_ends_dead_and_takes_no_ot
     from celery import Celery
 
     server = smtp_server(mode="plain")
-    account = fault_env.account("rawpoison", server)
-    kills = tmp_path / "poison-kills.log"
-    plain = Celery("a-plain-celery-app", broker=fault_env.broker_url, set_as_current=False)
+    account = own_queue.account("rawpoison", server)
+    plain = Celery("a-plain-celery-app", broker=own_queue.broker_url, set_as_current=False)
     try:
 
         def publish(subject: str) -> str:
@@ -152,28 +175,10 @@ def test_a_poison_message_from_a_plain_celery_producer_ends_dead_and_takes_no_ot
         innocent += [publish(f"innocent {i}") for i in range(4, 8)]
     finally:
         plain.close()
-    producer = producer_for(fault_env)
-    worker = Worker(
-        fault_env,
-        tmp_path / "worker.log",
-        concurrency=1,
-        extra_args=("-I", "support.poison"),
-        extra_env={**POISON_ENV, "POSTROOM_TEST_POISON_LOG": str(kills)},
-    )
-    try:
-        worker.start()
-        restarts = keep_running(
-            [worker], lambda: all_final(producer, [*innocent, poison]), 120, "every job to end"
-        )
-        jobs = jobs_of(producer, innocent)
-        dead = producer.job(poison)
-    finally:
-        worker.stop()
-        producer.close()
-    runs = len(kills.read_text().splitlines()) if kills.exists() else 0
+    jobs, dead, restarts, runs = run_with_poison(own_queue, tmp_path, innocent, poison, 120)
     assert dead is not None and dead.state == "dead" and "poison" in (dead.last_error or ""), dead
     assert runs == 3 and restarts == runs, (runs, restarts)  # its batch's run, then 2 alone
-    assert [j for j, job in jobs.items() if job is None or job.state != "sent"] == []
+    assert not_sent(jobs) == []
     assert len(by_message_id(server)) == len(innocent) and max(by_message_id(server).values()) == 1
 
 
@@ -195,22 +200,16 @@ def frozen(server: SmtpServer, quiet: float = 0.5) -> Callable[[], bool]:
 
 
 def test_sigkill_while_carried_groups_send_on_several_connections(
-    fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
     # Two worker processes, each carrying groups of jobs (worker/queue/pipeline/dispatch.py) over
     # 3 connections of their own; after 150 messages every MAIL stalls, and both are SIGKILLed
     # while all their connections wait there. The carried jobs come back through kombu's unacked
     # sweep, the claims of the dead attempts expire, and the restarted workers deliver the rest.
     total, freeze_after = 400, 150
-    server = smtp_server(mode="plain", stall_mail_after=freeze_after, stall_all=True, stall_seconds=60)
-    account = fault_env.account("several", server, limits={"max_connections": 3})
-    producer = producer_for(fault_env)
-    workers = [Worker(fault_env, tmp_path / f"worker-{i}.log", concurrency=4) for i in range(2)]
+    server, producer, job_ids = stalled_backlog(own_queue, smtp_server, "several", total, (freeze_after, 60))
+    workers = [Worker(own_queue, tmp_path / f"worker-{i}.log", concurrency=4) for i in range(2)]
     try:
-        job_ids = [
-            producer.send_notification(account, [f"r{i}@example.net"], f"several {i}", "x")
-            for i in range(total)
-        ]
         for w in workers:
             w.start()
         wait_for(frozen(server), 60, "every connection to stall at MAIL", workers[0])
@@ -226,15 +225,15 @@ def test_sigkill_while_carried_groups_send_on_several_connections(
             w.stop()
         producer.close()
     assert accepted_before == freeze_after and in_flight >= 2
-    assert [j for j, job in jobs.items() if job is None or job.state != "sent"] == []
+    assert not_sent(jobs) == []
     counts = by_message_id(server)
     assert len(counts) == total, "a message was lost"
     assert [m for m, n in counts.items() if n > 1] == [], "a message was sent twice"
-    assert fault_env.queue_length() == 0
+    assert own_queue.queue_length() == 0
 
 
 def test_sigkill_between_claim_and_send(
-    fault_env: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], tmp_path: Path
 ) -> None:
     # The account's server accepts TCP connections but never greets: every attempt has claimed
     # its Message-ID and hangs before anything was sent. The worker is SIGKILLed there, the account
@@ -246,18 +245,16 @@ def test_sigkill_between_claim_and_send(
     mute.bind(("127.0.0.1", 0))
     mute.listen(64)
     server = smtp_server(mode="plain")
-    account = fault_env.account("mute", server, port=mute.getsockname()[1])
-    producer = producer_for(fault_env)
-    worker = Worker(fault_env, tmp_path / "worker.log", concurrency=2)
+    account = own_queue.account("mute", server, port=mute.getsockname()[1])
+    producer = own_queue.producer()
+    worker = Worker(own_queue, tmp_path / "worker.log", concurrency=2)
     try:
-        job_ids = [
-            producer.send_notification(account, [f"r{i}@example.net"], f"mute {i}", "x") for i in range(60)
-        ]
+        job_ids = enqueue_many(producer, account, range(60), "mute")
         worker.start()
-        wait_for(lambda: len(fault_env.redis.keys("postroom:claim:*")) >= 2, 30, "claims", worker)
-        claimed = len(fault_env.redis.keys("postroom:claim:*"))
+        wait_for(lambda: len(own_queue.redis.keys("postroom:claim:*")) >= 2, 30, "claims", worker)
+        claimed = len(own_queue.redis.keys("postroom:claim:*"))
         worker.kill()
-        fault_env.account("mute", server)  # the same account, now on a server that answers
+        own_queue.account("mute", server)  # the same account, now on a server that answers
         worker.start()
         wait_for(lambda: all_final(producer, job_ids), 90, "every job to end", worker)
         jobs = jobs_of(producer, job_ids)
@@ -266,7 +263,7 @@ def test_sigkill_between_claim_and_send(
         producer.close()
         mute.close()
     assert claimed >= 2
-    assert [j for j, job in jobs.items() if job is None or job.state != "sent"] == []
+    assert not_sent(jobs) == []
     counts = by_message_id(server)
     assert len(counts) == 60 and max(counts.values()) == 1
 
@@ -298,15 +295,10 @@ def test_redis_killed_and_restarted_from_its_aof_loses_nothing(
     # job the producer got an id for is delivered; a Message-ID may arrive twice only if the
     # server accepted it while Redis was down (its sent mark could not be written).
     total, freeze_after = 400, 120
-    server = smtp_server(mode="plain", stall_mail_after=freeze_after, stall_all=True, stall_seconds=3)
     env = env_on(own_redis, tmp_path / "env")
-    account = env.account("aof", server, limits={"max_connections": 3})
-    producer = producer_for(env)
+    server, producer, job_ids = stalled_backlog(env, smtp_server, "aof", total, (freeze_after, 3))
     worker = Worker(env, tmp_path / "worker.log", concurrency=4)
     try:
-        job_ids = [
-            producer.send_notification(account, [f"r{i}@example.net"], f"aof {i}", "x") for i in range(total)
-        ]
         worker.start()
         wait_for(frozen(server, quiet=0.3), 60, "sends to stall at MAIL", worker)
         server.stall_mail_after = None  # the stalled sends finish while Redis is down or just back
@@ -321,7 +313,7 @@ def test_redis_killed_and_restarted_from_its_aof_loses_nothing(
         producer.close()
         env.redis.close()
     assert queued > 0, "the restart should find a backlog"
-    assert [j for j, job in jobs.items() if job is None or job.state != "sent"] == []
+    assert not_sent(jobs) == []
     counts = by_message_id(server)
     assert len(counts) == total, "a message was lost"
     twice = {m for m, n in counts.items() if n > 1}
@@ -343,7 +335,7 @@ def test_broker_down_while_producing_raises_within_bounds_and_a_retry_sends_once
     server = smtp_server(mode="plain")
     env = env_on(own_redis, tmp_path / "env")
     account = env.account("outage", server)
-    producer = producer_for(env)
+    producer = env.producer()
     worker = Worker(env, tmp_path / "worker.log", concurrency=2)
     try:
         before = producer.send_notification(account, ["a@example.net"], "before", "x", idempotency_key="k0")

@@ -25,11 +25,9 @@ from hypothesis import strategies as st
 from support.envelopes import celery_headers, envelope, push, send_kwargs
 from support.queue import QueueEnv, Worker, finished, wait_for
 from support.smtpd import SmtpServer
-from worker.client import Producer
 from worker.mail.payload import TASK_ID
 from worker.queue.broker.kombu_redis import BrokerKeys
 from worker.queue.store.jobs import JobStore
-from worker.records.loader import Records
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
@@ -100,7 +98,7 @@ def test_random_entries_never_stop_the_worker_or_touch_good_jobs(
 ) -> None:
     server = smtp_server(mode="plain")
     own_queue.account("tenant", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     store = JobStore(own_queue.redis)
     keys = BrokerKeys()
     worker = Worker(own_queue, tmp_path / "worker.log").start()

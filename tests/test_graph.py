@@ -353,14 +353,22 @@ def test_at_most_four_requests_per_mailbox_at_once(setup: Setup, cloud: CloudSer
     assert len(cloud.ms_token_requests) == 1  # one token request for all of them
 
 
+def large_above(setup: Setup, monkeypatch: pytest.MonkeyPatch, size: int, **limits: int) -> Any:
+    """The Graph account's transport, with a message over ``size`` bytes sent as large (through
+    a draft) and graph.py's other ``limits`` set as given."""
+    for name, value in {"LARGE_MESSAGE_BYTES": size, **limits}.items():
+        monkeypatch.setattr(graph_module, name, value)
+    setup.profile()
+    setup.graph_account()
+    return setup.transport()
+
+
 def test_a_large_message_goes_through_a_draft_and_an_upload_session(
     setup: Setup, cloud: CloudServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(graph_module, "LARGE_MESSAGE_BYTES", 40_000)
-    monkeypatch.setattr(graph_module, "SMALL_ATTACHMENT_BYTES", 20_000)
-    monkeypatch.setattr(graph_module, "UPLOAD_CHUNK_BYTES", 16_384)
-    setup.profile()
-    setup.graph_account()
+    transport = large_above(
+        setup, monkeypatch, 40_000, SMALL_ATTACHMENT_BYTES=20_000, UPLOAD_CHUNK_BYTES=16_384
+    )
     big = secrets.token_bytes(60_000)
     small = b"small attachment\n" * 10
     msg = message(
@@ -372,7 +380,7 @@ def test_a_large_message_goes_through_a_draft_and_an_upload_session(
         headers={"Auto-Submitted": "auto-generated"},
     )
     assert len(msg.data) > 40_000
-    (result,) = run(send_and_close(setup.transport(), msg))
+    (result,) = run(send_and_close(transport, msg))
 
     assert isinstance(result, SendResult), result
     assert result.accepted == ["customer@example.net", "audit@contoso.com"]
@@ -395,14 +403,12 @@ def test_a_large_message_goes_through_a_draft_and_an_upload_session(
 def test_a_failed_large_send_deletes_its_draft(
     setup: Setup, cloud: CloudServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(graph_module, "LARGE_MESSAGE_BYTES", 10_000)
-    setup.profile()
-    setup.graph_account()
+    transport = large_above(setup, monkeypatch, 10_000)
     cloud.graph_script = [
         Reply(503, {"error": {"code": "ServiceUnavailable", "message": "x"}}, {"Retry-After": "3"})
     ]
     msg = message(attachments=(Attachment("a.bin", "application/octet-stream", secrets.token_bytes(20_000)),))
-    (error,) = run(send_and_close(setup.transport(), msg))
+    (error,) = run(send_and_close(transport, msg))
     assert isinstance(error, TransientError) and error.retry_after == 3.0
     assert len(cloud.deleted_drafts) == 1 and not cloud.drafts and not cloud.delivered
 
@@ -410,10 +416,7 @@ def test_a_failed_large_send_deletes_its_draft(
 def test_a_large_message_that_cannot_be_split_is_refused_clearly(
     setup: Setup, cloud: CloudServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(graph_module, "LARGE_MESSAGE_BYTES", 100)
-    setup.profile()
-    setup.graph_account()
-    (error,) = run(send_and_close(setup.transport(), message()))
+    (error,) = run(send_and_close(large_above(setup, monkeypatch, 100), message()))
     assert isinstance(error, Rejected) and "cannot be split" in str(error)
     assert not cloud.calls("POST", "/v1.0/")  # nothing was tried
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from support.cloud import CLIENT_ID, CloudServer, Reply, service_account
 from support.pki import Pki
-from support.queue import QueueEnv, Worker, cli, finished, unique
+from support.queue import OrderNotice, QueueEnv, Worker, cli, finished, unique
 from support.smtpd import xoauth2_server
 from worker.client import Producer
 
@@ -56,27 +56,19 @@ def test_a_graph_account_delivers_like_an_smtp_one(
 ) -> None:
     records = GraphRecords(queue_env, pki, cloud)
     account = records.account()
-    job_id = producer.send_notification(
-        account,
-        to=["customer@example.net"],
-        bcc=["audit@contoso.com"],
-        subject="Your order shipped",
-        text="On its way.\n",
-        headers={"X-Order": "42"},
-    )
-    job = finished(producer, job_id)
+    job = OrderNotice.send(producer, account)
     assert job.state == "sent" and job.attempts == 1, job
     assert job.transport == "graph" and job.security is not None and job.security.startswith("HTTPS TLSv1.")
     assert {a: r["status"] for a, r in job.recipients.items()} == {
-        "customer@example.net": "sent",
-        "audit@contoso.com": "sent",
+        OrderNotice.to: "sent",
+        OrderNotice.bcc: "sent",
     }
     (delivered,) = cloud.delivered
     got = delivered.message
-    assert got["Message-ID"] == job.message_id and got["X-Order"] == "42"
-    assert got["Bcc"] == "audit@contoso.com" and got["Subject"] == "Your order shipped"
-    as_json = json.loads(cli(queue_env, "job", job_id, "--json").stdout)
-    assert as_json["transport"] == "graph" and as_json["recipients"]["customer@example.net"]["code"] == 202
+    assert got["Message-ID"] == job.message_id and got["X-Order"] == OrderNotice.order
+    assert got["Bcc"] == OrderNotice.bcc and got["Subject"] == OrderNotice.subject
+    as_json = json.loads(cli(queue_env, "job", job.id, "--json").stdout)
+    assert as_json["transport"] == "graph" and as_json["recipients"][OrderNotice.to]["code"] == 202
 
 
 def test_429_twice_then_202_is_delivered_once_respecting_retry_after(

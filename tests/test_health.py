@@ -24,12 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.pki import Pki
 from support.queue import WRONG_PASSWORD, QueueEnv, Worker, claim_database, wait_for
 from support.smtpd import PASSWORD, SmtpServer
-from worker.client import Producer
 from worker.db.vocabulary import JobState
 from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
 from worker.queue.pipeline.delivery import LOG_FORMAT, Outcome, log_attempt
 from worker.queue.store.jobs import JobStore
-from worker.records.loader import RECORDS_RECHECK_SECONDS, Records
+from worker.records.loader import RECORDS_RECHECK_SECONDS
 
 POSTROOM = str(Path(sys.executable).with_name("postroom"))
 ServerFactory = Callable[..., SmtpServer]
@@ -118,7 +117,7 @@ def test_checks_pause_broken_accounts_hold_their_jobs_and_release_them_when_fixe
         "provider: other\nsmtp:\n  address: down@example.com\n  host: 127.0.0.1\n"
         f"  port: {down_port}\n  secure: false\n  auth: none\n"
     )
-    producer = Producer(health_env.broker_url, records=Records.load(health_env.accounts, health_env.config))
+    producer = health_env.producer()
     worker = Worker(health_env, tmp_path / "worker.log").start()
     metrics_port = free_port()
     metrics = subprocess.Popen(

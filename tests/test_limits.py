@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio
 
-from support.queue import QueueEnv, Worker, claim_database, wait_for
+from support.queue import QueueEnv, Worker, wait_for
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.errors import LimitWait
@@ -22,17 +22,6 @@ from worker.transports.limits import Limiter
 ServerFactory = Callable[..., SmtpServer]
 
 
-@pytest.fixture
-def limits_env(real_redis: None, tmp_path: Path) -> Iterator[QueueEnv]:
-    env = QueueEnv(tmp_path, claim_database())
-    yield env
-    env.release()
-
-
-def producer_for(env: QueueEnv) -> Producer:
-    return Producer(env.broker_url, records=Records.load(env.accounts, env.config))
-
-
 def jobs(producer: Producer, ids: list[str]) -> list[Job]:
     found = [producer.job(i) for i in ids]
     assert all(j is not None for j in found)
@@ -40,13 +29,13 @@ def jobs(producer: Producer, ids: list[str]) -> list[Job]:
 
 
 def test_two_worker_processes_share_one_accounts_three_connection_cap(
-    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+    own_queue: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
     server = smtp_server(mode="plain", data_delay=0.05)
-    account = limits_env.account("capped", server, limits={"max_connections": 3})
-    producer = producer_for(limits_env)
+    account = own_queue.account("capped", server, limits={"max_connections": 3})
+    producer = own_queue.producer()
     ids = [producer.send_notification(account, [f"r{i}@example.net"], f"m {i}", "x") for i in range(60)]
-    workers = [Worker(limits_env, tmp_path / f"w{n}.log", concurrency=4) for n in (1, 2)]
+    workers = [Worker(own_queue, tmp_path / f"w{n}.log", concurrency=4) for n in (1, 2)]
     try:
         for w in workers:
             w.start()
@@ -65,17 +54,17 @@ def test_two_worker_processes_share_one_accounts_three_connection_cap(
 
 
 def test_two_processes_with_backlogs_keep_the_accounts_whole_cap_busy(
-    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+    own_queue: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
     """Both pools of each account have sends waiting all the time (each process carries its
     part of the backlog from the start, so no new send asks for a while): neither may take
     itself for idle and hand its share to the other, which did the same (one connection each)."""
     server = smtp_server(mode="plain", data_delay=1.0)
-    names = [limits_env.account(f"shared{n}", server, limits={"max_connections": 10}) for n in range(4)]
-    producer = producer_for(limits_env)
+    names = [own_queue.account(f"shared{n}", server, limits={"max_connections": 10}) for n in range(4)]
+    producer = own_queue.producer()
     ids = [producer.send_notification(names[i % 4], [f"r{i}@example.net"], f"m {i}", "x") for i in range(240)]
     shipped = {"POSTROOM_SOFT_TIME_LIMIT": "300", "POSTROOM_TIME_LIMIT": "360"}  # so: a 20 s slot wait
-    workers = [Worker(limits_env, tmp_path / f"w{n}.log", concurrency=16, extra_env=shipped) for n in (1, 2)]
+    workers = [Worker(own_queue, tmp_path / f"w{n}.log", concurrency=16, extra_env=shipped) for n in (1, 2)]
     samples: list[int] = []
     try:
         for w in workers:
@@ -96,13 +85,13 @@ def test_two_processes_with_backlogs_keep_the_accounts_whole_cap_busy(
 
 
 def test_a_rate_of_60_a_minute_sends_about_20_in_20_seconds_never_ahead_of_schedule(
-    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+    own_queue: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
     server = smtp_server(mode="plain")
-    account = limits_env.account("paced", server, limits={"rate": '"60/minute"'})
-    producer = producer_for(limits_env)
+    account = own_queue.account("paced", server, limits={"rate": '"60/minute"'})
+    producer = own_queue.producer()
     ids = [producer.send_notification(account, ["a@example.net"], f"m {i}", "x") for i in range(40)]
-    worker = Worker(limits_env, tmp_path / "w.log").start()
+    worker = Worker(own_queue, tmp_path / "w.log").start()
     try:
         wait_for(lambda: len(server.received) >= 1, 20, "the first delivery", worker)
         first = server.received[0].at
@@ -122,15 +111,15 @@ def test_a_rate_of_60_a_minute_sends_about_20_in_20_seconds_never_ahead_of_sched
 
 
 def test_a_throttled_account_does_not_hold_up_the_others(
-    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+    own_queue: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
     server = smtp_server(mode="plain")
-    slow = limits_env.account("slow", server, limits={"rate": '"6/minute"'})
-    fast = limits_env.account("fast", server)
-    producer = producer_for(limits_env)
+    slow = own_queue.account("slow", server, limits={"rate": '"6/minute"'})
+    fast = own_queue.account("fast", server)
+    producer = own_queue.producer()
     slow_ids = [producer.send_notification(slow, ["s@example.net"], f"s {i}", "x") for i in range(20)]
     fast_ids = [producer.send_notification(fast, ["f@example.net"], f"f {i}", "x") for i in range(20)]
-    worker = Worker(limits_env, tmp_path / "w.log", concurrency=2).start()
+    worker = Worker(own_queue, tmp_path / "w.log", concurrency=2).start()
     try:
         wait_for(
             lambda: all(j.state == "sent" for j in jobs(producer, fast_ids)), 15, "the fast ones", worker
@@ -144,12 +133,12 @@ def test_a_throttled_account_does_not_hold_up_the_others(
 
 
 def test_the_daily_recipient_budget_holds_jobs_back_without_spending_attempts(
-    limits_env: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
+    own_queue: QueueEnv, smtp_server: ServerFactory, tmp_path: Path
 ) -> None:
     server = smtp_server(mode="plain")
-    account = limits_env.account("budget", server, limits={"daily_recipients": 3})
-    producer = producer_for(limits_env)
-    worker = Worker(limits_env, tmp_path / "w.log").start()
+    account = own_queue.account("budget", server, limits={"daily_recipients": 3})
+    producer = own_queue.producer()
+    worker = Worker(own_queue, tmp_path / "w.log").start()
     try:
         two = ["a@example.net", "b@example.net"]
         first = producer.send_notification(account, two, "first", "x")
@@ -170,9 +159,9 @@ def test_the_daily_recipient_budget_holds_jobs_back_without_spending_attempts(
         producer.close()
 
 
-def test_connection_slots_of_a_crashed_worker_lapse_and_waiters_are_announced(limits_env: QueueEnv) -> None:
+def test_connection_slots_of_a_crashed_worker_lapse_and_waiters_are_announced(own_queue: QueueEnv) -> None:
     async def scenario() -> None:
-        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        client: Any = redis.asyncio.Redis.from_url(own_queue.broker_url, decode_responses=True)
         try:
             limiter = Limiter(client)
             await limiter.acquire_slot("acct", 2, "a", user="worker-1")
@@ -194,7 +183,7 @@ def test_connection_slots_of_a_crashed_worker_lapse_and_waiters_are_announced(li
 
 
 def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
-    limits_env: QueueEnv, smtp_server: ServerFactory
+    own_queue: QueueEnv, smtp_server: ServerFactory
 ) -> None:
     """An idle pool hands its connections over when another worker waits for the account's
     slots; once the other is done, the first pool must open one again when a send comes."""
@@ -202,8 +191,8 @@ def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
     from worker.transports.smtp.pool import SmtpTransport
 
     server = smtp_server(mode="plain")
-    limits_env.account("handover", server, limits={"max_connections": 1})
-    account = Records.load(limits_env.accounts, limits_env.config).account("handover")
+    own_queue.account("handover", server, limits={"max_connections": 1})
+    account = Records.load(own_queue.accounts, own_queue.config).account("handover")
 
     def mail(n: int) -> OutgoingMessage:
         data = f"Message-ID: <handover-{n}@example.com>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
@@ -212,7 +201,7 @@ def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
         )
 
     async def scenario() -> None:
-        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        client: Any = redis.asyncio.Redis.from_url(own_queue.broker_url, decode_responses=True)
         first = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
         second = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
         try:
@@ -233,7 +222,7 @@ def test_a_pool_that_gave_its_connections_to_another_worker_takes_one_again(
 
 
 def test_a_dead_connection_no_send_holds_gives_its_slot_back(
-    limits_env: QueueEnv, smtp_server: ServerFactory
+    own_queue: QueueEnv, smtp_server: ServerFactory
 ) -> None:
     """A connection whose socket is gone, waiting in no idle list and held by no send (the
     state a Redis restart followed by the server's left pools in: every slot of the account
@@ -242,13 +231,13 @@ def test_a_dead_connection_no_send_holds_gives_its_slot_back(
     from worker.transports.smtp.pool import SmtpTransport
 
     server = smtp_server(mode="plain")
-    limits_env.account("strays", server, limits={"max_connections": 1})
-    account = Records.load(limits_env.accounts, limits_env.config).account("strays")
+    own_queue.account("strays", server, limits={"max_connections": 1})
+    account = Records.load(own_queue.accounts, own_queue.config).account("strays")
     data = b"Message-ID: <stray-1@example.com>\r\nSubject: 1\r\n\r\nbody\r\n"
     mail = OutgoingMessage("<stray-1@example.com>", "strays@example.com", ("r@example.net",), data)
 
     async def scenario() -> None:
-        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        client: Any = redis.asyncio.Redis.from_url(own_queue.broker_url, decode_responses=True)
         pool = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
         try:
             await pool.send(mail)  # its connection stays open, idle, holding the account's slot
@@ -267,21 +256,21 @@ def test_a_dead_connection_no_send_holds_gives_its_slot_back(
     asyncio.run(scenario())
 
 
-def _stretching(limits_env: QueueEnv, server: SmtpServer, name: str, each: int, then: int) -> float:
+def _stretching(own_queue: QueueEnv, server: SmtpServer, name: str, each: int, then: int) -> float:
     """Two pools of account ``name`` (cap ``2 x each``) open ``each`` connections apiece; then
     the first sends ``then`` more while the second sits idle. Returns how long those took."""
     from worker.transports.base import OutgoingMessage
     from worker.transports.smtp.pool import SmtpTransport
 
-    limits_env.account(name, server, limits={"max_connections": 2 * each})
-    account = Records.load(limits_env.accounts, limits_env.config).account(name)
+    own_queue.account(name, server, limits={"max_connections": 2 * each})
+    account = Records.load(own_queue.accounts, own_queue.config).account(name)
 
     def mail(n: int) -> OutgoingMessage:
         data = f"Message-ID: <{name}-{n}@example.com>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
         return OutgoingMessage(f"<{name}-{n}@example.com>", "stretch@example.com", ("r@example.net",), data)
 
     async def scenario() -> float:
-        client: Any = redis.asyncio.Redis.from_url(limits_env.broker_url, decode_responses=True)
+        client: Any = redis.asyncio.Redis.from_url(own_queue.broker_url, decode_responses=True)
         first = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
         second = SmtpTransport(account, limiter=Limiter(client, slot_wait=10))
         try:
@@ -304,23 +293,23 @@ def _stretching(limits_env: QueueEnv, server: SmtpServer, name: str, each: int, 
 
 
 def test_a_pool_with_waiting_sends_gets_the_slot_another_pools_idle_connection_sits_on(
-    limits_env: QueueEnv, smtp_server: ServerFactory
+    own_queue: QueueEnv, smtp_server: ServerFactory
 ) -> None:
     """Two pools share an account's two connections, one each. The second runs out of work;
     the first still has three messages for a server that takes 1 s each. The second's idle
     connection must go to the first (its waiting send asks past its share, the idle connection
     gives its slot up), so two go at once: about 2 s for the three, not 3 s on one connection."""
-    took = _stretching(limits_env, smtp_server(mode="plain", data_delay=1.0), "stretch", 1, 3)
+    took = _stretching(own_queue, smtp_server(mode="plain", data_delay=1.0), "stretch", 1, 3)
     assert took < 2.7, f"three 1 s messages took {took:.1f} s: the idle connection's slot never moved"
 
 
 def test_every_waiting_send_of_a_pool_stretches_into_another_pools_idle_slots(
-    limits_env: QueueEnv, smtp_server: ServerFactory
+    own_queue: QueueEnv, smtp_server: ServerFactory
 ) -> None:
     """Two pools share an account's four connections, two each; the second runs out of work
     while the first has four messages for a server that takes 1.5 s each. Both of its waiting
     sends must move into the second's idle slots within a fraction of a second: the one that
     watched for a slot hands the watch on when it leaves (else the other waits POOL_RECHECK
     before anyone looks again, and the four take ~2.6 s instead of ~1.8)."""
-    took = _stretching(limits_env, smtp_server(mode="plain", data_delay=1.5), "stretch4", 2, 4)
+    took = _stretching(own_queue, smtp_server(mode="plain", data_delay=1.5), "stretch4", 2, 4)
     assert took < 2.3, f"four 1.5 s messages on 2 + 2 idle connections took {took:.1f} s"

@@ -26,7 +26,6 @@ from worker.queue.process import liveness
 from worker.queue.store.delays import RETRYING, DelayQueue
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.ready import READY_ACCOUNTS, ReadyQueues, ready_key
-from worker.records.loader import Records
 
 # The shipped time limits and visibility timeout (support.queue shrinks only the retry delays).
 PRODUCTION = {
@@ -131,7 +130,7 @@ def test_a_killed_workers_taken_jobs_run_again_within_a_minute(
     # every connection stalls at MAIL: the worker holds jobs on its connections and waiting for one
     server = smtp_server(mode="plain", stall_mail_after=0, stall_seconds=600, stall_all=True)
     own_queue.account("held", server, limits={"max_connections": 2})
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     ids = [producer.send_notification("held", [f"r{i}@example.net"], f"held {i}", "t") for i in range(40)]
     killed_at, second = held_by_a_killed_worker(
         own_queue,
@@ -158,7 +157,7 @@ def test_a_retry_whose_worker_was_killed_runs_after_its_backoff_and_not_much_lat
 ) -> None:
     server = smtp_server(mode="plain", rules=[Rule("RCPT", 451, "4.3.0 try again later", times=1)])
     own_queue.account("later", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     backoff = {**PRODUCTION, "POSTROOM_RETRY_BASE_DELAY": "24", "POSTROOM_RETRY_MAX_DELAY": "30"}
     first = Worker(own_queue, tmp_path / "first.log", extra_env=backoff).start()
     job_id = producer.send_notification("later", ["r@example.net"], "later", "t")

@@ -25,7 +25,6 @@ from support.smtpd import Rule, SmtpServer
 from worker.client import Producer
 from worker.queue.broker.kombu_redis import BrokerKeys
 from worker.queue.store.jobs import JobStore
-from worker.records.loader import Records
 
 
 @pytest.fixture
@@ -34,7 +33,7 @@ def mail(
 ) -> Iterator[tuple[SmtpServer, Producer]]:
     server = smtp_server(mode="plain")
     own_queue.account("tenant", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     yield server, producer
     producer.close()
 
@@ -207,7 +206,7 @@ def test_message_ids_and_sent_marks_are_scoped_per_account(
     server = smtp_server(mode="plain")
     own_queue.account("alpha", server)
     own_queue.account("beta", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     shared = f"<{uuid.uuid4().hex}@example.com>"
     legacy = f"<{uuid.uuid4().hex}@example.com>"
     # a sent mark from before the per-account keys (global) is honoured until it expires
@@ -240,7 +239,7 @@ def test_a_permanent_refusal_is_not_rewritten_by_the_time_limit_of_its_batch(
     stalling = smtp_server(mode="plain", stall_mail_after=0, stall_seconds=30)
     own_queue.account("refusing", refusing)
     own_queue.account("stalling", stalling)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     ids = producer.send_batch(
         [
             {"account": "refusing", "to": ["gone@example.net"], "subject": "r", "text": "t"},

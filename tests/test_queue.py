@@ -13,7 +13,7 @@ from celery import Celery
 
 from support.pki import Pki
 from support.queue import WRONG_PASSWORD, Live, QueueEnv, Worker, cli, finished, unique, wait_for
-from support.smtpd import PASSWORD, Rule, SmtpServer
+from support.smtpd import PASSWORD, Rule, SmtpServer, unknown_user
 from worker.client import PayloadError, Producer
 
 ServerFactory = Callable[..., SmtpServer]
@@ -100,7 +100,7 @@ def test_451_then_accept_is_delivered_once_on_the_second_attempt(live: Live) -> 
 
 def test_550_is_dead_lettered_after_exactly_one_attempt_and_can_be_retried(live: Live) -> None:
     queue_env, worker, producer, smtp_server = live
-    server = smtp_server(mode="plain", rules=[Rule("RCPT", 550, "5.1.1 No such user")])
+    server = smtp_server(mode="plain", rules=[unknown_user()])
     account = queue_env.account(unique("dead"), server)
     job_id = producer.send_notification(account, ["gone@example.net"], "Hi", "x")
     job = finished(producer, job_id)
@@ -144,11 +144,8 @@ def test_dead_letters_purge(live: Live) -> None:
 
 def test_partial_refusal_retries_only_the_deferred_recipient(live: Live) -> None:
     queue_env, _, producer, smtp_server = live
-    rules = [
-        Rule("RCPT", 550, "5.1.1 No such user", match="bad"),
-        Rule("RCPT", 452, "4.2.2 Mailbox full", match="later", times=1),
-    ]
-    server = smtp_server(mode="plain", rules=rules)
+    later = Rule("RCPT", 452, "4.2.2 Mailbox full", match="later", times=1)
+    server = smtp_server(mode="plain", rules=[unknown_user("bad"), later])
     account = queue_env.account(unique("partial"), server)
     to = ["good@example.net", "bad@example.net", "later@example.net"]
     job = finished(producer, producer.send_notification(account, to, "Hi", "x"))
@@ -298,6 +295,14 @@ def test_cli_send_refuses_clearly_and_delivers_with_wait(
     job = json.loads(done.stdout)
     assert job["state"] == "sent" and job["recipients"]["a@example.net"]["status"] == "sent"
     assert server.received[0].message["Subject"] == "CLI"
+    # the --original-* options build the original; an empty return path is a bounce's, kept
+    reply = cli(
+        queue_env, "send", "--kind", "auto-reply", "--account", account, "--text", "Away",
+        "--original-from", "bob@example.net", "--original-subject", "Hello",
+        "--original-message-id", "<m1@example.net>", "--original-return-path", "", "--wait", "30", "--json",
+    )  # fmt: skip
+    assert json.loads(reply.stdout)["state"] == "suppressed", reply.stdout + reply.stderr
+    assert "empty return path" in json.loads(reply.stdout)["last_error"]
 
 
 # ---- secrets --------------------------------------------------------------------------------
@@ -305,16 +310,8 @@ def test_cli_send_refuses_clearly_and_delivers_with_wait(
 
 def test_secrets_never_reach_payloads_records_results_or_logs(live: Live, pki: Pki) -> None:
     queue_env, worker, producer, smtp_server = live
-    (queue_env.config / "keystores" / "queue-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
     server = smtp_server(mode="starttls", auth_required=True)
-    tls: dict[str, Any] = {
-        "secure": True,
-        "auth": "password",
-        "truststore": "queue-ca",
-        "user_id": "user@example.com",
-    }
-    good = queue_env.account(unique("secret"), server, password="${QUEUE_TEST_PASSWORD}", **tls)
-    bad = queue_env.account(unique("wrongpw"), server, password="${QUEUE_TEST_WRONG_PASSWORD}", **tls)
+    good, bad = queue_env.password_accounts(server, pki.ca_cert)
 
     sent = finished(producer, producer.send_notification(good, ["a@example.net"], "Hi", "x"))
     assert sent.state == "sent" and sent.security is not None and sent.security.startswith("STARTTLS TLSv1.")
@@ -353,11 +350,8 @@ def _redis_values(env: QueueEnv, key: str) -> list[Any]:
 
 def test_a_batch_gives_every_message_its_own_fate(live: Live) -> None:
     queue_env, _, producer, smtp_server = live
-    rules = [
-        Rule("RCPT", 550, "5.1.1 No such user", match="bad"),
-        Rule("RCPT", 451, "4.3.0 Try later", match="later", times=1),
-    ]
-    server = smtp_server(mode="plain", rules=rules)
+    later = Rule("RCPT", 451, "4.3.0 Try later", match="later", times=1)
+    server = smtp_server(mode="plain", rules=[unknown_user("bad"), later])
     account = queue_env.account(unique("batch"), server)
     to = ["good@example.net", "bad@example.net", "later@example.net", "also-good@example.net"]
     job_ids = producer.send_batch(

@@ -12,6 +12,7 @@ import pytest
 
 from support.pki import Pki
 from worker.errors import ConfigurationError, RecordError
+from worker.records.accounts import EmailAccount
 from worker.records.loader import Records
 from worker.records.secrets import Secret
 
@@ -72,18 +73,19 @@ def test_office365_preset_fills_host_port_protocol_and_limits(tree: RecordTree) 
         """,
     )
     account = tree.load().account("orders")
-    assert account.smtp is not None
-    assert (account.smtp.host, account.smtp.port, account.smtp.protocol) == (
-        "smtp.office365.com",
-        587,
-        "starttls",
-    )
-    assert account.smtp.auth == "password"
+    assert endpoint(account) == ("smtp.office365.com", 587, "starttls")
+    assert account.smtp is not None and account.smtp.auth == "password"
     assert account.smtp.username == "orders@example.com"
     assert account.limits.rate == (30, 60.0)
     assert account.limits.max_connections == 3
     assert account.limits.daily_recipients == 10000
     assert account.smtp.security_label == "SMTP (Connect using STARTTLS)"
+
+
+def endpoint(account: EmailAccount) -> tuple[str, int, str]:
+    """Where an SMTP account connects: host, port and protocol."""
+    assert account.smtp is not None
+    return account.smtp.host, account.smtp.port, account.smtp.protocol
 
 
 @pytest.mark.parametrize(
@@ -120,12 +122,7 @@ def test_explicit_fields_win_over_the_preset(tree: RecordTree) -> None:
         """,
     )
     account = tree.load().account("a")
-    assert account.smtp is not None
-    assert (account.smtp.host, account.smtp.port, account.smtp.protocol) == (
-        "smtp-relay.gmail.com",
-        465,
-        "smtps",
-    )
+    assert endpoint(account) == ("smtp-relay.gmail.com", 465, "smtps")
     assert account.limits.max_connections == 1
     assert account.limits.rate == (5, 1.0)
     assert account.limits.max_recipients_per_message == 100  # preset still fills the rest

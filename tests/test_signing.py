@@ -32,8 +32,8 @@ from test_graph_queue import MAILBOX, GraphRecords
 from support.cloud import CloudServer
 from support.mailcheck import strict_parse
 from support.pki import Pki
-from support.queue import POSTROOM, Live, QueueEnv, Worker, cli, finished, unique
-from support.signing_pki import P12_PASSWORD, SigningPki
+from support.queue import POSTROOM, Live, OrderNotice, QueueEnv, Worker, cli, finished, unique
+from support.signing_pki import P12_PASSWORD, Signer, SigningPki
 from support.smtpd import SmtpServer
 from worker.client import Producer
 from worker.errors import ConfigurationError
@@ -152,6 +152,19 @@ class SigningRecords:
             text += f"    alias: {alias}\n" if alias is not None else "    alias: null\n"
         (self.accounts / f"{name}.yaml").write_text(text + dkim_lines)
         return name
+
+    def signing_account(
+        self, name: str, server: SmtpServer | None, selector: str, *, days: int = 365
+    ) -> tuple[Signer, rsa.RSAPrivateKey, Path]:
+        """An account that signs with S/MIME (a PKCS#12 keystore, alias k) and DKIM (``selector``
+        of example.com); returns its signer, its DKIM key and that key's file."""
+        signer = self.spki.signer(f"{name}@example.com", days=days)
+        key, key_file = rsa_key_file(self.secrets)
+        keystore = self.pkcs12_keystore(self.spki.pkcs12(signer, "k"))
+        self.smtp_account(
+            name, server, keystore=keystore, dkim_lines=dkim_block("example.com", selector, key_file)
+        )
+        return signer, key, key_file
 
 
 def dkim_block(domain: str, selector: str, key_file: Path) -> str:
@@ -425,24 +438,15 @@ def test_dkim_settings_are_validated(tree: SigningRecords, spki: SigningPki) -> 
 # ---- DKIM, without the queue ------------------------------------------------------------------
 
 
-def test_dkim_over_smime_verifies_with_dkimpy_and_openssl(
+def test_dkim_over_smime_verifies_with_dkimpy_and_openssl_and_international_mail_reads_back(
     tree: SigningRecords, spki: SigningPki, tmp_path: Path
 ) -> None:
     name = unique("both")
-    signer = spki.signer(f"{name}@example.com")
-    key, key_file = rsa_key_file(tmp_path)
-    tree.smtp_account(
-        name,
-        None,
-        keystore=tree.pkcs12_keystore(spki.pkcs12(signer, "k")),
-        dkim_lines=dkim_block("example.com", "sel2026", key_file),
-    )
+    signer, key, _ = tree.signing_account(name, None, "sel2026")
     records = load(tree)
     account = records.account(name)
-    built = build_message(
-        MessageSpec(f"{name}@example.com", to=["a@example.net"], subject="Hi", text=NON_ASCII)
-    )
-    signed = signing.sign_message(built.data, account, records)
+    plain = MessageSpec(f"{name}@example.com", to=["a@example.net"], subject="Hi", text=NON_ASCII)
+    signed = signing.sign_message(build_message(plain).data, account, records)
     assert signed.startswith(b"DKIM-Signature: ")
     assert dkim.verify(signed, dnsfunc=dns_for("sel2026", "example.com", key))
     assert not dkim.verify(signed, dnsfunc=dns_for("sel2026", "example.com", rsa_key_file(tmp_path)[0]))
@@ -450,30 +454,17 @@ def test_dkim_over_smime_verifies_with_dkimpy_and_openssl(
     verified = openssl_verify(signed, spki.ca_file, tmp_path)
     assert verified.ok and same_cert(verified.signer, signer.cert)
 
-
-def test_signed_international_mail_reads_back_without_a_defect(
-    tree: SigningRecords, spki: SigningPki, tmp_path: Path
-) -> None:
-    name = unique("intl")
-    signer = spki.signer(f"{name}@example.com")
-    key, key_file = rsa_key_file(tmp_path)
-    tree.smtp_account(
-        name, None, keystore=tree.pkcs12_keystore(spki.pkcs12(signer, "k")),
-        dkim_lines=dkim_block("example.com", "sel2026", key_file),
-    )  # fmt: skip
-    records = load(tree)
-    built = build_message(
-        MessageSpec(
-            f"{name}@example.com",
-            display_name="Zoë's Shop",
-            to=['"Kraków, Office" <office@bücher.example>'],
-            subject="Zamówienie",
-            text=NON_ASCII,
-            attachments=[Attachment("lista.csv", "text/csv", "Zoë,Kraków\n".encode())],
-            own_headers={"List-Unsubscribe": "<https://example.com/u/1>"},
-        )
+    # international: IDNA domain, encoded words, a non-ASCII attachment name; no parse defect
+    international = MessageSpec(
+        f"{name}@example.com",
+        display_name="Zoë's Shop",
+        to=['"Kraków, Office" <office@bücher.example>'],
+        subject="Zamówienie",
+        text=NON_ASCII,
+        attachments=[Attachment("lista.csv", "text/csv", "Zoë,Kraków\n".encode())],
+        own_headers={"List-Unsubscribe": "<https://example.com/u/1>"},
     )
-    signed = signing.sign_message(built.data, records.account(name), records)
+    signed = signing.sign_message(build_message(international).data, account, records)
     message = strict_parse(signed)
     assert message["To"].addresses[0].addr_spec == "office@xn--bcher-kva.example"
     assert message["Subject"] == "Zamówienie"
@@ -502,43 +493,48 @@ def queue_records(queue_env: QueueEnv, spki: SigningPki) -> SigningRecords:
     return SigningRecords(queue_env.accounts, queue_env.config, spki)
 
 
+class SignedSmtp(NamedTuple):
+    """A running queue, its signing PKI and records, and a plain SMTP server for its accounts."""
+
+    queue_env: QueueEnv
+    worker: Worker
+    producer: Producer
+    spki: SigningPki
+    records: SigningRecords
+    server: SmtpServer
+
+
+@pytest.fixture
+def signed_smtp(live: Live, spki: SigningPki, queue_records: SigningRecords) -> SignedSmtp:
+    queue_env, worker, producer, smtp_server = live
+    return SignedSmtp(queue_env, worker, producer, spki, queue_records, smtp_server(mode="plain"))
+
+
 def test_smime_over_smtp_with_a_keytool_alias_verifies_after_delivery(
-    live: Live, spki: SigningPki, queue_records: SigningRecords, tmp_path: Path
+    signed_smtp: SignedSmtp, tmp_path: Path
 ) -> None:
-    _, _, producer, smtp_server = live
-    server = smtp_server(mode="plain")
+    _, _, producer, spki, queue_records, server = signed_smtp
     name = unique("signed")
     decoy, chosen = spki.signer(f"decoy-{name}@example.com"), spki.signer(f"{name}@example.com")
     p12 = spki.keytool_pkcs12([("decoy", decoy), ("orders-2026", chosen)])
     queue_records.smtp_account(name, server, keystore=queue_records.pkcs12_keystore(p12), alias="orders-2026")
-    job = finished(
-        producer,
-        producer.send_notification(
-            name,
-            to=["to@example.net"],
-            bcc=["hidden@example.net"],
-            subject="Signed notice",
-            text="Your order shipped.\n",
-            headers={"X-Order": "7"},
-        ),
-    )
+    job = OrderNotice.send(producer, name)
     assert job.state == "sent", job
     (got,) = server.received
     assert got.message.get_content_type() == "multipart/signed"
-    assert got.message["X-Order"] == "7" and got.message["Message-ID"] == job.message_id
-    assert b"hidden@example.net" not in got.data
+    assert got.message["X-Order"] == OrderNotice.order and got.message["Message-ID"] == job.message_id
+    assert OrderNotice.bcc.encode() not in got.data
     verified = openssl_verify(got.data, spki.ca_file, tmp_path)
     assert verified.ok, verified.stderr
     assert same_cert(verified.signer, chosen.cert)
-    assert b"Your order shipped." in verified.content
+    assert OrderNotice.text.strip().encode() in verified.content
     assert not openssl_verify(tamper(got.data), spki.ca_file, tmp_path).ok
 
 
 def test_pem_keystore_and_blank_alias_sign_attachments_and_non_ascii_bodies(
-    live: Live, spki: SigningPki, queue_records: SigningRecords, tmp_path: Path
+    signed_smtp: SignedSmtp, tmp_path: Path
 ) -> None:
-    _, _, producer, smtp_server = live
-    server = smtp_server(mode="plain")
+    _, _, producer, spki, queue_records, server = signed_smtp
     pem_name, p12_name = unique("pem"), unique("blank")
     pem_signer = spki.signer(f"{pem_name}@example.com", rsa_key=False)
     queue_records.smtp_account(pem_name, server, keystore=queue_records.pem_keystore(*spki.pem(pem_signer)))
@@ -574,15 +570,9 @@ def test_pem_keystore_and_blank_alias_sign_attachments_and_non_ascii_bodies(
 
 @pytest.mark.parametrize("case", ["wrong password", "missing alias", "expired certificate", "email mismatch"])
 def test_broken_signing_material_dead_letters_the_job_and_nothing_is_sent(
-    case: str,
-    queue_env: QueueEnv,
-    worker: Worker,
-    producer: Producer,
-    smtp_server: ServerFactory,
-    spki: SigningPki,
-    queue_records: SigningRecords,
+    case: str, signed_smtp: SignedSmtp
 ) -> None:
-    server = smtp_server(mode="plain")
+    queue_env, _, producer, spki, queue_records, server = signed_smtp
     name = unique("broken")
     signer = spki.signer(f"{name}@example.com", expired=case == "expired certificate")
     if case == "email mismatch":
@@ -611,19 +601,11 @@ def test_broken_signing_material_dead_letters_the_job_and_nothing_is_sent(
 
 
 def test_dkim_over_smime_through_smtp_and_secrets_stay_out_of_every_output(
-    live: Live, spki: SigningPki, queue_records: SigningRecords, tmp_path: Path
+    signed_smtp: SignedSmtp, tmp_path: Path
 ) -> None:
-    queue_env, worker, producer, smtp_server = live
-    server = smtp_server(mode="plain")
+    queue_env, worker, producer, spki, queue_records, server = signed_smtp
     name = unique("dkim")
-    signer = spki.signer(f"{name}@example.com")
-    key, key_file = rsa_key_file(queue_records.secrets)
-    queue_records.smtp_account(
-        name,
-        server,
-        keystore=queue_records.pkcs12_keystore(spki.pkcs12(signer, "k")),
-        dkim_lines=dkim_block("example.com", "mail2026", key_file),
-    )
+    signer, key, key_file = queue_records.signing_account(name, server, "mail2026")
     job = finished(producer, producer.send_notification(name, ["to@example.net"], "DKIM + S/MIME", NON_ASCII))
     assert job.state == "sent", job
     (got,) = server.received
@@ -678,14 +660,7 @@ def test_connectivity_shows_the_signing_certificate_and_days_to_expiry(
 ) -> None:
     server = smtp_server(mode="plain")
     name = unique("conn")
-    signer = spki.signer(f"{name}@example.com", days=20)
-    _key, key_file = rsa_key_file(queue_records.secrets)
-    queue_records.smtp_account(
-        name,
-        server,
-        keystore=queue_records.pkcs12_keystore(spki.pkcs12(signer, "k")),
-        dkim_lines=dkim_block("example.com", "s1", key_file),
-    )
+    signer, _, _ = queue_records.signing_account(name, server, "s1", days=20)
     result = cli(queue_env, "test-connectivity", name, "--json")
     report = json.loads(result.stdout)
     assert report["ok"], report

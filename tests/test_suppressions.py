@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from support.queue import Live, QueueEnv, cli, finished, unique
-from support.smtpd import Rule, SmtpServer
+from support.smtpd import Rule, SmtpServer, unknown_user
 from support.web import write_key
 from worker.client import Producer
 from worker.queue.store.suppressions import Suppressions, hard_bounce
@@ -27,13 +27,8 @@ def suppressed(env: QueueEnv, account: str) -> list[dict[str, object]]:
 
 def test_a_5_1_1_refusal_suppresses_the_address_and_later_jobs_skip_it(live: Live) -> None:
     queue_env, _, producer, smtp_server = live
-    server = smtp_server(
-        mode="plain",
-        rules=[
-            Rule("RCPT", 550, "5.1.1 No such user", match="gone@example.net"),
-            Rule("RCPT", 550, "5.7.1 Relaying denied by policy", match="policy@example.net"),
-        ],
-    )
+    policy = Rule("RCPT", 550, "5.7.1 Relaying denied by policy", match="policy@example.net")
+    server = smtp_server(mode="plain", rules=[unknown_user("gone@example.net"), policy])
     account = queue_env.account(unique("sup"), server)
     first = finished(
         producer,

@@ -28,7 +28,6 @@ from worker.queue.process.sweep import LOCK, Sweeper
 from worker.queue.store.jobrecord import OPEN
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.ready import ReadyQueues, ready_key
-from worker.records.loader import Records
 
 READY = ready_key("swept")
 
@@ -37,7 +36,7 @@ READY = ready_key("swept")
 def mail(own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer]) -> tuple[SmtpServer, Producer]:
     server = smtp_server(mode="plain")
     own_queue.account("swept", server)
-    producer = Producer(own_queue.broker_url, records=Records.load(own_queue.accounts, own_queue.config))
+    producer = own_queue.producer()
     return server, producer
 
 

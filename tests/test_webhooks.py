@@ -21,7 +21,7 @@ from standardwebhooks.webhooks import Webhook as Verifier
 
 from support.hookrecv import Receiver, free_port
 from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
-from support.smtpd import Rule, SmtpServer
+from support.smtpd import Rule, SmtpServer, unknown_user
 from worker.db.vocabulary import JobState
 from worker.queue.events import outbox
 from worker.queue.events.webhook_sender import WebhookSender, retry_delay, sign
@@ -83,11 +83,7 @@ def test_events_reach_a_receiver_that_fails_first_and_is_killed_mid_run(
 ) -> None:
     queue_env, worker, producer, smtp_server = live
     server = smtp_server(
-        mode="plain",
-        rules=[
-            Rule("RCPT", 550, "5.1.1 No such user", match="gone@"),
-            Rule("RCPT", 451, "4.3.0 Later", match="slow@"),
-        ],
+        mode="plain", rules=[unknown_user("gone@"), Rule("RCPT", 451, "4.3.0 Later", match="slow@")]
     )
     account = queue_env.account(unique("hook"), server)
     name, port = unique("hook"), free_port()

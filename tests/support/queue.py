@@ -24,6 +24,7 @@ import redis
 
 from support.smtpd import PASSWORD, SmtpServer
 from worker.client import Producer
+from worker.records.loader import Records
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -134,6 +135,26 @@ class QueueEnv:
             lines += ["limits:", *(f"  {key}: {value}" for key, value in limits.items())]
         (self.accounts / f"{name}.yaml").write_text("\n".join(lines) + "\n")
         return name
+
+    def producer(self) -> Producer:
+        """A producer of this queue, with the records as they are now (close it after)."""
+        return Producer(self.broker_url, records=Records.load(self.accounts, self.config))
+
+    def password_accounts(self, server: SmtpServer, ca_cert: Path) -> tuple[str, str]:
+        """Two STARTTLS accounts on ``server`` (which trusts ``ca_cert``'s chain) that log in as
+        user@example.com, the first with the right password, the second with a wrong one (a 535).
+        Both passwords come from the workers' environment, so tests can look for them."""
+        truststore = unique("ca-")
+        (self.config / "keystores" / f"{truststore}.yaml").write_text(f"type: pem\ncertificates: {ca_cert}\n")
+        login: dict[str, Any] = {
+            "secure": True,
+            "auth": "password",
+            "truststore": truststore,
+            "user_id": "user@example.com",
+        }
+        good = self.account(unique("pw"), server, password="${QUEUE_TEST_PASSWORD}", **login)
+        wrong = self.account(unique("wrongpw"), server, password="${QUEUE_TEST_WRONG_PASSWORD}", **login)
+        return good, wrong
 
     def dump(self) -> str:
         """Every value this database holds, as text: where a test looks for a leaked secret."""
@@ -250,6 +271,22 @@ def finished(producer: Any, job_id: str, timeout: float = 30) -> Any:
     job = producer.wait(job_id, timeout)
     assert job is not None and job.state in ("sent", "dead", "suppressed"), job
     return job
+
+
+class OrderNotice:
+    """A notification with a Bcc and a header of its own: what the tests that check those
+    arrive (and the Bcc does not show) send."""
+
+    to, bcc = "customer@example.net", "audit@example.net"
+    subject, text, order = "Your order shipped", "Your order is on its way.\n", "42"
+
+    @classmethod
+    def send(cls, producer: Any, account: str) -> Any:
+        """The job once it ended."""
+        job_id = producer.send_notification(
+            account, [cls.to], cls.subject, cls.text, bcc=[cls.bcc], headers={"X-Order": cls.order}
+        )
+        return finished(producer, job_id)
 
 
 def cli(env: QueueEnv, *args: str) -> subprocess.CompletedProcess[str]:

@@ -62,6 +62,11 @@ class Rule:
         return f"{self.code} {self.text}"
 
 
+def unknown_user(match: str | None = None, times: int | None = None) -> Rule:
+    """RCPT refused for good, as for an address that does not exist (550 5.1.1)."""
+    return Rule("RCPT", 550, "5.1.1 No such user", times=times, match=match)
+
+
 @dataclass
 class Received:
     """One message the server accepted."""
