@@ -39,7 +39,7 @@ from worker.errors import (
 )
 from worker.queue.pipeline import attempts
 from worker.queue.pipeline.delivery import Outcome, outcome_for_error, outcome_for_result
-from worker.records.accounts import EmailAccount, GraphSettings, Limits
+from worker.records.account.account import EmailAccount, GraphSettings, Limits
 from worker.settings import RetryPolicy, Settings
 from worker.transports.base import SendResult
 from worker.transports.graph import MAX_RETRY_AFTER, GraphTransport, parse_retry_after

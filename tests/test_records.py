@@ -12,7 +12,7 @@ import pytest
 
 from support.pki import Pki
 from worker.errors import ConfigurationError, RecordError
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.records.loader import Records
 from worker.records.secrets import Secret
 

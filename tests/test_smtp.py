@@ -28,7 +28,7 @@ from worker.errors import (
     TransientError,
 )
 from worker.mail.message import MessageSpec, build_message
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.records.loader import Records
 from worker.transports.base import OutgoingMessage
 from worker.transports.factory import build_transport

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from worker.errors import ConfigurationError
 from worker.mail.signing import describe_signing
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
+from worker.records.account.providers import basic_auth_warning
 from worker.records.loader import Records
-from worker.records.providers import basic_auth_warning
 from worker.transports.base import ConnectivityReport
 from worker.transports.factory import build_transport
 from worker.transports.graph import RESULT_LINE as GRAPH_RESULT_LINE

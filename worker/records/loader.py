@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from worker import settings
 from worker.errors import ConfigurationError, RecordError, RecordProblem
-from worker.records.accounts import AccountRecord, EmailAccount, resolve_account
+from worker.records.account.account import AccountRecord, EmailAccount, resolve_account
+from worker.records.account.providers import basic_auth_warning
 from worker.records.auth_profiles import (
     AuthProfile,
     ClientCredentialsProfile,
@@ -29,7 +30,6 @@ from worker.records.auth_profiles import (
     profile_model,
 )
 from worker.records.keystores import Keystore, KeystoreRecord
-from worker.records.providers import basic_auth_warning
 from worker.records.secrets import Secret
 from worker.records.signing_material import (
     dkim_key,

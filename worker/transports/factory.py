@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from worker.errors import ConfigurationError
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.records.loader import Records
 from worker.transports import oauth
 from worker.transports.base import Transport

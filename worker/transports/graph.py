@@ -49,7 +49,7 @@ from worker.errors import (
     Rejected,
     TransientError,
 )
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 from worker.transports.limits import Limiter
 from worker.transports.oauth import AccessToken, TokenSource, http_error

@@ -11,7 +11,7 @@ import ssl
 import warnings
 from collections.abc import Callable
 
-from worker.records.advanced import TlsName
+from worker.records.account.advanced import TlsName
 
 TLS_VERSION: dict[TlsName, ssl.TLSVersion] = {
     "1.0": ssl.TLSVersion.TLSv1,

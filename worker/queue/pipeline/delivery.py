@@ -38,7 +38,7 @@ from worker.queue.process.runtime import Runtime
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.marks import CLAIM_TTL, CLAIMS, AsyncMarks, Fence, fence_clock
 from worker.queue.store.suppressions import Suppressions, hard_bounce
-from worker.records.accounts import EmailAccount, Limits
+from worker.records.account.account import EmailAccount, Limits
 from worker.records.addresses import bare_address
 from worker.records.loader import Records
 from worker.settings import Settings

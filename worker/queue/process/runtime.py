@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from worker.queue.broker.process_state import this_process
 from worker.queue.store.marks import AsyncMarks
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.records.loader import Records
 from worker.transports.base import Transport
 from worker.transports.factory import build_transport

@@ -18,7 +18,7 @@ from aiosmtplib import SMTPAuthenticationError
 from aiosmtplib.auth import auth_xoauth2_encode
 
 from worker.errors import DeliveryError, SecurityPolicyError
-from worker.records.accounts import SmtpEndpoint
+from worker.records.account.account import SmtpEndpoint
 from worker.transports.smtp.errors import CAUGHT, translate
 
 log = logging.getLogger("postroom.smtp")

@@ -26,7 +26,7 @@ from worker.errors import (
     LimitWait,
     Superseded,
 )
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.transports.base import ConnectivityReport, OutgoingMessage, SendResult
 from worker.transports.limits import (
     SHARE_PATIENCE,

@@ -46,7 +46,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
-from worker.records.accounts import SmtpEndpoint
+from worker.records.account.account import SmtpEndpoint
 from worker.transports.base import OutgoingMessage, SendResult
 from worker.transports.smtp import auth as smtp_auth
 from worker.transports.smtp import pipelining

@@ -16,7 +16,7 @@ import logging
 import time
 
 from worker.errors import LimitWait
-from worker.records.accounts import EmailAccount
+from worker.records.account.account import EmailAccount
 from worker.transports.limits import DEMAND_GRACE, SHARE_PATIENCE, SLOT_RENEW, WANTED_CHECK, Limiter
 from worker.transports.smtp.session import SmtpConnection
 

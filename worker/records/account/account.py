@@ -17,10 +17,23 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from worker.errors import RecordProblem
+from worker.records.account.advanced import (
+    AUTH_MECHANISMS,
+    TLS_VERSIONS,
+    AdvancedSettings,
+    TlsName,
+    parse_advanced,
+)
+from worker.records.account.providers import (
+    DEFAULT_PORTS,
+    GRAPH_LIMITS,
+    PRESETS,
+    Protocol,
+    Provider,
+    infer_provider,
+)
 from worker.records.addresses import check_address
-from worker.records.advanced import AUTH_MECHANISMS, TLS_VERSIONS, AdvancedSettings, TlsName, parse_advanced
 from worker.records.fields import Address, Line, RecordModel, SecretField, TlsVersion
-from worker.records.providers import DEFAULT_PORTS, GRAPH_LIMITS, PRESETS, Protocol, Provider, infer_provider
 from worker.records.secrets import Secret
 from worker.records.yamlsrc import YamlDocument
 
