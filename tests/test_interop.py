@@ -27,7 +27,7 @@ from worker.mail.message import build_message
 from worker.mail.payload import SendPayload
 from worker.mail.signing import DkimSigner
 from worker.queue.pipeline.delivery import _spec
-from worker.records.account.account import DkimSettings
+from worker.records.account.record import DkimSettings
 from worker.records.addresses import bare_address, parse_mailbox
 
 ServerFactory = Callable[..., SmtpServer]

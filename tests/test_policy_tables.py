@@ -39,7 +39,8 @@ from worker.errors import (
 )
 from worker.queue.pipeline import attempts
 from worker.queue.pipeline.delivery import Outcome, outcome_for_error, outcome_for_result
-from worker.records.account.account import EmailAccount, GraphSettings, Limits
+from worker.records.account.account import EmailAccount, Limits
+from worker.records.account.record import GraphSettings
 from worker.settings import RetryPolicy, Settings
 from worker.transports.base import SendResult
 from worker.transports.graph import MAX_RETRY_AFTER, GraphTransport, parse_retry_after

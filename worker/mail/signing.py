@@ -64,7 +64,8 @@ from worker.records.signing_material import Severity as Severity
 from worker.records.signing_material import dkim_settings_findings as dkim_settings_findings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from worker.records.account.account import DkimSettings, EmailAccount
+    from worker.records.account.account import EmailAccount
+    from worker.records.account.record import DkimSettings
     from worker.records.loader import Records
 
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)

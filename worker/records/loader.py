@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from worker import settings
 from worker.errors import ConfigurationError, RecordError, RecordProblem
-from worker.records.account.account import AccountRecord, EmailAccount, resolve_account
+from worker.records.account.account import EmailAccount, resolve_account
 from worker.records.account.providers import basic_auth_warning
+from worker.records.account.record import AccountRecord
 from worker.records.auth_profiles import (
     AuthProfile,
     ClientCredentialsProfile,

@@ -24,7 +24,7 @@ from worker.errors import ConfigurationError
 from worker.records.keystores import KeyEntry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from worker.records.account.account import DkimSettings
+    from worker.records.account.record import DkimSettings
     from worker.records.loader import Records
 
 EXPIRY_WARNING_DAYS = 30
