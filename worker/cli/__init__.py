@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from worker.cli import jobs, ops, queues, records, serve, suppressions, webhooks
+from worker.cli import bounces, jobs, ops, queues, records, serve, suppressions, webhooks
 from worker.errors import ConfigurationError
 
 
@@ -47,6 +47,7 @@ for command in (
     records.api_keys,
     jobs.dead_letters,
     suppressions.suppressions,
+    bounces.bounces,
     webhooks.webhooks,
     queues.queues,
     serve.worker_command,

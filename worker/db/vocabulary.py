@@ -57,6 +57,9 @@ class RecipientState(StrEnum):
     DEFERRED = "deferred"  # refused for now: the job retries it
     FAILED = "failed"  # refused for good
     SUPPRESSED = "suppressed"  # on the account's suppression list: never offered
+    # after the server took it, a delivery report in the account's mailbox said (contract §11):
+    BOUNCED = "bounced"  # it could not be delivered (a 5.x.x DSN, or a bounce in another format)
+    COMPLAINED = "complained"  # its reader marked it as spam (an ARF complaint)
 
 
 # The webhook event a state change files, by the state the job is left in (others file none).
@@ -67,10 +70,21 @@ EVENT_OF_STATE: dict[str, str] = {  # JobState keys: a StrEnum member is its str
     JobState.SUPPRESSED: "job.suppressed",
     JobState.CANCELLED: "job.cancelled",
 }
-EVENT_TYPES = tuple(EVENT_OF_STATE.values())  # what a webhook record may ask for
+# The webhook event a delivery report files, by what it says of a recipient; the job's state
+# stays as it was (it was sent: what happened after the 250 is the recipient's).
+EVENT_OF_REPORT: dict[str, str] = {
+    RecipientState.BOUNCED: "job.bounced",
+    RecipientState.COMPLAINED: "job.complained",
+}
+EVENT_TYPES = (*EVENT_OF_STATE.values(), *EVENT_OF_REPORT.values())  # what a webhook may ask for
+# Why a delivery report put an address on the account's suppression list.
+SUPPRESSED_FOR: dict[str, str] = {
+    RecipientState.BOUNCED: "hard_bounce",
+    RecipientState.COMPLAINED: "complaint",
+}
 
 # An account's delivery counters (per minute and per hour; `postroom status`, the dashboard).
-WINDOW_COUNTERS = ("sent", "failed", "retried", "dead", "suppressed")
+WINDOW_COUNTERS = ("sent", "failed", "retried", "dead", "suppressed", "bounced", "complained")
 
 
 def counted_as(counter: str | None) -> list[str]:

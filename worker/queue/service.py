@@ -26,6 +26,7 @@ from worker.queue.broker import celery_app as app_module
 from worker.queue.broker import intake as intake_hooks
 from worker.queue.broker import kombu_redis as broker
 from worker.queue.broker.process_state import this_process
+from worker.queue.events.reports_reader import stop_reader
 from worker.queue.events.webhook_sender import stop_sender
 from worker.queue.process import liveness
 from worker.queue.process.runtime import get_runtime, shutdown_runtime
@@ -66,10 +67,24 @@ def start(consumer: Any) -> None:
     this_process().put("started", True)
     config = app_module.configuration()
     start_sender(config.state_url, config_dir(), config.settings)  # delivery events, in a thread of its own
+    _start_reports_reader(config.settings)  # bounces and complaints, in a thread of its own
     client = app_module.job_store().redis
     on_broker = app_module.broker_redis(client)  # None on RabbitMQ
     _start_upkeep(consumer, client, on_broker)
     _start_sending(app_module.current_app(), client, on_broker, config.settings)
+
+
+def _start_reports_reader(settings: Any) -> None:
+    from worker.queue.events.reports_reader import start_reader
+    from worker.queue.store.reports import ReportStore
+
+    store = ReportStore(
+        app_module.job_store().redis,
+        job_ttl=settings.job_ttl,
+        retention=settings.webhook_retention,
+        suppression_ttl=settings.suppression_ttl,
+    )
+    start_reader(store, lambda: get_runtime().records())
 
 
 def _start_sending(app: Any, client: Any, on_broker: Any, settings: Any) -> None:
@@ -169,5 +184,5 @@ def register() -> None:
     worker_process_init.connect(_start_runtime, weak=False, dispatch_uid="postroom-runtime")
     intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (broker/intake.py)
     app_module.ON_SHUTDOWN.extend(  # in this order: nothing more taken, running groups end, the loop
-        [lambda: stop(app_module.settings().time_limit), stop_sender, shutdown_runtime]
+        [lambda: stop(app_module.settings().time_limit), stop_sender, stop_reader, shutdown_runtime]
     )

@@ -24,6 +24,9 @@ class OutgoingMessage:
     sender: str  # envelope sender (MAIL FROM)
     recipients: tuple[str, ...]  # envelope recipients: to + cc + bcc
     data: bytes  # the RFC 5322 message, CRLF line endings
+    # the DSN envelope id (RFC 3461 ENVID) where the server offers DSN: the job id, which comes
+    # back in a bounce report so the bounce reader can find the job (worker/queue/events/reports_reader.py)
+    envelope_id: str | None = field(default=None, kw_only=True)
     # asked right before the transaction starts (after every wait: limiter, pool slot,
     # connection): False means the attempt no longer holds its job, and the transport raises
     # worker.errors.Superseded instead of sending. None: nothing to ask (a health check).

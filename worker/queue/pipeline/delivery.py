@@ -396,7 +396,9 @@ class Delivery:
                         message_id=p.message_id,
                         recipients=len(remaining),
                     )
-                outgoing = OutgoingMessage(p.message_id, p.sender, remaining, p.data, fence=p.fence)
+                outgoing = OutgoingMessage(
+                    p.message_id, p.sender, remaining, p.data, fence=p.fence, envelope_id=p.job_id
+                )
                 result = await p.transport.send(outgoing)
             except Superseded as exc:  # frozen past its claim: the later attempt sends, this one not
                 return Outcome(

@@ -21,6 +21,7 @@ from worker.records.account.advanced import (
     TlsName,
     parse_advanced,
 )
+from worker.records.account.bounces import Mailbox, SendingIdentity, resolve_mailbox
 from worker.records.account.providers import (
     DEFAULT_PORTS,
     GRAPH_LIMITS,
@@ -103,6 +104,7 @@ class EmailAccount:
     graph: GraphSettings | None = None
     signing: SigningSettings | None = None
     dkim: DkimSettings | None = None
+    bounces: Mailbox | None = None  # where its delivery reports are read (contract §11), when opted in
     # names of other records this account depends on: (field path, kind, name)
     references: tuple[tuple[str, str, str], ...] = field(default=())
 
@@ -128,6 +130,8 @@ class EmailAccount:
             out["signing"] = {"keystore": self.signing.keystore, "alias": self.signing.alias}
         if self.dkim:
             out["dkim"] = {"domain": self.dkim.domain, "selector": self.dkim.selector}
+        if self.bounces:
+            out["bounces"] = self.bounces.summary()
         return out
 
 
@@ -146,6 +150,7 @@ def resolve_account(
     endpoint = _resolve_transport(record, provider, bad)
     limits = _resolve_limits(record, provider)
     refs = _references(record)
+    mailbox = _mailbox(record, provider, endpoint, bad) if record.bounces else None
     if problems or identity is None:
         return None, problems
     from_address, display_name, reply_to, signing = _sender(record)
@@ -163,6 +168,7 @@ def resolve_account(
         graph=graph if record.send_using == "graph" else None,
         signing=signing,
         dkim=record.dkim,
+        bounces=mailbox,
         references=refs,
     )
     return account, problems
@@ -193,6 +199,21 @@ def _resolve_transport(record: AccountRecord, provider: Provider, bad: Report) -
     if smtp and smtp.signing and graph and graph.signing:
         bad(("graph", "signing"), "signing is set under both smtp and graph; keep one")
     return endpoint
+
+
+def _mailbox(
+    record: AccountRecord, provider: Provider, smtp: SmtpEndpoint | None, bad: Report
+) -> Mailbox | None:
+    """The bounce reader's mailbox, read as the account sends unless the record says otherwise."""
+    assert record.bounces is not None
+    graph = record.graph if record.send_using == "graph" else None
+    sending = SendingIdentity(
+        provider, record.send_using, smtp.host if smtp else None,
+        smtp.username if smtp else (graph.user_principal_name if graph else None),
+        smtp.password if smtp else None, smtp.oauth_profile if smtp else None,
+        smtp.truststore if smtp else None,
+    )  # fmt: skip
+    return resolve_mailbox(record.bounces, sending, bad)
 
 
 def _resolve_limits(record: AccountRecord, provider: Provider) -> Limits:
@@ -232,6 +253,8 @@ def _references(record: AccountRecord) -> tuple[tuple[str, str, str], ...]:
             refs.append(("graph.signing.keystore", "keystore", graph.signing.keystore))
     if record.dkim and record.dkim.keystore:
         refs.append(("dkim.keystore", "keystore", record.dkim.keystore))
+    if record.bounces and record.bounces.truststore:
+        refs.append(("bounces.truststore", "keystore", record.bounces.truststore))
     return tuple(refs)
 
 

@@ -74,6 +74,18 @@ _DOMAINS: dict[str, Provider] = {
 
 DEFAULT_PORTS: dict[Protocol, int] = {"none": 25, "starttls": 587, "smtps": 465}
 
+# Where each provider's mailbox is read over IMAP (the bounce reader, contract §11); "other"
+# reads the host it sends through. Every one of these takes IMAPS on 993.
+IMAP_HOSTS: dict[Provider, str | None] = {
+    "gmail": "imap.gmail.com",
+    "office365": "outlook.office365.com",
+    "outlook": "outlook.office365.com",
+    "yahoo": "imap.mail.yahoo.com",
+    "icloud": "imap.mail.me.com",
+    "zoho": "imap.zoho.com",
+    "other": None,
+}
+
 
 def infer_provider(address: str | None) -> Provider:
     """gmail.com → gmail, outlook.com/hotmail.com → outlook, …; anything else → other."""

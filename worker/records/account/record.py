@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from worker.records.account.bounces import BouncesSettings
 from worker.records.account.providers import Provider
 from worker.records.fields import Address, Line, RecordModel, SecretField, TlsVersion
 
@@ -136,6 +137,7 @@ class AccountRecord(RecordModel):
     graph: GraphSettings | None = None
     limits: LimitsSettings | None = None
     dkim: DkimSettings | None = None
+    bounces: BouncesSettings | None = None  # the bounce reader (worker/records/account/bounces.py)
 
 
 def parse_rate(text: str) -> tuple[int, float]:

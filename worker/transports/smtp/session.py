@@ -46,6 +46,7 @@ from worker.errors import (
     TransientError,
     classify_smtp_reply,
 )
+from worker.mail.reports import xtext_encode
 from worker.records.account.account import SmtpEndpoint
 from worker.transports.base import OutgoingMessage, SendResult
 from worker.transports.smtp import auth as smtp_auth
@@ -364,6 +365,9 @@ class SmtpConnection:
         dsn = client.supports_extension("dsn")
         if dsn and ep.dsn_ret:
             mail_options.append(f"RET={ep.dsn_ret}")
+        envid = xtext_encode(message.envelope_id) if dsn and message.envelope_id else ""
+        if 0 < len(envid) <= 100:  # RFC 3461's limit; it comes back in a bounce: the job it is about
+            mail_options.append(f"ENVID={envid}")
         rcpt_options = [f"NOTIFY={ep.dsn_notify}"] if dsn and ep.dsn_notify else []
         return mail_options, rcpt_options, "utf-8" if needs_utf8 else "ascii"
 
