@@ -121,7 +121,14 @@ def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
         "Expiry of a certificate the account depends on",
         labels=["account", "certificate"],
     )
+    reports = CounterMetricFamily(
+        "postroom_account_reports",
+        "Messages the bounce reader read in the account's mailbox, by what they were",
+        labels=["account", "kind"],
+    )
     for name, info in accounts.items():
+        for kind, count in sorted((info.get("reports") or {}).items()):
+            reports.add_metric([name, kind], count)
         for candidate in ("ok", "degraded", "paused"):
             state.add_metric([name, candidate], 1.0 if info["state"] == candidate else 0.0)
         held.add_metric([name], info["held"])
@@ -133,7 +140,7 @@ def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
             healthy.add_metric([name], 1.0 if health.get("ok") else 0.0)
         for label, when in info.get("certificates", {}).items():
             expiry.add_metric([name, label], when)
-    yield from (state, held, suppressed, last_ok, healthy, expiry)
+    yield from (state, held, suppressed, last_ok, healthy, expiry, reports)
 
 
 def serve(port: int, snapshot: Any, host: str = "127.0.0.1") -> Any:

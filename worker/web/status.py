@@ -22,7 +22,7 @@ from worker.queue.broker.kinds import AmqpBrokerView, BrokerView
 from worker.queue.broker.rabbitmq import read_setup
 from worker.queue.events.outbox import Outbox
 from worker.queue.process.liveness import taken_count
-from worker.queue.store import suppressions
+from worker.queue.store import reports, suppressions
 from worker.queue.store.delays import RETRYING
 from worker.queue.store.jobrecord import SCHEDULED
 from worker.queue.store.jobs import JobStore
@@ -100,14 +100,17 @@ class Status:
                 pipe.hgetall(redis_key("stats", name))
                 pipe.lrange(redis_key("health-history", name), 0, -1)
                 pipe.hlen(suppressions.key(name))
+                pipe.hgetall(reports.stats_key(name))
             per_account = pipe.execute()
         accounts: dict[str, Any] = {}
         for i, name in enumerate(names):
-            held, totals, history, suppressed = per_account[4 * i : 4 * i + 4]
+            held, totals, history, suppressed, read = per_account[5 * i : 5 * i + 5]
             accounts[name] = self._account(
                 name, states[name], last[name], windows[name], int(held), totals, history, paused, now
             )
             accounts[name]["suppressed"] = int(suppressed)  # addresses on its suppression list
+            # what the bounce reader found in its mailbox, all time (contract §11)
+            accounts[name]["reports"] = {k: int(v) for k, v in read.items()}
             accounts[name]["ready"] = waiting.get(name, 0)  # due now, waiting for a worker
         out = {
             "queues": depths,
@@ -169,6 +172,8 @@ class Status:
             "failed": day["failed"],
             "retried": day["retried"],
             "dead": day["dead"],
+            "bounced": day["bounced"],
+            "complained": day["complained"],
             "last_hour": window["hour"],
             "last_day": day,
             "total": {k: int(v) for k, v in totals.items()},

@@ -30,7 +30,7 @@ SEEN_TTL = 30 * 86400  # a report read again within this long is known as done
 HISTORY_LIMIT = 50
 WATERMARK_TTL = 400 * 86400
 
-# KEYS: job, history, lease, seen, suppressions, window minute, window hour.
+# KEYS: job, history, lease, seen, suppressions, window minute, window hour, deliveries metric.
 # ARGV: 1 lease token ("" = no lease asked: `postroom bounces check`, safe through `seen`),
 # 2 now, 3 seen ttl, 4 job ttl, 5 history limit, 6 what the report says of a recipient (a
 # RecipientState, or "delayed"), 7 counter ("" = none), 8 event type, 9 event id, 10 retention,
@@ -70,6 +70,9 @@ if changed > 0 then
     redis.call('EXPIRE', KEYS[6], 7200)
     redis.call('HINCRBY', KEYS[7], ARGV[7], changed)
     redis.call('EXPIRE', KEYS[7], 93600)
+    -- postroom_deliveries_total{outcome="bounced"|"complained"} (worker/web/metrics.py)
+    local job = redis.call('HMGET', KEYS[1], 'account', 'transport')
+    redis.call('HINCRBY', KEYS[8], (job[1] or '') .. '|' .. (job[2] or 'none') .. '|' .. ARGV[6], changed)
   end
   emit(KEYS[1], KEYS[2], ARGV[11], ARGV[8], ARGV[9], ARGV[2], ARGV[10])
 end
@@ -170,7 +173,7 @@ class ReportStore:
         keys = [
             redis_key("job", job_id), redis_key("history", job_id), lease_key(account),
             seen_key(account, report), suppressions.key(account),
-            f"{PREFIX}w:{account}:m:{minute}", f"{PREFIX}w:{account}:h:{hour}",
+            f"{PREFIX}w:{account}:m:{minute}", f"{PREFIX}w:{account}:h:{hour}", f"{PREFIX}m:deliveries",
         ]  # fmt: skip
         outcome, changed = self.client.eval(APPLY, len(keys), *keys, *args)
         if outcome != Applied.LEASE_LOST:
