@@ -627,3 +627,103 @@ def test_a_record_cache_reads_again_only_when_a_file_changed(tmp_path: Path) -> 
     assert cache.get(fresh=True) == 1 and len(loads) == 2  # looked, nothing changed: not read
     (folder / "a.yaml").unlink()
     assert cache.get(fresh=True) == 0 and cache.peek() == 0 and len(loads) == 3
+
+
+# ---- bounces: the bounce reader's mailbox (contract §11) -------------------------------------
+
+
+def test_bounces_reads_the_mailbox_as_the_account_sends_by_default(tree: RecordTree) -> None:
+    tree.account(
+        "orders",
+        """
+        provider: office365
+        smtp: {address: orders@example.com, password: '${ORDERS_PW}'}
+        bounces: {}
+        """,
+    )
+    tree.account(
+        "relay",
+        """
+        smtp: {address: relay@example.org, host: mail.example.org, password: '${PW}', truststore: ca}
+        bounces: {port: 143, folder: Bounces, move_to: Done, interval: 30}
+        """,
+    )
+    (tree.config / "keystores" / "ca.yaml").write_text("type: pem\ncertificates: /nowhere.pem\n")
+    records = tree.load()
+    orders = records.account("orders").bounces
+    assert orders is not None and orders.via == "imap"
+    assert (orders.host, orders.port, orders.protocol) == ("outlook.office365.com", 993, "imaps")
+    assert orders.user == "orders@example.com" and orders.password is not None
+    assert (orders.folder, orders.move_to, orders.interval) == ("INBOX", "Postroom/Processed", 60.0)
+    relay = records.account("relay").bounces
+    assert relay is not None
+    assert (relay.host, relay.port, relay.protocol, relay.truststore) == (
+        "mail.example.org",
+        143,
+        "starttls",
+        "ca",
+    )
+    assert (relay.folder, relay.move_to, relay.interval) == ("Bounces", "Done", 30.0)
+    assert records.account("orders").summary()["bounces"]["host"] == "outlook.office365.com"
+    assert records.account("relay").summary()["bounces"] == {
+        "via": "imap", "folder": "Bounces", "move_to": "Done", "host": "mail.example.org", "port": 143,
+        "protocol": "starttls", "user": "relay@example.org",
+    }  # fmt: skip
+
+
+def test_bounces_reuses_the_oauth_profile_and_a_graph_account_reads_through_graph(tree: RecordTree) -> None:
+    tree.write(
+        "config/auth-profiles/contoso.yaml",
+        """
+        type: microsoft
+        tenant_id: 00000000-0000-0000-0000-000000000001
+        client_id: 00000000-0000-0000-0000-000000000002
+        client_secret: '${SECRET}'
+        """,
+    )
+    tree.account(
+        "oauth",
+        """
+        provider: office365
+        smtp: {address: oauth@contoso.com, auth: oauth, oauth_profile: contoso}
+        bounces: {}
+        """,
+    )
+    tree.account(
+        "graph",
+        """
+        provider: office365
+        send_using: graph
+        graph: {user_principal_name: graph@contoso.com, auth_profile: contoso}
+        bounces: {folder: Inbox/Reports}
+        """,
+    )
+    records = tree.load()
+    oauth = records.account("oauth").bounces
+    assert oauth is not None and oauth.oauth_profile == "contoso" and oauth.password is None
+    graph = records.account("graph").bounces
+    assert graph is not None and (graph.via, graph.folder, graph.host) == ("graph", "Inbox/Reports", None)
+
+
+def test_a_broken_bounces_section_names_file_line_and_field(tree: RecordTree) -> None:
+    tree.account(
+        "other",
+        """
+        smtp: {address: a@example.org, host: mail.example.org, password: '${PW}'}
+        bounces:
+          user: someone-else@example.org
+        """,
+    )
+    tree.account(
+        "typo",
+        """
+        smtp: {address: b@example.org, host: mail.example.org, password: '${PW}'}
+        bounces: {folder: INBOX, intervall: 5}
+        """,
+    )
+    checked = {name: [str(p) for p in problems] for name, problems in tree.load().check().items()}
+    (other,) = checked["other"]
+    assert other.startswith("accounts/other.yaml:") and "bounces.password: required when" in other
+    assert any(p.startswith("accounts/typo.yaml:2: bounces.intervall") for p in checked["typo"]), checked[
+        "typo"
+    ]

@@ -1,0 +1,110 @@
+"""The bounce reader (contract §11): what a delivery report does to its job, written under the
+account's lease and once (worker/queue/store/reports.py), against real Redis; the reader's
+choice of findings; and, with Postfix and Dovecot, the whole way from a send to a bounce."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+
+from support.queue import QueueEnv
+from support.smtpd import SmtpServer
+from worker.db.vocabulary import JobState, RecipientState
+from worker.queue.store.emit import ROUTES
+from worker.queue.store.jobs import JobStore
+from worker.queue.store.reports import Applied, Finding, ReportStore
+from worker.queue.store.suppressions import Suppressions
+
+GONE, KEPT = "gone@example.net", "kept@example.net"
+
+
+def sent_job(env: QueueEnv, server: SmtpServer, account: str) -> tuple[str, JobStore]:
+    """A job of ``account`` to two recipients, recorded as sent (both accepted)."""
+    producer = env.producer()
+    try:
+        job_id = producer.send_notification(account, [GONE, KEPT], "Order shipped", "x")
+    finally:
+        producer.close()
+    store = JobStore(env.redis, job_ttl=3600, event_retention=3600)
+    accepted = {a: {"status": "sent", "code": 250, "message": "2.0.0 OK"} for a in (GONE, KEPT)}
+    store.finish(job_id, account, state=JobState.SENT, attempt=1, recipients=accepted, counter="sent")
+    return job_id, store
+
+
+def bounce(address: str = GONE, said: str = RecipientState.BOUNCED, permanent: bool = True) -> Finding:
+    return Finding(address, said, 550, "5.1.1", "smtp; 550 5.1.1 <gone@example.net>: User unknown", permanent)
+
+
+@pytest.fixture
+def reports(own_queue: QueueEnv) -> ReportStore:
+    return ReportStore(own_queue.redis, job_ttl=3600, retention=3600, suppression_ttl=86400)
+
+
+def test_a_bounce_marks_the_recipient_suppresses_the_address_files_the_event_and_counts(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], reports: ReportStore
+) -> None:
+    account = own_queue.account("bouncy", smtp_server(mode="plain"))
+    job_id, store = sent_job(own_queue, smtp_server(mode="plain"), account)
+    own_queue.redis.hset(ROUTES, "hook", json.dumps({"events": ["job.bounced"], "accounts": None}))
+    assert reports.take_lease(account, "me", 60)
+    assert reports.apply(account, job_id, "r1", "dsn", [bounce()], "me") == (Applied.WRITTEN, 1)
+
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.SENT  # what happened after the 250 is the recipient's
+    assert job.recipients[GONE]["status"] == "bounced" and job.recipients[GONE]["code"] == 550
+    assert "5.1.1" in job.recipients[GONE]["message"] and job.recipients[KEPT]["status"] == "sent"
+    assert [h["outcome"] for h in job.history or []][-1] == "bounced"
+    (entry,) = Suppressions(own_queue.redis).entries(account)
+    assert (entry["address"], entry["reason"], entry["job_id"]) == (GONE, "hard_bounce", job_id)
+    events = [json.loads(own_queue.redis.get(f"postroom:webhook:event:{e}") or "{}") for e in
+              own_queue.redis.zrange("postroom:webhook:events", 0, -1)]  # fmt: skip
+    assert [e["type"] for e in events if e["job_id"] == job_id][-1] == "job.bounced"
+    minute = int(time.time() // 60)
+    assert own_queue.redis.hget(f"postroom:w:{account}:m:{minute}", "bounced") == "1"
+
+    # the same report read again (a reader killed before it moved the message): nothing twice
+    assert reports.apply(account, job_id, "r1", "dsn", [bounce()], "me") == (Applied.ALREADY_DONE, 0)
+    assert own_queue.redis.hget(f"postroom:w:{account}:m:{minute}", "bounced") == "1"
+    assert reports.stats(account) == {"matched": 2}
+
+
+def test_a_reader_that_lost_its_lease_writes_nothing(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], reports: ReportStore
+) -> None:
+    account = own_queue.account("fenced", smtp_server(mode="plain"))
+    job_id, store = sent_job(own_queue, smtp_server(mode="plain"), account)
+    assert reports.take_lease(account, "frozen", 1)
+    own_queue.redis.delete(f"postroom:reports:lease:{account}")  # it lapsed while "frozen" slept
+    assert reports.take_lease(account, "other", 60) and not reports.take_lease(account, "frozen", 60)
+    assert reports.apply(account, job_id, "r1", "dsn", [bounce()], "frozen") == (Applied.LEASE_LOST, 0)
+    job = store.get(job_id)
+    assert job is not None and job.recipients[GONE]["status"] == "sent"
+    assert Suppressions(own_queue.redis).entries(account) == []
+    assert reports.apply(account, job_id, "r1", "dsn", [bounce()], "other") == (Applied.WRITTEN, 1)
+
+
+def test_a_delay_is_history_only_and_a_complaint_suppresses(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], reports: ReportStore
+) -> None:
+    account = own_queue.account("slowish", smtp_server(mode="plain"))
+    job_id, store = sent_job(own_queue, smtp_server(mode="plain"), account)
+    delayed = Finding(GONE, "delayed", None, "4.4.1", "connection timed out", False)
+    assert reports.apply(account, job_id, "d1", "dsn", [delayed], "") == (Applied.WRITTEN, 0)
+    job = store.get(job_id)
+    assert job is not None and job.recipients[GONE]["status"] == "sent"
+    assert (job.history or [])[-1]["outcome"] == "delayed" and Suppressions(own_queue.redis).entries(
+        account
+    ) == []
+    complaint = Finding(KEPT, RecipientState.COMPLAINED, None, None, "abuse", True)
+    assert reports.apply(account, job_id, "c1", "complaint", [complaint], "") == (Applied.WRITTEN, 1)
+    job = store.get(job_id)
+    assert job is not None and job.recipients[KEPT]["status"] == "complained"
+    (entry,) = Suppressions(own_queue.redis).entries(account)
+    assert (entry["address"], entry["reason"]) == (KEPT, "complaint")
+    soft = Finding(GONE, RecipientState.BOUNCED, None, "4.2.2", "mailbox full, gave up", False)
+    assert reports.apply(account, job_id, "s1", "dsn", [soft], "") == (Applied.WRITTEN, 1)
+    assert [e["address"] for e in Suppressions(own_queue.redis).entries(account)] == [KEPT]  # not permanent
+    assert reports.apply(account, "no-such-job", "x1", "dsn", [bounce()], "") == (Applied.NO_JOB, 0)
