@@ -59,9 +59,9 @@ def test_a_bounce_marks_the_recipient_suppresses_the_address_files_the_event_and
     assert [h["outcome"] for h in job.history or []][-1] == "bounced"
     (entry,) = Suppressions(own_queue.redis).entries(account)
     assert (entry["address"], entry["reason"], entry["job_id"]) == (GONE, "hard_bounce", job_id)
-    events = [json.loads(own_queue.redis.get(f"postroom:webhook:event:{e}") or "{}") for e in
-              own_queue.redis.zrange("postroom:webhook:events", 0, -1)]  # fmt: skip
-    assert [e["type"] for e in events if e["job_id"] == job_id][-1] == "job.bounced"
+    filed = [str(e) for e in own_queue.redis.lrange(f"postroom:webhook:job:{job_id}", 0, -1)]
+    events = [json.loads(str(own_queue.redis.get(f"postroom:webhook:event:{e}"))) for e in filed]
+    assert [e["type"] for e in events][-1] == "job.bounced" and events[-1]["webhooks"] == ["hook"]
     minute = int(time.time() // 60)
     assert own_queue.redis.hget(f"postroom:w:{account}:m:{minute}", "bounced") == "1"
 
