@@ -33,7 +33,10 @@ from worker.transports.mailbox import ImapMailbox, MailboxError, MailboxSession
 
 log = logging.getLogger("postroom.reports")
 
-TICK = 5.0  # seconds between looks at which mailboxes are due
+TICK = 5.0  # seconds between looks at which mailboxes are due (and renewals of the leases held)
+# An account's lease lapses this long after its holder last renewed it (every tick, and before
+# each message): a reader that died is replaced within about this long.
+LEASE_TTL = 30.0
 PASS_LIMIT = 200  # messages one pass reads at most (the next pass reads on)
 _CODE = re.compile(r"(?:^|[\s;])([245]\d\d)(?=[\s-]|$)")
 _MESSAGE_ID = re.compile(r"^<([^<>@\s]+)@[^<>\s]+>$")
@@ -98,6 +101,8 @@ def read_once(
         with open_mailbox(records, account) as mailbox:
             done = store.watermark(account.name, mb.folder, mailbox.validity)
             for ref, position in mailbox.pending(done, limit):
+                if token and not store.take_lease(account.name, token, LEASE_TTL):
+                    break  # another reader's now
                 raw = mailbox.fetch(ref)
                 result.read += 1
                 outcome = _handle(store, account.name, raw, token, result)
@@ -175,9 +180,15 @@ class ReportsReader:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the current message, and let the leases go (another reader takes over now)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        for name in list(self._due):
+            try:
+                self.store.release_lease(name, self.token)
+            except Exception as exc:  # Redis away: the leases lapse by themselves
+                log.warning("bounce reader: lease of %s not released: %s", name, exc)
 
     def _run(self) -> None:
         while not self._stop.wait(TICK):
@@ -192,11 +203,15 @@ class ReportsReader:
         records, passes = self.records(), []
         for account in records.accounts.values():
             mb = account.bounces
-            if mb is None or self._due.get(account.name, 0.0) > now or self._stop.is_set():
+            if (
+                mb is None
+                or self._stop.is_set()
+                or not self.store.take_lease(account.name, self.token, LEASE_TTL)
+            ):
+                continue
+            if self._due.setdefault(account.name, 0.0) > now:
                 continue
             self._due[account.name] = now + mb.interval
-            if not self.store.take_lease(account.name, self.token, max(3 * mb.interval, 90.0)):
-                continue
             done = read_once(self.store, records, account, self.token)
             if done.error:
                 log.warning("bounce reader: %s", done.error)
