@@ -1,7 +1,8 @@
 """The deliverability preflight (worker/ops/preflight.py, contract §11) against a real
 authoritative DNS server (tests/support/dnsserver.py): every answer went over UDP (or TCP,
 when too long) as a resolver would get it. Unit-level checks build a Sender and ask the server;
-the health check's cache in a real Redis.
+the end-to-end ones run ``postroom test-connectivity`` on an aiosmtpd account at a served
+domain, and the health check's cache in a real Redis.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from support.dnsserver import DnsServer, Record, Zones, silent_resolver
-from support.queue import QueueEnv
+from support.queue import QueueEnv, cli, unique
+from support.smtpd import SmtpServer
 from worker.ops.preflight import DkimKey, Preflight, Sender, deliverability, summary, text_lines
 from worker.ops.resolver import DnspythonResolver
 from worker.ops.spf import SpfError, expand, parse
@@ -366,12 +369,80 @@ def test_spf_terms_and_macros() -> None:
     assert expand("%{i}._spf.%{d}", domain="example.com", sender="x@example.com", ip=None) is None
 
 
-# ---- the health check's cache ---------------------------------------
+# ---- through the command and the health check's cache ---------------------------------------
 
 
 def shop_zone(key: rsa.RSAPrivateKey) -> Zones:
     """shop.test for an account on the tests' aiosmtpd server at 127.0.0.1."""
     return {DOMAIN: good_zone(key, spf=[("@", "TXT", "v=spf1 ip4:127.0.0.1 -all")])}
+
+
+def shop_account(env: QueueEnv, server: SmtpServer, key: rsa.RSAPrivateKey, folder: Path) -> str:
+    key_file = folder / unique("dkim-")
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    name = env.account(unique("shop"), server, address=f"orders@{DOMAIN}")
+    with (env.accounts / f"{name}.yaml").open("a") as record:
+        record.write(f"dkim:\n  domain: {DOMAIN}\n  selector: s1\n  private_key: {{file: {key_file}}}\n")
+    return name
+
+
+def test_test_connectivity_prints_the_four_lines_and_they_never_change_ok(
+    queue_env: QueueEnv,
+    smtp_server: Callable[..., SmtpServer],
+    server: DnsServer,
+    key: rsa.RSAPrivateKey,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POSTROOM_DNS_RESOLVER", server.address)
+    server.serve(shop_zone(key))
+    name = shop_account(queue_env, smtp_server(mode="plain"), key, tmp_path)
+
+    as_json = cli(queue_env, "test-connectivity", name, "--json")
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is True
+    found = report["detail"]["deliverability"]
+    assert set(found) == {"domain", "resolver", "checked_at", "mx", "spf", "dkim", "dmarc"}
+    assert (found["domain"], found["resolver"]) == (DOMAIN, server.address)
+    assert {n: found[n]["result"] for n in ("mx", "spf", "dkim", "dmarc")} == dict.fromkeys(
+        ("mx", "spf", "dkim", "dmarc"), "pass"
+    )
+    assert found["spf"] == {
+        "result": "pass",
+        "record": "v=spf1 ip4:127.0.0.1 -all",
+        "reason": "authorises the relay 127.0.0.1 (0 of 10 DNS lookups)",
+    }
+
+    text = cli(queue_env, "test-connectivity", name)
+    assert text.returncode == 0, text.stdout + text.stderr
+    lines = text.stdout.splitlines()
+    at = lines.index(f"  deliverability of {DOMAIN} (DNS via {server.address}; advice, never a failure):")
+    mx = "10 mx.shop.test, 20 mx2.shop.test"
+    assert lines[at + 1] == f"  MX: pass  {mx}  shop.test takes mail: bounces and replies come back"
+    assert (
+        lines[at + 2]
+        == "  SPF: pass  v=spf1 ip4:127.0.0.1 -all  authorises the relay 127.0.0.1 (0 of 10 DNS lookups)"
+    )
+    assert lines[at + 3].startswith(
+        "  DKIM: pass  v=DKIM1; k=rsa; p=MIIBIjANBgkq…  s1._domainkey.shop.test publishes"
+    )
+    assert (
+        lines[at + 4]
+        == "  DMARC: pass  v=DMARC1; p=reject; rua=mailto:d@shop.test  p=reject; aligned through SPF and DKIM"
+    )
+    assert lines[-1] == "OK"
+
+    server.serve({})  # the domain gone from DNS: four failures, and the account is still fine
+    broken = cli(queue_env, "test-connectivity", name)
+    assert broken.returncode == 0 and broken.stdout.splitlines()[-1] == "OK"
+    assert "  SPF: warn  (none)  no verdict: " in broken.stdout  # refused: the server serves no zone now
 
 
 def test_the_health_check_keeps_a_domain_s_lines_an_hour(
