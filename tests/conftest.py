@@ -1,4 +1,5 @@
-"""Session fixtures: the throwaway PKI and a factory of real SMTP servers."""
+"""Session fixtures: the throwaway PKI, a factory of real SMTP servers, and a DNS server of the
+session's own that every postroom the tests start asks instead of the machine's resolver."""
 
 from __future__ import annotations
 
@@ -9,10 +10,25 @@ from typing import Any
 import pytest
 
 from support.cloud import CloudServer
+from support.dnsserver import DnsServer
 from support.pki import Pki
 from support.queue import Live, QueueEnv, Worker, claim_database, ensure_redis
 from support.smtpd import SmtpServer
 from worker.client import Producer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_dns() -> Iterator[DnsServer]:
+    """``POSTROOM_DNS_RESOLVER`` for every test and every process a test starts: a server that
+    serves no zone (it refuses every question, so a connectivity check's deliverability lines say
+    "no verdict" at once). No test depends on the machine's resolver or the network; the
+    preflight's own tests serve zones on servers of their own."""
+    server = DnsServer()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("POSTROOM_DNS_RESOLVER", server.address)
+    yield server
+    patch.undo()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -135,6 +135,12 @@ def test_checks_pause_broken_accounts_hold_their_jobs_and_release_them_when_fixe
         assert status["accounts"][healthy]["state"] == "ok"
         assert status["accounts"][healthy]["health"]["ok"] is True
         assert status["accounts"][healthy]["health"]["result"] == "SMTP (Connect using default)"
+        # the DNS preflight rides along (the session's resolver refuses: "no verdict", and ok all the same)
+        dns = status["accounts"][healthy]["health"]["detail"]["deliverability"]
+        assert dns["domain"] == "example.com" and dns["resolver"] == os.environ["POSTROOM_DNS_RESOLVER"]
+        assert {dns[n]["result"] for n in ("mx", "spf", "dkim", "dmarc")} == {"warn"}
+        assert "no verdict: " in dns["spf"]["reason"]
+        assert "; DNS: MX warn, SPF warn, DKIM warn, DMARC warn" in ops.run("status").stdout
         assert status["accounts"][locked]["paused_by"] == "auto"
         assert "535" in status["accounts"][locked]["reason"]
         assert status["accounts"]["down"]["health"]["ok"] is False

@@ -725,7 +725,7 @@ PLANS: list[Any] = [
 
 @pytest.mark.parametrize("row", PLANS)
 def test_retry_plan(row: PlanRow, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attempts, "settings", Settings(retry=row.policy))
+    monkeypatch.setattr(attempts, "settings", lambda: Settings(retry=row.policy))
     monkeypatch.setattr("worker.settings.random", PinnedRandom(row.pick))
     monkeypatch.setattr(attempts, "random", PinnedRandom(row.pick))
     failed = Outcome(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import ConfigurationError
-from worker.settings import load_settings, redis_url
+from worker.settings import load_settings, redis_url, resolver_address
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,6 +91,27 @@ def test_rabbitmq_api_is_an_http_url_and_a_bad_one_is_refused_without_echoing_it
     ) as err:
         load_settings()
     assert "s3cret" not in str(err.value)
+
+
+def test_dns_resolver_is_an_address_from_settings_or_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTROOM_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("POSTROOM_DNS_RESOLVER", raising=False)  # the tests' session sets one
+    assert load_settings().dns_resolver == ""  # the system's resolver
+    (tmp_path / "settings.yaml").write_text("dns_resolver: 10.0.0.53:5353\n")
+    assert load_settings().dns_resolver == "10.0.0.53:5353"
+    monkeypatch.setenv("POSTROOM_DNS_RESOLVER", "[::1]:53")
+    assert load_settings().dns_resolver == "[::1]:53"
+    assert resolver_address("[::1]:5300") == ("::1", 5300)
+    assert resolver_address("192.0.2.53") == ("192.0.2.53", 53)
+    assert resolver_address("2001:db8::53") == ("2001:db8::53", 53)
+    for bad in ("dns.example:53", "10.0.0.53:0", "10.0.0.53:dns", "[::1]:70000"):
+        monkeypatch.setenv("POSTROOM_DNS_RESOLVER", bad)
+        with pytest.raises(
+            ConfigurationError, match=r"dns_resolver \(POSTROOM_DNS_RESOLVER\) must be IP:PORT"
+        ):
+            load_settings()
 
 
 IMPORT_EVERY_MODULE = """

@@ -9,6 +9,7 @@ Redis on 127.0.0.1:6379.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 from dataclasses import dataclass, field, replace
@@ -208,6 +209,9 @@ class Settings:
     # RabbitMQ's management HTTP API (`postroom queues`, the workers' and status's setup check):
     # "" = http://<the broker's host>:15672 with the broker URL's credentials and vhost.
     rabbitmq_api: str = ""
+    # The resolver the deliverability preflight asks (worker/ops/preflight.py): IP:PORT ([v6]:PORT;
+    # a bare IP means port 53). "" = the system's (/etc/resolv.conf).
+    dns_resolver: str = ""
 
     def check(self) -> None:
         """The ordering contract §4 requires: soft < hard < visibility; retries well below it."""
@@ -261,6 +265,30 @@ class Settings:
             raise ConfigurationError("settings: webhook_concurrency and webhook_timeout must be positive")
         if self.retry.max_attempts < 1:
             raise ConfigurationError("settings: retry.max_attempts must be at least 1")
+        if self.dns_resolver:
+            resolver_address(self.dns_resolver)
+
+
+def resolver_address(text: str) -> tuple[str, int]:
+    """``IP:PORT``, ``[IPv6]:PORT`` or a bare IP (port 53) → (ip, port). A name is refused: the
+    resolver is what turns names into addresses."""
+    host, port = text.strip(), "53"
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        port = rest.removeprefix(":") or port
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        ip, number = None, 0
+    if ip is None or not 0 < number < 65536:
+        raise ConfigurationError(
+            f"settings: dns_resolver (POSTROOM_DNS_RESOLVER) must be IP:PORT, [IPv6]:PORT or an IP "
+            f"(got {text!r})"
+        )
+    return str(ip), number
 
 
 _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
@@ -335,12 +363,15 @@ def load_settings() -> Settings:
     top.pop("rabbitmq_queue_type", None)
     api = os.environ.get("POSTROOM_RABBITMQ_API") or str(top.pop("rabbitmq_api", None) or "")
     top.pop("rabbitmq_api", None)
+    resolver = os.environ.get("POSTROOM_DNS_RESOLVER") or str(top.pop("dns_resolver", None) or "")
+    top.pop("dns_resolver", None)
     settings = Settings(
         retry=retry,
         worker_pool=pool,
         log_format=log_format,
         rabbitmq_queue_type=queue_type,
         rabbitmq_api=api.strip(),
+        dns_resolver=resolver.strip(),
         **{k: _number(f"{path}: {k}", v, k in _INTEGERS) for k, v in top.items()},  # type: ignore[arg-type]
     )
     for env, (name, group) in _ENV_NUMBERS.items():

@@ -109,9 +109,14 @@ def accounts_check(name: str | None, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def test_connectivity(name: str, as_json: bool) -> None:
-    """Connect, secure and log in as account NAME (nothing is sent); exit 1 on failure."""
+    """Connect, secure and log in as account NAME (nothing is sent); exit 1 on failure. The
+    sender domain's DNS (MX, SPF, DKIM, DMARC) is shown too, as advice: it never fails the check."""
+    from worker.ops.preflight import Preflight
+    from worker.settings import load_settings
+
     records = Records.load()
-    report = asyncio.run(check_connectivity(records, name))
+    preflight = Preflight(load_settings().dns_resolver)
+    report = asyncio.run(check_connectivity(records, name, preflight=preflight))
     if name in records.account_names:
         _store_check(report)
     if as_json:
@@ -162,8 +167,25 @@ def test_connectivity(name: str, as_json: bool) -> None:
             click.echo(f"  dkim: d={dkim['domain']} s={dkim['selector']} ({dkim['algorithm']})")
         for warning in report.detail.get("warnings", []):
             click.echo(f"  warning: {warning}")
+        _print_deliverability(report.detail.get("deliverability"))
         click.echo("OK" if report.ok else f"FAILED: {report.error}")
     sys.exit(0 if report.ok else 1)
+
+
+def _print_deliverability(found: dict[str, Any] | None) -> None:
+    """The preflight's four lines under a heading naming the domain and the resolver."""
+    from worker.ops.preflight import text_lines
+
+    if not found:
+        return
+    if "error" in found:
+        click.echo(f"  deliverability: {found['error']}")
+        return
+    click.echo(
+        f"  deliverability of {found['domain']} (DNS via {found['resolver']}; advice, never a failure):"
+    )
+    for line in text_lines(found):
+        click.echo(f"  {line}")
 
 
 def _store_check(report: Any) -> None:

@@ -46,7 +46,7 @@ import dkim
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, pkcs7
 
 from worker.errors import ConfigurationError
 from worker.records.keystores import KeyEntry, Keystore
@@ -240,6 +240,9 @@ class DkimSigner:
         header_canon, _, body_canon = settings.canonicalization.partition("/")
         self.canonicalization = (header_canon.encode(), body_canon.encode())
         self.key_bits = key.key_size
+        # what the selector's TXT record publishes as p= (base64 SubjectPublicKeyInfo): no secret
+        public = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        self.public_key = base64.b64encode(public).decode("ascii")
         self._key_pem = key_pem.encode("ascii")
 
     def __repr__(self) -> str:

@@ -1,6 +1,7 @@
 """What the queue consults about each account.
 
 Account health and the circuit breaker, the delivery counters written with each outcome,
-and the connectivity check (connect, secure, log in; never send). Builds on records, mail
+the connectivity check (connect, secure, log in; never send) and the deliverability preflight
+beside it (the sender domain's MX, SPF, DKIM and DMARC; advice only). Builds on records, mail
 and transports.
 """

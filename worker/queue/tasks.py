@@ -26,6 +26,7 @@ from celery.exceptions import Reject
 
 from worker.mail.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, SWEEP_TASK_NAME, TASK_NAME
 from worker.ops.connectivity import check_connectivity
+from worker.ops.preflight import Preflight
 from worker.queue.broker.celery_app import job_store, settings
 from worker.queue.broker.inbox import usable_job_ids
 from worker.queue.pipeline.attempts import (
@@ -122,10 +123,15 @@ def health_check() -> dict[str, str]:
     timeout = settings().health_timeout
 
     limiter = get_runtime().limiter(store_url(), settings().job_ttl, slot_wait())  # checks count too
+    health = account_health()
+    # the DNS preflight, kept in Redis an hour per domain: every account every 5 minutes is no
+    # reason to ask DNS every 5 minutes
+    preflight = Preflight(settings().dns_resolver, cache=health.redis)
 
     async def one(name: str) -> ConnectivityReport:
         try:
-            return await asyncio.wait_for(check_connectivity(records, name, limiter=limiter), timeout)
+            check = check_connectivity(records, name, limiter=limiter, preflight=preflight)
+            return await asyncio.wait_for(check, timeout)
         except TimeoutError:
             return ConnectivityReport(
                 name, ok=False, result="timeout", error=f"no answer within {timeout:g}s"
@@ -135,7 +141,6 @@ def health_check() -> dict[str, str]:
         return list(await asyncio.gather(*(one(n) for n in names)))
 
     reports = get_runtime().run(every(), timeout=timeout + 15)
-    health = account_health()
     states = {}
     for report in reports:
         states[report.account] = health.record_check(report.as_dict())

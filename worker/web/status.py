@@ -16,7 +16,7 @@ import redis
 
 from worker.db.keys import redis_key
 from worker.errors import ConfigurationError
-from worker.ops import counters
+from worker.ops import counters, preflight
 from worker.ops.health import AccountHealth
 from worker.queue.broker.kinds import AmqpBrokerView, BrokerView
 from worker.queue.broker.rabbitmq import read_setup
@@ -241,15 +241,19 @@ def ago(when: float | None, now: float) -> str:
 
 def health_line(health: dict[str, Any] | None, now: float) -> str:
     """An account's last check in one line, as ``postroom status`` and the dashboard show it:
-    ``ok 12s ago: SMTP (Connect using STARTTLS) TLSv1.3`` or ``FAILED …: … (why)``."""
+    ``ok 12s ago: SMTP (Connect using STARTTLS) TLSv1.3`` or ``FAILED …: … (why)``, then the
+    DNS preflight's lines that did not pass (``; DNS: SPF warn, DMARC fail``)."""
     if health is None:
         return "no check yet"
     verdict = "ok" if health.get("ok") else "FAILED"
     line = f"{verdict} {ago(_timestamp(health.get('checked_at')), now)}: {health.get('result')}"
-    if (health.get("detail") or {}).get("tls_version"):
-        line += f" {health['detail']['tls_version']}"
+    detail = health.get("detail") or {}
+    if detail.get("tls_version"):
+        line += f" {detail['tls_version']}"
     if not health.get("ok") and health.get("error"):
         line += f" ({health['error']})"
+    if dns := preflight.summary(detail.get("deliverability")):
+        line += f"; {dns}"
     return line
 
 

@@ -27,6 +27,9 @@ class Preset:
     port: int
     protocol: Protocol
     limits: ProviderLimits
+    # The SPF include(s) the provider documents for a domain that sends through its servers: the
+    # deliverability preflight (worker/ops/preflight.py) wants the sender's record to reach one.
+    spf_includes: tuple[str, ...] = ()
 
 
 PRESETS: dict[Provider, Preset] = {
@@ -35,6 +38,7 @@ PRESETS: dict[Provider, Preset] = {
         587,
         "starttls",
         ProviderLimits(max_connections=3, daily_recipients=2000, max_recipients_per_message=100),
+        spf_includes=("_spf.google.com",),  # Google Workspace
     ),
     # Exchange Online SMTP AUTH: 30 msgs/min, 10,000 recipients/day, 3 connections (contract §5)
     "office365": Preset(
@@ -42,16 +46,26 @@ PRESETS: dict[Provider, Preset] = {
         587,
         "starttls",
         ProviderLimits(rate="30/minute", max_connections=3, daily_recipients=10000),
+        spf_includes=("spf.protection.outlook.com",),  # Microsoft 365 / Exchange Online
     ),
     "outlook": Preset(
         "smtp-mail.outlook.com",
         587,
         "starttls",
         ProviderLimits(rate="30/minute", max_connections=3, daily_recipients=300),
+        # Outlook.com's own domains and its personalised domains (include:outlook.com, which
+        # itself reaches Exchange Online's)
+        spf_includes=("outlook.com", "spf.protection.outlook.com"),
     ),
-    "yahoo": Preset("smtp.mail.yahoo.com", 465, "smtps", ProviderLimits(max_connections=3)),
-    "icloud": Preset("smtp.mail.me.com", 587, "starttls", ProviderLimits(max_connections=3)),
-    "zoho": Preset("smtp.zoho.com", 465, "smtps", ProviderLimits(max_connections=3)),
+    "yahoo": Preset(
+        "smtp.mail.yahoo.com", 465, "smtps", ProviderLimits(max_connections=3), ("_spf.mail.yahoo.com",)
+    ),
+    "icloud": Preset(  # iCloud+ custom email domains
+        "smtp.mail.me.com", 587, "starttls", ProviderLimits(max_connections=3), ("icloud.com",)
+    ),
+    "zoho": Preset(  # zohomail.com now, zoho.com before (US data centre, the preset's host)
+        "smtp.zoho.com", 465, "smtps", ProviderLimits(max_connections=3), ("zohomail.com", "zoho.com")
+    ),
     "other": Preset(None, 587, "starttls", ProviderLimits()),
 }
 
@@ -104,6 +118,8 @@ def infer_provider(address: str | None) -> Provider:
 # Microsoft Graph sendMail per mailbox (contract §5): 4 concurrent requests, 10,000 requests per
 # 10 minutes (1,000 a minute, spread evenly); Exchange's 10,000 recipients a day still apply.
 GRAPH_LIMITS = ProviderLimits(rate="1000/minute", max_connections=4, daily_recipients=10000)
+# Graph sends from Exchange Online: Microsoft 365's SPF include
+GRAPH_SPF_INCLUDES = ("spf.protection.outlook.com",)
 
 
 BASIC_AUTH_RETIREMENT = (

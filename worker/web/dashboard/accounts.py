@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from worker.client import Producer
+from worker.ops import preflight
 from worker.ops.health import AccountHealth
 from worker.queue.events.outbox import Outbox
 from worker.queue.store.suppressions import Suppressions
@@ -49,6 +50,7 @@ def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
         "summary": account.summary() if account else None,
         "info": info,
         "health_now": health_line(info.get("health"), now),
+        "deliverability": _deliverability(info.get("health")),
         "history": list(reversed(health.history(name))),
         "certificates": [
             (label, days, days < CERT_WARN_DAYS)
@@ -58,6 +60,18 @@ def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
         "suppressed": suppressions.count(name),
         "webhooks": hooks,
         "charts": activity_charts(producer, name),
+    }
+
+
+def _deliverability(health: dict[str, Any] | None) -> dict[str, Any]:
+    """The last check's DNS preflight (worker/ops/preflight.py): its domain, when, and the rows."""
+    found = ((health or {}).get("detail") or {}).get("deliverability") or {}
+    return {
+        "domain": found.get("domain"),
+        "resolver": found.get("resolver"),
+        "checked_at": found.get("checked_at"),
+        "error": found.get("error"),
+        "rows": preflight.rows(found),
     }
 
 
