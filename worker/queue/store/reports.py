@@ -70,7 +70,7 @@ if changed > 0 then
     redis.call('EXPIRE', KEYS[6], 7200)
     redis.call('HINCRBY', KEYS[7], ARGV[7], changed)
     redis.call('EXPIRE', KEYS[7], 93600)
-    -- postroom_deliveries_total{outcome="bounced"|"complained"} (worker/web/metrics.py)
+    -- postroom_deliveries_total by outcome (worker/web/metrics.py)
     local job = redis.call('HMGET', KEYS[1], 'account', 'transport')
     redis.call('HINCRBY', KEYS[8], (job[1] or '') .. '|' .. (job[2] or 'none') .. '|' .. ARGV[6], changed)
   end
