@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from support.queue import QueueEnv
 from support.smtpd import SmtpServer
 from worker.db.vocabulary import JobState, RecipientState
+from worker.mail.reports import RecipientReport, Report, parse_report
+from worker.queue.events.reports_reader import findings, job_of
 from worker.queue.store.emit import ROUTES
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.reports import Applied, Finding, ReportStore
@@ -108,3 +111,43 @@ def test_a_delay_is_history_only_and_a_complaint_suppresses(
     assert reports.apply(account, job_id, "s1", "dsn", [soft], "") == (Applied.WRITTEN, 1)
     assert [e["address"] for e in Suppressions(own_queue.redis).entries(account)] == [KEPT]  # not permanent
     assert reports.apply(account, "no-such-job", "x1", "dsn", [bounce()], "") == (Applied.NO_JOB, 0)
+
+
+# ---- what the reader makes of a report ------------------------------------------------------
+
+SAMPLES = Path(__file__).resolve().parent / "samples" / "reports"
+
+
+@pytest.mark.parametrize(
+    ("sample", "said"),
+    [
+        ("postfix_bounce.eml", {("bounced", True)}),
+        ("exchange_online_ndr.eml", {("bounced", True)}),
+        ("gmail_dsn.eml", {("bounced", True)}),
+        ("qmail_bounce.eml", {("bounced", True)}),
+        ("postfix_delayed.eml", {("delayed", False)}),
+        ("arf_abuse.eml", {("complained", True)}),
+        ("microsoft_jmrp.eml", {("complained", True)}),
+    ],
+)
+def test_the_reader_bounces_suppresses_only_what_will_not_change(
+    sample: str, said: set[tuple[str, bool]]
+) -> None:
+    report = parse_report((SAMPLES / sample).read_bytes())
+    assert report is not None
+    assert {(str(f.said), f.permanent) for f in findings(report)} == said
+
+
+def test_a_failure_after_days_of_retries_bounces_without_suppressing() -> None:
+    report = Report(
+        "dsn", None, None, (RecipientReport(GONE, "failed", "4.4.7", "delivery time expired"),), None
+    )
+    (finding,) = findings(report)
+    assert (finding.said, finding.permanent) == ("bounced", False)
+
+
+def test_the_job_is_named_by_envid_else_by_postrooms_message_id() -> None:
+    assert job_of(Report("dsn", "order-1042+2Bretry", "<x@y>", (), None)) == ("order-1042+retry", None)
+    assert job_of(Report("dsn", None, "<4f0c9a@example.com>", (), None)) == ("4f0c9a", "<4f0c9a@example.com>")
+    assert job_of(Report("dsn", None, "<a b@example.com>", (), None)) == (None, None)
+    assert job_of(Report("dsn", None, None, (), None)) == (None, None)

@@ -68,10 +68,10 @@ def findings(report: Report) -> list[Finding]:
         said: str
         if r.action == "complained":
             said, permanent = RecipientState.COMPLAINED, True
-        elif r.action == "delayed" or (r.status or "").startswith("4"):
-            said, permanent = "delayed", False
-        elif r.action == "failed":
+        elif r.action == "failed":  # a 4.x.x failure gave up on a passing trouble: not suppressed
             said, permanent = RecipientState.BOUNCED, not (r.status or "5").startswith("4")
+        elif r.action == "delayed":
+            said, permanent = "delayed", False
         else:
             continue
         code = _CODE.search(r.diagnostic or "")
