@@ -31,7 +31,8 @@ def _publish(producer: Any) -> None:
 
 @click.group("webhooks")
 def webhooks() -> None:
-    """Signed delivery events (job.sent, job.deferred, job.failed, job.suppressed, job.cancelled)."""
+    """Signed delivery events (job.sent, job.deferred, job.failed, job.suppressed, job.cancelled,
+    job.bounced, job.complained)."""
 
 
 @webhooks.command("new")
