@@ -312,3 +312,22 @@ def test_the_stand_in_refuses_a_mailbox_call_without_a_valid_token(
         assert client.get(url, headers={"Authorization": "Bearer tok-made-up"}).status_code == 401
         ok = client.get(url, headers={"Authorization": f"Bearer {cloud.issue()}"})
     assert ok.status_code == 200 and len(ok.json()["value"]) == 1
+
+
+# ---- the reader's door -----------------------------------------------------------------------
+
+
+def test_open_mailbox_gives_a_graph_account_its_graph_mailbox(setup: Setup) -> None:
+    pytest.importorskip("worker.mail.reports", reason="worker/mail/reports.py comes with another branch")
+    from worker.queue.events.reports_reader import open_mailbox
+
+    setup.account(graph_extra=TRUSTED)
+    ident = setup.put(1, START)
+    records = setup.records()
+    account = records.account("graph")
+    assert account.bounces is not None and account.bounces.via == "graph"
+    session = open_mailbox(records, account)
+    assert isinstance(session, GraphMailbox)
+    with session as box:
+        assert box.pending("", 10) == [(ident, position(START, ident))]
+        assert box.fetch(ident) == report(1)
