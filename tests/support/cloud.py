@@ -9,17 +9,21 @@ connection, so clients talk to it exactly as they talk to the real services:
   assertion verified against the registered certificate) and ``password``.
 - Graph: ``sendMail`` (MIME mode; a JSON body is answered 400 like Graph answers
   an empty payload), drafts from MIME, attachments, upload sessions (chunked
-  PUTs that must carry no bearer token) and ``send``.
+  PUTs that must carry no bearer token) and ``send``; and each user principal's
+  mailbox, read as the bounce reader reads it (folders, listing, ``$value``, move:
+  tests/support/cloud_mailbox.py), filled by :meth:`CloudServer.put_in_inbox`.
 - Google's token endpoint: verifies the RS256 JWT assertion with the service
   account's public key and its claims (iss, sub, scope, aud, iat, exp).
 
-Every request is recorded; tests script Graph answers (``graph_script``),
-invalidate issued tokens (``expire_tokens``) and read what was delivered.
+Every request is recorded; tests script Graph answers (``graph_script`` for sends,
+``mail_script`` for the mailbox), invalidate issued tokens (``expire_tokens``) and read
+what was delivered.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -44,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
 from cryptography.x509.oid import NameOID
+
+from support.cloud_mailbox import MailStore
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 CLIENT_ID = "00000000-aaaa-bbbb-cccc-000000000001"
@@ -116,6 +122,8 @@ class CloudServer:
         self.deleted_drafts: list[str] = []
         self.uploads: dict[str, dict[str, Any]] = {}
         self.sendmail_times: list[float] = []
+        self.mail: dict[str, MailStore] = {}  # each user principal's mailbox, made on first use
+        self.mail_script: list[Reply] = []  # answers to mailbox calls, before the mailbox's own
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
@@ -165,6 +173,16 @@ class CloudServer:
         with self.lock:
             self.tokens.clear()
 
+    def mail_store(self, upn: str) -> MailStore:
+        """``upn``'s mailbox (the user exists from now on)."""
+        with self.lock:
+            self.mailboxes.add(upn)
+            return self.mail.setdefault(upn, MailStore(upn))
+
+    def put_in_inbox(self, upn: str, raw: bytes, received: datetime | str, *, id: str | None = None) -> str:
+        """Deliver the MIME message ``raw`` into ``upn``'s inbox, received at ``received``; its id."""
+        return self.mail_store(upn).put(raw, received, id=id)
+
     def calls(self, method: str, contains: str) -> list[Recorded]:
         with self.lock:
             return [r for r in self.requests if r.method == method and contains in r.path]
@@ -204,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             data = json.dumps(reply.body).encode()
         self.send_response(reply.status)
-        if data:
+        if data and "Content-Type" not in reply.headers:
             self.send_header("Content-Type", "application/json")
         for name, value in reply.headers.items():
             self.send_header(name, value)
@@ -222,7 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self._route(method, path, record)
         except Exception as exc:  # a bug in the fake: make it visible to the test
             reply = Reply(500, {"error": {"code": "FakeServerBug", "message": repr(exc)}})
-        self._reply(reply)
+        with contextlib.suppress(OSError):  # a client that stopped reading (a capped fetch)
+            self._reply(reply)
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -394,6 +413,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _graph_action(self, method: str, mailbox: str, action: str, rec: Recorded) -> Reply:
         cloud = self.cloud
+        parts = action.split("/")
+        if parts[0] == "mailFolders" or (
+            parts[0] == "messages" and len(parts) > 1 and parts[1] not in cloud.drafts
+        ):
+            return self._mailbox(method, cloud.mail_store(mailbox), action, rec)
         mime_body = rec.headers.get("content-type", "").startswith("text/plain")
         if method == "POST" and action == "sendMail":
             if not mime_body:
@@ -453,6 +477,21 @@ class _Handler(BaseHTTPRequestHandler):
                     cloud.delivered.append(draft)
                 return Reply(202)
         return _graph_error(400, "BadRequest", f"unsupported: {method} {action}")
+
+    def _mailbox(self, method: str, store: MailStore, action: str, rec: Recorded) -> Reply:
+        with self.cloud.lock:
+            if self.cloud.mail_script:
+                return self.cloud.mail_script.pop(0)
+        query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+        answer = store.route(
+            method,
+            action,
+            query,
+            rec.body,
+            immutable='IdType="ImmutableId"' in rec.headers.get("prefer", ""),
+            link=f"{self.cloud.url}/v1.0/users/{store.upn}",
+        )
+        return Reply(answer.status, answer.body, answer.headers)
 
     def _upload(self, session: str, rec: Recorded) -> Reply:
         cloud = self.cloud

@@ -6,7 +6,8 @@ about one of its jobs is written to that job (worker/queue/store/reports.py) and
 
 One reader per account in the whole cluster: every worker process runs a :class:`ReportsReader`
 thread, and an account's mailbox is read only by the holder of its lease. The reader keeps its
-place in the folder (the highest UID it is done with), so a message is read once: a report that
+place in the folder (the highest UID it is done with; through Graph, the receivedDateTime and id
+of the last message: worker/transports/mailbox_graph.py), so a message is read once: a report that
 matches no job, an auto-reply and ordinary mail stay where they are, counted; a reader killed
 mid-pass reads its last messages again and finds their reports done (nothing applied twice).
 """
@@ -30,6 +31,7 @@ from worker.queue.store.reports import Applied, Finding, ReportStore, report_ide
 from worker.records.account.account import EmailAccount
 from worker.records.loader import Records
 from worker.transports.mailbox import ImapMailbox, MailboxError, MailboxSession
+from worker.transports.mailbox_graph import graph_mailbox
 
 log = logging.getLogger("postroom.reports")
 
@@ -154,8 +156,8 @@ def open_mailbox(records: Records, account: EmailAccount) -> MailboxSession:
 
     mb = account.bounces
     assert mb is not None
-    if mb.via != "imap":
-        raise MailboxError(f"{account.name}: reading a Graph mailbox is not built yet")
+    if mb.via == "graph":
+        return graph_mailbox(records, account)
     cadata = records.keystore(mb.truststore).cadata() if mb.truststore else None
     token: Callable[[], str] | None = None
     if mb.oauth_profile is not None:
