@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from worker.db.vocabulary import RecipientState
+from worker.errors import ConfigurationError, DeliveryError
 from worker.mail.reports import Report, parse_report, xtext_decode
 from worker.queue.broker.process_state import this_process
 from worker.queue.store.reports import Applied, Finding, ReportStore, report_identity
@@ -113,8 +114,10 @@ def read_once(
                 if outcome == "move":
                     mailbox.move(ref, mb.move_to)
                 store.advance(account.name, mb.folder, mailbox.validity, position)
-    except MailboxError as exc:
+    except (MailboxError, ConfigurationError) as exc:  # the mailbox, or its records: next pass
         result.error = str(exc)
+    except DeliveryError as exc:  # the OAuth profile's token could not be had
+        result.error = f"{account.name}: mailbox: {exc}"
     return result
 
 
