@@ -15,6 +15,7 @@ from support.pki import Pki
 from support.queue import Live, QueueEnv, Worker, claim_database, ensure_redis
 from support.smtpd import SmtpServer
 from worker.client import Producer
+from worker.queue.store import emit
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -125,3 +126,13 @@ def live(
 ) -> Live:
     """The queue, a running worker, a producer and the SMTP server factory, in one."""
     return Live(queue_env, worker, producer, smtp_server)
+
+
+@pytest.fixture
+def hook_files(queue_env: QueueEnv) -> Iterator[list[str]]:
+    """Webhook names a test made in the session's config: removed after it (and unrouted)."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        (queue_env.config / "webhooks" / f"{name}.yaml").unlink(missing_ok=True)
+        queue_env.redis.hdel(emit.ROUTES, name)

@@ -5,13 +5,17 @@ choice of findings; and, with Postfix and Dovecot, the whole way from a send to 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from support.queue import QueueEnv
+from support.hookrecv import Receiver, delivered, free_port, new_webhook
+from support.mailhost import MailHost
+from support.pki import Pki
+from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
 from support.smtpd import SmtpServer
 from worker.db.vocabulary import JobState, RecipientState
 from worker.mail.reports import RecipientReport, Report, parse_report
@@ -151,3 +155,64 @@ def test_the_job_is_named_by_envid_else_by_postrooms_message_id() -> None:
     assert job_of(Report("dsn", None, "<4f0c9a@example.com>", (), None)) == ("4f0c9a", "<4f0c9a@example.com>")
     assert job_of(Report("dsn", None, "<a b@example.com>", (), None)) == (None, None)
     assert job_of(Report("dsn", None, None, (), None)) == (None, None)
+
+
+# ---- the whole way: Postfix takes every recipient (like Office 365), bounces later -----------
+
+
+def relay_account(env: QueueEnv, mailhost: MailHost, pki: Pki, name: str) -> str:
+    """An account that submits to the mail host's Postfix (STARTTLS, AUTH) and reads its bounces
+    from its own Dovecot mailbox over IMAPS, every 5 s, with the same login."""
+    password = secrets.token_hex(12)
+    address = mailhost.add_user(name, password)
+    secret = env.root / f"{name}.password"
+    secret.write_text(password + "\n")
+    (env.config / "keystores" / f"{name}-ca.yaml").write_text(f"type: pem\ncertificates: {pki.ca_cert}\n")
+    (env.accounts / f"{name}.yaml").write_text(
+        f"provider: other\nsmtp:\n  address: {address}\n  host: 127.0.0.1\n  port: {mailhost.smtp_port}\n"
+        f"  protocol: starttls\n  truststore: {name}-ca\n  auth: password\n  password: {{file: {secret}}}\n"
+        f"bounces:\n  host: 127.0.0.1\n  port: {mailhost.imap_port}\n  interval: 5\n"
+    )
+    return name
+
+
+def test_a_relay_that_takes_everything_bounces_later_and_the_address_is_suppressed(
+    live: Live, mailhost: MailHost, pki: Pki, hook_files: list[str], tmp_path: Path
+) -> None:
+    queue_env, worker, producer, _ = live
+    account = relay_account(queue_env, mailhost, pki, unique("relay").lower())
+    dead, alive = f"nobody-{unique('x')}@{mailhost.domain}", mailhost.add_user(unique("alice").lower(), "pw")
+    hook, port = unique("bounces"), free_port()
+    hook_files.append(hook)
+    secret = new_webhook(
+        queue_env, hook, f"http://127.0.0.1:{port}/hook", "--account", account, "--allow-private"
+    )
+    receiver = Receiver(tmp_path / "hooks.jsonl", secret, port=port).start()
+    try:
+        job = finished(producer, producer.send_notification(account, [dead, alive], "Your order", "x"))
+        assert job.state == "sent" and job.recipients[dead]["status"] == "sent"  # Postfix said 250
+
+        def bounced() -> bool:
+            found = producer.job(job.id)
+            return found is not None and found.recipients[dead]["status"] == "bounced"
+
+        wait_for(bounced, 60, "the bounce to reach the job", worker)
+        found = producer.job(job.id)
+        assert found is not None and found.state == "sent" and found.recipients[alive]["status"] == "sent"
+        assert (
+            found.recipients[dead]["message"].startswith("5.1.1")
+            and found.recipients[dead]["report"] == "dsn"
+        )
+        entries = json.loads(cli(queue_env, "suppressions", "list", account, "--json").stdout)
+        assert [(e["address"], e["reason"], e["job_id"]) for e in entries] == [(dead, "hard_bounce", job.id)]
+        wait_for(lambda: (job.id, "job.bounced") in delivered(receiver), 30, "job.bounced", worker)
+        # the report moved out of the inbox, nothing deleted; the next job skips the address
+        moved = mailhost.mailbox(account, "Postroom/Processed")
+        assert len(moved) == 1 and b"report-type=delivery-status" in moved[0]
+        assert not [m for m in mailhost.mailbox(account) if b"delivery-status" in m]
+        again = finished(producer, producer.send_notification(account, [dead], "Again", "x"))
+        assert again.state == "suppressed" and again.recipients[dead]["status"] == "suppressed"
+        status = json.loads(cli(queue_env, "status", "--json").stdout)["accounts"][account]
+        assert status["bounced"] == 1 and status["reports"]["matched"] == 1
+    finally:
+        receiver.stop()

@@ -10,7 +10,7 @@ import json
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
-from support.hookrecv import Receiver, free_port
+from support.hookrecv import Receiver, delivered, free_port, new_webhook
 from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer, unknown_user
 from worker.db.vocabulary import JobState
@@ -33,28 +33,6 @@ from worker.settings import Settings
 from worker.transports.public_http import public_transport
 
 ServerFactory = Callable[..., SmtpServer]
-
-
-@pytest.fixture
-def hook_files(queue_env: QueueEnv) -> Iterator[list[str]]:
-    """Webhook names a test made in the session's config: removed after it (and unrouted)."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        (queue_env.config / "webhooks" / f"{name}.yaml").unlink(missing_ok=True)
-        queue_env.redis.hdel(emit.ROUTES, name)
-
-
-def new_webhook(env: QueueEnv, name: str, url: str, *args: str) -> str:
-    made = cli(env, "webhooks", "new", name, "--url", url, *args)
-    assert made.returncode == 0, made.stderr
-    secret = made.stdout.strip()
-    assert secret.startswith("whsec_") and "shown only now" in made.stderr
-    return secret
-
-
-def delivered(receiver: Receiver) -> set[tuple[str | None, str | None]]:
-    return {(r["job_id"], r["type"]) for r in receiver.requests() if r["answered"] == 204}
 
 
 def test_the_signature_verifies_with_the_standardwebhooks_package() -> None:

@@ -17,7 +17,10 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # run as a script too (the receiver), where support/ is not a package
+    from support.queue import QueueEnv
 
 HERE = Path(__file__).resolve()
 
@@ -115,6 +118,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def new_webhook(env: QueueEnv, name: str, url: str, *args: str) -> str:
+    """``postroom webhooks new NAME --url URL ARGS``: its secret."""
+    from support.queue import cli
+
+    made = cli(env, "webhooks", "new", name, "--url", url, *args)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert secret.startswith("whsec_") and "shown only now" in made.stderr
+    return secret
+
+
+def delivered(receiver: Receiver) -> set[tuple[str | None, str | None]]:
+    return {(r["job_id"], r["type"]) for r in receiver.requests() if r["answered"] == 204}
 
 
 if __name__ == "__main__":
