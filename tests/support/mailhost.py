@@ -58,6 +58,7 @@ DOVECOT = Path("/usr/sbin/dovecot")
 NEEDED = (POSTFIX, DOVECOT, Path("/usr/lib/dovecot/imap"), Path("/usr/lib/dovecot/lmtp"))
 MAIL_USER = "mail"  # owns the Maildirs (Debian's base-passwd user for mail spools)
 USER_NAME = re.compile(r"[a-z0-9][a-z0-9._+-]*")
+BANNER = "Postroom test IMAP ready"  # Dovecot's greeting: MailHost._wait knows its own server
 GIVE_UP = 5  # seconds a deferred message stays queued before Postfix bounces it
 
 
@@ -124,8 +125,9 @@ class MailHost:
         config.write_text(self._dovecot_conf(owner))
         # -F: in the foreground, our child; its log goes to log_path, early errors to stderr
         self.dovecot = _spawn([str(DOVECOT), "-F", "-c", str(config)], self.root / "dovecot.stderr")
-        ready = [self.lmtp_socket, self.auth_socket]
-        self._wait("dovecot", self.dovecot, deadline, self.imap_port, lambda: all(p.exists() for p in ready))
+        sockets = [self.lmtp_socket, self.auth_socket]
+        greeting = (self.imap_starttls_port, BANNER)  # after "* OK [CAPABILITY …]"
+        self._wait("dovecot", self.dovecot, deadline, greeting, lambda: all(p.exists() for p in sockets))
 
     def _start_postfix(self, deadline: float) -> None:
         folder = self.root / "postfix"
@@ -140,18 +142,19 @@ class MailHost:
         # slow part: about 2 s) and runs master in the foreground, a child of ours, not a daemon
         command = [str(POSTFIX), "-c", str(folder / "etc"), "start-fg"]
         self.postfix = _spawn(command, self.root / "postfix.stderr")
-        self._wait("postfix", self.postfix, deadline, self.smtp_port)
+        self._wait("postfix", self.postfix, deadline, (self.smtp_port, f"220 {self.hostname} ESMTP"))
 
     def _wait(
         self,
         name: str,
         process: subprocess.Popen[bytes],
         deadline: float,
-        port: int,
+        greeting: tuple[int, str],
         ready: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Until the server listens on ``port`` and is ``ready``; fails with its logs if it exits."""
-        while not (ready() and _listens(port)):
+        """Until the server is ``ready`` and greets on its port with its own banner (not merely
+        "something listens": a port another process took meanwhile must fail here, with logs)."""
+        while not (ready() and _greets(*greeting)):
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}\n{self.log()}")
             if time.monotonic() > deadline:
@@ -291,6 +294,7 @@ state_dir = {folder / "state"}
 instance_name = {self.root.name}
 log_path = {self.root / "dovecot.log"}
 hostname = {self.hostname}
+login_greeting = {BANNER}
 protocols = imap lmtp
 listen = {HOST}
 ssl = yes
@@ -445,10 +449,11 @@ EOF
 """
 
 
-def _listens(port: int) -> bool:
+def _greets(port: int, banner: str) -> bool:
+    """Whether the server on ``port`` opens with ``banner`` (SMTP and IMAP speak first)."""
     try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
+        with socket.create_connection((HOST, port), timeout=1) as sock:
+            return banner.encode() in sock.recv(1024)
     except OSError:
         return False
 
