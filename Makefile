@@ -14,19 +14,40 @@ $(BIN)/postroom: pyproject.toml constraints.txt
 
 venv: $(BIN)/postroom
 
-# Debian packages the tests need: docker-compose (tests/test_deploy.py validates docker-compose.yml
-# with it; no Docker engine needed) and chromium (tests/test_dashboard.py drives it with Playwright;
-# Playwright's own browser download is never used). Installed when root, else named.
+# Debian packages the tests need, each with the command that shows it is there: docker-compose
+# (tests/test_deploy.py validates docker-compose.yml with it; no Docker engine needed), chromium
+# (tests/test_dashboard.py drives it with Playwright; Playwright's own browser download is never
+# used), postfix and dovecot (tests/support/mailhost.py runs instances of its own on free ports:
+# the MTA that bounces and the IMAP mailbox the bounces land in). Installed when root, else named.
+# Postfix is installed unconfigured and the packages' own services are stopped and disabled right
+# after their install: nothing of theirs listens on 25, 143 or 993.
+TOOLS := docker-compose:docker-compose chromium:chromium postfix:/usr/sbin/postfix \
+         dovecot-core:/usr/sbin/dovecot dovecot-imapd:/usr/lib/dovecot/imap dovecot-lmtpd:/usr/lib/dovecot/lmtp
+
 tools:
 	@missing=""; \
-	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	for tool in $(TOOLS); do \
+	  command -v "$${tool#*:}" >/dev/null 2>&1 || missing="$$missing $${tool%%:*}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian's$$missing (the tests need them)"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    for service in postfix dovecot; do \
+	      case " $$missing " in *" $$service "*|*" $$service-core "*) ;; *) continue;; esac; \
+	      if [ -d /run/systemd/system ]; then \
+	        for unit in $$service.service $$service.socket; do \
+	          systemctl disable --now --quiet $$unit 2>/dev/null || true; \
+	        done; \
+	      else \
+	        service $$service stop >/dev/null 2>&1 || true; \
+	        update-rc.d $$service disable >/dev/null 2>&1 || true; \
+	      fi; \
+	    done; \
 	  else \
-	    echo "note: install Debian's$$missing: test_deploy.py needs docker-compose, test_dashboard.py chromium" >&2; \
+	    echo "note: install Debian's$$missing: test_deploy.py needs docker-compose," \
+	      "test_dashboard.py chromium, test_mailhost.py postfix and dovecot" >&2; \
 	  fi; \
 	fi
 

@@ -11,6 +11,7 @@ import pytest
 
 from support.cloud import CloudServer
 from support.dnsserver import DnsServer
+from support.mailhost import MailHost, missing_programs
 from support.pki import Pki
 from support.queue import Live, QueueEnv, Worker, claim_database, ensure_redis
 from support.smtpd import SmtpServer
@@ -35,6 +36,20 @@ def session_dns() -> Iterator[DnsServer]:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def mailhost(pki: Pki) -> Iterator[MailHost]:
+    """A real Postfix (submission, DSNs) and Dovecot (IMAPS mailboxes), once per session: they
+    take seconds to start. Each test adds users of its own (tests/support/mailhost.py)."""
+    missing = missing_programs()
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} missing: run `make tools` (as root) for Debian's postfix and dovecot"
+        )
+    host = MailHost(pki).start()
+    yield host
+    host.stop()
 
 
 @pytest.fixture
