@@ -207,7 +207,7 @@ def test_a_relay_that_takes_everything_bounces_later_and_the_address_is_suppress
         assert [(e["address"], e["reason"], e["job_id"]) for e in entries] == [(dead, "hard_bounce", job.id)]
         wait_for(lambda: (job.id, "job.bounced") in delivered(receiver), 30, "job.bounced", worker)
         # the report moved out of the inbox, nothing deleted; the next job skips the address
-        moved = mailhost.mailbox(account, "Postroom/Processed")
+        moved = mailhost.mailbox(account, "Postroom.Processed")  # Dovecot's Maildir++ delimiter
         assert len(moved) == 1 and b"report-type=delivery-status" in moved[0]
         assert not [m for m in mailhost.mailbox(account) if b"delivery-status" in m]
         again = finished(producer, producer.send_notification(account, [dead], "Again", "x"))

@@ -61,6 +61,7 @@ class ImapMailbox:
         self._cadata, self._password, self._token, self._timeout = cadata, password, token, timeout
         self._imap: imaplib.IMAP4 | None = None
         self.validity = ""
+        self.delimiter = "/"  # the server's hierarchy delimiter (LIST "" "")
         self._secrets: list[str] = []
 
     def __repr__(self) -> str:
@@ -88,7 +89,8 @@ class ImapMailbox:
                     imap.starttls(context)
             self._imap = imap
             self._login(imap)
-            status, selected = imap.select(_quote(mb.folder))
+            self.delimiter = self._delimiter(imap)
+            status, selected = imap.select(self._name(mb.folder))
             self._ok(status, list(selected), f"SELECT {mb.folder}")
             found = _UIDVALIDITY.search(b" ".join(_bytes(d) for d in imap.untagged_responses.get("OK", [])))
             validity = imap.untagged_responses.get("UIDVALIDITY", [b""])[0]
@@ -99,6 +101,18 @@ class ImapMailbox:
             self.close()
             raise self._error("open", exc) from None
         return self
+
+    @staticmethod
+    def _delimiter(imap: imaplib.IMAP4) -> str:
+        """The server's hierarchy delimiter: a record writes folder paths with "/" (as
+        ``Postroom/Processed``); Dovecot's Maildir++ and Exchange, say, use "." and "/"."""
+        status, data = imap.list('""', '""')
+        found = re.search(rb'\) "(.)"', _bytes(data[0] or b"")) if status == "OK" and data else None
+        return found.group(1).decode() if found else "/"
+
+    def _name(self, path: str) -> str:
+        """A folder path of the record as the server names it, quoted."""
+        return _quote(path.replace("/", self.delimiter) if self.delimiter not in ("/", "") else path)
 
     def _login(self, imap: imaplib.IMAP4) -> None:
         user = self.mailbox.user or ""
@@ -156,10 +170,10 @@ class ImapMailbox:
         self._ensure(folder)
         assert self._imap is not None
         if b"MOVE" in _capabilities(self._imap):
-            status, data = self._call("uid", "MOVE", uid, _quote(folder))
+            status, data = self._call("uid", "MOVE", uid, self._name(folder))
             self._ok(status, data, f"UID MOVE {folder}")
             return
-        status, data = self._call("uid", "COPY", uid, _quote(folder))
+        status, data = self._call("uid", "COPY", uid, self._name(folder))
         self._ok(status, data, f"UID COPY {folder}")
         status, data = self._call("uid", "STORE", uid, "+FLAGS.SILENT", r"(\Deleted)")
         self._ok(status, data, "UID STORE")
@@ -169,10 +183,10 @@ class ImapMailbox:
             self._call("expunge")
 
     def _ensure(self, folder: str) -> None:
-        status, data = self._call("list", '""', _quote(folder))
+        status, data = self._call("list", '""', self._name(folder))
         if status == "OK" and any(part for part in data if part):
             return
-        status, data = self._call("create", _quote(folder))
+        status, data = self._call("create", self._name(folder))
         if status != "OK" and b"ALREADYEXISTS" not in b" ".join(_bytes(d) for d in data if d):
             self._ok(status, data, f"CREATE {folder}")
 

@@ -30,7 +30,7 @@ class BouncesSettings(RecordModel):
     host: Line | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     secure: bool = True
-    protocol: Literal["imaps", "starttls"] | None = None  # default: by port (993 imaps, else starttls)
+    protocol: Literal["imaps", "starttls"] | None = None  # default: starttls on 143, else imaps
     min_tls_version: TlsVersion = "1.2"
     user: Line | None = None
     password: SecretField | None = None
@@ -106,7 +106,7 @@ def resolve_mailbox(settings: BouncesSettings, sending: SendingIdentity, bad: Ba
     protocol: ImapProtocol = (
         "none"
         if not settings.secure
-        else settings.protocol or ("imaps" if port == IMAPS_PORT else "starttls")
+        else settings.protocol or ("starttls" if port == IMAP_PORT else "imaps")
     )
     return Mailbox(
         "imap", settings.folder, settings.move_to, settings.interval, host=host, port=port,
