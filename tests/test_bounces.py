@@ -15,7 +15,7 @@ import pytest
 from support.hookrecv import Receiver, delivered, free_port, new_webhook
 from support.mailhost import MailHost
 from support.pki import Pki
-from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
+from support.queue import Live, QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import SmtpServer
 from worker.db.vocabulary import JobState, RecipientState
 from worker.mail.reports import RecipientReport, Report, parse_report
@@ -26,6 +26,7 @@ from worker.queue.store.reports import Applied, Finding, ReportStore
 from worker.queue.store.suppressions import Suppressions
 
 GONE, KEPT = "gone@example.net", "kept@example.net"
+TESTS = Path(__file__).resolve().parent
 
 
 def sent_job(env: QueueEnv, server: SmtpServer, account: str) -> tuple[str, JobStore]:
@@ -216,3 +217,53 @@ def test_a_relay_that_takes_everything_bounces_later_and_the_address_is_suppress
         assert status["bounced"] == 1 and status["reports"]["matched"] == 1
     finally:
         receiver.stop()
+
+
+def test_a_reader_killed_between_writing_and_moving_applies_nothing_twice_and_loses_nothing(
+    own_queue: QueueEnv, mailhost: MailHost, pki: Pki, tmp_path: Path
+) -> None:
+    account = relay_account(own_queue, mailhost, pki, unique("killed").lower())
+    dead = [f"gone{i}-{unique('x')}@{mailhost.domain}" for i in range(3)]
+    kills = tmp_path / "kills.log"
+    hook = {"PYTHONPATH": str(TESTS), "POSTROOM_TEST_KILL_LOG": str(kills)}
+    dying = Worker(
+        own_queue, tmp_path / "dying.log", extra_args=("-I", "support.die_before_move"), extra_env=hook
+    )
+    survivor = Worker(own_queue, tmp_path / "survivor.log")
+    producer = own_queue.producer()
+
+    def bounced() -> list[str]:  # each job has one recipient
+        jobs = [producer.job(i) for i in ids]
+        return [
+            j.id for j in jobs if j is not None and next(iter(j.recipients.values()))["status"] == "bounced"
+        ]
+
+    try:
+        ids = [
+            producer.send_notification(account, [address], f"order {i}", "x")
+            for i, address in enumerate(dead)
+        ]
+        dying.start()
+        wait_for(kills.exists, 60, "the reader to die before its first move", dying)
+        assert len(bounced()) == 1  # written, not moved: the report is still in the inbox
+        wait_for(lambda: not dying.alive(), 10, "the killed worker to be gone")
+        survivor.start()  # takes the account's lease once the dead reader's lapses (30 s)
+        wait_for(lambda: len(bounced()) == len(ids), 90, "every bounce", survivor)
+        wait_for(
+            lambda: len(mailhost.mailbox(account, "Postroom.Processed")) == len(ids),
+            20,
+            "every move",
+            survivor,
+        )
+        for job_id in ids:
+            job = producer.job(job_id)
+            assert job is not None
+            assert [h["outcome"] for h in job.history or []].count("bounced") == 1, job.history
+    finally:
+        dying.stop()
+        survivor.stop()
+        producer.close()
+    hour = int(time.time() // 3600)
+    assert own_queue.redis.hget(f"postroom:w:{account}:h:{hour}", "bounced") == str(len(ids))
+    assert sorted(e["address"] for e in Suppressions(own_queue.redis).entries(account)) == sorted(dead)
+    assert not [m for m in mailhost.mailbox(account) if b"delivery-status" in m]
