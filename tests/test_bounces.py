@@ -267,3 +267,52 @@ def test_a_reader_killed_between_writing_and_moving_applies_nothing_twice_and_lo
     assert own_queue.redis.hget(f"postroom:w:{account}:h:{hour}", "bounced") == str(len(ids))
     assert sorted(e["address"] for e in Suppressions(own_queue.redis).entries(account)) == sorted(dead)
     assert not [m for m in mailhost.mailbox(account) if b"delivery-status" in m]
+
+
+def complaint_about(message_id: str, recipient: str) -> bytes:
+    """The ARF sample (RFC 5965), about ``message_id`` sent to ``recipient``."""
+    sample = (SAMPLES / "arf_abuse.eml").read_bytes()
+    return sample.replace(b"<9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a@example.com>", message_id.encode()).replace(
+        b"Carol@Example.NET", recipient.encode()
+    )
+
+
+def test_bounces_check_applies_a_complaint_and_leaves_what_is_not_ours(
+    own_queue: QueueEnv, mailhost: MailHost, pki: Pki, smtp_server: Callable[..., SmtpServer]
+) -> None:
+    account = relay_account(own_queue, mailhost, pki, unique("check").lower())
+    job_id, store = sent_job(own_queue, smtp_server(mode="plain"), account)
+    message_id = f"<{job_id}@{mailhost.domain}>"
+    store.note_message_id(job_id, message_id)
+    mailhost.deliver_raw(
+        account, b"From: a friend <friend@example.org>\r\nSubject: lunch?\r\n\r\nSee you.\r\n"
+    )
+    mailhost.deliver_raw(account, complaint_about("<not-ours-1@elsewhere.example>", KEPT))
+    mailhost.deliver_raw(account, complaint_about(message_id, KEPT))
+
+    done = cli(own_queue, "bounces", "check", account, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["read"], report["unmatched"], report["not_reports"], report["error"]) == (3, 1, 1, None)
+    (match,) = report["matched"]
+    assert (match["job_id"], match["kind"]) == (job_id, "complaint")
+    assert match["recipients"] == {KEPT: {"said": "complained", "status": None}}
+    job = store.get(job_id)
+    assert job is not None and job.recipients[KEPT]["status"] == "complained"
+    assert [(e["address"], e["reason"]) for e in Suppressions(own_queue.redis).entries(account)] == [
+        (KEPT, "complaint")
+    ]
+    assert len(mailhost.mailbox(account)) == 2 and len(mailhost.mailbox(account, "Postroom.Processed")) == 1
+
+    again = json.loads(cli(own_queue, "bounces", "check", account, "--json").stdout)
+    assert again["read"] == 0  # each message is read once
+    text = cli(own_queue, "bounces", "check", account)
+    assert text.stdout.strip() == f"{account}: read 0, matched 0, unmatched 0, not reports 0"
+
+    # a mailbox that refuses the login: the reason, no secret, exit 1
+    password_file = own_queue.root / f"{account}.password"
+    password = password_file.read_text().strip()
+    password_file.write_text("not-" + password + "\n")
+    refused = cli(own_queue, "bounces", "check", account, "--json")
+    assert refused.returncode == 1 and "login refused" in json.loads(refused.stdout)["error"]
+    assert password not in refused.stdout + refused.stderr

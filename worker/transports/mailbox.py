@@ -100,6 +100,9 @@ class ImapMailbox:
         except (OSError, ssl.SSLError, imaplib.IMAP4.error) as exc:
             self.close()
             raise self._error("open", exc) from None
+        except MailboxError:
+            self.close()
+            raise
         return self
 
     @staticmethod
@@ -116,16 +119,24 @@ class ImapMailbox:
 
     def _login(self, imap: imaplib.IMAP4) -> None:
         user = self.mailbox.user or ""
-        if self._token is not None:
-            token = self._token()
-            self._secrets.append(token)
-            blob = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-            answer: tuple[Any, Any] = imap.authenticate("XOAUTH2", lambda _challenge: blob)
-        else:
-            assert self._password is not None
-            password = self._password()
-            self._secrets.append(password)
-            answer = imap.login(user, password)
+        try:
+            if self._token is not None:
+                token = self._token()
+                self._secrets.append(token)
+                blob = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+                answer: tuple[Any, Any] = imap.authenticate("XOAUTH2", lambda _challenge: blob)
+            else:
+                assert self._password is not None
+                password = self._password()
+                self._secrets.append(password)
+                answer = imap.login(user, password)
+        except imaplib.IMAP4.error as exc:  # imaplib raises a NO as an error whose text is bytes' repr
+            text = str(exc.args[0] if exc.args else exc)
+            text = text[2:-1] if text[:2] in ("b'", 'b"') else text
+            where = f"{self.mailbox.host}:{self.mailbox.port}"
+            raise MailboxError(
+                f"{self.account}: mailbox {where}: login refused: {self._redact(text)[:300]}"
+            ) from None
         self._ok(str(answer[0]), list(answer[1]), "login")
 
     def close(self) -> None:

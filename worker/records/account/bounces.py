@@ -104,9 +104,7 @@ def resolve_mailbox(settings: BouncesSettings, sending: SendingIdentity, bad: Ba
         return None
     port = settings.port or (IMAPS_PORT if settings.protocol != "starttls" else IMAP_PORT)
     protocol: ImapProtocol = (
-        "none"
-        if not settings.secure
-        else settings.protocol or ("starttls" if port == IMAP_PORT else "imaps")
+        "none" if not settings.secure else settings.protocol or ("starttls" if port == IMAP_PORT else "imaps")
     )
     return Mailbox(
         "imap", settings.folder, settings.move_to, settings.interval, host=host, port=port,
