@@ -316,3 +316,26 @@ def test_bounces_check_applies_a_complaint_and_leaves_what_is_not_ours(
     refused = cli(own_queue, "bounces", "check", account, "--json")
     assert refused.returncode == 1 and "login refused" in json.loads(refused.stdout)["error"]
     assert password not in refused.stdout + refused.stderr
+
+
+def test_a_delay_notice_is_history_and_giving_up_later_bounces_without_suppressing(
+    live: Live, mailhost: MailHost, pki: Pki
+) -> None:
+    # Postfix cannot reach the slow domain: a delay DSN (4.4.1) after about a second, then, when
+    # it gives up after GIVE_UP seconds, a failed one that keeps the 4.4.1 (a passing trouble)
+    queue_env, worker, producer, _ = live
+    account = relay_account(queue_env, mailhost, pki, unique("slow").lower())
+    far = f"someone-{unique('x')}@{mailhost.slow_domain}"
+    job = finished(producer, producer.send_notification(account, [far], "Your order", "x"))
+    assert job.state == "sent"
+
+    def outcomes() -> list[str]:
+        found = producer.job(job.id)
+        return [h["outcome"] for h in (found.history or [])] if found is not None else []
+
+    wait_for(lambda: "bounced" in outcomes(), 60, "the delay and the bounce", worker)
+    assert outcomes().count("delayed") >= 1 and outcomes().index("delayed") < outcomes().index("bounced")
+    found = producer.job(job.id)
+    assert found is not None and found.recipients[far]["status"] == "bounced"
+    assert found.recipients[far]["message"].startswith("4.4.1")
+    assert far not in {e["address"] for e in Suppressions(queue_env.redis).entries(account)}
