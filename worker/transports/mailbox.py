@@ -77,7 +77,7 @@ class ImapMailbox:
         assert mb.host is not None
         context = None
         if mb.protocol != "none":
-            context = client_context(cadata=self._cadata, min_version=mb.min_tls_version)  # type: ignore[arg-type]
+            context = client_context(cadata=self._cadata, min_version=mb.min_tls_version)
         try:
             if mb.protocol == "imaps":
                 imap: imaplib.IMAP4 = imaplib.IMAP4_SSL(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -215,7 +215,7 @@ class ReportStore:
         self.client.hincrby(stats_key(account), what, by)
 
     def stats(self, account: str) -> dict[str, int]:
-        raw: dict[str, str] = self.client.hgetall(stats_key(account))  # type: ignore[assignment]
+        raw = cast(dict[str, str], self.client.hgetall(stats_key(account)))
         return {name: int(value) for name, value in raw.items()}
 
     def watermark(self, account: str, folder: str, validity: str) -> str:

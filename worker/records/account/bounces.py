@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from worker.records.account.advanced import TlsName
 from worker.records.account.providers import IMAP_HOSTS, Provider
 from worker.records.fields import Line, RecordModel, SecretField, TlsVersion
 from worker.records.secrets import Secret
@@ -51,7 +52,7 @@ class Mailbox:
     host: str | None = None  # imap only, from here on
     port: int = IMAPS_PORT
     protocol: ImapProtocol = "imaps"
-    min_tls_version: str = "1.2"
+    min_tls_version: TlsName = "1.2"
     truststore: str | None = None
     user: str | None = None
     password: Secret | None = None
