@@ -196,7 +196,7 @@ def test_webhook_records_are_checked_with_file_and_line(own_queue: QueueEnv) -> 
     folder = own_queue.config / "webhooks"
     folder.mkdir()
     (folder / "typo.yaml").write_text(
-        'url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.bounced]\n'
+        'url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.opened]\n'
     )
     key = new_secret()
     (folder / "stray.yaml").write_text(
@@ -209,7 +209,7 @@ def test_webhook_records_are_checked_with_file_and_line(own_queue: QueueEnv) -> 
     texts = {name: [p["text"] for p in entry["problems"]] for name, entry in report.items()}
     typo = "\n".join(texts["typo"])
     assert "webhooks/typo.yaml:1: url: must be an http(s) URL" in typo
-    assert "typo.yaml:2: secret:" in typo and "typo.yaml:3: events" in typo and "job.bounced" in typo
+    assert "typo.yaml:2: secret:" in typo and "typo.yaml:3: events" in typo and "job.opened" in typo
     assert any("stray.yaml:3: accounts[0]: no account 'nobody'" in t for t in texts["stray"])
     assert any("HOOK_SECRET_NOT_SET is not set" in t for t in texts["envref"])
     hooks, problems = load_webhooks(own_queue.config)

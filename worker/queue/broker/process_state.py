@@ -18,7 +18,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -56,6 +56,29 @@ class ProcessState:
         """Forget ``name`` and give it back (to be stopped or closed by the caller)."""
         with self._lock:
             return self._made.pop(name, None)
+
+
+class Background:
+    """A daemon thread a process runs beside its work (the webhook sender, the bounce reader),
+    kept in its :class:`ProcessState`: started once, stopped on the worker's shutdown."""
+
+    thread_name = "postroom-background"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=self.thread_name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        raise NotImplementedError
 
 
 _LOCK = threading.Lock()

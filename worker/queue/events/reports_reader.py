@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any, Literal
 from worker.db.vocabulary import RecipientState
 from worker.errors import ConfigurationError, DeliveryError
 from worker.mail.reports import Report, parse_report, xtext_decode
-from worker.queue.broker.process_state import this_process
+from worker.queue.broker.process_state import Background, this_process
 from worker.queue.store.reports import Applied, Finding, ReportStore, report_identity
 from worker.records.account.account import EmailAccount
 from worker.records.loader import Records
@@ -170,32 +169,27 @@ def open_mailbox(records: Records, account: EmailAccount) -> MailboxSession:
     return ImapMailbox(account.name, mb, cadata=cadata, password=password, token=token)
 
 
-class ReportsReader:
+class ReportsReader(Background):
     """This process's bounce reader: a thread that reads the mailboxes whose lease it holds."""
 
+    thread_name = "postroom-reports"
+
     def __init__(self, store: ReportStore, records: Callable[[], Records]) -> None:
+        super().__init__()
         self.store, self.records = store, records
         self.token = f"{this_process().holder}:{uuid.uuid4().hex[:8]}"
         self._due: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="postroom-reports", daemon=True)
-
-    def start(self) -> ReportsReader:
-        self._thread.start()
-        return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop after the current message, and let the leases go (another reader takes over now)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().stop(timeout)
         for name in list(self._due):
             try:
                 self.store.release_lease(name, self.token)
             except Exception as exc:  # Redis away: the leases lapse by themselves
                 log.warning("bounce reader: lease of %s not released: %s", name, exc)
 
-    def _run(self) -> None:
+    def _main(self) -> None:
         while not self._stop.wait(TICK):
             try:
                 self.tick()

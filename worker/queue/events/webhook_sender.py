@@ -25,7 +25,6 @@ import hmac
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import redis.asyncio
 from worker.db import connect
 from worker.db.keys import REDIS_TIMEOUTS
 from worker.errors import ConfigurationError
-from worker.queue.broker.process_state import this_process
+from worker.queue.broker.process_state import Background, this_process
 from worker.queue.events.outbox import (
     DONE_SCRIPT,
     LOG_LIMIT,
@@ -83,27 +82,19 @@ class Attempt:
         return self.status is not None and 200 <= self.status < 300
 
 
-class WebhookSender:
+class WebhookSender(Background):
+    thread_name = "postroom-webhooks"
+
     def __init__(self, state_url: str, config_dir: Path, settings: Settings) -> None:
+        super().__init__()
         self.state_url = state_url
         self.config_dir = config_dir
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="postroom-webhooks", daemon=True)
         self._hooks: dict[str, Webhook] = {}
         self._records = RecordCache(lambda: [config_dir / "webhooks"], self._load)
         self._published = 0.0
         self._turn = 0
         self._clients: dict[str, tuple[Webhook, httpx.AsyncClient]] = {}
-
-    def start(self) -> WebhookSender:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def _main(self) -> None:
         asyncio.run(self.run())
