@@ -548,7 +548,11 @@ def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path
     expect(page.locator(f'svg[data-chart="activity-hour-{account}"] text.legend.s-sent')).to_have_text(
         "sent 2"
     )
-    expect(page.locator('#suppressions tr[data-address="gone@example.net"]')).to_contain_text("5.1.1")
+    gone = page.locator('#suppressions tr[data-address="gone@example.net"]')
+    expect(gone).to_contain_text("5.1.1")
+    expect(gone.locator("td").nth(3)).not_to_have_text("-")  # since when (the entry's time)
+    expect(page.locator("#reports")).to_contain_text("0 bounced")
+    expect(page.locator("#reports .hint")).to_contain_text("The mailbox is not read")
     expect(page.locator("#health")).to_be_visible()
     expect(page.locator("#certificates")).to_contain_text("No signing or client certificate")
 
