@@ -6,6 +6,7 @@ Every test makes users of its own on the session's one MailHost, so mailboxes ne
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import imaplib
 import smtplib
@@ -15,6 +16,7 @@ from email.utils import make_msgid
 
 import pytest
 
+from support.cloud import CloudServer
 from support.mailhost import GIVE_UP, HOST, MailHost
 from support.queue import unique
 
@@ -167,3 +169,51 @@ def test_deliver_raw_stores_the_bytes_as_given(mailhost: MailHost) -> None:
         imap.starttls(mailhost.ssl_context())
         imap.login(owner, password(owner))
         assert imap.select("INBOX", readonly=True) == ("OK", [b"1"])
+
+
+def oauth_login(mailhost: MailHost, mechanism: str, user: str, token: str) -> bool:
+    """Whether IMAPS takes ``token`` for ``user`` with XOAUTH2 or OAUTHBEARER (RFC 7628)."""
+    first = (
+        f"user={user}\x01auth=Bearer {token}\x01\x01"
+        if mechanism == "XOAUTH2"
+        else f"n,a={user},\x01auth=Bearer {token}\x01\x01"
+    ).encode()
+    after_error = b"" if mechanism == "XOAUTH2" else b"\x01"  # the answer to the error's challenge
+    with imaplib.IMAP4_SSL(HOST, mailhost.imap_port, ssl_context=mailhost.ssl_context(), timeout=10) as imap:
+        try:
+            imap.authenticate(mechanism, lambda challenge: after_error if challenge else first)
+        except imaplib.IMAP4.error:
+            return False
+        return True
+
+
+def test_oauth_logins_take_active_tokens_of_a_trusted_issuer_for_their_own_user_only(
+    mailhost: MailHost, cloud: CloudServer
+) -> None:
+    owner, other = new_user(mailhost, "oauth"), new_user(mailhost, "other")
+    token = cloud.issue(owner)
+    assert mailhost.introspection is not None
+    assert not oauth_login(mailhost, "XOAUTH2", owner, token)  # no issuer trusted: inactive
+    with mailhost.trusting(cloud.introspection_url):
+        assert oauth_login(mailhost, "XOAUTH2", owner, token)
+        assert oauth_login(mailhost, "OAUTHBEARER", owner, token)
+        with smtplib.SMTP(HOST, mailhost.smtp_port, timeout=10) as smtp:  # Postfix asks Dovecot
+            smtp.starttls(context=mailhost.ssl_context())
+            smtp.ehlo()
+            blob = base64.b64encode(f"user={owner}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+            assert smtp.docmd("AUTH", f"XOAUTH2 {blob}")[0] == 235
+        assert not oauth_login(mailhost, "XOAUTH2", other, token)  # the token is owner's
+        # a password is no token (the passwd-file passdb takes PLAIN and LOGIN only: without
+        # that, it would answer XOAUTH2 and this login would pass)
+        assert not oauth_login(mailhost, "XOAUTH2", owner, password(owner))
+        asked = mailhost.introspection.asked
+        mailhost.imap(owner).logout()  # LOGIN
+        with (
+            imaplib.IMAP4_SSL(HOST, mailhost.imap_port, ssl_context=mailhost.ssl_context()) as imap,
+            pytest.raises(imaplib.IMAP4.error),
+        ):
+            imap.login(owner, "wrong")
+        assert mailhost.introspection.asked == asked  # a password never reaches the issuer
+        cloud.expire_tokens()
+        assert not oauth_login(mailhost, "XOAUTH2", owner, token)
+    assert len(cloud.calls("POST", "/introspect")) == 6  # relayed once each while trusted

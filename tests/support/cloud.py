@@ -14,6 +14,9 @@ connection, so clients talk to it exactly as they talk to the real services:
   tests/support/cloud_mailbox.py), filled by :meth:`CloudServer.put_in_inbox`.
 - Google's token endpoint: verifies the RS256 JWT assertion with the service
   account's public key and its claims (iss, sub, scope, aud, iat, exp).
+- Token introspection (RFC 7662, ``POST /introspect`` with ``token=``), as a mail server
+  asks it (Dovecot's oauth2 passdb, through tests/support/mailhost.py): an issued token
+  still valid is active, for the user it was issued for.
 
 Every request is recorded; tests script Graph answers (``graph_script`` for sends,
 ``mail_script`` for the mailbox), invalidate issued tokens (``expire_tokens``) and read
@@ -110,7 +113,11 @@ class CloudServer:
         self.google_subject: str | None = None
         self.google_claims: list[dict[str, Any]] = []
         # tokens
-        self.tokens: set[str] = set()
+        self.tokens: set[str] = set()  # valid now
+        self.issued: list[str] = []  # every token ever handed out: what no output may show
+        self.subjects: dict[str, str] = {}  # token -> the user it was issued for
+        self.app_user: str | None = None  # the user an app's token (client credentials) acts as
+        self.refuse_new = False  # tokens issued from now on are refused at once
         # Graph
         self.mailboxes: set[str] = set()
         self.graph_script: list[Reply] = []  # answers to sendMail / draft send, before the default 202
@@ -156,22 +163,45 @@ class CloudServer:
     def google_token_url(self) -> str:
         return f"{self.url}/google/token"
 
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.url}/introspect"
+
     # ---- test controls ------------------------------------------------------------
 
-    def issue(self) -> str:
+    def issue(self, subject: str | None = None) -> str:
+        """A new access token, for ``subject`` (a user) or, without one, for the app."""
         token = "tok-" + secrets.token_urlsafe(24)
         with self.lock:
-            self.tokens.add(token)
+            self.issued.append(token)
+            if subject is not None:
+                self.subjects[token] = subject
+            if not self.refuse_new:
+                self.tokens.add(token)
         return token
 
     def valid_tokens(self) -> set[str]:
         with self.lock:
             return set(self.tokens)
 
-    def expire_tokens(self) -> None:
-        """Every token issued so far is refused from now on (as if it expired early)."""
+    def expire_tokens(self, *, future: bool = False) -> None:
+        """Every token issued so far is refused from now on (as if it expired early); with
+        ``future``, every token issued later too (a process of its own, the CLI, asks for a
+        fresh token: that one must be refused as well)."""
         with self.lock:
             self.tokens.clear()
+            self.refuse_new = self.refuse_new or future
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662's answer about ``token``: active, and whose, while it is valid."""
+        with self.lock:
+            if token not in self.tokens:
+                return {"active": False}
+            user = self.subjects.get(token, self.app_user)
+        answer: dict[str, Any] = {"active": True, "token_type": "Bearer", "client_id": self.client_id}
+        if user is not None:
+            answer.update(username=user, email=user)
+        return answer
 
     def mail_store(self, upn: str) -> MailStore:
         """``upn``'s mailbox (the user exists from now on)."""
@@ -276,6 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._ms_token(_form(rec.body), rec)
         if method == "POST" and path == "/google/token":
             return self._google_token(_form(rec.body))
+        if method == "POST" and path == "/introspect":
+            return Reply(200, cloud.introspect(_form(rec.body).get("token", "")))
         if path.startswith("/upload/") and method == "PUT":
             return self._upload(path.removeprefix("/upload/"), rec)
         if path.startswith("/v1.0/users/"):
@@ -313,9 +345,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._invalid_client()
         else:
             return Reply(400, {"error": "unsupported_grant_type"})
+        subject = form.get("username") if grant == "password" else None  # an app's token: no user
         return Reply(
             200,
-            {"token_type": "Bearer", "expires_in": cloud.token_lifetime, "access_token": cloud.issue()},
+            {
+                "token_type": "Bearer",
+                "expires_in": cloud.token_lifetime,
+                "access_token": cloud.issue(subject),
+            },
         )
 
     def _invalid_client(self) -> Reply:
@@ -383,7 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
             return Reply(400, {"error": "invalid_scope", "error_description": "bad scope or lifetime"})
         if claims.get("sub") != cloud.google_subject:
             return Reply(401, {"error": "unauthorized_client", "error_description": "not delegated"})
-        return Reply(200, {"access_token": cloud.issue(), "expires_in": 3599, "token_type": "Bearer"})
+        token = cloud.issue(claims["sub"])
+        return Reply(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
 
     # ---- Graph ------------------------------------------------------------------------
 

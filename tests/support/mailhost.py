@@ -9,16 +9,22 @@ RCPT and only later, when delivery fails, mails a real DSN back to the sender's 
 
 * Postfix (``postfix -c ROOT/postfix/etc start-fg``: its own main.cf and master.cf, queue and
   data directories in ROOT) takes submissions with STARTTLS required (the session's test
-  certificate), AUTH PLAIN/LOGIN checked by Dovecot (optional: loopback clients may send
-  without it) and DSN (ENVID, RET, NOTIFY). Mail for :attr:`MailHost.domain` goes over LMTP to
-  Dovecot, which refuses an unknown user (550 5.1.1): Postfix then bounces to the envelope
-  sender. The server of :attr:`MailHost.slow_domain` refuses connections: a delay DSN (4.4.1)
-  after a second, a failed one after :data:`GIVE_UP` seconds. Mail for any other domain bounces
-  at once (5.4.4): nothing leaves the machine.
+  certificate), AUTH checked by Dovecot (PLAIN/LOGIN, and XOAUTH2/OAUTHBEARER as below;
+  optional: loopback clients may send without it) and DSN (ENVID, RET, NOTIFY). Mail for
+  :attr:`MailHost.domain` goes over LMTP to Dovecot, which refuses an unknown user (550 5.1.1):
+  Postfix then bounces to the envelope sender. The server of :attr:`MailHost.slow_domain`
+  refuses connections: a delay DSN (4.4.1) after a second, a failed one after :data:`GIVE_UP`
+  seconds. Mail for any other domain bounces at once (5.4.4): nothing leaves the machine.
 * Dovecot (``dovecot -F -c ROOT/dovecot/dovecot.conf``, base_dir and state_dir in ROOT) serves
   IMAPS (and IMAP with STARTTLS), LMTP and SASL on unix sockets; users live in a passwd-file,
   mail in Maildirs, all in ROOT, stored as the system user ``mail`` (uid 8: Dovecot will not
   store mail as root).
+* OAuth (XOAUTH2, OAUTHBEARER), as Office 365 and Gmail take it: Dovecot's ``oauth2`` passdb,
+  for those two mechanisms only, asks the mail host's own introspection endpoint
+  (tests/support/introspection.py, HTTPS with the session's certificate) about each token; it
+  relays to the token issuers a test trusts (:meth:`MailHost.trusting`, a CloudServer's
+  introspection route). The token must be active and issued for the user that logs in.
+  PLAIN and LOGIN only ever see the passwd-files: a password never reaches the endpoint.
 
 Both run as root (Postfix's master must) and drop to the ``postfix``, ``dovecot`` and
 ``dovenull`` users the packages made. Nothing is written outside ROOT: Postfix reads
@@ -44,10 +50,11 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
+from support.introspection import Introspection
 from support.pki import Pki
 from support.redisproc import free_port
 
@@ -77,7 +84,8 @@ class MailHost:
     def __init__(self, pki: Pki) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="postroom-mailhost-"))
         self.root.chmod(0o755)  # the daemons' own users walk into it
-        self.ca_file = pki.ca_cert
+        self.ca_file = self.root / "ca.pem"  # Dovecot's auth process (user dovecot) reads it
+        shutil.copyfile(pki.ca_cert, self.ca_file)
         self.cert = self.root / "server.pem"
         self.key = self.root / "server.key"
         shutil.copyfile(pki.server_cert, self.cert)
@@ -92,6 +100,7 @@ class MailHost:
         self.closed_port = int(self._closed.getsockname()[1])
         self.passwords: dict[str, str] = {}
         self.dovecot: subprocess.Popen[bytes] | None = None
+        self.introspection: Introspection | None = None
         self.postfix: subprocess.Popen[bytes] | None = None
 
     # --- the two servers -------------------------------------------------------------------
@@ -121,6 +130,8 @@ class MailHost:
         owner = pwd.getpwnam(MAIL_USER)
         os.chown(mail, owner.pw_uid, owner.pw_gid)
         self.users_dir.mkdir()
+        self.introspection = Introspection(self.cert, self.key, self.ca_file)
+        (folder / "oauth2.conf.ext").write_text(self._oauth2_conf(self.introspection.url))
         config = folder / "dovecot.conf"
         config.write_text(self._dovecot_conf(owner))
         # -F: in the foreground, our child; its log goes to log_path, early errors to stderr
@@ -170,6 +181,9 @@ class MailHost:
         if self.dovecot is not None:
             _stop(self.dovecot, self.dovecot.pid)
             self.dovecot = None
+        if self.introspection is not None:
+            self.introspection.stop()
+            self.introspection = None
         self._closed.close()
         if remove:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -219,6 +233,14 @@ class MailHost:
         entry.chmod(0o644)  # read by Dovecot's auth process (user dovecot)
         entry.rename(self.users_dir / name)
         return f"{name}@{self.domain}"
+
+    @contextlib.contextmanager
+    def trusting(self, issuer_url: str) -> Iterator[None]:
+        """XOAUTH2 and OAUTHBEARER take the tokens the issuer at ``issuer_url`` (an RFC 7662
+        introspection endpoint: ``cloud.introspection_url``) calls active, within the block."""
+        assert self.introspection is not None, "the mail host is not started"
+        with self.introspection.trusting(issuer_url):
+            yield
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context trusting only the session's test CA."""
@@ -302,7 +324,7 @@ ssl_cert = <{self.cert}
 ssl_key = <{self.key}
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
+auth_mechanisms = plain login xoauth2 oauthbearer
 # no 2 s wait after a wrong password, no growing penalty for 127.0.0.1 after a few: the tests
 # fail logins on purpose, and every client (Postfix's SASL included) comes from there
 auth_failure_delay = 0
@@ -315,6 +337,13 @@ mail_location = maildir:~/Maildir
 passdb {{
   driver = passwd-file
   args = {self.users_dir}/%Ln
+  mechanisms = plain login
+}}
+# a bearer token is checked by the issuer only; a password never leaves for the endpoint
+passdb {{
+  driver = oauth2
+  args = {folder / "oauth2.conf.ext"}
+  mechanisms = xoauth2 oauthbearer
 }}
 userdb {{
   driver = passwd-file
@@ -347,6 +376,22 @@ service auth {{
     mode = 0666
   }}
 }}
+"""
+
+    def _oauth2_conf(self, url: str) -> str:
+        """Dovecot's oauth2 passdb: RFC 7662 introspection (POST token=…) of every token, which
+        must be active and name the user logging in (``email``, made %Ln like the login name)."""
+        return f"""\
+# Written by tests/support/mailhost.py
+introspection_mode = post
+introspection_url = {url}
+force_introspection = yes
+active_attribute = active
+active_value = true
+username_attribute = email
+username_format = %Ln
+tls_ca_cert_file = {self.ca_file}
+timeout_msecs = 10000
 """
 
     def _main_cf(self) -> str:

@@ -3,7 +3,8 @@ after a UID, fetch one, move it to a folder, nothing else. Never deletes a messa
 report is moved (UID MOVE, or COPY then the original's removal where the server has no MOVE).
 
 Python's own imaplib, blocking: the reader runs in a thread of its own. IMAPS (993) or STARTTLS
-(143) with the account's TLS rules, LOGIN with a password or XOAUTH2 with the account's token.
+(143) with the account's TLS rules, LOGIN with a password or XOAUTH2 with the account's token
+(a refused token is replaced once, as Graph's 401 is: worker/transports/mailbox_graph.py).
 Every failure is a :class:`MailboxError` whose text holds no secret.
 """
 
@@ -54,7 +55,7 @@ class ImapMailbox:
         *,
         cadata: str | None,
         password: Callable[[], str] | None = None,
-        token: Callable[[], str] | None = None,
+        token: Callable[[bool], str] | None = None,  # force a new one? → a bearer token
         timeout: float = 30.0,
     ) -> None:
         self.account, self.mailbox = account, mailbox
@@ -100,7 +101,7 @@ class ImapMailbox:
         except (OSError, ssl.SSLError, imaplib.IMAP4.error) as exc:
             self.close()
             raise self._error("open", exc) from None
-        except MailboxError:
+        except BaseException:  # MailboxError, or no token to be had (DeliveryError): no socket left open
             self.close()
             raise
         return self
@@ -121,10 +122,7 @@ class ImapMailbox:
         user = self.mailbox.user or ""
         try:
             if self._token is not None:
-                token = self._token()
-                self._secrets.append(token)
-                blob = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-                answer: tuple[Any, Any] = imap.authenticate("XOAUTH2", lambda _challenge: blob)
+                answer: tuple[Any, Any] = self._xoauth2(imap, user)
             else:
                 assert self._password is not None
                 password = self._password()
@@ -138,6 +136,23 @@ class ImapMailbox:
                 f"{self.account}: mailbox {where}: login refused: {self._redact(text)[:300]}"
             ) from None
         self._ok(str(answer[0]), list(answer[1]), "login")
+
+    def _xoauth2(self, imap: imaplib.IMAP4, user: str) -> tuple[Any, Any]:
+        """AUTHENTICATE XOAUTH2; a refused token is replaced once and tried again on the same
+        connection: the cached token may be revoked or expired early while it still looks good
+        for up to an hour."""
+        assert self._token is not None
+        for fresh in (False, True):
+            token = self._token(fresh)
+            self._secrets.append(token)
+            try:
+                return imap.authenticate("XOAUTH2", _xoauth2_answer(user, token))
+            except imaplib.IMAP4.abort:  # the connection is gone: nothing to try again on
+                raise
+            except imaplib.IMAP4.error:
+                if fresh:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         imap, self._imap = self._imap, None
@@ -240,6 +255,14 @@ def _bytes(value: object) -> bytes:
     if isinstance(value, tuple):
         return b" ".join(_bytes(v) for v in value)
     return str(value).encode()
+
+
+def _xoauth2_answer(user: str, token: str) -> Callable[[bytes], bytes]:
+    """imaplib's authobject for XOAUTH2 (no SASL-IR: it answers the server's first, empty
+    challenge). A later challenge is the server's refusal (base64 JSON, RFC 7628 §3.2.2): that
+    gets the empty response that ends the exchange, not the token a second time."""
+    blob = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    return lambda challenge: b"" if challenge else blob
 
 
 def _quote(folder: str) -> str:

@@ -161,10 +161,10 @@ def open_mailbox(records: Records, account: EmailAccount) -> MailboxSession:
     if mb.via == "graph":
         return graph_mailbox(records, account)
     cadata = records.keystore(mb.truststore).cadata() if mb.truststore else None
-    token: Callable[[], str] | None = None
+    token: Callable[[bool], str] | None = None
     if mb.oauth_profile is not None:
         source = token_source(mb.oauth_profile, records)
-        token = lambda: asyncio.run(source.access_token())  # noqa: E731
+        token = lambda force: asyncio.run(source.access_token(force_refresh=force))  # noqa: E731
     password = mb.password.reveal if mb.password is not None else None
     return ImapMailbox(account.name, mb, cadata=cadata, password=password, token=token)
 
