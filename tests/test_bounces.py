@@ -210,6 +210,7 @@ def test_a_relay_that_takes_everything_bounces_later_and_the_address_is_suppress
         # the report moved out of the inbox, nothing deleted; the next job skips the address
         moved = mailhost.mailbox(account, "Postroom.Processed")  # Dovecot's Maildir++ delimiter
         assert len(moved) == 1 and b"report-type=delivery-status" in moved[0]
+        assert f"Original-Envelope-Id: {job.id}".encode() in moved[0]  # Postroom sent ENVID = the job id
         assert not [m for m in mailhost.mailbox(account) if b"delivery-status" in m]
         again = finished(producer, producer.send_notification(account, [dead], "Again", "x"))
         assert again.state == "suppressed" and again.recipients[dead]["status"] == "suppressed"
