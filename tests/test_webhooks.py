@@ -19,6 +19,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
+from support.dnsserver import DnsServer
 from support.hookrecv import Receiver, delivered, free_port, new_webhook
 from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer, unknown_user
@@ -163,7 +164,12 @@ def test_a_private_target_is_refused_after_dns_resolution(
     account = queue_env.account(unique("ssrf"), smtp_server(mode="plain"))
     name, port = unique("ssrf"), free_port()
     hook_files.append(name)
-    secret = new_webhook(queue_env, name, f"http://localhost:{port}/hook", "--account", account)
+    secret = new_secret()  # written by hand: `webhooks new` refuses localhost without --allow-private
+    (queue_env.config / "webhooks" / f"{name}.yaml").write_text(
+        f"url: http://localhost:{port}/hook\nsecret: {secret}\naccounts: [{account}]\n"
+    )
+    hooks, _ = load_webhooks(queue_env.config)
+    queue_env.redis.hset(emit.ROUTES, mapping=outbox.routes_table({name: hooks[name].route()}))
     receiver = Receiver(tmp_path / "ssrf.jsonl", secret, port=port).start()
     try:
         checked = cli(queue_env, "accounts", "check", "--json")
@@ -195,9 +201,7 @@ def test_the_guard_refuses_every_non_public_address(url: str) -> None:
 def test_webhook_records_are_checked_with_file_and_line(own_queue: QueueEnv) -> None:
     folder = own_queue.config / "webhooks"
     folder.mkdir()
-    (folder / "typo.yaml").write_text(
-        'url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.opened]\n'
-    )
+    (folder / "typo.yaml").write_text('url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.opened]\n')
     key = new_secret()
     (folder / "stray.yaml").write_text(
         f"url: https://hooks.example.com/x\nsecret: {key}\naccounts: [nobody]\n"
@@ -326,3 +330,79 @@ def test_a_receiver_that_never_answers_costs_one_timeout(own_queue: QueueEnv) ->
         assert attempt["outcome"] == "retry" and attempt["error"] == "no answer within 0.5s"
     finally:
         silent.close()
+
+
+def test_an_empty_accounts_list_is_refused_when_the_record_loads(own_queue: QueueEnv) -> None:
+    """``accounts: []`` once routed every account's events (an empty list read as "all")."""
+    folder = own_queue.config / "webhooks"
+    folder.mkdir()
+    key = new_secret()
+    (folder / "none.yaml").write_text(f"url: https://hooks.example.com/x\nsecret: {key}\naccounts: []\n")
+    (folder / "all.yaml").write_text(f"url: https://hooks.example.com/y\nsecret: {key}\n")
+    hooks, problems = load_webhooks(own_queue.config)
+    assert set(hooks) == {"all"} and hooks["all"].route()["accounts"] is None  # left out: every account
+    assert "webhooks/none.yaml:3: accounts: names no account" in str(problems["none"][0])
+    done = cli(own_queue, "accounts", "check")
+    assert done.returncode == 1 and "none.yaml:3: accounts: names no account" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://0177.0.0.1/", "http://0x7f.0.0.1/", "http://2130706433/", "http://127.1/", "http://0x7f000001/"],
+)
+def test_an_unparseable_or_obfuscated_ip_url_is_refused_when_the_record_loads(
+    own_queue: QueueEnv, url: str
+) -> None:
+    folder = own_queue.config / "webhooks"
+    folder.mkdir()
+    (folder / "odd.yaml").write_text(f"url: {url}\nsecret: {new_secret()}\nallow_private: true\n")
+    hooks, problems = load_webhooks(own_queue.config)
+    assert hooks == {} and str(problems["odd"][0]).count("odd.yaml:1: url:") == 1
+    done = cli(own_queue, "accounts", "check", "--json")
+    assert done.returncode == 1 and json.loads(done.stdout)["webhooks"]["odd"]["ok"] is False
+    made = cli(own_queue, "webhooks", "new", "other", "--url", url, "--allow-private")
+    assert made.returncode == 2 and not (folder / "other.yaml").exists()
+
+
+def test_accounts_check_warns_of_a_name_that_resolves_to_a_private_address(own_queue: QueueEnv) -> None:
+    dns = DnsServer({"hooks.test": [("inside", "A", "10.1.2.3"), ("outside", "A", "93.184.216.34")]})
+    try:
+        own_queue.env["POSTROOM_DNS_RESOLVER"] = dns.address
+        folder = own_queue.config / "webhooks"
+        folder.mkdir()
+        for name in ("inside", "outside"):
+            (folder / f"{name}.yaml").write_text(
+                f"url: https://{name}.hooks.test/h\nsecret: {new_secret()}\n"
+            )
+        done = cli(own_queue, "accounts", "check", "--json")
+    finally:
+        dns.stop()
+    report = json.loads(done.stdout)["webhooks"]
+    (warning,) = report["inside"]["problems"]
+    assert warning["severity"] == "warning" and warning["field"] == "url" and warning["line"] == 1
+    assert "inside.hooks.test resolves to 10.1.2.3, a private address" in warning["reason"]
+    assert report["inside"]["ok"] and report["outside"] == {"ok": True, "problems": []}
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/h", "http://localhost:9/h", "https://[::1]/h", "http://10.0.0.8/"]
+)
+def test_webhooks_new_refuses_a_private_target_unless_allowed(own_queue: QueueEnv, url: str) -> None:
+    refused = cli(own_queue, "webhooks", "new", "mine", "--url", url)
+    assert refused.returncode == 2 and "--allow-private" in refused.stderr and refused.stdout == ""
+    assert not (own_queue.config / "webhooks" / "mine.yaml").exists()
+    made = cli(own_queue, "webhooks", "new", "mine", "--url", url, "--allow-private")
+    assert made.returncode == 0 and made.stdout.startswith("whsec_")
+
+
+def test_webhooks_remove_deletes_the_record_and_its_route(own_queue: QueueEnv) -> None:
+    new_webhook(own_queue, "gone", "https://hooks.example.com/g")
+    new_webhook(own_queue, "kept", "https://hooks.example.com/k")
+    assert set(own_queue.redis.hkeys(emit.ROUTES)) == {"gone", "kept"}
+    done = cli(own_queue, "webhooks", "remove", "gone", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name"] == "gone" and json.loads(done.stdout)["routes_published"] is True
+    assert not (own_queue.config / "webhooks" / "gone.yaml").exists()
+    assert set(own_queue.redis.hkeys(emit.ROUTES)) == {"kept"}
+    again = cli(own_queue, "webhooks", "remove", "gone")
+    assert again.returncode == 1 and "no webhook 'gone'" in again.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -56,3 +58,30 @@ def snapshot(made: Any) -> Any:
     from worker.web.status import Status
 
     return Status(made.store, health_of(made), made.records(fresh=True), made.broker_view())
+
+
+def resolve_hosts(names: Iterable[str]) -> dict[str, list[str]]:
+    """Each host name → its A/AAAA addresses as the ``dns_resolver`` setting's resolver answers
+    now; a name it cannot resolve maps to [] (the check that asks stays advice, never a hang)."""
+    from worker.ops.resolver import DnspythonResolver, DnsTrouble
+    from worker.settings import load_settings, resolver_address
+
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    setting = load_settings().dns_resolver
+    resolver = DnspythonResolver(resolver_address(setting) if setting else None)
+
+    async def ask(host: str) -> list[str]:
+        found: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                found += await resolver.answers(host, rdtype)
+            except DnsTrouble:
+                break
+        return found
+
+    async def ask_all() -> dict[str, list[str]]:
+        return {host: await ask(host) for host in wanted}
+
+    return asyncio.run(ask_all())

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from worker.cli.common import emit_json, health_of, open_producer, problem_dict
+from worker.cli.common import emit_json, health_of, open_producer, problem_dict, resolve_hosts
 from worker.errors import RecordProblem
 from worker.ops.connectivity import check_connectivity
 from worker.records.loader import Records
@@ -60,7 +60,13 @@ def accounts_check(name: str | None, as_json: bool) -> None:
         click.echo(f"unknown account {name!r} (known accounts: {known})", err=True)
         sys.exit(1)
     results = records.check([name] if name else None)
-    hooks = records.check_webhooks() if name is None else {}
+    hooks = (
+        records.check_webhooks(
+            resolve_hosts(h for hook in records.webhooks.values() if (h := hook.host_name()))
+        )
+        if name is None
+        else {}
+    )
     others: list[RecordProblem] = []
     if name is None:  # unreferenced broken profiles/keystores are problems too
         for problems in (*records.profile_problems.values(), *records.keystore_problems.values()):

@@ -1,4 +1,4 @@
-"""``postroom webhooks new|list|attempts|replay``: where delivery events go (contract §10)."""
+"""``postroom webhooks new|list|remove|attempts|replay``: where delivery events go (contract §10)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def new_command(
 
     if not valid_record_name(name):
         raise click.UsageError(f"{name!r} is not a record name (letters, digits, '.', '_', '-')")
+    _refuse_private(url, allow_private)
     folder = config_dir() / "webhooks"
     path = folder / f"{name}.yaml"
     if path.exists():
@@ -80,6 +81,58 @@ def new_command(
         click.echo(f"(routing table not updated now: {exc})", err=True)
     click.echo(f"wrote {path}; the signing secret (shown only now):", err=True)
     click.echo(secret)
+
+
+def _refuse_private(url: str, allow_private: bool) -> None:
+    """Exit 2 for a loopback/private target (an IP literal or localhost; DNS is not asked here,
+    ``accounts check`` warns about names) without --allow-private: the sender would refuse every
+    delivery to it for 24 h."""
+    from worker.records.webhooks import private_target, url_problem
+
+    if problem := url_problem(url):
+        click.echo(f"--url {url!r} {problem}", err=True)
+        sys.exit(2)
+    if allow_private:
+        return
+    if why := private_target(url):
+        click.echo(
+            f"--url: {why}; deliveries to it are refused (a webhook receiver on this machine or a "
+            "private network needs --allow-private)",
+            err=True,
+        )
+        sys.exit(2)
+
+
+@webhooks.command("remove")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def remove_command(name: str, as_json: bool) -> None:
+    """Delete config/webhooks/NAME.yaml and take it out of the routing table (events already
+    filed for it stay in the outbox until they expire); exit 1 when there is no such webhook."""
+    from worker.records.loader import valid_record_name
+    from worker.settings import config_dir
+
+    path = config_dir() / "webhooks" / f"{name}.yaml"
+    if not valid_record_name(name) or not path.is_file():
+        if as_json:
+            emit_json({"removed": None, "name": name})
+        click.echo(f"no webhook {name!r}", err=True)
+        sys.exit(1)
+    path.unlink()
+    published = True
+    try:
+        producer = open_producer()
+        try:
+            _publish(producer)
+        finally:
+            producer.close()
+    except Exception as exc:  # no Redis here: the workers publish the table when they see the change
+        published = False
+        click.echo(f"(routing table not updated now: {exc})", err=True)
+    if as_json:
+        emit_json({"removed": str(path), "name": name, "routes_published": published})
+    else:
+        click.echo(f"removed {path}")
 
 
 @webhooks.command("list")

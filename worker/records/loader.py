@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -237,15 +237,18 @@ class Records:
         wanted = list(names) if names is not None else self.account_names
         return {name: self._check_account(name) for name in wanted}
 
-    def check_webhooks(self) -> dict[str, list[RecordProblem]]:
+    def check_webhooks(
+        self, resolved: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, list[RecordProblem]]:
         """Every webhook record's problems (and warnings), by name: loading, its secret, the
-        accounts it names, a private target without ``allow_private``."""
+        accounts it names, a private target without ``allow_private`` (``resolved``: host name →
+        the addresses DNS gave, when the caller asked)."""
         out = {name: list(problems) for name, problems in self.webhook_problems.items()}
         for name, hook in self.webhooks.items():
             doc = load_yaml(hook.source)
             out[name] = [
                 replace(doc.problem(loc, reason), severity=severity)
-                for loc, severity, reason in hook.findings(self.account_names)
+                for loc, severity, reason in hook.findings(self.account_names, resolved)
             ]
         return dict(sorted(out.items()))
 

@@ -5,7 +5,7 @@
     url: https://hooks.example.com/postroom
     secret: whsec_<base64>     # or ${ENV_VAR} or {file: path}; `postroom webhooks new` makes one
     events: [job.sent, job.failed, job.deferred, job.suppressed, job.cancelled]   # default: all
-    accounts: [orders]         # default: every account
+    accounts: [orders]         # default (left out): every account; an empty list is refused
     allow_private: false       # loopback / private / link-local targets refused unless true
 
 The secret is a Standard Webhooks key: ``whsec_`` and the base64 of 24 to 64 random bytes.
@@ -18,13 +18,15 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import PlainSerializer, PlainValidator, ValidationInfo, field_validator
 
 from worker.db.vocabulary import EVENT_TYPES
@@ -129,6 +131,44 @@ def private_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
     return None
 
 
+# a host spelled only with numbers, dots and 0x: an IPv4 address in some form
+_NUMERIC_HOST = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+))*\.?$", re.I)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a webhook target (httpx cannot parse it, or its host is an IPv4
+    address in an obfuscated form: octal, hex, a bare integer, fewer than four parts), or None.
+    Such a URL would be retried for a day with nothing to show; refused when the record loads."""
+    try:
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"is not a URL an HTTP client can use ({exc})"
+    if _NUMERIC_HOST.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"host {host!r} is an IPv4 address in an ambiguous form (write it as four decimal parts)"
+    return None
+
+
+def private_target(url: str, resolved: Mapping[str, Sequence[str]] | None = None) -> str | None:
+    """Why ``url``'s host is not a public target, or None: an IP literal or ``localhost`` that is
+    loopback/private/…; with ``resolved`` (host name → the addresses DNS gave), a name that
+    resolves to one such address instead."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if resolved is None:
+        kind = private_address(ip) if ip is not None else ("loopback" if host == "localhost" else None)
+        return f"{host} is a {kind} address" if kind else None
+    for address in resolved.get(host, ()) if ip is None else ():
+        if kind := private_address(ipaddress.ip_address(address)):
+            return f"{host} resolves to {address}, a {kind} address"
+    return None
+
+
 class WebhookRecord(RecordModel):
     url: str
     secret: SecretKey
@@ -146,6 +186,15 @@ class WebhookRecord(RecordModel):
             raise ValueError("must not carry credentials (the signature authenticates Postroom)")
         if any(c in value for c in "\r\n\t "):
             raise ValueError("must not contain spaces or line breaks")
+        if problem := url_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("names no account (leave it out for every account)")
         return value
 
     @field_validator("events")
@@ -174,7 +223,7 @@ class Webhook(Loaded[WebhookRecord]):
     def route(self) -> dict[str, Any]:
         """What the job store needs to know to file events for it (worker/queue/events/outbox.py)."""
         rec = self.record
-        return {"events": list(rec.events), "accounts": list(rec.accounts) if rec.accounts else None}
+        return {"events": list(rec.events), "accounts": None if rec.accounts is None else list(rec.accounts)}
 
     def summary(self) -> dict[str, Any]:
         """What ``webhooks list`` shows: everything but the secret."""
@@ -187,8 +236,13 @@ class Webhook(Loaded[WebhookRecord]):
             "allow_private": rec.allow_private,
         }
 
-    def findings(self, accounts: Iterable[str]) -> list[Finding]:
-        """What ``accounts check`` reports beyond loading: (field, severity, reason)."""
+    def findings(
+        self, accounts: Iterable[str], resolved: Mapping[str, Sequence[str]] | None = None
+    ) -> list[Finding]:
+        """What ``accounts check`` reports beyond loading: (field, severity, reason). ``resolved``:
+        the addresses the URL's host name resolved to, when the caller could ask DNS (a name that
+        points at a private address is a warning: DNS may say otherwise at send time, where the
+        sender's own guard decides)."""
         rec = self.record
         found: list[Finding] = []
         if problem := rec.secret.problem():
@@ -198,15 +252,22 @@ class Webhook(Loaded[WebhookRecord]):
             if name not in known:
                 found.append((("accounts", i), "error", f"no account {name!r}"))
         parts = urlsplit(rec.url)
-        host = parts.hostname or ""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            ip = None
-        kind = private_address(ip) if ip is not None else ("loopback" if host == "localhost" else None)
-        if kind and not rec.allow_private:
-            reason = f"{host} is a {kind} address: refused unless allow_private: true"
-            found.append((("url",), "error", reason))
+        if not rec.allow_private and (literal := private_target(rec.url)):
+            found.append((("url",), "error", f"{literal}: refused unless allow_private: true"))
+        elif not rec.allow_private and (named := private_target(rec.url, resolved or {})):
+            reason = (
+                f"{named}: deliveries are refused unless allow_private: true (if DNS says so at send time)"
+            )
+            found.append((("url",), "warning", reason))
         if parts.scheme == "http" and not rec.allow_private:
             found.append((("url",), "warning", "plain http: events travel unencrypted (use https)"))
         return found
+
+    def host_name(self) -> str | None:
+        """The URL's host when it is a name DNS would be asked about (not an IP literal)."""
+        host = urlsplit(self.record.url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return host if host != "localhost" else None
+        return None
