@@ -65,7 +65,7 @@ def test_a_bounce_marks_the_recipient_suppresses_the_address_files_the_event_and
     assert job.recipients[GONE]["status"] == "bounced" and job.recipients[GONE]["code"] == 550
     assert "5.1.1" in job.recipients[GONE]["message"] and job.recipients[KEPT]["status"] == "sent"
     assert [h["outcome"] for h in job.history or []][-1] == "bounced"
-    (entry,) = Suppressions(own_queue.redis).entries(account)
+    (entry,) = Suppressions(own_queue.redis).page(account).entries
     assert (entry["address"], entry["reason"], entry["job_id"]) == (GONE, "hard_bounce", job_id)
     filed = [str(e) for e in own_queue.redis.lrange(f"postroom:webhook:job:{job_id}", 0, -1)]
     events = [json.loads(str(own_queue.redis.get(f"postroom:webhook:event:{e}"))) for e in filed]
@@ -90,7 +90,7 @@ def test_a_reader_that_lost_its_lease_writes_nothing(
     assert reports.apply(account, job_id, "r1", "dsn", [bounce()], "frozen") == (Applied.LEASE_LOST, 0)
     job = store.get(job_id)
     assert job is not None and job.recipients[GONE]["status"] == "sent"
-    assert Suppressions(own_queue.redis).entries(account) == []
+    assert Suppressions(own_queue.redis).page(account).entries == []
     assert reports.apply(account, job_id, "r1", "dsn", [bounce()], "other") == (Applied.WRITTEN, 1)
 
 
@@ -103,18 +103,20 @@ def test_a_delay_is_history_only_and_a_complaint_suppresses(
     assert reports.apply(account, job_id, "d1", "dsn", [delayed], "") == (Applied.WRITTEN, 0)
     job = store.get(job_id)
     assert job is not None and job.recipients[GONE]["status"] == "sent"
-    assert (job.history or [])[-1]["outcome"] == "delayed" and Suppressions(own_queue.redis).entries(
+    assert (job.history or [])[-1]["outcome"] == "delayed" and Suppressions(own_queue.redis).page(
         account
-    ) == []
+    ).entries == []
     complaint = Finding(KEPT, RecipientState.COMPLAINED, None, None, "abuse", True)
     assert reports.apply(account, job_id, "c1", "complaint", [complaint], "") == (Applied.WRITTEN, 1)
     job = store.get(job_id)
     assert job is not None and job.recipients[KEPT]["status"] == "complained"
-    (entry,) = Suppressions(own_queue.redis).entries(account)
+    (entry,) = Suppressions(own_queue.redis).page(account).entries
     assert (entry["address"], entry["reason"]) == (KEPT, "complaint")
     soft = Finding(GONE, RecipientState.BOUNCED, None, "4.2.2", "mailbox full, gave up", False)
     assert reports.apply(account, job_id, "s1", "dsn", [soft], "") == (Applied.WRITTEN, 1)
-    assert [e["address"] for e in Suppressions(own_queue.redis).entries(account)] == [KEPT]  # not permanent
+    assert [e["address"] for e in Suppressions(own_queue.redis).page(account).entries] == [
+        KEPT
+    ]  # not permanent
     assert reports.apply(account, "no-such-job", "x1", "dsn", [bounce()], "") == (Applied.NO_JOB, 0)
 
 
@@ -204,7 +206,7 @@ def test_a_relay_that_takes_everything_bounces_later_and_the_address_is_suppress
             found.recipients[dead]["message"].startswith("5.1.1")
             and found.recipients[dead]["report"] == "dsn"
         )
-        entries = json.loads(cli(queue_env, "suppressions", "list", account, "--json").stdout)
+        entries = json.loads(cli(queue_env, "suppressions", "list", account, "--json").stdout)["entries"]
         assert [(e["address"], e["reason"], e["job_id"]) for e in entries] == [(dead, "hard_bounce", job.id)]
         wait_for(lambda: (job.id, "job.bounced") in delivered(receiver), 30, "job.bounced", worker)
         # the report moved out of the inbox, nothing deleted; the next job skips the address
@@ -266,7 +268,7 @@ def test_a_reader_killed_between_writing_and_moving_applies_nothing_twice_and_lo
         producer.close()
     hour = int(time.time() // 3600)
     assert own_queue.redis.hget(f"postroom:w:{account}:h:{hour}", "bounced") == str(len(ids))
-    assert sorted(e["address"] for e in Suppressions(own_queue.redis).entries(account)) == sorted(dead)
+    assert sorted(e["address"] for e in Suppressions(own_queue.redis).page(account).entries) == sorted(dead)
     assert not [m for m in mailhost.mailbox(account) if b"delivery-status" in m]
 
 
@@ -300,7 +302,7 @@ def test_bounces_check_applies_a_complaint_and_leaves_what_is_not_ours(
     assert match["recipients"] == {KEPT: {"said": "complained", "status": None}}
     job = store.get(job_id)
     assert job is not None and job.recipients[KEPT]["status"] == "complained"
-    assert [(e["address"], e["reason"]) for e in Suppressions(own_queue.redis).entries(account)] == [
+    assert [(e["address"], e["reason"]) for e in Suppressions(own_queue.redis).page(account).entries] == [
         (KEPT, "complaint")
     ]
     assert len(mailhost.mailbox(account)) == 2 and len(mailhost.mailbox(account, "Postroom.Processed")) == 1
@@ -339,4 +341,4 @@ def test_a_delay_notice_is_history_and_giving_up_later_bounces_without_suppressi
     found = producer.job(job.id)
     assert found is not None and found.recipients[far]["status"] == "bounced"
     assert found.recipients[far]["message"].startswith("4.4.1")
-    assert far not in {e["address"] for e in Suppressions(queue_env.redis).entries(account)}
+    assert far not in {e["address"] for e in Suppressions(queue_env.redis).page(account).entries}

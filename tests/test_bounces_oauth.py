@@ -106,7 +106,7 @@ def test_bounces_check_reads_the_mailbox_with_xoauth2_and_applies_a_real_bounce(
     assert match["recipients"] == {dead: {"said": "bounced", "status": "5.1.1"}}
     job = store.get(job_id)
     assert job is not None and job.recipients[dead]["status"] == "bounced"
-    assert [(e["address"], e["reason"]) for e in Suppressions(own_queue.redis).entries(account)] == [
+    assert [(e["address"], e["reason"]) for e in Suppressions(own_queue.redis).page(account).entries] == [
         (dead, "hard_bounce")
     ]
     # moved, not deleted; and Dovecot took the login as XOAUTH2 with the token issued for the user

@@ -24,6 +24,7 @@ from support.queue import QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import PASSWORD, Rule, SmtpServer, unknown_user
 from support.web import ApiServer, write_key
 from worker.client import Producer
+from worker.queue.store.suppressions import Suppressions
 from worker.web import http as http_api
 from worker.web.dashboard.app import SESSION_COOKIE, DashboardSettings
 
@@ -540,8 +541,13 @@ def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path
     expect(page.locator('svg[data-chart="latency-hour-all"] [data-series="p95"]').first).to_be_attached()
     expect(page.locator('svg[data-chart="depth-day"] [data-series="ready"]').first).to_be_attached()
 
+    bulk = [(f"bulk{i}@example.net", "550 5.1.1 gone", 550, None) for i in range(150)]
+    Suppressions(queue_env.redis).add_many(account, bulk)  # after gone@: the page shows the oldest 100
     page.click(f'tr[data-account="{account}"] td.name a')
     expect(page.locator("h1")).to_have_text(f"Account {account}")
+    expect(page.locator("#suppressions tbody tr")).to_have_count(100)
+    expect(page.locator("#suppressions h2 .count")).to_have_text("(151)")
+    expect(page.locator("#suppressions p.more")).to_contain_text("The oldest 100 of 151")
     expect(
         page.locator(f'svg[data-chart="activity-hour-{account}"] [data-series="sent"]').first
     ).to_be_attached()

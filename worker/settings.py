@@ -190,6 +190,9 @@ class Settings:
     # How long an address stays on an account's suppression list (worker/queue/store/suppressions.py)
     # after a 5.1.x refusal or an operator's add: a mailbox that comes back is tried after that.
     suppression_ttl: float = 365 * 86400.0
+    # At most this many entries on one account's list: past it the oldest automatic entry (a
+    # refusal or a report) goes; an operator's never does (a new one is refused when all are).
+    suppression_limit: int = 100_000
     # How far ahead send_at may be (worker/queue/store/schedule.py); further is refused at enqueue.
     schedule_horizon: float = 90 * 86400.0
     # Webhooks (worker/queue/events/outbox.py, webhook_sender.py): a delivery is retried with backoff
@@ -263,6 +266,8 @@ class Settings:
             )
         if self.webhook_concurrency < 1 or self.webhook_timeout <= 0:
             raise ConfigurationError("settings: webhook_concurrency and webhook_timeout must be positive")
+        if self.suppression_limit < 1:
+            raise ConfigurationError("settings: suppression_limit must be at least 1")
         if self.retry.max_attempts < 1:
             raise ConfigurationError("settings: retry.max_attempts must be at least 1")
         if self.dns_resolver:
@@ -312,6 +317,7 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_SWEEP_INTERVAL": ("sweep_interval", None),
     "POSTROOM_SWEEP_UNLISTED_AFTER": ("sweep_unlisted_after", None),
     "POSTROOM_SUPPRESSION_TTL": ("suppression_ttl", None),
+    "POSTROOM_SUPPRESSION_LIMIT": ("suppression_limit", None),
     "POSTROOM_SCHEDULE_HORIZON": ("schedule_horizon", None),
     "POSTROOM_RABBITMQ_DELIVERY_LIMIT": ("rabbitmq_delivery_limit", None),
     "POSTROOM_WEBHOOK_GIVE_UP_AFTER": ("webhook_give_up_after", None),

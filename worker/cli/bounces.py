@@ -21,6 +21,7 @@ def report_store(producer: Any) -> Any:
         job_ttl=s.job_ttl,
         retention=s.webhook_retention,
         suppression_ttl=s.suppression_ttl,
+        suppression_limit=s.suppression_limit,
     )
 
 

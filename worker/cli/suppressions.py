@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from datetime import UTC, datetime
@@ -15,7 +16,9 @@ from worker.cli.common import emit_json, open_producer
 def _list_of(producer: Any) -> Any:
     from worker.queue.store.suppressions import Suppressions
 
-    return Suppressions(producer.store.redis, producer.settings.suppression_ttl)
+    return Suppressions(
+        producer.store.redis, producer.settings.suppression_ttl, producer.settings.suppression_limit
+    )
 
 
 def _known(producer: Any, account: str) -> None:
@@ -31,17 +34,25 @@ def suppressions() -> None:
 
 @suppressions.command("list")
 @click.argument("account")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_command(account: str, as_json: bool) -> None:
-    """The account's suppressed addresses, oldest first."""
+@click.option(
+    "--limit", default=1000, show_default=True, type=click.IntRange(1, 10_000), help="At most this many."
+)
+@click.option("--after", help="Continue after this cursor (the `next` of the page before).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {entries, next, total}.")
+def list_command(account: str, limit: int, after: str | None, as_json: bool) -> None:
+    """The account's suppressed addresses, oldest first, a page at a time."""
     producer = open_producer()
     try:
         _known(producer, account)
-        entries = _list_of(producer).entries(account)
+        try:
+            page = _list_of(producer).page(account, limit, after)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--after") from None
     finally:
         producer.close()
+    entries = page.entries
     if as_json:
-        emit_json(entries)
+        emit_json({"entries": entries, "next": page.next, "total": page.total})
         return
     for entry in entries:
         when = datetime.fromtimestamp(entry["at"], UTC).strftime("%Y-%m-%d %H:%M")
@@ -50,6 +61,10 @@ def list_command(account: str, as_json: bool) -> None:
         click.echo(f"{entry['address']:<40} {when}  {entry['source']:<9} until {until}  {reply}")
     if not entries:
         click.echo(f"no suppressed addresses for {account}")
+    if page.next is not None:
+        click.echo(
+            f"(first {len(entries)} of {page.total}; more: --after {shlex.quote(page.next)})", err=True
+        )
 
 
 @suppressions.command("add")
@@ -58,7 +73,8 @@ def list_command(account: str, as_json: bool) -> None:
 @click.option("--reason", default="added by an operator", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def add_command(account: str, address: str, reason: str, as_json: bool) -> None:
-    """Suppress ADDRESS for ACCOUNT (until suppression_ttl has passed)."""
+    """Suppress ADDRESS for ACCOUNT (until suppression_ttl has passed); exit 1 when the list
+    holds suppression_limit entries, all an operator's."""
     from worker.records.addresses import parse_mailbox
 
     try:
@@ -70,6 +86,9 @@ def add_command(account: str, address: str, reason: str, as_json: bool) -> None:
     try:
         _known(producer, account)
         entry = _list_of(producer).add(account, address, reason=reason, source="operator", now=time.time())
+    except ValueError as exc:  # ListFull: every entry an operator's, suppression_limit of them
+        click.echo(str(exc), err=True)
+        sys.exit(1)
     finally:
         producer.close()
     if as_json:

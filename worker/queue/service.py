@@ -83,6 +83,7 @@ def _start_reports_reader(settings: Any) -> None:
         job_ttl=settings.job_ttl,
         retention=settings.webhook_retention,
         suppression_ttl=settings.suppression_ttl,
+        suppression_limit=settings.suppression_limit,
     )
     start_reader(store, lambda: get_runtime().records())
 

@@ -208,7 +208,7 @@ class Delivery:
         self.limiter = limiter
         self.runtime = runtime
         self.settings = settings
-        self.suppressions = Suppressions(store.redis, settings.suppression_ttl)
+        self.suppressions = Suppressions(store.redis, settings.suppression_ttl, settings.suppression_limit)
 
     def run(self, job_id: str, payload: SendPayload, attempt: int) -> Outcome:
         started = time.monotonic()

@@ -30,16 +30,18 @@ SEEN_TTL = 30 * 86400  # a report read again within this long is known as done
 HISTORY_LIMIT = 50
 WATERMARK_TTL = 400 * 86400
 
-# KEYS: job, history, lease, seen, suppressions, window minute, window hour, deliveries metric.
+# KEYS: job, history, lease, seen, suppressions, window minute, window hour, deliveries metric,
+# suppressions by time, automatic suppressions (suppressions.keys).
 # ARGV: 1 lease token ("" = no lease asked: `postroom bounces check`, safe through `seen`),
 # 2 now, 3 seen ttl, 4 job ttl, 5 history limit, 6 what the report says of a recipient (a
 # RecipientState, or "delayed"), 7 counter ("" = none), 8 event type, 9 event id, 10 retention,
-# 11 job id, then per reported recipient: address (lower case), result JSON, history entry JSON,
-# suppression entry JSON ("" = none).
+# 11 job id, 12 the suppression list's limit, then per reported recipient: address (lower case),
+# result JSON, history entry JSON, suppression entry JSON ("" = none).
 # Returns {outcome, recipients changed}: outcome 1 written, 0 already done, -1 lease not held,
 # -2 no such job.
 APPLY = lua_words(
     emit.EMIT_LUA
+    + suppressions.SUPPRESS_LUA
     + """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return {-1, 0} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, 0} end
@@ -50,14 +52,17 @@ if not ok or type(recipients) ~= 'table' then recipients = {} end
 local by_lower = {}
 for address, _ in pairs(recipients) do by_lower[string.lower(address)] = address end
 local changed = 0
-for i = 12, #ARGV, 4 do
+for i = 13, #ARGV, 4 do
   local address = by_lower[ARGV[i]]
   if address then
     redis.call('RPUSH', KEYS[2], ARGV[i + 2])
     if ARGV[6] ~= 'delayed' then
       recipients[address] = cjson.decode(ARGV[i + 1])
       changed = changed + 1
-      if ARGV[i + 3] ~= '' then redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 3]) end
+      if ARGV[i + 3] ~= '' then
+        local now = tonumber(ARGV[2])
+        suppress(KEYS[5], KEYS[9], KEYS[10], ARGV[i], ARGV[i + 3], now, true, tonumber(ARGV[12]), now)
+      end
     end
   end
 end
@@ -140,12 +145,19 @@ class ReportStore:
     """The reports' side of Postroom's Redis: leases, the write, the reader's place in a folder."""
 
     def __init__(
-        self, client: redis.Redis, *, job_ttl: float, retention: float, suppression_ttl: float
+        self,
+        client: redis.Redis,
+        *,
+        job_ttl: float,
+        retention: float,
+        suppression_ttl: float,
+        suppression_limit: int = suppressions.DEFAULT_LIMIT,
     ) -> None:
         self.client = client
         self.job_ttl = job_ttl
         self.retention = retention
         self.suppression_ttl = suppression_ttl
+        self.suppression_limit = suppression_limit
 
     def take_lease(self, account: str, token: str, ttl: float) -> bool:
         """Hold ``account``'s mailbox for ``ttl`` seconds (renewed when already ours)."""
@@ -166,6 +178,7 @@ class ReportStore:
         args: list[Any] = [
             token, now, SEEN_TTL, int(self.job_ttl), HISTORY_LIMIT, said, counter,
             event, emit.new_event_id() if event else "", max(int(self.retention), 60), job_id,
+            self.suppression_limit,
         ]  # fmt: skip
         for finding in findings:
             args += [finding.address, *self._entries(account, job_id, kind, finding, now)]
@@ -174,6 +187,7 @@ class ReportStore:
             redis_key("job", job_id), redis_key("history", job_id), lease_key(account),
             seen_key(account, report), suppressions.key(account),
             f"{PREFIX}w:{account}:m:{minute}", f"{PREFIX}w:{account}:h:{hour}", f"{PREFIX}m:deliveries",
+            *suppressions.keys(account)[1:],
         ]  # fmt: skip
         outcome, changed = self.client.eval(APPLY, len(keys), *keys, *args)
         if outcome != Applied.LEASE_LOST:

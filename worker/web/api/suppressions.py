@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from worker.queue.store.suppressions import Suppressions
+from worker.queue.store.suppressions import ListFull, Suppressions
 from worker.records.addresses import parse_mailbox
 from worker.web.api.auth import Key
 from worker.web.api.models import HttpError, error_responses
@@ -33,6 +33,8 @@ class SuppressionOut(BaseModel):
 class SuppressionsOut(BaseModel):
     account: str
     suppressions: list[SuppressionOut]
+    next: str | None = Field(description="The cursor of the next page (`after=`); null on the last page")
+    total: int = Field(description="How many entries the list holds")
 
 
 class SuppressionIn(BaseModel):
@@ -45,7 +47,11 @@ def _lists(context: Any, key: ApiKey, account: str) -> Suppressions:
         raise HttpError(403, f"this key may not use account {account!r}")
     if account not in context.producer.records().account_names:
         raise HttpError(404, f"no account {account!r}")
-    return Suppressions(context.producer.store.redis, context.producer.settings.suppression_ttl)
+    return Suppressions(
+        context.producer.store.redis,
+        context.producer.settings.suppression_ttl,
+        context.producer.settings.suppression_limit,
+    )
 
 
 def _address(value: str) -> str:
@@ -55,23 +61,38 @@ def _address(value: str) -> str:
         raise HttpError(422, "not an email address", [f"address: {exc}"]) from None
 
 
-@router.get(PATH, response_model=SuppressionsOut, responses=error_responses(401, 403, 404, 429),
-            summary="The account's suppressed addresses, oldest first")  # fmt: skip
-async def list_suppressions(account: str, key: Key, context: Context) -> SuppressionsOut:
+@router.get(PATH, response_model=SuppressionsOut, responses=error_responses(401, 403, 404, 422, 429),
+            summary="The account's suppressed addresses, oldest first, a page at a time")  # fmt: skip
+async def list_suppressions(
+    account: str,
+    key: Key,
+    context: Context,
+    limit: int = Query(default=100, ge=1, le=1000, description="At most this many entries"),
+    after: str | None = Query(default=None, max_length=400, description="The `next` of the page before"),
+) -> SuppressionsOut:
     lists = _lists(context, key, account)
-    entries = await run_in_threadpool(lists.entries, account)
-    return SuppressionsOut(account=account, suppressions=[SuppressionOut.model_validate(e) for e in entries])
+    try:
+        page = await run_in_threadpool(lists.page, account, limit, after)
+    except ValueError as exc:
+        raise HttpError(422, "not a cursor", [f"after: {exc}"]) from None
+    entries = [SuppressionOut.model_validate(e) for e in page.entries]
+    return SuppressionsOut(account=account, suppressions=entries, next=page.next, total=page.total)
 
 
 @router.post(PATH, status_code=201, response_model=SuppressionOut,
-             responses=error_responses(401, 403, 404, 422, 429),
-             summary="Suppress an address for the account")  # fmt: skip
+             responses=error_responses(401, 403, 404, 409, 422, 429),
+             summary="Suppress an address for the account (409: full of operator entries)")  # fmt: skip
 async def add_suppression(account: str, body: SuppressionIn, key: Key, context: Context) -> SuppressionOut:
     lists = _lists(context, key, account)
     address = _address(body.address)
-    entry = await run_in_threadpool(
-        lambda: lists.add(account, address, reason=f"{body.reason} (API key {key.name})", source="operator")
-    )
+    try:
+        entry = await run_in_threadpool(
+            lambda: lists.add(
+                account, address, reason=f"{body.reason} (API key {key.name})", source="operator"
+            )
+        )
+    except ListFull as exc:
+        raise HttpError(409, "the suppression list is full", [str(exc)]) from None
     return SuppressionOut.model_validate(entry)
 
 

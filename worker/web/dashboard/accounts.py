@@ -33,7 +33,10 @@ def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
     health = AccountHealth(client)
     info = Status(producer.store, health, records, producer.broker_view()).as_dict()["accounts"][name]
     now = time.time()
-    suppressions = Suppressions(client, producer.settings.suppression_ttl)
+    suppressions = Suppressions(
+        client, producer.settings.suppression_ttl, producer.settings.suppression_limit
+    )
+    shown = suppressions.page(name, SUPPRESSIONS_SHOWN)  # the oldest few, never the whole list
     outbox = Outbox(client, producer.settings.webhook_retention)
     hooks = [
         {
@@ -56,8 +59,8 @@ def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
             (label, days, days < CERT_WARN_DAYS)
             for label, days in sorted(info["certificate_days_left"].items())
         ],
-        "suppressions": suppressions.entries(name)[:SUPPRESSIONS_SHOWN],
-        "suppressed": suppressions.count(name),
+        "suppressions": shown.entries,
+        "suppressed": shown.total,
         "webhooks": hooks,
         "charts": activity_charts(producer, name),
     }
