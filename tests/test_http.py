@@ -143,6 +143,38 @@ def test_validation_errors_have_field_paths_and_match_the_producer(
     assert httpx.post(f"{base}/v1/batches", headers=auth(token), json={"messages": []}).status_code == 422
 
 
+def test_every_4xx_has_the_one_error_format_and_never_echoes_the_input(
+    queue_env: QueueEnv, api: tuple[str, Producer], smtp_server: ServerFactory
+) -> None:
+    """FastAPI's own 422s (field lengths, query bounds) and Starlette's 404/405 answer as
+    ``{"error", "problems": [{field, message}]}`` like every other error, naming the rule only."""
+    base, _ = api
+    account = queue_env.account(unique("fmt"), smtp_server(mode="plain"))
+    token = write_key(queue_env, unique("f"), [account])
+    url = f"{base}/v1/accounts/{account}/suppressions"
+    long = "Z" * 10_000
+    answers = [
+        httpx.post(url, headers=auth(token), json={"address": "a@example.net", "reason": long}),
+        httpx.post(url, headers=auth(token), json={"address": long + "@example.net"}),
+        httpx.delete(url, headers=auth(token), params={"address": long}),
+        httpx.get(url, headers=auth(token), params={"limit": "0"}),
+    ]
+    for reply in answers:
+        assert reply.status_code == 422, reply.text
+        body = reply.json()
+        assert set(body) == {"error", "problems"} and body["problems"], body
+        assert "ZZZZ" not in reply.text and len(reply.content) < 1000
+    fields = [answers[0].json()["problems"][0]["field"], answers[3].json()["problems"][0]["field"]]
+    assert fields == ["reason", "limit"]
+    assert "300" in answers[0].json()["problems"][0]["message"]
+    missing = httpx.get(f"{base}/v1/no-such-thing", headers=auth(token))
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found", "problems": []}
+    wrong = httpx.put(f"{base}/v1/messages", headers=auth(token))
+    assert (
+        wrong.status_code == 405 and set(wrong.json()) == {"error", "problems"} and "allow" in wrong.headers
+    )
+
+
 def test_body_over_the_cap_413(queue_env: QueueEnv, api: tuple[str, Producer]) -> None:
     base, _ = api
     token = write_key(queue_env, unique("big"), ["*"])

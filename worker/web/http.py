@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from worker.client import Producer
@@ -99,6 +101,8 @@ def create_app(
     )
     dashboard.install(app, producer, ring, dashboard_settings or DashboardSettings.from_env())
     app.exception_handler(HttpError)(api.http_error)
+    app.exception_handler(RequestValidationError)(api.validation_error)
+    app.exception_handler(StarletteHTTPException)(api.starlette_error)
     app.exception_handler(ClientDisconnect)(api.client_gone)
     app.include_router(api.router)
     app.include_router(api_suppressions.router)
@@ -117,8 +121,26 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[model.__name__] = schema
+        _one_error_body(document)
         app.openapi_schema = document
     return app.openapi_schema
+
+
+def _one_error_body(document: dict[str, Any]) -> None:
+    """FastAPI documents its 422 as ``{"detail": …}``; Postroom answers every 4xx as an ErrorBody
+    (api.validation_error), so the document says that."""
+    schemas = document.get("components", {}).get("schemas", {})
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            answer = operation.get("responses", {}).get("422")
+            if answer is not None and "HTTPValidationError" in str(answer):
+                answer["description"] = "The request is not valid (the fields and the rules broken)"
+                answer["content"] = {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                }
+    if "ErrorBody" in schemas:
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
 
 
 def openapi_document() -> dict[str, Any]:

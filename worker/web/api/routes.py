@@ -5,16 +5,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Annotated, Any, cast
 
 import redis
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.types import DecoratedCallable
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from worker.client import EnqueueError, PayloadError, Producer
@@ -63,6 +66,30 @@ Context = Annotated[ApiContext, Depends(api_context)]
 async def http_error(request: Request, exc: HttpError) -> JSONResponse:
     """The exception handler for :class:`HttpError`."""
     return exc.response()
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 (a query or body field out of bounds) in the one error format, naming
+    the field and the rule, never the value sent (it may be 10 kB, or someone else's text)."""
+    problems = [
+        f"{field_path(e.get('loc', ()))}: {str(e.get('msg', 'not valid'))[:200]}" for e in exc.errors()
+    ]
+    return HttpError(422, "invalid request; nothing was changed", problems).response()
+
+
+async def starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every other 4xx Starlette or FastAPI raises (404 no such path, 405, …) in the one format."""
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return HttpError(exc.status_code, detail, headers=dict(exc.headers or {})).response()
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 2, "subject")`` → ``messages[2].subject`` (where, not what)."""
+    parts = list(loc)[1:] if loc and loc[0] in ("body", "query", "path", "header", "cookie") else list(loc)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
 
 
 async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
