@@ -16,8 +16,10 @@ from support.queue import POSTROOM, Live, QueueEnv, cli, finished, unique
 from support.smtpd import Rule, SmtpServer, unknown_user
 from support.web import write_key
 from worker.client import Producer
+from worker.mail.message import check_text
 from worker.queue.store import suppressions
 from worker.queue.store.suppressions import ListFull, Suppressions, hard_bounce
+from worker.records.addresses import parse_mailbox
 
 ServerFactory = Callable[..., SmtpServer]
 
@@ -229,3 +231,41 @@ def test_the_cli_and_the_api_page_and_the_limit_holds(
     )  # fmt: skip
     assert crowded.returncode == 0 and lists.count(account) == 5  # the oldest automatic one went
     assert "p0@example.net" not in {e["address"] for e in lists.page(account).entries}
+
+
+@pytest.mark.parametrize("reason", ["two\r\nlines", "nul\x00", "esc \x1b[2J", "rlo \u202e", "zwsp \u200b"])
+def test_a_reason_an_operator_reads_refuses_control_and_bidi_characters(
+    queue_env: QueueEnv, api: tuple[str, Producer], smtp_server: ServerFactory, reason: str
+) -> None:
+    account = queue_env.account(unique("supctl"), smtp_server(mode="plain"))
+    if "\x00" not in reason:  # no argv holds a NUL: the API's test alone
+        done = cli(queue_env, "suppressions", "add", account, "a@example.net", "--reason", reason)
+        assert done.returncode == 2 and "U+" in done.stderr and reason not in done.stderr
+    base, _ = api
+    headers = {"Authorization": f"Bearer {write_key(queue_env, unique('k'), [account])}"}
+    url = f"{base}/v1/accounts/{account}/suppressions"
+    reply = httpx.post(url, headers=headers, json={"address": "a@example.net", "reason": reason})
+    assert reply.status_code == 422 and reply.json()["problems"][0]["field"] == "reason", reply.text
+    assert Suppressions(queue_env.redis).count(account) == 0
+
+
+@pytest.mark.parametrize(
+    "address", ["bob\u202e@example.net", "\u200bbob@example.net", "Bo\u202eb <bob@example.net>"]
+)
+def test_an_address_with_a_bidi_or_invisible_character_is_refused(queue_env: QueueEnv, address: str) -> None:
+    with pytest.raises(ValueError, match="U\\+20"):
+        parse_mailbox(address)
+    with pytest.raises(ValueError, match="U\\+202E"):
+        check_text("Your order \u202etxt.exe", "subject")
+    assert check_text("family \U0001f468\u200d\U0001f469\u200d\U0001f467", "subject")  # ZWJ: an emoji's
+
+
+def test_text_from_elsewhere_is_printed_escaped(queue_env: QueueEnv, smtp_server: ServerFactory) -> None:
+    """A server's reply (or an older record) may hold ESC or CR: the terminal never obeys it."""
+    account = queue_env.account(unique("supesc"), smtp_server(mode="plain"))
+    Suppressions(queue_env.redis).add_many(
+        account, [("x@example.net", "5.1.1 \x1b[2J\r\u202egone", 550, None)]
+    )
+    done = cli(queue_env, "suppressions", "list", account)
+    assert done.returncode == 0 and "\x1b" not in done.stdout and "\r" not in done.stdout
+    assert "\\u001b[2J\\u000d\\u202egone" in done.stdout

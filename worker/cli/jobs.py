@@ -11,6 +11,7 @@ import click
 
 from worker.cli.common import emit_json, open_producer
 from worker.db.vocabulary import JobState
+from worker.records.addresses import escaped
 
 
 def _attachment(path: str) -> dict[str, str]:
@@ -153,16 +154,17 @@ def _print_job(job: Any) -> None:
     )
     for address, result in job.recipients.items():
         code = "" if result.get("code") is None else result["code"]
-        click.echo(f"  {address}: {result.get('status')} {code} {result.get('message') or ''}".rstrip())
+        line = f"  {address}: {result.get('status')} {code} {result.get('message') or ''}".rstrip()
+        click.echo(escaped(line))  # a server's reply: shown, never obeyed by the terminal
     if job.last_error:
-        click.echo(f"last error: {job.last_error}")
+        click.echo(escaped(f"last error: {job.last_error}"))
 
 
 def _print_history(job: Any) -> None:
     for entry in job.history or []:
         error = entry.get("error") or ""
         label = f"attempt {entry['attempt']}" if entry.get("attempt") is not None else "waiting"
-        click.echo(f"  {label}: {entry.get('outcome')} {error}".rstrip())
+        click.echo(escaped(f"  {label}: {entry.get('outcome')} {error}".rstrip()))
 
 
 @click.command("job")
@@ -231,7 +233,9 @@ def dead_list(as_json: bool) -> None:
         click.echo("no dead letters")
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["failed_at"]))
-        click.echo(f"{row['id']}  {when}  {row['account']}  attempts={row['attempts']}  {row['error']}")
+        click.echo(
+            escaped(f"{row['id']}  {when}  {row['account']}  attempts={row['attempts']}  {row['error']}")
+        )
 
 
 @dead_letters.command("show")
@@ -249,9 +253,8 @@ def dead_show(job_id: str, as_json: bool) -> None:
     click.echo(job.id)
     _print_job(job)
     for entry in job.history or []:
-        click.echo(
-            f"  attempt {entry.get('attempt')}: {entry.get('outcome')} {entry.get('error') or ''}".rstrip()
-        )
+        said = f"  attempt {entry.get('attempt')}: {entry.get('outcome')} {entry.get('error') or ''}"
+        click.echo(escaped(said.rstrip()))
     if job.unreadable is not None:
         raw = job.unreadable
         click.echo(

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from worker.cli.common import emit_json, open_producer
+from worker.records.addresses import escaped
 
 
 def _list_of(producer: Any) -> Any:
@@ -57,8 +58,9 @@ def list_command(account: str, limit: int, after: str | None, as_json: bool) -> 
     for entry in entries:
         when = datetime.fromtimestamp(entry["at"], UTC).strftime("%Y-%m-%d %H:%M")
         until = datetime.fromtimestamp(entry["expires_at"], UTC).strftime("%Y-%m-%d")
-        reply = f"{entry['code']} {entry['reason']}" if entry.get("code") else entry["reason"]
-        click.echo(f"{entry['address']:<40} {when}  {entry['source']:<9} until {until}  {reply}")
+        reply = f"{entry['code']} {entry['reason']}" if entry.get("code") else str(entry["reason"])
+        # a reason is a server's reply or an older record's text: shown escaped, never obeyed
+        click.echo(escaped(f"{entry['address']:<40} {when}  {entry['source']:<9} until {until}  {reply}"))
     if not entries:
         click.echo(f"no suppressed addresses for {account}")
     if page.next is not None:
@@ -75,12 +77,13 @@ def list_command(account: str, limit: int, after: str | None, as_json: bool) -> 
 def add_command(account: str, address: str, reason: str, as_json: bool) -> None:
     """Suppress ADDRESS for ACCOUNT (until suppression_ttl has passed); exit 1 when the list
     holds suppression_limit entries, all an operator's."""
-    from worker.records.addresses import parse_mailbox
+    from worker.records.addresses import check_visible_text, parse_mailbox
 
     try:
         parse_mailbox(address)
+        check_visible_text(reason, "--reason")
     except ValueError as exc:
-        click.echo(f"{address!r}: {exc}", err=True)
+        click.echo(f"{escaped(address)!r}: {exc}", err=True)
         sys.exit(2)
     producer = open_producer()
     try:

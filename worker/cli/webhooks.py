@@ -13,6 +13,7 @@ import click
 
 from worker.cli.common import emit_json, open_producer
 from worker.db.vocabulary import EVENT_TYPES
+from worker.records.addresses import escaped
 
 
 def _outbox(producer: Any) -> Any:
@@ -190,7 +191,9 @@ def attempts_command(name: str, limit: int, as_json: bool) -> None:
         status = e.get("status") or "-"
         error = f"  {e['error']}" if e.get("error") else ""
         what = f"{e['event_id']}  {e.get('type')}  #{e['attempt']}"
-        click.echo(f"{_when(e['at'])}  {what}  {status}  {e['outcome']}{error}")
+        click.echo(
+            escaped(f"{_when(e['at'])}  {what}  {status}  {e['outcome']}{error}")
+        )  # a receiver's words
 
 
 @webhooks.command("replay")

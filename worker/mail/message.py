@@ -30,7 +30,7 @@ from email.policy import compat32
 from email.utils import format_datetime
 from io import BytesIO
 
-from worker.records.addresses import CONTROL, parse_mailbox
+from worker.records.addresses import check_visible_text, parse_mailbox
 
 _WIRE = compat32.clone(linesep="\r\n", max_line_length=78)
 # Headers Postroom sets itself, compared case-insensitively: the builder's own, the
@@ -112,14 +112,14 @@ def make_message_id(from_address: str) -> str:
 
 
 def check_text(value: str, what: str) -> str:
-    """``value`` if it has no control character (C0 but TAB, DEL, C1, lone surrogates): the
-    check of every header-bound field (subject, header values, filenames, display names)."""
+    """``value`` if it has no control character (C0 but TAB, DEL, C1, lone surrogates) and no
+    bidi/invisible format character (records/addresses.check_visible_text: an operator reads it
+    on the dashboard): the check of every header-bound field (subject, header values, filenames,
+    display names)."""
     prefix = f"{what}: " if what else ""
     if "\r" in value or "\n" in value:
         raise ValueError(f"{prefix}CR/LF is not allowed (header injection)")
-    if found := CONTROL.search(value):
-        raise ValueError(f"{prefix}control character U+{ord(found.group()):04X} is not allowed")
-    return value
+    return check_visible_text(value, what, tab=True)
 
 
 # RFC 5322 §3.6.4 msg-id: "<" id-left "@" id-right ">", both dot-atom-text (printable ASCII

@@ -18,6 +18,7 @@ domain literals — nothing a mail queue should accept from a producer.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from email.header import Header
 from typing import Any
@@ -33,6 +34,9 @@ CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 _NAMED = re.compile(
     r'^\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<plain>[^<>"]*?))\s*<(?P<addr>[^<>]*)>\s*$', re.S
 )
+# ZERO WIDTH NON-JOINER / JOINER: format characters that scripts (Persian, Indic) and emoji
+# sequences need and that neither hide nor reorder text; every other format character is refused
+JOINERS = frozenset("\u200c\u200d")
 _PLAIN_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ .-]+$")  # atoms, spaces and dots
 MAX_NAME = 200
 
@@ -72,6 +76,40 @@ class Mailbox:
         return f"{phrase} <{self.address}>"
 
 
+def hidden(char: str) -> bool:
+    """Whether ``char`` would not show as itself on an operator's screen: a control character
+    (C0, DEL, C1: CR/LF, NUL, ESC), a lone surrogate, a line/paragraph separator, or a format
+    character (bidi overrides such as U+202E, invisible ones such as U+200B, U+FEFF)."""
+    category = unicodedata.category(char)
+    return category in ("Cc", "Cs", "Zl", "Zp") or (category == "Cf" and char not in JOINERS)
+
+
+def hidden_character(value: str, *, tab: bool = False) -> str | None:
+    """The first :func:`hidden` character of ``value`` (TAB allowed when ``tab``), or None."""
+    return next((c for c in value if hidden(c) and not (tab and c == "\t")), None)
+
+
+def check_visible_text(value: Any, what: str = "", *, tab: bool = False) -> str:
+    """``value`` when it is text an operator may be shown as written (a suppression reason, a
+    subject, a header, a display name); ValueError naming the character (never the text)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: must be text" if what else "must be text")
+    if (found := hidden_character(value, tab=tab)) is not None:
+        control = unicodedata.category(found) in ("Cc", "Cs")
+        kind = "control character" if control else "bidi or invisible format character"
+        prefix = f"{what}: " if what else ""
+        raise ValueError(f"{prefix}{kind} U+{ord(found):04X} is not allowed")
+    return value
+
+
+def escaped(text: str) -> str:
+    """``text`` for a terminal: every :func:`hidden` character as ``\\uXXXX`` (text that came from
+    elsewhere, a server's reply or an older record, is shown, never obeyed)."""
+    if not any(hidden(c) for c in text):
+        return text
+    return "".join(f"\\u{ord(c):04x}" if hidden(c) else c for c in text)
+
+
 def to_ascii_domain(domain: str) -> str:
     """``domain`` in ASCII: punycode by IDNA 2008 (UTS #46 mapped) when it is not ASCII."""
     if domain.isascii():
@@ -103,8 +141,10 @@ def parse_mailbox(value: Any) -> Mailbox:
     """``value`` (``a@b`` or ``Name <a@b>``) as a :class:`Mailbox`; ValueError says why not."""
     if not isinstance(value, str):
         raise ValueError("must be an email address")
-    if "\t" in value or CONTROL.search(value):
-        raise ValueError("an email address cannot contain control characters (CR/LF, DEL, C1)")
+    if (found := hidden_character(value)) is not None:
+        raise ValueError(
+            f"an email address cannot contain control, bidi or invisible characters (U+{ord(found):04X})"
+        )
     text = value.strip()
     named = _NAMED.match(text) if "<" in text else None
     if named is None:

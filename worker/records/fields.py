@@ -15,7 +15,7 @@ from pydantic import (
     ValidationInfo,
 )
 
-from worker.records.addresses import CONTROL, check_address, check_mailbox
+from worker.records.addresses import check_address, check_mailbox, check_visible_text
 from worker.records.secrets import Secret
 
 
@@ -36,8 +36,8 @@ def _secret(value: Any, info: ValidationInfo) -> Secret:
 def _single_line(value: Any) -> Any:
     if isinstance(value, str) and ("\r" in value or "\n" in value):
         raise ValueError("must be a single line (no CR/LF)")
-    if isinstance(value, str) and (found := CONTROL.search(value)):
-        raise ValueError(f"control character U+{ord(found.group()):04X} is not allowed")
+    if isinstance(value, str):
+        check_visible_text(value, tab=True)
     return value
 
 

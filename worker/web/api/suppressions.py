@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from worker.queue.store.suppressions import ListFull, Suppressions
-from worker.records.addresses import parse_mailbox
+from worker.records.addresses import check_visible_text, parse_mailbox
 from worker.web.api.auth import Key
 from worker.web.api.models import HttpError, error_responses
 from worker.web.api.routes import Context
@@ -40,6 +40,11 @@ class SuppressionsOut(BaseModel):
 class SuppressionIn(BaseModel):
     address: str = Field(max_length=320)
     reason: str = Field(default="added through the API", max_length=300)
+
+    @field_validator("reason")
+    @classmethod
+    def _visible(cls, value: str) -> str:
+        return check_visible_text(value)  # an operator reads it in `suppressions list`
 
 
 def _lists(context: Any, key: ApiKey, account: str) -> Suppressions:
