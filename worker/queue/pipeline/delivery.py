@@ -347,9 +347,12 @@ class Delivery:
                 if address in p.remaining and hard_bounce(r)
             ]
             if bounced:
-                self.suppressions.add_many(p.account, bounced, source="automatic")
+                written = self.suppressions.add_many(p.account, bounced, source="automatic")
                 log.info(
-                    "account %s: %d address(es) suppressed after a 5.1.x refusal", p.account, len(bounced)
+                    "account %s: %d address(es) suppressed after a 5.1.x refusal%s",
+                    p.account,
+                    len(written),
+                    "" if len(written) == len(bounced) else " (the list is full of an operator's entries)",
                 )
 
     def _auto_reply(
