@@ -156,13 +156,25 @@ def test_login_and_the_account_table_renders_and_refreshes(
         expect(failing.locator("td.health")).to_contain_text("FAILED")
         expect(failing.locator("td.health")).to_contain_text(f"cannot connect to 127.0.0.1:{closed}")
         expect(page.locator('td[data-queue="postroom"]')).to_have_text(re.compile(r"^\d+$"))
-        for stat in ("in_flight", "retrying", "held", "dead_letters"):
+        for stat in ("in_flight", "retrying", "scheduled", "held", "dead_letters"):
             expect(page.locator(f'td[data-stat="{stat}"]')).to_have_text(re.compile(r"^\d+$"))
         # the page refreshes itself (refresh=1 here): a new account shows up without a click
         late = queue_env.account(unique("late"), smtp_server(mode="plain"))
         expect(page.locator(f'tr[data-account="{late}"] td.state')).to_have_text("ok")
+        # a record that does not load is an error at once, not "ok, no check yet"
+        broken = unique("broken")
+        (queue_env.accounts / f"{broken}.yaml").write_text("provider: other\nsmtp:\n  address: [oops\n")
+        state = page.locator(f'tr[data-account="{broken}"] td.state')
+        expect(state).to_contain_text("invalid")
+        expect(state.locator(".reason")).to_contain_text(f"{broken}.yaml:4: invalid YAML")
+        expect(state).to_have_class(re.compile(r"state-invalid"))
+        page.click(f'tr[data-account="{broken}"] td.name a')
+        expect(page.locator(".account-state .state")).to_have_text("invalid")
+        expect(page.locator("#problems li").first).to_contain_text(f"{broken}.yaml:4: invalid YAML")
         assert not [text for text in console if "Content Security Policy" in text], console
     finally:
+        for stray in queue_env.accounts.glob("broken*.yaml"):
+            stray.unlink()
         server.stop()
         producer.close()
 

@@ -4,6 +4,7 @@ and not before, across a SIGKILLed worker; ``postroom cancel`` and ``DELETE /v1/
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ def test_a_scheduled_job_waits_for_its_time_then_is_sent_once(live: Live) -> Non
     job = producer.job(job_id)
     assert job is not None and job.state == "scheduled"
     assert json.loads(cli(queue_env, "status", "--json").stdout)["scheduled"] >= 1
+    assert re.search(r"scheduled: [1-9]", cli(queue_env, "status").stdout)  # the text says so too
     while time.time() < due - 0.3:  # nothing before its time (however long the CLI above took)
         assert server.received == []
         time.sleep(0.1)
