@@ -195,7 +195,9 @@ def test_the_guard_refuses_every_non_public_address(url: str) -> None:
 def test_webhook_records_are_checked_with_file_and_line(own_queue: QueueEnv) -> None:
     folder = own_queue.config / "webhooks"
     folder.mkdir()
-    (folder / "typo.yaml").write_text('url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.opened]\n')
+    (folder / "typo.yaml").write_text(
+        'url: "ftp://x"\nsecret: whsec_short\nevents: [job.sent, job.opened]\n'
+    )
     key = new_secret()
     (folder / "stray.yaml").write_text(
         f"url: https://hooks.example.com/x\nsecret: {key}\naccounts: [nobody]\n"
