@@ -27,6 +27,7 @@ from worker.client import Producer
 from worker.queue.store.suppressions import Suppressions
 from worker.web import http as http_api
 from worker.web.dashboard.app import SESSION_COOKIE, DashboardSettings
+from worker.web.dashboard.charts import TOP, legend_value, line_chart
 
 ServerFactory = Callable[..., SmtpServer]
 CHROMIUM = os.environ.get("POSTROOM_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -157,13 +158,25 @@ def test_login_and_the_account_table_renders_and_refreshes(
         expect(failing.locator("td.health")).to_contain_text("FAILED")
         expect(failing.locator("td.health")).to_contain_text(f"cannot connect to 127.0.0.1:{closed}")
         expect(page.locator('td[data-queue="postroom"]')).to_have_text(re.compile(r"^\d+$"))
-        for stat in ("in_flight", "retrying", "held", "dead_letters"):
+        for stat in ("in_flight", "retrying", "scheduled", "held", "dead_letters"):
             expect(page.locator(f'td[data-stat="{stat}"]')).to_have_text(re.compile(r"^\d+$"))
         # the page refreshes itself (refresh=1 here): a new account shows up without a click
         late = queue_env.account(unique("late"), smtp_server(mode="plain"))
         expect(page.locator(f'tr[data-account="{late}"] td.state')).to_have_text("ok")
+        # a record that does not load is an error at once, not "ok, no check yet"
+        broken = unique("broken")
+        (queue_env.accounts / f"{broken}.yaml").write_text("provider: other\nsmtp:\n  address: [oops\n")
+        state = page.locator(f'tr[data-account="{broken}"] td.state')
+        expect(state).to_contain_text("invalid")
+        expect(state.locator(".reason")).to_contain_text(f"{broken}.yaml:4: invalid YAML")
+        expect(state).to_have_class(re.compile(r"state-invalid"))
+        page.click(f'tr[data-account="{broken}"] td.name a')
+        expect(page.locator(".account-state .state")).to_have_text("invalid")
+        expect(page.locator("#problems li").first).to_contain_text(f"{broken}.yaml:4: invalid YAML")
         assert not [text for text in console if "Content Security Policy" in text], console
     finally:
+        for stray in queue_env.accounts.glob("broken*.yaml"):
+            stray.unlink()
         server.stop()
         producer.close()
 
@@ -505,6 +518,20 @@ def green(rgb: tuple[int, int, int]) -> bool:
     return g > 100 and g > r + 50 and g > b + 40
 
 
+def blue_or_purple(rgb: tuple[int, int, int]) -> bool:
+    """The p50 (#1d4ed8) or p95 (#7c3aed) colour, give or take anti-aliasing."""
+    r, g, b = rgb
+    return b > 150 and b > g + 60 and b > r + 40
+
+
+def test_a_depth_legend_shows_the_latest_sample_and_a_counter_legend_the_sum() -> None:
+    depth = line_chart("d", "depth", [("scheduled", [2.0, 2.0, None, 2.0])], first="", last="", levels=True)
+    assert ">scheduled 2</text>" in depth  # not 6: the same two jobs, sampled three times
+    sent = line_chart("s", "sent", [("sent", [1.0, None, 2.0])], first="", last="")
+    assert ">sent 3</text>" in sent
+    assert legend_value([0.2, 0.4], "s", latest=False) == ""  # latencies do not add up
+
+
 def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path: Path) -> None:
     queue_env, _, dashboard, context, smtp_server = ui
     from support.png import pixels
@@ -554,6 +581,19 @@ def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path
     expect(page.locator(f'svg[data-chart="activity-hour-{account}"] text.legend.s-sent')).to_have_text(
         "sent 2"
     )
+    # each legend in its series' colour (dashboard.css), not the axis grey
+    legend = f'svg[data-chart="activity-hour-{account}"] text.legend'
+    fill = "element => getComputedStyle(element).fill"
+    assert page.locator(f"{legend}.s-sent").evaluate(fill) == "rgb(27, 127, 59)"
+    assert page.locator(f"{legend}.s-failed").evaluate(fill) == "rgb(180, 35, 24)"
+    latency = page.locator(f'svg[data-chart="latency-hour-{account}"]')
+    assert latency.locator("text.legend.s-p95").evaluate(fill) == "rgb(124, 58, 237)"
+    # one minute of deliveries: a single point, drawn as a dot that can be seen
+    shot = tmp_path / "latency.png"
+    latency.screenshot(path=str(shot))
+    width, _, rgb = pixels(shot.read_bytes())
+    plot = rgb[width * (TOP + 1) :]  # below the title and the legends
+    assert sum(map(blue_or_purple, plot)) >= 60  # a 2px dot was 32 pixels: lost in the box
     gone = page.locator('#suppressions tr[data-address="gone@example.net"]')
     expect(gone).to_contain_text("5.1.1")
     expect(gone.locator("td").nth(3)).not_to_have_text("-")  # since when (the entry's time)

@@ -290,3 +290,59 @@ def test_the_delivery_line_is_json_when_asked(caplog: pytest.LogCaptureFixture) 
         "code": 250,
         "duration_ms": 12,
     }
+
+
+def test_a_record_that_does_not_load_is_invalid_in_status_health_and_metrics(
+    own_queue: QueueEnv, smtp_server: ServerFactory
+) -> None:
+    """Not ``ok  no check yet`` until the next health check: the record's problems, at once."""
+    good = own_queue.account("fine", smtp_server(mode="plain"))
+    (own_queue.accounts / "broken.yaml").write_text("provider: other\nsmtp:\n  address: [oops\n")
+    ops = Ops(own_queue)
+    status = ops.status()
+    broken = status["accounts"]["broken"]
+    assert broken["state"] == "invalid" and status["accounts"][good]["state"] == "ok"
+    assert broken["problems"] and broken["problems"][0]["file"].endswith("broken.yaml")
+    assert broken["problems"][0]["line"] is not None
+    assert "broken.yaml:" in broken["reason"]
+    text = ops.run("status").stdout
+    row = next(line for line in text.splitlines() if line.startswith("broken "))
+    assert row.split()[1] == "invalid", text
+    assert broken["problems"][0]["text"] in text  # file:line: field: reason under the row
+    health = ops.run("health", "--json")
+    assert health.returncode == 1 and json.loads(health.stdout)["accounts"]["broken"]["state"] == "invalid"
+
+    port = free_port()
+    server = subprocess.Popen(
+        [POSTROOM, "metrics", "--port", str(port)],
+        env={**os.environ, **own_queue.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    scraped: list[str] = []
+
+    def scrape() -> bool:
+        scraped.append(_scrape(port) or "")
+        return bool(scraped[-1])
+
+    try:
+        wait_for(scrape, 20, "the metrics endpoint")
+    finally:
+        server.terminate()
+        server.wait(10)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scraped[-1])
+        for s in family.samples
+    }
+    assert samples[("postroom_account_state", (("account", "broken"), ("state", "invalid")))] == 1
+    assert samples[("postroom_account_state", (("account", "broken"), ("state", "ok")))] == 0
+    assert samples[("postroom_account_state", (("account", good), ("state", "invalid")))] == 0
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+    except OSError:
+        return None

@@ -4,6 +4,7 @@ and not before, across a SIGKILLed worker; ``postroom cancel`` and ``DELETE /v1/
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from support.queue import Live, QueueEnv, Worker, cli, finished, unique, wait_for
-from support.smtpd import SmtpServer
+from support.smtpd import SmtpServer, unknown_user
 from support.web import write_key
 from worker.client import PayloadError, Producer
 from worker.queue.store.jobrecord import SCHEDULED
@@ -31,6 +32,7 @@ def test_a_scheduled_job_waits_for_its_time_then_is_sent_once(live: Live) -> Non
     job = producer.job(job_id)
     assert job is not None and job.state == "scheduled"
     assert json.loads(cli(queue_env, "status", "--json").stdout)["scheduled"] >= 1
+    assert re.search(r"scheduled: [1-9]", cli(queue_env, "status").stdout)  # the text says so too
     while time.time() < due - 0.3:  # nothing before its time (however long the CLI above took)
         assert server.received == []
         time.sleep(0.1)
@@ -125,3 +127,49 @@ def test_a_scheduled_job_survives_a_sigkilled_worker_and_an_early_copy(
         second.stop()
         producer.close()
     assert len(server.received) == 1 and server.received[0].at >= due - 0.05
+
+
+def test_job_shows_when_a_scheduled_job_is_due_and_who_cancelled_it(live: Live) -> None:
+    queue_env, _, _, smtp_server = live
+    account = queue_env.account(unique("due"), smtp_server(mode="plain"))
+    due = time.time() + 600
+    made = cli(queue_env, "send", "-a", account, "--to", "a@example.net", "--text", "x", "--at", str(due))
+    assert made.returncode == 0, made.stderr
+    job_id, _, said = made.stdout.strip().partition("  ")
+    assert said.startswith("scheduled, due ") and said.endswith(("(in 9m)", "(in 10m)")), said
+    as_json = json.loads(cli(queue_env, "job", job_id, "--json").stdout)
+    assert as_json["state"] == "scheduled" and abs(as_json["due_at"] - due) < 0.01
+    assert as_json["cancelled"] is None
+    assert "due: " in cli(queue_env, "job", job_id).stdout
+    made = cli(
+        queue_env, "send", "-a", account, "--to", "a@example.net", "--text", "x", "--at", str(due), "--json"
+    )
+    assert abs(json.loads(made.stdout)["due_at"] - due) < 0.01
+
+    assert cli(queue_env, "cancel", job_id).returncode == 0
+    text = cli(queue_env, "job", job_id).stdout
+    assert "last error" not in text and re.search(
+        r"^cancelled at \S+ \S+ \S+ by postroom cancel$", text, re.M
+    ), text
+    cancelled = json.loads(cli(queue_env, "job", job_id, "--json").stdout)
+    assert cancelled["cancelled"]["by"] == "postroom cancel" and cancelled["cancelled"]["at"] > due - 700
+    assert (
+        cancelled["last_error"] == "cancelled" and cancelled["due_at"] is None
+    )  # the contract's key, as before
+
+
+def test_send_wait_exit_status_tells_sent_dead_and_still_waiting_apart(live: Live) -> None:
+    queue_env, _, _, smtp_server = live
+    gone = unique("gone")
+    server = smtp_server(mode="plain", rules=[unknown_user(f"{gone}@")])
+    account = queue_env.account(unique("exit"), server)
+
+    def send(name: str, to: str, wait: str, *more: str) -> int:
+        return cli(queue_env, "send", "-a", name, "--to", to, "--text", "x", "--wait", wait, *more).returncode
+
+    assert send(account, "a@example.net", "20") == 0  # sent
+    assert send(account, f"{gone}@example.net", "20") == 1  # dead: a permanent refusal
+    later = str(time.time() + 600)
+    assert send(account, "b@example.net", "1", "--at", later) == 4  # not ended when the wait did
+    help_text = cli(queue_env, "send", "--help").stdout
+    assert "4 not ended" in help_text and "1 dead or" in help_text

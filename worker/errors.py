@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -66,6 +66,17 @@ class RecordProblem:
         where = f"{self.file}:{self.line}" if self.line else self.file
         reason = f"warning: {self.reason}" if self.severity == "warning" else self.reason
         return f"{where}: {self.field}: {reason}" if self.field else f"{where}: {reason}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The finding as the commands' ``--json`` and ``postroom status`` print it."""
+        return {
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "reason": self.reason,
+            "severity": self.severity,
+            "text": str(self),
+        }
 
 
 class Superseded(PostroomError):

@@ -17,14 +17,7 @@ def emit_json(data: Any) -> None:
 
 
 def problem_dict(problem: RecordProblem) -> dict[str, Any]:
-    return {
-        "file": problem.file,
-        "line": problem.line,
-        "field": problem.field,
-        "reason": problem.reason,
-        "severity": problem.severity,
-        "text": str(problem),
-    }
+    return problem.as_dict()
 
 
 def check_deployment() -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from worker.cli.common import emit_json, open_producer
-from worker.db.vocabulary import JobState
+from worker.db.vocabulary import FINAL_STATES, JobState
 from worker.records.addresses import escaped
+
+if TYPE_CHECKING:
+    from worker.client import Producer
 
 
 def _attachment(path: str) -> dict[str, str]:
@@ -61,7 +64,13 @@ def _header_pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--original-return-path", help="auto-reply: its return path ('' or '<>' for a bounce).")
 @click.option("--original-header", multiple=True, help="auto-reply: one of its headers NAME:VALUE.")
 @click.option("--payload", "payload_file", type=click.File("r"), help="Read the whole payload as JSON.")
-@click.option("--wait", type=float, default=None, help="Wait up to SECONDS for the outcome.")
+@click.option(
+    "--wait",
+    type=float,
+    default=None,
+    help="Wait up to SECONDS for the outcome. Exit status: 0 sent (or suppressed), 1 dead or "
+    "cancelled, 4 not ended when the wait did (still queued, retrying, held or scheduled).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def send_command(
     account: str,
@@ -87,7 +96,9 @@ def send_command(
     wait: float | None,
     as_json: bool,
 ) -> None:
-    """Enqueue a notification or an auto-reply; prints the job id."""
+    """Enqueue a notification or an auto-reply; prints the job id (and, with --at, when it is
+    due). Exit status: 0 enqueued (with --wait: sent or suppressed), 1 dead or cancelled (--wait),
+    2 payload refused, 3 not enqueued, 4 still not ended when --wait's time was up."""
     from worker.client import EnqueueError, PayloadError, message_fields
 
     if text == "-":
@@ -132,8 +143,19 @@ def send_command(
     except EnqueueError as exc:
         click.echo(f"not enqueued: {exc}", err=True)
         sys.exit(3)
+    _report_sent(producer, job_id, wait, as_json)
+
+
+def _report_sent(producer: Producer, job_id: str, wait: float | None, as_json: bool) -> None:
+    """What ``send`` prints: the job id (and when a scheduled one is due), or with ``--wait`` the
+    outcome, and the exit status that tells them apart."""
     if wait is None:
-        emit_json({"id": job_id}) if as_json else click.echo(job_id)
+        due = producer.job(job_id)
+        due_at = due.due_at if due is not None and due.state == JobState.SCHEDULED else None
+        if as_json:
+            emit_json({"id": job_id, "state": due.state if due else "unknown", "due_at": due_at})
+        else:
+            click.echo(job_id if due_at is None else f"{job_id}  scheduled, due {_when(due_at)}")
         return
     job = producer.wait(job_id, wait)
     if as_json:
@@ -141,7 +163,29 @@ def send_command(
     else:
         click.echo(job_id)
         _print_job(job)
-    sys.exit(0 if job is not None and job.state in (JobState.SENT, JobState.SUPPRESSED) else 1)
+    sys.exit(wait_exit_code(job))
+
+
+# ``postroom send --wait``'s exit status (contract §8); 2 and 3 are taken by a refused payload
+# and a job that could not be enqueued
+SENT_EXIT, ENDED_UNSENT_EXIT, STILL_WAITING_EXIT = 0, 1, 4
+
+
+def wait_exit_code(job: Any) -> int:
+    """0: sent, or suppressed (every recipient on the suppression list or an auto-reply not due:
+    contract §2 says not an error); 1: ended without being sent (dead or cancelled); 4: not ended
+    when the wait did (queued, scheduled, sending, retrying, held, or no record yet)."""
+    if job is None or job.state not in FINAL_STATES:
+        return STILL_WAITING_EXIT
+    return SENT_EXIT if job.state in (JobState.SENT, JobState.SUPPRESSED) else ENDED_UNSENT_EXIT
+
+
+def _when(at: float) -> str:
+    """A time as the operator's clock shows it, and how far off it is."""
+    local = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(at))
+    seconds = int(at - time.time())
+    off = f"in {seconds}s" if 0 <= seconds < 120 else f"in {seconds // 60}m" if seconds >= 0 else "overdue"
+    return f"{local} ({off})"
 
 
 def _print_job(job: Any) -> None:
@@ -156,7 +200,17 @@ def _print_job(job: Any) -> None:
         code = "" if result.get("code") is None else result["code"]
         line = f"  {address}: {result.get('status')} {code} {result.get('message') or ''}".rstrip()
         click.echo(escaped(line))  # a server's reply: shown, never obeyed by the terminal
-    if job.last_error:
+    if job.due_at is not None and job.state == JobState.SCHEDULED:
+        click.echo(f"due: {_when(job.due_at)}")
+    elif job.due_at is not None and job.state == JobState.RETRYING:
+        click.echo(f"next attempt: {_when(job.due_at)}")
+    if (cancelled := job.cancelled()) is not None:  # an end someone chose: not an error
+        by = f" by {cancelled['by']}" if cancelled["by"] else ""
+        at = (
+            time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(cancelled["at"])) if cancelled["at"] else "?"
+        )
+        click.echo(f"cancelled at {at}{by}")
+    elif job.last_error:
         click.echo(escaped(f"last error: {job.last_error}"))
 
 

@@ -20,7 +20,7 @@ def _print_status(data: dict[str, Any]) -> None:
     click.echo(f"queues: {queues}")
     click.echo(
         f"in flight: {data['in_flight']}  retrying: {data['retrying']}  held: {data['held']}  "
-        f"dead letters: {data['dead_letters']}"
+        f"scheduled: {data['scheduled']}  dead letters: {data['dead_letters']}"
     )
     if line := setup_line(data.get("broker_setup") or {}):
         click.echo(line)
@@ -38,6 +38,8 @@ def _print_status(data: dict[str, Any]) -> None:
         )
         if info["state"] == "paused" and info.get("reason"):
             click.echo(f"{'':<20} paused ({info.get('paused_by')}): {info['reason']}")
+        for problem in info.get("problems") or []:  # a record that does not load (state invalid)
+            click.echo(f"{'':<20} {problem['text']}")
 
 
 @click.command("status")

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from worker.db.keys import PREFIX
 from worker.ops.counters import LATENCY_BUCKETS, UNKNOWN, account_label
+from worker.web.status import ACCOUNT_STATES
 
 _WORD = re.compile(r"[a-z0-9_-]{1,32}")
 
@@ -129,7 +130,7 @@ def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
     for name, info in accounts.items():
         for kind, count in sorted((info.get("reports") or {}).items()):
             reports.add_metric([name, kind], count)
-        for candidate in ("ok", "degraded", "paused"):
+        for candidate in ACCOUNT_STATES:
             state.add_metric([name, candidate], 1.0 if info["state"] == candidate else 0.0)
         held.add_metric([name], info["held"])
         suppressed.add_metric([name], info.get("suppressed", 0))

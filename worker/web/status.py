@@ -30,6 +30,10 @@ from worker.queue.store.ready import ReadyQueues
 from worker.records.loader import Records
 
 CERT_WARN_DAYS = 30
+# an account's state: ``invalid`` when its record does not load (nothing of it can be sent, so it
+# wins over the others), ``paused`` by the breaker or an operator, ``degraded`` by a failed check
+ACCOUNT_STATES = ("ok", "degraded", "paused", "invalid")
+INVALID = "invalid"
 SETUP_EVERY = 60.0  # seconds a broker-setup answer is reused (status --watch asks every 2 s)
 _setups: dict[str, tuple[float, dict[str, Any]]] = {}
 
@@ -112,6 +116,7 @@ class Status:
             # what the bounce reader found in its mailbox, all time (contract §11)
             accounts[name]["reports"] = {k: int(v) for k, v in read.items()}
             accounts[name]["ready"] = waiting.get(name, 0)  # due now, waiting for a worker
+            self._mark_invalid(name, accounts[name])
         out = {
             "queues": depths,
             # jobs workers hold: being sent or next on a connection (retries wait in Postroom's
@@ -128,6 +133,18 @@ class Status:
         if setup:
             out["broker_setup"] = broker_setup(self.broker)
         return out
+
+    def _mark_invalid(self, name: str, info: dict[str, Any]) -> None:
+        """A record that does not load is an error wherever the account is shown, from the moment
+        it is read, not once the next health check fails: state ``invalid``, its ``problems``
+        (file:line:field findings) and the first of them as the ``reason``."""
+        problems = self.records.account_problems.get(name) if self.records is not None else None
+        info["problems"] = [p.as_dict() for p in problems or []]
+        if problems:
+            info["state"] = INVALID
+            info["reason"] = f"record does not load: {problems[0]}" + (
+                f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            )
 
     def _account(
         self,
@@ -259,6 +276,8 @@ def health_line(health: dict[str, Any] | None, now: float) -> str:
 
 def unhealthy(health: dict[str, Any] | None, state: str) -> str | None:
     """Why an account counts as unhealthy for ``postroom health`` (None: healthy)."""
+    if state == INVALID:
+        return "its record does not load (see postroom accounts check)"
     if state == "paused":
         return "paused"
     if health is None:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.db.keys import redis_key
-from worker.db.vocabulary import JobState
+from worker.db.vocabulary import JobState, history_word
 from worker.ops import counters
 
 OPEN = redis_key("open")  # sorted set: jobs not ended yet, by enqueue time (worker/queue/process/sweep.py)
@@ -123,6 +123,20 @@ class Job:
     payload: dict[str, Any] | None = None
     submitted_by: str | None = None
     unreadable: dict[str, Any] | None = None  # an entry no job could be made of: what it was
+    due_at: float | None = None  # when a scheduled job is sent / a retrying job tried again
+
+    def cancelled(self) -> dict[str, Any] | None:
+        """``{at, by}`` of a cancelled job (``by`` None when unknown): an end an operator or a
+        producer chose, not an error, so it is shown apart from ``last_error``."""
+        if self.state != JobState.CANCELLED:
+            return None
+        word = history_word(JobState.CANCELLED)
+        ends = [e for e in self.history or [] if e.get("outcome") == word]
+        entry: dict[str, Any] = ends[-1] if ends else {}
+        by = entry.get("by")
+        if by is None and str(entry.get("error") or "").startswith("cancelled by "):
+            by = str(entry["error"]).removeprefix("cancelled by ")  # entries before "by" was kept
+        return {"at": entry.get("at") or self.updated_at, "by": by or None}
 
     def as_dict(self, *, with_payload: bool = False) -> dict[str, Any]:
         out = {
@@ -140,6 +154,8 @@ class Job:
             "updated_at": self.updated_at,
             "idempotency_key": self.idempotency_key,
             "history": self.history or [],
+            "due_at": self.due_at,
+            "cancelled": self.cancelled(),
         }
         if self.unreadable is not None:
             out["unreadable"] = self.unreadable
@@ -148,8 +164,11 @@ class Job:
         return out
 
     @classmethod
-    def from_record(cls, job_id: str, data: Mapping[str, str], history: list[str]) -> Job:
-        """The job from its record hash and its history list as Redis holds them."""
+    def from_record(
+        cls, job_id: str, data: Mapping[str, str], history: list[str], *, due_at: float | None = None
+    ) -> Job:
+        """The job from its record hash and its history list as Redis holds them (``due_at``: its
+        score in the schedule or the retry queue, kept there, not in the record)."""
         return cls(
             id=data.get("id", job_id),
             state=data.get("state", JobState.QUEUED),
@@ -169,6 +188,7 @@ class Job:
             payload=json.loads(data["payload"]) if data.get("payload") else None,
             submitted_by=data.get("submitted_by") or None,
             unreadable=_unreadable(data),
+            due_at=float(due_at) if due_at is not None else None,
         )
 
 

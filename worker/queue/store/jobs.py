@@ -217,9 +217,12 @@ class JobStore(DeadLetters):
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(_key("job", job_id))
             pipe.lrange(_key("history", job_id), 0, -1)
-            raw, history = pipe.execute()
+            pipe.zscore(SCHEDULED, job_id)  # when a scheduled job is due, or a retry's next attempt
+            pipe.zscore(self.retrying_key, job_id)
+            raw, history, scheduled, retry = pipe.execute()
         data = cast(dict[str, str], raw)
-        return Job.from_record(job_id, data, history) if data else None
+        due = scheduled if scheduled is not None else retry
+        return Job.from_record(job_id, data, history, due_at=due) if data else None
 
     # ---- execution side -----------------------------------------------------------
 

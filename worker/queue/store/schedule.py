@@ -85,6 +85,7 @@ def cancel(
     entry = {"attempt": 0, "at": now, "outcome": history_word(JobState.CANCELLED), "error": "cancelled"}
     if by:
         entry["error"] = f"cancelled by {by}"
+        entry["by"] = by  # who, as postroom job shows it
     keys = [redis_key("job", job_id), redis_key("history", job_id), OPEN, SCHEDULED, RETRYING, MOVING]
     events = emit_args(JobState.CANCELLED, event_retention)
     args: list[Any] = [job_id, now, json.dumps(entry), max(int(job_ttl), 1), *events, *CANCELLABLE]

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TypedDict
 
 from markupsafe import Markup, escape
 
@@ -53,11 +54,32 @@ def _segments(
     return [" ".join(points) for points in runs if points]
 
 
+DOT_RADIUS = 3.5  # a value with no neighbour is a dot, large enough to be seen at a glance
+
+
+def legend_value(values: Sequence[float | None], unit: str, *, latest: bool) -> str:
+    """The number beside a series' name: the sum of a counter over the chart (``sent 12``), the
+    latest sample of a level (``scheduled 2``: summing once-a-minute samples of a depth would
+    count the same jobs again every minute); none for a unit (latencies do not add up)."""
+    shown = [v for v in values if v is not None]
+    if not shown or unit:
+        return ""
+    return f" {_number(shown[-1] if latest else sum(shown), unit)}"
+
+
 def line_chart(
-    chart_id: str, title: str, lines: Sequence[Line], *, first: str, last: str, unit: str = ""
+    chart_id: str,
+    title: str,
+    lines: Sequence[Line],
+    *,
+    first: str,
+    last: str,
+    unit: str = "",
+    levels: bool = False,
 ) -> Markup:
     """An SVG line chart: ``lines`` over the same time steps, ``first``/``last`` the labels of
-    its ends (the oldest and newest step)."""
+    its ends (the oldest and newest step); ``levels``: the series are samples of a level (queue
+    depth), their legend shows the latest, not the sum."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     steps = max((len(values) for _, values in lines), default=0)
     x = [LEFT + (i * plot_w / (steps - 1) if steps > 1 else plot_w / 2) for i in range(steps)]
@@ -81,9 +103,7 @@ def line_chart(
     )
     legend_x = WIDTH - RIGHT
     for name, values in reversed(lines):
-        shown = [v for v in values if v is not None]
-        total = f" {_number(sum(shown), unit)}" if shown and not unit else ""
-        text = f"{name}{total}"
+        text = f"{name}{legend_value(values, unit, latest=levels)}"
         parts.append(
             f'<text class="legend s-{escape(name)}" x="{legend_x}" y="14" '
             f'text-anchor="end">{escape(text)}</text>'
@@ -96,10 +116,17 @@ def line_chart(
                 )
             else:
                 cx, cy = points.split(",")
-                dot = f'cx="{cx}" cy="{cy}" r="2"'
+                dot = f'cx="{cx}" cy="{cy}" r="{DOT_RADIUS}"'
                 parts.append(f'<circle class="s-{escape(name)}" data-series="{escape(name)}" {dot}/>')
     parts.append("</svg>")
     return Markup("".join(parts))  # noqa: S704 - every text in it went through escape()
+
+
+class Ends(TypedDict):
+    """The labels of a chart's ends (oldest and newest step)."""
+
+    first: str
+    last: str
 
 
 def _clock(at: float) -> str:
@@ -114,8 +141,8 @@ def activity_charts(producer: Producer, account: str | None = None) -> list[Mark
     data = series.activity(client, names, now)[account or ""]
     key = account or "all"
     hour, day = data["hour"], data["day"]
-    hour_ends = {"first": _clock(now - 59 * 60), "last": _clock(now)}
-    day_ends = {"first": _clock(now - 23 * 3600), "last": _clock(now)}
+    hour_ends = Ends(first=_clock(now - 59 * 60), last=_clock(now))
+    day_ends = Ends(first=_clock(now - 23 * 3600), last=_clock(now))
     charts = [
         line_chart(f"activity-hour-{key}", "Per minute, last hour",
                    [(n, hour[n]) for n in series.ACTIVITY], **hour_ends),
@@ -129,5 +156,7 @@ def activity_charts(producer: Producer, account: str | None = None) -> list[Mark
     if account is None:
         depth = series.depth_series(client, now)
         lines = [(name, depth[name]) for name in ("ready", "retrying", "scheduled")]
-        charts.append(line_chart("depth-day", "Queue depth per minute, last day", lines, **day_ends))
+        charts.append(
+            line_chart("depth-day", "Queue depth per minute, last day", lines, levels=True, **day_ends)
+        )
     return charts
