@@ -710,6 +710,15 @@ class SignedGraph(NamedTuple):
     queue_records: SigningRecords
     name: str
 
+    def with_lines(self, lines: str) -> str:
+        """The Graph account's record plus ``lines``, under a new name: the workers know a new
+        name at once, where a record rewritten in place may be read as it was for up to
+        RECORDS_RECHECK_SECONDS (worker/records/loader.py)."""
+        name = unique("signedgraph")
+        base = (self.queue_env.accounts / f"{self.name}.yaml").read_text()
+        (self.queue_env.accounts / f"{name}.yaml").write_text(base + lines)
+        return name
+
 
 @pytest.fixture
 def signed_graph(
@@ -726,17 +735,14 @@ def signed_graph(
 
 
 def test_smime_and_dkim_over_graph_mime_mode_verify(signed_graph: SignedGraph, tmp_path: Path) -> None:
-    queue_env, producer, cloud, spki, queue_records, name = signed_graph
+    _, producer, cloud, spki, queue_records, _ = signed_graph
     signer = spki.signer(MAILBOX)
     key, key_file = rsa_key_file(queue_records.secrets)
     store = queue_records.pkcs12_keystore(
         spki.keytool_pkcs12([("other", spki.signer(MAILBOX)), ("mail", signer)])
     )
-    account_file = queue_env.accounts / f"{name}.yaml"
-    account_file.write_text(
-        account_file.read_text()
-        + f"  signing: {{keystore: {store}, alias: mail}}\n"
-        + dkim_block("contoso.com", "graph1", key_file)
+    name = signed_graph.with_lines(
+        f"  signing: {{keystore: {store}, alias: mail}}\n" + dkim_block("contoso.com", "graph1", key_file)
     )
     job = finished(
         producer,
@@ -760,10 +766,9 @@ def test_smime_and_dkim_over_graph_mime_mode_verify(signed_graph: SignedGraph, t
 def test_a_graph_account_with_broken_signing_is_dead_lettered_before_any_request(
     signed_graph: SignedGraph,
 ) -> None:
-    queue_env, producer, cloud, spki, queue_records, name = signed_graph
+    _, producer, cloud, spki, queue_records, _ = signed_graph
     store = queue_records.pkcs12_keystore(spki.pkcs12(spki.signer(MAILBOX, expired=True), "old"))
-    account_file = queue_env.accounts / f"{name}.yaml"
-    account_file.write_text(account_file.read_text() + f"  signing: {{keystore: {store}}}\n")
+    name = signed_graph.with_lines(f"  signing: {{keystore: {store}}}\n")
     job = finished(producer, producer.send_notification(name, ["customer@example.net"], "x", "x"))
     assert job.state == "dead" and "expired on" in (job.last_error or ""), job
     assert cloud.delivered == [] and cloud.calls("POST", "sendMail") == []
