@@ -35,6 +35,10 @@ def test_sigkill_mid_batch_loses_nothing_and_sends_nothing_twice(
             for i in range(BATCH)
         ]
         wait_for(server.stalled.is_set, 60, "the batch to reach the stall", first)
+        # the next MAIL goes out right after a DATA's 250, and the sent mark a moment later (marks
+        # are gathered for a few ms): wait for the marks, so the kill lands at MAIL alone
+        marks = f"postroom:delivered:{account}:*"
+        wait_for(lambda: len(own_queue.redis.keys(marks)) >= KILL_AFTER, 10, "the sent marks", first)
         first.kill()
         assert len(server.received) == KILL_AFTER
         second.start()
