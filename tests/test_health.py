@@ -120,12 +120,7 @@ def test_checks_pause_broken_accounts_hold_their_jobs_and_release_them_when_fixe
     producer = health_env.producer()
     worker = Worker(health_env, tmp_path / "worker.log").start()
     metrics_port = free_port()
-    metrics = subprocess.Popen(
-        [POSTROOM, "metrics", "--port", str(metrics_port)],
-        env={**os.environ, **health_env.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    metrics = metrics_server(health_env, metrics_port)
     try:
         # the breaker: two failed checks in a row pause "locked" (535) and "down" (refused)
         wait_for(
@@ -313,12 +308,7 @@ def test_a_record_that_does_not_load_is_invalid_in_status_health_and_metrics(
     assert health.returncode == 1 and json.loads(health.stdout)["accounts"]["broken"]["state"] == "invalid"
 
     port = free_port()
-    server = subprocess.Popen(
-        [POSTROOM, "metrics", "--port", str(port)],
-        env={**os.environ, **own_queue.env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = metrics_server(own_queue, port)
     scraped: list[str] = []
 
     def scrape() -> bool:
@@ -338,6 +328,16 @@ def test_a_record_that_does_not_load_is_invalid_in_status_health_and_metrics(
     assert samples[("postroom_account_state", (("account", "broken"), ("state", "invalid")))] == 1
     assert samples[("postroom_account_state", (("account", "broken"), ("state", "ok")))] == 0
     assert samples[("postroom_account_state", (("account", good), ("state", "invalid")))] == 0
+
+
+def metrics_server(env: QueueEnv, port: int) -> subprocess.Popen[bytes]:
+    """``postroom metrics --port PORT`` for ``env``, a process of its own (the caller stops it)."""
+    return subprocess.Popen(
+        [POSTROOM, "metrics", "--port", str(port)],
+        env={**os.environ, **env.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _scrape(port: int) -> str | None:

@@ -165,6 +165,7 @@ def test_a_private_target_is_refused_after_dns_resolution(
     name, port = unique("ssrf"), free_port()
     hook_files.append(name)
     secret = new_secret()  # written by hand: `webhooks new` refuses localhost without --allow-private
+    (queue_env.config / "webhooks").mkdir(exist_ok=True)  # this test may be the session's first
     (queue_env.config / "webhooks" / f"{name}.yaml").write_text(
         f"url: http://localhost:{port}/hook\nsecret: {secret}\naccounts: [{account}]\n"
     )

@@ -22,6 +22,21 @@ def _outbox(producer: Any) -> Any:
     return Outbox(producer.store.redis, producer.settings.webhook_retention)
 
 
+def _republish() -> bool:
+    """Publish the routing table now; False when Redis cannot be reached (the workers publish
+    it when they see the change)."""
+    try:
+        producer = open_producer()
+        try:
+            _publish(producer)
+        finally:
+            producer.close()
+    except Exception as exc:
+        click.echo(f"(routing table not updated now: {exc})", err=True)
+        return False
+    return True
+
+
 def _publish(producer: Any) -> None:
     """The routing table from the records as they are now (the workers publish it too)."""
     from worker.queue.events.outbox import publish_routes
@@ -72,14 +87,7 @@ def new_command(
     if name in problems:
         path.unlink()
         raise click.ClickException("\n".join(str(p) for p in problems[name]))
-    try:
-        producer = open_producer()
-        try:
-            _publish(producer)
-        finally:
-            producer.close()
-    except Exception as exc:  # no Redis here: the workers publish it when they see the file
-        click.echo(f"(routing table not updated now: {exc})", err=True)
+    _republish()
     click.echo(f"wrote {path}; the signing secret (shown only now):", err=True)
     click.echo(secret)
 
@@ -120,16 +128,7 @@ def remove_command(name: str, as_json: bool) -> None:
         click.echo(f"no webhook {name!r}", err=True)
         sys.exit(1)
     path.unlink()
-    published = True
-    try:
-        producer = open_producer()
-        try:
-            _publish(producer)
-        finally:
-            producer.close()
-    except Exception as exc:  # no Redis here: the workers publish the table when they see the change
-        published = False
-        click.echo(f"(routing table not updated now: {exc})", err=True)
+    published = _republish()
     if as_json:
         emit_json({"removed": str(path), "name": name, "routes_published": published})
     else:
