@@ -9,14 +9,17 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from support.hookrecv import Receiver, delivered, free_port, new_webhook
 from support.mailhost import MailHost
 from support.pki import Pki
+from support.producers import PRODUCERS, Client
 from support.queue import Live, QueueEnv, Worker, cli, finished, unique, wait_for
 from support.smtpd import SmtpServer
+from support.web import ApiServer, write_key
 from worker.db.vocabulary import JobState, RecipientState
 from worker.mail.reports import RecipientReport, Report, parse_report
 from worker.queue.events.reports_reader import findings, job_of
@@ -24,6 +27,7 @@ from worker.queue.store.emit import ROUTES
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.reports import Applied, Finding, ReportStore
 from worker.queue.store.suppressions import Suppressions
+from worker.web import http as http_api
 
 GONE, KEPT = "gone@example.net", "kept@example.net"
 TESTS = Path(__file__).resolve().parent
@@ -220,6 +224,70 @@ def test_a_relay_that_takes_everything_bounces_later_and_the_address_is_suppress
         assert status["bounced"] == 1 and status["reports"]["matched"] == 1
     finally:
         receiver.stop()
+
+
+def test_a_bounce_for_a_forwarded_address_finds_the_address_that_was_sent_to(
+    live: Live, mailhost: MailHost, pki: Pki
+) -> None:
+    """The relay forwards (an alias) to a mailbox that is gone: the report's final recipient is an
+    address the job never named; its original recipient is the one it did."""
+    queue_env, worker, producer, _ = live
+    account = relay_account(queue_env, mailhost, pki, unique("alias").lower())
+    job = finished(producer, producer.send_notification(account, [mailhost.forwarded], "Yours", "x"))
+
+    def said() -> str:
+        found = producer.job(job.id)
+        return found.recipients[mailhost.forwarded]["status"] if found is not None else ""
+
+    wait_for(lambda: said() == "bounced", 60, "the forwarded address's bounce", worker)
+    (moved,) = mailhost.mailbox(account, "Postroom.Processed")
+    assert f"Final-Recipient: rfc822; {mailhost.forwarded_to}".encode() in moved
+    entries = json.loads(cli(queue_env, "suppressions", "list", account, "--json").stdout)["entries"]
+    assert [(e["address"], e["job_id"]) for e in entries] == [(mailhost.forwarded, job.id)]
+
+
+def test_a_bounce_finds_its_job_whoever_produced_it(
+    live: Live, mailhost: MailHost, pki: Pki, tmp_path: Path
+) -> None:
+    """A plain Celery ``send_task``, celery-node and the HTTP API write nothing of the helper's:
+    each job is recorded by the worker that reads it, its id goes out as ENVID, and the report
+    that comes back later finds it the same way (the helper's own case is the test above)."""
+    queue_env, worker, producer, _ = live
+    account = relay_account(queue_env, mailhost, pki, unique("producers").lower())
+    api = ApiServer(http_api.create_app(producer))
+    token = write_key(queue_env, unique("bounces"), [account])
+    clients = {
+        kind: Client(kind, queue_env, producer, api.url, token) for kind in PRODUCERS if kind != "helper"
+    }
+    dead = {kind: f"nobody-{kind}-{unique('x')}@{mailhost.domain}" for kind in clients}
+
+    def message(kind: str, subject: str) -> dict[str, Any]:
+        return {"account": account, "to": [dead[kind]], "subject": subject, "text": "x"}
+
+    def recipients(ids: dict[str, str]) -> dict[str, str]:
+        jobs = {kind: producer.job(job_id) for kind, job_id in ids.items()}
+        return {k: j.recipients.get(dead[k], {}).get("status", "") if j else "" for k, j in jobs.items()}
+
+    try:
+        ids = {kind: client.send(message(kind, f"from {kind}")) for kind, client in clients.items()}
+        every = dict.fromkeys(clients, "bounced")
+        wait_for(lambda: recipients(ids) == every, 60, "every producer's bounce", worker)
+        moved = b"".join(mailhost.mailbox(account, "Postroom.Processed"))
+        for job_id in ids.values():
+            assert f"Original-Envelope-Id: {job_id}".encode() in moved
+        entries = json.loads(cli(queue_env, "suppressions", "list", account, "--json").stdout)["entries"]
+        assert sorted((e["address"], e["reason"], e["job_id"]) for e in entries) == sorted(
+            (dead[kind], "hard_bounce", job_id) for kind, job_id in ids.items()
+        )
+        again = {kind: client.send(message(kind, "again")) for kind, client in clients.items()}
+        wait_for(lambda: recipients(again) == dict.fromkeys(clients, "suppressed"), 30, "the skips", worker)
+        assert {kind: getattr(producer.job(i), "state", "") for kind, i in again.items()} == dict.fromkeys(
+            clients, "suppressed"
+        )
+    finally:
+        for client in clients.values():
+            client.close()
+        api.stop()
 
 
 def test_a_reader_killed_between_writing_and_moving_applies_nothing_twice_and_loses_nothing(

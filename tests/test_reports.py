@@ -307,7 +307,7 @@ def test_a_block_with_neither_action_nor_status_is_left_out() -> None:
         ("Final-Recipient: rfc822; bob@example.org (Bob)", "bob@example.org"),
         (
             "Final-Recipient: rfc822; inner@relay.example\nOriginal-Recipient: rfc822; bob@example.org",
-            "inner@relay.example",
+            "bob@example.org",  # the address the job sent to (ORCPT), not the one a relay forwarded to
         ),
         ("Final-Recipient: unknown; ???\nOriginal-Recipient: rfc822; bob@example.org", "bob@example.org"),
         ("Original-Recipient: rfc822;bob@example.org", "bob@example.org"),

@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,22 @@ def test_unsecured_delivery(accounts: Accounts, smtp_server: ServerFactory) -> N
     assert got.tls_version is None and got.auth_user is None
     assert got.message["Message-ID"] == msg.message_id
     assert got.message["Subject"] == "Hello"
+
+
+@pytest.mark.parametrize("dsn", [True, False])
+def test_where_the_server_offers_dsn_the_job_id_and_each_recipient_go_out_for_its_reports(
+    accounts: Accounts, smtp_server: ServerFactory, dsn: bool
+) -> None:
+    """ENVID (the job id) and ORCPT (the address as sent) come back in a bounce: what finds the
+    job and its recipient when a relay forwarded the mail elsewhere (contract §11)."""
+    server = smtp_server(mode="plain", dsn=dsn)
+    account = accounts.make(server, secure=False, auth="none", password=None)
+    msg = replace(message(to=("a+b@example.net", "c@example.net")), envelope_id="order-1=2")
+    run(send_once(accounts.transport(account), msg))
+    (mail,) = server.mail_options  # aiosmtpd hands the parameters over upper-cased
+    assert ("ENVID=ORDER-1+3D2" in mail) is dsn
+    expected = [["ORCPT=RFC822;A+2BB@EXAMPLE.NET"], ["ORCPT=RFC822;C@EXAMPLE.NET"]] if dsn else [[], []]
+    assert [[o for o in options if o.startswith("ORCPT")] for _, options in server.rcpt_options] == expected
 
 
 def test_starttls_with_auth(accounts: Accounts, smtp_server: ServerFactory) -> None:

@@ -79,6 +79,8 @@ class MailHost:
 
     domain = "postroom.test"
     slow_domain = "slow.postroom.test"  # deferred every time: delay DSNs
+    forwarded = "forwarded@postroom.test"  # an alias of a user that does not exist: a bounce
+    forwarded_to = "left-long-ago@postroom.test"  # that names another address than the one sent to
     hostname = "mx.postroom.test"
 
     def __init__(self, pki: Pki) -> None:
@@ -412,6 +414,7 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 alias_maps =
 alias_database =
+virtual_alias_maps = inline:{{ {self.forwarded}={self.forwarded_to} }}
 biff = no
 # Office 365: every recipient is taken at RCPT (no recipient check at all, not even "the
 # transport is error"); an unknown user bounces after, with Dovecot's 550 5.1.1 over LMTP

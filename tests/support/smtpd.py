@@ -158,6 +158,7 @@ class _Handler:
             return rule.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
+        self.server.rcpt_options.append((address, list(options)))
         return "250 OK"
 
     async def handle_DATA(self, smtp: _Protocol, session: Session, envelope: Envelope) -> str:
@@ -227,6 +228,15 @@ class _Protocol(SMTP):
                 self._maybe_drop()
 
         return record
+
+    def _getparams(self, params: Any) -> Any:
+        """aiosmtpd's MAIL/RCPT parameters, less DSN's (RFC 3461) where the server offers DSN:
+        aiosmtpd refuses every parameter it does not know (555); the handler still sees them."""
+        found = super()._getparams(params)
+        if found is not None and self.owner.dsn:
+            for name in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                found.pop(name, None)
+        return found
 
     def _maybe_drop(self) -> None:
         limit = self.owner.drop_after
@@ -330,6 +340,7 @@ class SmtpServer:
         self.commands: list[str] = []
         self.auth_attempts: list[tuple[str, str, bool]] = []
         self.mail_options: list[list[str]] = []
+        self.rcpt_options: list[tuple[str, list[str]]] = []  # (address, its parameters) per RCPT
         self.connections = 0
         self.open_now = 0  # connections open right now
         self.peak_open = 0  # the most that were ever open at once

@@ -51,7 +51,7 @@ Kind = Literal["dsn", "bounce", "complaint", "auto-reply"]
 class RecipientReport:
     """What a report says about one recipient."""
 
-    address: str  # lower-cased addr-spec: Final-Recipient, else Original-Recipient (no "rfc822;")
+    address: str  # lower-cased addr-spec: Original-Recipient, else Final-Recipient (no "rfc822;")
     action: Action
     status: str | None  # RFC 3463 "5.1.1": Status, or the diagnostic's when Status is missing/X.0.0
     diagnostic: str | None  # Diagnostic-Code's text (a complaint's feedback type): one line, ≤ 500
@@ -150,9 +150,11 @@ def _dsn(msg: Message, parts: list[Message], status_part: Message) -> Report:
 
 
 def _recipient(block: Message) -> RecipientReport | None:
-    """One per-recipient block of a DSN, or None when it names no address or no action."""
-    address = typed_address(header(block, "final-recipient")) or typed_address(
-        header(block, "original-recipient")
+    """One per-recipient block of a DSN, or None when it names no address or no action. The
+    original recipient first: the address the job sent to (ORCPT), where a relay forwarded it
+    (an alias, a forwarding rule) and the final one is another the job never named."""
+    address = typed_address(header(block, "original-recipient")) or typed_address(
+        header(block, "final-recipient")
     )
     if address is None:
         return None

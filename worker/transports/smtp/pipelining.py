@@ -31,6 +31,8 @@ from aiosmtplib import SMTPResponse, SMTPServerDisconnected, SMTPTimeoutError
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, PERIOD_REGEX, normalize_message_line_endings
 
+from worker.mail.reports import xtext_encode
+
 # an address that needs no parsing to be quoted (aiosmtplib's quote_address runs email.utils'
 # parseaddr, a few percent of a batch's CPU); anything else goes through it
 _BARE = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
@@ -64,6 +66,12 @@ def _command(verb: bytes, address: str, options: Sequence[str], encoding: str) -
     return b" ".join([verb + quoted.encode(encoding), *(o.encode("ascii") for o in options)])
 
 
+def _rcpt_options(recipient: str, options: Sequence[str], original_recipient: bool) -> Sequence[str]:
+    if not original_recipient or not recipient.isascii():
+        return options  # a UTF-8 ORCPT (RFC 6533) is a type some servers refuse: none at all
+    return [*options, f"ORCPT=rfc822;{xtext_encode(recipient)}"]
+
+
 async def send_envelope(
     client: aiosmtplib.SMTP,
     sender: str,
@@ -71,6 +79,7 @@ async def send_envelope(
     *,
     mail_options: Sequence[str] = (),
     rcpt_options: Sequence[str] = (),
+    original_recipient: bool = False,
     encoding: str = "ascii",
     timeout: float | None = None,
 ) -> EnvelopeReplies:
@@ -79,10 +88,15 @@ async def send_envelope(
     Pipelined: all of it in one write (DATA last, as RFC 2920 requires), every reply read.
     Otherwise one command at a time, stopping at a refused MAIL and leaving DATA out when no
     recipient was accepted. After a 354 the caller sends the content (:func:`send_content`)
-    or, when it will not, ends the input with :func:`abandon_content`.
+    or, when it will not, ends the input with :func:`abandon_content`. ``original_recipient``
+    adds each ASCII recipient's ORCPT (RFC 3461): a report about mail a relay forwarded then
+    names the address that was sent to, not only the one it ended at.
     """
     mail = _command(b"MAIL FROM:", sender, mail_options, encoding)
-    rcpts = [_command(b"RCPT TO:", r, rcpt_options, encoding) for r in recipients]
+    rcpts = [
+        _command(b"RCPT TO:", r, _rcpt_options(r, rcpt_options, original_recipient), encoding)
+        for r in recipients
+    ]
     if pipelines(client):
         replies = await _commands(client, [mail, *rcpts, b"DATA"], timeout)
         return EnvelopeReplies(replies[0], tuple(replies[1:-1]), replies[-1])

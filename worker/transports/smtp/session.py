@@ -309,6 +309,7 @@ class SmtpConnection:
                 message.recipients,
                 mail_options=mail_options,
                 rcpt_options=rcpt_options,
+                original_recipient=client.supports_extension("dsn"),
                 encoding=encoding,
                 timeout=ep.command_timeout,
             )
