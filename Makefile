@@ -18,11 +18,14 @@ venv: $(BIN)/postroom
 # (tests/test_deploy.py validates docker-compose.yml with it; no Docker engine needed), chromium
 # (tests/test_dashboard.py drives it with Playwright; Playwright's own browser download is never
 # used), postfix and dovecot (tests/support/mailhost.py runs instances of its own on free ports:
-# the MTA that bounces and the IMAP mailbox the bounces land in). Installed when root, else named.
-# Postfix is installed unconfigured and the packages' own services are stopped and disabled right
-# after their install: nothing of theirs listens on 25, 143 or 993.
+# the MTA that bounces and the IMAP mailbox the bounces land in), prometheus for its promtool
+# (tests/test_monitoring.py checks and unit-tests config/prometheus/). Installed when root, else
+# named. Postfix is installed unconfigured and the packages' own services (prometheus's and the
+# node exporter it recommends too) are stopped and disabled right after their install: nothing of
+# theirs listens on 25, 143, 993, 9090 or 9100.
 TOOLS := docker-compose:docker-compose chromium:chromium postfix:/usr/sbin/postfix \
-         dovecot-core:/usr/sbin/dovecot dovecot-imapd:/usr/lib/dovecot/imap dovecot-lmtpd:/usr/lib/dovecot/lmtp
+         dovecot-core:/usr/sbin/dovecot dovecot-imapd:/usr/lib/dovecot/imap dovecot-lmtpd:/usr/lib/dovecot/lmtp \
+         prometheus:/usr/bin/promtool
 
 tools:
 	@missing=""; \
@@ -34,8 +37,8 @@ tools:
 	    echo "installing Debian's$$missing (the tests need them)"; \
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	    for service in postfix dovecot; do \
-	      case " $$missing " in *" $$service "*|*" $$service-core "*) ;; *) continue;; esac; \
+	    for service in postfix dovecot prometheus prometheus-node-exporter; do \
+	      case " $$missing " in *" $${service%-node-exporter} "*|*" $$service-core "*) ;; *) continue;; esac; \
 	      if [ -d /run/systemd/system ]; then \
 	        for unit in $$service.service $$service.socket; do \
 	          systemctl disable --now --quiet $$unit 2>/dev/null || true; \
@@ -47,7 +50,7 @@ tools:
 	    done; \
 	  else \
 	    echo "note: install Debian's$$missing: test_deploy.py needs docker-compose," \
-	      "test_dashboard.py chromium, test_mailhost.py postfix and dovecot" >&2; \
+	      "test_dashboard.py chromium, test_mailhost.py postfix and dovecot, test_monitoring.py promtool" >&2; \
 	  fi; \
 	fi
 

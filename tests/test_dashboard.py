@@ -612,3 +612,99 @@ def test_charts_the_account_page_and_cancelling_a_scheduled_job(ui: Ui, tmp_path
     job = producer.job(later)
     assert job is not None and job.state == "cancelled"
     assert not [text for text in console if "Content Security Policy" in text], console
+
+
+def test_a_failing_webhook_is_one_summary_per_error_below_the_account(
+    own_queue: QueueEnv, context: BrowserContext, smtp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Issue 32: a receiver that is down filled the account page with a row per attempt, all
+    alike. Real attempts (the webhook sender against a receiver answering 500, then against no
+    receiver at all) now show as one row per distinct error, with its count, first and last
+    time, below the account's own sections, and the command that lists every attempt."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import redis.asyncio
+
+    from support.hookrecv import Receiver
+    from worker.db.vocabulary import JobState
+    from worker.queue.events import outbox
+    from worker.queue.events.webhook_sender import WebhookSender
+    from worker.queue.store.jobs import JobStore
+    from worker.records.loader import load_webhooks
+    from worker.records.webhooks import new_secret
+    from worker.settings import Settings
+
+    account = own_queue.account(unique("hooked"), smtp_server(mode="plain"))
+    secret = new_secret()
+    receiver = Receiver(tmp_path / "down.jsonl", secret, fail_first=1000).start()
+    folder = own_queue.config / "webhooks"
+    folder.mkdir()
+    (folder / "down.yaml").write_text(f"url: {receiver.url}\nsecret: {secret}\nallow_private: true\n")
+    hooks, _ = load_webhooks(own_queue.config)
+    outbox.publish_routes(own_queue.redis, {"down": hooks["down"].route()})
+    store = JobStore(own_queue.redis)
+    sender = WebhookSender(f"redis://127.0.0.1:6379/{own_queue.db}", own_queue.config, Settings())
+
+    def attempt_events(count: int) -> None:
+        """``count`` jobs of the account sent, each one's event offered to the webhook once."""
+        events = []
+        for _ in range(count):
+            job_id = unique("job")
+            own_queue.redis.hset(
+                f"postroom:job:{job_id}", mapping={"id": job_id, "account": account, "state": "sending"}
+            )
+            store.finish(job_id, account, state=JobState.SENT, attempt=1)
+            events += outbox.Outbox(own_queue.redis, 3600).events_of_job(job_id)
+
+        async def deliver() -> None:
+            client = redis.asyncio.Redis(host="127.0.0.1", port=6379, db=own_queue.db, decode_responses=True)
+            try:
+                for event_id in events:
+                    await sender._deliver(client, hooks["down"], event_id)
+            finally:
+                await sender.aclose_clients()
+                await client.aclose()
+
+        with ThreadPoolExecutor(1) as thread:  # Playwright's loop runs in this one
+            thread.submit(asyncio.run, deliver()).result(timeout=120)
+
+    server, producer = start_dashboard(own_queue)
+    try:
+        attempt_events(10)  # ten answers of 500
+        receiver.stop()
+        attempt_events(2)  # then nobody listens
+        assert len(receiver.requests()) == 10
+        token = write_key(own_queue, unique("ops"), [], operator=True)
+        page = context.new_page()
+        login(page, server.url, token)
+        page.goto(f"{server.url}/dashboard/accounts/{account}")
+        hook = page.locator('#webhooks [data-webhook="down"]')
+        expect(hook.locator("h3")).to_contain_text("down")
+        rows = hook.locator("table.webhook-errors tbody tr")
+        expect(rows).to_have_count(2)  # not twelve
+        refused, answered = rows.nth(0), rows.nth(1)  # the newest error first
+        expect(answered.locator("td").nth(1)).to_have_text("500")
+        expect(answered.locator("td.count")).to_have_text("10")
+        expect(refused.locator("td.count")).to_have_text("2")
+        expect(refused.locator("td").nth(1)).to_have_text("-")  # no HTTP answer at all
+        for row in (answered, refused):
+            expect(row.locator("td.first")).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$"))
+            expect(row.locator("td.last")).to_have_text(re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$"))
+            expect(row.locator("td.given-up")).to_have_text("0")  # each will be retried
+        expect(answered.locator("td.error")).not_to_have_text("")
+        assert answered.locator("td.error").inner_text() != refused.locator("td.error").inner_text()
+        assert answered.locator("td.first").inner_text() <= answered.locator("td.last").inner_text()
+        expect(hook.locator("p.more code").first).to_have_text("postroom webhooks attempts down")
+        expect(page.locator("table.webhook-attempts")).to_have_count(0)
+        # below the account's own sections, the last one on the page
+        sections = page.locator("main section").evaluate_all("all => all.map(s => s.id)")
+        assert sections[-1] == "webhooks" and sections.index("health") < sections.index("webhooks"), sections
+        assert secret not in page.content()
+        # the last job a failure ended is one click away
+        last_job = refused.locator("td a")
+        expect(last_job).to_have_attribute("href", re.compile(r"/dashboard/jobs/"))
+    finally:
+        receiver.stop()
+        server.stop()
+        producer.close()

@@ -56,9 +56,10 @@ def compose_config(*profiles: str, **env: str) -> dict[str, Any]:
 
 def test_compose_has_every_service_on_one_image_built_here() -> None:
     services = compose_config()["services"]
-    assert set(services) == {"redis", "rabbitmq", "flower", "prometheus", *POSTROOM_SERVICES}
+    assert set(services) == {"redis", "rabbitmq", "flower", "prometheus", "grafana", *POSTROOM_SERVICES}
     assert services["rabbitmq"]["profiles"] == ["rabbitmq"]  # only with --profile rabbitmq
-    assert all("profiles" not in s for n, s in services.items() if n != "rabbitmq")
+    assert services["grafana"]["profiles"] == ["grafana"]  # only with --profile grafana
+    assert all("profiles" not in s for n, s in services.items() if n not in ("rabbitmq", "grafana"))
     for name in POSTROOM_SERVICES:
         service = services[name]
         assert service["build"]["context"] == str(REPO) and service["image"] == "postroom:local", name

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from worker.db.keys import PREFIX
 from worker.ops.counters import LATENCY_BUCKETS, UNKNOWN, account_label
+from worker.queue.store.ready import ReadyQueues
 from worker.web.status import ACCOUNT_STATES
 
 _WORD = re.compile(r"[a-z0-9_-]{1,32}")
@@ -85,6 +86,7 @@ class RedisCollector(Collector):
         for queue, count in data["queues"].items():
             depth.add_metric([queue], count)
         yield depth
+        yield _oldest_family(ReadyQueues(client).oldest_due(), known, data["generated_at"])
         yield GaugeMetricFamily(
             "postroom_in_flight", "Jobs taken by workers, not yet done", value=data["in_flight"]
         )
@@ -94,6 +96,24 @@ class RedisCollector(Collector):
         )
         yield from _account_families(data["accounts"])
         yield from _webhook_families(data["webhooks"])
+
+
+def _oldest_family(due: dict[str, float], known: set[str], now: float) -> Metric:
+    """Per account, how long its longest-waiting ready job has waited for a worker (0 for an
+    account with none waiting: the series stays, so an alert on it resolves instead of
+    vanishing); accounts without a record fold into one ``(unknown)`` series, the longest wait."""
+    waited: dict[str, float] = dict.fromkeys(known, 0.0)
+    for account, since in due.items():
+        label = account_label(account, known)
+        waited[label] = max(waited.get(label, 0.0), max(0.0, now - since))
+    family = GaugeMetricFamily(
+        "postroom_oldest_ready_job_age_seconds",
+        "Seconds the account's oldest job due now has waited for a worker",
+        labels=["account"],
+    )
+    for account, seconds in sorted(waited.items()):
+        family.add_metric([account], round(seconds, 3))
+    return family
 
 
 def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
@@ -112,6 +132,11 @@ def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
     last_ok = GaugeMetricFamily(
         "postroom_account_last_health_success_timestamp_seconds",
         "When the account last passed a health check",
+        labels=["account"],
+    )
+    last_check = GaugeMetricFamily(
+        "postroom_account_last_health_check_timestamp_seconds",
+        "When the account was last checked, whatever the check found",
         labels=["account"],
     )
     healthy = GaugeMetricFamily(
@@ -136,12 +161,14 @@ def _account_families(accounts: dict[str, Any]) -> Iterator[Metric]:
         suppressed.add_metric([name], info.get("suppressed", 0))
         if info.get("last_success_at"):
             last_ok.add_metric([name], info["last_success_at"])
+        if info.get("last_check_at"):
+            last_check.add_metric([name], info["last_check_at"])
         health = info.get("health")
         if health is not None:
             healthy.add_metric([name], 1.0 if health.get("ok") else 0.0)
         for label, when in info.get("certificates", {}).items():
             expiry.add_metric([name, label], when)
-    yield from (state, held, suppressed, last_ok, healthy, expiry, reports)
+    yield from (state, held, suppressed, last_ok, last_check, healthy, expiry, reports)
 
 
 def serve(port: int, snapshot: Any, host: str = "127.0.0.1") -> Any:

@@ -200,6 +200,8 @@ class Status:
             "health": health,
             "security": detail.get("security") or (health or {}).get("result"),
             "last_success_at": last_success,
+            # the last check whatever it found: none for long means the beat or the checks stopped
+            "last_check_at": _timestamp((health or {}).get("checked_at")),
             "certificates": certificates,
             "certificate_days_left": days_left,
         }

@@ -224,6 +224,25 @@ class ReadyQueues:
             counts = pipe.execute()
         return {a: int(n) for a, n in zip(accounts, counts, strict=True) if int(n)}
 
+    def oldest_due(self) -> dict[str, float]:
+        """Per account with ready jobs, when its longest-waiting one became due (epoch seconds):
+        the alerts' "oldest waiting job" (worker/web/metrics.py). A job put back ahead of the
+        others is scored :data:`AHEAD` lower than when it became ready again, so each account's
+        two kinds are read apart (scores below 0 and from 0 up) and the earlier of both wins."""
+        accounts = sorted(_text(a) for a in cast(set[Any], self.redis.smembers(READY_ACCOUNTS)))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for account in accounts:
+                pipe.zrangebyscore(ready_key(account), "-inf", "(0", start=0, num=1, withscores=True)
+                pipe.zrangebyscore(ready_key(account), 0, "+inf", start=0, num=1, withscores=True)
+            found = pipe.execute()
+        out: dict[str, float] = {}
+        for i, account in enumerate(accounts):
+            ahead, ordinary = found[2 * i], found[2 * i + 1]
+            times = [score + AHEAD for _, score in ahead] + [score for _, score in ordinary]
+            if times:
+                out[account] = min(times)
+        return out
+
     def is_ready(self, pairs: list[tuple[str, str]]) -> list[bool]:
         """For (job id, account) pairs: whether each is in its account's ready set (O(1) each)."""
         with self.redis.pipeline(transaction=False) as pipe:

@@ -1,5 +1,5 @@
 """An account's page: its activity charts, health history, certificate expiry, suppressions
-and its webhooks' latest attempts."""
+and, below them, its webhooks' failures summed up (each distinct error once)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from worker.client import Producer
 from worker.ops import preflight
 from worker.ops.health import AccountHealth
-from worker.queue.events.outbox import Outbox
+from worker.queue.events.outbox import LOG_LIMIT, Outbox
 from worker.queue.store.suppressions import Suppressions
 from worker.web.dashboard.auth import Operator
 from worker.web.dashboard.base import PREFIX, Refused, State, call, render
@@ -38,15 +38,11 @@ def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
     )
     shown = suppressions.page(name, SUPPRESSIONS_SHOWN)  # the oldest few, never the whole list
     outbox = Outbox(client, producer.settings.webhook_retention)
-    hooks = [
-        {
-            **hook.summary(),
-            **outbox.stats(hook_name),
-            "attempts": outbox.attempts(hook_name, 10, account=name),
-        }
-        for hook_name, hook in sorted(records.webhooks.items())
-        if hook.record.accounts is None or name in hook.record.accounts
-    ]
+    hooks = []
+    for hook_name, hook in sorted(records.webhooks.items()):
+        if hook.record.accounts is None or name in hook.record.accounts:
+            attempts = outbox.attempts(hook_name, LOG_LIMIT, account=name)
+            hooks.append({**hook.summary(), **outbox.stats(hook_name), **webhook_errors(attempts)})
     account = records.accounts.get(name)
     return {
         "name": name,
@@ -63,6 +59,39 @@ def _account_view(producer: Producer, name: str) -> dict[str, Any] | None:
         "suppressed": shown.total,
         "webhooks": hooks,
         "charts": activity_charts(producer, name),
+    }
+
+
+def webhook_errors(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A webhook's latest attempts (newest first) as one summary: each distinct failure once,
+    with how many attempts it ended and when it was first and last seen, newest first, and the
+    last delivery. A receiver that is down fails every attempt the same way: a row per attempt
+    buried the account's page under identical lines (issue 32)."""
+    errors: dict[tuple[str, Any], dict[str, Any]] = {}
+    delivered_at = None
+    for attempt in attempts:
+        if attempt.get("outcome") == "delivered":
+            delivered_at = delivered_at or attempt.get("at")
+            continue
+        error = str(attempt.get("error") or "no answer")
+        seen = errors.setdefault(
+            (error, attempt.get("status")),
+            {
+                "error": error,
+                "status": attempt.get("status"),
+                "count": 0,
+                "given_up": 0,
+                "last_at": attempt.get("at"),
+                "last_job": attempt.get("job_id"),
+            },
+        )
+        seen["count"] += 1
+        seen["given_up"] += attempt.get("outcome") == "failed"
+        seen["first_at"] = attempt.get("at")  # newest first: the last one read is the first seen
+    return {
+        "attempts_read": len(attempts),
+        "errors": list(errors.values()),
+        "last_delivered_at": delivered_at,
     }
 
 
