@@ -92,7 +92,7 @@ bench: venv
 	$(BIN)/python bench/run.py $(ARGS)
 
 # Fault injection (bench/chaos.py): N messages while workers, Redis and SMTP fail on a schedule.
-# ARGS="--n 500 --kills 3" for a short run; the result of a full run is in the README.
+# ARGS="--n 500 --kills 3" for a short run; the result of a full run is in docs/chaos.md.
 .PHONY: chaos chaos-test
 chaos: venv
 	$(BIN)/python bench/chaos.py --progress $(ARGS)
