@@ -1,11 +1,11 @@
 # Postroom — the two commands a newcomer needs:
 #   make run    set up and start Postroom on the embedded default
-#   make test   set up and run the whole test suite (pytest + ruff + mypy strict)
+#   make test   set up and run the whole test suite (pytest + ruff + mypy strict + the docs build)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv tools test lint typecheck pytest run clean
+.PHONY: venv tools test lint typecheck pytest run clean docs
 
 $(BIN)/postroom: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,11 @@ test: lint typecheck pytest
 run: venv
 	$(BIN)/postroom up
 
+# The docs site (mkdocs.yml, docs/) into site/, strict: a broken link or a page outside the nav
+# fails. make test builds it too (tests/test_docs.py); `$(BIN)/mkdocs serve` previews it.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # Refresh constraints.txt: the newest versions pyproject.toml allows, installed in a scratch venv
 # and frozen (then run make test, and commit both).
 .PHONY: lock
@@ -82,7 +87,7 @@ lock:
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) var site .mypy_cache .pytest_cache .ruff_cache
 
 # Throughput against baselines run side by side (bench/RESULTS.md); ARGS=--quick for a smoke run.
 .PHONY: bench
@@ -90,7 +95,7 @@ bench: venv
 	$(BIN)/python bench/run.py $(ARGS)
 
 # Fault injection (bench/chaos.py): N messages while workers, Redis and SMTP fail on a schedule.
-# ARGS="--n 500 --kills 3" for a short run; the result of a full run is in the README.
+# ARGS="--n 500 --kills 3" for a short run; the result of a full run is in docs/chaos.md.
 .PHONY: chaos chaos-test
 chaos: venv
 	$(BIN)/python bench/chaos.py --progress $(ARGS)

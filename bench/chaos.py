@@ -29,7 +29,7 @@ port closed for a second).
 When every job has ended (or ``--timeout``), it counts at the sink by
 Message-ID and prints sent (jobs the producer got an id for), delivered, lost
 (neither delivered nor dead-lettered), duplicated — each one checked against
-the documented windows (README, "What is guaranteed"): a worker killed, or
+the documented windows (docs/jobs.md, "The duplicate windows"): a worker killed, or
 Redis down, between the server's 250 and the sent mark; or the connection lost
 after the server accepted the message but before its 250 reached the worker
 (the job's history then says "the server may have accepted the message") —

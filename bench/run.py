@@ -979,7 +979,7 @@ class Bench:
         from worker.client import Producer
         from worker.records.loader import Records
 
-        if sc.producer == "celery":  # the README's first example: a plain Celery app's send_task
+        if sc.producer == "celery":  # the README's first producer example: a plain Celery app's send_task
             from celery import Celery
 
             app = Celery("a-plain-celery-app", broker=self.broker_url, set_as_current=False)

@@ -2,7 +2,7 @@
 
 The script runs everything of its own (its Redis with AOF on a free port, its
 SMTP sink, its workers), so this test needs no shared service. The full-size
-run (10,000 messages) is made by hand; its result is in the README.
+run (10,000 messages) is made by hand; its result is in docs/chaos.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_chaos_at_ci_size_loses_nothing_and_duplicates_only_in_the_window() -> N
     assert figures["lost"] == 0, figures
     assert figures["delivered"] == 500, {k: v for k, v in figures.items() if k != "events"}
     assert figures["dead_lettered"] == 0, figures["dead_reasons"]
-    # a duplicate only where the README says one can happen (a kill or Redis down right after a 250)
+    # a duplicate only where docs/jobs.md says one can happen (a kill or Redis down right after a 250)
     assert figures["duplicates_outside_window"] == 0, figures["duplicates"]
     assert figures["duplicated"] <= 10, figures["duplicates"]
     # the account's connection cap held at the server through every fault

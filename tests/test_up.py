@@ -102,11 +102,37 @@ def test_readme_flow_up_then_send_shows_the_message_in_the_dev_catcher(up: Up) -
     assert "state: sent" in sent.stdout
     caught = json.loads(up.run("dev-smtp", "--list", "--json").stdout)
     assert [(m["subject"], m["rcpt_tos"]) for m in caught] == [("Hello", ["you@example.com"])]
+    assert "nobody@example.invalid ends as a dead letter" in up.output()  # said at start-up
+    assert_a_dot_invalid_recipient_is_a_dead_letter_then_a_suppression(up)
     assert up.interrupt() == 0
     assert "postroom up: stopped" in up.output()
     assert (up.root / "var" / "redis" / "appendonly.aof").exists() or (
         up.root / "var" / "redis" / "appendonlydir"
     ).is_dir()
+
+
+def assert_a_dot_invalid_recipient_is_a_dead_letter_then_a_suppression(up: Up) -> None:
+    """The README's tour: the catcher refuses ``.invalid`` at RCPT (550 5.1.1), so the job is
+    dead, listed where an operator looks, and the address is suppressed for the next job."""
+    dead = up.run(
+        "send", "--account", "dev", "--to", "nobody@example.invalid", "--subject", "Lost",
+        "--text", "Nobody reads this", "--wait", "30",
+    )  # fmt: skip
+    assert dead.returncode == 1, dead.stdout + dead.stderr
+    job_id = dead.stdout.splitlines()[0].strip()
+    assert "state: dead" in dead.stdout and "550" in dead.stdout, dead.stdout
+    assert "nobody@example.invalid: failed 550 5.1.1" in dead.stdout, dead.stdout
+    listed = json.loads(up.run("dead-letters", "list", "--json").stdout)
+    assert [entry["id"] for entry in listed] == [job_id]
+    assert "dead letters: 1" in up.run("status").stdout
+    caught = json.loads(up.run("dev-smtp", "--list", "--json").stdout)
+    assert all("nobody@example.invalid" not in m["rcpt_tos"] for m in caught), caught
+    again = up.run(
+        "send", "--account", "dev", "--to", "nobody@example.invalid", "--subject", "Lost again",
+        "--text", "Nobody reads this either", "--wait", "30",
+    )  # fmt: skip
+    assert again.returncode == 0 and "state: suppressed" in again.stdout, again.stdout + again.stderr
+    assert "nobody@example.invalid" in up.run("suppressions", "list", "dev").stdout
 
 
 def test_ctrl_c_loses_nothing_that_was_enqueued(up: Up, smtp_server: Callable[..., SmtpServer]) -> None:

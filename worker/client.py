@@ -1,7 +1,7 @@
 """The Python producer helper: validate, assign a Message-ID, enqueue, return the job id.
 
 Producers in other languages call ``send_task("postroom.send", kwargs=PAYLOAD,
-queue="postroom")`` directly (see the README); this helper adds the checks a
+queue="postroom")`` directly (docs/producers.md); this helper adds the checks a
 producer wants *before* anything is enqueued: the payload is valid, the
 account exists and its record is sound, the idempotency key is new. It writes the
 job straight into Postroom's ready queues (worker/queue/store/ready.py), in one transaction

@@ -71,7 +71,7 @@ class Client:
             celerynode.publish(
                 self.env.broker_url, [{"name": "postroom.send_batch", "id": task_id, "kwargs": kwargs}]
             )
-        # a producer that names no job ids gets <batch task id>-<index> (README)
+        # a producer that names no job ids gets <batch task id>-<index> (docs/producers.md)
         return [f"{task_id}-{i}" for i in range(len(payloads))]
 
     def cancel(self, job_id: str) -> bool:

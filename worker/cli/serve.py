@@ -76,7 +76,11 @@ def dev_smtp(host: str, port: int, list_only: bool, as_json: bool) -> None:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before any thread starts
     controller = start_catcher(directory, host, port)
-    click.echo(f"dev-smtp: catching mail on {host}:{port}, saving to {directory}/", err=True)
+    click.echo(
+        f"dev-smtp: catching mail on {host}:{port}, saving to {directory}/; recipients in the"
+        " .invalid domain (nobody@example.invalid) are refused with 550 5.1.1",
+        err=True,
+    )
     try:
         signal.sigwait(stop_signals)
     finally:

@@ -4,8 +4,8 @@ redis-py's ``from_url`` reads ``redis://``, ``rediss://`` and ``unix://``. A
 ``sentinel://h:p[;sentinel://h2:p2]/DB`` URL (kombu's form) becomes a client of
 the master named by ``POSTROOM_SENTINEL_MASTER``, managed by the sentinels: after a
 connection error it asks them again who the master is, so a failover needs no
-restart (what the master had not yet copied to the replica is lost: README, "High
-availability with Sentinel").
+restart (what the master had not yet copied to the replica is lost: docs/operations.md,
+"High availability with Sentinel").
 """
 
 from __future__ import annotations

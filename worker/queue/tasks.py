@@ -48,7 +48,7 @@ STORE_TROUBLE_PAUSE = 1.0
 
 
 def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
-    """Take one job in (``postroom.send``); see the README for the payload."""
+    """Take one job in (``postroom.send``); docs/producers.md has the payload."""
     job_id = str(self.request.id)
     with _unexpected_requeues(job_id), _store_trouble_requeues(job_id):
         if _redelivered(self) and (dead := cut_short_too_often(job_id, kwargs)) is not None:

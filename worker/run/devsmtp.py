@@ -4,6 +4,12 @@
 account does), so a newcomer sees delivered mail without a real server.
 Messages are saved as ``var/mail/*.eml`` and summarised on the console;
 ``postroom dev-smtp --list`` shows them.
+
+It takes every recipient but one kind: an address in the reserved ``.invalid`` top-level
+domain (RFC 2606; ``nobody@example.invalid``) is refused at RCPT with ``550 5.1.1``, as a
+real server refuses a mailbox that does not exist. A catcher that took everything would
+never let a newcomer see a dead letter (or a suppression) on the embedded default; no real
+address is in ``.invalid``, so nothing that could be delivered is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +27,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1025
+REFUSED_DOMAIN = "invalid"  # RFC 2606: reserved, never a real domain
+REFUSAL = "550 5.1.1 No such user: the .invalid domain never exists (postroom dev-smtp)"
+
+
+def refuses(address: str) -> bool:
+    """Whether the catcher refuses this recipient: its domain is in ``.invalid`` (any case)."""
+    domain = address.rpartition("@")[2].rstrip(".").lower()
+    return domain == REFUSED_DOMAIN or domain.endswith("." + REFUSED_DOMAIN)
 
 
 class CatcherHandler:
@@ -30,6 +44,14 @@ class CatcherHandler:
         self.echo = echo
         self._lock = threading.Lock()
         self._seq = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if refuses(address):
+            return REFUSAL
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""

@@ -93,6 +93,10 @@ def run_up(*, processes: int | None = None, concurrency: int | None = None, dev_
                 _say(f"something already listens on 127.0.0.1:{DEFAULT_PORT}; not starting dev-smtp")
             else:
                 start("dev-smtp", [sys.executable, "-m", "worker.cli", "dev-smtp"])
+                _say(
+                    f"dev mail catcher on 127.0.0.1:{DEFAULT_PORT} (postroom dev-smtp --list); it refuses"
+                    " recipients in .invalid, so --to nobody@example.invalid ends as a dead letter"
+                )
         count = process_count(processes, settings.worker_processes)
         threads = concurrency or settings.worker_concurrency
         for n in range(1, count + 1):  # the same processes `postroom worker` runs

@@ -30,7 +30,7 @@ from worker.settings import Settings, broker_kind
 
 POLICY = QUEUE  # the policy `postroom queues declare` sets: dead-lettering and the delivery limit
 PLAIN_CLIENTS = "celery-node, a plain Celery app"
-MIGRATE = 'the README, "Running on RabbitMQ": migrating a queue'
+MIGRATE = 'docs/rabbitmq.md, "Migrating a queue"'
 log = logging.getLogger("postroom.rabbitmq")
 
 
