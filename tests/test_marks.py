@@ -16,6 +16,7 @@ import redis.asyncio
 
 from support.queue import QueueEnv
 from worker.errors import RecipientStatus
+from worker.mail.message import comparable_message_id
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.marks import FENCE_FRESH, AsyncMarks, Fence, fence_clock
 
@@ -30,9 +31,9 @@ def test_marks_written_together_each_keep_their_recipients_and_release_only_thei
     assert [claimed for claimed, _ in store.claim_many(claims, 60)] == [True, True, True]
     store.mark_many(
         [
-            ("acct", "<m1@x>", {"a@x": SENT, "b@x": SENT}, "t1"),
-            ("acct", "<m2@x>", {}, "t2"),  # nothing accepted: the claim still goes
-            ("acct", "<m3@x>", {"c@x": SENT}, "someone-else"),  # not this token's claim: it stays
+            ("acct", "<m1@x>", {"a@x": SENT, "b@x": SENT}, "t1", "job-1"),
+            ("acct", "<m2@x>", {}, "t2", "job-2"),  # nothing accepted: the claim still goes
+            ("acct", "<m3@x>", {"c@x": SENT}, "someone-else", "job-3"),  # not this token's claim: it stays
         ]
     )
     again = store.claim_many(
@@ -43,6 +44,39 @@ def test_marks_written_together_each_keep_their_recipients_and_release_only_thei
     assert sorted(d1) == ["a@x", "b@x"] and d1["a@x"]["code"] == 250
     assert d2 == {}
     assert list(d3) == ["c@x"]
+
+
+def test_a_sent_mark_files_its_job_under_its_account_and_message_id_for_as_long_as_the_record(
+    own_queue: QueueEnv,
+) -> None:
+    """The bounce reader finds the job of a Message-ID the producer chose by this entry (contract
+    §11): written by the sent mark's own script (no round trip more), one key per accepted
+    message, per account, and kept longer than the job's record (job_ttl), never shorter."""
+    store = JobStore(own_queue.redis, job_ttl=3600)
+    assert store.sent_as_ttl > 3600
+    store.mark_many(
+        [
+            ("acct", "<Order-7@Shop.Example>", {"a@x": SENT}, "t1", "job-1"),
+            ("other", "<Order-7@Shop.Example>", {"a@x": SENT}, "t2", "job-2"),  # another account's
+            ("acct", "<refused@shop.example>", {}, "t3", "job-3"),  # accepted for nobody: no report
+        ]
+    )
+    redis = own_queue.redis
+    # the domain is compared without case; the left part as written
+    assert redis.get("postroom:sent-as:acct:<Order-7@shop.example>") == "job-1"
+    assert redis.get("postroom:sent-as:other:<Order-7@shop.example>") == "job-2"
+    assert redis.get("postroom:sent-as:acct:<refused@shop.example>") is None
+    assert 3600 < redis.ttl("postroom:sent-as:acct:<Order-7@shop.example>") <= store.sent_as_ttl
+    assert redis.ttl("postroom:delivered:acct:<Order-7@Shop.Example>") <= 3600
+
+
+def test_message_ids_compare_without_angle_brackets_or_the_domains_case() -> None:
+    assert comparable_message_id("<Order-7@Shop.Example>") == "<Order-7@shop.example>"
+    assert comparable_message_id(" Order-7@SHOP.example ") == "<Order-7@shop.example>"
+    assert comparable_message_id("<order-7@shop.example>") != comparable_message_id("<Order-7@shop.example>")
+    assert comparable_message_id("<a@[192.0.2.1]>") == "<a@[192.0.2.1]>"
+    for nothing in (None, "", "<>", "no-at-sign", "<a b@x>", "@x", "a@", "<a@x"):
+        assert comparable_message_id(nothing) is None, nothing
 
 
 def test_marks_that_wait_for_a_write_go_in_one_command_and_every_caller_hears_it_done(
@@ -63,7 +97,7 @@ def test_marks_that_wait_for_a_write_go_in_one_command_and_every_caller_hears_it
     monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "read_response", counted)
 
     async def mark(marks: AsyncMarks, message_id: str) -> None:
-        await marks.mark_delivered("acct", message_id, {"r@x": SENT}, f"t-{message_id}")
+        await marks.mark_delivered("acct", message_id, {"r@x": SENT}, f"t-{message_id}", f"job-{message_id}")
 
     async def scenario() -> None:
         nonlocal replies

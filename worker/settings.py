@@ -273,6 +273,13 @@ class Settings:
         if self.dns_resolver:
             resolver_address(self.dns_resolver)
 
+    @property
+    def sent_as_ttl(self) -> float:
+        """How long the Message-ID -> job entry a sent mark files is kept (worker/queue/store/marks.py):
+        at least as long as the job's record, whose job_ttl starts again at the job's last write —
+        at most the retry policy's max_age and a time limit after a 250 (its other recipients retried)."""
+        return self.job_ttl + self.retry.max_age + self.time_limit
+
 
 def resolver_address(text: str) -> tuple[str, int]:
     """``IP:PORT``, ``[IPv6]:PORT`` or a bare IP (port 53) → (ip, port). A name is refused: the

@@ -146,6 +146,24 @@ def check_message_id(value: str) -> str:
     return text
 
 
+def comparable_message_id(value: str | None) -> str | None:
+    """``value`` in the one form two Message-IDs are compared by: ``<left@right>`` with the right
+    side lower-cased, or None when it names no Message-ID.
+
+    A report may quote the original's Message-ID without its angle brackets, or with the domain
+    in another case (the right side is a domain, RFC 5322 §3.6.4, and domains compare without
+    case, RFC 4343); the left side is compared as written (it is the sender's own token)."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    left, at, right = text.rpartition("@")
+    if not at or not left or not right or any(c in text for c in "<> \t\r\n"):
+        return None
+    return f"<{left}@{right.lower()}>"
+
+
 def message_id_for(job_id: str, domain: str) -> str:
     """The stable Message-ID of job ``job_id`` sent from ``domain``: ``<job_id@domain>``.
 

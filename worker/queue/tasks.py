@@ -122,7 +122,9 @@ def health_check() -> dict[str, str]:
     names = sorted(records.account_names)
     timeout = settings().health_timeout
 
-    limiter = get_runtime().limiter(store_url(), settings().job_ttl, slot_wait())  # checks count too
+    limiter = get_runtime().limiter(
+        store_url(), settings().job_ttl, settings().sent_as_ttl, slot_wait()
+    )  # checks count too
     health = account_health()
     # the DNS preflight, kept in Redis an hour per domain: every account every 5 minutes is no
     # reason to ask DNS every 5 minutes

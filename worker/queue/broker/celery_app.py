@@ -126,7 +126,13 @@ def job_store() -> JobStore:
     def make() -> JobStore:
         config = configuration()
         retention = config.settings.webhook_retention
-        return JobStore.from_url(config.state_url, job_ttl=config.settings.job_ttl, event_retention=retention)
+        settings = config.settings
+        return JobStore.from_url(
+            config.state_url,
+            job_ttl=settings.job_ttl,
+            event_retention=retention,
+            sent_as_ttl=settings.sent_as_ttl,
+        )
 
     return this_process().once("job-store", make)
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from worker.db.vocabulary import RecipientState
 from worker.errors import ConfigurationError, DeliveryError
+from worker.mail.message import comparable_message_id
 from worker.mail.reports import Report, parse_report, xtext_decode
 from worker.queue.broker.process_state import Background, this_process
 from worker.queue.store.reports import Applied, Finding, ReportStore, report_identity
@@ -88,8 +89,26 @@ def job_of(report: Report) -> tuple[str | None, str | None]:
     of the original Message-ID ``<job id@domain>``), and the Message-ID to check it by."""
     if report.envelope_id:
         return xtext_decode(report.envelope_id).strip(), None
-    found = _MESSAGE_ID.match((report.message_id or "").strip())
+    message_id = comparable_message_id(report.message_id)
+    found = _MESSAGE_ID.match(message_id or "")
     return (found.group(1), report.message_id) if found else (None, None)
+
+
+def matched_job(store: ReportStore, account: str, report: Report) -> str | None:
+    """The job of ``account``'s that ``report`` is about, or None: the job its ENVID or its
+    ``<job id@domain>`` Message-ID names, else the job ``account`` sent as the report's
+    Message-ID (one the producer chose: the sent mark filed it). Whichever way it is found, the
+    job must be ``account``'s and, when found by Message-ID, have been sent as that Message-ID:
+    one account's mailbox never touches another's jobs."""
+    job_id, message_id = job_of(report)
+    if job_id is not None and store.belongs(job_id, account, message_id):
+        return job_id
+    if report.message_id is None:
+        return None
+    filed = store.job_sent_as(account, report.message_id)
+    if filed is not None and filed != job_id and store.belongs(filed, account, report.message_id):
+        return filed
+    return None
 
 
 def read_once(
@@ -130,9 +149,9 @@ def _handle(
         result.not_reports += 1
         store.count(account, "not_reports" if report is None else "auto_replies")
         return "stay"
-    job_id, message_id = job_of(report)
     found = findings(report)
-    if job_id is None or not found or not store.belongs(job_id, account, message_id):
+    job_id = matched_job(store, account, report) if found else None
+    if job_id is None:
         result.unmatched += 1
         store.count(account, "unmatched")
         return "stay"

@@ -389,8 +389,9 @@ def delivery(store: JobStore) -> Delivery:
     # renews this process's Message-ID claims while it lives
     liveness.keep_beating(broker_redis(store.redis), state=store.redis)
     url = store_url()
-    limiter = runtime.limiter(url, settings().job_ttl, slot_wait())
-    return Delivery(store, runtime.marks(url, settings().job_ttl), runtime, settings(), limiter)
+    ttls = settings().job_ttl, settings().sent_as_ttl
+    limiter = runtime.limiter(url, *ttls, slot_wait())
+    return Delivery(store, runtime.marks(url, *ttls), runtime, settings(), limiter)
 
 
 def slot_wait() -> float:

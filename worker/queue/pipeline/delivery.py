@@ -417,7 +417,7 @@ class Delivery:
             p.accepted_by = {a: r for a, r in result.recipients.items() if r.status == "sent"}
             p.outcome = outcome_for_result(result, p.already)
             if on_loop:  # right after the 250, without waiting for the rest of the batch
-                await self.marks.mark_delivered(p.account, p.message_id, p.accepted_by, p.token)
+                await self.marks.mark_delivered(p.account, p.message_id, p.accepted_by, p.token, p.job_id)
                 p.marked = True
             return p.outcome
 
@@ -449,7 +449,9 @@ class Delivery:
             outcomes = [p.outcome or Outcome(JobState.RETRYING, reason="delivery timed out") for p in pending]
         unmarked = [p for p in pending if p.accepted and not p.marked]
         if unmarked:
-            self.store.mark_many([(p.account, p.message_id, p.accepted_by, p.token) for p in unmarked])
+            self.store.mark_many(
+                [(p.account, p.message_id, p.accepted_by, p.token, p.job_id) for p in unmarked]
+            )
             for p in unmarked:
                 p.marked = True
         return outcomes

@@ -51,16 +51,16 @@ class Runtime:
         self.on_room: Callable[[str], None] | None = None  # a reserved message is done (the dispatcher)
         self.on_grown: Callable[[str], None] | None = None  # a pool took one more connection (the same)
 
-    def marks(self, redis_url: str, job_ttl: float) -> AsyncMarks:
+    def marks(self, redis_url: str, job_ttl: float, sent_as_ttl: float) -> AsyncMarks:
         """The async Redis client batches mark sent messages with, bound to this loop."""
         with self._lock:
             if self._marks is None:
-                self._marks = AsyncMarks(redis_url, job_ttl)
+                self._marks = AsyncMarks(redis_url, job_ttl, sent_as_ttl)
             return self._marks
 
-    def limiter(self, redis_url: str, job_ttl: float, slot_wait: float) -> Limiter:
+    def limiter(self, redis_url: str, job_ttl: float, sent_as_ttl: float, slot_wait: float) -> Limiter:
         """The account limits shared with every worker (on the marks' async Redis client)."""
-        marks = self.marks(redis_url, job_ttl)
+        marks = self.marks(redis_url, job_ttl, sent_as_ttl)
         with self._lock:
             if self._limiter is None:
                 self._limiter = Limiter(marks.redis, slot_wait=slot_wait)

@@ -45,6 +45,7 @@ from worker.queue.store.marks import (
     REDIS_UNAVAILABLE,
     RELEASE_SCRIPT,
     RELEASE_SHA,
+    SENT_AS_MARGIN,
     Mark,
     mark_command,
 )
@@ -126,10 +127,17 @@ class JobStore(DeadLetters):
     retrying_key = _key("retrying")  # zset: job id -> when its next attempt is due
 
     def __init__(
-        self, client: redis.Redis, *, job_ttl: float = 14 * 86400.0, event_retention: float = 7 * 86400.0
+        self,
+        client: redis.Redis,
+        *,
+        job_ttl: float = 14 * 86400.0,
+        event_retention: float = 7 * 86400.0,
+        sent_as_ttl: float | None = None,
     ) -> None:
         self.redis = client
         self.job_ttl = int(job_ttl)
+        # the Message-ID -> job entries a sent mark files (marks.py): at least as long as the record
+        self.sent_as_ttl = int(sent_as_ttl if sent_as_ttl is not None else job_ttl + SENT_AS_MARGIN)
         self.event_retention = event_retention  # how long webhook events are kept (emit.py)
         self._discard = client.register_script(DISCARD)
         self._hold = client.register_script(HOLD)
@@ -326,12 +334,13 @@ class JobStore(DeadLetters):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def mark_many(self, marks: list[Mark]) -> None:
-        """Sent marks (recipients the server accepted, never sent again) and the claims
-        given up, for (account, message_id, accepted, claim token), in one round trip."""
+        """Sent marks (recipients the server accepted, never sent again), the Message-ID -> job
+        entries and the claims given up, for (account, message_id, accepted, claim token, job id),
+        in one round trip."""
 
         def commands(pipe: Any) -> None:
             if marks:
-                pipe.evalsha(*mark_command(marks, self.job_ttl))
+                pipe.evalsha(*mark_command(marks, self.job_ttl, self.sent_as_ttl))
 
         deadline = time.monotonic() + MARK_PATIENCE
         pause = 0.1

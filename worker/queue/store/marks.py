@@ -4,7 +4,11 @@ A claim (``postroom:claim:<account>:<message-id>``) lets one attempt at a time d
 Message-ID; this process's heartbeat renews the claims its attempts hold (:data:`CLAIMS`), so a
 dead attempt's claim is gone within :data:`CLAIM_TTL` seconds. A sent mark
 (``postroom:delivered:<account>:<message-id>``) is written right after the server's 250 and
-lists the recipients it accepted: a later attempt never offers them again. The job store
+lists the recipients it accepted: a later attempt never offers them again. The same write
+files which job was sent as that Message-ID (``postroom:sent-as:<account>:<message-id>``, the
+Message-ID in :func:`worker.mail.message.comparable_message_id`'s form): the bounce reader
+finds a report's job by it when the Message-ID is one the producer chose (contract §11). The job
+store
 (:mod:`worker.queue.store.jobs`) runs these scripts in its pipelines; :class:`AsyncMarks` writes the
 marks from the event loop.
 """
@@ -23,6 +27,7 @@ import redis
 
 from worker.db.keys import REDIS_TIMEOUTS, redis_key
 from worker.errors import RecipientStatus
+from worker.mail.message import comparable_message_id
 
 _key = redis_key
 
@@ -44,16 +49,19 @@ return {claimed and 1 or 0, redis.call('EXISTS', KEYS[2]),
 """
 # Sent marks and the claims given up, for any number of messages in one command (a message's
 # 250 is followed by this one write; marks that wait together go together). KEYS: delivered
-# hash, claim, for each message; ARGV: ttl, then for each message its claim token, the number
-# of recipients and their recipient/result pairs.
+# hash, claim, sent-as (Message-ID -> job id), for each message; ARGV: ttl, sent-as ttl, then
+# for each message its claim token, its job id, the number of recipients and their
+# recipient/result pairs. A message the server accepted for nobody files no sent-as: no report
+# can be about it.
 MARK_SCRIPT = """
-local ttl, a = ARGV[1], 2
-for k = 1, #KEYS, 2 do
-  local token, n = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
+local ttl, sent_as_ttl, a = ARGV[1], ARGV[2], 3
+for k = 1, #KEYS, 3 do
+  local token, job, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
   if n > 0 then
     for i = a, a + 2 * n - 2, 2 do redis.call('HSET', KEYS[k], ARGV[i], ARGV[i + 1]) end
     redis.call('EXPIRE', KEYS[k], ttl)
+    if job ~= '' then redis.call('SET', KEYS[k + 2], job, 'EX', sent_as_ttl) end
     a = a + 2 * n
   end
   if redis.call('GET', KEYS[k + 1]) == token then redis.call('DEL', KEYS[k + 1]) end
@@ -81,16 +89,34 @@ MARK_SHA = hashlib.sha1(MARK_SCRIPT.encode()).hexdigest()  # noqa: S324
 CLAIM_SHA = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()  # noqa: S324
 
 
-Mark = tuple[str, str, Mapping[str, RecipientStatus], str]  # account, Message-ID, accepted, claim token
+# account, Message-ID, accepted, claim token, job id
+Mark = tuple[str, str, Mapping[str, RecipientStatus], str, str]
+
+# How much longer than a job record the Message-ID -> job entry is kept when the worker's
+# settings are not at hand: the record's TTL starts again at the job's last write, which may come
+# a retry policy's max_age (one day by default) plus a time limit after a 250 (a job whose other
+# recipients are retried). Kept longer than the record, never shorter: the reader checks the record.
+SENT_AS_MARGIN = 86400.0 + 360.0
 
 
-def mark_command(marks: Sequence[Mark], ttl: int) -> tuple[Any, ...]:
-    """The EVALSHA arguments that write ``marks`` (sent marks and claim releases) at once."""
+def sent_as_key(account: str, message_id: str) -> str:
+    """The key naming the job ``account`` sent as ``message_id`` (compared without angle brackets
+    or the domain's case: :func:`comparable_message_id`)."""
+    return _key("sent-as", account, comparable_message_id(message_id) or message_id)
+
+
+def mark_command(marks: Sequence[Mark], ttl: int, sent_as_ttl: int) -> tuple[Any, ...]:
+    """The EVALSHA arguments that write ``marks`` (sent marks, Message-ID -> job entries and
+    claim releases) at once."""
     keys: list[str] = []
-    args: list[Any] = [ttl]
-    for account, message_id, accepted, token in marks:
-        keys += (_key("delivered", account, message_id), _key("claim", account, message_id))
-        args += (token, len(accepted))
+    args: list[Any] = [ttl, sent_as_ttl]
+    for account, message_id, accepted, token, job_id in marks:
+        keys += (
+            _key("delivered", account, message_id),
+            _key("claim", account, message_id),
+            sent_as_key(account, message_id),
+        )
+        args += (token, job_id, len(accepted))
         for address, result in accepted.items():
             args += (address, json.dumps(result.as_dict()))
     return (MARK_SHA, len(keys), *keys, *args)
@@ -196,11 +222,12 @@ class AsyncMarks:
     about one mark each in a batch and cost ~8 % of its CPU.)
     """
 
-    def __init__(self, url: str, job_ttl: float) -> None:
+    def __init__(self, url: str, job_ttl: float, sent_as_ttl: float | None = None) -> None:
         from worker.db.connect import async_client
 
         self.redis = async_client(url, decode_responses=True, **REDIS_TIMEOUTS)
         self.job_ttl = int(job_ttl)
+        self.sent_as_ttl = int(sent_as_ttl if sent_as_ttl is not None else job_ttl + SENT_AS_MARGIN)
         self._queued: list[tuple[Mark, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._asked: list[tuple[str, str, asyncio.Future[bool]]] = []
@@ -240,11 +267,16 @@ class AsyncMarks:
                     answer.set_result(bool(int(reply)))
 
     async def mark_delivered(
-        self, account: str, message_id: str, accepted: Mapping[str, RecipientStatus], release: str
+        self,
+        account: str,
+        message_id: str,
+        accepted: Mapping[str, RecipientStatus],
+        release: str,
+        job_id: str,
     ) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._queued.append(((account, message_id, accepted, release), done))
+        self._queued.append(((account, message_id, accepted, release, job_id), done))
         if self._writer is None or self._writer.done():  # it starts next turn: this turn's marks join
             self._writer = loop.create_task(self._write_queued())
         await done
@@ -286,7 +318,7 @@ class AsyncMarks:
                     done.cancel()
 
     async def _write(self, batch: list[tuple[Mark, asyncio.Future[None]]]) -> None:
-        command = mark_command([mark for mark, _ in batch], self.job_ttl)
+        command = mark_command([mark for mark, _ in batch], self.job_ttl, self.sent_as_ttl)
         try:
             await self.redis.evalsha(*command)
         except redis.exceptions.NoScriptError:  # a Redis that lost its scripts (a restart)

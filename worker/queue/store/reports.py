@@ -24,7 +24,9 @@ import redis
 
 from worker.db.keys import PREFIX, redis_key
 from worker.db.vocabulary import EVENT_OF_REPORT, SUPPRESSED_FOR, RecipientState, lua_words
+from worker.mail.message import comparable_message_id
 from worker.queue.store import emit, suppressions
+from worker.queue.store.marks import sent_as_key
 
 SEEN_TTL = 30 * 86400  # a report read again within this long is known as done
 HISTORY_LIMIT = 50
@@ -221,9 +223,24 @@ class ReportStore:
         return [json.dumps(result), json.dumps(history), entry]
 
     def belongs(self, job_id: str, account: str, message_id: str | None) -> bool:
-        """Whether job ``job_id`` is ``account``'s (and sent as ``message_id``, when given)."""
-        found_account, found_id = self.client.hmget(redis_key("job", job_id), ["account", "message_id"])
-        return found_account == account and (message_id is None or found_id == message_id)
+        """Whether job ``job_id`` is ``account``'s (and sent as ``message_id``, when given: compared
+        without angle brackets or the domain's case, :func:`comparable_message_id`)."""
+        found = self.client.hmget(redis_key("job", job_id), ["account", "message_id"])
+        found_account, found_id = cast(list[str | None], found)
+        if found_account != account:
+            return False
+        if message_id is None:
+            return True
+        wanted = comparable_message_id(message_id)
+        return wanted is not None and comparable_message_id(found_id) == wanted
+
+    def job_sent_as(self, account: str, message_id: str) -> str | None:
+        """The job ``account`` sent as ``message_id``, as its sent mark filed it (marks.py): a
+        Message-ID the producer chose. Only this account's entries are read; the caller checks
+        the record with :meth:`belongs` (the entry may have outlived its job, or been rewritten)."""
+        if comparable_message_id(message_id) is None:
+            return None
+        return cast(str | None, self.client.get(sent_as_key(account, message_id)))
 
     def count(self, account: str, what: str, by: int = 1) -> None:
         self.client.hincrby(stats_key(account), what, by)
