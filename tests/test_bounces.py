@@ -22,7 +22,7 @@ from support.smtpd import SmtpServer
 from support.web import ApiServer, write_key
 from worker.db.vocabulary import JobState, RecipientState
 from worker.mail.reports import RecipientReport, Report, parse_report
-from worker.queue.events.reports_reader import findings, job_of
+from worker.queue.events.reports_reader import findings, job_of, matched_job
 from worker.queue.store.emit import ROUTES
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.reports import Applied, Finding, ReportStore
@@ -341,10 +341,16 @@ def test_a_reader_killed_between_writing_and_moving_applies_nothing_twice_and_lo
 
 
 def complaint_about(message_id: str, recipient: str) -> bytes:
-    """The ARF sample (RFC 5965), about ``message_id`` sent to ``recipient``."""
+    """The ARF sample (RFC 5965), about ``message_id`` sent to ``recipient``, with a report id of
+    its own (a report is applied once by its id: two complaints are two reports)."""
     sample = (SAMPLES / "arf_abuse.eml").read_bytes()
-    return sample.replace(b"<9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a@example.com>", message_id.encode()).replace(
-        b"Carol@Example.NET", recipient.encode()
+    return (
+        sample.replace(b"<9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a@example.com>", message_id.encode())
+        .replace(b"Carol@Example.NET", recipient.encode())
+        .replace(
+            b"<ARF.4f2b9c1e0d7a.20250114184001@fbl.example.net>",
+            f"<{unique('ARF.')}@fbl.example.net>".encode(),
+        )
     )
 
 
@@ -387,6 +393,113 @@ def test_bounces_check_applies_a_complaint_and_leaves_what_is_not_ours(
     refused = cli(own_queue, "bounces", "check", account, "--json")
     assert refused.returncode == 1 and "login refused" in json.loads(refused.stdout)["error"]
     assert password not in refused.stdout + refused.stderr
+
+
+def test_a_complaint_about_a_message_id_the_producer_chose_finds_its_job_in_this_account_only(
+    own_queue: QueueEnv, mailhost: MailHost, pki: Pki, tmp_path: Path
+) -> None:
+    """An ARF complaint carries no ENVID, only the original's headers: a job sent with a
+    Message-ID its producer chose (the helper, a plain Celery ``send_task``) is found by the
+    sent mark's Message-ID -> job entry, written when the server said 250 — the Message-ID
+    quoted without angle brackets or with the domain in another case. The same Message-ID sent by
+    another account's job, and one no job was sent as, stay unmatched in this account's mailbox."""
+    ours = relay_account(own_queue, mailhost, pki, unique("chosen").lower())
+    theirs = relay_account(own_queue, mailhost, pki, unique("other").lower())
+    producer = own_queue.producer()
+    clients = {kind: Client(kind, own_queue, producer, "", "") for kind in ("helper", "celery")}
+    tag = unique("")
+    chosen = {kind: f"<Order-{kind}-{tag}@Shop.Example>" for kind in clients}
+    only_theirs, never_sent = f"<invoice-{tag}@shop.example>", f"<never-{tag}@shop.example>"
+    to = {kind: mailhost.add_user(unique(f"to-{kind}-").lower(), "pw") for kind in clients}
+    their_to = mailhost.add_user(unique("them-").lower(), "pw")
+    worker = Worker(own_queue, tmp_path / "worker.log")
+    try:
+        worker.start()
+        ids = {
+            kind: client.send(
+                {"account": ours, "to": [to[kind]], "subject": f"from {kind}", "text": "x",
+                 "message_id": chosen[kind]}
+            )
+            for kind, client in clients.items()
+        }  # fmt: skip
+        their_ids = [
+            producer.enqueue(
+                {"account": theirs, "to": [their_to], "subject": "theirs", "text": "x", "message_id": mid}
+            )
+            for mid in (chosen["helper"], only_theirs)  # the helper's Message-ID, sent by them too
+        ]
+        for job_id in [*ids.values(), *their_ids]:
+            assert finished(producer, job_id, 60).state == "sent"
+    finally:
+        worker.stop()  # its reader must not read the complaints before `bounces check` does
+        for client in clients.values():
+            client.close()
+    for kind in clients:  # what the recipient got carries the producer's Message-ID, not Postroom's
+        (got,) = mailhost.mailbox(to[kind])
+        assert f"Message-ID: {chosen[kind]}".encode() in got
+    bare = chosen["helper"].strip("<>")
+    mailhost.deliver_raw(ours, complaint_about(bare, to["helper"]))  # no angle brackets
+    mailhost.deliver_raw(
+        ours, complaint_about(chosen["celery"].replace("Shop.Example", "SHOP.example"), to["celery"])
+    )
+    mailhost.deliver_raw(ours, complaint_about(only_theirs, their_to))
+    mailhost.deliver_raw(ours, complaint_about(never_sent, to["helper"]))
+
+    done = cli(own_queue, "bounces", "check", ours, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["read"], report["unmatched"], report["not_reports"], report["error"]) == (4, 2, 0, None)
+    assert sorted((m["job_id"], m["kind"], m["already_done"]) for m in report["matched"]) == sorted(
+        (job_id, "complaint", False) for job_id in ids.values()
+    )
+    for kind, job_id in ids.items():
+        job = producer.job(job_id)
+        assert job is not None and job.state == "sent" and job.recipients[to[kind]]["status"] == "complained"
+    entries = Suppressions(own_queue.redis).page(ours).entries
+    assert sorted((e["address"], e["reason"], e["job_id"]) for e in entries) == sorted(
+        (to[kind], "complaint", job_id) for kind, job_id in ids.items()
+    )
+    for job_id in their_ids:  # the other account's jobs, one with the very same Message-ID: untouched
+        job = producer.job(job_id)
+        assert job is not None and job.recipients[their_to]["status"] == "sent"
+    assert Suppressions(own_queue.redis).page(theirs).entries == []
+    assert len(mailhost.mailbox(ours)) == 2 and len(mailhost.mailbox(ours, "Postroom.Processed")) == 2
+    producer.close()
+
+
+def test_a_message_id_entry_names_a_job_only_when_the_record_is_this_accounts_and_was_sent_so(
+    own_queue: QueueEnv, smtp_server: Callable[..., SmtpServer], reports: ReportStore
+) -> None:
+    """The reader believes no Message-ID -> job entry without the record: an entry that outlived
+    its job, or whose job was sent as another Message-ID, or that names another account's job,
+    matches nothing; Postroom's own ``<job id@domain>`` is still read without any entry."""
+    account = own_queue.account("chosen", smtp_server(mode="plain"))
+    other = own_queue.account("other", smtp_server(mode="plain"))
+    job_id, store = sent_job(own_queue, smtp_server(mode="plain"), account)
+    their_job, _ = sent_job(own_queue, smtp_server(mode="plain"), other)
+    store.note_message_id(job_id, "<Order-1@Shop.Example>")
+    store.note_message_id(their_job, "<Order-2@shop.example>")
+
+    def complaint(message_id: str) -> Report:
+        return Report("complaint", None, message_id, (RecipientReport(KEPT, "complained", None, None),), None)
+
+    def filed(account: str, message_id: str, job: str) -> None:
+        own_queue.redis.set(f"postroom:sent-as:{account}:{message_id}", job)
+
+    assert matched_job(reports, account, complaint("<Order-1@shop.example>")) is None  # no entry, not ours
+    filed(account, "<Order-1@shop.example>", job_id)
+    assert matched_job(reports, account, complaint("<Order-1@shop.example>")) == job_id
+    assert matched_job(reports, account, complaint("Order-1@SHOP.EXAMPLE")) == job_id
+    assert matched_job(reports, account, complaint("<order-1@shop.example>")) is None  # the left part's case
+    assert matched_job(reports, other, complaint("<Order-1@shop.example>")) is None  # their mailbox
+    filed(account, "<Order-2@shop.example>", their_job)  # an entry naming another account's job
+    assert matched_job(reports, account, complaint("<Order-2@shop.example>")) is None
+    filed(account, "<Order-3@shop.example>", job_id)  # an entry whose job was sent as another
+    assert matched_job(reports, account, complaint("<Order-3@shop.example>")) is None
+    filed(account, "<Order-4@shop.example>", "gone")  # an entry that outlived its record
+    assert matched_job(reports, account, complaint("<Order-4@shop.example>")) is None
+    store.note_message_id(job_id, f"<{job_id}@Example.COM>")  # Postroom's own form: no entry needed
+    assert matched_job(reports, account, complaint(f"{job_id}@example.com")) == job_id
 
 
 def test_a_delay_notice_is_history_and_giving_up_later_bounces_without_suppressing(
