@@ -117,6 +117,9 @@ def test_marks_that_wait_for_a_write_go_in_one_command_and_every_caller_hears_it
     assert replies <= 4, f"40 marks took {replies} commands"
     again = store.claim_many([("acct", m, "next") for m in ids], 60)
     assert all(claimed and list(delivered) == ["r@x"] for claimed, delivered in again)
+    # each mark filed its own job under its Message-ID (the bounce reader's lookup)
+    filed = own_queue.redis.mget([f"postroom:sent-as:acct:{m}" for m in ids])
+    assert filed == [f"job-{m}" for m in ids]
 
 
 def test_the_fence_asks_redis_after_a_wait_and_says_no_once_another_attempt_holds_the_claim(
