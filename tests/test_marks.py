@@ -59,6 +59,7 @@ def test_a_sent_mark_files_its_job_under_its_account_and_message_id_for_as_long_
             ("acct", "<Order-7@Shop.Example>", {"a@x": SENT}, "t1", "job-1"),
             ("other", "<Order-7@Shop.Example>", {"a@x": SENT}, "t2", "job-2"),  # another account's
             ("acct", "<refused@shop.example>", {}, "t3", "job-3"),  # accepted for nobody: no report
+            ("acct", "<job-4@shop.example>", {"a@x": SENT}, "t4", "job-4"),  # Postroom's own: named
         ]
     )
     redis = own_queue.redis
@@ -66,6 +67,7 @@ def test_a_sent_mark_files_its_job_under_its_account_and_message_id_for_as_long_
     assert redis.get("postroom:sent-as:acct:<Order-7@shop.example>") == "job-1"
     assert redis.get("postroom:sent-as:other:<Order-7@shop.example>") == "job-2"
     assert redis.get("postroom:sent-as:acct:<refused@shop.example>") is None
+    assert redis.get("postroom:sent-as:acct:<job-4@shop.example>") is None  # costs no memory
     assert 3600 < redis.ttl("postroom:sent-as:acct:<Order-7@shop.example>") <= store.sent_as_ttl
     assert redis.ttl("postroom:delivered:acct:<Order-7@Shop.Example>") <= 3600
 

@@ -51,8 +51,8 @@ return {claimed and 1 or 0, redis.call('EXISTS', KEYS[2]),
 # 250 is followed by this one write; marks that wait together go together). KEYS: delivered
 # hash, claim, sent-as (Message-ID -> job id), for each message; ARGV: ttl, sent-as ttl, then
 # for each message its claim token, its job id, the number of recipients and their
-# recipient/result pairs. A message the server accepted for nobody files no sent-as: no report
-# can be about it.
+# recipient/result pairs. A message the server accepted for nobody files no sent-as (no report
+# can be about it), nor one whose job id is '' (its Message-ID is Postroom's own <job id@domain>).
 MARK_SCRIPT = """
 local ttl, sent_as_ttl, a = ARGV[1], ARGV[2], 3
 for k = 1, #KEYS, 3 do
@@ -116,7 +116,10 @@ def mark_command(marks: Sequence[Mark], ttl: int, sent_as_ttl: int) -> tuple[Any
             _key("claim", account, message_id),
             sent_as_key(account, message_id),
         )
-        args += (token, job_id, len(accepted))
+        # Postroom's own <job id@domain> names its job already (the reader's fast path): only a
+        # Message-ID the producer chose needs the entry
+        own = message_id.strip().lstrip("<").startswith(f"{job_id}@")
+        args += (token, "" if own else job_id, len(accepted))
         for address, result in accepted.items():
             args += (address, json.dumps(result.as_dict()))
     return (MARK_SHA, len(keys), *keys, *args)
