@@ -215,6 +215,9 @@ class Settings:
     # The resolver the deliverability preflight asks (worker/ops/preflight.py): IP:PORT ([v6]:PORT;
     # a bare IP means port 53). "" = the system's (/etc/resolv.conf).
     dns_resolver: str = ""
+    # How long worker, beat, http and metrics wait at start for Redis and the broker to answer
+    # (worker/queue/broker/reach.py): services of a stack start in any order. 0 = one try.
+    startup_wait: float = 120.0
 
     def check(self) -> None:
         """The ordering contract §4 requires: soft < hard < visibility; retries well below it."""
@@ -324,6 +327,7 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_WEBHOOK_RETENTION": ("webhook_retention", None),
     "POSTROOM_WEBHOOK_CONCURRENCY": ("webhook_concurrency", None),
     "POSTROOM_WEBHOOK_TIMEOUT": ("webhook_timeout", None),
+    "POSTROOM_STARTUP_WAIT": ("startup_wait", None),
 }
 
 
