@@ -291,6 +291,10 @@ COMPOSE_PROJECT=${COMPOSE_PROJECT:-postroom-compose-test}
 AMQP_URL=amqp://postroom:postroom@rabbitmq:5672/postroom
 compose_cmd() {
     [ -f "$POSTROOM/docker-compose.yml" ] || export_project
+    # what the README has the operator make first: Flower's password, the example's secret
+    [ -f "$POSTROOM/.env" ] || echo 'FLOWER_BASIC_AUTH=admin:a-long-password' >"$POSTROOM/.env"
+    [ -f "$POSTROOM/config/compose/secrets/support-smtp-password" ] ||
+        printf %s 'the password' >"$POSTROOM/config/compose/secrets/support-smtp-password"
     cat >"$POSTROOM/docker-compose.buildnet.yml" <<'EOF'
 services:
   worker: {build: {context: ., network: host}}
@@ -354,9 +358,6 @@ compose_up() {
     fi
     log "compose stack ($broker broker, project $COMPOSE_PROJECT) on the stand-ins"
     cd "$POSTROOM"
-    [ -f .env ] || echo 'FLOWER_BASIC_AUTH=admin:a-long-password' >.env
-    [ -f config/compose/secrets/support-smtp-password ] ||
-        printf %s 'the password' >config/compose/secrets/support-smtp-password
     "${C[@]}" "${profile[@]}" up -d
     # the worker's health check passes once beat's first health check ran: beat waited for the
     # broker, however long it took to start

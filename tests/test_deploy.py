@@ -261,16 +261,20 @@ def test_the_build_context_leaves_out_the_checkout_s_weight_but_not_what_the_ima
 
 def test_api_keys_are_a_writable_volume_every_postroom_service_shares() -> None:
     """`config/` is mounted read-only; `postroom api-keys new` in the stack writes the key record
-    into the postroom-api-keys volume, where the http service reads it (README, docs/compose.md)."""
+    into the postroom-api-keys volume (POSTROOM_API_KEYS_DIR), where the http service reads it
+    (README, docs/compose.md). Not inside the read-only mount: Docker cannot make a mount point
+    there."""
     config = compose_config()
     assert "postroom-api-keys" in config["volumes"]
     for name in POSTROOM_SERVICES:
-        mounts = config["services"][name]["volumes"]
-        assert "postroom-api-keys:/srv/postroom/config/api-keys:rw" in mounts, name
-        assert any(m.endswith(":/srv/postroom/config:ro") for m in mounts), name
+        service = config["services"][name]
+        keys = service["environment"]["POSTROOM_API_KEYS_DIR"]
+        assert f"postroom-api-keys:{keys}:rw" in service["volumes"], name
+        assert any(m.endswith(":/srv/postroom/config:ro") for m in service["volumes"]), name
+        assert not keys.startswith("/srv/postroom/config/"), keys
     dockerfile = (REPO / "Dockerfile").read_text()
     # a new named volume takes the image's folder: owned by the user the services run as
-    assert re.search(r"chown postroom:postroom [^\n]*/srv/postroom/config/api-keys", dockerfile)
+    assert re.search(rf"chown postroom:postroom [^\n]*{keys}", dockerfile)
 
 
 def test_non_interactive_execs_are_shown_with_minus_t() -> None:

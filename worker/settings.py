@@ -49,6 +49,14 @@ def config_dir() -> Path:
     return Path(os.environ.get("POSTROOM_CONFIG_DIR", "config"))
 
 
+def api_keys_dir(config: Path | None = None) -> Path:
+    """Where the HTTP API's key records are: ``POSTROOM_API_KEYS_DIR``, else ``CONFIG/api-keys``.
+    A deployment whose config folder is read-only (docker-compose mounts it so) points it at a
+    writable volume, where ``postroom api-keys new`` writes and the http service reads."""
+    override = os.environ.get("POSTROOM_API_KEYS_DIR", "").strip()
+    return Path(override) if override else (config or config_dir()) / "api-keys"
+
+
 def var_dir() -> Path:
     """Runtime state of ``postroom up`` (embedded Redis data, dev mail)."""
     return Path(os.environ.get("POSTROOM_VAR_DIR", "var"))
