@@ -223,3 +223,25 @@ def test_retry_until_retries_only_connection_trouble() -> None:
 
     with pytest.raises(ValueError, match="not a URL"):
         retry_until("test", wrong, within=10.0, say=said.append)
+
+
+def test_a_refused_login_ends_the_bounded_wait_with_the_server_s_words(
+    tmp_path: Path, started: Callable[..., tuple[subprocess.Popen[bytes], Path]]
+) -> None:
+    """A wrong RabbitMQ password is tried again until the bound (a first boot makes its user as
+    it starts), then one line names the refusal: no traceback, no password."""
+    db = claim_database()
+    env = _env(
+        tmp_path,
+        f"amqp://guest:wr0ng-pass@{HOST}:{RABBIT_PORT}//",
+        POSTROOM_REDIS_URL=f"redis://{HOST}:6379/{db}",
+        POSTROOM_STARTUP_WAIT="1",
+    )
+    try:
+        http, log = started(["http", "--port", str(free_port())], env)
+        assert http.wait(30) == 1
+        output = log.read_text()
+        assert "ACCESS_REFUSED" in output and "still not reachable" in output, output
+        assert "wr0ng-pass" not in output and "Traceback" not in output, output
+    finally:
+        redis.Redis(HOST, 6379, db=db).flushdb()

@@ -79,15 +79,20 @@ def retry_until(
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What a server that is not up yet answers. A refused login or a vhost not there yet is
+    retried too (a RabbitMQ starting for the first time makes its user and vhost as it boots);
+    when it is a wrong setting, the bounded wait ends with the server's words."""
+    import amqp.exceptions
     import kombu.exceptions
     import redis.exceptions
 
     return (
         OSError,
-        redis.exceptions.ConnectionError,
+        redis.exceptions.ConnectionError,  # AuthenticationError included
         redis.exceptions.TimeoutError,
         redis.exceptions.BusyLoadingError,
         kombu.exceptions.OperationalError,
+        amqp.exceptions.AMQPError,
     )
 
 
