@@ -281,5 +281,5 @@ def test_non_interactive_execs_are_shown_with_minus_t() -> None:
     """`docker-compose exec` without -T wants a TTY: the documented commands work in scripts too."""
     for doc in ("docker-compose.yml", "README.md", "docs/compose.md", "Makefile"):
         text = (REPO / doc).read_text()
-        bare = re.findall(r"docker-compose(?: [-\w]+ \S+)*? exec (?!-T)\S+", text)
+        bare = re.findall(r"docker[- ]compose(?: [-\w]+ \S+)*? exec (?!-T)\S+", text)
         assert not bare, f"{doc}: {bare}"
