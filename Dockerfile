@@ -14,15 +14,20 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
-COPY worker ./worker
+# The dependencies in a layer of their own (pyproject.toml's list, pinned by constraints.txt):
+# a change to worker/ alone rebuilds only the last step.
 RUN python -m venv /opt/postroom \
- && /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt .
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > requirements.txt \
+ && /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt -r requirements.txt
+COPY worker ./worker
+RUN /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -c constraints.txt .
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 postroom \
  && useradd --system --uid 10001 --gid postroom --home-dir /srv/postroom --shell /usr/sbin/nologin postroom \
- && mkdir -p /srv/postroom/accounts /srv/postroom/config /var/lib/postroom \
- && chown postroom:postroom /var/lib/postroom
+ && mkdir -p /srv/postroom/accounts /srv/postroom/config /srv/postroom/api-keys /var/lib/postroom \
+ && chown postroom:postroom /var/lib/postroom /srv/postroom/api-keys
 COPY --from=build /opt/postroom /opt/postroom
 ENV PATH=/opt/postroom/bin:$PATH \
     PYTHONUNBUFFERED=1 \

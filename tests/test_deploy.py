@@ -178,3 +178,110 @@ def test_the_rabbitmq_profile_keeps_the_state_in_redis() -> None:
     assert services["flower"]["environment"]["CELERY_BROKER_URL"] == amqp
     default = compose_config()["services"]["worker"]["environment"]
     assert default["POSTROOM_BROKER_URL"] == default["POSTROOM_REDIS_URL"] == "redis://redis:6379/0"
+
+
+PORT_VARIABLES = {
+    "http": ("POSTROOM_HTTP_PORT", 8425),
+    "metrics": ("POSTROOM_METRICS_PORT", 9464),
+    "prometheus": ("POSTROOM_PROMETHEUS_PORT", 9090),
+    "flower": ("POSTROOM_FLOWER_PORT", 5555),
+    "grafana": ("POSTROOM_GRAFANA_PORT", 3000),
+}
+
+
+def test_every_published_port_comes_from_a_variable_named_in_the_header() -> None:
+    """A `postroom up` on the host holds 8425 and 9464: the stack's host ports move with variables."""
+    raw = (REPO / "docker-compose.yml").read_text()
+    published = re.findall(r'^\s+- "([^"]*:\d+)"\s*$', raw, re.M)
+    assert published and all(
+        re.fullmatch(r"127\.0\.0\.1:\$\{POSTROOM_\w+_PORT:-\d+\}:\d+", p) for p in published
+    ), published
+    header = "\n".join(line for line in raw.splitlines() if line.startswith("#"))
+    defaults = compose_config("rabbitmq")["services"]
+    moved = compose_config(
+        "rabbitmq", **{var: str(20000 + n) for n, (var, _) in enumerate(PORT_VARIABLES.values())}
+    )["services"]
+    for n, (service, (variable, port)) in enumerate(PORT_VARIABLES.items()):
+        assert f"{variable}={port}" in header, f"{variable} is not named in the file's header"
+        assert str(defaults[service]["ports"][0]).startswith(f"127.0.0.1:{port}:{port}"), service
+        assert str(moved[service]["ports"][0]).startswith(f"127.0.0.1:{20000 + n}:{port}"), service
+    exposed = {name for name, service in defaults.items() if service.get("ports")}
+    assert exposed == set(PORT_VARIABLES), exposed
+
+
+def _pattern(glob: str) -> re.Pattern[str]:
+    """A .dockerignore line as Docker reads it: ``**`` any folders, ``*`` and ``?`` within one."""
+    out, i = "", 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif glob.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif glob[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif glob[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif glob[i] == "[":
+            close = glob.index("]", i)
+            out, i = out + glob[i : close + 1], close + 1
+        else:
+            out, i = out + re.escape(glob[i]), i + 1
+    return re.compile(out)
+
+
+def _ignored(patterns: list[str], path: str) -> bool:
+    """Whether Docker leaves ``path`` out: the last line matching it or a folder above it wins
+    (a ``!`` line takes it back in)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    verdict = False
+    for line in patterns:
+        negate = line.startswith("!")
+        pattern = _pattern(line.removeprefix("!").strip("/"))
+        if any(pattern.fullmatch(prefix) for prefix in prefixes):
+            verdict = not negate
+    return verdict
+
+
+def test_the_build_context_leaves_out_the_checkout_s_weight_but_not_what_the_image_copies() -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for heavy in (".venv/bin/python", ".git/objects/pack", "var/mail/x.eml", ".cache/pip/x",
+                  "worker/__pycache__/x.pyc", "bench/out/run.json", ".mypy_cache/x", ".env",
+                  "config/compose/secrets/support-smtp-password"):  # fmt: skip
+        assert _ignored(patterns, heavy), f"{heavy} would be sent to the daemon"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copied = [
+        src for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M) for src in line.split()[:-1]
+    ]
+    assert {"pyproject.toml", "README.md", "constraints.txt", "worker"} <= set(copied), copied
+    for source in copied:
+        assert not _ignored(patterns, source), f"{source} is copied by the Dockerfile but ignored"
+    assert not _ignored(patterns, "worker/queue/broker/celery_app.py")
+    assert not _ignored(patterns, "worker/web/openapi.json")  # package data the image serves
+
+
+def test_api_keys_are_a_writable_volume_every_postroom_service_shares() -> None:
+    """`config/` is mounted read-only; `postroom api-keys new` in the stack writes the key record
+    into the postroom-api-keys volume (POSTROOM_API_KEYS_DIR), where the http service reads it
+    (README, docs/compose.md). Not inside the read-only mount: Docker cannot make a mount point
+    there."""
+    config = compose_config()
+    assert "postroom-api-keys" in config["volumes"]
+    for name in POSTROOM_SERVICES:
+        service = config["services"][name]
+        keys = service["environment"]["POSTROOM_API_KEYS_DIR"]
+        assert f"postroom-api-keys:{keys}:rw" in service["volumes"], name
+        assert any(m.endswith(":/srv/postroom/config:ro") for m in service["volumes"]), name
+        assert not keys.startswith("/srv/postroom/config/"), keys
+    dockerfile = (REPO / "Dockerfile").read_text()
+    # a new named volume takes the image's folder: owned by the user the services run as
+    assert re.search(rf"chown postroom:postroom [^\n]*{keys}", dockerfile)
+
+
+def test_non_interactive_execs_are_shown_with_minus_t() -> None:
+    """`docker-compose exec` without -T wants a TTY: the documented commands work in scripts too."""
+    for doc in ("docker-compose.yml", "README.md", "docs/compose.md", "Makefile"):
+        text = (REPO / doc).read_text()
+        bare = re.findall(r"docker[- ]compose(?: [-\w]+ \S+)*? exec (?!-T)\S+", text)
+        assert not bare, f"{doc}: {bare}"

@@ -343,6 +343,27 @@ def test_postroom_http_and_api_keys_new_commands(queue_env: QueueEnv, tmp_path: 
     assert token not in log.read_text() and token.rpartition(".")[2] not in log.read_text()
 
 
+def test_keys_live_in_postroom_api_keys_dir_when_set(queue_env: QueueEnv, tmp_path: Path) -> None:
+    """docker-compose mounts config/ read-only: POSTROOM_API_KEYS_DIR (a volume there) is where
+    ``api-keys new`` writes and where ``postroom http`` reads; config/api-keys is left alone."""
+    keys_dir = tmp_path / "keys-volume"
+    env = {**os.environ, **queue_env.env, "POSTROOM_API_KEYS_DIR": str(keys_dir)}
+    name = unique("volume")
+    made = subprocess.run(
+        [POSTROOM, "api-keys", "new", name, "--account", "*"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert (keys_dir / f"{name}.yaml").is_file() and str(keys_dir) in made.stderr
+    assert not (queue_env.config / "api-keys" / f"{name}.yaml").exists()
+    with postroom_http(env, tmp_path / "http.log") as base:
+        assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 200
+    elsewhere = {k: v for k, v in env.items() if k != "POSTROOM_API_KEYS_DIR"}
+    with postroom_http(elsewhere, tmp_path / "http-2.log") as base:  # not in config/api-keys
+        assert httpx.get(f"{base}/v1/accounts", headers=auth(token)).status_code == 401
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_fuzzing_from_the_openapi_document_finds_no_5xx(
     queue_env: QueueEnv, api: tuple[str, Producer], mode: str

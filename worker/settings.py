@@ -49,6 +49,14 @@ def config_dir() -> Path:
     return Path(os.environ.get("POSTROOM_CONFIG_DIR", "config"))
 
 
+def api_keys_dir(config: Path | None = None) -> Path:
+    """Where the HTTP API's key records are: ``POSTROOM_API_KEYS_DIR``, else ``CONFIG/api-keys``.
+    A deployment whose config folder is read-only (docker-compose mounts it so) points it at a
+    writable volume, where ``postroom api-keys new`` writes and the http service reads."""
+    override = os.environ.get("POSTROOM_API_KEYS_DIR", "").strip()
+    return Path(override) if override else (config or config_dir()) / "api-keys"
+
+
 def var_dir() -> Path:
     """Runtime state of ``postroom up`` (embedded Redis data, dev mail)."""
     return Path(os.environ.get("POSTROOM_VAR_DIR", "var"))
@@ -215,6 +223,9 @@ class Settings:
     # The resolver the deliverability preflight asks (worker/ops/preflight.py): IP:PORT ([v6]:PORT;
     # a bare IP means port 53). "" = the system's (/etc/resolv.conf).
     dns_resolver: str = ""
+    # How long worker, beat, http and metrics wait at start for Redis and the broker to answer
+    # (worker/queue/broker/reach.py): services of a stack start in any order. 0 = one try.
+    startup_wait: float = 120.0
 
     def check(self) -> None:
         """The ordering contract §4 requires: soft < hard < visibility; retries well below it."""
@@ -331,6 +342,7 @@ _ENV_NUMBERS: dict[str, tuple[str, str | None]] = {
     "POSTROOM_WEBHOOK_RETENTION": ("webhook_retention", None),
     "POSTROOM_WEBHOOK_CONCURRENCY": ("webhook_concurrency", None),
     "POSTROOM_WEBHOOK_TIMEOUT": ("webhook_timeout", None),
+    "POSTROOM_STARTUP_WAIT": ("startup_wait", None),
 }
 
 

@@ -31,6 +31,18 @@ def check_deployment() -> None:
     load_settings()
 
 
+def wait_for_backends(command: str) -> None:
+    """Wait at start for Postroom's Redis and the broker (bounded by ``startup_wait``,
+    worker/queue/broker/reach.py); past it, stop with the reason (a supervisor restarts us)."""
+    from worker.queue.broker.reach import NotReachable
+    from worker.queue.broker.reach import wait_for_backends as wait
+
+    try:
+        wait(command)
+    except NotReachable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def open_producer() -> Any:
     """The producer helper (worker/client.py), imported only by the commands that talk to Redis."""
     from worker.client import Producer

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from worker.cli.common import emit_json, open_producer, snapshot
+from worker.cli.common import emit_json, open_producer, snapshot, wait_for_backends
 
 
 def _print_status(data: dict[str, Any]) -> None:
@@ -149,6 +149,7 @@ def metrics_command(port: int | None, host: str) -> None:
     from worker.web.metrics import serve
 
     port = port if port is not None else load_settings().metrics_port
+    wait_for_backends("metrics")
     producer = open_producer()
     server, _ = serve(port, lambda: snapshot(producer), host=host)
     click.echo(f"metrics on http://{host}:{server.server_port}/metrics", err=True)

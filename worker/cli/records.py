@@ -212,7 +212,8 @@ def _store_check(report: Any) -> None:
 
 @click.group("api-keys")
 def api_keys() -> None:
-    """Producer keys of the HTTP submission API (config/api-keys/NAME.yaml)."""
+    """Producer keys of the HTTP submission API (config/api-keys/NAME.yaml, or in
+    POSTROOM_API_KEYS_DIR)."""
 
 
 @api_keys.command("new")
@@ -223,12 +224,12 @@ def api_keys() -> None:
 def api_keys_new(name: str, accounts: tuple[str, ...], operator: bool, rate: str) -> None:
     """Write a key record (hash only) and print the key, once. A producer key needs --account;
     an --operator key opens the operator dashboard (and sends from the --account given, if any)."""
-    from worker.settings import config_dir
+    from worker.settings import api_keys_dir, config_dir
     from worker.web import apikeys
 
     if not accounts and not operator:
         raise click.UsageError("give --account (a producer key) or --operator (an operator key)")
-    folder = config_dir() / "api-keys"
+    folder = api_keys_dir()
     path = folder / f"{name}.yaml"
     if path.exists():
         raise click.ClickException(f"{path} exists; remove it first to replace the key")

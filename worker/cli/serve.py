@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from worker.cli.common import check_deployment, emit_json
+from worker.cli.common import check_deployment, emit_json, wait_for_backends
 
 
 @click.command("http")
@@ -23,6 +23,7 @@ def http_command(port: int | None, host: str, print_openapi: bool) -> None:
         emit_json(http.openapi_document())
         return
     check_deployment()
+    wait_for_backends("http")
     http.serve(host, port if port is not None else http.http_port())
 
 
@@ -35,6 +36,7 @@ def worker_command(ctx: click.Context, processes: int | None) -> None:
     from worker.run.workergroup import run_group
 
     check_deployment()
+    wait_for_backends("worker")
     sys.exit(run_group(list(ctx.args), processes=processes))
 
 
@@ -43,6 +45,7 @@ def worker_command(ctx: click.Context, processes: int | None) -> None:
 def beat_command(ctx: click.Context) -> None:
     """Run Celery beat (exactly one per deployment)."""
     check_deployment()
+    wait_for_backends("beat")
     from worker.settings import var_dir
 
     var_dir().mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from worker.errors import RecordProblem
 from worker.mail.payload import Strict
 from worker.records.loader import _NAME, _load_all, _validate
 from worker.records.yamlsrc import YamlDocument
+from worker.settings import api_keys_dir
 
 _RATE = re.compile(r"^\s*(\d{1,7})\s*/\s*(second|minute|hour)\s*$")
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600}
@@ -116,8 +117,9 @@ def parse_rate(value: str) -> tuple[int, int]:
 
 
 def load_api_keys(config_dir: Path) -> tuple[dict[str, ApiKey], dict[str, list[RecordProblem]]]:
-    """Every key under ``config_dir/api-keys``, and the problems of those that failed to load."""
-    return _load_all(config_dir / "api-keys", _build)
+    """Every key under ``config_dir/api-keys`` (or ``POSTROOM_API_KEYS_DIR``), and the problems of
+    those that failed to load."""
+    return _load_all(api_keys_dir(config_dir), _build)
 
 
 def digest(token: str, stored: str) -> str:

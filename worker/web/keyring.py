@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from worker.records.loader import RecordCache
+from worker.settings import api_keys_dir
 from worker.settings import config_dir as default_config_dir
 from worker.web import apikeys
 from worker.web.apikeys import ApiKey
@@ -24,7 +25,7 @@ class KeyRing:
         self._cache = RecordCache(lambda: [self._folder()], self._load)
 
     def _folder(self) -> Path:
-        return (self.config_dir or default_config_dir()) / "api-keys"
+        return api_keys_dir(self.config_dir or default_config_dir())
 
     def _load(self) -> dict[str, ApiKey]:
         keys, problems = apikeys.load_api_keys(self.config_dir or default_config_dir())

@@ -17,6 +17,7 @@ unacknowledged message older than it, ETA or not.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -192,9 +193,23 @@ def _celery_settings(config: Configuration) -> dict[str, Any]:
 
 def _check_at_start(**_: Any) -> None:
     """The one beat checks every account as soon as it starts (its schedule's first run is one
-    interval later): an operator sees real health lines at once, not "no check yet" for minutes."""
+    interval later): an operator sees real health lines at once, not "no check yet" for minutes.
+
+    A broker that is not up yet (a stack starting in any order) is waited for, up to
+    ``startup_wait`` (worker/queue/broker/reach.py); failing that the schedule's run checks."""
+    from worker.queue.broker.reach import NotReachable, retry_until
+
     interval = settings().health_interval
-    current_app().send_task(HEALTH_TASK_NAME, queue=CONTROL_QUEUE, expires=interval)
+
+    def publish() -> None:
+        current_app().send_task(HEALTH_TASK_NAME, queue=CONTROL_QUEUE, expires=interval)
+
+    try:
+        retry_until(
+            "beat: the first health check", publish, within=settings().startup_wait, urls=(broker_url(),)
+        )
+    except NotReachable as exc:
+        print(f"postroom: {exc}; the schedule checks in {interval:g} s", file=sys.stderr, flush=True)
 
 
 def _task_started(task_id: str | None = None, **_: Any) -> None:
