@@ -26,8 +26,8 @@ RUN /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check --n
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 postroom \
  && useradd --system --uid 10001 --gid postroom --home-dir /srv/postroom --shell /usr/sbin/nologin postroom \
- && mkdir -p /srv/postroom/accounts /srv/postroom/config /srv/postroom/api-keys /var/lib/postroom \
- && chown postroom:postroom /var/lib/postroom /srv/postroom/api-keys
+ && mkdir -p /srv/postroom/accounts /srv/postroom/config /srv/postroom/api-keys /srv/postroom/webhooks /var/lib/postroom \
+ && chown postroom:postroom /var/lib/postroom /srv/postroom/api-keys /srv/postroom/webhooks
 COPY --from=build /opt/postroom /opt/postroom
 ENV PATH=/opt/postroom/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from worker.records.loader import Records
@@ -261,22 +262,28 @@ def test_the_build_context_leaves_out_the_checkout_s_weight_but_not_what_the_ima
     assert not _ignored(patterns, "worker/web/openapi.json")  # package data the image serves
 
 
-def test_api_keys_are_a_writable_volume_every_postroom_service_shares() -> None:
-    """`config/` is mounted read-only; `postroom api-keys new` in the stack writes the key record
-    into the postroom-api-keys volume (POSTROOM_API_KEYS_DIR), where the http service reads it
-    (README, docs/compose.md). Not inside the read-only mount: Docker cannot make a mount point
-    there."""
+@pytest.mark.parametrize(
+    ("volume", "variable"),
+    [("postroom-api-keys", "POSTROOM_API_KEYS_DIR"), ("postroom-webhooks", "POSTROOM_WEBHOOKS_DIR")],
+)
+def test_records_the_cli_writes_are_a_writable_volume_every_postroom_service_shares(
+    volume: str, variable: str
+) -> None:
+    """`config/` is mounted read-only; `postroom api-keys new` and `postroom webhooks new` in the
+    stack write their records into a volume (POSTROOM_API_KEYS_DIR, POSTROOM_WEBHOOKS_DIR), where
+    every service reads them (docs/compose.md). Not inside the read-only mount: Docker cannot
+    make a mount point there."""
     config = compose_config()
-    assert "postroom-api-keys" in config["volumes"]
+    assert volume in config["volumes"]
     for name in POSTROOM_SERVICES:
         service = config["services"][name]
-        keys = service["environment"]["POSTROOM_API_KEYS_DIR"]
-        assert f"postroom-api-keys:{keys}:rw" in service["volumes"], name
+        folder = service["environment"][variable]
+        assert f"{volume}:{folder}:rw" in service["volumes"], name
         assert any(m.endswith(":/srv/postroom/config:ro") for m in service["volumes"]), name
-        assert not keys.startswith("/srv/postroom/config/"), keys
+        assert not folder.startswith("/srv/postroom/config/"), folder
     dockerfile = (REPO / "Dockerfile").read_text()
     # a new named volume takes the image's folder: owned by the user the services run as
-    assert re.search(rf"chown postroom:postroom [^\n]*{keys}", dockerfile)
+    assert re.search(rf"chown postroom:postroom [^\n]*{folder}", dockerfile)
 
 
 def test_non_interactive_execs_are_shown_with_minus_t() -> None:

@@ -385,6 +385,20 @@ def test_accounts_check_warns_of_a_name_that_resolves_to_a_private_address(own_q
     assert report["inside"]["ok"] and report["outside"] == {"ok": True, "problems": []}
 
 
+def test_webhook_records_live_in_postroom_webhooks_dir_when_set(own_queue: QueueEnv, tmp_path: Path) -> None:
+    """docker-compose mounts config/ read-only: POSTROOM_WEBHOOKS_DIR (a volume there) is where
+    ``webhooks new`` writes, where every reader looks, and what ``webhooks remove`` deletes."""
+    folder = tmp_path / "webhooks-volume"
+    own_queue.env["POSTROOM_WEBHOOKS_DIR"] = str(folder)
+    made = cli(own_queue, "webhooks", "new", "shop", "--url", "https://shop.example/hooks")
+    assert made.returncode == 0, made.stderr
+    assert (folder / "shop.yaml").is_file() and not (own_queue.config / "webhooks" / "shop.yaml").exists()
+    listed = json.loads(cli(own_queue, "webhooks", "list", "--json").stdout)
+    assert "shop" in json.dumps(listed), listed
+    assert cli(own_queue, "webhooks", "remove", "shop").returncode == 0
+    assert not (folder / "shop.yaml").exists()
+
+
 @pytest.mark.parametrize(
     "url", ["http://127.0.0.1:9/h", "http://localhost:9/h", "https://[::1]/h", "http://10.0.0.8/"]
 )

@@ -49,12 +49,22 @@ def config_dir() -> Path:
     return Path(os.environ.get("POSTROOM_CONFIG_DIR", "config"))
 
 
+def _operator_records(folder: str, variable: str, config: Path | None) -> Path:
+    override = os.environ.get(variable, "").strip()
+    return Path(override) if override else (config or config_dir()) / folder
+
+
 def api_keys_dir(config: Path | None = None) -> Path:
     """Where the HTTP API's key records are: ``POSTROOM_API_KEYS_DIR``, else ``CONFIG/api-keys``.
     A deployment whose config folder is read-only (docker-compose mounts it so) points it at a
     writable volume, where ``postroom api-keys new`` writes and the http service reads."""
-    override = os.environ.get("POSTROOM_API_KEYS_DIR", "").strip()
-    return Path(override) if override else (config or config_dir()) / "api-keys"
+    return _operator_records("api-keys", "POSTROOM_API_KEYS_DIR", config)
+
+
+def webhooks_dir(config: Path | None = None) -> Path:
+    """Where the webhook records are: ``POSTROOM_WEBHOOKS_DIR``, else ``CONFIG/webhooks``; for
+    the same reason as :func:`api_keys_dir` (``postroom webhooks new`` writes them)."""
+    return _operator_records("webhooks", "POSTROOM_WEBHOOKS_DIR", config)
 
 
 def var_dir() -> Path:

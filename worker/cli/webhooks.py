@@ -60,16 +60,17 @@ def webhooks() -> None:
 def new_command(
     name: str, url: str, events: tuple[str, ...], accounts: tuple[str, ...], allow_private: bool
 ) -> None:
-    """Write config/webhooks/NAME.yaml with a fresh whsec_ signing secret and print the secret,
-    once (give it to the receiver: it verifies every request with it)."""
+    """Write config/webhooks/NAME.yaml (POSTROOM_WEBHOOKS_DIR/NAME.yaml when set) with a fresh
+    whsec_ signing secret and print the secret, once (give it to the receiver: it verifies every
+    request with it)."""
     from worker.records.loader import load_webhooks, valid_record_name
     from worker.records.webhooks import new_secret
-    from worker.settings import config_dir
+    from worker.settings import config_dir, webhooks_dir
 
     if not valid_record_name(name):
         raise click.UsageError(f"{name!r} is not a record name (letters, digits, '.', '_', '-')")
     _refuse_private(url, allow_private)
-    folder = config_dir() / "webhooks"
+    folder = webhooks_dir()
     path = folder / f"{name}.yaml"
     if path.exists():
         raise click.ClickException(f"{path} exists; remove it first to replace the webhook")
@@ -116,12 +117,13 @@ def _refuse_private(url: str, allow_private: bool) -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def remove_command(name: str, as_json: bool) -> None:
-    """Delete config/webhooks/NAME.yaml and take it out of the routing table (events already
-    filed for it stay in the outbox until they expire); exit 1 when there is no such webhook."""
+    """Delete config/webhooks/NAME.yaml (POSTROOM_WEBHOOKS_DIR/NAME.yaml when set) and take it out
+    of the routing table (events already filed for it stay in the outbox until they expire); exit
+    1 when there is no such webhook."""
     from worker.records.loader import valid_record_name
-    from worker.settings import config_dir
+    from worker.settings import webhooks_dir
 
-    path = config_dir() / "webhooks" / f"{name}.yaml"
+    path = webhooks_dir() / f"{name}.yaml"
     if not valid_record_name(name) or not path.is_file():
         if as_json:
             emit_json({"removed": None, "name": name})

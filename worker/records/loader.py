@@ -176,7 +176,7 @@ def _build_webhook(doc: YamlDocument) -> Webhook:
 
 def load_webhooks(config_dir: Path) -> tuple[dict[str, Webhook], dict[str, list[RecordProblem]]]:
     """``config/webhooks/*.yaml`` alone (the webhook sender re-reads them without the accounts)."""
-    return _load_all(config_dir / "webhooks", _build_webhook)
+    return _load_all(settings.webhooks_dir(config_dir), _build_webhook)
 
 
 @dataclass

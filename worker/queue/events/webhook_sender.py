@@ -49,7 +49,7 @@ from worker.queue.events.outbox import (
 from worker.queue.store.emit import ROUTES, delivery_key, due_key, event_key
 from worker.records.loader import RecordCache, load_webhooks
 from worker.records.webhooks import Webhook, key_bytes
-from worker.settings import Settings
+from worker.settings import Settings, webhooks_dir
 from worker.transports.public_http import public_transport
 
 log = logging.getLogger("postroom.webhooks")
@@ -91,7 +91,7 @@ class WebhookSender(Background):
         self.config_dir = config_dir
         self.settings = settings
         self._hooks: dict[str, Webhook] = {}
-        self._records = RecordCache(lambda: [config_dir / "webhooks"], self._load)
+        self._records = RecordCache(lambda: [webhooks_dir(config_dir)], self._load)
         self._published = 0.0
         self._turn = 0
         self._clients: dict[str, tuple[Webhook, httpx.AsyncClient]] = {}
