@@ -16,7 +16,7 @@ WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY worker ./worker
 RUN python -m venv /opt/postroom \
- && /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt .
+ && /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt ".[otel]"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 postroom \

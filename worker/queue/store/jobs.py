@@ -149,7 +149,11 @@ class JobStore(DeadLetters):
         return owner if owner is not None else self.claim_idempotency_key(account, key, job_id)
 
     def create_claimed(
-        self, jobs: Sequence[tuple[str, Mapping[str, Any]]], *, submitted_by: str = ""
+        self,
+        jobs: Sequence[tuple[str, Mapping[str, Any]]],
+        *,
+        submitted_by: str = "",
+        traces: Sequence[str] = (),
     ) -> list[str | None]:
         """Records for new jobs, each claiming its idempotency key in the same transaction.
 
@@ -158,16 +162,18 @@ class JobStore(DeadLetters):
         its account's ready set (worker/queue/store/ready.py; the schedule for a job not due yet)
         come together: a key never names a job without a record, and a job with a record is
         ready for every worker at once — so a producer that retries after an error with the
-        same key is given a job that will be sent, never one that was lost.
+        same key is given a job that will be sent, never one that was lost. ``traces``: each
+        job's traceparent (worker/ops/tracing.py), kept in its record.
         """
         now = time.time()
         claims: list[int | None] = []  # where each job's SET NX result is in the replies
         accounts: set[str] = set()
         with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
-            for job_id, payload in jobs:
+            for i, (job_id, payload) in enumerate(jobs):
                 key, due = _key("job", job_id), payload.get("send_at")
                 state = JobState.SCHEDULED if isinstance(due, float) and due > now else JobState.QUEUED
-                pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
+                traceparent = traces[i] if i < len(traces) else ""
+                pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by, traceparent))
                 if (
                     state == JobState.SCHEDULED
                 ):  # waits in Postroom's delay queue (worker/queue/store/schedule.py)
