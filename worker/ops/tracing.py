@@ -197,7 +197,12 @@ def failed(span: Span, error_type: str, description: str | None = None) -> None:
 def server_span(method: str, route: str, headers: Any) -> Iterator[Span]:
     """An HTTP request's span, the current one inside the block: a child of the caller's
     ``traceparent`` when the request carries one, else a new trace's root. The block sets the
-    status code (:func:`answered`)."""
+    status code (:func:`answered`). When the web framework made the request's span already
+    (FastAPI's own telemetry does, from 0.13x on), that one is the parent of what the block
+    starts, and the span yielded records nothing."""
+    if trace.get_current_span().get_span_context().is_valid:
+        yield trace.INVALID_SPAN
+        return
     with tracer().start_as_current_span(
         f"{method} {route}",
         context=from_headers(headers),
