@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 from celery import Celery
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -211,6 +213,22 @@ def otel_env(receiver: OtlpReceiver) -> dict[str, str]:
     return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 
+def signed_with_dkim(record: Path, folder: Path) -> None:
+    """The account ``record`` signs with DKIM (a key of its own): its attempts have a sign span."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = folder / "dkim.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    dkim = f"dkim:\n  domain: example.com\n  selector: s1\n  private_key: {{file: {key_file}}}\n"
+    record.write_text(record.read_text() + dkim)
+
+
 def test_a_job_from_http_post_to_250_is_one_exported_trace(
     own_queue: QueueEnv,
     smtp_server: Callable[..., SmtpServer],
@@ -219,6 +237,7 @@ def test_a_job_from_http_post_to_250_is_one_exported_trace(
 ) -> None:
     server = smtp_server(mode="plain")
     account = own_queue.account(unique("otlp"), server)
+    signed_with_dkim(own_queue.accounts / f"{account}.yaml", tmp_path)
     token = write_key(own_queue, unique("shop"), [account])
     env = {**os.environ, **own_queue.env, **otel_env(receiver)}
     worker = Worker(own_queue, tmp_path / "worker.log", extra_env=otel_env(receiver)).start()
@@ -250,6 +269,8 @@ def test_a_job_from_http_post_to_250_is_one_exported_trace(
     assert_ancestor(spans, "POST /v1/messages", "postroom.enqueue")
     assert_chain(traced, "postroom.enqueue", "postroom.attempt", "postroom.build")
     assert_chain(traced, "postroom.attempt", "postroom.send")
+    assert_chain(traced, "postroom.attempt", "postroom.sign")
+    assert traced["postroom.sign"]["attributes"]["postroom.signing"] == "dkim"
     assert traced["POST /v1/messages"]["parent_id"] is None
     assert traced["postroom.send"]["attributes"]["postroom.reply.code"] == 250
     assert {s["service"] for s in spans} == {"postroom"}
