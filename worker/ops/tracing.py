@@ -21,6 +21,7 @@ counted, server replies reduced to their codes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -115,7 +116,10 @@ def flush(timeout_ms: int = 5000) -> None:
         force_flush(timeout_ms)
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    """Postroom's tracer: the API's proxy, which answers with the provider set up when there
+    is one and with the no-op tracer otherwise (made once: no object per span)."""
     return trace.get_tracer(TRACER_NAME)
 
 
