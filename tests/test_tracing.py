@@ -401,12 +401,13 @@ import sys
 sys.modules["opentelemetry.sdk"] = None  # as if postroom[otel] were not installed
 from worker.errors import ConfigurationError
 from worker.ops import tracing
-try:
-    tracing.configure()
-except ConfigurationError as exc:
-    print(exc)
-else:
-    raise SystemExit("no error")
+for step in (tracing.configure, tracing.require_sdk):
+    try:
+        step()
+    except ConfigurationError as exc:
+        print(exc)
+    else:
+        raise SystemExit(f"no error from {step.__name__}")
 """
 
 
@@ -421,6 +422,7 @@ def test_export_asked_without_the_sdk_fails_with_a_clear_message() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pip install 'postroom[otel]'" in run.stdout
+    assert "pip install 'postroom[otel]'" in run.stdout.splitlines()[-1]  # require_sdk, as a worker starts
 
 
 def test_a_traceparent_is_read_only_when_well_formed() -> None:

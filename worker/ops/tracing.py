@@ -87,17 +87,31 @@ def configure() -> bool:
         return _CONFIGURED.exporting
 
 
-def _set_up_export() -> bool:
+def require_sdk() -> None:
+    """Fail now, with the fix, when the variables ask for export and the SDK or the OTLP
+    exporter is missing (a worker checks as its app is built, before it forks or takes a job)."""
+    if export_requested():
+        _sdk()
+
+
+def _sdk() -> None:
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter
+        import opentelemetry.sdk.trace  # noqa: F401
     except ImportError as exc:
         raise ConfigurationError(
             "tracing: OTEL_EXPORTER_OTLP_ENDPOINT asks for OTLP export, but the OpenTelemetry SDK "
             f"is not installed ({exc.name}): pip install 'postroom[otel]', or unset the variable"
         ) from None
+
+
+def _set_up_export() -> bool:
+    _sdk()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
