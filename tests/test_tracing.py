@@ -30,7 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from support.queue import QueueEnv, Worker, unique, wait_for
-from support.smtpd import SmtpServer
+from support.smtpd import SmtpServer, unknown_user
 from support.web import postroom_http, write_key
 from worker.ops import tracing
 
@@ -69,9 +69,10 @@ def test_helper_and_http_enqueues_each_make_one_trace_to_the_250(
 ) -> None:
     server = smtp_server(mode="plain")
     account = own_queue.account(unique("traced"), server)
+    refusing = own_queue.account(unique("refusing"), smtp_server(mode="plain", rules=[unknown_user()]))
     token = write_key(own_queue, unique("shop"), [account])
     run = subprocess.run(
-        [sys.executable, "-m", "support.traced_run", account, token],
+        [sys.executable, "-m", "support.traced_run", account, token, refusing],
         env={**os.environ, **own_queue.env, "PYTHONPATH": str(TESTS)},
         capture_output=True,
         text=True,
@@ -108,6 +109,17 @@ def test_helper_and_http_enqueues_each_make_one_trace_to_the_250(
     assert post["parent_id"] is None and post["attributes"]["http.response.status_code"] == 202
     assert "POST /v1/messages" not in by_name(spans, out["jobs"]["helper"]["trace_id"])
     assert out["jobs"]["helper"]["trace_id"] != out["jobs"]["http"]["trace_id"]
+    # a refusal: the failure's class, the reply's codes, never its text
+    refused = out["jobs"]["refused"]
+    assert refused["state"] == "dead", refused
+    failed = by_name(spans, refused["trace_id"])
+    send = failed["postroom.send"]
+    assert send["status"] == "ERROR" and send["attributes"]["error.type"] == "Rejected", send
+    assert send["attributes"]["postroom.reply.code"] == 550
+    assert send["attributes"]["postroom.reply.enhanced_status"] == "5.1.1"
+    assert "No such user" not in json.dumps(send) and "nobody@" not in json.dumps(failed)
+    attempt = failed["postroom.attempt"]
+    assert attempt["attributes"]["postroom.result"] == "dead" and attempt["status"] == "ERROR"
 
 
 # ---- end to end: real processes, OTLP/HTTP -------------------------------------------------

@@ -1,7 +1,9 @@
 """One process that enqueues and sends with the SDK's in-memory exporter (tests/test_tracing.py):
-``python -m support.traced_run ACCOUNT API_KEY`` with a queue's POSTROOM_* environment.
+``python -m support.traced_run ACCOUNT API_KEY REFUSING_ACCOUNT`` with a queue's POSTROOM_*
+environment.
 
-The producer helper enqueues one job, the HTTP API (a real uvicorn in a thread) another, and the
+The producer helper enqueues one job (and one to REFUSING_ACCOUNT, whose server refuses its
+recipient), the HTTP API (a real uvicorn in a thread) another, and the
 worker's own dispatcher (worker/queue/pipeline/dispatch.py, no Celery) sends both; then it prints
 one JSON object: every finished span, each job's record and its webhook event's body. Run as a
 process of its own: the worker's per-process state (settings, job store, loop) stays out of the
@@ -46,7 +48,7 @@ def span_dict(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
-def main(account: str, token: str) -> None:
+def main(account: str, token: str, refusing: str) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -55,6 +57,7 @@ def main(account: str, token: str) -> None:
     outbox.publish_routes(store.redis, {"all": {"events": ["job.sent"], "accounts": [account]}})
     producer = Producer(accounts_dir=accounts_dir(), config_dir=config_dir())
     by_helper = producer.send_notification(account, ["to@example.net"], "By the helper", "Hello\n")
+    refused = producer.send_notification(refusing, ["nobody@example.net"], "Refused", "Hello\n")
     server = ApiServer(http_api.create_app(producer))
     reply = httpx.post(
         f"{server.url}/v1/messages",
@@ -65,9 +68,8 @@ def main(account: str, token: str) -> None:
     by_http = reply.json()["job_id"]
     dispatcher = Dispatcher(store.redis, settings()).start()
     try:
-        jobs = {
-            name: producer.wait(job_id, 30) for name, job_id in (("helper", by_helper), ("http", by_http))
-        }
+        ids = (("helper", by_helper), ("http", by_http), ("refused", refused))
+        jobs = {name: producer.wait(job_id, 30) for name, job_id in ids}
     finally:
         dispatcher.stop(10)
         server.stop()
@@ -88,4 +90,4 @@ def main(account: str, token: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

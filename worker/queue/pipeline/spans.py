@@ -104,7 +104,7 @@ def send_ended(
     span: Span, outcome: Any, failure: DeliveryError | None, accepted: Mapping[str, RecipientStatus]
 ) -> None:
     """The server's reply on the send span: its code, enhanced status, the outcome, and the
-    class of the failure (``error.type``: TransientError, PermanentError, AuthenticationFailed…)."""
+    class of the failure (``error.type``: worker/errors.py's Rejected, ServerBusy, AuthenticationFailed…)."""
     if span.is_recording():
         enhanced = failure.enhanced_status if failure is not None else None
         if enhanced is None and accepted:
