@@ -295,6 +295,15 @@ def test_a_job_from_http_post_to_250_is_one_exported_trace(
         check=True,
     )
     assert json.loads(cli.stdout)["trace_id"] == job.trace_id
+    text = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "job", job_id],
+        env={**os.environ, **own_queue.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert f"trace: {job.trace_id}" in text.stdout, text.stdout
     shown_tree = tree(spans)
     (tmp_path / "trace.txt").write_text(shown_tree + "\n")
     print(f"trace {job.trace_id}\n{shown_tree}")  # what docs/tracing.md shows (pytest -s)
