@@ -356,49 +356,62 @@ def test_a_plain_celery_send_task_gets_a_root_at_intake_and_is_sent(
 
 # ---- off: nothing exported, no thread ------------------------------------------------------
 
-NO_EXPORT = """
-import threading, sys
-from opentelemetry import trace
-from worker.ops import tracing
-from worker.client import Producer
+SET_UP = """
+import json, sys, threading
 from pathlib import Path
+from opentelemetry import trace
+from worker.client import Producer
+from worker.ops import tracing
 from worker.records.loader import Records
-assert tracing.configure() is False
 producer = Producer(sys.argv[1], records=Records.load(Path(sys.argv[2]), Path(sys.argv[3])))
-job_id = producer.send_notification(sys.argv[4], ["to@example.net"], "Untraced", "Hi\\n")
+job_id = producer.send_notification(sys.argv[4], ["to@example.net"], "Traced or not", "Hi\\n")
 record = producer.store.redis.hgetall("postroom:job:" + job_id)
-assert b"traceparent" not in record and b"trace_id" not in record, record
-assert producer.job(job_id).as_dict()["trace_id"] is None
-assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-assert not tracing.start("probe").is_recording()
-print(sorted(t.name for t in threading.enumerate()))
+print(json.dumps({
+    "exporting": tracing.configure(),
+    "proxy": isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider),
+    "recording": tracing.start("probe").is_recording(),
+    "record_fields": sorted(k for k in map(str, record) if k.startswith("trace")),
+    "trace_id": producer.job(job_id).as_dict()["trace_id"],
+    "threads": sorted(t.name for t in threading.enumerate()),
+}))
 """
 
 
-def test_without_otel_variables_nothing_is_set_up(
-    own_queue: QueueEnv, smtp_server: Callable[..., Any]
-) -> None:
-    account = own_queue.account(unique("off"), smtp_server(mode="plain"))
+def set_up_in_a_process(env: QueueEnv, account: str, otel: dict[str, str]) -> dict[str, Any]:
+    """What a fresh process that makes a Producer and enqueues one job set up, with ``otel``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            NO_EXPORT,
-            own_queue.broker_url,
-            str(own_queue.accounts),
-            str(own_queue.config),
-            account,
-        ],
-        env={**clean, **own_queue.env},
+        [sys.executable, "-c", SET_UP, env.broker_url, str(env.accounts), str(env.config), account],
+        env={**clean, **env.env, **otel},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    threads = run.stdout.strip().splitlines()[-1]
-    assert "Otel" not in threads and "Batch" not in threads, threads
+    found: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_without_otel_variables_nothing_is_set_up(
+    own_queue: QueueEnv, smtp_server: Callable[..., Any], receiver: OtlpReceiver
+) -> None:
+    account = own_queue.account(unique("off"), smtp_server(mode="plain"))
+    off = set_up_in_a_process(own_queue, account, {})
+    assert off["exporting"] is False and off["proxy"] is True and off["recording"] is False, off
+    assert off["record_fields"] == [] and off["trace_id"] is None, off
+    assert not any("Otel" in name or "Batch" in name for name in off["threads"]), off["threads"]
+    # the same process with the endpoint set: a provider, its export thread, the trace kept
+    on = set_up_in_a_process(own_queue, account, otel_env(receiver))
+    assert on["exporting"] is True and on["proxy"] is False and on["recording"] is True, on
+    assert on["record_fields"] == ["trace_id", "traceparent"] and len(on["trace_id"]) == 32, on
+    assert "OtelBatchSpanRecordProcessor" in on["threads"], on["threads"]
+    wait_for(lambda: receiver.of_trace(on["trace_id"]) != [], 20, "the enqueue span at the receiver")
+    # and the variables that turn it off again
+    for off_again in ({"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none"}):
+        quiet = set_up_in_a_process(own_queue, account, {**otel_env(receiver), **off_again})
+        assert quiet["exporting"] is False and quiet["trace_id"] is None, (off_again, quiet)
+        assert not any("Otel" in name for name in quiet["threads"]), quiet["threads"]
 
 
 @pytest.mark.parametrize(
