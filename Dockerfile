@@ -14,14 +14,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
-# The dependencies in a layer of their own (pyproject.toml's list, pinned by constraints.txt):
+# The dependencies in a layer of their own (pyproject.toml's list and the otel extra, for
+# OTLP export when OTEL_* asks for it; pinned by constraints.txt):
 # a change to worker/ alone rebuilds only the last step.
 RUN python -m venv /opt/postroom \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+ && python -c "import tomllib; print('\n'.join((p := tomllib.load(open('pyproject.toml', 'rb'))['project'])['dependencies'] + p['optional-dependencies']['otel']))" \
       > requirements.txt \
  && /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt -r requirements.txt
 COPY worker ./worker
-RUN /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -c constraints.txt .
+RUN /opt/postroom/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -c constraints.txt ".[otel]"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 postroom \

@@ -26,7 +26,8 @@ from support.queue import WRONG_PASSWORD, QueueEnv, Worker, claim_database, wait
 from support.smtpd import PASSWORD, SmtpServer
 from worker.db.vocabulary import JobState
 from worker.ops.health import PAUSE_CACHE_SECONDS, AccountHealth
-from worker.queue.pipeline.delivery import LOG_FORMAT, Outcome, log_attempt
+from worker.queue.pipeline.attemptlog import LOG_FORMAT, log_attempt
+from worker.queue.pipeline.delivery import Outcome
 from worker.queue.store.jobs import JobStore
 from worker.records.loader import RECORDS_RECHECK_SECONDS
 

@@ -25,6 +25,8 @@ from worker.db.vocabulary import FINAL_STATES, JobState
 from worker.errors import ConfigurationError, PostroomError
 from worker.mail.message import make_message_id
 from worker.mail.payload import MAX_BATCH, SendPayload
+from worker.ops import tracing
+from worker.ops.tracing import Span, SpanKind
 from worker.queue.broker import kinds as brokers
 from worker.queue.broker.kinds import BrokerView, celery_config
 from worker.queue.store import ready, schedule
@@ -116,6 +118,7 @@ class Producer:
     ) -> None:
         self.broker = broker or broker_url()
         self.settings = load_settings()
+        tracing.configure()  # OTLP export when the OTEL_* variables ask for it (docs/tracing.md)
         self._records = records
         self.accounts_dir = accounts_dir
         self.config_dir = config_dir
@@ -233,10 +236,19 @@ class Producer:
         """Record the jobs in one transaction, each ready for every worker at once (its payload
         stored once, in its record: worker/queue/store/ready.py) or waiting for its send_at."""
         jobs = [(new_job_id(), model.to_task_kwargs()) for model in models]
+        spans = [enqueue_span(job_id, model) for (job_id, _), model in zip(jobs, models, strict=True)]
+        traces = [tracing.traceparent(span) for span in spans]
         try:
-            owners = self.store.create_claimed(jobs, submitted_by=submitted_by)
+            owners = self.store.create_claimed(jobs, submitted_by=submitted_by, traces=traces)
         except Exception as exc:  # nothing was written (one MULTI/EXEC) or Redis is gone
+            for span in spans:
+                tracing.failed(span, type(exc).__name__, "not enqueued")
+                span.end()
             raise EnqueueError(f"could not enqueue (Redis {safe_url(self.state)}): {exc}") from exc
+        for span, owner in zip(spans, owners, strict=True):
+            if owner is not None and span.is_recording():  # a reused idempotency key: that job
+                span.set_attribute("postroom.duplicate_of", owner)
+            span.end()
         return [owner or job_id for (job_id, _), owner in zip(jobs, owners, strict=True)]
 
     def republish(self, job_id: str, kwargs: Mapping[str, Any]) -> None:
@@ -326,6 +338,26 @@ class Producer:
                 "idempotency_key": idempotency_key,
             }
         )
+
+
+def enqueue_span(job_id: str, model: SendPayload) -> Span:
+    """The producer's span of one job (a child of the caller's current span, e.g. the HTTP
+    API's POST), its traceparent kept in the job's record for the attempts to continue."""
+    span = tracing.start("postroom.enqueue", kind=SpanKind.PRODUCER)
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "messaging.operation.type": "send",
+                "messaging.destination.name": tracing.QUEUE_NAME,
+                "messaging.message.id": job_id,
+                "postroom.job_id": job_id,
+                "postroom.account": model.account,
+                "postroom.kind": model.kind,
+                "postroom.recipients.count": len(model.to) + len(model.cc) + len(model.bcc),
+                "postroom.scheduled": model.send_at is not None,
+            }
+        )
+    return span
 
 
 @functools.cache

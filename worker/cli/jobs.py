@@ -212,6 +212,8 @@ def _print_job(job: Any) -> None:
         click.echo(f"cancelled at {at}{by}")
     elif job.last_error:
         click.echo(escaped(f"last error: {job.last_error}"))
+    if job.trace_id:  # its OpenTelemetry trace (docs/tracing.md)
+        click.echo(escaped(f"trace: {job.trace_id}"))
 
 
 def _print_history(job: Any) -> None:

@@ -14,13 +14,15 @@ from typing import Any
 
 from celery import Celery
 
+from worker.ops import tracing
 from worker.queue import service, tasks
 from worker.queue.broker.celery_app import current_app, settings
-from worker.queue.pipeline.delivery import LOG_FORMAT
+from worker.queue.pipeline.attemptlog import LOG_FORMAT
 
 
 @functools.cache
 def worker_app() -> Celery:
+    tracing.require_sdk()  # asked to export without the SDK: say so at start, not at the first job
     app = current_app()
     LOG_FORMAT.json = settings().log_format == "json"
     tasks.register(app)

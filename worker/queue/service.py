@@ -21,7 +21,7 @@ from typing import Any
 from celery.signals import worker_process_init
 
 from worker.mail.payload import CONTROL_QUEUE
-from worker.ops import series
+from worker.ops import series, tracing
 from worker.queue.broker import celery_app as app_module
 from worker.queue.broker import intake as intake_hooks
 from worker.queue.broker import kombu_redis as broker
@@ -65,6 +65,7 @@ def start(consumer: Any) -> None:
     if this_process().get("started"):
         return
     this_process().put("started", True)
+    tracing.configure()  # in the process that sends, after any fork (docs/tracing.md)
     config = app_module.configuration()
     start_sender(config.state_url, config_dir(), config.settings)  # delivery events, in a thread of its own
     _start_reports_reader(config.settings)  # bounces and complaints, in a thread of its own
@@ -175,7 +176,9 @@ def _start_upkeep(consumer: Any, client: Any, on_broker: Any) -> None:
 
 
 def _start_runtime(**_: Any) -> None:
-    """A fresh loop in each pool process, created after the fork."""
+    """A fresh loop in each pool process, created after the fork (and its span exporter: the
+    parent's export thread did not come along)."""
+    tracing.configure()
     get_runtime()
 
 
@@ -185,5 +188,11 @@ def register() -> None:
     worker_process_init.connect(_start_runtime, weak=False, dispatch_uid="postroom-runtime")
     intake_hooks.ON_READY.append(start)  # once Celery's consumer is ready (broker/intake.py)
     app_module.ON_SHUTDOWN.extend(  # in this order: nothing more taken, running groups end, the loop
-        [lambda: stop(app_module.settings().time_limit), stop_sender, stop_reader, shutdown_runtime]
+        [
+            lambda: stop(app_module.settings().time_limit),
+            stop_sender,
+            stop_reader,
+            shutdown_runtime,
+            tracing.flush,  # the last spans out before the process ends
+        ]
     )

@@ -25,6 +25,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from worker.mail.payload import BATCH_TASK_NAME, HEALTH_TASK_NAME, SWEEP_TASK_NAME, TASK_NAME
+from worker.ops import tracing
 from worker.ops.connectivity import check_connectivity
 from worker.ops.preflight import Preflight
 from worker.queue.broker.celery_app import job_store, settings
@@ -53,7 +54,8 @@ def send(self: Task[Any, Any], /, **kwargs: Any) -> dict[str, Any]:
     with _unexpected_requeues(job_id), _store_trouble_requeues(job_id):
         if _redelivered(self) and (dead := cut_short_too_often(job_id, kwargs)) is not None:
             return dead.summary()
-        (taken,) = admission().admit([(job_id, kwargs)])
+        parent = tracing.from_headers({"traceparent": getattr(self.request, "traceparent", None)})
+        (taken,) = admission().admit([(job_id, kwargs)], [parent])
     return {"state": taken.state, "reason": taken.reason}
 
 

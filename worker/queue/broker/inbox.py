@@ -26,6 +26,8 @@ from typing import Any, cast
 
 from worker.db.keys import redis_key
 from worker.mail.payload import BATCH_TASK_NAME, QUEUE, TASK_ID, TASK_NAME
+from worker.ops import tracing
+from worker.ops.tracing import Context
 from worker.queue.broker.kombu_redis import BrokerKeys, read_entry, read_message
 from worker.queue.broker.screen import NEVER_EXPIRE, body_problem, header_problem
 from worker.queue.store.jobrecord import safe_text
@@ -240,12 +242,14 @@ class Intake:
 
     def _take_in(self, entries: Sequence[Entry], queue: str) -> int:
         jobs: list[tuple[str, Any]] = []
+        parents: list[Context | None] = []  # the trace context each job's message carried
         for entry in entries:
             problem, name, body = screen(entry)
             headers = entry.headers if isinstance(entry.headers, dict) else {}
             if problem is None and name in JOB_TASKS:
                 pairs, problem = jobs_of(str(name), headers, body)
                 jobs += pairs
+                parents += [tracing.from_headers(headers)] * len(pairs)
             elif problem is None and name is not None and _is_control(name):
                 args, kwargs, _ = body
                 self.forward(name, str(headers["id"]), args, kwargs)
@@ -256,7 +260,7 @@ class Intake:
                 job_id = self.quarantine(entry.raw, problem, queue=queue, claimed_id=claimed, task=task)
                 log.error("unreadable message: %s; dead letter %s", problem, job_id)
         if jobs:
-            self.admission.admit(jobs)
+            self.admission.admit(jobs, parents)
         return len(jobs)
 
 

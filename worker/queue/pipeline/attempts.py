@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,12 +27,15 @@ from pydantic import ValidationError
 from worker.db.vocabulary import SKIPPED, JobState, Skipped, history_word
 from worker.mail import autoreply
 from worker.mail.payload import SendPayload
-from worker.ops import counters
+from worker.ops import counters, tracing
 from worker.ops.counters import Counted, Tally
 from worker.ops.health import AccountHealth
+from worker.ops.tracing import Span
 from worker.queue.broker.celery_app import broker_redis, job_store, settings, state_url
 from worker.queue.broker.process_state import this_process
-from worker.queue.pipeline.delivery import Delivery, Outcome, log_attempt
+from worker.queue.pipeline import spans
+from worker.queue.pipeline.attemptlog import log_attempt
+from worker.queue.pipeline.delivery import Delivery, Outcome
 from worker.queue.process import liveness
 from worker.queue.process.runtime import get_runtime
 from worker.queue.store import ready
@@ -270,12 +273,16 @@ WAIT_RECHECK = 60.0
 
 
 def attempt_all(
-    job_ids: list[str], messages: list[Any], *, also: Callable[[Any], None] | None = None
+    job_ids: list[str],
+    messages: list[Any],
+    *,
+    also: Callable[[Any], None] | None = None,
+    traces: Sequence[str] = (),
 ) -> list[Step]:
     """One attempt at each message, side by side (a group the dispatcher took): validate, hold,
     begin (a job not due yet goes back to waiting), deliver, classify, record. One Step per
     message, in order. ``also`` adds commands to the last round trip (the dispatcher lets its
-    jobs go there)."""
+    jobs go there); ``traces``: each job's traceparent, which its attempt's span continues."""
     store = job_store()
     steps: dict[int, Step] = {}
     valid: list[tuple[int, SendPayload]] = []
@@ -302,11 +309,13 @@ def attempt_all(
     items: list[tuple[str, SendPayload, int]] = []
     item_meta: list[tuple[int, SendPayload, Begun]] = []
     finals: list[_Ended] = []
+    traced: dict[int, Span] = {}
     for (i, payload), began in zip(valid, begun, strict=True):
         if not began.started:
             steps[i] = _not_started(began)
             continue
         attempt_no, age = began.attempt, now - began.enqueued_at
+        traced[i] = spans.attempt_span(job_ids[i], payload, attempt_no, traces[i] if traces else "")
         if attempt_no > policy.max_attempts or age > policy.max_age:
             why = (
                 f"{attempt_no - 1} attempts"
@@ -326,22 +335,32 @@ def attempt_all(
         item_meta.append((i, payload, began))
 
     started = time.monotonic()
-    try:
-        outcomes = delivery(store).run_many(items)
-    except SoftTimeLimitExceeded:  # Celery's time limit (prefork): each message retries on its own
-        outcomes = [Outcome(JobState.RETRYING, reason="soft time limit exceeded") for _ in items]
-    except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
-        log.exception("batch of %s…: unexpected error", job_ids[0] if job_ids else "-")
-        outcomes = [
-            Outcome(JobState.RETRYING, reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items
-        ]
+    outcomes = _deliver(store, items, [tracing.within(traced[i]) for i, _, _ in item_meta])
     seconds = time.monotonic() - started
     for (i, payload, began), outcome in zip(item_meta, outcomes, strict=True):
         log_attempt(job_ids[i], payload.account, began.attempt, outcome, seconds)
         age = now - began.enqueued_at + seconds
         finals.append(_Ended(i, payload, began.attempt, began.fence, outcome, age))
     _record(store, job_ids, finals, steps, also)
+    for i, span in traced.items():
+        spans.attempt_ended(span, steps[i].state)
     return [steps[i] for i in range(len(messages))]
+
+
+def _deliver(
+    store: JobStore, items: list[tuple[str, SendPayload, int]], traces: list[tracing.Context]
+) -> list[Outcome]:
+    """Each item's outcome from the delivery pipeline; a failure of the pipeline itself retries
+    each message on its own."""
+    try:
+        return delivery(store).run_many(items, traces)
+    except SoftTimeLimitExceeded:  # Celery's time limit (prefork): each message retries on its own
+        return [Outcome(JobState.RETRYING, reason="soft time limit exceeded") for _ in items]
+    except Exception as exc:  # a bug or an unexpected library error: each message retries on its own
+        log.exception("batch of %s…: unexpected error", items[0][0] if items else "-")
+        return [
+            Outcome(JobState.RETRYING, reason=f"internal error: {type(exc).__name__}: {exc}") for _ in items
+        ]
 
 
 def _record(

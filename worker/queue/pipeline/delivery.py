@@ -14,13 +14,13 @@ server's 250 and that write.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from worker.db.vocabulary import JobState, RecipientState, history_word
+from worker.db.vocabulary import JobState, RecipientState
 from worker.errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -33,7 +33,10 @@ from worker.errors import (
 from worker.mail import autoreply
 from worker.mail.message import Attachment, MessageSpec, build_message, message_id_for
 from worker.mail.payload import SendPayload
-from worker.mail.signing import sign_message
+from worker.ops import tracing
+from worker.ops.tracing import Context
+from worker.queue.pipeline import spans
+from worker.queue.pipeline.attemptlog import log_attempt
 from worker.queue.process.runtime import Runtime
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.marks import CLAIM_TTL, CLAIMS, AsyncMarks, Fence, fence_clock
@@ -61,50 +64,6 @@ class Outcome:
     auth_failure: bool = False  # the server refused our credentials (the circuit breaker counts it)
     limit_wait: bool = False  # a provider limit: come back exactly at retry_after
     superseded: bool = False  # the attempt lost its job to a later one before sending: nothing sent
-
-
-def log_attempt(job_id: str, account: str, attempt: int, outcome: Outcome, seconds: float) -> None:
-    """One line per delivery attempt (never a secret: outcomes carry server replies only).
-
-    ``key=value`` text, or one JSON object with ``log_format: json``."""
-    if not log.isEnabledFor(logging.INFO):
-        return
-    fields = {
-        "job": job_id,
-        "account": account,
-        "attempt": attempt,
-        "transport": outcome.transport or "-",
-        "security": outcome.security or "-",
-        "outcome": history_word(outcome.state),
-        "code": outcome.code if outcome.code is not None else "-",
-        "duration_ms": round(seconds * 1000),
-    }
-    if outcome.reason:
-        fields["reason"] = outcome.reason
-    if LOG_FORMAT.json:
-        log.info("%s", json.dumps({"event": "delivery", **fields}))
-        return
-    log.info(
-        "delivery job=%s account=%s attempt=%d transport=%s security=%s outcome=%s code=%s duration_ms=%d%s",
-        job_id,
-        account,
-        attempt,
-        fields["transport"],
-        fields["security"],
-        fields["outcome"],
-        fields["code"],
-        fields["duration_ms"],
-        f" reason={outcome.reason!r}" if outcome.reason else "",
-    )
-
-
-class _LogFormat:
-    """Set once from the settings by the task layer (delivery.py itself reads no settings)."""
-
-    json = False
-
-
-LOG_FORMAT = _LogFormat()
 
 
 def stable_message_id(job_id: str, from_address: str) -> str:
@@ -180,6 +139,9 @@ class _Pending:
     limits: Limits | None = None  # the account's rate and daily budget (None: none apply)
     job_id: str = ""
     fence: Fence | None = None  # asked right before the transaction (set once the claim is taken)
+    trace: Context | None = None  # the attempt's span: parent of this message's claim and send
+    server: str = ""  # the server it goes to (server.address of its send span)
+    failure: DeliveryError | None = None  # what the transport raised, for the send span
 
     @property
     def remaining(self) -> tuple[str, ...]:
@@ -225,9 +187,11 @@ class Delivery:
         account: EmailAccount,
         transport: Transport,
         records: Records,
+        trace: Context | None = None,
     ) -> _Pending | Outcome:
         """Build and sign one message for sending, or the outcome that ends it here (an
-        auto-reply not to send, a message that cannot be built or signed)."""
+        auto-reply not to send, a message that cannot be built or signed). ``trace``: the
+        attempt's span, parent of the build, sign and send spans."""
         message_id = payload.message_id
         if message_id is None:  # a producer that called send_task without the helper
             message_id = stable_message_id(job_id, account.from_address)
@@ -238,16 +202,17 @@ class Delivery:
             if isinstance(answered, Outcome):
                 return answered
             spec = answered
-        try:
-            message = build_message(spec)
-        except ValueError as exc:
-            return Outcome(JobState.DEAD, reason=f"invalid message: {exc}")
-        try:  # S/MIME then DKIM, as the account says; broken material is never sent unsigned
-            data = sign_message(message.data, account, records)
-        except ConfigurationError as exc:
-            return Outcome(JobState.DEAD, reason=f"configuration: signing: {exc}")
-        except (ValueError, TypeError) as exc:
-            return Outcome(JobState.DEAD, reason=f"signing failed: {type(exc).__name__}: {exc}")
+        with tracing.span_of("postroom.build", trace) as span:
+            try:
+                message = build_message(spec)
+            except ValueError as exc:
+                tracing.failed(span, "invalid_message")
+                return Outcome(JobState.DEAD, reason=f"invalid message: {exc}")
+            if span.is_recording():
+                span.set_attributes(spans.built(spec, message.recipients, message.data))
+        data = spans.signed(message.data, account, records, trace)
+        if isinstance(data, str):
+            return Outcome(JobState.DEAD, reason=data)
         sender = (account.smtp.envelope_from if account.smtp else None) or account.from_address
         token = f"{job_id}:{attempt}:{time.time()}"
         return _Pending(
@@ -261,9 +226,15 @@ class Delivery:
             data,
             limits=account.limits if account.limits.rate or account.limits.daily_recipients else None,
             job_id=job_id,
+            trace=trace,
+            server=account.smtp.host if account.smtp else spans.GRAPH_HOST,
         )
 
-    def run_many(self, items: list[tuple[str, SendPayload, int]]) -> list[Outcome]:
+    def run_many(
+        self, items: list[tuple[str, SendPayload, int]], traces: Sequence[Context | None] = ()
+    ) -> list[Outcome]:
+        """Each item's outcome, in order; ``traces``: each one's attempt span (its context), the
+        parent of its build, sign, claim and send spans (worker/ops/tracing.py)."""
         outcomes: dict[int, Outcome] = {}
         ready: list[_Pending] = []
         records = self.runtime.records()
@@ -276,7 +247,8 @@ class Delivery:
             except ConfigurationError as exc:
                 outcomes[i] = Outcome(JobState.DEAD, reason=f"configuration: {exc}")
                 continue
-            prepared = self._prepare(i, job_id, payload, attempt, account, transport, records)
+            trace = traces[i] if i < len(traces) else None
+            prepared = self._prepare(i, job_id, payload, attempt, account, transport, records, trace)
             if isinstance(prepared, Outcome):
                 outcomes[i] = prepared
             else:
@@ -285,9 +257,11 @@ class Delivery:
         # a claim lives while its attempt does (renewed by this process's heartbeat) and is gone
         # CLAIM_TTL seconds after the process dies
         claimed_at = fence_clock()  # before asking: each claim holds CLAIM_TTL from a moment after this
+        claiming = [tracing.start("postroom.claim", p.trace) for p in ready]
         claims = self.store.claim_many([(p.account, p.message_id, p.token) for p in ready], CLAIM_TTL)
         pending: list[_Pending] = []
-        for p, (claimed, already) in zip(ready, claims, strict=True):
+        for p, (claimed, already), span in zip(ready, claims, claiming, strict=True):
+            spans.claim_ended(span, claimed, already)
             p.already = already
             if claimed:
                 p.fence = Fence(self.marks, p.account, p.message_id, p.token, claimed_at)
@@ -382,14 +356,9 @@ class Delivery:
         done_with = self.runtime.releaser()  # each message out of flight as it ends, not its group
 
         async def one(p: _Pending) -> Outcome:
+            if (done := _nothing_to_send(p)) is not None:
+                return done
             remaining = p.remaining
-            if not remaining and all(r.get("status") == "suppressed" for r in p.already.values()):
-                reason = "every recipient is on the account's suppression list"
-                return Outcome(JobState.SUPPRESSED, reason=reason, recipients=p.already)
-            if not remaining:
-                return Outcome(
-                    JobState.SENT, reason="already delivered (duplicate suppressed)", recipients=p.already
-                )
             try:
                 if p.limits is not None and self.limiter is not None:
                     await self.limiter.admit(
@@ -408,6 +377,7 @@ class Delivery:
                     JobState.RETRYING, reason=str(exc), recipients=p.already, counts=False, superseded=True
                 )
             except DeliveryError as exc:
+                p.failure = exc
                 # an AuthenticationFailed flags the account: outcome_for_error sets auth_failure,
                 # which the attempt policy counts in the account's health (worker/ops/health.py)
                 return outcome_for_error(exc, p.transport.name, remaining, p.already)
@@ -422,10 +392,14 @@ class Delivery:
             return p.outcome
 
         async def guarded(p: _Pending) -> Outcome:
+            span = spans.send_span(p.trace, p.server, p.transport.name, len(p.remaining), len(p.data))
             try:
                 outcome = await one(p)
             except Exception as exc:  # a bug or a library surprise: this message retries on its own
                 outcome = Outcome(JobState.RETRYING, reason=f"internal error: {type(exc).__name__}: {exc}")
+                p.failure = None
+                tracing.failed(span, type(exc).__name__)
+            spans.send_ended(span, outcome, p.failure, p.accepted_by)
             # kept on the message itself: a time limit that ends the rest of the batch must not
             # rewrite what this one already ended with (a 550 stays a 550, never "timed out")
             p.outcome = outcome
@@ -455,6 +429,16 @@ class Delivery:
             for p in unmarked:
                 p.marked = True
         return outcomes
+
+
+def _nothing_to_send(p: _Pending) -> Outcome | None:
+    """The outcome of a message no recipient is left to send to, without a send."""
+    if p.remaining:
+        return None
+    if all(r.get("status") == "suppressed" for r in p.already.values()):
+        reason = "every recipient is on the account's suppression list"
+        return Outcome(JobState.SUPPRESSED, reason=reason, recipients=p.already)
+    return Outcome(JobState.SENT, reason="already delivered (duplicate suppressed)", recipients=p.already)
 
 
 def _spec(account: Any, payload: SendPayload, message_id: str) -> MessageSpec:

@@ -60,6 +60,7 @@ class Taken:
     account: str
     payload: Any  # the record's payload (None: the record is gone)
     cut_short: int  # runs of it that died before
+    traceparent: str = ""  # the record's: the trace its attempt continues (worker/ops/tracing.py)
 
 
 class Dispatcher:
@@ -185,15 +186,15 @@ class Dispatcher:
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for job_id, _, _ in pairs:
-                    pipe.hget(redis_key("job", job_id), "payload")
-                payloads: list[Any] = pipe.execute()
+                    pipe.hmget(redis_key("job", job_id), "payload", "traceparent")
+                fields: list[Any] = pipe.execute()
         except BaseException:  # taken in Redis, run by nobody here: give_back_strays() finds them
             with self._lock:
                 self._held.difference_update(job_id for job_id, _, _ in pairs)
             raise
         return [
-            Taken(job_id, account, _json(payload), cut_short)
-            for (job_id, account, cut_short), payload in zip(pairs, payloads, strict=True)
+            Taken(job_id, account, _json(payload), cut_short, _text(traceparent or ""))
+            for (job_id, account, cut_short), (payload, traceparent) in zip(pairs, fields, strict=True)
         ]
 
     def _room_freed(self, account: str) -> None:
@@ -267,7 +268,12 @@ class Dispatcher:
                     self.ready.done_into(pipe, self.holder, ids)
 
                 if runnable:
-                    attempt_all([t.job_id for t in runnable], [t.payload for t in runnable], also=release)
+                    attempt_all(
+                        [t.job_id for t in runnable],
+                        [t.payload for t in runnable],
+                        also=release,
+                        traces=[t.traceparent for t in runnable],
+                    )
                 else:
                     self._release(ids)
         except Exception:

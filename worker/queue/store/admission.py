@@ -25,6 +25,8 @@ from worker.db.vocabulary import JobState
 from worker.errors import ConfigurationError
 from worker.mail.message import message_id_for
 from worker.mail.payload import SendPayload
+from worker.ops import tracing
+from worker.ops.tracing import Context, Span, SpanKind
 from worker.queue.store.jobrecord import OPEN, SCHEDULED, describe, record_fields
 from worker.queue.store.jobs import JobStore
 from worker.queue.store.jobscripts import ADMIT, ADMIT_SHA
@@ -53,28 +55,37 @@ class Admission:
         self.horizon = schedule_horizon
         self.dead_on_arrival = dead_on_arrival  # (job id, kwargs, reason) -> Step (attempts.py)
 
-    def admit(self, jobs: Sequence[tuple[str, Any]]) -> list[Admitted]:
-        """Take in each (job id, payload) — one round trip for all of them (plus one per dead one)."""
+    def admit(
+        self, jobs: Sequence[tuple[str, Any]], parents: Sequence[Context | None] = ()
+    ) -> list[Admitted]:
+        """Take in each (job id, payload) — one round trip for all of them (plus one per dead one).
+        ``parents``: the trace context each one's message carried (None: a new trace starts
+        here), continued by a ``postroom.intake`` span kept in its record."""
         now = time.time()
         out: dict[int, Admitted] = {}
         valid: list[tuple[int, str, SendPayload]] = []
-        for i, (job_id, kwargs) in enumerate(jobs):
-            problem, payload = self._check(kwargs, now)
-            if problem is not None or payload is None:
-                step = self.dead_on_arrival(job_id, kwargs, f"invalid payload: {problem}")
-                out[i] = Admitted(job_id, str(step.state), step.reason)
-            else:
-                valid.append((i, job_id, self._completed(job_id, payload, now)))
-        if valid:
-            replies = self._scripted(valid, now)
-            for (i, job_id, payload), (code, state) in zip(valid, replies, strict=True):
-                code = int(code)
-                if code == 1:
-                    out[i] = Admitted(job_id, "ready", account=payload.account)
-                elif code == -3:
-                    out[i] = Admitted(job_id, JobState.SCHEDULED, "not due yet: waits for its send_at")
+        spans = [
+            intake_span(job_id, parents[i] if i < len(parents) else None)
+            for i, (job_id, _) in enumerate(jobs)
+        ]
+        try:
+            for i, (job_id, kwargs) in enumerate(jobs):
+                problem, payload = self._check(kwargs, now)
+                if problem is not None or payload is None:
+                    step = self.dead_on_arrival(job_id, kwargs, f"invalid payload: {problem}")
+                    out[i] = Admitted(job_id, str(step.state), step.reason)
+                    tracing.failed(spans[i], "invalid_payload")
                 else:
-                    out[i] = Admitted(job_id, _text(state), "taken in already")
+                    valid.append((i, job_id, self._completed(job_id, payload, now)))
+            if valid:
+                replies = self._scripted(valid, now, [tracing.traceparent(spans[i]) for i, _, _ in valid])
+                for (i, job_id, payload), (code, state) in zip(valid, replies, strict=True):
+                    out[i] = _admitted(job_id, payload, int(code), state)
+        finally:
+            for i, span in enumerate(spans):
+                if i in out and span.is_recording():
+                    span.set_attribute("postroom.result", out[i].state)
+                span.end()
         return [out[i] for i in range(len(jobs))]
 
     def _check(self, kwargs: Any, now: float) -> tuple[str | None, SendPayload | None]:
@@ -104,13 +115,15 @@ class Admission:
                 update["message_id"] = message_id_for(job_id, domain)
         return payload.model_copy(update=update) if update else payload
 
-    def _scripted(self, valid: list[tuple[int, str, SendPayload]], now: float) -> list[Any]:
+    def _scripted(
+        self, valid: list[tuple[int, str, SendPayload]], now: float, traces: list[str]
+    ) -> list[Any]:
         store = self.store
 
         def commands(pipe: Any) -> None:
-            for _, job_id, payload in valid:
+            for (_, job_id, payload), traceparent in zip(valid, traces, strict=True):
                 kwargs = payload.to_task_kwargs()
-                fields = record_fields(job_id, kwargs, JobState.QUEUED)
+                fields = record_fields(job_id, kwargs, JobState.QUEUED, traceparent=traceparent)
                 body = str(fields.pop("payload"))
                 due = payload.send_at if payload.send_at is not None and payload.send_at > now + 1.0 else ""
                 idem = redis_key("idem", payload.account, payload.idempotency_key or "")
@@ -125,6 +138,31 @@ class Admission:
                 pipe.evalsha(ADMIT_SHA, len(keys), *keys, *args)
 
         return store.scripted(commands, ADMIT)
+
+
+def intake_span(job_id: str, parent: Context | None) -> Span:
+    """The span of a job taken in from a broker message: a child of the producer's context when
+    the message carried a ``traceparent``, else the root of the job's trace."""
+    span = tracing.start("postroom.intake", parent, SpanKind.CONSUMER)
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "messaging.operation.type": "receive",
+                "messaging.destination.name": tracing.QUEUE_NAME,
+                "messaging.message.id": job_id,
+                "postroom.job_id": job_id,
+            }
+        )
+    return span
+
+
+def _admitted(job_id: str, payload: SendPayload, code: int, state: Any) -> Admitted:
+    """What ADMIT's reply says of one job."""
+    if code == 1:
+        return Admitted(job_id, "ready", account=payload.account)
+    if code == -3:
+        return Admitted(job_id, JobState.SCHEDULED, "not due yet: waits for its send_at")
+    return Admitted(job_id, _text(state), "taken in already")
 
 
 def _text(value: Any) -> str:

@@ -18,7 +18,7 @@ EVENTS = redis_key("webhook", "events")
 # The record fields an event carries: those `postroom job --json` shows, never the payload.
 SNAPSHOT_FIELDS = (
     "id", "state", "attempts", "account", "transport", "security", "message_id", "recipients",
-    "last_error", "kind", "created_at", "updated_at", "enqueued_at", "idempotency_key",
+    "last_error", "kind", "created_at", "updated_at", "enqueued_at", "idempotency_key", "trace_id",
 )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from worker.db.keys import redis_key
 from worker.db.vocabulary import JobState, history_word
 from worker.ops import counters
+from worker.ops.tracing import trace_id_of
 
 OPEN = redis_key("open")  # sorted set: jobs not ended yet, by enqueue time (worker/queue/process/sweep.py)
 DEAD = redis_key("dead")  # sorted set: dead-lettered job ids, by when they died
@@ -75,12 +76,16 @@ def _payload_json(payload: Mapping[str, Any]) -> str:
 
 
 def record_fields(
-    job_id: str, payload: Mapping[str, Any], state: str, submitted_by: str = ""
+    job_id: str, payload: Mapping[str, Any], state: str, submitted_by: str = "", traceparent: str = ""
 ) -> dict[Any, str | int | float]:
-    """A new job record from a payload; safe for any payload (it may not have been validated)."""
+    """A new job record from a payload; safe for any payload (it may not have been validated).
+
+    ``traceparent``: the span that made the job (worker/ops/tracing.py), which its attempts
+    continue; kept with its trace id only when there is one."""
     now = time.time()
     kind = payload.get("kind", "notification")
     message_id, key = payload.get("message_id"), payload.get("idempotency_key")
+    trace = {"traceparent": traceparent, "trace_id": trace_id_of(traceparent)} if traceparent else {}
     return {
         "id": job_id,
         "state": state,
@@ -98,6 +103,7 @@ def record_fields(
             payload.get("enqueued_at"), max(now, _timestamp(payload.get("send_at"), 0.0))
         ),
         "submitted_by": submitted_by,  # the HTTP API key that enqueued it ("" otherwise)
+        **trace,
     }
 
 
@@ -124,6 +130,7 @@ class Job:
     submitted_by: str | None = None
     unreadable: dict[str, Any] | None = None  # an entry no job could be made of: what it was
     due_at: float | None = None  # when a scheduled job is sent / a retrying job tried again
+    trace_id: str | None = None  # its OpenTelemetry trace (docs/tracing.md); None: not traced
 
     def cancelled(self) -> dict[str, Any] | None:
         """``{at, by}`` of a cancelled job (``by`` None when unknown): an end an operator or a
@@ -156,6 +163,7 @@ class Job:
             "history": self.history or [],
             "due_at": self.due_at,
             "cancelled": self.cancelled(),
+            "trace_id": self.trace_id,
         }
         if self.unreadable is not None:
             out["unreadable"] = self.unreadable
@@ -189,6 +197,7 @@ class Job:
             submitted_by=data.get("submitted_by") or None,
             unreadable=_unreadable(data),
             due_at=float(due_at) if due_at is not None else None,
+            trace_id=data.get("trace_id") or None,
         )
 
 

@@ -49,6 +49,7 @@ from worker.queue.store.marks import (
     Mark,
     mark_command,
 )
+from worker.queue.store.suppressions import AutoReplyWindow
 
 PayloadSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 _HISTORY_LIMIT = 50
@@ -121,7 +122,7 @@ def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-class JobStore(DeadLetters):
+class JobStore(DeadLetters, AutoReplyWindow):
     """Synchronous access to job state (called from task threads and the CLI)."""
 
     retrying_key = _key("retrying")  # zset: job id -> when its next attempt is due
@@ -157,7 +158,11 @@ class JobStore(DeadLetters):
         return owner if owner is not None else self.claim_idempotency_key(account, key, job_id)
 
     def create_claimed(
-        self, jobs: Sequence[tuple[str, Mapping[str, Any]]], *, submitted_by: str = ""
+        self,
+        jobs: Sequence[tuple[str, Mapping[str, Any]]],
+        *,
+        submitted_by: str = "",
+        traces: Sequence[str] = (),
     ) -> list[str | None]:
         """Records for new jobs, each claiming its idempotency key in the same transaction.
 
@@ -166,16 +171,18 @@ class JobStore(DeadLetters):
         its account's ready set (worker/queue/store/ready.py; the schedule for a job not due yet)
         come together: a key never names a job without a record, and a job with a record is
         ready for every worker at once — so a producer that retries after an error with the
-        same key is given a job that will be sent, never one that was lost.
+        same key is given a job that will be sent, never one that was lost. ``traces``: each
+        job's traceparent (worker/ops/tracing.py), kept in its record.
         """
         now = time.time()
         claims: list[int | None] = []  # where each job's SET NX result is in the replies
         accounts: set[str] = set()
         with self.redis.pipeline() as pipe:  # MULTI/EXEC: all of it, or nothing
-            for job_id, payload in jobs:
+            for i, (job_id, payload) in enumerate(jobs):
                 key, due = _key("job", job_id), payload.get("send_at")
                 state = JobState.SCHEDULED if isinstance(due, float) and due > now else JobState.QUEUED
-                pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by))
+                traceparent = traces[i] if i < len(traces) else ""
+                pipe.hset(key, mapping=record_fields(job_id, payload, state, submitted_by, traceparent))
                 if (
                     state == JobState.SCHEDULED
                 ):  # waits in Postroom's delay queue (worker/queue/store/schedule.py)
@@ -481,18 +488,3 @@ class JobStore(DeadLetters):
             job_id,
         ]
         return int(self._hold(keys=keys, args=args))
-
-    # ---- auto-reply window -------------------------------------------------------
-
-    def claim_auto_reply(self, account: str, sender: str, window: float, job_id: str) -> str | None:
-        """Reserve the right to auto-reply to ``sender``; returns the job that already did."""
-        key = _key("autoreply", account, sender.lower())
-        if self.redis.set(key, job_id, nx=True, ex=max(int(window), 1)):
-            return None
-        owner = cast(str | None, self.redis.get(key))
-        return None if owner == job_id else (owner or "another job")
-
-    def release_auto_reply(self, account: str, sender: str, job_id: str) -> None:
-        key = _key("autoreply", account, sender.lower())
-        if self.redis.get(key) == job_id:
-            self.redis.delete(key)

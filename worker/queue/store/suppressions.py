@@ -300,3 +300,24 @@ def _entry(value: Any) -> dict[str, Any] | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("expires_at"), int | float):
         return None
     return entry
+
+
+class AutoReplyWindow:
+    """The auto-reply window, a suppression of its own kind: at most one auto-reply per sender and
+    account within the window (contract §2), a key per (account, sender) that the first job to
+    claim it holds. Part of :class:`worker.queue.store.jobs.JobStore`."""
+
+    redis: redis.Redis
+
+    def claim_auto_reply(self, account: str, sender: str, window: float, job_id: str) -> str | None:
+        """Reserve the right to auto-reply to ``sender``; returns the job that already did."""
+        key = redis_key("autoreply", account, sender.lower())
+        if self.redis.set(key, job_id, nx=True, ex=max(int(window), 1)):
+            return None
+        owner = cast(str | None, self.redis.get(key))
+        return None if owner == job_id else (owner or "another job")
+
+    def release_auto_reply(self, account: str, sender: str, job_id: str) -> None:
+        key = redis_key("autoreply", account, sender.lower())
+        if self.redis.get(key) == job_id:
+            self.redis.delete(key)

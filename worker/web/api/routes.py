@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Annotated, Any, cast
@@ -22,7 +23,9 @@ from starlette.requests import ClientDisconnect
 
 from worker.client import EnqueueError, PayloadError, Producer
 from worker.db.keys import redis_key
+from worker.ops import tracing
 from worker.ops.health import AccountHealth
+from worker.ops.tracing import Span
 from worker.queue.broker.kinds import same_redis
 from worker.web import jsonbody
 from worker.web.api.auth import Key
@@ -181,8 +184,29 @@ def _enqueue_route(
     )
 
 
+@contextmanager
+def traced(request: Request, route: str) -> Iterator[Span]:
+    """The request's span (worker/ops/tracing.py), ended with the status it is answered with:
+    the enqueue spans of its jobs are its children."""
+    with tracing.server_span(request.method, route, request.headers) as span:
+        try:
+            yield span
+        except HttpError as exc:
+            tracing.answered(span, exc.status)
+            raise
+        except Exception:
+            tracing.answered(span, 500)
+            raise
+        tracing.answered(span, 202)
+
+
 @_enqueue_route("/v1/messages", Accepted, "SendPayload", "Enqueue one message (the postroom.send payload)")
 async def post_message(request: Request, key: Key, context: Context) -> Accepted:
+    with traced(request, "/v1/messages"):
+        return await _post_message(request, key, context)
+
+
+async def _post_message(request: Request, key: Key, context: Context) -> Accepted:
     payload = await read_json(request, context.body_limit)
     if not isinstance(payload, dict):
         raise HttpError(422, _INVALID, ["payload: must be a JSON object"])
@@ -198,6 +222,11 @@ async def post_message(request: Request, key: Key, context: Context) -> Accepted
     "/v1/batches", BatchAccepted, "BatchIn", "Enqueue many messages as one postroom.send_batch job"
 )
 async def post_batch(request: Request, key: Key, context: Context) -> BatchAccepted:
+    with traced(request, "/v1/batches"):
+        return await _post_batch(request, key, context)
+
+
+async def _post_batch(request: Request, key: Key, context: Context) -> BatchAccepted:
     body = await read_json(request, context.body_limit)
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or set(body) != {"messages"}:
