@@ -626,23 +626,15 @@ def test_a_failing_webhook_is_one_summary_per_error_below_the_account(
 
     import redis.asyncio
 
-    from support.hookrecv import Receiver
+    from support.hookrecv import refusing_webhook
     from worker.db.vocabulary import JobState
     from worker.queue.events import outbox
     from worker.queue.events.webhook_sender import WebhookSender
     from worker.queue.store.jobs import JobStore
-    from worker.records.loader import load_webhooks
-    from worker.records.webhooks import new_secret
     from worker.settings import Settings
 
     account = own_queue.account(unique("hooked"), smtp_server(mode="plain"))
-    secret = new_secret()
-    receiver = Receiver(tmp_path / "down.jsonl", secret, fail_first=1000).start()
-    folder = own_queue.config / "webhooks"
-    folder.mkdir()
-    (folder / "down.yaml").write_text(f"url: {receiver.url}\nsecret: {secret}\nallow_private: true\n")
-    hooks, _ = load_webhooks(own_queue.config)
-    outbox.publish_routes(own_queue.redis, {"down": hooks["down"].route()})
+    receiver, secret, down = refusing_webhook(own_queue, tmp_path / "down.jsonl")
     store = JobStore(own_queue.redis)
     sender = WebhookSender(f"redis://127.0.0.1:6379/{own_queue.db}", own_queue.config, Settings())
 
@@ -661,7 +653,7 @@ def test_a_failing_webhook_is_one_summary_per_error_below_the_account(
             client = redis.asyncio.Redis(host="127.0.0.1", port=6379, db=own_queue.db, decode_responses=True)
             try:
                 for event_id in events:
-                    await sender._deliver(client, hooks["down"], event_id)
+                    await sender._deliver(client, down, event_id)
             finally:
                 await sender.aclose_clients()
                 await client.aclose()

@@ -308,22 +308,10 @@ def test_a_record_that_does_not_load_is_invalid_in_status_health_and_metrics(
     health = ops.run("health", "--json")
     assert health.returncode == 1 and json.loads(health.stdout)["accounts"]["broken"]["state"] == "invalid"
 
-    port = free_port()
-    server = metrics_server(own_queue, port)
-    scraped: list[str] = []
-
-    def scrape() -> bool:
-        scraped.append(_scrape(port) or "")
-        return bool(scraped[-1])
-
-    try:
-        wait_for(scrape, 20, "the metrics endpoint")
-    finally:
-        server.terminate()
-        server.wait(10)
+    text = scraped_once(own_queue)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(scraped[-1])
+        for family in text_string_to_metric_families(text)
         for s in family.samples
     }
     assert samples[("postroom_account_state", (("account", "broken"), ("state", "invalid")))] == 1
@@ -339,6 +327,24 @@ def metrics_server(env: QueueEnv, port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def scraped_once(env: QueueEnv) -> str:
+    """What a ``postroom metrics`` of ``env``'s own serves at its first answer (then stopped)."""
+    port = free_port()
+    server = metrics_server(env, port)
+    scraped: list[str] = []
+
+    def scrape() -> bool:
+        scraped.append(_scrape(port) or "")
+        return bool(scraped[-1])
+
+    try:
+        wait_for(scrape, 20, "the metrics endpoint")
+    finally:
+        server.terminate()
+        server.wait(10)
+    return scraped[-1]
 
 
 def _scrape(port: int) -> str | None:

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from test_deploy import compose_config
-from test_health import _scrape, free_port, metrics_server
+from test_health import scraped_once
 
-from support.queue import QueueEnv, unique, wait_for
+from support.queue import QueueEnv, unique
 from support.smtpd import SmtpServer
 from worker.db.vocabulary import JobState, RecipientState
 from worker.ops.health import AccountHealth
@@ -106,20 +106,7 @@ def exported(own_queue: QueueEnv, server: SmtpServer) -> dict[str, set[str]]:
     AccountHealth(own_queue.redis).record_check(
         {"account": account, "ok": True, "result": "ok", "checked_at": time.time()}
     )
-    port = free_port()
-    process = metrics_server(own_queue, port)
-    scraped: list[str] = []
-
-    def scrape() -> bool:
-        scraped.append(_scrape(port) or "")
-        return bool(scraped[-1])
-
-    try:
-        wait_for(scrape, 20, "the metrics endpoint")
-    finally:
-        process.terminate()
-        process.wait(10)
-    text = scraped[-1]
+    text = scraped_once(own_queue)
     names: dict[str, set[str]] = {}
     for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
         for suffix in SUFFIXES.get(kind, ("",)):

@@ -20,7 +20,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook as Verifier
 
 from support.dnsserver import DnsServer
-from support.hookrecv import Receiver, delivered, free_port, new_webhook
+from support.hookrecv import Receiver, delivered, free_port, new_webhook, refusing_webhook
 from support.queue import Live, QueueEnv, cli, finished, unique, wait_for
 from support.smtpd import Rule, SmtpServer, unknown_user
 from worker.db.vocabulary import JobState
@@ -227,13 +227,7 @@ def test_webhook_records_are_checked_with_file_and_line(own_queue: QueueEnv) -> 
 def test_a_delivery_is_given_up_after_its_window_and_retried_with_backoff_before(
     own_queue: QueueEnv, tmp_path: Path
 ) -> None:
-    secret = new_secret()
-    receiver = Receiver(tmp_path / "down.jsonl", secret, fail_first=1000).start()
-    folder = own_queue.config / "webhooks"
-    folder.mkdir()
-    (folder / "down.yaml").write_text(f"url: {receiver.url}\nsecret: {secret}\nallow_private: true\n")
-    hooks, _ = load_webhooks(own_queue.config)
-    outbox.publish_routes(own_queue.redis, {"down": hooks["down"].route()})
+    receiver, _, down = refusing_webhook(own_queue, tmp_path / "down.jsonl")
     store = JobStore(own_queue.redis)
     settings = Settings()
     sender = WebhookSender(f"redis://127.0.0.1:6379/{own_queue.db}", own_queue.config, settings)
@@ -249,7 +243,7 @@ def test_a_delivery_is_given_up_after_its_window_and_retried_with_backoff_before
     async def deliver(event_id: str) -> None:
         client = sender_client(own_queue)
         try:
-            await sender._deliver(client, hooks["down"], event_id)
+            await sender._deliver(client, down, event_id)
         finally:
             await sender.aclose_clients()
             await client.aclose()

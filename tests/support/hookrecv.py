@@ -137,3 +137,20 @@ def delivered(receiver: Receiver) -> set[tuple[str | None, str | None]]:
 
 if __name__ == "__main__":
     serve(int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+
+
+def refusing_webhook(env: QueueEnv, log_path: Path) -> tuple[Receiver, str, Any]:
+    """A receiver that answers 500 to everything, its record ``down`` in ``env``'s config (a
+    folder of its own) and the routing table published: (receiver, secret, the Webhook record)."""
+    from worker.queue.events import outbox
+    from worker.records.loader import load_webhooks
+    from worker.records.webhooks import new_secret
+
+    secret = new_secret()
+    receiver = Receiver(log_path, secret, fail_first=1000).start()
+    folder = env.config / "webhooks"
+    folder.mkdir()
+    (folder / "down.yaml").write_text(f"url: {receiver.url}\nsecret: {secret}\nallow_private: true\n")
+    hooks, _ = load_webhooks(env.config)
+    outbox.publish_routes(env.redis, {"down": hooks["down"].route()})
+    return receiver, secret, hooks["down"]
