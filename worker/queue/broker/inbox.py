@@ -4,13 +4,14 @@ in batches by each worker process and turned into jobs (worker/queue/store/admis
 Celery's consumer would make one task of every message — receive, dispatch, events,
 acknowledgement: more CPU than sending the mail — so Postroom reads the queue itself (Celery's
 consumer reads only ``postroom.control``: health checks and sweeps). On Redis an inbox takes up
-to a batch of entries (and a byte budget) from the read end of kombu's lists into
-``inbox:<holder>`` in one script — moved, never decoded there — screens and admits them, then
-drops the inbox; a worker that dies meanwhile has its inbox put back by the reaper
-(worker/queue/process/liveness.py). On RabbitMQ it consumes with a prefetch of a batch and acknowledges
-after admitting. Entries no job can be made of are dead letters with the reason (the screen of
-worker/queue/broker/intake.py); a Celery ETA becomes the job's send_at; health checks and sweeps
-published here (by a beat of an earlier release) go on to the control queue.
+to a batch of entries (and about a byte budget) from the read end of kombu's lists into
+``inbox:<holder>``, one pipelined LMOVE an entry (atomic each; no script copies an entry),
+screens and admits them, then drops the inbox; a worker that dies meanwhile has its inbox put
+back by the reaper (worker/queue/process/liveness.py). On RabbitMQ it consumes with a prefetch
+of a batch and acknowledges after admitting. Entries no job can be made of are dead letters with
+the reason (the screen of worker/queue/broker/intake.py); a Celery ETA becomes the job's
+send_at; health checks and sweeps published here (by a beat of an earlier release) go on to the
+control queue.
 """
 
 from __future__ import annotations
@@ -35,34 +36,14 @@ from worker.queue.store.jobrecord import safe_text
 log = logging.getLogger("postroom.inbox")
 
 BATCH = 100  # entries taken at a time
-BYTE_BUDGET = 512 * 1024  # and about this many bytes at most: Redis answers nobody else meanwhile
+BYTE_BUDGET = 512 * 1024  # and about this many bytes (entries are sized by the largest seen lately)
+FIRST_GUESS = BYTE_BUDGET // 4  # an entry's size before any was seen: a first batch of 4
+CHUNK = 10  # most LMOVEs a round trip: entries larger than guessed overshoot the budget by this many
 JOB_TASKS = (TASK_NAME, BATCH_TASK_NAME)
 
 
 def inbox_key(holder: str) -> str:
     return redis_key("inbox", holder)
-
-
-# KEYS: the inbox, then the queue's lists in kombu's read order. ARGV: most entries, byte budget.
-# Moves entries from the read end of each list into the inbox (its head: the newest taken).
-TAKE = """
-local out, bytes, most, budget = {}, 0, tonumber(ARGV[1]), tonumber(ARGV[2])
-for k = 2, #KEYS do
-  while #out < most and bytes < budget do
-    local entry = redis.call('LMOVE', KEYS[k], KEYS[1], 'RIGHT', 'LEFT')
-    if not entry then break end
-    out[#out + 1] = entry
-    bytes = bytes + #entry
-  end
-end
-return out
-"""
-# KEYS: an inbox, the queue list to put it back on. The oldest taken ends at the read end again.
-GIVE_BACK = """
-local n = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
-return n
-"""
 
 
 @dataclass
@@ -277,20 +258,52 @@ class RedisInbox:
         self.client = client
         self.lists = keys.queue_lists(queue)
         self.key = inbox_key(holder)
-        self._take = client.register_script(TAKE)
+        self.largest = FIRST_GUESS  # the largest entry seen lately: how many fit the byte budget
 
     def take(self, wait: float) -> list[Entry]:
         """A batch of entries, waiting up to ``wait`` seconds for the first when none is there."""
-        raw = cast(list[Any], self._take(keys=[self.key, *self.lists], args=[BATCH, BYTE_BUDGET]))
+        raw = self._move(BATCH)
         if not raw and wait > 0:
             first = self.client.blmove(self.lists[0], self.key, wait, "RIGHT", "LEFT")
             if first is None:
                 return []
-            raw = [
-                first,
-                *cast(list[Any], self._take(keys=[self.key, *self.lists], args=[BATCH - 1, BYTE_BUDGET])),
-            ]
+            raw = [first, *self._move(BATCH - 1, already=len(first))]
         return [from_redis(r if isinstance(r, bytes) else str(r).encode()) for r in raw]
+
+    def _move(self, most: int, already: int = 0) -> list[Any]:
+        """Up to ``most`` entries (about BYTE_BUDGET bytes) from the read end of the queue's lists,
+        in kombu's read order, into the head of the inbox: one LMOVE each, pipelined. Each LMOVE
+        is atomic (an entry is in the queue or in the inbox, never lost), and no script touches
+        an entry: a script would copy each one into Lua and again into its reply, work
+        proportional to the bytes moved in Redis's one thread. A pipeline asks for as many as fit
+        the budget at the largest entry size seen lately (at most CHUNK: entries larger than any
+        seen lately overshoot it by no more); the lists behind the first are asked only when
+        LLEN says they hold something."""
+        out: list[Any] = []
+        size, largest = already, 0
+        sources, asked_later = [self.lists[0]], False
+        while sources and len(out) < most and size < BYTE_BUDGET:
+            guess = max(largest, self.largest, 1)
+            count = max(1, min(most - len(out), (BYTE_BUDGET - size) // guess, CHUNK))
+            with self.client.pipeline(transaction=False) as pipe:
+                for _ in range(count):
+                    pipe.lmove(sources[0], self.key, "RIGHT", "LEFT")
+                if not asked_later:
+                    for later in self.lists[1:]:
+                        pipe.llen(later)
+                replies = pipe.execute()
+            got = [entry for entry in replies[:count] if entry is not None]
+            if not asked_later:
+                sources += [name for name, n in zip(self.lists[1:], replies[count:], strict=True) if n]
+                asked_later = True
+            out += got
+            size += sum(len(entry) for entry in got)
+            largest = max([largest, *(len(entry) for entry in got)])
+            if len(got) < count:  # this list ran dry
+                sources.pop(0)
+        if largest:  # the next batch guesses from this one's largest, or half the last guess
+            self.largest = max(largest, self.largest // 2)
+        return out
 
     def done(self, entries: Sequence[Entry] = (), deferred: Sequence[Entry] = ()) -> None:
         """The batch is taken in: drop the inbox, the ``deferred`` entries back on the queue."""
@@ -301,8 +314,14 @@ class RedisInbox:
             pipe.execute()
 
     def recover(self) -> None:
-        """After a failure: what this inbox holds goes back to the queue, to be taken again."""
-        self.client.eval(GIVE_BACK, 2, self.key, self.lists[0])
+        """After a failure: what this inbox holds goes back to the queue, to be taken again (the
+        oldest taken at the read end). One LMOVE an entry: each atomic, none through a script."""
+        held = int(self.client.llen(self.key))
+        if held:
+            with self.client.pipeline(transaction=False) as pipe:
+                for _ in range(held):
+                    pipe.lmove(self.key, self.lists[0], "LEFT", "RIGHT")
+                pipe.execute()
 
 
 def runs_key(task_id: str) -> str:

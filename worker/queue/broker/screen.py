@@ -6,6 +6,7 @@ Postroom's inbox (worker/queue/broker/inbox.py) alike.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from datetime import datetime
@@ -67,10 +68,16 @@ def body_problem(name: str, body: Any, run: Callable[..., Any]) -> str | None:
     if embed and any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord", "group")):
         return "callbacks, errbacks, chains and chords are not accepted on Postroom's tasks"
     try:
-        inspect.signature(run).bind(*args, **kwargs)
+        _signature(run).bind(*args, **kwargs)
     except TypeError as exc:
         return f"arguments do not fit {name}: {exc}"
     return None
+
+
+@functools.cache
+def _signature(run: Callable[..., Any]) -> inspect.Signature:
+    """A task function's signature, made once (inspect builds it anew on every call)."""
+    return inspect.signature(run)
 
 
 def _iso_time(value: Any) -> bool:

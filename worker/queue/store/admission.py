@@ -4,20 +4,22 @@ helper would have made.
 Plain Celery and celery-node messages (read off the broker by worker/queue/broker/inbox.py), and a
 ``postroom.send`` that Celery itself hands a task: each payload is validated (an invalid one is a
 dead letter under its own id, with every reason), given what the helper would have given it (a
-Message-ID, the time its clock starts), and recorded with its idempotency key in one script
+Message-ID, the time its clock starts), and recorded with its idempotency key by one script
 (``ADMIT``, worker/queue/store/jobscripts.py), which also puts a job due now in its account's ready
-set (worker/queue/store/ready.py) and one not due yet in the schedule. The payload is stored once, as
-it came: no script decodes it. A copy of a job already recorded (a redelivery) changes nothing.
+set (worker/queue/store/ready.py) and one not due yet in the schedule. The payload is stored once,
+by a plain ``HSETNX`` in the same MULTI as the script: no script reads or copies it (work
+proportional to its size in Redis's one thread). A copy of a job already recorded (a
+redelivery) changes nothing.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from worker.db.keys import redis_key
@@ -118,26 +120,49 @@ class Admission:
     def _scripted(
         self, valid: list[tuple[int, str, SendPayload]], now: float, traces: list[str]
     ) -> list[Any]:
-        store = self.store
+        """One MULTI for the batch: each payload written as it is (``HSETNX``: a record that
+        exists keeps its own) and ``ADMIT`` on the record's small fields — together, so no
+        reader ever sees a ready job without its payload, nor a payload without its record —
+        then one bell for each account with a job due now. ``traces``: each job's traceparent,
+        kept in its record. Returns ADMIT's reply for each job."""
+        redis_client = self.store.redis
+        for attempt in (1, 2):
+            with redis_client.pipeline(transaction=True) as pipe:
+                ringing: set[str] = set()
+                for (_, job_id, payload), traceparent in zip(valid, traces, strict=True):
+                    job_key, due = redis_key("job", job_id), _due(payload, now)
+                    kwargs = payload.to_task_kwargs()
+                    fields = record_fields(job_id, kwargs, JobState.QUEUED, traceparent=traceparent)
+                    pipe.hsetnx(job_key, "payload", fields.pop("payload"))
+                    idem = redis_key("idem", payload.account, payload.idempotency_key or "")
+                    keys = [
+                        job_key, OPEN, SCHEDULED, ready_key(payload.account), READY_ACCOUNTS,
+                        idem if payload.idempotency_key else job_key,
+                    ]  # fmt: skip
+                    args = [
+                        now, self.store.job_ttl, due, job_id, now,
+                        "1" if payload.idempotency_key else "0", payload.account,
+                        *(item for pair in fields.items() for item in pair),
+                    ]  # fmt: skip
+                    pipe.evalsha(ADMIT_SHA, len(keys), *keys, *args)
+                    if due == "":
+                        ringing.add(payload.account)
+                for account in sorted(ringing):
+                    pipe.publish(BELL, account)
+                try:
+                    replies = pipe.execute()
+                except redis.exceptions.NoScriptError:  # a Redis that lost it (a restart)
+                    if attempt == 2:
+                        raise
+                    redis_client.script_load(ADMIT)  # again: HSETNX and ADMIT change nothing twice
+                    continue
+            return list(replies[1 : 2 * len(valid) : 2])
+        raise AssertionError("unreachable")  # pragma: no cover
 
-        def commands(pipe: Any) -> None:
-            for (_, job_id, payload), traceparent in zip(valid, traces, strict=True):
-                kwargs = payload.to_task_kwargs()
-                fields = record_fields(job_id, kwargs, JobState.QUEUED, traceparent=traceparent)
-                body = str(fields.pop("payload"))
-                due = payload.send_at if payload.send_at is not None and payload.send_at > now + 1.0 else ""
-                idem = redis_key("idem", payload.account, payload.idempotency_key or "")
-                keys = [
-                    redis_key("job", job_id), OPEN, SCHEDULED, ready_key(payload.account), READY_ACCOUNTS,
-                    idem if payload.idempotency_key else redis_key("job", job_id),
-                ]  # fmt: skip
-                args = [
-                    now, store.job_ttl, json.dumps(fields), body, due, job_id, now,
-                    "1" if payload.idempotency_key else "0", payload.account, BELL,
-                ]  # fmt: skip
-                pipe.evalsha(ADMIT_SHA, len(keys), *keys, *args)
 
-        return store.scripted(commands, ADMIT)
+def _due(payload: SendPayload, now: float) -> float | str:
+    """When a job is due: its send_at when later than now, else "" (now)."""
+    return payload.send_at if payload.send_at is not None and payload.send_at > now + 1.0 else ""
 
 
 def intake_span(job_id: str, parent: Context | None) -> Span:

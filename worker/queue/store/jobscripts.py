@@ -64,37 +64,37 @@ return {attempts, redis.call('HGET', KEYS[1], 'enqueued_at'), fence}
 # A job taken in (worker/queue/store/admission.py): a producer published it without the helper (plain
 # Celery, celery-node), or the helper's record is here already. KEYS: job, open, scheduled,
 # ready:<account>, ready-accounts, idempotency key (the job key again when it has none). ARGV:
-# now, ttl, JSON of the record's small fields (the payload apart: it is stored as it came, never
-# decoded here), the payload, when it is due ("" = now), job id, its score in the ready set,
-# "1" when KEYS[6] is its idempotency key, the account, the bell channel. A new record is made
+# now, ttl, when it is due ("" = now), job id, its score in the ready set, "1" when KEYS[6] is
+# its idempotency key, the account, then the record's small fields as field/value pairs. The
+# payload never passes through here (a script would copy it twice, proportional to its size):
+# the caller writes it with HSETNX in the same MULTI, before this script. A new record is made
 # as the helper makes it (its key claimed, listed open); a job due now joins its account's
-# ready set, one not due waits in the schedule. Returns {1, state}: ready; {-3, state}: it
-# waits; {-1, state}: it has ended, or is held or under way already (a copy: nothing to do).
+# ready set, one not due waits in the schedule (the caller rings the bell once an account).
+# Returns {1, state}: ready; {-3, state}: it waits; {-1, state}: it has ended, or is held or
+# under way already (a copy: nothing to do).
 ADMIT = lua_words(
     ENDED_LUA
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
-  for k, v in pairs(cjson.decode(ARGV[3])) do redis.call('HSET', KEYS[1], k, tostring(v)) end
-  redis.call('HSET', KEYS[1], 'payload', ARGV[4])
-  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[6])
+  redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  if ARGV[8] == '1' then redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[2]) end
+  if ARGV[6] == '1' then redis.call('SET', KEYS[6], ARGV[4], 'NX', 'EX', ARGV[2]) end
   state = $state.queued
 end
 if ENDED[state] or (state ~= $state.queued and state ~= $state.scheduled and state ~= $state.retrying) then
   return {-1, state}
 end
-if ARGV[5] ~= '' then
+if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'state', $state.scheduled, 'updated_at', ARGV[1])
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-  local keep = math.ceil(tonumber(ARGV[5]) - tonumber(ARGV[1])) + tonumber(ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+  local keep = math.ceil(tonumber(ARGV[3]) - tonumber(ARGV[1])) + tonumber(ARGV[2])
   redis.call('EXPIRE', KEYS[1], math.max(keep, tonumber(ARGV[2])))
   return {-3, state}
 end
-redis.call('ZADD', KEYS[4], 'NX', ARGV[7], ARGV[6])
-redis.call('SADD', KEYS[5], ARGV[9])
-redis.call('PUBLISH', ARGV[10], ARGV[9])
+redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[4])
+redis.call('SADD', KEYS[5], ARGV[7])
 return {1, state}
 """
 )
