@@ -7,14 +7,12 @@ copy of a job already recorded changes nothing of its record.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
+from support.monitor import monitored
 from support.queue import QueueEnv
 from worker.db.keys import redis_key
 from worker.queue.store.admission import Admission
@@ -79,25 +77,12 @@ def test_a_copy_of_a_recorded_job_keeps_the_records_payload(
 def test_the_payload_never_passes_through_a_script(admission: Admission, own_queue: QueueEnv) -> None:
     """MONITOR shows every command a script runs: none of them carries the 100 KB body, and the
     bell rings once for the batch's account, not once a job."""
-    seen: list[str] = []
-    ready = threading.Event()
 
-    def watch() -> None:
-        monitor_client = redis.Redis("127.0.0.1", 6379, db=own_queue.db)
-        with monitor_client.monitor() as monitor:  # type: ignore[no-untyped-call]  # untyped in redis-py
-            ready.set()
-            for command in monitor.listen():
-                if command.get("db") == own_queue.db:
-                    seen.append(f"{command.get('client_type')} {command['command'][:200]}")
-                    if "EXEC" in command["command"] and command.get("client_type") != "lua":
-                        return
+    def last(kind: str, command: str) -> bool:
+        return "EXEC" in command and kind != "lua"
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    time.sleep(0.2)
-    admitted = admission.admit([(f"job-m{i}", _payload(f"s{i}")) for i in range(3)])
-    thread.join(10)
+    with monitored(own_queue.db, last) as seen:
+        admitted = admission.admit([(f"job-m{i}", _payload(f"s{i}")) for i in range(3)])
     assert [a.state for a in admitted] == ["ready"] * 3
     in_scripts = [line for line in seen if line.startswith("lua")]
     assert in_scripts, seen

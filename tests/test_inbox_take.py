@@ -6,12 +6,11 @@ in kombu's read order, a batch about the byte budget, and recover() puts them ba
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Sequence
 
 import redis
 
+from support.monitor import monitored
 from support.queue import QueueEnv
 from worker.queue.broker.inbox import BATCH, BYTE_BUDGET, CHUNK, RedisInbox, inbox_key
 from worker.queue.broker.kombu_redis import BrokerKeys
@@ -70,26 +69,9 @@ def test_no_script_touches_an_entry(own_queue: QueueEnv) -> None:
     client = redis.Redis("127.0.0.1", 6379, db=own_queue.db)
     keys = BrokerKeys()
     client.lpush(keys.queue_lists("postroom")[0], *(_entry(n, 50_000) for n in range(4)))
-    seen: list[str] = []
-    ready = threading.Event()
-
-    def watch() -> None:
-        watcher = redis.Redis("127.0.0.1", 6379, db=own_queue.db)
-        with watcher.monitor() as monitor:  # type: ignore[no-untyped-call]  # untyped in redis-py
-            ready.set()
-            for command in monitor.listen():
-                if command.get("db") == own_queue.db:
-                    seen.append(f"{command.get('client_type')} {command['command'][:40]}")
-                    if command["command"].startswith("DEL"):
-                        return
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    time.sleep(0.2)
-    inbox = RedisInbox(client, keys, "holder-3")
-    assert len(inbox.take(0)) == 4
-    inbox.done()
-    thread.join(10)
+    with monitored(own_queue.db, lambda _, command: command.startswith("DEL"), width=40) as seen:
+        inbox = RedisInbox(client, keys, "holder-3")
+        assert len(inbox.take(0)) == 4
+        inbox.done()
     assert any(line.split(" ", 1)[1].startswith("LMOVE") for line in seen), seen
     assert not [line for line in seen if line.startswith("lua") or " EVAL" in line], seen

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,12 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash((self.env, self.file))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret value in it replaced by ``***`` (a server's or a driver's words
+    may quote what they were given; a value under 4 characters would mangle the text)."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text

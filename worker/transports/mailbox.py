@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from worker.records.account.bounces import Mailbox
+from worker.records.secrets import redact
 from worker.transports.tls import client_context, failure_reason
 
 FETCH_LIMIT = 2 * 1024 * 1024  # a report's first 2 MiB hold everything it reports
@@ -133,7 +134,7 @@ class ImapMailbox:
             text = text[2:-1] if text[:2] in ("b'", 'b"') else text
             where = f"{self.mailbox.host}:{self.mailbox.port}"
             raise MailboxError(
-                f"{self.account}: mailbox {where}: login refused: {self._redact(text)[:300]}"
+                f"{self.account}: mailbox {where}: login refused: {redact(text, self._secrets)[:300]}"
             ) from None
         self._ok(str(answer[0]), list(answer[1]), "login")
 
@@ -230,7 +231,7 @@ class ImapMailbox:
     def _ok(self, status: str, data: Sequence[object], what: str) -> None:
         if status != "OK":
             text = " ".join(_bytes(d).decode(errors="replace") for d in data if d)[:300]
-            raise MailboxError(f"{self.account}: mailbox: {what} refused: {self._redact(text)}")
+            raise MailboxError(f"{self.account}: mailbox: {what} refused: {redact(text, self._secrets)}")
 
     def _error(self, what: str, exc: BaseException) -> MailboxError:
         if isinstance(exc, ssl.SSLError | ssl.CertificateError):
@@ -240,13 +241,7 @@ class ImapMailbox:
         else:
             reason = f"{type(exc).__name__}: {exc}"
         where = f"{self.mailbox.host}:{self.mailbox.port}"
-        return MailboxError(f"{self.account}: mailbox {where}: {what}: {self._redact(reason)[:300]}")
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "[secret]")
-        return text
+        return MailboxError(f"{self.account}: mailbox {where}: {what}: {redact(reason, self._secrets)[:300]}")
 
 
 def _bytes(value: object) -> bytes:

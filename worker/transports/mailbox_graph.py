@@ -32,6 +32,7 @@ from worker.records.account.account import EmailAccount
 from worker.records.account.bounces import Mailbox
 from worker.records.account.record import GraphSettings
 from worker.records.loader import Records
+from worker.records.secrets import redact
 from worker.transports.graph import graph_error
 from worker.transports.mailbox import FETCH_LIMIT, MailboxError
 from worker.transports.oauth import token_source
@@ -250,14 +251,14 @@ class GraphMailbox:
                 self._bearer = self._fresh(force=True)
                 continue
             break
-        said = self._redact(graph_error(response))
+        said = redact(graph_error(response), self._secrets)
         raise MailboxError(f"{self._where(what)}: Graph answered {response.status_code}: {said}")
 
     def _fresh(self, *, force: bool) -> str:
         try:
             value = self._token(force)
         except (DeliveryError, ConfigurationError) as exc:  # their texts hold no secret; still, redact
-            raise MailboxError(f"{self._where('token')}: {self._redact(str(exc))[:300]}") from None
+            raise MailboxError(f"{self._where('token')}: {redact(str(exc), self._secrets)[:300]}") from None
         self._secrets.append(value)
         return value
 
@@ -303,16 +304,10 @@ class GraphMailbox:
             reason = f"no answer within {self.timeout:g}s"
         else:
             reason, _ = failure_reason(exc)
-        return MailboxError(f"{self._where(what)}: {self._redact(reason)[:300]}")
+        return MailboxError(f"{self._where(what)}: {redact(reason, self._secrets)[:300]}")
 
     def _where(self, what: str) -> str:
         return f"{self.account}: mailbox {self.upn} (Graph): {what}"
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "[secret]")
-        return text
 
 
 def _position(mark: str) -> tuple[str, str] | None:

@@ -56,6 +56,7 @@ from worker.records.auth_profiles import (
     load_service_account,
 )
 from worker.records.loader import Records
+from worker.records.secrets import redact
 from worker.transports.tls import client_context, failure_reason, ssl_cause
 
 log = logging.getLogger("postroom.oauth")
@@ -65,14 +66,6 @@ TOKEN_TIMEOUT = 30.0  # seconds for one request to a token endpoint
 JWT_LIFETIME = 3600  # seconds: Google accepts assertions valid for at most an hour
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _TRANSIENT_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """``text`` with every secret value in it replaced by ``***``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def _first_line(text: object, limit: int = 300) -> str:

@@ -18,6 +18,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from worker.db.connect import safe_url
+from worker.records.secrets import redact
 
 FIRST_PAUSE = 0.5
 LONGEST_PAUSE = 10.0
@@ -32,12 +33,8 @@ class NotReachable(Exception):
 
 def _redacted(text: str, urls: tuple[str, ...]) -> str:
     """``text`` with every password of ``urls`` replaced: a driver's message may quote a URL."""
-    for url in urls:
-        for part in url.split(";"):
-            password = urlparse(part.strip()).password
-            if password:
-                text = text.replace(password, "***").replace(unquote(password), "***")
-    return text
+    passwords = [urlparse(part.strip()).password or "" for url in urls for part in url.split(";")]
+    return redact(text, [*passwords, *(unquote(p) for p in passwords)])
 
 
 def _say(text: str) -> None:
