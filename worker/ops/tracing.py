@@ -131,6 +131,7 @@ def flush(timeout_ms: int = 5000) -> None:
 
 
 @functools.cache
+@functools.cache
 def tracer() -> trace.Tracer:
     """Postroom's tracer: the API's proxy, which answers with the provider set up when there
     is one and with the no-op tracer otherwise (made once: no object per span)."""
